@@ -1,0 +1,193 @@
+//! io_uring tracing: per-CPU statistics, in-flight requests, slow events and the load-time
+//! configuration handed to the programs.
+
+use crate::{COMM_LEN, HIST_BUCKETS};
+
+/// Opcode slots in the statistics. io_uring has ~60 opcodes on 6.18 (`IORING_OP_LAST`); any
+/// opcode at or above this limit is folded into the last slot, which user space names `OTHER`.
+pub const MAX_OPCODES: usize = 64;
+
+/// `IORING_OP_URING_CMD` (include/uapi/linux/io_uring.h), stable since 5.19.
+pub const IORING_OP_URING_CMD: u8 = 46;
+
+/// Reasons a traced request or event did not reach a histogram. Every one is exported as
+/// `gds_trace_dropped_total{reason}`: nothing is lost silently.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The in-flight map was full at submission; the request is counted as submitted but not timed.
+    InflightFull = 0,
+    /// A completion arrived for a request whose submission was not seen (attached mid-flight,
+    /// multishot CQEs after the first, or an in-flight entry that was dropped).
+    NoStart = 1,
+    /// A slow event could not be reserved in the ring buffer (user space too slow to drain it).
+    RingbufFull = 2,
+    /// A submission found an older entry under the same request pointer: the older request was
+    /// never seen completing (e.g. `IOSQE_CQE_SKIP_SUCCESS`) and is dropped.
+    Replaced = 3,
+}
+
+/// Number of [`DropReason`] slots.
+pub const DROP_REASONS: usize = 4;
+
+impl DropReason {
+    pub const ALL: [DropReason; DROP_REASONS] = [
+        DropReason::InflightFull,
+        DropReason::NoStart,
+        DropReason::RingbufFull,
+        DropReason::Replaced,
+    ];
+
+    /// The Prometheus label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::InflightFull => "inflight_full",
+            DropReason::NoStart => "no_start",
+            DropReason::RingbufFull => "ringbuf_full",
+            DropReason::Replaced => "replaced",
+        }
+    }
+}
+
+/// Per-CPU io_uring statistics: one value of a one-slot `PerCpuArray`, so each program does a
+/// single (inlined) map lookup per event. ~21 KiB, under the 32 KiB per-CPU value limit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UringCpuStats {
+    /// Completion latency histogram per opcode (timed requests only).
+    pub hist: [[u64; HIST_BUCKETS]; MAX_OPCODES],
+    /// Sum of timed latencies per opcode, in nanoseconds.
+    pub sum_ns: [u64; MAX_OPCODES],
+    /// Requests seen at submission per opcode (after filters), timed or not.
+    pub submitted: [u64; MAX_OPCODES],
+    /// Completions with `res < 0` per opcode.
+    pub errors: [u64; MAX_OPCODES],
+    /// Timed completions above the slow threshold per opcode.
+    pub slow: [u64; MAX_OPCODES],
+    /// Drops by [`DropReason`].
+    pub drops: [u64; DROP_REASONS],
+    /// Entries added to / removed from the in-flight map; their difference is the in-flight count.
+    pub inserted: u64,
+    pub removed: u64,
+    /// Sampling tick (sampled mode times one request in `sample_every`).
+    pub sample_tick: u64,
+    pub _reserved: u64,
+}
+
+/// A request between submission and completion, keyed by its `struct io_kiocb *`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InflightReq {
+    pub start_ns: u64,
+    pub user_data: u64,
+    /// `struct io_ring_ctx *` of the ring the request belongs to (identifies the ring).
+    pub ring: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub opcode: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Ring buffer record kinds.
+pub const EVENT_URING_SLOW: u32 = 1;
+
+/// A request slower than the configured threshold, sent to user space with its context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SlowUringEvent {
+    pub kind: u32,
+    pub res: i32,
+    pub latency_ns: u64,
+    pub start_ns: u64,
+    pub user_data: u64,
+    pub ring: u64,
+    pub req: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub opcode: u8,
+    /// 1 when `comm` was read in the submitter's thread group, 0 when the completion ran
+    /// elsewhere (user space then resolves the name from /proc).
+    pub comm_valid: u8,
+    pub _pad: [u8; 6],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Configuration written by user space into the programs' read-only data before loading
+/// (`GDS_URING_CONFIG`). The verifier treats frozen read-only globals as constants, which is
+/// what lets the BTF programs load struct fields directly at these offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UringConfig {
+    /// Only this thread group (0: all).
+    pub filter_tgid: u32,
+    /// 1: only tasks whose comm equals `filter_comm`.
+    pub filter_comm_on: u32,
+    pub filter_comm: [u8; COMM_LEN],
+    /// Bit `op` set: trace opcode `op` (opcodes >= 63 share bit 63).
+    pub opcode_mask: u64,
+    /// Time one request in this many (1: every request).
+    pub sample_every: u64,
+    /// Completions slower than this go to the ring buffer.
+    pub slow_ns: u64,
+    /// Offsets in `struct io_kiocb` (BTF programs): `opcode`, `ctx`, `cqe.user_data`.
+    pub kiocb_opcode: u32,
+    pub kiocb_ctx: u32,
+    pub kiocb_user_data: u32,
+    /// Offsets in the classic tracepoint records (fallback programs), from the format files.
+    pub tp_submit_ctx: u32,
+    pub tp_submit_req: u32,
+    pub tp_submit_user_data: u32,
+    pub tp_submit_opcode: u32,
+    pub tp_complete_req: u32,
+    pub tp_complete_res: u32,
+    pub tp_failed_ctx: u32,
+    pub tp_failed_req: u32,
+    pub tp_failed_user_data: u32,
+    pub tp_failed_opcode: u32,
+    pub _pad: u32,
+}
+
+impl UringConfig {
+    /// Name of the global in the eBPF object.
+    pub const SYMBOL: &'static str = "GDS_URING_CONFIG";
+
+    pub const DEFAULT: UringConfig = UringConfig {
+        filter_tgid: 0,
+        filter_comm_on: 0,
+        filter_comm: [0; COMM_LEN],
+        opcode_mask: u64::MAX,
+        sample_every: 1,
+        slow_ns: u64::MAX,
+        kiocb_opcode: 0,
+        kiocb_ctx: 0,
+        kiocb_user_data: 0,
+        tp_submit_ctx: 0,
+        tp_submit_req: 0,
+        tp_submit_user_data: 0,
+        tp_submit_opcode: 0,
+        tp_complete_req: 0,
+        tp_complete_res: 0,
+        tp_failed_ctx: 0,
+        tp_failed_req: 0,
+        tp_failed_user_data: 0,
+        tp_failed_opcode: 0,
+        _pad: 0,
+    };
+}
+
+/// Map names in the eBPF object.
+pub const MAP_URING_STATS: &str = "GDS_URING_STATS";
+pub const MAP_URING_INFLIGHT: &str = "GDS_URING_INFLIGHT";
+pub const MAP_EVENTS: &str = "GDS_EVENTS";
+
+/// Default in-flight map capacity (`--max-inflight`).
+pub const DEFAULT_MAX_INFLIGHT: u32 = 65_536;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for UringCpuStats {}
+    unsafe impl aya::Pod for InflightReq {}
+    unsafe impl aya::Pod for SlowUringEvent {}
+    unsafe impl aya::Pod for UringConfig {}
+}

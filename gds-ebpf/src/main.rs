@@ -1,0 +1,19 @@
+//! gds eBPF programs.
+//!
+//! One function per attach point; the per-event logic lives in small `#[inline(always)]`
+//! helpers shared by the BTF programs (preferred: the kernel hands its own pointers, no record
+//! is formatted) and the classic tracepoint programs (fallback for kernels without BTF).
+#![no_std]
+#![no_main]
+
+mod uring;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,322 @@
+//! io_uring request latency: submission → completion, aggregated per opcode in the kernel.
+//!
+//! Keys are `struct io_kiocb *` values: unique while a request is in flight (the kernel reuses
+//! them afterwards, which is why completion removes the entry).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use gds_common::{
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DropReason, EVENT_URING_SLOW, InflightReq, MAX_OPCODES,
+    SlowUringEvent, UringConfig, UringCpuStats, log2_bucket,
+};
+
+#[unsafe(no_mangle)]
+static GDS_URING_CONFIG: UringConfig = UringConfig::DEFAULT;
+
+#[map(name = "GDS_URING_STATS")]
+static STATS: PerCpuArray<UringCpuStats> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "GDS_URING_INFLIGHT")]
+static INFLIGHT: HashMap<u64, InflightReq> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+
+/// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
+#[map(name = "GDS_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+const EEXIST: i64 = 17;
+
+macro_rules! conf {
+    ($field:ident) => {
+        // Volatile so LLVM keeps the load from .rodata: the verifier turns it into a constant,
+        // which is what makes the direct struct loads below verifiable.
+        unsafe { core::ptr::read_volatile(&GDS_URING_CONFIG.$field) }
+    };
+}
+
+#[inline(always)]
+fn stats() -> Option<&'static mut UringCpuStats> {
+    STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn slot(opcode: u8) -> usize {
+    let op = opcode as usize;
+    if op >= MAX_OPCODES { MAX_OPCODES - 1 } else { op }
+}
+
+#[inline(always)]
+fn opcode_enabled(opcode: u8) -> bool {
+    let bit = if opcode >= 63 { 63 } else { opcode as u64 };
+    conf!(opcode_mask) & (1u64 << bit) != 0
+}
+
+/// Task filters (`--pid`, `--comm`), evaluated in the current task.
+#[inline(always)]
+fn task_enabled(tgid: u32) -> bool {
+    let want = conf!(filter_tgid);
+    if want != 0 && want != tgid {
+        return false;
+    }
+    if conf!(filter_comm_on) != 0 {
+        let Ok(comm) = bpf_get_current_comm() else {
+            return false;
+        };
+        let mut i = 0;
+        while i < COMM_LEN {
+            let want = unsafe { core::ptr::read_volatile(&GDS_URING_CONFIG.filter_comm[i]) };
+            if comm[i] != want {
+                return false;
+            }
+            if want == 0 {
+                break;
+            }
+            i += 1;
+        }
+    }
+    true
+}
+
+/// A request entered io_uring (`io_uring_submit_req`, or `io_uring_req_failed` for requests
+/// that failed before submission: those never reach submit_req but still post a CQE).
+#[inline(always)]
+fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool) {
+    if !opcode_enabled(opcode) {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !task_enabled(tgid) {
+        return;
+    }
+    let Some(stats) = stats() else { return };
+    let op = slot(opcode);
+    if failed_init {
+        // A failed request the submit tracepoint already saw keeps its original entry.
+        if INFLIGHT.get_ptr(&req).is_some() {
+            return;
+        }
+    }
+    stats.submitted[op] += 1;
+    let every = conf!(sample_every);
+    if every > 1 {
+        let tick = stats.sample_tick;
+        stats.sample_tick = tick + 1;
+        if tick % every != 0 {
+            return;
+        }
+    }
+    let entry = InflightReq {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        user_data,
+        ring,
+        tgid,
+        pid: pid_tgid as u32,
+        opcode,
+        _pad: [0; 7],
+    };
+    match INFLIGHT.insert(&req, &entry, BPF_NOEXIST as u64) {
+        Ok(()) => stats.inserted += 1,
+        Err(e) if e as i64 == -EEXIST => {
+            // The previous request under this pointer never completed visibly.
+            stats.drops[DropReason::Replaced as usize] += 1;
+            if INFLIGHT.insert(&req, &entry, BPF_ANY as u64).is_err() {
+                stats.drops[DropReason::InflightFull as usize] += 1;
+                stats.removed += 1;
+            }
+        }
+        Err(_) => stats.drops[DropReason::InflightFull as usize] += 1,
+    }
+}
+
+/// A CQE was posted for `req`. `opcode_of` reads the opcode from the request when no entry
+/// exists (rare: errors and unmatched completions), so the common path has no helper call.
+#[inline(always)]
+fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
+    if req == 0 {
+        // Auxiliary CQEs (multishot, msg_ring) carry no request.
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(stats) = stats() else { return };
+    let Some(entry) = INFLIGHT.get_ptr(&req) else {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let unfiltered = conf!(opcode_mask) == u64::MAX;
+        if !task_enabled((pid_tgid >> 32) as u32) {
+            return;
+        }
+        if res < 0 || !unfiltered || conf!(sample_every) <= 1 {
+            let opcode = opcode_of();
+            if !opcode_enabled(opcode) {
+                return;
+            }
+            if res < 0 {
+                stats.errors[slot(opcode)] += 1;
+            }
+        }
+        // Sampled mode leaves most requests untimed on purpose: not a drop.
+        if conf!(sample_every) <= 1 {
+            stats.drops[DropReason::NoStart as usize] += 1;
+        }
+        return;
+    };
+    let entry = unsafe { *entry };
+    if INFLIGHT.remove(&req).is_ok() {
+        stats.removed += 1;
+    }
+    let latency = now.saturating_sub(entry.start_ns);
+    let op = slot(entry.opcode);
+    let bucket = log2_bucket(latency);
+    if let Some(row) = stats.hist.get_mut(op) {
+        if let Some(b) = row.get_mut(bucket) {
+            *b += 1;
+        }
+    }
+    stats.sum_ns[op] += latency;
+    if res < 0 {
+        stats.errors[op] += 1;
+    }
+    if latency >= conf!(slow_ns) {
+        stats.slow[op] += 1;
+        emit_slow(stats, req, res, latency, &entry);
+    }
+}
+
+#[inline(always)]
+fn emit_slow(stats: &mut UringCpuStats, req: u64, res: i32, latency: u64, entry: &InflightReq) {
+    let Some(mut slot) = EVENTS.reserve::<SlowUringEvent>(0) else {
+        stats.drops[DropReason::RingbufFull as usize] += 1;
+        return;
+    };
+    let current_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (comm, comm_valid) = if current_tgid == entry.tgid {
+        match bpf_get_current_comm() {
+            Ok(c) => (c, 1),
+            Err(_) => ([0u8; COMM_LEN], 0),
+        }
+    } else {
+        ([0u8; COMM_LEN], 0)
+    };
+    slot.write(SlowUringEvent {
+        kind: EVENT_URING_SLOW,
+        res,
+        latency_ns: latency,
+        start_ns: entry.start_ns,
+        user_data: entry.user_data,
+        ring: entry.ring,
+        req,
+        tgid: entry.tgid,
+        pid: entry.pid,
+        opcode: entry.opcode,
+        comm_valid,
+        _pad: [0; 6],
+        comm,
+    });
+    slot.submit(0);
+}
+
+/// Direct load of a field of a kernel object handed to a BTF program. `off` must come from the
+/// read-only config so the verifier sees a constant offset into a typed pointer.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+    unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
+}
+
+#[inline(always)]
+fn probe_opcode(req: u64) -> u8 {
+    let off = conf!(kiocb_opcode);
+    if off == 0 {
+        // Classic-tracepoint fallback without BTF: the offset is unknown; count under OTHER.
+        return u8::MAX;
+    }
+    let addr = req.wrapping_add(off as u64);
+    unsafe { bpf_probe_read_kernel(addr as *const u8).unwrap_or(u8::MAX) }
+}
+
+// ---- BTF tracepoints (preferred) -------------------------------------------------------------
+
+/// `io_uring_submit_req(struct io_kiocb *req)` (6.3+; `io_uring_submit_sqe` before, same shape).
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn uring_submit(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(0);
+    let (op_off, ctx_off, ud_off) = (conf!(kiocb_opcode), conf!(kiocb_ctx), conf!(kiocb_user_data));
+    let (opcode, ring, user_data) =
+        unsafe { (field::<u8>(req, op_off), field::<u64>(req, ctx_off), field::<u64>(req, ud_off)) };
+    on_submit(req, ring, user_data, opcode, false);
+    0
+}
+
+/// `io_uring_req_failed(const struct io_uring_sqe *sqe, struct io_kiocb *req, int error)`.
+/// The SQE layout is UAPI: opcode at 0, user_data at 32.
+#[btf_tracepoint(function = "io_uring_req_failed")]
+pub fn uring_failed(ctx: BtfTracePointContext) -> i32 {
+    let sqe: u64 = ctx.arg(0);
+    let req: u64 = ctx.arg(1);
+    let ctx_off = conf!(kiocb_ctx);
+    let (opcode, user_data, ring) =
+        unsafe { (field::<u8>(sqe, 0), field::<u64>(sqe, 32), field::<u64>(req, ctx_off)) };
+    on_submit(req, ring, user_data, opcode, true);
+    0
+}
+
+/// `io_uring_complete(struct io_ring_ctx *ctx, void *req, struct io_uring_cqe *cqe)` (6.3+).
+/// `struct io_uring_cqe` is UAPI: res at 8.
+#[btf_tracepoint(function = "io_uring_complete")]
+pub fn uring_complete(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(1);
+    let cqe: u64 = ctx.arg(2);
+    let res: i32 = unsafe { field(cqe, 8) };
+    on_complete(req, res, || probe_opcode(req));
+    0
+}
+
+/// `io_uring_complete(void *ctx, void *req, u64 user_data, int res, unsigned cflags, u64 extra1,
+/// u64 extra2)`: the flat form of 5.19 … 6.2 (6.1 LTS among them).
+#[btf_tracepoint(function = "io_uring_complete")]
+pub fn uring_complete_flat(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(1);
+    let res: u64 = ctx.arg(3);
+    on_complete(req, res as i32, || probe_opcode(req));
+    0
+}
+
+// ---- Classic tracepoints (fallback without BTF; offsets from the format files) -------------
+
+#[inline(always)]
+fn tp_read<T: Copy + Default>(ctx: &TracePointContext, off: u32) -> T {
+    unsafe { ctx.read_at::<T>(off as usize).unwrap_or_default() }
+}
+
+#[tracepoint(category = "io_uring", name = "io_uring_submit_req")]
+pub fn uring_submit_tp(ctx: TracePointContext) -> u32 {
+    let req: u64 = tp_read(&ctx, conf!(tp_submit_req));
+    let ring: u64 = tp_read(&ctx, conf!(tp_submit_ctx));
+    let user_data: u64 = tp_read(&ctx, conf!(tp_submit_user_data));
+    let opcode: u8 = tp_read(&ctx, conf!(tp_submit_opcode));
+    on_submit(req, ring, user_data, opcode, false);
+    0
+}
+
+#[tracepoint(category = "io_uring", name = "io_uring_req_failed")]
+pub fn uring_failed_tp(ctx: TracePointContext) -> u32 {
+    let req: u64 = tp_read(&ctx, conf!(tp_failed_req));
+    let ring: u64 = tp_read(&ctx, conf!(tp_failed_ctx));
+    let user_data: u64 = tp_read(&ctx, conf!(tp_failed_user_data));
+    let opcode: u8 = tp_read(&ctx, conf!(tp_failed_opcode));
+    on_submit(req, ring, user_data, opcode, true);
+    0
+}
+
+#[tracepoint(category = "io_uring", name = "io_uring_complete")]
+pub fn uring_complete_tp(ctx: TracePointContext) -> u32 {
+    let req: u64 = tp_read(&ctx, conf!(tp_complete_req));
+    let res: i32 = tp_read(&ctx, conf!(tp_complete_res));
+    on_complete(req, res, || probe_opcode(req));
+    0
+}

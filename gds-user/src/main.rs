@@ -1,0 +1,34 @@
+//! `gds-agent`: trace, probe and move data for GPUDirect Storage.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gds-agent", version, about = "GPUDirect Storage observability agent")]
+struct Cli {
+    /// What to do (default: run).
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the tracing programs and serve Prometheus metrics (the default).
+    Run(gds_user::agent::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => gds_user::agent::run(gds_user::agent::RunArgs::default_from_cli()),
+        Some(Command::Run(args)) => gds_user::agent::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("gds-agent: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
