@@ -1,1 +1,61 @@
-fn main(){}
+//! Project tasks: `cargo xtask <command>`.
+//!
+//! `setup` installs what building the eBPF programs needs, `run` starts the agent, `test` runs
+//! every test (unit, end-to-end against the real kernel, VM scenarios, observability checks).
+
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "gds project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the prerequisites (nightly rust-src, llvm-N-dev, bpf-linker), skipping those present.
+    Setup,
+    /// Build and start the agent with its defaults (extra arguments go to `gds-agent run`).
+    Run {
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit, end-to-end (real kernel, needs root), VM and observability checks.
+    Test(test::TestArgs),
+    /// Tracing overhead benchmark: io_uring NOPs and cached 4 KiB reads, agent attached vs not.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::ensure_prerequisites(),
+        Command::Run { release, args } => {
+            setup::ensure_prerequisites()?;
+            let mut cmd = setup::cargo();
+            cmd.args(["run", "--package", "gds-user", "--bin", "gds-agent"]);
+            if release {
+                cmd.arg("--release");
+            }
+            cmd.args(["--", "run"]).args(args);
+            setup::run(&mut cmd)
+        }
+        Command::Test(args) => test::run(args),
+        Command::Bench { args } => {
+            setup::ensure_prerequisites()?;
+            let mut cmd = setup::cargo();
+            cmd.args(["bench", "--package", "gds-user", "--bench", "trace_overhead", "--"]).args(args);
+            setup::run(&mut cmd)
+        }
+    }
+}

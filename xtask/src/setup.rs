@@ -1,0 +1,135 @@
+//! Prerequisites for building the eBPF programs, installed only when missing.
+//!
+//! The chain (verified in ../shared/notes/platform.md): the nightly toolchain builds gds-ebpf
+//! with `-Z build-std=core` (needs its `rust-src`), and bpf-linker links it; bpf-linker must be
+//! built against the same LLVM major as nightly's rustc, so that major is read from
+//! `rustc +nightly -vV` rather than hard-coded.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The repository root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+/// `cargo` from the environment cargo gave us, run in the repository root.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Runs a command, echoing it, and fails with its exit status.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn step(what: &str) {
+    eprintln!("xtask setup: {what}");
+}
+
+/// Installs Debian packages that are missing (`apt-get update` once, first).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// LLVM major version of the nightly toolchain (`LLVM version: 22.1.4` → 22).
+fn nightly_llvm_major() -> Result<u32> {
+    let vv = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+        .context("the nightly toolchain is required (it builds the eBPF programs)")?;
+    let line = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` printed no LLVM version")?;
+    line.split('.').next().unwrap_or_default().trim().parse().context("unparsable LLVM version")
+}
+
+/// The LLVM major a bpf-linker binary is linked against (it links libLLVM dynamically).
+fn bpf_linker_llvm_major(linker: &Path) -> Option<u32> {
+    let ldd = output(Command::new("ldd").arg(linker)).ok()?;
+    let lib = ldd.lines().find_map(|l| l.trim().strip_prefix("libLLVM"))?;
+    // "libLLVM.so.22.1 => ..." or "libLLVM-22.so => ..."
+    lib.trim_start_matches(['.', '-', 's', 'o']).split(['.', ' ']).next()?.parse().ok()
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .chain(std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin").join(name)))
+        .find(|p| p.is_file())
+}
+
+pub fn ensure_prerequisites() -> Result<()> {
+    // nightly toolchain and rust-src
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is missing: it builds the eBPF programs (-Z build-std)")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    // LLVM dev package matching nightly, and bpf-linker built against it
+    let major = nightly_llvm_major()?;
+    let llvm_bin = PathBuf::from(format!("/usr/lib/llvm-{major}/bin"));
+    if !llvm_bin.join("llvm-config").exists() {
+        apt_install(&[&format!("llvm-{major}-dev"), &format!("libclang-{major}-dev")])?;
+    }
+    let linker_ok = which("bpf-linker").and_then(|p| bpf_linker_llvm_major(&p)) == Some(major);
+    if !linker_ok {
+        step(&format!("building bpf-linker against LLVM {major} (a few minutes)"));
+        let path = format!("{}:{}", llvm_bin.display(), std::env::var("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--force", "--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("PATH", path))?;
+    }
+
+    // Test and tracing tools
+    apt_install(&["fio", "bpftool", "tmux"])?;
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! `cargo xtask test`: every test, in one command.
+//!
+//! Unit and end-to-end tests run under cargo-nextest, one process per test: the end-to-end
+//! tests filter the tracer on their own pid, so tests must not share a process.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::setup;
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Only the host tests (skip VM scenarios and the Prometheus checks).
+    #[arg(long)]
+    pub host_only: bool,
+    /// Extra arguments for `cargo nextest run` (e.g. a test name filter).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub nextest_args: Vec<String>,
+}
+
+fn ensure_nextest() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !present {
+        eprintln!("xtask setup: installing cargo-nextest");
+        setup::run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
+    }
+    Ok(())
+}
+
+pub fn run(args: TestArgs) -> Result<()> {
+    setup::ensure_prerequisites()?;
+    ensure_nextest()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!(
+            "cargo xtask test loads eBPF programs and boots VMs: run it as root \
+             (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
+        );
+    }
+    let mut failures = Vec::new();
+    let mut nextest = setup::cargo();
+    nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(&args.nextest_args);
+    if let Err(e) = setup::run(&mut nextest) {
+        failures.push(format!("host tests: {e:#}"));
+    }
+    if !args.host_only {
+        // VM scenarios and observability checks are added here as they land.
+    }
+    if !failures.is_empty() {
+        bail!("{} test stage(s) failed:\n  {}", failures.len(), failures.join("\n  "));
+    }
+    eprintln!("xtask test: all stages passed");
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
