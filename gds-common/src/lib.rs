@@ -48,7 +48,11 @@ pub fn log2_bucket(ns: u64) -> usize {
     if v >= 1 << 1 {
         b += 1;
     }
-    if b >= HIST_BUCKETS { HIST_BUCKETS - 1 } else { b }
+    if b >= HIST_BUCKETS {
+        HIST_BUCKETS - 1
+    } else {
+        b
+    }
 }
 
 #[cfg(test)]

@@ -48,7 +48,11 @@ fn stats() -> Option<&'static mut UringCpuStats> {
 #[inline(always)]
 fn slot(opcode: u8) -> usize {
     let op = opcode as usize;
-    if op >= MAX_OPCODES { MAX_OPCODES - 1 } else { op }
+    if op >= MAX_OPCODES {
+        MAX_OPCODES - 1
+    } else {
+        op
+    }
 }
 
 #[inline(always)]
@@ -245,9 +249,18 @@ fn probe_opcode(req: u64) -> u8 {
 #[btf_tracepoint(function = "io_uring_submit_req")]
 pub fn uring_submit(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = ctx.arg(0);
-    let (op_off, ctx_off, ud_off) = (conf!(kiocb_opcode), conf!(kiocb_ctx), conf!(kiocb_user_data));
-    let (opcode, ring, user_data) =
-        unsafe { (field::<u8>(req, op_off), field::<u64>(req, ctx_off), field::<u64>(req, ud_off)) };
+    let (op_off, ctx_off, ud_off) = (
+        conf!(kiocb_opcode),
+        conf!(kiocb_ctx),
+        conf!(kiocb_user_data),
+    );
+    let (opcode, ring, user_data) = unsafe {
+        (
+            field::<u8>(req, op_off),
+            field::<u64>(req, ctx_off),
+            field::<u64>(req, ud_off),
+        )
+    };
     on_submit(req, ring, user_data, opcode, false);
     0
 }
@@ -259,8 +272,13 @@ pub fn uring_failed(ctx: BtfTracePointContext) -> i32 {
     let sqe: u64 = ctx.arg(0);
     let req: u64 = ctx.arg(1);
     let ctx_off = conf!(kiocb_ctx);
-    let (opcode, user_data, ring) =
-        unsafe { (field::<u8>(sqe, 0), field::<u64>(sqe, 32), field::<u64>(req, ctx_off)) };
+    let (opcode, user_data, ring) = unsafe {
+        (
+            field::<u8>(sqe, 0),
+            field::<u64>(sqe, 32),
+            field::<u64>(req, ctx_off),
+        )
+    };
     on_submit(req, ring, user_data, opcode, true);
     0
 }

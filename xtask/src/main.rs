@@ -54,7 +54,15 @@ fn main() -> Result<()> {
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
             let mut cmd = setup::cargo();
-            cmd.args(["bench", "--package", "gds-user", "--bench", "trace_overhead", "--"]).args(args);
+            cmd.args([
+                "bench",
+                "--package",
+                "gds-user",
+                "--bench",
+                "trace_overhead",
+                "--",
+            ])
+            .args(args);
             setup::run(&mut cmd)
         }
     }

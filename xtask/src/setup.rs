@@ -14,7 +14,10 @@ use anyhow::{Context as _, Result, bail};
 
 /// The repository root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// `cargo` from the environment cargo gave us, run in the repository root.
@@ -27,7 +30,9 @@ pub fn cargo() -> Command {
 /// Runs a command, echoing it, and fails with its exit status.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -35,9 +40,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("failed to start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -78,7 +89,12 @@ fn nightly_llvm_major() -> Result<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .context("`rustc +nightly -vV` printed no LLVM version")?;
-    line.split('.').next().unwrap_or_default().trim().parse().context("unparsable LLVM version")
+    line.split('.')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .context("unparsable LLVM version")
 }
 
 /// The LLVM major a bpf-linker binary is linked against (it links libLLVM dynamically).
@@ -86,7 +102,11 @@ fn bpf_linker_llvm_major(linker: &Path) -> Option<u32> {
     let ldd = output(Command::new("ldd").arg(linker)).ok()?;
     let lib = ldd.lines().find_map(|l| l.trim().strip_prefix("libLLVM"))?;
     // "libLLVM.so.22.1 => ..." or "libLLVM-22.so => ..."
-    lib.trim_start_matches(['.', '-', 's', 'o']).split(['.', ' ']).next()?.parse().ok()
+    lib.trim_start_matches(['.', '-', 's', 'o'])
+        .split(['.', ' '])
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -110,21 +130,42 @@ pub fn ensure_prerequisites() -> Result<()> {
     .context("the nightly toolchain is missing: it builds the eBPF programs (-Z build-std)")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         step("adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     // LLVM dev package matching nightly, and bpf-linker built against it
     let major = nightly_llvm_major()?;
     let llvm_bin = PathBuf::from(format!("/usr/lib/llvm-{major}/bin"));
     if !llvm_bin.join("llvm-config").exists() {
-        apt_install(&[&format!("llvm-{major}-dev"), &format!("libclang-{major}-dev")])?;
+        apt_install(&[
+            &format!("llvm-{major}-dev"),
+            &format!("libclang-{major}-dev"),
+        ])?;
     }
     let linker_ok = which("bpf-linker").and_then(|p| bpf_linker_llvm_major(&p)) == Some(major);
     if !linker_ok {
-        step(&format!("building bpf-linker against LLVM {major} (a few minutes)"));
-        let path = format!("{}:{}", llvm_bin.display(), std::env::var("PATH").unwrap_or_default());
+        step(&format!(
+            "building bpf-linker against LLVM {major} (a few minutes)"
+        ));
+        let path = format!(
+            "{}:{}",
+            llvm_bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--force", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("PATH", path))?;
     }

@@ -45,7 +45,9 @@ pub fn run(args: TestArgs) -> Result<()> {
     }
     let mut failures = Vec::new();
     let mut nextest = setup::cargo();
-    nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(&args.nextest_args);
+    nextest
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .args(&args.nextest_args);
     if let Err(e) = setup::run(&mut nextest) {
         failures.push(format!("host tests: {e:#}"));
     }
@@ -53,7 +55,11 @@ pub fn run(args: TestArgs) -> Result<()> {
         // VM scenarios and observability checks are added here as they land.
     }
     if !failures.is_empty() {
-        bail!("{} test stage(s) failed:\n  {}", failures.len(), failures.join("\n  "));
+        bail!(
+            "{} test stage(s) failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
     }
     eprintln!("xtask test: all stages passed");
     Ok(())

@@ -1,0 +1,247 @@
+//! `gds-agent run`: load and attach the tracers, serve metrics, log slow requests, and detach
+//! everything on SIGINT/SIGTERM.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{info, warn};
+
+use crate::{
+    http::{self, AppState, RecentEvents},
+    metrics,
+    trace::{AttachMode, TraceOptions, UringTracer, decode_event},
+    uring_opcode,
+};
+
+/// Default metrics address: loopback only (see --listen).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address to serve /metrics and /debug on. Binding 0.0.0.0 exposes them to the network.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Trace only this process id.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Trace only tasks with this command name (as in /proc/PID/comm, at most 15 bytes).
+    #[arg(long)]
+    pub comm: Option<String>,
+    /// Trace only these opcodes (names such as URING_CMD, READ, NOP, or numbers; repeatable or
+    /// comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = parse_opcode)]
+    pub opcode: Vec<u8>,
+    /// Count every request but time one in N (for very high request rates).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample: u64,
+    /// Requests at least this slow are logged as slow events (e.g. 500us, 10ms, 1s).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub slow_threshold: Duration,
+    /// In-flight map capacity (requests tracked at once; more are counted as drops).
+    #[arg(long, default_value_t = gds_common::DEFAULT_MAX_INFLIGHT,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_inflight: u32,
+    /// How to attach to io_uring tracepoints.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+}
+
+impl RunArgs {
+    /// `gds-agent` with no subcommand: `run` with every default.
+    pub fn default_from_cli() -> RunArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        Wrapper::parse_from(["gds-agent"]).run
+    }
+
+    fn trace_options(&self) -> TraceOptions {
+        TraceOptions {
+            pid: self.pid,
+            comm: self.comm.clone(),
+            opcodes: self.opcode.clone(),
+            sample: self.sample,
+            slow_threshold: self.slow_threshold,
+            max_inflight: self.max_inflight,
+            attach: self.attach,
+        }
+    }
+}
+
+fn parse_opcode(s: &str) -> Result<u8, String> {
+    uring_opcode::parse(s).ok_or_else(|| {
+        format!(
+            "unknown io_uring opcode {s:?} (use a name such as URING_CMD, READ, NOP, or a number)"
+        )
+    })
+}
+
+/// Parses `250us`, `10ms`, `1s`, `1.5s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 500us, 10ms, 1s)"))?;
+    let scale = match unit {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" | "" => 1.0,
+        "m" => 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ns, us, ms, s, m)")),
+    };
+    let secs = v * scale;
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(format!(
+            "duration {s:?} out of range (more than 0, at most 24h)"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GDS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> Result<()> {
+    let listener = http::bind(args.listen).await?;
+    let mut tracer = UringTracer::start(&args.trace_options())?;
+    let events = tracer.take_events()?;
+    let tracer = Arc::new(tracer);
+
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(metrics::agent_info()))
+        .context("registering gds_agent_info")?;
+    registry
+        .register(Box::new(metrics::UringCollector::new(tracer.clone())))
+        .context("registering io_uring metrics")?;
+
+    let slow = Arc::new(RecentEvents::default());
+    let reader = tokio::spawn(read_events(events, slow.clone()));
+
+    let state = AppState { registry, slow };
+    info!(
+        listen = %args.listen,
+        "gds-agent attached; serving http://{}/metrics",
+        args.listen
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+
+    let mut term =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+        r = server => {
+            reader.abort();
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(anyhow::anyhow!("HTTP server task failed: {e}")),
+            };
+        }
+    }
+    let _ = tx.send(());
+    reader.abort();
+    let _ = reader.await;
+    match Arc::try_unwrap(tracer) {
+        Ok(tracer) => drop(tracer),
+        Err(shared) => {
+            // The server's last scrape may still hold a reference; give it a moment.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(shared);
+        }
+    }
+    info!("detached all programs; bye");
+    Ok(())
+}
+
+async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, recent: Arc<RecentEvents>) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
+    // RingBuf (owned by the AsyncFd) is dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("cannot poll the event ring buffer: {e}; slow events are counted but not logged");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("event ring buffer poll failed: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decode_event(&item) {
+                warn!(
+                    pid = ev.pid,
+                    tid = ev.tid,
+                    comm = %ev.comm,
+                    opcode = %ev.opcode,
+                    user_data = ev.user_data,
+                    ring = %ev.ring,
+                    latency_us = (ev.latency_seconds * 1e6).round() as u64,
+                    res = ev.res,
+                    "slow io_uring request"
+                );
+                recent.push(ev);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999s").is_err());
+    }
+}

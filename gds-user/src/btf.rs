@@ -1,0 +1,442 @@
+//! A small reader for the kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! aya has no CO-RE for Rust programs, so gds resolves the struct offsets its programs need at
+//! load time and hands them over as read-only globals. This reader knows just enough of the
+//! format (include/uapi/linux/btf.h) for that: named structs and their members (through
+//! anonymous structs and unions), typedefs and the function prototypes behind tracepoints.
+
+use std::{collections::HashMap, path::Path};
+
+use thiserror::Error;
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error)]
+pub enum BtfError {
+    #[error("cannot read BTF from {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF)")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("malformed BTF: {0}")]
+    Malformed(&'static str),
+    #[error("BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("BTF struct {strukt} has no member {member}")]
+    NoMember { strukt: String, member: String },
+    #[error("BTF member {strukt}.{member} is a bitfield; gds reads whole fields only")]
+    Bitfield { strukt: String, member: String },
+    #[error("BTF has no tracepoint prototype btf_trace_{0}")]
+    NoTracepoint(String),
+}
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, Clone)]
+struct Member {
+    name: u32,
+    ty: u32,
+    bit_offset: u32,
+    bitfield: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Type {
+    name: u32,
+    kind: u32,
+    /// size for INT/STRUCT/UNION/ENUM, referenced type for PTR/TYPEDEF/modifiers/FUNC_PROTO.
+    size_or_type: u32,
+    members: Vec<Member>,
+    /// FUNC_PROTO parameter types.
+    params: Vec<u32>,
+    /// ENUM values (name offset, value).
+    enumerators: Vec<(u32, i64)>,
+}
+
+/// Parsed BTF: types by id (id 0 is `void`) and a name index for the kinds gds looks up.
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    by_name: HashMap<(u32, String), u32>,
+}
+
+fn u32_at(data: &[u8], off: usize) -> Result<u32, BtfError> {
+    data.get(off..off + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+impl Btf {
+    /// The running kernel's BTF.
+    pub fn from_sys() -> Result<Btf, BtfError> {
+        Btf::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Btf::parse(&data)
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
+        if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
+            return Err(BtfError::Malformed(
+                "bad magic (only little-endian BTF is supported)",
+            ));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let tstart = hdr_len
+            .checked_add(type_off)
+            .ok_or(BtfError::Malformed("type offset"))?;
+        let tend = tstart
+            .checked_add(type_len)
+            .ok_or(BtfError::Malformed("type length"))?;
+        let sstart = hdr_len
+            .checked_add(str_off)
+            .ok_or(BtfError::Malformed("string offset"))?;
+        let send = sstart
+            .checked_add(str_len)
+            .ok_or(BtfError::Malformed("string length"))?;
+        let tdata = data
+            .get(tstart..tend)
+            .ok_or(BtfError::Malformed("type section out of bounds"))?;
+        let strings = data
+            .get(sstart..send)
+            .ok_or(BtfError::Malformed("string section out of bounds"))?
+            .to_vec();
+
+        let mut types = vec![Type {
+            name: 0,
+            kind: 0,
+            size_or_type: 0,
+            members: vec![],
+            params: vec![],
+            enumerators: vec![],
+        }];
+        let mut off = 0usize;
+        while off < tdata.len() {
+            let name = u32_at(tdata, off)?;
+            let info = u32_at(tdata, off + 4)?;
+            let size_or_type = u32_at(tdata, off + 8)?;
+            off += 12;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            let mut ty = Type {
+                name,
+                kind,
+                size_or_type,
+                members: vec![],
+                params: vec![],
+                enumerators: vec![],
+            };
+            match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => off += 4,
+                KIND_ARRAY => off += 12,
+                KIND_STRUCT | KIND_UNION => {
+                    for i in 0..vlen {
+                        let m = off + i * 12;
+                        let raw = u32_at(tdata, m + 8)?;
+                        let (bit_offset, bitfield) = if kind_flag {
+                            (raw & 0xff_ffff, raw >> 24 != 0)
+                        } else {
+                            (raw, false)
+                        };
+                        ty.members.push(Member {
+                            name: u32_at(tdata, m)?,
+                            ty: u32_at(tdata, m + 4)?,
+                            bit_offset,
+                            bitfield,
+                        });
+                    }
+                    off += vlen * 12;
+                }
+                KIND_ENUM => {
+                    for i in 0..vlen {
+                        let e = off + i * 8;
+                        ty.enumerators
+                            .push((u32_at(tdata, e)?, u32_at(tdata, e + 4)? as i32 as i64));
+                    }
+                    off += vlen * 8;
+                }
+                KIND_FUNC_PROTO => {
+                    for i in 0..vlen {
+                        ty.params.push(u32_at(tdata, off + i * 8 + 4)?);
+                    }
+                    off += vlen * 8;
+                }
+                KIND_DATASEC | KIND_ENUM64 => off += vlen * 12,
+                0..=19 => {}
+                _ => return Err(BtfError::Malformed("unknown type kind")),
+            }
+            types.push(ty);
+        }
+        let mut btf = Btf {
+            types,
+            strings,
+            by_name: HashMap::new(),
+        };
+        for id in 1..btf.types.len() {
+            let t = &btf.types[id];
+            if matches!(t.kind, KIND_STRUCT | KIND_UNION | KIND_TYPEDEF | KIND_ENUM) && t.name != 0
+            {
+                let key = (t.kind, btf.str(t.name).to_owned());
+                btf.by_name.entry(key).or_insert(id as u32);
+            }
+        }
+        Ok(btf)
+    }
+
+    fn str(&self, off: u32) -> &str {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn ty(&self, id: u32) -> Option<&Type> {
+        self.types.get(id as usize)
+    }
+
+    /// Follows typedefs and modifiers to the underlying type id.
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            match self.ty(id) {
+                Some(t)
+                    if matches!(
+                        t.kind,
+                        KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+                    ) =>
+                {
+                    id = t.size_or_type
+                }
+                _ => break,
+            }
+        }
+        id
+    }
+
+    fn struct_id(&self, name: &str) -> Option<u32> {
+        self.by_name
+            .get(&(KIND_STRUCT, name.to_owned()))
+            .or_else(|| self.by_name.get(&(KIND_UNION, name.to_owned())))
+            .copied()
+    }
+
+    pub fn has_struct(&self, name: &str) -> bool {
+        self.struct_id(name).is_some()
+    }
+
+    /// Finds `member` in struct/union `id`, descending into anonymous members; returns the bit
+    /// offset from the start of `id` and the member.
+    fn find_member(&self, id: u32, member: &str, depth: u32) -> Option<(u32, &Member)> {
+        if depth > 8 {
+            return None;
+        }
+        let t = self.ty(self.resolve(id))?;
+        for m in &t.members {
+            if self.str(m.name) == member {
+                return Some((m.bit_offset, m));
+            }
+        }
+        for m in &t.members {
+            if m.name == 0 {
+                if let Some((off, found)) = self.find_member(m.ty, member, depth + 1) {
+                    return Some((m.bit_offset + off, found));
+                }
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `path` (e.g. `["cqe", "user_data"]`) inside `struct strukt`.
+    pub fn member_offset(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
+        let mut id = self
+            .struct_id(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        let mut bits = 0u32;
+        for name in path {
+            let (off, m) = self
+                .find_member(id, name, 0)
+                .ok_or_else(|| BtfError::NoMember {
+                    strukt: strukt.to_owned(),
+                    member: path.join("."),
+                })?;
+            if m.bitfield || off % 8 != 0 {
+                return Err(BtfError::Bitfield {
+                    strukt: strukt.to_owned(),
+                    member: path.join("."),
+                });
+            }
+            bits += off;
+            id = m.ty;
+        }
+        Ok(bits / 8)
+    }
+
+    /// Size in bytes of the member at `path`, following typedefs (pointers are 8).
+    pub fn member_size(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
+        let mut id = self
+            .struct_id(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        for name in path {
+            let (_, m) = self
+                .find_member(id, name, 0)
+                .ok_or_else(|| BtfError::NoMember {
+                    strukt: strukt.to_owned(),
+                    member: path.join("."),
+                })?;
+            id = m.ty;
+        }
+        let t = self
+            .ty(self.resolve(id))
+            .ok_or(BtfError::Malformed("dangling type id"))?;
+        Ok(match t.kind {
+            KIND_PTR => 8,
+            _ => t.size_or_type,
+        })
+    }
+
+    /// Parameter type names of tracepoint `tp` as the BTF (raw) tracepoint sees them, without
+    /// the leading `void *__data`: e.g. `["struct io_ring_ctx *", "void *", "struct io_uring_cqe *"]`.
+    pub fn tracepoint_params(&self, tp: &str) -> Result<Vec<String>, BtfError> {
+        let name = format!("btf_trace_{tp}");
+        let id = *self
+            .by_name
+            .get(&(KIND_TYPEDEF, name))
+            .ok_or_else(|| BtfError::NoTracepoint(tp.to_owned()))?;
+        let ptr = self
+            .ty(self.resolve(id))
+            .ok_or(BtfError::Malformed("dangling typedef"))?;
+        let proto = self
+            .ty(ptr.size_or_type)
+            .ok_or(BtfError::Malformed("dangling pointer"))?;
+        if proto.kind != KIND_FUNC_PROTO {
+            return Err(BtfError::Malformed("btf_trace_* is not a function pointer"));
+        }
+        Ok(proto
+            .params
+            .iter()
+            .skip(1)
+            .map(|&p| self.type_name(p))
+            .collect())
+    }
+
+    /// Enumerators of `enum name` (e.g. `io_uring_op`), as (name, value).
+    pub fn enum_values(&self, name: &str) -> Option<Vec<(String, i64)>> {
+        let id = self.by_name.get(&(KIND_ENUM, name.to_owned()))?;
+        let t = self.ty(*id)?;
+        Some(
+            t.enumerators
+                .iter()
+                .map(|(n, v)| (self.str(*n).to_owned(), *v))
+                .collect(),
+        )
+    }
+
+    /// Whether the tracepoint exists in BTF.
+    pub fn has_tracepoint(&self, tp: &str) -> bool {
+        self.by_name
+            .contains_key(&(KIND_TYPEDEF, format!("btf_trace_{tp}")))
+    }
+
+    /// A C-like name for a type (enough to tell prototypes apart).
+    pub fn type_name(&self, id: u32) -> String {
+        let Some(t) = self.ty(id) else {
+            return "?".into();
+        };
+        match t.kind {
+            0 => "void".into(),
+            KIND_PTR => format!("{} *", self.type_name(t.size_or_type)),
+            KIND_CONST => format!("const {}", self.type_name(t.size_or_type)),
+            KIND_VOLATILE | KIND_RESTRICT | KIND_TYPE_TAG => self.type_name(t.size_or_type),
+            KIND_STRUCT => format!("struct {}", self.str(t.name)),
+            KIND_UNION => format!("union {}", self.str(t.name)),
+            KIND_ENUM | KIND_ENUM64 => format!("enum {}", self.str(t.name)),
+            _ => self.str(t.name).to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's BTF must resolve what the io_uring programs read. Every kernel this
+    /// project supports (6.1 … 6.18) has these members.
+    #[test]
+    fn vmlinux_io_kiocb_offsets() {
+        let btf = Btf::from_sys().expect("this machine has BTF");
+        let opcode = btf.member_offset("io_kiocb", &["opcode"]).unwrap();
+        let ctx = btf.member_offset("io_kiocb", &["ctx"]).unwrap();
+        let ud = btf
+            .member_offset("io_kiocb", &["cqe", "user_data"])
+            .unwrap();
+        assert_eq!(btf.member_size("io_kiocb", &["opcode"]).unwrap(), 1);
+        assert_eq!(btf.member_size("io_kiocb", &["ctx"]).unwrap(), 8);
+        assert_eq!(
+            btf.member_size("io_kiocb", &["cqe", "user_data"]).unwrap(),
+            8
+        );
+        assert!(opcode != ctx && ctx != ud && opcode < 256 && ctx < 256 && ud < 256);
+        // UAPI struct, layout fixed: user_data 0, res 8, flags 12.
+        assert_eq!(btf.member_offset("io_uring_cqe", &["res"]).unwrap(), 8);
+        assert_eq!(
+            btf.member_offset("io_uring_sqe", &["user_data"]).unwrap(),
+            32
+        );
+    }
+
+    #[test]
+    fn vmlinux_tracepoint_prototypes() {
+        let btf = Btf::from_sys().unwrap();
+        let complete = btf.tracepoint_params("io_uring_complete").unwrap();
+        assert!(complete.len() == 3 || complete.len() == 7, "{complete:?}");
+        assert!(btf.has_tracepoint("block_rq_issue"));
+        assert!(matches!(
+            btf.tracepoint_params("no_such_tp"),
+            Err(BtfError::NoTracepoint(_))
+        ));
+        assert!(matches!(
+            btf.member_offset("io_kiocb", &["nope"]),
+            Err(BtfError::NoMember { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        assert!(Btf::parse(&[]).is_err());
+        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0]).is_err());
+        let mut hdr = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 1000, 0, 10] {
+            hdr.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(matches!(Btf::parse(&hdr), Err(BtfError::Malformed(_))));
+        // Every truncation of real BTF is rejected or parsed without panicking.
+        let real = std::fs::read(VMLINUX_BTF).unwrap();
+        for cut in [25, 100, 4096, real.len() / 2] {
+            let _ = Btf::parse(&real[..cut]);
+        }
+    }
+}

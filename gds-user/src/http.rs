@@ -1,0 +1,113 @@
+//! The agent's HTTP server: `/metrics` for Prometheus, `/debug/*` JSON for people and tools.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::trace::SlowEvent;
+
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error(
+        "cannot listen on {addr}: {source} (another process — maybe another gds-agent — holds the \
+         port; choose another with --listen)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Recent slow events, newest last, bounded.
+#[derive(Default)]
+pub struct RecentEvents {
+    events: Mutex<VecDeque<SlowEvent>>,
+}
+
+impl RecentEvents {
+    pub const CAPACITY: usize = 1024;
+
+    pub fn push(&self, ev: SlowEvent) {
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == Self::CAPACITY {
+            q.pop_front();
+        }
+        q.push_back(ev);
+    }
+
+    pub fn list(&self) -> Vec<SlowEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: prometheus::Registry,
+    pub slow: Arc<RecentEvents>,
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let registry = s.registry.clone();
+    // Map reads are syscalls: keep them off the async workers.
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry))
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+async fn slow(State(s): State<AppState>) -> impl IntoResponse {
+    axum::Json(s.slow.list())
+}
+
+async fn index() -> impl IntoResponse {
+    "gds-agent: /metrics (Prometheus), /debug/slow (recent slow requests, JSON)\n"
+}
+
+/// Binds first (so a port in use is reported before anything is loaded).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    if addr.ip().is_unspecified() {
+        tracing::warn!(
+            %addr,
+            "listening on all interfaces: metrics and debug endpoints are reachable from the network"
+        );
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    let app = Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics))
+        .route("/debug/slow", get(slow))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(HttpError::Serve)
+}

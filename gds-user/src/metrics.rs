@@ -1,0 +1,257 @@
+//! The Prometheus model: kernel statistics decoded into metric families in one place.
+//!
+//! Histograms are log2 buckets of nanoseconds in the kernel; they become Prometheus histograms
+//! in seconds with power-of-two bounds from 2^10 ns (1.024 µs) to 2^34 ns (17.2 s). Labels are
+//! bounded by design: opcode names and drop reasons, never pids.
+
+use std::sync::Arc;
+
+use gds_common::{DropReason, HIST_BUCKETS};
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+
+use crate::{trace::UringTracer, uring_opcode};
+
+/// Lowest and highest log2 bound exported (2^10 ns ≈ 1 µs … 2^34 ns ≈ 17 s).
+pub const MIN_BOUND_LOG2: usize = 10;
+pub const MAX_BOUND_LOG2: usize = 34;
+
+fn label(name: &str, value: &str) -> proto::LabelPair {
+    let mut l = proto::LabelPair::default();
+    l.set_name(name.into());
+    l.set_value(value.into());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(labels: Vec<proto::LabelPair>, value: f64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(value);
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<proto::LabelPair>, value: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+/// A Prometheus histogram from kernel log2 buckets (bucket b = [2^b, 2^(b+1)) ns).
+pub fn log2_histogram(
+    labels: Vec<proto::LabelPair>,
+    buckets: &[u64],
+    sum_ns: u64,
+) -> proto::Metric {
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0u64;
+    let mut out = Vec::new();
+    for (b, count) in buckets.iter().enumerate().take(HIST_BUCKETS) {
+        cumulative += count;
+        let upper_log2 = b + 1;
+        if (MIN_BOUND_LOG2..=MAX_BOUND_LOG2).contains(&upper_log2) {
+            let mut pb = proto::Bucket::default();
+            pb.set_upper_bound((1u64 << upper_log2) as f64 / 1e9);
+            pb.set_cumulative_count(cumulative);
+            out.push(pb);
+        }
+    }
+    let total: u64 = buckets.iter().sum();
+    h.set_bucket(out);
+    h.set_sample_count(total);
+    h.set_sample_sum(sum_ns as f64 / 1e9);
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+/// Exports the io_uring tracer's statistics, read from the kernel maps at each scrape.
+pub struct UringCollector {
+    tracer: Arc<UringTracer>,
+    descs: Vec<Desc>,
+}
+
+const URING_FAMILIES: &[(&str, &str)] = &[
+    (
+        "gds_uring_requests_total",
+        "io_uring requests seen at submission, by opcode.",
+    ),
+    (
+        "gds_uring_request_duration_seconds",
+        "io_uring submission-to-completion latency, by opcode.",
+    ),
+    (
+        "gds_uring_request_errors_total",
+        "io_uring completions with res < 0, by opcode.",
+    ),
+    (
+        "gds_uring_inflight_requests",
+        "io_uring requests submitted and not yet completed (tracked).",
+    ),
+    (
+        "gds_slow_requests_total",
+        "io_uring requests slower than the slow threshold, by opcode.",
+    ),
+    (
+        "gds_trace_dropped_total",
+        "Traced requests or events not aggregated, by reason.",
+    ),
+];
+
+impl UringCollector {
+    pub fn new(tracer: Arc<UringTracer>) -> Self {
+        let descs = URING_FAMILIES
+            .iter()
+            .map(|(n, h)| {
+                Desc::new((*n).into(), (*h).into(), vec![], Default::default()).expect("valid")
+            })
+            .collect();
+        UringCollector { tracer, descs }
+    }
+}
+
+impl Collector for UringCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snap = match self.tracer.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("reading io_uring statistics failed: {e}");
+                return Vec::new();
+            }
+        };
+        let (mut requests, mut durations, mut errors, mut slow) = (vec![], vec![], vec![], vec![]);
+        for (op, s) in snap.opcodes.iter().enumerate() {
+            if s.submitted == 0 && s.timed == 0 && s.errors == 0 {
+                continue;
+            }
+            let name = uring_opcode::name(op);
+            let l = || vec![label("opcode", &name)];
+            requests.push(counter(l(), s.submitted as f64));
+            durations.push(log2_histogram(l(), &s.buckets, s.sum_ns));
+            errors.push(counter(l(), s.errors as f64));
+            slow.push(counter(l(), s.slow as f64));
+        }
+        let drops = DropReason::ALL
+            .iter()
+            .map(|r| {
+                counter(
+                    vec![label("reason", r.label())],
+                    snap.drops[*r as usize] as f64,
+                )
+            })
+            .collect();
+        vec![
+            family(
+                URING_FAMILIES[0].0,
+                URING_FAMILIES[0].1,
+                MetricType::COUNTER,
+                requests,
+            ),
+            family(
+                URING_FAMILIES[1].0,
+                URING_FAMILIES[1].1,
+                MetricType::HISTOGRAM,
+                durations,
+            ),
+            family(
+                URING_FAMILIES[2].0,
+                URING_FAMILIES[2].1,
+                MetricType::COUNTER,
+                errors,
+            ),
+            family(
+                URING_FAMILIES[3].0,
+                URING_FAMILIES[3].1,
+                MetricType::GAUGE,
+                vec![gauge(vec![], snap.inflight() as f64)],
+            ),
+            family(
+                URING_FAMILIES[4].0,
+                URING_FAMILIES[4].1,
+                MetricType::COUNTER,
+                slow,
+            ),
+            family(
+                URING_FAMILIES[5].0,
+                URING_FAMILIES[5].1,
+                MetricType::COUNTER,
+                drops,
+            ),
+        ]
+        .into_iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .collect()
+    }
+}
+
+/// `gds_agent_info{version,kernel} 1`.
+pub fn agent_info() -> prometheus::IntGaugeVec {
+    let g = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("gds_agent_info", "gds agent version and kernel release."),
+        &["version", "kernel"],
+    )
+    .expect("valid metric");
+    g.with_label_values(&[env!("CARGO_PKG_VERSION"), &kernel_release()])
+        .set(1);
+    g
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Renders a registry in the text exposition format.
+pub fn render(registry: &prometheus::Registry) -> String {
+    let mut buf = String::new();
+    let encoder = prometheus::TextEncoder::new();
+    if let Err(e) = encoder.encode_utf8(&registry.gather(), &mut buf) {
+        tracing::warn!("encoding metrics failed: {e}");
+    }
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_bounds_and_cumulative_counts() {
+        let mut buckets = vec![0u64; HIST_BUCKETS];
+        buckets[3] = 5; // 8..16 ns: below the first bound, folded into le=1.024e-6
+        buckets[12] = 2; // 4..8 µs
+        buckets[35] = 1; // > 17 s: only in +Inf
+        let m = log2_histogram(vec![], &buckets, 1_000);
+        let h = m.get_histogram();
+        let b = h.get_bucket();
+        assert_eq!(b.len(), MAX_BOUND_LOG2 - MIN_BOUND_LOG2 + 1);
+        assert!((b[0].upper_bound() - 1.024e-6).abs() < 1e-15);
+        assert_eq!(b[0].cumulative_count(), 5);
+        assert_eq!(b[3].cumulative_count(), 7); // le = 2^13 ns
+        assert_eq!(b.last().unwrap().cumulative_count(), 7);
+        assert_eq!(h.get_sample_count(), 8);
+        assert!((h.get_sample_sum() - 1e-6).abs() < 1e-15);
+    }
+}

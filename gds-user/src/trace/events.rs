@@ -1,0 +1,55 @@
+//! Decoding ring buffer records into events with context.
+
+use gds_common::{EVENT_URING_SLOW, SlowUringEvent};
+use serde::Serialize;
+
+use crate::uring_opcode;
+
+/// A request slower than the threshold, as logged and served on `/debug/slow`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowEvent {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub opcode: String,
+    pub user_data: u64,
+    /// `struct io_ring_ctx *` of the ring, hex.
+    pub ring: String,
+    pub latency_seconds: f64,
+    pub res: i32,
+}
+
+fn comm_for(ev: &SlowUringEvent) -> String {
+    if ev.comm_valid != 0 {
+        let end = ev
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(ev.comm.len());
+        return String::from_utf8_lossy(&ev.comm[..end]).into_owned();
+    }
+    // The completion ran outside the submitter (interrupt, io-wq): ask /proc.
+    std::fs::read_to_string(format!("/proc/{}/comm", ev.tgid))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Decodes one ring buffer record; `None` for records of unknown kind or size.
+pub fn decode_event(bytes: &[u8]) -> Option<SlowEvent> {
+    let kind = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
+    if kind != EVENT_URING_SLOW || bytes.len() < size_of::<SlowUringEvent>() {
+        return None;
+    }
+    // SAFETY: the length was checked and SlowUringEvent is plain old data.
+    let ev: SlowUringEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    Some(SlowEvent {
+        pid: ev.tgid,
+        tid: ev.pid,
+        comm: comm_for(&ev),
+        opcode: uring_opcode::name(ev.opcode as usize),
+        user_data: ev.user_data,
+        ring: format!("{:#x}", ev.ring),
+        latency_seconds: ev.latency_ns as f64 / 1e9,
+        res: ev.res,
+    })
+}

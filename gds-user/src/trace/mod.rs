@@ -1,0 +1,46 @@
+//! Loading, attaching and reading the eBPF programs.
+//!
+//! [`UringTracer`] owns the loaded object: dropping it detaches every program (aya closes the
+//! links with the object), which is how the agent shuts down cleanly.
+
+mod error;
+mod events;
+mod offsets;
+mod uring;
+
+pub use error::TraceError;
+pub use events::{SlowEvent, decode_event};
+pub use offsets::{AttachMode, ResolvedAttach};
+pub use uring::{OpcodeStats, TraceOptions, UringSnapshot, UringTracer};
+
+use aya::include_bytes_aligned;
+
+/// The eBPF object built by build.rs (aya-build) from gds-ebpf.
+pub(crate) static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gds"));
+
+/// Effective capabilities of this process (CapEff in /proc/self/status).
+pub fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// Loading tracing programs needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN on older kernels).
+pub fn check_tracing_caps() -> Result<(), TraceError> {
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(TraceError::NotPermitted { caps })
+    }
+}

@@ -1,0 +1,292 @@
+//! The io_uring tracer: options → config → load → attach → read.
+
+use std::time::Duration;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use gds_common::{
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, HIST_BUCKETS, MAP_EVENTS, MAP_URING_INFLIGHT,
+    MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
+};
+use tracing::info;
+
+use super::{
+    EBPF_OBJECT, TraceError, check_tracing_caps,
+    offsets::{self, AttachMode, ResolvedAttach},
+};
+use crate::{btf::Btf, tracefs};
+
+/// What to trace (the `gds-agent run` tracing flags).
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    /// Only this process (thread group id).
+    pub pid: Option<u32>,
+    /// Only tasks with this command name (at most 15 bytes, as the kernel keeps it).
+    pub comm: Option<String>,
+    /// Only these opcodes (empty: all).
+    pub opcodes: Vec<u8>,
+    /// Time one request in this many (1: every request).
+    pub sample: u64,
+    /// Completions at least this slow become slow events.
+    pub slow_threshold: Duration,
+    /// In-flight map capacity.
+    pub max_inflight: u32,
+    pub attach: AttachMode,
+}
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        TraceOptions {
+            pid: None,
+            comm: None,
+            opcodes: Vec::new(),
+            sample: 1,
+            slow_threshold: Duration::from_millis(100),
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            attach: AttachMode::Auto,
+        }
+    }
+}
+
+impl TraceOptions {
+    fn to_config(&self) -> Result<UringConfig, TraceError> {
+        let mut c = UringConfig::DEFAULT;
+        if let Some(pid) = self.pid {
+            if pid == 0 {
+                return Err(TraceError::InvalidFilter("--pid 0 is not a process".into()));
+            }
+            c.filter_tgid = pid;
+        }
+        if let Some(comm) = &self.comm {
+            let bytes = comm.as_bytes();
+            if bytes.is_empty() || bytes.len() >= COMM_LEN {
+                return Err(TraceError::InvalidFilter(format!(
+                    "--comm {comm:?}: the kernel keeps 1 to {} bytes of a command name",
+                    COMM_LEN - 1
+                )));
+            }
+            c.filter_comm_on = 1;
+            c.filter_comm[..bytes.len()].copy_from_slice(bytes);
+        }
+        if !self.opcodes.is_empty() {
+            c.opcode_mask = self
+                .opcodes
+                .iter()
+                .fold(0u64, |m, &op| m | 1u64 << op.min(63));
+        }
+        if self.sample == 0 {
+            return Err(TraceError::InvalidFilter(
+                "--sample must be at least 1".into(),
+            ));
+        }
+        c.sample_every = self.sample;
+        c.slow_ns = u64::try_from(self.slow_threshold.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if self.max_inflight == 0 {
+            return Err(TraceError::InvalidFilter(
+                "--max-inflight must be at least 1".into(),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+/// Statistics of one opcode, summed over CPUs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OpcodeStats {
+    /// Log2 buckets of nanoseconds (see `gds_common::HIST_BUCKETS`).
+    pub buckets: Vec<u64>,
+    pub timed: u64,
+    pub sum_ns: u64,
+    pub submitted: u64,
+    pub errors: u64,
+    pub slow: u64,
+}
+
+/// All io_uring statistics at one instant.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UringSnapshot {
+    /// Indexed by opcode slot (`MAX_OPCODES`).
+    pub opcodes: Vec<OpcodeStats>,
+    /// Indexed by `DropReason`.
+    pub drops: [u64; DROP_REASONS],
+    pub inserted: u64,
+    pub removed: u64,
+}
+
+impl UringSnapshot {
+    /// Requests in the in-flight map now.
+    pub fn inflight(&self) -> u64 {
+        self.inserted.saturating_sub(self.removed)
+    }
+}
+
+/// Loaded and attached io_uring tracing programs.
+pub struct UringTracer {
+    ebpf: Ebpf,
+    stats: PerCpuArray<MapData, UringCpuStats>,
+    attach: ResolvedAttach,
+}
+
+impl UringTracer {
+    /// Loads the programs with `opts` and attaches them. Detaches on drop.
+    pub fn start(opts: &TraceOptions) -> Result<UringTracer, TraceError> {
+        check_tracing_caps()?;
+        let base = opts.to_config()?;
+        let btf_parsed = Btf::from_sys();
+        let tracefs_dir = match tracefs::ensure_mounted() {
+            Ok((dir, mounted)) => {
+                if mounted {
+                    info!(path = %dir.display(), "mounted tracefs");
+                }
+                Some(dir)
+            }
+            Err(e) if opts.attach == AttachMode::Classic => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("tracefs unavailable ({e}); BTF tracepoints do not need it");
+                None
+            }
+        };
+        let attach = offsets::resolve(
+            opts.attach,
+            btf_parsed.as_ref(),
+            tracefs_dir.as_deref(),
+            base,
+        )?;
+        info!(mode = ?attach.mode, "io_uring tracing: {}", attach.why);
+
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(UringConfig::SYMBOL, &attach.config, true)
+            .map_max_entries(MAP_URING_INFLIGHT, opts.max_inflight)
+            .load(EBPF_OBJECT)
+            .map_err(|e| match &e {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    TraceError::NotPermitted {
+                        caps: super::effective_caps(),
+                    }
+                }
+                _ => TraceError::Load(e),
+            })?;
+
+        match attach.mode {
+            AttachMode::Btf => {
+                let btf = aya::Btf::from_sys_fs()
+                    .map_err(|e| TraceError::Load(aya::EbpfError::BtfError(e)))?;
+                for (prog, tp) in [
+                    ("uring_submit", attach.submit_tp),
+                    ("uring_failed", "io_uring_req_failed"),
+                    (attach.complete_prog, "io_uring_complete"),
+                ] {
+                    let p: &mut BtfTracePoint = ebpf
+                        .program_mut(prog)
+                        .ok_or(TraceError::MissingProgram(prog))?
+                        .try_into()
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                    p.load(tp, &btf)
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                    p.attach()
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                }
+            }
+            AttachMode::Classic | AttachMode::Auto => {
+                for (prog, tp) in [
+                    ("uring_submit_tp", attach.submit_tp),
+                    ("uring_failed_tp", "io_uring_req_failed"),
+                    ("uring_complete_tp", "io_uring_complete"),
+                ] {
+                    let p: &mut TracePoint = ebpf
+                        .program_mut(prog)
+                        .ok_or(TraceError::MissingProgram(prog))?
+                        .try_into()
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                    p.load()
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                    p.attach("io_uring", tp)
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                }
+            }
+        }
+
+        let stats = ebpf
+            .take_map(MAP_URING_STATS)
+            .ok_or(TraceError::MissingMap(MAP_URING_STATS))?;
+        let stats = PerCpuArray::try_from(stats).map_err(|source| TraceError::Map {
+            name: MAP_URING_STATS,
+            source,
+        })?;
+        Ok(UringTracer {
+            ebpf,
+            stats,
+            attach,
+        })
+    }
+
+    pub fn attach(&self) -> &ResolvedAttach {
+        &self.attach
+    }
+
+    /// Takes the event ring buffer (slow events); call once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, TraceError> {
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(TraceError::MissingMap(MAP_EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| TraceError::Map {
+            name: MAP_EVENTS,
+            source,
+        })
+    }
+
+    /// Sums the per-CPU statistics.
+    pub fn snapshot(&self) -> Result<UringSnapshot, TraceError> {
+        let per_cpu = self.stats.get(&0, 0).map_err(|source| TraceError::Map {
+            name: MAP_URING_STATS,
+            source,
+        })?;
+        let mut snap = UringSnapshot {
+            opcodes: vec![
+                OpcodeStats {
+                    buckets: vec![0; HIST_BUCKETS],
+                    ..Default::default()
+                };
+                MAX_OPCODES
+            ],
+            ..Default::default()
+        };
+        for cpu in per_cpu.iter() {
+            for (op, s) in snap.opcodes.iter_mut().enumerate() {
+                for (b, v) in cpu.hist[op].iter().enumerate() {
+                    s.buckets[b] += v;
+                    s.timed += v;
+                }
+                s.sum_ns += cpu.sum_ns[op];
+                s.submitted += cpu.submitted[op];
+                s.errors += cpu.errors[op];
+                s.slow += cpu.slow[op];
+            }
+            for (d, v) in snap.drops.iter_mut().zip(cpu.drops.iter()) {
+                *d += v;
+            }
+            snap.inserted += cpu.inserted;
+            snap.removed += cpu.removed;
+        }
+        Ok(snap)
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; harmless elsewhere.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}

@@ -1,0 +1,250 @@
+//! tracefs: finding (or mounting) it and reading tracepoint format files.
+//!
+//! BTF tracepoints need no tracefs, but the classic-tracepoint fallback does (event ids and
+//! record layouts come from `events/<category>/<name>/{id,format}`), and so do people reading
+//! `trace_pipe` beside the agent. The Firecracker kernels here boot without it mounted.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+pub const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Debug, Error)]
+pub enum TracefsError {
+    #[error(
+        "tracefs is not mounted and mounting it on {path} failed: {source} \
+         (mount it with `mount -t tracefs nodev {path}`, or run the agent as root)"
+    )]
+    Mount {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tracepoint {category}:{name} does not exist on this kernel ({path} missing)")]
+    NoEvent {
+        category: String,
+        name: String,
+        path: String,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("format of {category}:{name} has no field {field}")]
+    NoField {
+        category: String,
+        name: String,
+        field: String,
+    },
+    #[error("malformed format file {path}: {line}")]
+    Malformed { path: String, line: String },
+}
+
+/// Where tracefs is mounted, from /proc/mounts.
+pub fn find_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let (_dev, dir, fstype) = (it.next()?, it.next()?, it.next()?);
+        (fstype == "tracefs").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The tracefs mount point, mounting it on /sys/kernel/tracing when it is not mounted.
+/// Returns whether this call mounted it.
+pub fn ensure_mounted() -> Result<(PathBuf, bool), TracefsError> {
+    if let Some(dir) = find_mount() {
+        return Ok((dir, false));
+    }
+    let target = Path::new(DEFAULT_TRACEFS);
+    let err = |source| TracefsError::Mount {
+        path: DEFAULT_TRACEFS.into(),
+        source,
+    };
+    let c_target = CString::new(DEFAULT_TRACEFS).expect("no NUL");
+    let fstype = CString::new("tracefs").expect("no NUL");
+    let source = CString::new("nodev").expect("no NUL");
+    if !target.is_dir() {
+        return Err(err(std::io::Error::from_raw_os_error(libc::ENOENT)));
+    }
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL for tracefs.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            c_target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok((target.to_path_buf(), true))
+}
+
+/// One field of a tracepoint record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// A parsed `events/<category>/<name>/format` file.
+#[derive(Debug, Clone)]
+pub struct EventFormat {
+    pub category: String,
+    pub name: String,
+    pub fields: Vec<Field>,
+}
+
+impl EventFormat {
+    pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<EventFormat, TracefsError> {
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
+        if !path.exists() {
+            return Err(TracefsError::NoEvent {
+                category: category.into(),
+                name: name.into(),
+                path: path.display().to_string(),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(category, name, &text).map_err(|line| TracefsError::Malformed {
+            path: path.display().to_string(),
+            line,
+        })
+    }
+
+    /// Parses the text of a format file; on error returns the offending line.
+    pub fn parse(category: &str, name: &str, text: &str) -> Result<EventFormat, String> {
+        let mut fields = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            let Some(rest) = line.strip_prefix("field:") else {
+                continue;
+            };
+            // field:<decl>;\toffset:<n>;\tsize:<n>;\tsigned:<n>;
+            let mut decl = None;
+            let mut offset = None;
+            let mut size = None;
+            for (i, part) in rest.split(';').enumerate() {
+                let part = part.trim();
+                if i == 0 {
+                    decl = Some(part);
+                } else if let Some(v) = part.strip_prefix("offset:") {
+                    offset = v.trim().parse::<u32>().ok();
+                } else if let Some(v) = part.strip_prefix("size:") {
+                    size = v.trim().parse::<u32>().ok();
+                }
+            }
+            let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
+                return Err(line.to_owned());
+            };
+            // "unsigned char common_type", "char disk[32]", "__data_loc char[] op_str"
+            let last = decl
+                .split_whitespace()
+                .last()
+                .ok_or_else(|| line.to_owned())?;
+            let name = last
+                .split('[')
+                .next()
+                .unwrap_or(last)
+                .trim_start_matches('*')
+                .to_owned();
+            if name.is_empty() {
+                return Err(line.to_owned());
+            }
+            fields.push(Field { name, offset, size });
+        }
+        if fields.is_empty() {
+            return Err("no fields".into());
+        }
+        Ok(EventFormat {
+            category: category.into(),
+            name: name.into(),
+            fields,
+        })
+    }
+
+    pub fn field(&self, field: &str) -> Result<&Field, TracefsError> {
+        self.fields
+            .iter()
+            .find(|f| f.name == field)
+            .ok_or_else(|| TracefsError::NoField {
+                category: self.category.clone(),
+                name: self.name.clone(),
+                field: field.into(),
+            })
+    }
+
+    pub fn offset(&self, field: &str) -> Result<u32, TracefsError> {
+        self.field(field).map(|f| f.offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUBMIT_REQ_6_18: &str = "name: io_uring_submit_req
+ID: 1234
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:void * ctx;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:void * req;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned long long user_data;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:u8 opcode;\toffset:32;\tsize:1;\tsigned:0;
+\tfield:unsigned long long flags;\toffset:40;\tsize:8;\tsigned:0;
+\tfield:bool sq_thread;\toffset:48;\tsize:1;\tsigned:0;
+\tfield:__data_loc char[] op_str;\toffset:52;\tsize:4;\tsigned:0;
+
+print fmt: \"ring %p, req %p\", REC->ctx, REC->req
+";
+
+    #[test]
+    fn parses_format_file() {
+        let f = EventFormat::parse("io_uring", "io_uring_submit_req", SUBMIT_REQ_6_18).unwrap();
+        assert_eq!(f.offset("ctx").unwrap(), 8);
+        assert_eq!(f.offset("user_data").unwrap(), 24);
+        assert_eq!(f.offset("opcode").unwrap(), 32);
+        assert_eq!(f.field("op_str").unwrap().size, 4);
+        assert!(matches!(
+            f.offset("nope"),
+            Err(TracefsError::NoField { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_malformed_formats() {
+        assert!(EventFormat::parse("a", "b", "").is_err());
+        assert!(EventFormat::parse("a", "b", "field:int x;\toffset:zz;\tsize:4;").is_err());
+        assert!(EventFormat::parse("a", "b", "field:;\toffset:1;\tsize:4;").is_err());
+    }
+
+    #[test]
+    fn live_format_matches_kernel() {
+        let (dir, _) = ensure_mounted().expect("tests run as root");
+        let f = EventFormat::read(&dir, "io_uring", "io_uring_complete").unwrap();
+        assert!(f.offset("req").is_ok() && f.offset("res").is_ok());
+        assert!(matches!(
+            EventFormat::read(&dir, "io_uring", "no_such_event"),
+            Err(TracefsError::NoEvent { .. })
+        ));
+    }
+}
