@@ -9,6 +9,7 @@ pub mod agent;
 pub mod btf;
 pub mod http;
 pub mod metrics;
+pub mod nvme;
 pub mod trace;
 pub mod tracefs;
 pub mod uring_opcode;

@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Load the tracing programs and serve Prometheus metrics (the default).
     Run(gds_user::agent::RunArgs),
+    /// Read from an NVMe namespace through io_uring passthrough (one command or a stream).
+    Read(gds_user::nvme::cli::NvmeReadArgs),
 }
 
 fn main() -> ExitCode {
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => gds_user::agent::run(gds_user::agent::RunArgs::default_from_cli()),
         Some(Command::Run(args)) => gds_user::agent::run(args),
+        Some(Command::Read(args)) => gds_user::nvme::cli::read(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,378 @@
+//! An io_uring for NVMe passthrough: SQE128 (the 72-byte command needs the 80-byte command area)
+//! and CQE32 (the NVMe result travels in the CQE's second half), commands submitted with
+//! `opcode::UringCmd80`, optional registered buffers (IORING_URING_CMD_FIXED + buf_index).
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::buffer::DmaBuffer;
+use super::cmd::{IDENTIFY_DATA_LEN, NvmeIdentifyCmd, NvmeUringCmd, UringCmdOp};
+use super::error::NvmeError;
+use super::geometry::{IdentifyController, IdentifyNamespace, NamespaceGeometry};
+use super::status::CompletionOutcome;
+
+/// One reaped completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvmeCompletion {
+    pub user_data: u64,
+    /// `-errno`, 0, or the NVMe status (see [`CompletionOutcome::decode`]).
+    pub res: i32,
+    /// NVMe command result (CQE dword 0/1) from the big CQE.
+    pub result: u64,
+}
+
+impl NvmeCompletion {
+    pub fn outcome(&self) -> CompletionOutcome {
+        CompletionOutcome::decode(self.res, self.result)
+    }
+
+    /// `Ok(result)` or the decoded failure, with the command's context.
+    pub fn check(
+        &self,
+        device: &str,
+        cmd: &NvmeUringCmd,
+        op: UringCmdOp,
+    ) -> Result<u64, NvmeError> {
+        let (lba, blocks) = match op {
+            UringCmdOp::Admin => (0, 0),
+            _ => (cmd.slba(), cmd.blocks()),
+        };
+        match self.outcome() {
+            CompletionOutcome::Success { result } => Ok(result),
+            CompletionOutcome::Errno(errno) => Err(NvmeError::Kernel {
+                device: device.to_string(),
+                op: cmd.op_name(op),
+                lba,
+                blocks,
+                errno,
+            }),
+            CompletionOutcome::Device(status) => Err(NvmeError::Device {
+                device: device.to_string(),
+                op: cmd.op_name(op),
+                lba,
+                blocks,
+                status,
+            }),
+        }
+    }
+}
+
+/// A passthrough ring bound to one NVMe char device (`/dev/ngXnY` for I/O, `/dev/nvmeX` for
+/// admin commands).
+pub struct NvmeRing {
+    ring: IoUring<squeue::Entry128, cqueue::Entry32>,
+    fd: OwnedFd,
+    device: String,
+    depth: u32,
+    in_flight: u32,
+    queued: u32,
+    submitted_total: u64,
+    registered_buffers: u16,
+}
+
+impl NvmeRing {
+    /// Open `device` read-write and create a ring of `depth` entries.
+    pub fn open(device: impl AsRef<Path>, depth: u32) -> Result<Self, NvmeError> {
+        let path = device.as_ref();
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| NvmeError::Open {
+                device: name.clone(),
+                hint: match source.raw_os_error() {
+                    Some(libc::EACCES) | Some(libc::EPERM) => {
+                        "passthrough needs CAP_SYS_ADMIN or read/write permission on the node"
+                    }
+                    Some(libc::ENOENT) => {
+                        "no such node: NVMe generic char devices are /dev/ngXnY (Linux >= 5.19)"
+                    }
+                    _ => "check that it is an NVMe char device",
+                },
+                source,
+            })?;
+        Self::from_fd(file.into(), name, depth)
+    }
+
+    /// Use an already open NVMe char device.
+    pub fn from_fd(fd: OwnedFd, device: String, depth: u32) -> Result<Self, NvmeError> {
+        let depth = depth.clamp(1, 4096);
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry32>::builder()
+            .build(depth)
+            .map_err(|source| NvmeError::Ring {
+                device: device.clone(),
+                what: "setup (SQE128|CQE32)",
+                source,
+            })?;
+        Ok(Self {
+            ring,
+            fd,
+            device,
+            depth,
+            in_flight: 0,
+            queued: 0,
+            submitted_total: 0,
+            registered_buffers: 0,
+        })
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Commands submitted to the kernel and not yet reaped.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Commands pushed but not yet submitted.
+    pub fn queued(&self) -> u32 {
+        self.queued
+    }
+
+    /// Commands handed to the kernel since the ring was created.
+    pub fn submitted_total(&self) -> u64 {
+        self.submitted_total
+    }
+
+    /// Register `buffers` as the ring's fixed buffers; index `i` is then `buf_index` `i`.
+    ///
+    /// # Safety
+    /// The buffers must stay allocated and unmoved until [`Self::unregister_buffers`] or the
+    /// ring is dropped.
+    pub unsafe fn register_buffers(&mut self, buffers: &mut [DmaBuffer]) -> Result<(), NvmeError> {
+        let iovecs: Vec<libc::iovec> = buffers.iter_mut().map(|b| b.iovec()).collect();
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
+            NvmeError::Ring {
+                device: self.device.clone(),
+                what: "register_buffers",
+                source,
+            }
+        })?;
+        self.registered_buffers = iovecs.len() as u16;
+        Ok(())
+    }
+
+    pub fn unregister_buffers(&mut self) -> Result<(), NvmeError> {
+        if self.registered_buffers == 0 {
+            return Ok(());
+        }
+        self.ring
+            .submitter()
+            .unregister_buffers()
+            .map_err(|source| NvmeError::Ring {
+                device: self.device.clone(),
+                what: "unregister_buffers",
+                source,
+            })?;
+        self.registered_buffers = 0;
+        Ok(())
+    }
+
+    /// Queue one command without submitting it (batching: push several, then
+    /// [`Self::submit`] or [`Self::wait`]). When the SQ is full the queued commands are
+    /// submitted first.
+    ///
+    /// # Safety
+    /// The memory `cmd.addr .. cmd.addr + cmd.data_len` must stay valid (and, for reads,
+    /// unaliased) until this command's completion is reaped. With `fixed = Some(i)`, that range
+    /// must lie inside registered buffer `i`.
+    pub unsafe fn push(
+        &mut self,
+        cmd: &NvmeUringCmd,
+        op: UringCmdOp,
+        fixed: Option<u16>,
+        user_data: u64,
+    ) -> Result<(), NvmeError> {
+        if let Some(i) = fixed
+            && i >= self.registered_buffers
+        {
+            return Err(NvmeError::Ring {
+                device: self.device.clone(),
+                what: "push (fixed buffer index)",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "buf_index {i} but {} buffers are registered",
+                        self.registered_buffers
+                    ),
+                ),
+            });
+        }
+        let entry = opcode::UringCmd80::new(types::Fd(self.fd.as_raw_fd()), op.ioctl())
+            .cmd(cmd.to_sqe_cmd())
+            .buf_index(fixed)
+            .build()
+            .user_data(user_data);
+        loop {
+            // SAFETY: the entry only references memory under the caller's contract.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.queued += 1;
+                return Ok(());
+            }
+            self.submit()?;
+        }
+    }
+
+    /// Hand all queued commands to the kernel in one `io_uring_enter`.
+    pub fn submit(&mut self) -> Result<usize, NvmeError> {
+        self.submit_and_wait(0)
+    }
+
+    fn submit_and_wait(&mut self, want: usize) -> Result<usize, NvmeError> {
+        let n = loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(n) => break n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(source) => {
+                    return Err(NvmeError::Ring {
+                        device: self.device.clone(),
+                        what: "submit",
+                        source,
+                    });
+                }
+            }
+        };
+        self.account_submitted(n);
+        Ok(n)
+    }
+
+    fn account_submitted(&mut self, n: usize) {
+        let n = (n as u32).min(self.queued);
+        self.queued -= n;
+        self.in_flight += n;
+        self.submitted_total += u64::from(n);
+    }
+
+    /// Submit what is queued, wait for at least `min` completions, and append every available
+    /// completion to `out`.
+    pub fn wait(&mut self, min: usize, out: &mut Vec<NvmeCompletion>) -> Result<(), NvmeError> {
+        let min = min.min((self.in_flight + self.queued) as usize);
+        self.submit_and_wait(min)?;
+        self.reap(out);
+        Ok(())
+    }
+
+    /// Like [`Self::wait`], but give up after `timeout` with `ETIME` (commands stay in flight).
+    pub fn wait_timeout(
+        &mut self,
+        min: usize,
+        timeout: Duration,
+        out: &mut Vec<NvmeCompletion>,
+    ) -> Result<(), NvmeError> {
+        self.submit()?;
+        let min = min.min(self.in_flight as usize);
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        // Nothing is queued any more, so this only waits.
+        match self.ring.submitter().submit_with_args(min, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(source) => {
+                return Err(NvmeError::Ring {
+                    device: self.device.clone(),
+                    what: "wait (submit_with_args)",
+                    source,
+                });
+            }
+        }
+        let before = out.len();
+        self.reap(out);
+        if out.len() - before < min {
+            return Err(NvmeError::Ring {
+                device: self.device.clone(),
+                what: "wait",
+                source: std::io::Error::from_raw_os_error(libc::ETIME),
+            });
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<NvmeCompletion>) {
+        for cqe in self.ring.completion() {
+            out.push(NvmeCompletion {
+                user_data: cqe.user_data(),
+                res: cqe.result(),
+                result: cqe.big_cqe()[0],
+            });
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Submit one command and wait for it; `Ok(result)` or the decoded failure.
+    ///
+    /// # Safety
+    /// As for [`Self::push`] (the buffer only has to outlive this call).
+    pub unsafe fn execute(
+        &mut self,
+        cmd: &NvmeUringCmd,
+        op: UringCmdOp,
+        fixed: Option<u16>,
+    ) -> Result<u64, NvmeError> {
+        const TAG: u64 = u64::MAX;
+        // SAFETY: forwarded; we wait for the completion before returning.
+        unsafe { self.push(cmd, op, fixed, TAG)? };
+        let mut done = Vec::with_capacity(1);
+        while !done.iter().any(|c: &NvmeCompletion| c.user_data == TAG) {
+            self.wait(1, &mut done)?;
+        }
+        let c = done.into_iter().find(|c| c.user_data == TAG).unwrap();
+        c.check(&self.device, cmd, op)
+    }
+
+    /// Identify Controller and Identify Namespace `nsid` through this ring (it must be open on
+    /// the controller char device `/dev/nvmeX`).
+    pub fn identify(
+        &mut self,
+        nsid: u32,
+    ) -> Result<(IdentifyController, IdentifyNamespace), NvmeError> {
+        let mut buf = DmaBuffer::new(IDENTIFY_DATA_LEN as usize);
+        let cmd = NvmeIdentifyCmd::controller()
+            .buffer(buf.as_mut_ptr(), buf.len())
+            .build()?;
+        // SAFETY: buf outlives the synchronous execute.
+        unsafe { self.execute(&cmd, UringCmdOp::Admin, None)? };
+        let ctrl = IdentifyController::parse(buf[..].try_into().unwrap());
+        buf.fill(0);
+        let cmd = NvmeIdentifyCmd::namespace(nsid)
+            .buffer(buf.as_mut_ptr(), buf.len())
+            .build()?;
+        // SAFETY: as above.
+        unsafe { self.execute(&cmd, UringCmdOp::Admin, None)? };
+        let ns = IdentifyNamespace::parse(buf[..].try_into().unwrap());
+        Ok((ctrl, ns))
+    }
+}
+
+/// Geometry of an NVMe namespace char device: sysfs first (the limits the kernel applies),
+/// Identify through the controller's char device when sysfs has no entry for it.
+pub fn namespace_geometry(device: &Path) -> Result<NamespaceGeometry, NvmeError> {
+    match NamespaceGeometry::from_sysfs(device) {
+        Ok(g) => Ok(g),
+        Err(sysfs_err) => {
+            let name = device.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let (ctrl_dev, nsid) = match (
+                super::geometry::controller_device_for(name),
+                name.rsplit_once('n')
+                    .and_then(|(_, y)| y.parse::<u32>().ok()),
+            ) {
+                (Some(c), Some(n)) => (c, n),
+                _ => return Err(sysfs_err),
+            };
+            let mut ring = NvmeRing::open(&ctrl_dev, 2)?;
+            let (ctrl, ns) = ring.identify(nsid)?;
+            NamespaceGeometry::from_identify(&device.display().to_string(), nsid, &ns, &ctrl)
+        }
+    }
+}
