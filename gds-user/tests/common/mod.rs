@@ -1,0 +1,202 @@
+//! Shared helpers for end-to-end tests: a real `gds-agent` process and a real scrape.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+/// Tests filter the tracer on their own pid, so two tests in one process would see each
+/// other's requests. nextest runs one process per test; under plain `cargo test` this lock
+/// serialises them.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this end-to-end test loads eBPF programs: run it as root (cargo xtask test does)");
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running agent, stopped with SIGTERM on drop.
+pub struct Agent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts `gds-agent run --listen <free port> <args>` and waits until /metrics answers
+    /// (the agent serves only after every program is attached).
+    pub fn start(args: &[&str]) -> Agent {
+        require_root();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env("GDS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gds-agent");
+        let mut agent = Agent {
+            child,
+            addr,
+            log_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("gds-agent exited early ({status}):\n{}", agent.log());
+            }
+            if http_get(addr, "/metrics").is_ok() {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        Metrics::parse(&http_get(self.addr, "/metrics").expect("scrape /metrics"))
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        http_get(self.addr, path).expect("GET")
+    }
+
+    /// SIGTERM and wait; returns the exit status and the log.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.terminate();
+        (status, self.log())
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// Minimal HTTP/1.1 GET (the test talks to the real server over a real socket).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("{path}: {head}")));
+    }
+    // axum may answer chunked
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        return Ok(out);
+    }
+    Ok(body.to_owned())
+}
+
+/// Parsed text exposition: `name{sorted labels}` → value.
+#[derive(Debug, Default)]
+pub struct Metrics(pub BTreeMap<String, f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut m = BTreeMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (key, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line}"));
+            let key = match key.split_once('{') {
+                Some((name, labels)) => {
+                    let mut ls: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                    ls.sort();
+                    format!("{name}{{{}}}", ls.join(","))
+                }
+                None => key.to_owned(),
+            };
+            m.insert(key, value);
+        }
+        Metrics(m)
+    }
+
+    /// Value of `name{labels}`; labels as `k="v"` in any order; 0 when absent.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let key = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            let mut ls: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            ls.sort();
+            format!("{name}{{{}}}", ls.join(","))
+        };
+        self.0.get(&key).copied().unwrap_or(0.0)
+    }
+}
