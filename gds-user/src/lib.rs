@@ -10,6 +10,7 @@ pub mod btf;
 pub mod http;
 pub mod metrics;
 pub mod nvme;
+pub mod probe;
 pub mod trace;
 pub mod tracefs;
 pub mod uring_opcode;

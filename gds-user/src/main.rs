@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Load the tracing programs and serve Prometheus metrics (the default).
     Run(gds_user::agent::RunArgs),
+    /// Report what this host can do for GPUDirect Storage and which data path `read` will use.
+    Probe(gds_user::probe::ProbeArgs),
     /// Read from an NVMe namespace through io_uring passthrough (one command or a stream).
     Read(gds_user::nvme::cli::NvmeReadArgs),
 }
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => gds_user::agent::run(gds_user::agent::RunArgs::default_from_cli()),
         Some(Command::Run(args)) => gds_user::agent::run(args),
+        Some(Command::Probe(args)) => gds_user::probe::run(args),
         Some(Command::Read(args)) => gds_user::nvme::cli::read(args),
     };
     match result {
