@@ -3,6 +3,8 @@
 //! `setup` installs what building the eBPF programs needs, `run` starts the agent, `test` runs
 //! every test (unit, end-to-end against the real kernel, VM scenarios, observability checks).
 
+mod dashboard;
+mod observe;
 mod setup;
 mod test;
 
@@ -35,6 +37,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Agent + local Prometheus + Grafana dashboard; `observe dashboard`, `observe check`.
+    Observe(observe::ObserveArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,6 +55,7 @@ fn main() -> Result<()> {
             setup::run(&mut cmd)
         }
         Command::Test(args) => test::run(args),
+        Command::Observe(args) => observe::run(args),
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
             let mut cmd = setup::cargo();
