@@ -129,6 +129,16 @@ fn stacked(mut panel: Value) -> Value {
 }
 
 fn stat(title: &str, description: &str, unit: &str, red_above: Option<f64>, query: Query) -> Value {
+    stat_of(title, description, unit, red_above, vec![query])
+}
+
+fn stat_of(
+    title: &str,
+    description: &str,
+    unit: &str,
+    red_above: Option<f64>,
+    queries: Vec<Query>,
+) -> Value {
     let mut steps = vec![json!({ "color": "green", "value": null })];
     if let Some(limit) = red_above {
         steps.push(json!({ "color": "red", "value": limit }));
@@ -154,7 +164,7 @@ fn stat(title: &str, description: &str, unit: &str, red_above: Option<f64>, quer
             "orientation": "auto",
             "textMode": "auto"
         },
-        "targets": targets(vec![query], "time_series", false),
+        "targets": targets(queries, "time_series", false),
     })
 }
 
@@ -203,12 +213,20 @@ fn heatmap(title: &str, description: &str, histogram: &str, filter: &str) -> Val
     })
 }
 
-/// A table of the labels of an info-style metric (one row per series, its value hidden).
-fn label_table(title: &str, description: &str, expr: String, hide: &[&str]) -> Value {
+/// A table of the current series of `expr`, one row each, with `columns` in that order (a
+/// label name, `__name__` or `Value`); Time, job and unlisted labels are hidden.
+fn label_table(title: &str, description: &str, expr: String, columns: &[&str]) -> Value {
     let mut excluded = serde_json::Map::new();
-    for column in ["Time", "__name__", "job"].iter().chain(hide) {
-        excluded.insert((*column).to_owned(), json!(true));
+    for column in ["Time", "__name__", "job", "Value"] {
+        if !columns.contains(&column) {
+            excluded.insert(column.to_owned(), json!(true));
+        }
     }
+    let order: serde_json::Map<String, Value> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ((*c).to_owned(), json!(i)))
+        .collect();
     json!({
         "type": "table",
         "title": title,
@@ -220,7 +238,7 @@ fn label_table(title: &str, description: &str, expr: String, hide: &[&str]) -> V
         },
         "options": { "showHeader": true, "cellHeight": "sm" },
         "transformations": [
-            { "id": "organize", "options": { "excludeByName": excluded } }
+            { "id": "organize", "options": { "excludeByName": excluded, "indexByName": order } }
         ],
         "targets": targets(vec![q(expr, "")], "table", true),
     })
@@ -722,18 +740,82 @@ pub fn render() -> Value {
             "Agents",
             "Agent version and kernel per instance.",
             format!("gds_agent_info{{{I}}}"),
-            &["Value"],
+            &["instance", "version", "kernel"],
         ),
     );
     l.add(16, 8, label_table(
         "Capability verdict",
-        "What `gds-agent probe` concluded on each host: the data path it uses and why faster ones are not possible.",
+        "What `gds-agent probe` concluded on each host, per GPU: the data path reads take \
+         (gds, p2p, bounce) and what it depends on. `gds-agent probe` on the host gives the reasons.",
         format!("gds_capability_info{{{I}}}"),
-        &["Value"],
+        &["instance", "gpu", "pci", "path", "gds_mode", "nvidia_fs", "cufile", "p2pdma", "kernel"],
     ));
-    l.add(12, 8, timeseries(
-        "nvidia-fs counters per second",
-        "Rates of the nvidia-fs driver counters (/proc/driver/nvidia-fs/stats). Empty where nvidia-fs is not loaded.",
+    l.add(4, 8, stat_of(
+        "Hosts with nvidia-fs",
+        "Instances whose /proc/driver/nvidia-fs/stats was read on the last scrape, of all instances probed.",
+        "none",
+        None,
+        vec![
+            q(format!("sum(gds_nvidia_fs_up{{{I}}})"), "nvidia-fs"),
+            q(format!("count(gds_nvidia_fs_up{{{I}}})"), "probed"),
+        ],
+    ));
+    l.add(
+        10,
+        8,
+        timeseries(
+            "nvidia-fs operations per second",
+            "Reads and writes through nvidia-fs (GDS) and their errors.",
+            "ops",
+            [
+                "reads_n",
+                "reads_err",
+                "writes_n",
+                "writes_err",
+                "batches_n",
+                "bar1_map_err",
+            ]
+            .iter()
+            .map(|c| {
+                q(
+                    format!("sum by (instance) (rate(gds_nvidia_fs_{c}_total{{{I}}}[{RI}]))"),
+                    &format!("{{{{instance}}}} {c}"),
+                )
+            })
+            .collect(),
+        ),
+    );
+    l.add(10, 8, stacked(timeseries(
+        "nvidia-fs throughput",
+        "Bytes read and written through nvidia-fs (its MiB counters).",
+        "Bps",
+        vec![
+            q(
+                format!("sum by (instance) (rate(gds_nvidia_fs_reads_readmib_total{{{I}}}[{RI}])) * 1048576"),
+                "{{instance}} read",
+            ),
+            q(
+                format!("sum by (instance) (rate(gds_nvidia_fs_writes_writemib_total{{{I}}}[{RI}])) * 1048576"),
+                "{{instance}} write",
+            ),
+        ],
+    )));
+    l.add(
+        8,
+        8,
+        timeseries(
+            "GPU memory registered with nvidia-fs",
+            "Per GPU (PCI address): memory pinned for GDS.",
+            "mbytes",
+            vec![q(
+                format!("sum by (instance, pci) (gds_nvidia_fs_gpu_registered_mib{{{I}}})"),
+                "{{instance}} {{pci}}",
+            )],
+        ),
+    );
+    l.add(8, 8, timeseries(
+        "All nvidia-fs counters per second",
+        "Every monotonic nvidia-fs counter (gds_nvidia_fs_*_total) as a rate over 5 minutes.",
         "ops",
         vec![q(
             format!(
@@ -743,13 +825,13 @@ pub fn render() -> Value {
         )],
     ));
     l.add(
-        12,
+        8,
         8,
         label_table(
-            "nvidia-fs counters (current values)",
-            "Every gds_nvidia_fs_* series as last scraped. Empty where nvidia-fs is not loaded.",
+            "nvidia-fs values now",
+            "Every gds_nvidia_fs_* series as last scraped (counters and gauges).",
             format!(r#"{{__name__=~"gds_nvidia_fs_.+", {I}}}"#),
-            &[],
+            &["__name__", "instance", "pci", "Value"],
         ),
     );
 

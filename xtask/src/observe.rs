@@ -31,10 +31,11 @@ pub const ALERT_TESTS_PATH: &str = "deploy/prometheus/alerts_test.yml";
 /// Kubernetes service discovery, so its promtool rejects `kubernetes_sd_configs`.
 const SHIPPED_CONFIGS: &[&str] = &["deploy/prometheus/scrape.yml"];
 
-/// Metric families the agent exports on every host today (issue 2). A dashboard or alert query
-/// that reads only these families must return data in the live check; queries over other
-/// families (NVMe, stalls, data path, nvidia-fs: absent on hosts or agents without them) only
-/// have to evaluate without error. Add a family here when the agent exports it on this host.
+/// Metric families the agent exports on every host today (issue 2): they must reach Prometheus,
+/// and a dashboard or alert query that reads only these families, or families the agent was
+/// seen exporting during the check, must return data. Queries over families absent on this
+/// host or agent (NVMe, stalls, data path, nvidia-fs) only have to evaluate without error. Add
+/// a family here once the agent exports it on every host, so that its absence fails the check.
 pub const MUST_HAVE_DATA: &[&str] = &[
     "up",
     "gds_agent_info",
@@ -62,6 +63,17 @@ pub const MAY_BE_EMPTY: &[&str] = &[
     "gds_pipeline_bytes_total",
     "gds_pipeline_read_duration_seconds",
     "gds_capability_info",
+    // nvidia-fs (gds-user/src/probe/metrics.rs): counters get `_total`, gauges do not.
+    "gds_nvidia_fs_up",
+    "gds_nvidia_fs_reads_n_total",
+    "gds_nvidia_fs_reads_err_total",
+    "gds_nvidia_fs_reads_readmib_total",
+    "gds_nvidia_fs_writes_n_total",
+    "gds_nvidia_fs_writes_err_total",
+    "gds_nvidia_fs_writes_writemib_total",
+    "gds_nvidia_fs_batches_n_total",
+    "gds_nvidia_fs_bar1_map_err_total",
+    "gds_nvidia_fs_gpu_registered_mib",
 ];
 
 /// Template variables as Grafana substitutes them with "All" selected.
@@ -219,8 +231,9 @@ Stop:        Ctrl-C\n",
 /// 3. a real Prometheus scrapes the agent under an io_uring workload (fio plus NOPs, file reads,
 ///    URING_CMD socket commands, failing reads and a pipe read that stays in flight), and every
 ///    PromQL expression of the dashboard and the alert rules is evaluated through
-///    /api/v1/query. Errors always fail; empty results fail for expressions that read only
-///    [`MUST_HAVE_DATA`] families.
+///    /api/v1/query. Errors always fail, and so do metric names the project does not define;
+///    empty results fail for expressions that read only [`MUST_HAVE_DATA`] families or families
+///    the agent exported during the check.
 pub fn check_observability(root: &Path, agent: &Path) -> Result<()> {
     ensure_tools(true)?;
     check_promtool(root)?;
@@ -485,6 +498,12 @@ fn check_live_in(
         "Prometheus loaded no rules from {ALERTS_PATH}"
     );
 
+    // Families the agent exports on this host, beyond the must-have list (e.g. the probe's).
+    let exported = prom.families()?;
+    println!(
+        "observability: families in Prometheus: {}",
+        exported.iter().cloned().collect::<Vec<_>>().join(", ")
+    );
     let mut with_data = 0;
     let mut quiet = 0;
     let mut empty_allowed = Vec::new();
@@ -512,7 +531,7 @@ fn check_live_in(
         let must = !families.is_empty()
             && families
                 .iter()
-                .all(|f| MUST_HAVE_DATA.contains(&f.as_str()));
+                .all(|f| MUST_HAVE_DATA.contains(&f.as_str()) || exported.contains(f));
         match prom.query(&e.expr) {
             Err(err) => failures.push(format!("{}: {err:#}\n      {}", e.origin, e.expr)),
             Ok(data) => {
@@ -536,7 +555,7 @@ fn check_live_in(
                     ));
                 } else {
                     println!(
-                        "  empty       {}  [{}]",
+                        "  empty       {}  [not exported here: {}]",
                         e.origin,
                         families.iter().cloned().collect::<Vec<_>>().join(", ")
                     );
