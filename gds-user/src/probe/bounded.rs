@@ -10,7 +10,7 @@
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Default limit for one sysfs/procfs attribute (they are at most a page in practice).
 pub const SMALL_FILE_LIMIT: u64 = 64 * 1024;
@@ -44,7 +44,9 @@ impl ReadError {
                 kind: "directory",
             },
             _ if err.raw_os_error() == Some(libc::ENOTDIR) => ReadError::NotFound { path },
-            _ if err.raw_os_error() == Some(libc::EACCES) || err.raw_os_error() == Some(libc::EPERM) => {
+            _ if err.raw_os_error() == Some(libc::EACCES)
+                || err.raw_os_error() == Some(libc::EPERM) =>
+            {
                 ReadError::PermissionDenied { path }
             }
             _ => ReadError::Io {
@@ -109,7 +111,8 @@ impl HostRoot {
 
     /// Reads a small attribute and trims surrounding whitespace.
     pub fn read_attr(&self, host_path: &str) -> Result<String, ReadError> {
-        self.read(host_path, SMALL_FILE_LIMIT).map(|s| s.trim().to_owned())
+        self.read(host_path, SMALL_FILE_LIMIT)
+            .map(|s| s.trim().to_owned())
     }
 
     /// Reads a file of at most `limit` bytes without interpreting it.
@@ -158,20 +161,64 @@ impl HostRoot {
     }
 
     /// Resolves a symbolic link (sysfs `device`, `/sys/bus/pci/devices/*`) to a host-absolute
-    /// path without leaving the root: an absolute target is re-rooted, a relative one is joined
-    /// to the link's directory and normalised lexically.
+    /// path without leaving the root. Errors when `host_path` does not exist.
     pub fn resolve_link(&self, host_path: &str) -> Result<String, ReadError> {
-        let target =
-            fs::read_link(self.path(host_path)).map_err(|e| ReadError::from_io(host_path, &e))?;
-        let joined = if target.is_absolute() {
-            target
-        } else {
-            Path::new(host_path)
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join(target)
-        };
-        Ok(normalize(&joined))
+        fs::symlink_metadata(self.path(host_path))
+            .map_err(|e| ReadError::from_io(host_path, &e))?;
+        self.canonical(host_path)
+    }
+
+    /// `realpath(3)` inside the root: every symbolic link on the way is followed, an absolute
+    /// target is re-rooted, a relative one is taken from the link's real directory (sysfs nests
+    /// relative links in linked directories: `/sys/bus/pci/devices/X/driver`). Components that
+    /// do not exist are kept as they are.
+    pub fn canonical(&self, host_path: &str) -> Result<String, ReadError> {
+        let mut pending: Vec<String> = host_path
+            .split('/')
+            .rev()
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let mut resolved: Vec<String> = Vec::new();
+        let mut hops = 0;
+        while let Some(component) = pending.pop() {
+            match component.as_str() {
+                "." => continue,
+                ".." => {
+                    resolved.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            let candidate = format!("/{}/{component}", resolved.join("/"));
+            let real = self.path(&candidate);
+            match fs::symlink_metadata(&real) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(ReadError::Io {
+                            path: host_path.to_owned(),
+                            message: "too many levels of symbolic links".into(),
+                        });
+                    }
+                    let target =
+                        fs::read_link(&real).map_err(|e| ReadError::from_io(&candidate, &e))?;
+                    let target = target.to_string_lossy().into_owned();
+                    if target.starts_with('/') {
+                        resolved.clear();
+                    }
+                    pending.extend(
+                        target
+                            .split('/')
+                            .rev()
+                            .filter(|c| !c.is_empty())
+                            .map(str::to_owned),
+                    );
+                }
+                _ => resolved.push(component),
+            }
+        }
+        Ok(format!("/{}", resolved.join("/")))
     }
 }
 
@@ -189,21 +236,6 @@ fn file_kind(file_type: &fs::FileType) -> &'static str {
     } else {
         "special file"
     }
-}
-
-/// Lexical normalisation of an absolute path (`..` never climbs above `/`).
-pub fn normalize(path: &Path) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => parts.push(part.to_str().unwrap_or("?")),
-            Component::ParentDir => {
-                parts.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    format!("/{}", parts.join("/"))
 }
 
 #[cfg(test)]
@@ -236,8 +268,14 @@ mod tests {
         let (dir, root) = tree();
         fs::write(dir.path().join("nul"), b"a\0b").unwrap();
         fs::write(dir.path().join("bad"), [0xff, 0xfe, b'x']).unwrap();
-        assert!(matches!(root.read("/nul", 100), Err(ReadError::NotText { .. })));
-        assert!(matches!(root.read("/bad", 100), Err(ReadError::NotText { .. })));
+        assert!(matches!(
+            root.read("/nul", 100),
+            Err(ReadError::NotText { .. })
+        ));
+        assert!(matches!(
+            root.read("/bad", 100),
+            Err(ReadError::NotText { .. })
+        ));
     }
 
     #[test]
@@ -282,8 +320,11 @@ mod tests {
     #[test]
     fn links_resolve_inside_the_root() {
         let (dir, root) = tree();
-        fs::create_dir_all(dir.path().join("sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0"))
-            .unwrap();
+        fs::create_dir_all(
+            dir.path()
+                .join("sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0"),
+        )
+        .unwrap();
         fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
         symlink(
             "../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0",
@@ -292,10 +333,31 @@ mod tests {
         .unwrap();
         symlink("/sys/devices/x", dir.path().join("abs")).unwrap();
         assert_eq!(
-            root.resolve_link("/sys/bus/pci/devices/0000:01:00.0").unwrap(),
+            root.resolve_link("/sys/bus/pci/devices/0000:01:00.0")
+                .unwrap(),
             "/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0"
         );
         assert_eq!(root.resolve_link("/abs").unwrap(), "/sys/devices/x");
-        assert_eq!(normalize(Path::new("/a/../../b")), "/b");
+        // A relative link inside a linked directory resolves from the real directory.
+        fs::create_dir_all(dir.path().join("sys/bus/pci/drivers/nvidia")).unwrap();
+        symlink(
+            "../../../../bus/pci/drivers/nvidia",
+            dir.path()
+                .join("sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/driver"),
+        )
+        .unwrap();
+        assert_eq!(
+            root.resolve_link("/sys/bus/pci/devices/0000:01:00.0/driver")
+                .unwrap(),
+            "/sys/bus/pci/drivers/nvidia"
+        );
+        assert!(
+            root.resolve_link("/sys/bus/pci/devices/0000:09:00.0")
+                .unwrap_err()
+                .is_not_found()
+        );
+        // Link loops end with an error, not a hang.
+        symlink("loop", dir.path().join("loop")).unwrap();
+        assert!(root.resolve_link("/loop").is_err());
     }
 }

@@ -199,15 +199,9 @@ fn find_library(root: &HostRoot) -> Result<String, String> {
     })
 }
 
-/// Follows a chain of symbolic links inside the root (`libcufile.so` → `.so.0` → `.so.1.15.1`).
-fn follow(root: &HostRoot, mut path: String) -> String {
-    for _ in 0..8 {
-        match root.resolve_link(&path) {
-            Ok(next) => path = next,
-            Err(_) => break,
-        }
-    }
-    path
+/// Follows the chain of symbolic links inside the root (`libcufile.so` → `.so.0` → `.so.1.15.1`).
+fn follow(root: &HostRoot, path: String) -> String {
+    root.canonical(&path).unwrap_or(path)
 }
 
 /// `CUfileError_t` from cufile.h: `{ CUfileOpError err; CUresult cu_err; }`.
@@ -230,10 +224,17 @@ fn library_version(path: &str) -> Result<String, String> {
         let mut v = 0i32;
         let r = get(&mut v);
         if r.err != 0 {
-            return Err(format!("cuFileGetVersion failed: cuFile error {} (CUDA {})", r.err, r.cu_err));
+            return Err(format!(
+                "cuFileGetVersion failed: cuFile error {} (CUDA {})",
+                r.err, r.cu_err
+            ));
         }
         // Encoded like the CUDA versions: 1000 * major + 10 * minor.
-        Ok(format!("{}.{} (cuFileGetVersion {v})", v / 1000, (v % 1000) / 10))
+        Ok(format!(
+            "{}.{} (cuFileGetVersion {v})",
+            v / 1000,
+            (v % 1000) / 10
+        ))
     }
 }
 
@@ -259,7 +260,9 @@ pub fn probe(root: &HostRoot) -> CufileSection {
         .then(|| std::env::var("CUFILE_ENV_PATH_JSON").ok())
         .flatten()
         .filter(|p| !p.is_empty());
-    let config_path = env_path.clone().unwrap_or_else(|| DEFAULT_CONFIG.to_owned());
+    let config_path = env_path
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CONFIG.to_owned());
     let config = match root.read(&config_path, CONFIG_LIMIT) {
         Ok(text) => match parse_config(&text) {
             Ok(c) => Fact::Known(c),
@@ -320,7 +323,10 @@ mod tests {
 
     #[test]
     fn versions_from_file_names() {
-        assert_eq!(version_from_file_name("libcufile.so.1.15.1").as_deref(), Some("1.15.1"));
+        assert_eq!(
+            version_from_file_name("libcufile.so.1.15.1").as_deref(),
+            Some("1.15.1")
+        );
         assert_eq!(version_from_file_name("libcufile.so.0"), None);
         assert_eq!(version_from_file_name("libcufile.so"), None);
         assert_eq!(version_from_file_name("libcufile_rdma.so.1.15.1"), None);

@@ -71,7 +71,15 @@ pub struct Gpu {
 /// `8.0 GT/s PCIe` → 3.
 pub fn pcie_gen_from_speed(speed: &str) -> Option<u32> {
     let gts: f64 = speed.split_whitespace().next()?.parse().ok()?;
-    let table = [(2.5, 1), (5.0, 2), (8.0, 3), (16.0, 4), (32.0, 5), (64.0, 6), (128.0, 7)];
+    let table = [
+        (2.5, 1),
+        (5.0, 2),
+        (8.0, 3),
+        (16.0, 4),
+        (32.0, 5),
+        (64.0, 6),
+        (128.0, 7),
+    ];
     table
         .iter()
         .find(|(rate, _)| (gts - rate).abs() < 0.01)
@@ -94,7 +102,9 @@ pub fn normalize_bdf(raw: &str) -> String {
     let mut parts = raw.splitn(2, ':');
     let domain = parts.next().unwrap_or_default();
     let rest = parts.next().unwrap_or_default();
-    let domain = u32::from_str_radix(domain, 16).map(|d| format!("{d:04x}")).unwrap_or_default();
+    let domain = u32::from_str_radix(domain, 16)
+        .map(|d| format!("{d:04x}"))
+        .unwrap_or_default();
     format!("{domain}:{rest}")
 }
 
@@ -183,17 +193,19 @@ fn sysfs_gpu(root: &HostRoot, index: u32, bdf: &str) -> Gpu {
         max_gen: attr_gen("max_link_speed"),
         max_width: attr_u32("max_link_width"),
     };
-    let pcie = if link.current_gen.is_none() && link.max_gen.is_none() && link.current_width.is_none() {
-        Fact::unknown(format!("no PCIe link attributes under {dev}"))
-    } else {
-        Fact::Known(link)
-    };
-    let bar1_total_bytes = match root.read(&format!("{dev}/resource"), super::bounded::SMALL_FILE_LIMIT) {
-        Ok(text) => bar_size(&text, 1)
-            .map(Fact::Known)
-            .unwrap_or_else(|| Fact::unknown(format!("BAR1 is not assigned in {dev}/resource"))),
-        Err(err) => Fact::from_read_error(err),
-    };
+    let pcie =
+        if link.current_gen.is_none() && link.max_gen.is_none() && link.current_width.is_none() {
+            Fact::unknown(format!("no PCIe link attributes under {dev}"))
+        } else {
+            Fact::Known(link)
+        };
+    let bar1_total_bytes =
+        match root.read(&format!("{dev}/resource"), super::bounded::SMALL_FILE_LIMIT) {
+            Ok(text) => bar_size(&text, 1).map(Fact::Known).unwrap_or_else(|| {
+                Fact::unknown(format!("BAR1 is not assigned in {dev}/resource"))
+            }),
+            Err(err) => Fact::from_read_error(err),
+        };
     const CUDA_ONLY: &str = "needs the CUDA driver (not probed)";
     Gpu {
         index,
@@ -251,9 +263,15 @@ fn cuda_probe() -> Result<(CudaDriver, Vec<CudaDevice>), String> {
             let mut dev: sys::CUdevice = 0;
             check("cuDeviceGet", sys::cuDeviceGet(&mut dev, ordinal))?;
             let mut name = [0 as c_char; 256];
-            check("cuDeviceGetName", sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev))?;
+            check(
+                "cuDeviceGetName",
+                sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev),
+            )?;
             let mut bus = [0 as c_char; 64];
-            check("cuDeviceGetPCIBusId", sys::cuDeviceGetPCIBusId(bus.as_mut_ptr(), 63, dev))?;
+            check(
+                "cuDeviceGetPCIBusId",
+                sys::cuDeviceGetPCIBusId(bus.as_mut_ptr(), 63, dev),
+            )?;
             let mut mem: usize = 0;
             check("cuDeviceTotalMem", sys::cuDeviceTotalMem_v2(&mut mem, dev))?;
             let attr = |a: A| -> Result<i32, String> {
@@ -325,9 +343,11 @@ impl Nvml {
                 return Err(format!("nvmlInit_v2 failed: NVML error {r}"));
             }
             let mut buf = [0 as c_char; 96];
-            let version: libloading::Symbol<unsafe extern "C" fn(*mut c_char, c_uint) -> NvmlReturn> =
-                lib.get(b"nvmlSystemGetDriverVersion\0")
-                    .map_err(|e| format!("nvmlSystemGetDriverVersion missing: {e}"))?;
+            let version: libloading::Symbol<
+                unsafe extern "C" fn(*mut c_char, c_uint) -> NvmlReturn,
+            > = lib
+                .get(b"nvmlSystemGetDriverVersion\0")
+                .map_err(|e| format!("nvmlSystemGetDriverVersion missing: {e}"))?;
             let driver_version = if version(buf.as_mut_ptr(), 95) == 0 {
                 CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
             } else {
@@ -353,7 +373,9 @@ impl Nvml {
             let mut handle: *mut c_void = std::ptr::null_mut();
             let r = by_bus(bus.as_ptr(), &mut handle);
             if r != 0 {
-                return Err(format!("nvmlDeviceGetHandleByPciBusId_v2({bdf}) failed: NVML error {r}"));
+                return Err(format!(
+                    "nvmlDeviceGetHandleByPciBusId_v2({bdf}) failed: NVML error {r}"
+                ));
             }
             let bar1: libloading::Symbol<
                 unsafe extern "C" fn(*mut c_void, *mut NvmlBar1Memory) -> NvmlReturn,
@@ -364,11 +386,14 @@ impl Nvml {
             let mut mem = NvmlBar1Memory::default();
             let r = bar1(handle, &mut mem);
             if r != 0 {
-                return Err(format!("nvmlDeviceGetBAR1MemoryInfo failed: NVML error {r}"));
+                return Err(format!(
+                    "nvmlDeviceGetBAR1MemoryInfo failed: NVML error {r}"
+                ));
             }
             let get_u32 = |sym: &[u8]| -> Option<u32> {
-                let f: libloading::Symbol<unsafe extern "C" fn(*mut c_void, *mut c_uint) -> NvmlReturn> =
-                    self.lib.get(sym).ok()?;
+                let f: libloading::Symbol<
+                    unsafe extern "C" fn(*mut c_void, *mut c_uint) -> NvmlReturn,
+                > = self.lib.get(sym).ok()?;
                 let mut v: c_uint = 0;
                 (f(handle, &mut v) == 0).then_some(v)
             };
@@ -403,17 +428,23 @@ impl Drop for Nvml {
 const NOT_LIVE: &str = "skipped: --root is not / (CUDA and NVML describe the running host only)";
 
 pub fn probe(root: &HostRoot) -> GpuSection {
-    let kernel_driver = match root.read("/proc/driver/nvidia/version", super::bounded::SMALL_FILE_LIMIT) {
+    let kernel_driver = match root.read(
+        "/proc/driver/nvidia/version",
+        super::bounded::SMALL_FILE_LIMIT,
+    ) {
         Ok(text) => match parse_kernel_driver(&text) {
             Ok(d) => Fact::Known(d),
             Err(why) => Fact::unknown(format!("cannot parse /proc/driver/nvidia/version: {why}")),
         },
-        Err(err) if err.is_not_found() => {
-            Fact::unknown("the NVIDIA kernel driver is not loaded (/proc/driver/nvidia/version does not exist)")
-        }
+        Err(err) if err.is_not_found() => Fact::unknown(
+            "the NVIDIA kernel driver is not loaded (/proc/driver/nvidia/version does not exist)",
+        ),
         Err(err) => Fact::from_read_error(err),
     };
-    let static_bar1 = match root.read("/proc/driver/nvidia/params", super::bounded::SMALL_FILE_LIMIT) {
+    let static_bar1 = match root.read(
+        "/proc/driver/nvidia/params",
+        super::bounded::SMALL_FILE_LIMIT,
+    ) {
         Ok(text) => Fact::Known(parse_static_bar1(&text)),
         Err(err) => Fact::from_read_error(err),
     };
@@ -456,7 +487,8 @@ pub fn probe(root: &HostRoot) -> GpuSection {
                 gpu.memory_total_bytes = Fact::Known(d.memory_total_bytes);
                 gpu.compute_capability = Fact::Known(d.compute_capability.clone());
                 gpu.dma_buf_supported = Fact::from_result(d.dma_buf_supported.clone());
-                gpu.gpudirect_rdma_supported = Fact::from_result(d.gpudirect_rdma_supported.clone());
+                gpu.gpudirect_rdma_supported =
+                    Fact::from_result(d.gpudirect_rdma_supported.clone());
                 merged.push(gpu);
             }
             // GPUs in sysfs that CUDA does not show (bound to vfio-pci, hidden by

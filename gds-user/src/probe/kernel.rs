@@ -105,7 +105,10 @@ pub fn config_value(config: &str, item: &str) -> String {
 }
 
 pub fn parse_cap_eff(status: &str) -> Option<Capabilities> {
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
     let bits = u64::from_str_radix(hex, 16).ok()?;
     let has = |cap: u32| bits & (1u64 << cap) != 0;
     Some(Capabilities {
@@ -120,7 +123,9 @@ pub fn parse_cap_eff(status: &str) -> Option<Capabilities> {
 pub fn iommu_cmdline(cmdline: &str) -> Vec<String> {
     cmdline
         .split_whitespace()
-        .filter(|w| w.starts_with("iommu") || w.starts_with("intel_iommu") || w.starts_with("amd_iommu"))
+        .filter(|w| {
+            w.starts_with("iommu") || w.starts_with("intel_iommu") || w.starts_with("amd_iommu")
+        })
         .take(16)
         .map(str::to_owned)
         .collect()
@@ -184,10 +189,11 @@ fn io_uring_live() -> Result<IoUringSupport, String> {
         .register_probe(&mut probe)
         .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
     let supported_opcodes = (0..=u8::MAX).filter(|op| probe.is_supported(*op)).count() as u32;
-    let sqe128 = io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder()
-        .build(8)
-        .map(|_| ())
-        .map_err(|e| format!("io_uring_setup(IORING_SETUP_SQE128) failed: {e}"));
+    let sqe128 =
+        io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder()
+            .build(8)
+            .map(|_| ())
+            .map_err(|e| format!("io_uring_setup(IORING_SETUP_SQE128) failed: {e}"));
     Ok(IoUringSupport {
         uring_cmd: probe.is_supported(IORING_OP_URING_CMD),
         sqe128: sqe128.is_ok(),
@@ -201,7 +207,9 @@ fn iommu(root: &HostRoot) -> Iommu {
         .list_dir("/sys/class/iommu", 1024)
         .map(|v| v.len() as u32)
         .unwrap_or(0);
-    let groups_list = root.list_dir("/sys/kernel/iommu_groups", 65536).unwrap_or_default();
+    let groups_list = root
+        .list_dir("/sys/kernel/iommu_groups", 65536)
+        .unwrap_or_default();
     let groups = groups_list.len() as u32;
     let cmdline = root
         .read("/proc/cmdline", CMDLINE_LIMIT)
@@ -214,7 +222,10 @@ fn iommu(root: &HostRoot) -> Iommu {
         let types: Vec<String> = groups_list
             .iter()
             .take(256)
-            .filter_map(|g| root.read_attr(&format!("/sys/kernel/iommu_groups/{g}/type")).ok())
+            .filter_map(|g| {
+                root.read_attr(&format!("/sys/kernel/iommu_groups/{g}/type"))
+                    .ok()
+            })
             .collect();
         if types.iter().any(|t| t.starts_with("DMA")) {
             Fact::Known(IommuMode::Translated)
@@ -306,13 +317,17 @@ mod tests {
 
     #[test]
     fn config_values() {
-        let cfg = "CONFIG_PCI_P2PDMA=y\n# CONFIG_NVME_MULTIPATH is not set\nCONFIG_BLK_DEV_NVME=m\n";
+        let cfg =
+            "CONFIG_PCI_P2PDMA=y\n# CONFIG_NVME_MULTIPATH is not set\nCONFIG_BLK_DEV_NVME=m\n";
         assert_eq!(config_value(cfg, "CONFIG_PCI_P2PDMA"), "y");
         assert_eq!(config_value(cfg, "CONFIG_BLK_DEV_NVME"), "m");
         assert_eq!(config_value(cfg, "CONFIG_NVME_MULTIPATH"), "n");
         assert_eq!(config_value(cfg, "CONFIG_ZONE_DEVICE"), "n");
         // A prefix of another item does not match it.
-        assert_eq!(config_value("CONFIG_PCI_P2PDMA_X=y\n", "CONFIG_PCI_P2PDMA"), "n");
+        assert_eq!(
+            config_value("CONFIG_PCI_P2PDMA_X=y\n", "CONFIG_PCI_P2PDMA"),
+            "n"
+        );
     }
 
     #[test]
@@ -347,14 +362,20 @@ mod tests {
             Ok(s) => {
                 assert!(s.supported_opcodes > 0);
                 let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-                let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+                let mut v = release
+                    .trim()
+                    .split(['.', '-'])
+                    .map(|p| p.parse::<u32>().unwrap_or(0));
                 let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
                 if (major, minor) >= (6, 0) {
                     assert!(s.uring_cmd);
                     assert!(s.sqe128, "{:?}", s.sqe128_error);
                 }
             }
-            Err(why) => assert!(disabled, "io_uring probe failed on an enabled kernel: {why}"),
+            Err(why) => assert!(
+                disabled,
+                "io_uring probe failed on an enabled kernel: {why}"
+            ),
         }
     }
 }

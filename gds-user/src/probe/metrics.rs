@@ -21,8 +21,22 @@ const INFO: &str = "gds_capability_info";
 const UP: &str = "gds_nvidia_fs_up";
 const GPU_PREFIX: &str = "gds_nvidia_fs_gpu_";
 /// Per-GPU nvidia-fs values (`GPU ... : Registered_MiB=0 Cache_MiB=0 max_pinned_MiB=1 cross_root_port(%)=0`).
-const GPU_VALUES: &[&str] = &["registered_mib", "cache_mib", "max_pinned_mib", "cross_root_port"];
-const INFO_LABELS: &[&str] = &["gpu", "pci", "path", "gds_mode", "nvidia_fs", "cufile", "p2pdma", "kernel"];
+const GPU_VALUES: &[&str] = &[
+    "registered_mib",
+    "cache_mib",
+    "max_pinned_mib",
+    "cross_root_port",
+];
+const INFO_LABELS: &[&str] = &[
+    "gpu",
+    "pci",
+    "path",
+    "gds_mode",
+    "nvidia_fs",
+    "cufile",
+    "p2pdma",
+    "kernel",
+];
 
 /// Collects the probe's metrics; see the module docs for the cost of a scrape.
 pub struct ProbeCollector {
@@ -42,7 +56,12 @@ fn metric_name(counter: &str, monotonic: bool) -> String {
 
 /// The label sets of `gds_capability_info` for a report.
 pub fn info_labels(report: &Report) -> Vec<Vec<(String, String)>> {
-    let nvidia_fs = if report.nvidia_fs.loaded { "loaded" } else { "not_loaded" }.to_owned();
+    let nvidia_fs = if report.nvidia_fs.loaded {
+        "loaded"
+    } else {
+        "not_loaded"
+    }
+    .to_owned();
     let cufile = match (&report.cufile.library, &report.cufile.version) {
         (Fact::Known(_), Fact::Known(v)) => v.split(' ').next().unwrap_or("unknown").to_owned(),
         (Fact::Known(_), Fact::Unknown(_)) => "found".to_owned(),
@@ -52,7 +71,12 @@ pub fn info_labels(report: &Report) -> Vec<Vec<(String, String)>> {
         Some(Fact::Known(v)) => v.clone(),
         _ => "unknown".to_owned(),
     };
-    let kernel = report.kernel.release.known().cloned().unwrap_or_else(|| "unknown".into());
+    let kernel = report
+        .kernel
+        .release
+        .known()
+        .cloned()
+        .unwrap_or_else(|| "unknown".into());
     let common = |gpu: String, pci: String, path: &str, mode: &str| {
         vec![
             ("gpu".to_owned(), gpu),
@@ -170,8 +194,15 @@ impl Collector for ProbeCollector {
             MetricType::GAUGE,
             self.info.iter().map(|l| gauge_metric(l, 1.0)).collect(),
         ));
-        let stats = nvidia_fs::read_stats(&self.root).ok().filter(|s| s.stats_version.is_some() || !s.counters.is_empty());
-        out.push(family(UP.into(), self.descs[1].help.clone(), MetricType::GAUGE, vec![gauge_metric(&[], if stats.is_some() { 1.0 } else { 0.0 })]));
+        let stats = nvidia_fs::read_stats(&self.root)
+            .ok()
+            .filter(|s| s.stats_version.is_some() || !s.counters.is_empty());
+        out.push(family(
+            UP.into(),
+            self.descs[1].help.clone(),
+            MetricType::GAUGE,
+            vec![gauge_metric(&[], if stats.is_some() { 1.0 } else { 0.0 })],
+        ));
         let Some(stats) = stats else {
             return out;
         };
@@ -180,20 +211,42 @@ impl Collector for ProbeCollector {
                 continue;
             };
             let desc = &self.descs[2 + i];
-            let metric = if *monotonic { counter_metric(*value as f64) } else { gauge_metric(&[], *value as f64) };
-            let ty = if *monotonic { MetricType::COUNTER } else { MetricType::GAUGE };
-            out.push(family(desc.fq_name.clone(), desc.help.clone(), ty, vec![metric]));
+            let metric = if *monotonic {
+                counter_metric(*value as f64)
+            } else {
+                gauge_metric(&[], *value as f64)
+            };
+            let ty = if *monotonic {
+                MetricType::COUNTER
+            } else {
+                MetricType::GAUGE
+            };
+            out.push(family(
+                desc.fq_name.clone(),
+                desc.help.clone(),
+                ty,
+                vec![metric],
+            ));
         }
         for (i, v) in GPU_VALUES.iter().enumerate() {
             let metrics: Vec<Metric> = stats
                 .gpus
                 .iter()
                 .take(256)
-                .filter_map(|g| g.counters.get(*v).map(|val| gauge_metric(&[("pci".into(), g.pci.clone())], *val as f64)))
+                .filter_map(|g| {
+                    g.counters
+                        .get(*v)
+                        .map(|val| gauge_metric(&[("pci".into(), g.pci.clone())], *val as f64))
+                })
                 .collect();
             if !metrics.is_empty() {
                 let desc = &self.descs[2 + EXPORTED_COUNTERS.len() + i];
-                out.push(family(desc.fq_name.clone(), desc.help.clone(), MetricType::GAUGE, metrics));
+                out.push(family(
+                    desc.fq_name.clone(),
+                    desc.help.clone(),
+                    MetricType::GAUGE,
+                    metrics,
+                ));
             }
         }
         out

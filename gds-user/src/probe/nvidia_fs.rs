@@ -85,6 +85,9 @@ pub struct NvfsStats {
     /// Named counters, e.g. `reads_n`, `bar1_map_ok`, `ops_read`, `active_shadow_buffer_mib`.
     pub counters: BTreeMap<String, u64>,
     pub gpus: Vec<NvfsGpuStats>,
+    /// False when the file ends before the `Ops` line every driver version prints last
+    /// (before the per-GPU lines): the read was truncated.
+    pub complete: bool,
 }
 
 /// One `GPU 0000:01:00.0 uuid:… : Registered_MiB=0 Cache_MiB=0 max_pinned_MiB=1` line.
@@ -204,6 +207,9 @@ pub fn parse_stats(text: &str) -> NvfsStats {
             let section = normalize_name(name);
             if section.is_empty() {
                 continue;
+            }
+            if section == "ops" {
+                stats.complete = true;
             }
             let value = value.trim();
             if let Ok(number) = value.parse::<u64>() {
@@ -453,6 +459,9 @@ GPU 0000:e7:00.0  uuid:029faa3b-cb0d-2718-259c-6dc650c636eb : Registered_MiB=0 C
         );
         assert_eq!(s.gpus[0].counters["max_pinned_mib"], 1);
         assert_eq!(s.gpus[0].counters["cross_root_port"], 0);
+        assert!(s.complete);
+        let cut = GUIDE_EXAMPLE.find("Mmap").unwrap();
+        assert!(!parse_stats(&GUIDE_EXAMPLE[..cut]).complete);
     }
 
     #[test]

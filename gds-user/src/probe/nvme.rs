@@ -64,7 +64,9 @@ fn is_namespace(ctrl: &str, entry: &str) -> bool {
     let Some(rest) = entry.strip_prefix(ctrl) else {
         return false;
     };
-    let rest = rest.strip_prefix('c').map_or(rest, |r| r.trim_start_matches(|c: char| c.is_ascii_digit()));
+    let rest = rest
+        .strip_prefix('c')
+        .map_or(rest, |r| r.trim_start_matches(|c: char| c.is_ascii_digit()));
     rest.strip_prefix('n')
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
@@ -92,10 +94,12 @@ fn namespace(root: &HostRoot, ctrl: &str, ns: &str) -> NvmeNamespace {
             if root.exists(&dev) {
                 Fact::Known(dev)
             } else if root.exists(&class) {
-                Fact::unknown(format!("{class} exists but {dev} does not (no devtmpfs node)"))
+                Fact::unknown(format!(
+                    "{class} exists but {dev} does not (no devtmpfs node)"
+                ))
             } else {
                 Fact::unknown(format!(
-                    "no {dev}: the kernel has no NVMe generic char devices (Linux 5.13+)"
+                    "no {dev} and no {class} (NVMe generic char devices need Linux 5.13+)"
                 ))
             }
         }

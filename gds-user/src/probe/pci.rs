@@ -59,7 +59,10 @@ impl Link {
     /// devices under one root port always, through a host bridge only on CPUs in the kernel's
     /// allow-list, never across host bridges or sockets.
     pub fn p2p_capable(self) -> bool {
-        matches!(self, Link::SameSwitch | Link::SameRootPort | Link::SameHostBridge)
+        matches!(
+            self,
+            Link::SameSwitch | Link::SameRootPort | Link::SameHostBridge
+        )
     }
 }
 
@@ -91,17 +94,18 @@ pub fn parse_device_path(path: &str, bdf: &str) -> Option<PciPath> {
 
 pub fn device_path(root: &HostRoot, bdf: &str) -> Result<PciPath, String> {
     let link = format!("{PCI_DEVICES}/{bdf}");
-    let resolved = root.resolve_link(&link).map_err(|e: ReadError| e.to_string())?;
+    let resolved = root
+        .resolve_link(&link)
+        .map_err(|e: ReadError| e.to_string())?;
     parse_device_path(&resolved, bdf)
         .ok_or_else(|| format!("{link} points to {resolved}, not a PCI device path"))
 }
 
 pub fn numa_node(root: &HostRoot, bdf: &str) -> Fact<i64> {
     match root.read_attr(&format!("{PCI_DEVICES}/{bdf}/numa_node")) {
-        Ok(v) => v
-            .parse()
-            .map(Fact::Known)
-            .unwrap_or_else(|_| Fact::unknown(format!("{PCI_DEVICES}/{bdf}/numa_node is not a number"))),
+        Ok(v) => v.parse().map(Fact::Known).unwrap_or_else(|_| {
+            Fact::unknown(format!("{PCI_DEVICES}/{bdf}/numa_node is not a number"))
+        }),
         Err(err) => Fact::from_read_error(err),
     }
 }
@@ -155,24 +159,48 @@ mod tests {
     fn parses_paths() {
         let path = p("/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:08.0/0000:03:00.0");
         assert_eq!(path.host_bridge, "pci0000:00");
-        assert_eq!(path.bridges, ["0000:00:01.0", "0000:01:00.0", "0000:02:08.0"]);
+        assert_eq!(
+            path.bridges,
+            ["0000:00:01.0", "0000:01:00.0", "0000:02:08.0"]
+        );
         assert!(parse_device_path("/sys/devices/virtual/net/lo", "lo").is_none());
-        assert!(parse_device_path("/sys/devices/pci0000:00/0000:00:01.0", "0000:00:02.0").is_none());
+        assert!(
+            parse_device_path("/sys/devices/pci0000:00/0000:00:01.0", "0000:00:02.0").is_none()
+        );
     }
 
     #[test]
     fn classifies_like_nvidia_smi() {
         let gpu = p("/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:08.0/0000:03:00.0");
-        let nvme_switch = p("/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:10.0/0000:04:00.0");
+        let nvme_switch =
+            p("/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:10.0/0000:04:00.0");
         let nvme_rp = p("/sys/devices/pci0000:00/0000:00:01.0/0000:05:00.0");
         let nvme_other_rp = p("/sys/devices/pci0000:00/0000:00:03.0/0000:06:00.0");
         let nvme_other_hb = p("/sys/devices/pci0000:80/0000:80:01.0/0000:81:00.0");
-        assert_eq!(classify(&gpu, &nvme_switch, Some(0), Some(0)), Link::SameSwitch);
-        assert_eq!(classify(&gpu, &nvme_rp, Some(0), Some(0)), Link::SameRootPort);
-        assert_eq!(classify(&gpu, &nvme_other_rp, Some(0), Some(0)), Link::SameHostBridge);
-        assert_eq!(classify(&gpu, &nvme_other_hb, Some(0), Some(0)), Link::AcrossHostBridges);
-        assert_eq!(classify(&gpu, &nvme_other_hb, Some(0), Some(1)), Link::AcrossSockets);
-        assert_eq!(classify(&gpu, &nvme_other_hb, Some(-1), Some(1)), Link::AcrossHostBridges);
+        assert_eq!(
+            classify(&gpu, &nvme_switch, Some(0), Some(0)),
+            Link::SameSwitch
+        );
+        assert_eq!(
+            classify(&gpu, &nvme_rp, Some(0), Some(0)),
+            Link::SameRootPort
+        );
+        assert_eq!(
+            classify(&gpu, &nvme_other_rp, Some(0), Some(0)),
+            Link::SameHostBridge
+        );
+        assert_eq!(
+            classify(&gpu, &nvme_other_hb, Some(0), Some(0)),
+            Link::AcrossHostBridges
+        );
+        assert_eq!(
+            classify(&gpu, &nvme_other_hb, Some(0), Some(1)),
+            Link::AcrossSockets
+        );
+        assert_eq!(
+            classify(&gpu, &nvme_other_hb, Some(-1), Some(1)),
+            Link::AcrossHostBridges
+        );
         assert!(Link::SameHostBridge.p2p_capable());
         assert!(!Link::AcrossHostBridges.p2p_capable());
     }

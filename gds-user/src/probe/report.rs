@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::Fact;
 use super::bounded::HostRoot;
 use super::cufile::{self, CufileSection};
 use super::gpu::{self, GpuSection};
@@ -13,7 +14,6 @@ use super::nvidia_fs::{self, NvidiaFs};
 use super::nvme::{self, NvmeSection};
 use super::pci::{self, Link};
 use super::verdict::{self, Verdict};
-use super::Fact;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -59,7 +59,12 @@ impl Report {
                     continue;
                 };
                 let link = pci::link_between(root, &g.pci, nvme_pci);
-                links.push((g.pci.clone(), n.name.clone(), nvme_pci.clone(), link.clone()));
+                links.push((
+                    g.pci.clone(),
+                    n.name.clone(),
+                    nvme_pci.clone(),
+                    link.clone(),
+                ));
                 topology.push(TopologyEntry {
                     gpu: g.index,
                     gpu_pci: g.pci.clone(),
@@ -78,7 +83,11 @@ impl Report {
             kernel: &kernel,
             links: &links,
         };
-        let verdicts = gpu.gpus.iter().map(|g| verdict::decide(&inputs, g)).collect();
+        let verdicts = gpu
+            .gpus
+            .iter()
+            .map(|g| verdict::decide(&inputs, g))
+            .collect();
         Report {
             schema_version: SCHEMA_VERSION,
             root: root.root().display().to_string(),
@@ -101,67 +110,155 @@ impl Report {
     pub fn to_table(&self) -> String {
         let mut out = String::new();
         let o = &mut out;
-        let _ = writeln!(o, "gds-agent probe (root {}{})", self.root, if self.live { ", live" } else { "" });
+        let _ = writeln!(
+            o,
+            "gds-agent probe (root {}{})",
+            self.root,
+            if self.live { ", live" } else { "" }
+        );
 
         section(o, "GPUs");
-        row(o, "NVIDIA kernel driver", &show(&self.gpu.kernel_driver, |d| {
-            format!("{} ({})", d.version, if d.open_kernel_module { "open kernel module" } else { "proprietary kernel module" })
-        }));
-        row(o, "CUDA driver", &show(&self.gpu.cuda, |c| format!("{} ({} device(s))", c.version, c.device_count)));
+        row(
+            o,
+            "NVIDIA kernel driver",
+            &show(&self.gpu.kernel_driver, |d| {
+                format!(
+                    "{} ({})",
+                    d.version,
+                    if d.open_kernel_module {
+                        "open kernel module"
+                    } else {
+                        "proprietary kernel module"
+                    }
+                )
+            }),
+        );
+        row(
+            o,
+            "CUDA driver",
+            &show(&self.gpu.cuda, |c| {
+                format!("{} ({} device(s))", c.version, c.device_count)
+            }),
+        );
         row(o, "NVML", &show(&self.gpu.nvml, |v| format!("driver {v}")));
-        row(o, "BAR1 static (RMForceStaticBar1)", &show(&self.gpu.static_bar1, yes_no));
+        row(
+            o,
+            "BAR1 static (RMForceStaticBar1)",
+            &show(&self.gpu.static_bar1, yes_no),
+        );
         if self.gpu.gpus.is_empty() {
-            row(o, "GPUs", "none found (no NVIDIA PCI device in /sys/bus/pci/devices and none from CUDA)");
+            row(
+                o,
+                "GPUs",
+                "none found (no NVIDIA PCI device in /sys/bus/pci/devices and none from CUDA)",
+            );
         }
         for g in &self.gpu.gpus {
-            let _ = writeln!(o, "  GPU {} [{}] {}", g.index, g.pci, show(&g.name, |n| n.clone()));
+            let _ = writeln!(
+                o,
+                "  GPU {} [{}] {}",
+                g.index,
+                g.pci,
+                show(&g.name, |n| n.clone())
+            );
             row(o, "  kernel driver", &show(&g.kernel_driver, |d| d.clone()));
             row(o, "  memory", &show(&g.memory_total_bytes, |b| bytes(*b)));
             row(o, "  BAR1 total", &show(&g.bar1_total_bytes, |b| bytes(*b)));
             row(o, "  BAR1 used", &show(&g.bar1_used_bytes, |b| bytes(*b)));
-            row(o, "  PCIe link", &show(&g.pcie, |l| {
-                format!(
-                    "Gen{} x{} (max Gen{} x{})",
-                    opt(l.current_gen),
-                    opt(l.current_width),
-                    opt(l.max_gen),
-                    opt(l.max_width)
-                )
-            }));
+            row(
+                o,
+                "  PCIe link",
+                &show(&g.pcie, |l| {
+                    format!(
+                        "Gen{} x{} (max Gen{} x{})",
+                        opt(l.current_gen),
+                        opt(l.current_width),
+                        opt(l.max_gen),
+                        opt(l.max_width)
+                    )
+                }),
+            );
             row(o, "  NUMA node", &show(&g.numa_node, |n| n.to_string()));
-            row(o, "  compute capability", &show(&g.compute_capability, |c| c.clone()));
+            row(
+                o,
+                "  compute capability",
+                &show(&g.compute_capability, |c| c.clone()),
+            );
             row(o, "  dma-buf export", &show(&g.dma_buf_supported, yes_no));
-            row(o, "  GPUDirect RDMA", &show(&g.gpudirect_rdma_supported, yes_no));
+            row(
+                o,
+                "  GPUDirect RDMA",
+                &show(&g.gpudirect_rdma_supported, yes_no),
+            );
         }
 
         section(o, "nvidia-fs");
-        row(o, "loaded", if self.nvidia_fs.loaded { "yes" } else { "no" });
+        row(
+            o,
+            "loaded",
+            if self.nvidia_fs.loaded { "yes" } else { "no" },
+        );
         row(o, "version", &show(&self.nvidia_fs.version, |v| v.clone()));
-        row(o, "devices", &show(&self.nvidia_fs.device_count, |v| v.to_string()));
-        row(o, "stats", &show(&self.nvidia_fs.stats, |s| {
-            format!(
-                "GDS {} / driver {} / stats ver {}; {} counters, {} GPU(s); IO stats {}",
-                s.gds_version.as_deref().unwrap_or("?"),
-                s.driver_version.as_deref().unwrap_or("?"),
-                s.stats_version.as_deref().unwrap_or("?"),
-                s.counters.len(),
-                s.gpus.len(),
-                match s.io_stats_enabled {
-                    Some(true) => "enabled",
-                    Some(false) => "disabled (modprobe nvidia-fs rw_stats_enabled=1)",
-                    None => "?",
-                }
-            )
-        }));
+        row(
+            o,
+            "devices",
+            &show(&self.nvidia_fs.device_count, |v| v.to_string()),
+        );
+        row(
+            o,
+            "stats",
+            &show(&self.nvidia_fs.stats, |s| {
+                format!(
+                    "GDS {} / driver {} / stats ver {}; {} counters, {} GPU(s); IO stats {}{}",
+                    s.gds_version.as_deref().unwrap_or("?"),
+                    s.driver_version.as_deref().unwrap_or("?"),
+                    s.stats_version.as_deref().unwrap_or("?"),
+                    s.counters.len(),
+                    s.gpus.len(),
+                    match s.io_stats_enabled {
+                        Some(true) => "enabled",
+                        Some(false) => "disabled (modprobe nvidia-fs rw_stats_enabled=1)",
+                        None => "?",
+                    },
+                    if s.complete {
+                        ""
+                    } else {
+                        "; TRUNCATED (no `Ops` line)"
+                    }
+                )
+            }),
+        );
         if let Fact::Known(s) = &self.nvidia_fs.stats {
-            for key in ["reads_n", "reads_err", "writes_n", "writes_err", "bar1_map_n", "bar1_map_err", "active_shadow_buffer_mib", "ops_read", "ops_write"] {
+            for key in [
+                "reads_n",
+                "reads_err",
+                "writes_n",
+                "writes_err",
+                "bar1_map_n",
+                "bar1_map_err",
+                "active_shadow_buffer_mib",
+                "ops_read",
+                "ops_write",
+            ] {
                 if let Some(v) = s.counters.get(key) {
                     row(o, &format!("  {key}"), &v.to_string());
                 }
             }
         }
-        row(o, "peer_distance", &show(&self.nvidia_fs.peer_distance, |p| format!("{} GPU-peer pair(s)", p.len())));
-        row(o, "peer_affinity", &show(&self.nvidia_fs.peer_affinity, |p| format!("{} GPU(s)", p.len())));
+        row(
+            o,
+            "peer_distance",
+            &show(&self.nvidia_fs.peer_distance, |p| {
+                format!("{} GPU-peer pair(s)", p.len())
+            }),
+        );
+        row(
+            o,
+            "peer_affinity",
+            &show(&self.nvidia_fs.peer_affinity, |p| {
+                format!("{} GPU(s)", p.len())
+            }),
+        );
 
         section(o, "cuFile");
         row(o, "library", &show(&self.cufile.library, |l| l.clone()));
@@ -174,13 +271,33 @@ impl Report {
                 row(o, "  poll_mode_max_size_kb", &opt(c.poll_mode_max_size_kb));
                 row(o, "  max_direct_io_size_kb", &opt(c.max_direct_io_size_kb));
                 row(o, "  use_pci_p2pdma", &optb(c.use_pci_p2pdma));
-                row(o, "  gds_rdma_write_support", &optb(c.gds_rdma_write_support));
-                row(o, "  rdma_dev_addr_list", &if c.rdma_dev_addr_list.is_empty() { "(none)".to_owned() } else { c.rdma_dev_addr_list.join(", ") });
+                row(
+                    o,
+                    "  gds_rdma_write_support",
+                    &optb(c.gds_rdma_write_support),
+                );
+                row(
+                    o,
+                    "  rdma_dev_addr_list",
+                    &if c.rdma_dev_addr_list.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        c.rdma_dev_addr_list.join(", ")
+                    },
+                );
             }
             Fact::Unknown(why) => row(o, "  settings", &format!("unknown: {why}")),
         }
         if let Some(force) = self.cufile.force_compat_mode_env {
-            row(o, "CUFILE_FORCE_COMPAT_MODE", if force { "true (compat mode forced)" } else { "false" });
+            row(
+                o,
+                "CUFILE_FORCE_COMPAT_MODE",
+                if force {
+                    "true (compat mode forced)"
+                } else {
+                    "false"
+                },
+            );
         }
 
         section(o, "NVMe");
@@ -213,7 +330,11 @@ impl Report {
 
         section(o, "PCIe topology (GPU to NVMe)");
         if self.topology.is_empty() {
-            row(o, "pairs", "none (needs at least one GPU and one PCIe NVMe controller)");
+            row(
+                o,
+                "pairs",
+                "none (needs at least one GPU and one PCIe NVMe controller)",
+            );
         }
         for t in &self.topology {
             row(
@@ -226,39 +347,73 @@ impl Report {
         section(o, "Kernel");
         let k = &self.kernel;
         row(o, "release", &show(&k.release, |r| r.clone()));
-        row(o, "BTF", &show(&k.btf, |b| if *b { "/sys/kernel/btf/vmlinux".into() } else { "no".into() }));
+        row(
+            o,
+            "BTF",
+            &show(&k.btf, |b| {
+                if *b {
+                    "/sys/kernel/btf/vmlinux".into()
+                } else {
+                    "no".into()
+                }
+            }),
+        );
         row(o, "tracefs", &show(&k.tracefs, |t| t.clone()));
-        row(o, "io_uring_disabled", &show(&k.io_uring_disabled, |d| d.to_string()));
-        row(o, "io_uring", &show(&k.io_uring, |u| {
-            format!(
-                "{} opcodes; URING_CMD {}; SQE128 {}",
-                u.supported_opcodes,
-                if u.uring_cmd { "yes" } else { "no" },
-                if u.sqe128 { "yes".to_owned() } else { format!("no ({})", u.sqe128_error.as_deref().unwrap_or("?")) }
-            )
-        }));
+        row(
+            o,
+            "io_uring_disabled",
+            &show(&k.io_uring_disabled, |d| d.to_string()),
+        );
+        row(
+            o,
+            "io_uring",
+            &show(&k.io_uring, |u| {
+                format!(
+                    "{} opcodes; URING_CMD {}; SQE128 {}",
+                    u.supported_opcodes,
+                    if u.uring_cmd { "yes" } else { "no" },
+                    if u.sqe128 {
+                        "yes".to_owned()
+                    } else {
+                        format!("no ({})", u.sqe128_error.as_deref().unwrap_or("?"))
+                    }
+                )
+            }),
+        );
         row(o, "config source", &show(&k.config_source, |s| s.clone()));
         for (item, value) in &k.config {
             if k.config_source.known().is_some() {
                 row(o, &format!("  {item}"), &show(value, |v| v.clone()));
             }
         }
-        row(o, "IOMMU", &format!(
-            "{} ({} unit(s), {} group(s){})",
-            show(&k.iommu.mode, |m| format!("{m:?}").to_lowercase()),
-            k.iommu.units,
-            k.iommu.groups,
-            if k.iommu.cmdline.is_empty() { String::new() } else { format!(", cmdline {}", k.iommu.cmdline.join(" ")) }
-        ));
-        row(o, "capabilities", &show(&k.capabilities, |c| {
-            format!(
-                "CAP_BPF {}, CAP_PERFMON {}, CAP_SYS_ADMIN {} (CapEff {})",
-                yes_no(&c.cap_bpf),
-                yes_no(&c.cap_perfmon),
-                yes_no(&c.cap_sys_admin),
-                c.cap_eff
-            )
-        }));
+        row(
+            o,
+            "IOMMU",
+            &format!(
+                "{} ({} unit(s), {} group(s){})",
+                show(&k.iommu.mode, |m| format!("{m:?}").to_lowercase()),
+                k.iommu.units,
+                k.iommu.groups,
+                if k.iommu.cmdline.is_empty() {
+                    String::new()
+                } else {
+                    format!(", cmdline {}", k.iommu.cmdline.join(" "))
+                }
+            ),
+        );
+        row(
+            o,
+            "capabilities",
+            &show(&k.capabilities, |c| {
+                format!(
+                    "CAP_BPF {}, CAP_PERFMON {}, CAP_SYS_ADMIN {} (CapEff {})",
+                    yes_no(&c.cap_bpf),
+                    yes_no(&c.cap_perfmon),
+                    yes_no(&c.cap_sys_admin),
+                    c.cap_eff
+                )
+            }),
+        );
 
         section(o, "Verdict");
         if self.verdicts.is_empty() {
@@ -271,7 +426,9 @@ impl Report {
                 v.gpu,
                 v.pci,
                 v.path.as_str(),
-                v.gds_mode.map(|m| format!(" via {}", m.as_str())).unwrap_or_default(),
+                v.gds_mode
+                    .map(|m| format!(" via {}", m.as_str()))
+                    .unwrap_or_default(),
                 v.nvme
                     .as_ref()
                     .map(|n| format!(" (closest NVMe {}: {})", n.controller, n.link_code))
@@ -317,7 +474,8 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 }
 
 fn optb(v: Option<bool>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_else(|| "(not set: cuFile default)".into())
+    v.map(|v| v.to_string())
+        .unwrap_or_else(|| "(not set: cuFile default)".into())
 }
 
 /// 137438953472 → "128 GiB".

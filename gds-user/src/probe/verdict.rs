@@ -102,7 +102,13 @@ struct Collector {
 }
 
 impl Collector {
-    fn add(&mut self, path: DataPath, mode: Option<GdsMode>, reason: impl Into<String>, action: impl Into<String>) {
+    fn add(
+        &mut self,
+        path: DataPath,
+        mode: Option<GdsMode>,
+        reason: impl Into<String>,
+        action: impl Into<String>,
+    ) {
         self.blockers.push(Blocker {
             path,
             mode,
@@ -171,7 +177,15 @@ fn best_nvme(inputs: &Inputs, gpu: &Gpu) -> (Option<NvmePeer>, Vec<String>) {
 }
 
 /// Adds the NVMe/topology blockers for a path that needs a P2P-capable NVMe peer.
-fn nvme_peer(inputs: &Inputs, gpu: &Gpu, peer: &Option<NvmePeer>, unknown: &[String], c: &mut Collector, path: DataPath, mode: Option<GdsMode>) {
+fn nvme_peer(
+    inputs: &Inputs,
+    gpu: &Gpu,
+    peer: &Option<NvmePeer>,
+    unknown: &[String],
+    c: &mut Collector,
+    path: DataPath,
+    mode: Option<GdsMode>,
+) {
     let pcie_ctrls = inputs
         .nvme
         .controllers
@@ -183,7 +197,12 @@ fn nvme_peer(inputs: &Inputs, gpu: &Gpu, peer: &Option<NvmePeer>, unknown: &[Str
             Some(why) => format!("no local NVMe controller: {why}"),
             None => "no PCIe NVMe controller on this host".to_owned(),
         };
-        c.add(path, mode, reason, "attach an NVMe drive (PCIe) to this host, ideally under the GPU's PCIe switch");
+        c.add(
+            path,
+            mode,
+            reason,
+            "attach an NVMe drive (PCIe) to this host, ideally under the GPU's PCIe switch",
+        );
         return;
     }
     match peer {
@@ -213,22 +232,43 @@ fn nvme_peer(inputs: &Inputs, gpu: &Gpu, peer: &Option<NvmePeer>, unknown: &[Str
 
 pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
     let (peer, unknown_links) = best_nvme(inputs, gpu);
-    let mut nvfs = Collector { blockers: Vec::new() };
-    let mut p2pdma = Collector { blockers: Vec::new() };
-    let mut p2p = Collector { blockers: Vec::new() };
+    let mut nvfs = Collector {
+        blockers: Vec::new(),
+    };
+    let mut p2pdma = Collector {
+        blockers: Vec::new(),
+    };
+    let mut p2p = Collector {
+        blockers: Vec::new(),
+    };
     let gds_nvfs = Some(GdsMode::NvidiaFs);
     let gds_p2pdma = Some(GdsMode::P2pdma);
 
     // --- cuFile, shared by both GDS modes.
     for (c, mode) in [(&mut nvfs, gds_nvfs), (&mut p2pdma, gds_p2pdma)] {
         if let Fact::Unknown(why) = &inputs.cufile.library {
-            c.add(DataPath::Gds, mode, why.clone(), "install the GDS user library (apt install nvidia-gds / libcufile-<cuda version>)");
+            c.add(
+                DataPath::Gds,
+                mode,
+                why.clone(),
+                "install the GDS user library (apt install nvidia-gds / libcufile-<cuda version>)",
+            );
         }
         if inputs.cufile.force_compat_mode_env == Some(true) {
-            c.add(DataPath::Gds, mode, "CUFILE_FORCE_COMPAT_MODE=true forces cuFile into compat (POSIX) mode", "unset CUFILE_FORCE_COMPAT_MODE");
+            c.add(
+                DataPath::Gds,
+                mode,
+                "CUFILE_FORCE_COMPAT_MODE=true forces cuFile into compat (POSIX) mode",
+                "unset CUFILE_FORCE_COMPAT_MODE",
+            );
         }
         if let Fact::Unknown(why) = &inputs.gpus.kernel_driver {
-            c.add(DataPath::Gds, mode, why.clone(), "install and load the NVIDIA kernel driver");
+            c.add(
+                DataPath::Gds,
+                mode,
+                why.clone(),
+                "install and load the NVIDIA kernel driver",
+            );
         }
         if matches!(inputs.kernel.iommu.mode, Fact::Known(IommuMode::Translated)) {
             c.add(
@@ -243,15 +283,30 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
 
     // --- GDS through nvidia-fs.
     if !inputs.nvidia_fs.loaded {
-        nvfs.add(DataPath::Gds, gds_nvfs, "nvidia-fs is not loaded", "modprobe nvidia-fs (install the nvidia-fs DKMS package of the GDS release)");
+        nvfs.add(
+            DataPath::Gds,
+            gds_nvfs,
+            "nvidia-fs is not loaded",
+            "modprobe nvidia-fs (install the nvidia-fs DKMS package of the GDS release)",
+        );
     } else if let Fact::Unknown(why) = &inputs.nvidia_fs.version {
-        nvfs.add(DataPath::Gds, gds_nvfs, format!("nvidia-fs is loaded but unreadable: {why}"), "run the probe as root; check dmesg for nvidia-fs errors");
+        nvfs.add(
+            DataPath::Gds,
+            gds_nvfs,
+            format!("nvidia-fs is loaded but unreadable: {why}"),
+            "run the probe as root; check dmesg for nvidia-fs errors",
+        );
     }
 
     // --- GDS through the kernel's PCI P2PDMA (cuFile 1.13+).
     if let Fact::Known(v) = &inputs.cufile.version {
         if version_at_least(v, 1, 13) == Some(false) {
-            p2pdma.add(DataPath::Gds, gds_p2pdma, format!("libcufile {v} predates P2PDMA mode (cuFile 1.13, CUDA 12.8)"), "upgrade the CUDA toolkit / GDS package to 12.8 or later");
+            p2pdma.add(
+                DataPath::Gds,
+                gds_p2pdma,
+                format!("libcufile {v} predates P2PDMA mode (cuFile 1.13, CUDA 12.8)"),
+                "upgrade the CUDA toolkit / GDS package to 12.8 or later",
+            );
         }
     }
     match &inputs.cufile.config {
@@ -259,8 +314,14 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
         Fact::Known(_) => p2pdma.add(
             DataPath::Gds,
             gds_p2pdma,
-            format!("{} does not set properties.use_pci_p2pdma", inputs.cufile.config_path),
-            format!("set \"use_pci_p2pdma\": true under \"properties\" in {}", inputs.cufile.config_path),
+            format!(
+                "properties.use_pci_p2pdma is not true in {}",
+                inputs.cufile.config_path
+            ),
+            format!(
+                "set \"use_pci_p2pdma\": true under \"properties\" in {}",
+                inputs.cufile.config_path
+            ),
         ),
         Fact::Unknown(why) => p2pdma.add(
             DataPath::Gds,
@@ -274,7 +335,10 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
         Fact::Known(d) if !d.open_kernel_module => p2pdma.add(
             DataPath::Gds,
             gds_p2pdma,
-            format!("NVIDIA driver {} is the proprietary kernel module; P2PDMA needs the open modules", d.version),
+            format!(
+                "NVIDIA driver {} is the proprietary kernel module; P2PDMA needs the open modules",
+                d.version
+            ),
             "install the open GPU kernel modules (nvidia-open, 565 or later)",
         ),
         _ => {}
@@ -292,15 +356,40 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
 
     // --- Our NVMe passthrough into GPU memory.
     p2pdma_kernel(inputs.kernel, &mut p2p, DataPath::P2p, None);
-    nvme_peer(inputs, gpu, &peer, &unknown_links, &mut p2p, DataPath::P2p, None);
+    nvme_peer(
+        inputs,
+        gpu,
+        &peer,
+        &unknown_links,
+        &mut p2p,
+        DataPath::P2p,
+        None,
+    );
     if let Some(p) = &peer {
-        let ctrl = inputs.nvme.controllers.iter().find(|n| n.name == p.controller);
-        let has_generic = ctrl.is_some_and(|n| n.namespaces.iter().any(|ns| ns.generic_device.known().is_some()));
+        let ctrl = inputs
+            .nvme
+            .controllers
+            .iter()
+            .find(|n| n.name == p.controller);
+        let has_generic = ctrl.is_some_and(|n| {
+            n.namespaces
+                .iter()
+                .any(|ns| ns.generic_device.known().is_some())
+        });
         if !has_generic {
             let why = ctrl
-                .and_then(|n| n.namespaces.iter().find_map(|ns| ns.generic_device.unknown_ref().map(str::to_owned)))
+                .and_then(|n| {
+                    n.namespaces
+                        .iter()
+                        .find_map(|ns| ns.generic_device.unknown_ref().map(str::to_owned))
+                })
                 .unwrap_or_else(|| format!("{} has no namespaces", p.controller));
-            p2p.add(DataPath::P2p, None, format!("no NVMe generic char device for {}: {why}", p.controller), "use Linux 5.13+ (CONFIG_BLK_DEV_NVME) so /dev/ngXnY exists");
+            p2p.add(
+                DataPath::P2p,
+                None,
+                format!("no NVMe generic char device for {}: {why}", p.controller),
+                "use Linux 5.13+ (CONFIG_BLK_DEV_NVME) so /dev/ngXnY exists",
+            );
         }
     }
     match &gpu.dma_buf_supported {
@@ -311,16 +400,39 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
     match &inputs.kernel.io_uring {
         Fact::Known(u) => {
             if !u.uring_cmd {
-                p2p.add(DataPath::P2p, None, "io_uring does not support IORING_OP_URING_CMD", "use Linux 5.19 or later");
+                p2p.add(
+                    DataPath::P2p,
+                    None,
+                    "io_uring does not support IORING_OP_URING_CMD",
+                    "use Linux 5.19 or later",
+                );
             }
             if !u.sqe128 {
-                p2p.add(DataPath::P2p, None, format!("io_uring cannot create SQE128 rings: {}", u.sqe128_error.as_deref().unwrap_or("unknown")), "use Linux 5.19 or later");
+                p2p.add(
+                    DataPath::P2p,
+                    None,
+                    format!(
+                        "io_uring cannot create SQE128 rings: {}",
+                        u.sqe128_error.as_deref().unwrap_or("unknown")
+                    ),
+                    "use Linux 5.19 or later",
+                );
             }
         }
-        Fact::Unknown(why) => p2p.add(DataPath::P2p, None, format!("io_uring support is unknown: {why}"), "run `gds-agent probe` on the host itself"),
+        Fact::Unknown(why) => p2p.add(
+            DataPath::P2p,
+            None,
+            format!("io_uring support is unknown: {why}"),
+            "run `gds-agent probe` on the host itself",
+        ),
     }
     if let Fact::Known(2) = inputs.kernel.io_uring_disabled {
-        p2p.add(DataPath::P2p, None, "io_uring is disabled (kernel.io_uring_disabled=2)", "sysctl kernel.io_uring_disabled=0");
+        p2p.add(
+            DataPath::P2p,
+            None,
+            "io_uring is disabled (kernel.io_uring_disabled=2)",
+            "sysctl kernel.io_uring_disabled=0",
+        );
     }
 
     let (path, gds_mode, blocked) = if nvfs.blockers.is_empty() {
@@ -340,7 +452,7 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
 
     let mut notes = Vec::new();
     if let Fact::Unknown(why) = &inputs.gpus.cuda {
-        notes.push(format!("every path, bounce included, needs the CUDA driver: {why}"));
+        notes.push(format!("every path, bounce included, needs the CUDA driver, which was not found or not probed: {why}"));
     }
     if path == DataPath::Gds && gds_mode == Some(GdsMode::NvidiaFs) {
         if let Fact::Known(cfg) = &inputs.cufile.config {
@@ -368,7 +480,10 @@ mod tests {
     fn versions() {
         assert_eq!(version_at_least("1.15.1", 1, 13), Some(true));
         assert_eq!(version_at_least("1.9.0", 1, 13), Some(false));
-        assert_eq!(version_at_least("2.0 (cuFileGetVersion 2000)", 1, 13), Some(true));
+        assert_eq!(
+            version_at_least("2.0 (cuFileGetVersion 2000)", 1, 13),
+            Some(true)
+        );
         assert_eq!(version_at_least("x", 1, 13), None);
     }
 }
