@@ -142,6 +142,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     registry
         .register(Box::new(metrics::UringCollector::new(tracer.clone())))
         .context("registering io_uring metrics")?;
+    crate::probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
+        .context("registering the probe's capability and nvidia-fs metrics")?;
 
     let slow = Arc::new(RecentEvents::default());
     let reader = tokio::spawn(read_events(events, slow.clone()));
