@@ -84,6 +84,10 @@ const TEMPLATE_VALUES: &[(&str, &str)] = &[
     ("$opcode", ".*"),
 ];
 
+/// `cargo xtask observe`'s Prometheus port when free (Debian's packaged server has 9090, the
+/// agent 9477).
+const PREFERRED_PROMETHEUS_PORT: u16 = 9479;
+
 /// The job name every shipped scrape config uses; the AgentDown alert selects on it.
 const JOB: &str = "gds-agent";
 
@@ -94,7 +98,8 @@ pub struct ObserveArgs {
     /// Where the agent serves /metrics; an agent already answering there is used as it is.
     #[arg(long, default_value = "127.0.0.1:9477")]
     pub listen: SocketAddr,
-    /// Where the local Prometheus listens (port 0: a free port; never Debian's default 9090).
+    /// Where the local Prometheus listens (port 0: 9479 if free, else any free port; never
+    /// Debian's default 9090).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub prometheus: SocketAddr,
     /// Also run an fio io_uring workload for this many seconds, so the panels have data.
@@ -164,7 +169,13 @@ fn observe(root: &Path, args: &ObserveArgs) -> Result<()> {
         );
     }
 
-    let prometheus_addr = resolve_port(args.prometheus)?;
+    // A stable port when it is free, so a Grafana data source keeps working across runs.
+    let prometheus_addr = match args.prometheus {
+        a if a.port() == 0 && TcpListener::bind((a.ip(), PREFERRED_PROMETHEUS_PORT)).is_ok() => {
+            SocketAddr::new(a.ip(), PREFERRED_PROMETHEUS_PORT)
+        }
+        a => resolve_port(a)?,
+    };
     let mut prometheus = start_prometheus(
         root,
         &dir.join("prometheus"),
