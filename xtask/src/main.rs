@@ -7,6 +7,7 @@ mod dashboard;
 mod observe;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     },
     /// Run every test: unit, end-to-end (real kernel, needs root), VM and observability checks.
     Test(test::TestArgs),
+    /// Boot kernels 6.1 and 6.12 in QEMU with emulated NVMe and run the guest scenarios.
+    VmTest(vm::VmTestArgs),
     /// Tracing overhead benchmark: io_uring NOPs and cached 4 KiB reads, agent attached vs not.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
             setup::run(&mut cmd)
         }
         Command::Test(args) => test::run(args),
+        Command::VmTest(args) => vm::vm_test(&args).map(drop),
         Command::Observe(args) => observe::run(args),
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;

@@ -271,12 +271,15 @@ impl NvmeRing {
         timeout: Duration,
         out: &mut Vec<NvmeCompletion>,
     ) -> Result<(), NvmeError> {
-        self.submit()?;
-        let min = min.min(self.in_flight as usize);
+        let min = min.min((self.in_flight + self.queued) as usize);
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
-        // Nothing is queued any more, so this only waits.
-        match self.ring.submitter().submit_with_args(min, &args) {
+        // One io_uring_enter submits what is queued and waits; count what left the SQ even
+        // when the wait itself timed out.
+        let res = self.ring.submitter().submit_with_args(min, &args);
+        let left = self.ring.submission().len() as u32;
+        self.account_submitted(self.queued.saturating_sub(left) as usize);
+        match res {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
             Err(source) => {

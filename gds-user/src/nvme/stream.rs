@@ -55,6 +55,8 @@ pub struct StreamStats {
     pub qd: u32,
     pub chunk_bytes: u64,
     pub fixed: bool,
+    /// Most commands the kernel held at once (evidence that `qd` was reached).
+    pub max_in_flight: u32,
 }
 
 impl StreamStats {
@@ -119,6 +121,7 @@ pub fn stream_read(
         qd: slots as u32,
         chunk_bytes,
         fixed: opts.fixed,
+        max_in_flight: 0,
     };
 
     let result = (|| {
@@ -159,6 +162,7 @@ pub fn stream_read(
         let mut first_err: Option<NvmeError> = None;
         while in_flight.iter().any(Option::is_some) {
             done.clear();
+            stats.max_in_flight = stats.max_in_flight.max(ring.in_flight() + ring.queued());
             ring.wait_timeout(1, opts.stall_timeout, &mut done)?;
             for c in &done {
                 let slot = c.user_data as usize;
