@@ -1,23 +1,18 @@
-//! nvidia-fs (the GDS kernel module): `/proc/driver/nvidia-fs/{version,stats,devcount,
-//! peer_distance,peer_affinity}`.
+//! The text formats of `/proc/driver/nvidia-fs/{stats,peer_distance,peer_affinity,version}`,
+//! parsed without I/O. Kept free of the rest of the crate (std and serde only) so the fuzz
+//! target (`fuzz/fuzz_targets/nvidia_fs_stats.rs`) compiles it on its own.
 //!
-//! Formats follow the driver's `nvfs-proc.c`/`nvfs-stat.c`/`nvfs-pci.c` (github.com/NVIDIA/gds-nvidia-fs)
-//! and the GDS troubleshooting guide ("Displaying GDS NVIDIA FS Driver Statistics"). The stats file
-//! changed layout across driver versions (stats ver 1.0 … 4.0: continuation lines in old
-//! versions, `Reads : n=… ok=…` only when `rw_stats_enabled=1`), so the parser is line-oriented
-//! and lenient: every `section : key=value` pair becomes a named counter, unknown lines are kept
-//! out, and nothing in the input can make it panic.
+//! Formats follow the driver's `nvfs-proc.c`/`nvfs-stat.c`/`nvfs-pci.c`
+//! (github.com/NVIDIA/gds-nvidia-fs) and the GDS troubleshooting guide ("Displaying GDS NVIDIA
+//! FS Driver Statistics"). The stats file changed layout across driver versions (stats ver
+//! 1.0 … 4.0: continuation lines in old versions, `Reads : n=… ok=…` only when
+//! `rw_stats_enabled=1`), so the parser is line-oriented and lenient: every
+//! `section : key=value` pair becomes a named counter, other lines are skipped, and nothing in
+//! the input can make it panic.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-
-use super::Fact;
-use super::bounded::{HostRoot, ReadError, SMALL_FILE_LIMIT};
-
-pub const PROC_DIR: &str = "/proc/driver/nvidia-fs";
-/// The stats file grows by one line per GPU; 1 MiB is far beyond any real host.
-pub const STATS_LIMIT: u64 = 1024 * 1024;
 
 /// Counters exported as `gds_nvidia_fs_<name>`: only these, so the metric set is bounded
 /// whatever the file holds. `true` marks a monotonic counter (reset only by writing to stats).
@@ -313,93 +308,12 @@ pub fn parse_peer_affinity(text: &str) -> Vec<PeerAffinity> {
         .collect()
 }
 
-/// What the probe knows about nvidia-fs.
-#[derive(Debug, Clone, Serialize)]
-pub struct NvidiaFs {
-    /// True when `/proc/driver/nvidia-fs` exists (the module is loaded).
-    pub loaded: bool,
-    /// `version: 2.25` from `/proc/driver/nvidia-fs/version`.
-    pub version: Fact<String>,
-    /// `/proc/driver/nvidia-fs/devcount` (older drivers: `devices`).
-    pub device_count: Fact<u64>,
-    pub stats: Fact<NvfsStats>,
-    pub peer_distance: Fact<Vec<PeerDistance>>,
-    pub peer_affinity: Fact<Vec<PeerAffinity>>,
-}
-
-fn not_loaded<T>() -> Fact<T> {
-    Fact::unknown(format!(
-        "nvidia-fs is not loaded ({PROC_DIR} does not exist)"
-    ))
-}
-
-fn read_fact<T>(
-    root: &HostRoot,
-    name: &str,
-    limit: u64,
-    parse: impl FnOnce(&str) -> Result<T, String>,
-) -> Fact<T> {
-    let path = format!("{PROC_DIR}/{name}");
-    match root.read(&path, limit) {
-        Ok(text) => match parse(&text) {
-            Ok(value) => Fact::Known(value),
-            Err(why) => Fact::unknown(format!("cannot parse {path}: {why}")),
-        },
-        Err(err) => Fact::from_read_error(err),
-    }
-}
-
 pub fn parse_version(text: &str) -> Result<String, String> {
     text.lines()
         .find_map(|l| l.trim().strip_prefix("version:"))
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
         .ok_or_else(|| "no `version:` line".to_owned())
-}
-
-/// Reads only the stats file (what a metrics scrape needs).
-pub fn read_stats(root: &HostRoot) -> Result<NvfsStats, ReadError> {
-    root.read(&format!("{PROC_DIR}/stats"), STATS_LIMIT)
-        .map(|t| parse_stats(&t))
-}
-
-pub fn probe(root: &HostRoot) -> NvidiaFs {
-    if !root.exists(PROC_DIR) {
-        return NvidiaFs {
-            loaded: false,
-            version: not_loaded(),
-            device_count: not_loaded(),
-            stats: not_loaded(),
-            peer_distance: not_loaded(),
-            peer_affinity: not_loaded(),
-        };
-    }
-    let count_file = if root.exists(&format!("{PROC_DIR}/devcount")) {
-        "devcount"
-    } else {
-        "devices"
-    };
-    NvidiaFs {
-        loaded: true,
-        version: read_fact(root, "version", SMALL_FILE_LIMIT, parse_version),
-        device_count: read_fact(root, count_file, SMALL_FILE_LIMIT, |t| {
-            t.trim().parse::<u64>().map_err(|e| e.to_string())
-        }),
-        stats: read_fact(root, "stats", STATS_LIMIT, |t| {
-            let stats = parse_stats(t);
-            if stats.stats_version.is_none() && stats.counters.is_empty() {
-                Err("no NVFS statistics header and no counters".to_owned())
-            } else {
-                Ok(stats)
-            }
-        }),
-        peer_distance: read_fact(root, "peer_distance", STATS_LIMIT, |t| {
-            Ok(parse_peer_distance(t))
-        }),
-        peer_affinity: read_fact(root, "peer_affinity", STATS_LIMIT, |t| {
-            Ok(parse_peer_affinity(t))
-        }),
-    }
 }
 
 #[cfg(test)]
