@@ -71,7 +71,9 @@ pub struct UringCpuStats {
     pub removed: u64,
     /// Sampling tick (sampled mode times one request in `sample_every`).
     pub sample_tick: u64,
-    pub _reserved: u64,
+    /// Scratch word: the programs pass a kernel pointer through it to get a plain integer
+    /// (the verifier forbids arithmetic such as hashing on typed pointers).
+    pub scratch: u64,
 }
 
 /// A request between submission and completion, keyed by its `struct io_kiocb *`.
@@ -86,6 +88,15 @@ pub struct InflightReq {
     pub pid: u32,
     pub opcode: u8,
     pub _pad: [u8; 7],
+}
+
+/// One slot of the direct-mapped in-flight table (`GDS_URING_SLOTS`): `req` is the owning
+/// `struct io_kiocb *` (0: free). Requests whose slot is taken go to the hash map instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InflightSlot {
+    pub req: u64,
+    pub entry: InflightReq,
 }
 
 /// Ring buffer record kinds.
@@ -129,6 +140,8 @@ pub struct UringConfig {
     pub sample_every: u64,
     /// Completions slower than this go to the ring buffer.
     pub slow_ns: u64,
+    /// Slot index mask of the direct-mapped in-flight table (its size minus one).
+    pub slot_mask: u64,
     /// Offsets in `struct io_kiocb` (BTF programs): `opcode`, `ctx`, `cqe.user_data`.
     pub kiocb_opcode: u32,
     pub kiocb_ctx: u32,
@@ -158,6 +171,7 @@ impl UringConfig {
         opcode_mask: u64::MAX,
         sample_every: 1,
         slow_ns: u64::MAX,
+        slot_mask: DEFAULT_SLOTS as u64 - 1,
         kiocb_opcode: 0,
         kiocb_ctx: 0,
         kiocb_user_data: 0,
@@ -178,16 +192,28 @@ impl UringConfig {
 /// Map names in the eBPF object.
 pub const MAP_URING_STATS: &str = "GDS_URING_STATS";
 pub const MAP_URING_INFLIGHT: &str = "GDS_URING_INFLIGHT";
+pub const MAP_URING_SLOTS: &str = "GDS_URING_SLOTS";
 pub const MAP_EVENTS: &str = "GDS_EVENTS";
 
-/// Default in-flight map capacity (`--max-inflight`).
+/// Default in-flight capacity (`--max-inflight`): the hash map's size; the direct-mapped
+/// table has the next power of two of slots.
 pub const DEFAULT_MAX_INFLIGHT: u32 = 65_536;
+pub const DEFAULT_SLOTS: u32 = 65_536;
+
+/// Slot of a request pointer in a table of `mask + 1` slots. Multiplicative (Fibonacci)
+/// hashing: io_kiocb pointers are slab objects a fixed stride apart, so low bits alone would
+/// collide in patterns.
+#[inline(always)]
+pub fn slot_index(req: u64, mask: u64) -> u32 {
+    ((req.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) & mask) as u32
+}
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     unsafe impl aya::Pod for UringCpuStats {}
     unsafe impl aya::Pod for InflightReq {}
+    unsafe impl aya::Pod for InflightSlot {}
     unsafe impl aya::Pod for SlowUringEvent {}
     unsafe impl aya::Pod for UringConfig {}
 }

@@ -5,6 +5,8 @@
 //! is formatted) and the classic tracepoint programs (fallback for kernels without BTF).
 #![no_std]
 #![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod uring;
 

@@ -298,3 +298,62 @@ fn counts_an_unrelated_fio_workload() {
         1024.0
     );
 }
+
+/// With a tiny in-flight capacity, every request is still accounted for:
+/// submitted = timed + in flight + dropped (inflight_full), and the completions of dropped
+/// requests show up as no_start.
+#[test]
+fn tiny_inflight_capacity_accounts_for_every_request() {
+    let _g = serial();
+    let agent = Agent::start(&["--pid", &pid(), "--max-inflight", "2"]);
+    const K: usize = 10;
+    let mut ring = IoUring::new(32).unwrap();
+    let mut pipes = Vec::new();
+    let mut bufs = vec![[0u8; 8]; K];
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        let mut fds = [0i32; 2];
+        // SAFETY: valid array for pipe(2).
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let sqe = opcode::Read::new(types::Fd(fds[0]), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(i as u64);
+        // SAFETY: bufs outlive the completions reaped below.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        pipes.push(fds);
+    }
+    ring.submit().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let m = agent.scrape();
+    let inflight = m.value("gds_uring_inflight_requests", &[]);
+    let full = m.value("gds_trace_dropped_total", &[("reason", "inflight_full")]);
+    assert_eq!(
+        m.value("gds_uring_requests_total", &[("opcode", "READ")]),
+        K as f64
+    );
+    assert_eq!(
+        inflight + full,
+        K as f64,
+        "in flight {inflight} + dropped {full}"
+    );
+    assert!(
+        (2.0..=4.0).contains(&inflight),
+        "2 slots + 2 hash entries, got {inflight}"
+    );
+    for fds in &pipes {
+        // SAFETY: writing 1 byte from a valid buffer.
+        assert_eq!(unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) }, 1);
+    }
+    ring.submit_and_wait(K).unwrap();
+    assert_eq!(ring.completion().count(), K);
+    let m = agent.scrape();
+    let l = [("opcode", "READ")];
+    assert_eq!(
+        m.value("gds_uring_request_duration_seconds_count", &l),
+        inflight
+    );
+    assert_eq!(m.value("gds_uring_inflight_requests", &[]), 0.0);
+    assert_eq!(
+        m.value("gds_trace_dropped_total", &[("reason", "no_start")]),
+        full
+    );
+}

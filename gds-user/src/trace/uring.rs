@@ -9,7 +9,7 @@ use aya::{
 };
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, HIST_BUCKETS, MAP_EVENTS, MAP_URING_INFLIGHT,
-    MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
+    MAP_URING_SLOTS, MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
 };
 use tracing::info;
 
@@ -52,6 +52,11 @@ impl Default for TraceOptions {
 }
 
 impl TraceOptions {
+    /// Slots of the direct-mapped in-flight table: `max_inflight` rounded up to a power of two.
+    pub fn slots(&self) -> u32 {
+        self.max_inflight.max(1).next_power_of_two()
+    }
+
     fn to_config(&self) -> Result<UringConfig, TraceError> {
         let mut c = UringConfig::DEFAULT;
         if let Some(pid) = self.pid {
@@ -163,6 +168,7 @@ impl UringTracer {
         let mut ebpf = EbpfLoader::new()
             .override_global(UringConfig::SYMBOL, &attach.config, true)
             .map_max_entries(MAP_URING_INFLIGHT, opts.max_inflight)
+            .map_max_entries(MAP_URING_SLOTS, opts.slots())
             .load(EBPF_OBJECT)
             .map_err(|e| match &e {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
