@@ -384,6 +384,7 @@ fn check_live(root: &Path, agent_binary: &Path, dashboard_json: &Value) -> Resul
         unsafe { geteuid() } == 0,
         "the live observability check runs gds-agent, which loads eBPF programs: run as root"
     );
+    remove_stale_scratch(&root.join("target/observe"));
     let scratch = root.join(format!("target/observe/check-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch)?;
@@ -600,6 +601,22 @@ fn check_live_in(
         bail!("observability check failed:\n  {}", failures.join("\n  "));
     }
     Ok(())
+}
+
+/// Scratch directories of earlier checks that were killed before they could clean up.
+fn remove_stale_scratch(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("check-")) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 struct Expression {
