@@ -1018,12 +1018,9 @@ fn datasource_uids(value: &Value, path: &str, problems: &mut Vec<String>) {
                 let child_path = format!("{path}.{key}");
                 if key == "datasource" {
                     match child {
-                        Value::Object(ds) => {
-                            if ds.get("uid").and_then(Value::as_str) != Some(DS) {
-                                problems.push(format!(
-                                    "{child_path}: datasource uid is not {DS}: {child}"
-                                ));
-                            }
+                        Value::Object(ds) if ds.get("uid").and_then(Value::as_str) != Some(DS) => {
+                            problems
+                                .push(format!("{child_path}: datasource uid is not {DS}: {child}"))
                         }
                         // The datasource template variable itself has no "datasource" key; a
                         // string here is the pre-7 form of a hard-coded datasource.
