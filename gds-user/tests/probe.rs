@@ -503,3 +503,22 @@ fn metrics_export_capability_and_nvidia_fs_counters() {
     let l = labels(&info.get_metric()[0]);
     assert!(l.contains(&("gpu".to_owned(), "none".to_owned())), "{l:?}");
 }
+
+#[test]
+fn typed_verdicts_for_the_data_path() {
+    use gds_user::probe::{DataPath, GdsMode, HostRoot, Report};
+    let report = Report::collect(&HostRoot::new(fixture("gds-host")));
+    let v0 = report.verdict_for_gpu(0).expect("GPU 0");
+    assert_eq!(v0.path, DataPath::Gds);
+    assert_eq!(v0.gds_mode, Some(GdsMode::NvidiaFs));
+    assert_eq!(
+        v0.nvme.as_ref().map(|n| n.controller.as_str()),
+        Some("nvme0")
+    );
+    let v1 = report.verdict_for_gpu(1).expect("GPU 1");
+    assert_eq!(v1.path, DataPath::Bounce);
+    assert!(v1.blocked.iter().any(|b| b.path == DataPath::P2p));
+    assert!(report.verdict_for_gpu(2).is_none());
+    let report = Report::collect(&HostRoot::new(fixture("no-gpu")));
+    assert!(report.verdict_for_gpu(0).is_none());
+}

@@ -244,6 +244,23 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
     let gds_nvfs = Some(GdsMode::NvidiaFs);
     let gds_p2pdma = Some(GdsMode::P2pdma);
 
+    // --- GDS through nvidia-fs.
+    if !inputs.nvidia_fs.loaded {
+        nvfs.add(
+            DataPath::Gds,
+            gds_nvfs,
+            "nvidia-fs is not loaded",
+            "modprobe nvidia-fs (install the nvidia-fs DKMS package of the GDS release)",
+        );
+    } else if let Fact::Unknown(why) = &inputs.nvidia_fs.version {
+        nvfs.add(
+            DataPath::Gds,
+            gds_nvfs,
+            format!("nvidia-fs is loaded but unreadable: {why}"),
+            "run the probe as root; check dmesg for nvidia-fs errors",
+        );
+    }
+
     // --- cuFile, shared by both GDS modes.
     for (c, mode) in [(&mut nvfs, gds_nvfs), (&mut p2pdma, gds_p2pdma)] {
         if let Fact::Unknown(why) = &inputs.cufile.library {
@@ -279,23 +296,6 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
             );
         }
         nvme_peer(inputs, gpu, &peer, &unknown_links, c, DataPath::Gds, mode);
-    }
-
-    // --- GDS through nvidia-fs.
-    if !inputs.nvidia_fs.loaded {
-        nvfs.add(
-            DataPath::Gds,
-            gds_nvfs,
-            "nvidia-fs is not loaded",
-            "modprobe nvidia-fs (install the nvidia-fs DKMS package of the GDS release)",
-        );
-    } else if let Fact::Unknown(why) = &inputs.nvidia_fs.version {
-        nvfs.add(
-            DataPath::Gds,
-            gds_nvfs,
-            format!("nvidia-fs is loaded but unreadable: {why}"),
-            "run the probe as root; check dmesg for nvidia-fs errors",
-        );
     }
 
     // --- GDS through the kernel's PCI P2PDMA (cuFile 1.13+).
