@@ -1,7 +1,11 @@
 //! `gds-agent run`: load and attach the tracers, serve metrics, log slow requests, and detach
 //! everything on SIGINT/SIGTERM.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
@@ -11,7 +15,8 @@ use tracing::{info, warn};
 use crate::{
     http::{self, AppState, RecentEvents},
     metrics,
-    trace::{AttachMode, TraceOptions, UringTracer, decode_event},
+    stall::{StallChange, StallDetector, StallReport},
+    trace::{AttachMode, TraceOptions, UringTracer, decode_event, monotonic_ns},
     uring_opcode,
 };
 
@@ -43,6 +48,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = gds_common::DEFAULT_MAX_INFLIGHT,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_inflight: u32,
+    /// Requests in flight at least this long are reported as stalls.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub stall_threshold: Duration,
+    /// How often the in-flight tables are scanned for stalls.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub stall_interval: Duration,
     /// How to attach to io_uring tracepoints.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
@@ -145,10 +156,29 @@ async fn run_async(args: RunArgs) -> Result<()> {
     crate::probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
         .context("registering the probe's capability and nvidia-fs metrics")?;
 
-    let slow = Arc::new(RecentEvents::default());
-    let reader = tokio::spawn(read_events(events, slow.clone()));
+    let stall_report = Arc::new(Mutex::new(StallReport::default()));
+    registry
+        .register(Box::new(metrics::StallCollector::new(stall_report.clone())))
+        .context("registering stall metrics")?;
+    let detector = Arc::new(Mutex::new(StallDetector::new(
+        u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
+    )));
 
-    let state = AppState { registry, slow };
+    let slow = Arc::new(RecentEvents::default());
+    let reader = tokio::spawn(read_events(events, slow.clone(), detector.clone()));
+    let scanner = tokio::spawn(scan_stalls(
+        tracer.clone(),
+        detector,
+        stall_report.clone(),
+        args.stall_interval,
+    ));
+
+    let state = AppState {
+        registry,
+        slow,
+        stalls: stall_report,
+        tracer: tracer.clone(),
+    };
     info!(
         listen = %args.listen,
         "gds-agent attached; serving http://{}/metrics",
@@ -167,6 +197,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         _ = int.recv() => info!("SIGINT: shutting down"),
         r = server => {
             reader.abort();
+            scanner.abort();
             return match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.into()),
@@ -176,7 +207,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     }
     let _ = tx.send(());
     reader.abort();
+    scanner.abort();
     let _ = reader.await;
+    let _ = scanner.await;
     match Arc::try_unwrap(tracer) {
         Ok(tracer) => drop(tracer),
         Err(shared) => {
@@ -189,7 +222,67 @@ async fn run_async(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, recent: Arc<RecentEvents>) {
+/// Scans the in-flight tables every `interval`, logging each stall when it starts and ends.
+async fn scan_stalls(
+    tracer: Arc<UringTracer>,
+    detector: Arc<Mutex<StallDetector>>,
+    report: Arc<Mutex<StallReport>>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (tracer2, detector2) = (tracer.clone(), detector.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            let inflight = tracer2.inflight();
+            let now = monotonic_ns();
+            let scan = t0.elapsed().as_secs_f64();
+            let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
+            let changes = d.scan(now, &inflight);
+            (changes, d.report(now, &inflight, scan))
+        })
+        .await;
+        let Ok((changes, new_report)) = done else {
+            continue;
+        };
+        for c in changes {
+            match c {
+                StallChange::Started(s) => warn!(
+                    layer = s.layer.label(),
+                    disk = %s.disk,
+                    stage = s.stage_description,
+                    pid = s.pid,
+                    tid = s.tid,
+                    comm = %s.comm,
+                    ring = %s.ring,
+                    opcode = %s.opcode,
+                    user_data = s.user_data,
+                    age_ms = (s.age_seconds * 1e3).round() as u64,
+                    "stall detected"
+                ),
+                StallChange::Ended(s) => info!(
+                    layer = s.layer.label(),
+                    disk = %s.disk,
+                    pid = s.pid,
+                    comm = %s.comm,
+                    opcode = %s.opcode,
+                    user_data = s.user_data,
+                    total_ms = (s.total_seconds.unwrap_or_default() * 1e3).round() as u64,
+                    "stall ended"
+                ),
+            }
+        }
+        *report.lock().unwrap_or_else(|p| p.into_inner()) = new_report;
+    }
+}
+
+async fn read_events(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    recent: Arc<RecentEvents>,
+    detector: Arc<Mutex<StallDetector>>,
+) {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // RingBuf (owned by the AsyncFd) is dropped.
     let registered =
@@ -223,6 +316,10 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, recent: Arc<R
                     res = ev.res,
                     "slow io_uring request"
                 );
+                detector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .completed(ev.req_raw, ev.start_ns, ev.latency_ns);
                 recent.push(ev);
             }
         }

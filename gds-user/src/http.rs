@@ -10,7 +10,10 @@ use axum::{Router, extract::State, http::header, response::IntoResponse, routing
 use thiserror::Error;
 use tokio::net::TcpListener;
 
-use crate::trace::SlowEvent;
+use crate::{
+    stall::StallReport,
+    trace::{SlowEvent, UringTracer},
+};
 
 #[derive(Debug, Error)]
 pub enum HttpError {
@@ -57,6 +60,21 @@ impl RecentEvents {
 pub struct AppState {
     pub registry: prometheus::Registry,
     pub slow: Arc<RecentEvents>,
+    pub stalls: Arc<Mutex<StallReport>>,
+    pub tracer: Arc<UringTracer>,
+}
+
+/// One in-flight request as `/debug/inflight` shows it.
+#[derive(serde::Serialize)]
+struct InflightView {
+    pid: u32,
+    tid: u32,
+    comm: String,
+    opcode: String,
+    user_data: u64,
+    ring: String,
+    req: String,
+    age_seconds: f64,
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -78,8 +96,47 @@ async fn slow(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(s.slow.list())
 }
 
+async fn stalls(State(s): State<AppState>) -> impl IntoResponse {
+    axum::Json(s.stalls.lock().unwrap_or_else(|p| p.into_inner()).clone())
+}
+
+/// Live view of every tracked in-flight request, oldest first.
+async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
+    let tracer = s.tracer.clone();
+    let list = tokio::task::spawn_blocking(move || {
+        let now = crate::trace::monotonic_ns();
+        let mut reqs = tracer.inflight();
+        reqs.sort_by_key(|r| r.start_ns);
+        let mut comms = std::collections::HashMap::new();
+        reqs.iter()
+            .take(10_000)
+            .map(|r| InflightView {
+                pid: r.tgid,
+                tid: r.pid,
+                comm: comms
+                    .entry(r.tgid)
+                    .or_insert_with(|| {
+                        std::fs::read_to_string(format!("/proc/{}/comm", r.tgid))
+                            .map(|c| c.trim_end().to_owned())
+                            .unwrap_or_else(|_| "?".into())
+                    })
+                    .clone(),
+                opcode: crate::uring_opcode::name(r.opcode as usize),
+                user_data: r.user_data,
+                ring: format!("{:#x}", r.ring),
+                req: format!("{:#x}", r.req),
+                age_seconds: now.saturating_sub(r.start_ns) as f64 / 1e9,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    axum::Json(list)
+}
+
 async fn index() -> impl IntoResponse {
-    "gds-agent: /metrics (Prometheus), /debug/slow (recent slow requests, JSON)\n"
+    "gds-agent: /metrics (Prometheus); JSON: /debug/inflight (requests in flight, oldest first), \
+     /debug/stalls (active and recent stalls), /debug/slow (recent slow requests)\n"
 }
 
 /// Binds first (so a port in use is reported before anything is loaded).
@@ -105,6 +162,8 @@ pub async fn serve(
         .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/debug/slow", get(slow))
+        .route("/debug/stalls", get(stalls))
+        .route("/debug/inflight", get(inflight))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -204,6 +204,94 @@ impl Collector for UringCollector {
     }
 }
 
+/// Stall metrics from the latest scan: `gds_stalled_requests{layer}`,
+/// `gds_oldest_inflight_seconds{layer}`, `gds_stalls_total{layer,disk}`.
+pub struct StallCollector {
+    state: Arc<std::sync::Mutex<crate::stall::StallReport>>,
+    descs: Vec<Desc>,
+}
+
+const STALL_FAMILIES: &[(&str, &str)] = &[
+    (
+        "gds_stalled_requests",
+        "Requests in flight longer than the stall threshold now, by layer.",
+    ),
+    (
+        "gds_oldest_inflight_seconds",
+        "Age of the oldest request in flight, by layer.",
+    ),
+    ("gds_stalls_total", "Stalls detected, by layer and disk."),
+    (
+        "gds_stall_scan_duration_seconds",
+        "Time the last in-flight scan took.",
+    ),
+];
+
+impl StallCollector {
+    pub fn new(state: Arc<std::sync::Mutex<crate::stall::StallReport>>) -> Self {
+        let descs = STALL_FAMILIES
+            .iter()
+            .map(|(n, h)| {
+                Desc::new((*n).into(), (*h).into(), vec![], Default::default()).expect("valid")
+            })
+            .collect();
+        StallCollector { state, descs }
+    }
+}
+
+impl Collector for StallCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let r = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let layer = crate::stall::Layer::Uring.label();
+        let totals = r
+            .totals
+            .iter()
+            .map(|((l, disk), n)| {
+                counter(
+                    vec![label("layer", l.label()), label("disk", disk)],
+                    *n as f64,
+                )
+            })
+            .collect::<Vec<_>>();
+        let mut out = vec![
+            family(
+                STALL_FAMILIES[0].0,
+                STALL_FAMILIES[0].1,
+                MetricType::GAUGE,
+                vec![gauge(vec![label("layer", layer)], r.active.len() as f64)],
+            ),
+            family(
+                STALL_FAMILIES[1].0,
+                STALL_FAMILIES[1].1,
+                MetricType::GAUGE,
+                vec![gauge(
+                    vec![label("layer", layer)],
+                    r.oldest_inflight_seconds,
+                )],
+            ),
+            family(
+                STALL_FAMILIES[3].0,
+                STALL_FAMILIES[3].1,
+                MetricType::GAUGE,
+                vec![gauge(vec![], r.scan_seconds)],
+            ),
+        ];
+        if !totals.is_empty() {
+            out.push(family(
+                STALL_FAMILIES[2].0,
+                STALL_FAMILIES[2].1,
+                MetricType::COUNTER,
+                totals,
+            ));
+        }
+        out
+    }
+}
+
 /// `gds_agent_info{version,kernel} 1`.
 pub fn agent_info() -> prometheus::IntGaugeVec {
     let g = prometheus::IntGaugeVec::new(

@@ -37,6 +37,8 @@ pub enum TraceError {
     MissingMap(&'static str),
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
+    #[error("cannot map the in-flight table into memory: {0}")]
+    Mmap(#[source] std::io::Error),
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
 }

@@ -17,6 +17,14 @@ pub struct SlowEvent {
     pub ring: String,
     pub latency_seconds: f64,
     pub res: i32,
+    /// `struct io_kiocb *`, hex.
+    pub req: String,
+    #[serde(skip)]
+    pub req_raw: u64,
+    #[serde(skip)]
+    pub start_ns: u64,
+    #[serde(skip)]
+    pub latency_ns: u64,
 }
 
 fn comm_for(ev: &SlowUringEvent) -> String {
@@ -51,5 +59,9 @@ pub fn decode_event(bytes: &[u8]) -> Option<SlowEvent> {
         ring: format!("{:#x}", ev.ring),
         latency_seconds: ev.latency_ns as f64 / 1e9,
         res: ev.res,
+        req: format!("{:#x}", ev.req),
+        req_raw: ev.req,
+        start_ns: ev.start_ns,
+        latency_ns: ev.latency_ns,
     })
 }

@@ -5,11 +5,13 @@
 
 mod error;
 mod events;
+mod inflight;
 mod offsets;
 mod uring;
 
 pub use error::TraceError;
 pub use events::{SlowEvent, decode_event};
+pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
 pub use uring::{OpcodeStats, TraceOptions, UringSnapshot, UringTracer};
 

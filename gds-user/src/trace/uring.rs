@@ -4,17 +4,18 @@ use std::time::Duration;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, TracePoint},
 };
 use gds_common::{
-    COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, HIST_BUCKETS, MAP_EVENTS, MAP_URING_INFLIGHT,
-    MAP_URING_SLOTS, MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, HIST_BUCKETS, InflightReq, MAP_EVENTS,
+    MAP_URING_INFLIGHT, MAP_URING_SLOTS, MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
 };
 use tracing::info;
 
 use super::{
-    EBPF_OBJECT, TraceError, check_tracing_caps,
+    EBPF_OBJECT, InflightRequest, TraceError, check_tracing_caps,
+    inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
 };
 use crate::{btf::Btf, tracefs};
@@ -134,6 +135,8 @@ impl UringSnapshot {
 pub struct UringTracer {
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, UringCpuStats>,
+    slots: SlotTable,
+    hash: HashMap<MapData, u64, InflightReq>,
     attach: ResolvedAttach,
 }
 
@@ -227,9 +230,22 @@ impl UringTracer {
             name: MAP_URING_STATS,
             source,
         })?;
+        let Some(aya::maps::Map::Array(slot_map)) = ebpf.take_map(MAP_URING_SLOTS) else {
+            return Err(TraceError::MissingMap(MAP_URING_SLOTS));
+        };
+        let slots = SlotTable::map(slot_map, opts.slots() as usize)?;
+        let hash = ebpf
+            .take_map(MAP_URING_INFLIGHT)
+            .ok_or(TraceError::MissingMap(MAP_URING_INFLIGHT))?;
+        let hash = HashMap::try_from(hash).map_err(|source| TraceError::Map {
+            name: MAP_URING_INFLIGHT,
+            source,
+        })?;
         Ok(UringTracer {
             ebpf,
             stats,
+            slots,
+            hash,
             attach,
         })
     }
@@ -248,6 +264,11 @@ impl UringTracer {
             name: MAP_EVENTS,
             source,
         })
+    }
+
+    /// Every request the kernel tracks as in flight now.
+    pub fn inflight(&self) -> Vec<InflightRequest> {
+        inflight::collect(&self.slots, &self.hash)
     }
 
     /// Sums the per-CPU statistics.

@@ -1,0 +1,132 @@
+//! Reading the in-flight requests the kernel tracks: the direct-mapped slot table through a
+//! shared read-only mapping (no syscall per slot), and the hash map of colliding requests.
+
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::maps::{HashMap, MapData};
+use gds_common::{InflightReq, InflightSlot};
+use serde::Serialize;
+
+use super::TraceError;
+
+/// One request in flight, as the kernel recorded it at submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct InflightRequest {
+    /// `struct io_kiocb *` (identifies the request while it is in flight).
+    pub req: u64,
+    /// CLOCK_MONOTONIC nanoseconds at submission.
+    pub start_ns: u64,
+    pub user_data: u64,
+    pub ring: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub opcode: u8,
+}
+
+impl InflightRequest {
+    fn new(req: u64, e: &InflightReq) -> Self {
+        InflightRequest {
+            req,
+            start_ns: e.start_ns,
+            user_data: e.user_data,
+            ring: e.ring,
+            tgid: e.tgid,
+            pid: e.pid,
+            opcode: e.opcode,
+        }
+    }
+}
+
+/// A read-only shared mapping of the slot table (BPF_F_MMAPABLE array).
+pub struct SlotTable {
+    ptr: *const InflightSlot,
+    slots: usize,
+    len: usize,
+    // Keeps the map (and so the mapping's object) alive.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is read-only from user space and lives as long as the struct.
+unsafe impl Send for SlotTable {}
+unsafe impl Sync for SlotTable {}
+
+impl SlotTable {
+    pub fn map(map: MapData, slots: usize) -> Result<SlotTable, TraceError> {
+        let page = 4096usize;
+        let len = (slots * size_of::<InflightSlot>()).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array map fd created with BPF_F_MMAPABLE; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(TraceError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(SlotTable {
+            ptr: ptr.cast(),
+            slots,
+            len,
+            _map: map,
+        })
+    }
+
+    /// Copies out the occupied slots. Each slot is read with volatile loads and kept only if
+    /// its owner is the same before and after (a slot being claimed or released concurrently
+    /// is skipped; it is caught by the next scan).
+    pub fn occupied(&self, out: &mut Vec<InflightRequest>) {
+        for i in 0..self.slots {
+            // SAFETY: i < slots, within the mapping.
+            unsafe {
+                let slot = self.ptr.add(i);
+                let owner = std::ptr::read_volatile(&raw const (*slot).req);
+                if owner == 0 {
+                    continue;
+                }
+                let entry = std::ptr::read_volatile(&raw const (*slot).entry);
+                if std::ptr::read_volatile(&raw const (*slot).req) == owner && entry.start_ns != 0 {
+                    out.push(InflightRequest::new(owner, &entry));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SlotTable {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr as *mut _, self.len) };
+    }
+}
+
+/// Every tracked request: slot table plus hash map.
+pub fn collect(
+    slots: &SlotTable,
+    hash: &HashMap<MapData, u64, InflightReq>,
+) -> Vec<InflightRequest> {
+    let mut out = Vec::new();
+    slots.occupied(&mut out);
+    for item in hash.iter() {
+        // Entries deleted between key iteration and lookup are simply gone: skip them.
+        if let Ok((req, entry)) = item {
+            out.push(InflightRequest::new(req, &entry));
+        }
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC now, in the nanoseconds `bpf_ktime_get_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
