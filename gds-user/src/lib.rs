@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod nvme;
 pub mod probe;
+pub mod stall;
 pub mod trace;
 pub mod tracefs;
 pub mod uring_opcode;

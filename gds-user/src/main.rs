@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "gds-agent", version, about = "GPUDirect Storage observability agent")]
+#[command(
+    name = "gds-agent",
+    version,
+    about = "GPUDirect Storage observability agent"
+)]
 struct Cli {
     /// What to do (default: run).
     #[command(subcommand)]
