@@ -668,7 +668,7 @@ pub fn render() -> Value {
     ));
 
     l.row("Tracing health");
-    l.add(12, 8, timeseries(
+    l.add(8, 8, timeseries(
         "Trace drops per second by reason",
         "Events the kernel side could not record (in-flight map full, completion without a start, \
          ring buffer full). Non-zero means the numbers above undercount.",
@@ -679,7 +679,7 @@ pub fn render() -> Value {
         )],
     ));
     l.add(
-        12,
+        8,
         8,
         timeseries(
             "Requests traced per second by instance",
@@ -691,6 +691,12 @@ pub fn render() -> Value {
             )],
         ),
     );
+    l.add(8, 8, timeseries(
+        "Stall scan duration",
+        "Time the agent's last scan of the in-flight maps took (the stall detector's own cost).",
+        "s",
+        vec![q(format!("max by (instance) (gds_stall_scan_duration_seconds{{{I}}})"), "{{instance}}")],
+    ));
 
     l.row("Data path");
     l.add(

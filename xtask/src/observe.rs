@@ -60,6 +60,7 @@ pub const MAY_BE_EMPTY: &[&str] = &[
     "gds_stalled_requests",
     "gds_oldest_inflight_seconds",
     "gds_stalls_total",
+    "gds_stall_scan_duration_seconds",
     "gds_pipeline_bytes_total",
     "gds_pipeline_read_duration_seconds",
     "gds_capability_info",
