@@ -23,6 +23,23 @@ const LIB_DIRS: &[&str] = &[
     "/usr/lib",
 ];
 
+/// Why a cuFile fact is unknown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CufileError {
+    #[error(
+        "libcufile not found (searched /usr/local/cuda*/…/lib, /usr/lib*): install the GDS package (nvidia-gds / libcufile) of the CUDA toolkit"
+    )]
+    NotFound,
+    #[error("dlopen {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("{path} has no cuFileGetVersion (cuFile older than 1.9)")]
+    NoGetVersion { path: String },
+    #[error("cuFileGetVersion failed: cuFile error {err} (CUDA {cu_err})")]
+    GetVersion { err: i32, cu_err: i32 },
+    #[error("not JSON after removing comments: {0}")]
+    Json(String),
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CufileSection {
     /// Path of the library file found (after following links), e.g.
@@ -125,9 +142,9 @@ pub fn strip_json_comments(input: &str) -> String {
     String::from_utf8(cleaned).unwrap_or_default()
 }
 
-pub fn parse_config(text: &str) -> Result<CufileConfig, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(&strip_json_comments(text)).map_err(|e| e.to_string())?;
+pub fn parse_config(text: &str) -> Result<CufileConfig, CufileError> {
+    let value: serde_json::Value = serde_json::from_str(&strip_json_comments(text))
+        .map_err(|e| CufileError::Json(e.to_string()))?;
     let props = value.get("properties");
     let get = |key: &str| props.and_then(|p| p.get(key));
     let boolean = |key: &str| get(key).and_then(serde_json::Value::as_bool);
@@ -167,7 +184,7 @@ pub fn version_from_file_name(name: &str) -> Option<String> {
 
 /// Finds libcufile under the root: known directories, then `/usr/local/cuda-*` toolkits.
 /// Returns the host path of the most specific file (the one with a full version, if any).
-fn find_library(root: &HostRoot) -> Result<String, String> {
+fn find_library(root: &HostRoot) -> Result<String, CufileError> {
     let mut dirs: Vec<String> = LIB_DIRS.iter().map(|d| (*d).to_owned()).collect();
     if let Ok(entries) = root.list_dir("/usr/local", 256) {
         for e in entries.iter().filter(|e| e.starts_with("cuda-")) {
@@ -192,11 +209,7 @@ fn find_library(root: &HostRoot) -> Result<String, String> {
             best.get_or_insert(path);
         }
     }
-    best.ok_or_else(|| {
-        "libcufile not found (searched /usr/local/cuda*/…/lib, /usr/lib*): install the GDS \
-         package (nvidia-gds / libcufile) of the CUDA toolkit"
-            .to_owned()
-    })
+    best.ok_or(CufileError::NotFound)
 }
 
 /// Follows the chain of symbolic links inside the root (`libcufile.so` → `.so.0` → `.so.1.15.1`).
@@ -206,28 +219,36 @@ fn follow(root: &HostRoot, path: String) -> String {
 
 /// `CUfileError_t` from cufile.h: `{ CUfileOpError err; CUresult cu_err; }`.
 #[repr(C)]
-struct CufileError {
+struct CUfileErrorT {
     err: i32,
     cu_err: i32,
 }
 
 /// `cuFileGetVersion` from the library itself (live hosts, when the file name carries no
 /// version). `cuFileDriverOpen` is deliberately not called: it starts threads and writes logs.
-fn library_version(path: &str) -> Result<String, String> {
+fn library_version(path: &str) -> Result<String, CufileError> {
     // SAFETY: loading libcufile runs its static initialisers only; cuFileGetVersion(int*) is
     // declared in cufile.h and has no preconditions.
     unsafe {
-        let lib = libloading::Library::new(path).map_err(|e| format!("dlopen {path}: {e}"))?;
-        let get: libloading::Symbol<unsafe extern "C" fn(*mut i32) -> CufileError> = lib
+        let lib = libloading::Library::new(path).map_err(|e| {
+            use std::error::Error as _;
+            CufileError::Load {
+                path: path.to_owned(),
+                message: e.source().map_or_else(|| e.to_string(), |s| s.to_string()),
+            }
+        })?;
+        let get: libloading::Symbol<unsafe extern "C" fn(*mut i32) -> CUfileErrorT> = lib
             .get(b"cuFileGetVersion\0")
-            .map_err(|_| format!("{path} has no cuFileGetVersion (cuFile older than 1.9)"))?;
+            .map_err(|_| CufileError::NoGetVersion {
+                path: path.to_owned(),
+            })?;
         let mut v = 0i32;
         let r = get(&mut v);
         if r.err != 0 {
-            return Err(format!(
-                "cuFileGetVersion failed: cuFile error {} (CUDA {})",
-                r.err, r.cu_err
-            ));
+            return Err(CufileError::GetVersion {
+                err: r.err,
+                cu_err: r.cu_err,
+            });
         }
         // Encoded like the CUDA versions: 1000 * major + 10 * minor.
         Ok(format!(
@@ -254,7 +275,10 @@ pub fn probe(root: &HostRoot) -> CufileSection {
             };
             (Fact::Known(real), version)
         }
-        Err(why) => (Fact::unknown(why.clone()), Fact::unknown(why)),
+        Err(why) => (
+            Fact::from_result(Err(why.clone())),
+            Fact::from_result(Err(why)),
+        ),
     };
     let env_path = live
         .then(|| std::env::var("CUFILE_ENV_PATH_JSON").ok())

@@ -14,6 +14,33 @@ use super::pci;
 
 pub const NVIDIA_VENDOR: &str = "0x10de";
 
+/// Why the CUDA driver API or NVML gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    #[error("libcuda is not installed (dlopen of libcuda.so / libcuda.so.1 failed)")]
+    NoLibcuda,
+    #[error("{call} failed: {result}")]
+    Cuda { call: String, result: String },
+    #[error("the CUDA driver API panicked (a symbol missing from libcuda?)")]
+    CudaPanicked,
+    #[error("libnvidia-ml is not installed ({0})")]
+    NoNvml(String),
+    #[error("{0} is missing from libnvidia-ml")]
+    NvmlSymbol(&'static str),
+    #[error("{call} failed: NVML error {code}")]
+    Nvml { call: String, code: i32 },
+}
+
+/// The dlopen message behind a libloading error ("libnvidia-ml.so.1: cannot open shared object
+/// file: No such file or directory"), which its Display leaves out.
+fn dl_reason(err: &libloading::Error) -> String {
+    use std::error::Error as _;
+    match err.source() {
+        Some(source) => source.to_string(),
+        None => err.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuSection {
     /// `/proc/driver/nvidia/version`: the kernel driver's version line.
@@ -231,22 +258,25 @@ struct CudaDevice {
     name: String,
     memory_total_bytes: u64,
     compute_capability: String,
-    dma_buf_supported: Result<bool, String>,
-    gpudirect_rdma_supported: Result<bool, String>,
+    dma_buf_supported: Result<bool, GpuError>,
+    gpudirect_rdma_supported: Result<bool, GpuError>,
 }
 
-fn cuda_probe() -> Result<(CudaDriver, Vec<CudaDevice>), String> {
+fn cuda_probe() -> Result<(CudaDriver, Vec<CudaDevice>), GpuError> {
     use cudarc::driver::sys::{self, CUdevice_attribute as A, CUresult};
 
     // SAFETY: is_culib_present only tries dlopen on the candidate names.
     if !unsafe { sys::is_culib_present() } {
-        return Err("libcuda is not installed (dlopen of libcuda.so / libcuda.so.1 failed)".into());
+        return Err(GpuError::NoLibcuda);
     }
-    let check = |what: &str, r: CUresult| -> Result<(), String> {
+    let check = |what: &str, r: CUresult| -> Result<(), GpuError> {
         if r == CUresult::CUDA_SUCCESS {
             Ok(())
         } else {
-            Err(format!("{what} failed: {r:?}"))
+            Err(GpuError::Cuda {
+                call: what.to_owned(),
+                result: format!("{r:?}"),
+            })
         }
     };
     // SAFETY: plain CUDA driver API calls with valid out-pointers; symbols exist in every
@@ -274,13 +304,16 @@ fn cuda_probe() -> Result<(CudaDriver, Vec<CudaDevice>), String> {
             )?;
             let mut mem: usize = 0;
             check("cuDeviceTotalMem", sys::cuDeviceTotalMem_v2(&mut mem, dev))?;
-            let attr = |a: A| -> Result<i32, String> {
+            let attr = |a: A| -> Result<i32, GpuError> {
                 let mut v: c_int = 0;
                 let r = sys::cuDeviceGetAttribute(&mut v, a, dev);
                 if r == CUresult::CUDA_SUCCESS {
                     Ok(v)
                 } else {
-                    Err(format!("cuDeviceGetAttribute({a:?}) failed: {r:?}"))
+                    Err(GpuError::Cuda {
+                        call: format!("cuDeviceGetAttribute({a:?})"),
+                        result: format!("{r:?}"),
+                    })
                 }
             };
             let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).unwrap_or(0);
@@ -328,26 +361,29 @@ struct Nvml {
 type NvmlReturn = c_int;
 
 impl Nvml {
-    fn open() -> Result<Nvml, String> {
+    fn open() -> Result<Nvml, GpuError> {
         // SAFETY: loading the NVML shared library runs only its (side-effect free) initialisers.
         let lib = unsafe { libloading::Library::new("libnvidia-ml.so.1") }
             .or_else(|_| unsafe { libloading::Library::new("libnvidia-ml.so") })
-            .map_err(|e| format!("libnvidia-ml is not installed: {e}"))?;
+            .map_err(|e| GpuError::NoNvml(dl_reason(&e)))?;
         // SAFETY: signatures from nvml.h.
         unsafe {
             let init: libloading::Symbol<unsafe extern "C" fn() -> NvmlReturn> = lib
                 .get(b"nvmlInit_v2\0")
-                .map_err(|e| format!("nvmlInit_v2 missing: {e}"))?;
+                .map_err(|_| GpuError::NvmlSymbol("nvmlInit_v2"))?;
             let r = init();
             if r != 0 {
-                return Err(format!("nvmlInit_v2 failed: NVML error {r}"));
+                return Err(GpuError::Nvml {
+                    call: "nvmlInit_v2".into(),
+                    code: r,
+                });
             }
             let mut buf = [0 as c_char; 96];
             let version: libloading::Symbol<
                 unsafe extern "C" fn(*mut c_char, c_uint) -> NvmlReturn,
             > = lib
                 .get(b"nvmlSystemGetDriverVersion\0")
-                .map_err(|e| format!("nvmlSystemGetDriverVersion missing: {e}"))?;
+                .map_err(|_| GpuError::NvmlSymbol("nvmlSystemGetDriverVersion"))?;
             let driver_version = if version(buf.as_mut_ptr(), 95) == 0 {
                 CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
             } else {
@@ -360,8 +396,12 @@ impl Nvml {
         }
     }
 
-    fn device(&self, bdf: &str) -> Result<NvmlDevice, String> {
-        let bus = std::ffi::CString::new(bdf).map_err(|e| e.to_string())?;
+    fn device(&self, bdf: &str) -> Result<NvmlDevice, GpuError> {
+        // A PCI address never holds a NUL; if it did, NVML could not look it up either.
+        let bus = std::ffi::CString::new(bdf).map_err(|_| GpuError::Nvml {
+            call: format!("nvmlDeviceGetHandleByPciBusId_v2({bdf:?})"),
+            code: 2,
+        })?;
         // SAFETY: signatures from nvml.h; handles come from NVML itself.
         unsafe {
             let by_bus: libloading::Symbol<
@@ -369,26 +409,28 @@ impl Nvml {
             > = self
                 .lib
                 .get(b"nvmlDeviceGetHandleByPciBusId_v2\0")
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| GpuError::NvmlSymbol("nvmlDeviceGetHandleByPciBusId_v2"))?;
             let mut handle: *mut c_void = std::ptr::null_mut();
             let r = by_bus(bus.as_ptr(), &mut handle);
             if r != 0 {
-                return Err(format!(
-                    "nvmlDeviceGetHandleByPciBusId_v2({bdf}) failed: NVML error {r}"
-                ));
+                return Err(GpuError::Nvml {
+                    call: format!("nvmlDeviceGetHandleByPciBusId_v2({bdf})"),
+                    code: r,
+                });
             }
             let bar1: libloading::Symbol<
                 unsafe extern "C" fn(*mut c_void, *mut NvmlBar1Memory) -> NvmlReturn,
             > = self
                 .lib
                 .get(b"nvmlDeviceGetBAR1MemoryInfo\0")
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| GpuError::NvmlSymbol("nvmlDeviceGetBAR1MemoryInfo"))?;
             let mut mem = NvmlBar1Memory::default();
             let r = bar1(handle, &mut mem);
             if r != 0 {
-                return Err(format!(
-                    "nvmlDeviceGetBAR1MemoryInfo failed: NVML error {r}"
-                ));
+                return Err(GpuError::Nvml {
+                    call: "nvmlDeviceGetBAR1MemoryInfo".into(),
+                    code: r,
+                });
             }
             let get_u32 = |sym: &[u8]| -> Option<u32> {
                 let f: libloading::Symbol<
@@ -467,8 +509,7 @@ pub fn probe(root: &HostRoot) -> GpuSection {
         };
     }
 
-    let cuda = std::panic::catch_unwind(cuda_probe)
-        .unwrap_or_else(|_| Err("the CUDA driver API panicked (missing symbol?)".into()));
+    let cuda = std::panic::catch_unwind(cuda_probe).unwrap_or(Err(GpuError::CudaPanicked));
     let cuda_fact = match &cuda {
         Ok((driver, devices)) => {
             // CUDA's ordinals are what a data path uses: order and index GPUs by them.
@@ -507,6 +548,7 @@ pub fn probe(root: &HostRoot) -> GpuSection {
             Fact::Known(driver.clone())
         }
         Err(why) => {
+            let why = why.to_string();
             for gpu in &mut gpus {
                 gpu.memory_total_bytes = Fact::unknown(why.clone());
                 gpu.compute_capability = Fact::unknown(why.clone());
@@ -528,12 +570,13 @@ pub fn probe(root: &HostRoot) -> GpuSection {
                             gpu.pcie = Fact::Known(d.link);
                         }
                     }
-                    Err(why) => gpu.bar1_used_bytes = Fact::unknown(why),
+                    Err(why) => gpu.bar1_used_bytes = Fact::unknown(why.to_string()),
                 }
             }
             Fact::Known(nvml.driver_version.clone())
         }
         Err(why) => {
+            let why = why.to_string();
             for gpu in &mut gpus {
                 gpu.bar1_used_bytes = Fact::unknown(why.clone());
             }

@@ -51,10 +51,10 @@ impl<T> Fact<T> {
         }
     }
 
-    pub fn from_result(r: Result<T, String>) -> Self {
+    pub fn from_result<E: std::fmt::Display>(r: Result<T, E>) -> Self {
         match r {
             Ok(v) => Fact::Known(v),
-            Err(e) => Fact::Unknown(e),
+            Err(e) => Fact::Unknown(e.to_string()),
         }
     }
 
