@@ -75,6 +75,8 @@ struct InflightView {
     ring: String,
     req: String,
     age_seconds: f64,
+    /// Where the request is, as far as tracing has seen it (`queue`: no device command seen).
+    stage: &'static str,
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -126,6 +128,7 @@ async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
                 ring: format!("{:#x}", r.ring),
                 req: format!("{:#x}", r.req),
                 age_seconds: now.saturating_sub(r.start_ns) as f64 / 1e9,
+                stage: "queue",
             })
             .collect::<Vec<_>>()
     })

@@ -7,11 +7,13 @@
 
 pub mod agent;
 pub mod btf;
+pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod nvme;
 pub mod probe;
 pub mod stall;
+pub mod top;
 pub mod trace;
 pub mod tracefs;
 pub mod uring_opcode;

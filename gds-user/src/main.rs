@@ -20,6 +20,11 @@ struct Cli {
 enum Command {
     /// Load the tracing programs and serve Prometheus metrics (the default).
     Run(gds_user::agent::RunArgs),
+    /// Live terminal view: IOPS and latency per opcode and disk, slowest in-flight requests,
+    /// stalls. Attaches to --agent, or starts its own agent (extra arguments go to it).
+    Top(gds_user::top::TopArgs),
+    /// Active and recent stalls of a running agent.
+    Stalls(gds_user::stall::StallsArgs),
     /// Report what this host can do for GPUDirect Storage and which data path `read` will use.
     Probe(gds_user::probe::ProbeArgs),
     /// Read from an NVMe namespace through io_uring passthrough (one command or a stream).
@@ -31,6 +36,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => gds_user::agent::run(gds_user::agent::RunArgs::default_from_cli()),
         Some(Command::Run(args)) => gds_user::agent::run(args),
+        Some(Command::Top(args)) => gds_user::top::run(args),
+        Some(Command::Stalls(args)) => gds_user::stall::stalls_cmd(args),
         Some(Command::Probe(args)) => gds_user::probe::run(args),
         Some(Command::Read(args)) => gds_user::nvme::cli::read(args),
     };

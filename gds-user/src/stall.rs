@@ -42,7 +42,7 @@ pub enum Stage {
 impl Stage {
     pub const fn describe(self) -> &'static str {
         match self {
-            Stage::Queue => "not yet at the device",
+            Stage::Queue => "not yet at the device (no device command seen)",
             Stage::Device => "at the device",
             Stage::Completion => "completed by the device but not yet delivered",
         }
@@ -71,8 +71,6 @@ pub struct Stall {
     pub total_seconds: Option<f64>,
     #[serde(skip)]
     start_ns: u64,
-    #[serde(skip)]
-    key: (u64, u64),
 }
 
 /// A detection or an end, as returned by [`StallDetector::scan`].
@@ -164,7 +162,6 @@ impl StallDetector {
                 age_seconds: age as f64 / 1e9,
                 total_seconds: None,
                 start_ns: r.start_ns,
-                key,
             };
             *self
                 .totals
@@ -272,4 +269,56 @@ mod tests {
             [StallChange::Started(_), StallChange::Ended(_)]
         ));
     }
+}
+
+/// `gds-agent stalls`: the active and recent stalls of a running agent.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StallsArgs {
+    /// The agent to ask (host:port).
+    #[arg(long, default_value = crate::agent::DEFAULT_LISTEN)]
+    pub agent: String,
+    /// Print the agent's JSON report as is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn stalls_cmd(args: StallsArgs) -> anyhow::Result<()> {
+    let addr = crate::client::parse_addr(&args.agent)?;
+    let body = crate::client::get(addr, "/debug/stalls")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let rows = |key: &str| v[key].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} active stall(s) (threshold {}s), {} request(s) in flight, oldest {:.3}s",
+        rows("active").len(),
+        v["threshold_seconds"],
+        v["inflight"],
+        v["oldest_inflight_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<8} {:>9} {:>8} {:<16} {:<10} {:>18}  WHERE",
+        "STATE", "SECONDS", "PID", "COMM", "OPCODE", "USER_DATA"
+    );
+    for (state, key) in [("STALLED", "active"), ("ended", "ended")] {
+        for s in rows(key) {
+            println!(
+                "{:<8} {:>9.3} {:>8} {:<16} {:<10} {:>#18x}  {} ({})",
+                state,
+                s["total_seconds"]
+                    .as_f64()
+                    .or(s["age_seconds"].as_f64())
+                    .unwrap_or(0.0),
+                s["pid"],
+                s["comm"].as_str().unwrap_or("?"),
+                s["opcode"].as_str().unwrap_or("?"),
+                s["user_data"].as_u64().unwrap_or(0),
+                s["disk"].as_str().unwrap_or("?"),
+                s["stage_description"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    Ok(())
 }

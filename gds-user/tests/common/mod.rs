@@ -3,8 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -126,38 +125,9 @@ impl Drop for Agent {
     }
 }
 
-/// Minimal HTTP/1.1 GET (the test talks to the real server over a real socket).
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("{path}: {head}")));
-    }
-    // axum may answer chunked
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((len, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = &tail[n + 2..];
-        }
-        return Ok(out);
-    }
-    Ok(body.to_owned())
+/// GET over a real socket, through the library's agent client.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, gds_user::client::ClientError> {
+    gds_user::client::get(addr, path)
 }
 
 /// Parsed text exposition: `name{sorted labels}` → value.
