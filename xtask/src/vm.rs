@@ -73,7 +73,8 @@ pub struct GuestNamespace {
 pub struct GuestController {
     pub serial: String,
     pub namespaces: Vec<GuestNamespace>,
-    /// QEMU block throttling (`throttling.iops-total`) on every namespace's drive.
+    /// QEMU block throttling (`throttling.iops-total`) on every namespace's drive. QEMU lets a
+    /// burst of about iops/10 requests through unthrottled before the limit applies.
     pub iops_limit: Option<u32>,
 }
 
@@ -86,7 +87,7 @@ pub struct GuestMachine {
 }
 
 impl GuestMachine {
-    /// `gds-main`: nsid 1 (64 MiB, 512-byte LBAs) and nsid 2 (32 MiB, 4096-byte LBAs);
+    /// `gds-main`: nsid 1 (256 MiB, 512-byte LBAs) and nsid 2 (32 MiB, 4096-byte LBAs);
     /// `gds-slow`: nsid 1 (16 MiB) throttled to 50 IOPS, for stall scenarios.
     pub fn standard() -> Self {
         Self {
@@ -96,7 +97,7 @@ impl GuestMachine {
                     namespaces: vec![
                         GuestNamespace {
                             nsid: 1,
-                            size_mib: 64,
+                            size_mib: 256,
                             lba_size: 512,
                         },
                         GuestNamespace {

@@ -16,6 +16,7 @@
 //! knows which results to expect.
 
 mod nvme;
+mod selftest;
 mod util;
 
 use std::process::{Command, ExitCode, Stdio};
@@ -28,6 +29,8 @@ pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
     pub timeout: Duration,
+    /// Runs only when named exactly in `--only` (self-tests of the runner).
+    pub explicit: bool,
     /// Returns a one-line summary on success.
     pub run: fn(&Ctx) -> Result<String>,
 }
@@ -56,6 +59,7 @@ impl Ctx {
 fn registry() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(nvme::scenarios());
+    all.extend(selftest::scenarios());
     all
 }
 
@@ -102,7 +106,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn matches(name: &str, only: Option<&[String]>) -> bool {
+fn matches(s: &Scenario, only: Option<&[String]>) -> bool {
+    let name = s.name;
+    if s.explicit {
+        return only.is_some_and(|list| list.iter().any(|p| p == name));
+    }
     match only {
         None => true,
         Some(list) => list
@@ -114,7 +122,7 @@ fn matches(name: &str, only: Option<&[String]>) -> bool {
 fn run_all(only: Option<&[String]>, scale: f64) -> ExitCode {
     let exe = std::env::current_exe().expect("current_exe");
     let (mut passed, mut failed) = (0, 0);
-    for s in registry().into_iter().filter(|s| matches(s.name, only)) {
+    for s in registry().into_iter().filter(|s| matches(s, only)) {
         let timeout = s.timeout.mul_f64(scale);
         println!("@@GDS START {} {}", s.name, s.about);
         let start = Instant::now();
@@ -127,7 +135,7 @@ fn run_all(only: Option<&[String]>, scale: f64) -> ExitCode {
             Ok(mut child) => loop {
                 match child.try_wait() {
                     Ok(Some(st)) if st.success() => break ("PASS", String::new()),
-                    Ok(Some(st)) => break ("FAIL", format!("exit {st}")),
+                    Ok(Some(st)) => break ("FAIL", st.to_string()),
                     Ok(None) if start.elapsed() > timeout => {
                         let _ = child.kill();
                         let _ = child.wait();
