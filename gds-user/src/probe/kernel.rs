@@ -229,9 +229,7 @@ fn iommu(root: &HostRoot) -> Iommu {
             .collect();
         if types.iter().any(|t| t.starts_with("DMA")) {
             Fact::Known(IommuMode::Translated)
-        } else if types.iter().any(|t| t == "identity") {
-            Fact::Known(IommuMode::Passthrough)
-        } else if cmdline.iter().any(|w| w == "iommu=pt") {
+        } else if types.iter().any(|t| t == "identity") || cmdline.iter().any(|w| w == "iommu=pt") {
             Fact::Known(IommuMode::Passthrough)
         } else {
             Fact::unknown(format!(

@@ -74,7 +74,7 @@ fn is_namespace(ctrl: &str, entry: &str) -> bool {
 /// `nvme0n1` → `ng0n1`, `nvme0c0n1` → `ng0n1` (the generic device is per namespace).
 pub fn generic_name(ns: &str) -> Option<String> {
     let rest = ns.strip_prefix("nvme")?;
-    let (ctrl, tail) = rest.split_once(|c: char| c == 'n' || c == 'c')?;
+    let (ctrl, tail) = rest.split_once(['n', 'c'])?;
     let nsid = tail.rsplit('n').next()?;
     Some(format!("ng{ctrl}n{nsid}"))
 }

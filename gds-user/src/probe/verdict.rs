@@ -299,15 +299,15 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
     }
 
     // --- GDS through the kernel's PCI P2PDMA (cuFile 1.13+).
-    if let Fact::Known(v) = &inputs.cufile.version {
-        if version_at_least(v, 1, 13) == Some(false) {
-            p2pdma.add(
-                DataPath::Gds,
-                gds_p2pdma,
-                format!("libcufile {v} predates P2PDMA mode (cuFile 1.13, CUDA 12.8)"),
-                "upgrade the CUDA toolkit / GDS package to 12.8 or later",
-            );
-        }
+    if let Fact::Known(v) = &inputs.cufile.version
+        && version_at_least(v, 1, 13) == Some(false)
+    {
+        p2pdma.add(
+            DataPath::Gds,
+            gds_p2pdma,
+            format!("libcufile {v} predates P2PDMA mode (cuFile 1.13, CUDA 12.8)"),
+            "upgrade the CUDA toolkit / GDS package to 12.8 or later",
+        );
     }
     match &inputs.cufile.config {
         Fact::Known(cfg) if cfg.use_pci_p2pdma == Some(true) => {}
@@ -454,12 +454,14 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
     if let Fact::Unknown(why) = &inputs.gpus.cuda {
         notes.push(format!("every path, bounce included, needs the CUDA driver, which was not found or not probed: {why}"));
     }
-    if path == DataPath::Gds && gds_mode == Some(GdsMode::NvidiaFs) {
-        if let Fact::Known(cfg) = &inputs.cufile.config {
-            if cfg.allow_compat_mode == Some(true) {
-                notes.push("allow_compat_mode is true: cuFile silently falls back to POSIX reads when GDS fails for a file".into());
-            }
-        }
+    if path == DataPath::Gds
+        && let Fact::Known(cfg) = &inputs.cufile.config
+        && cfg.allow_compat_mode == Some(true)
+    {
+        notes.push(
+            "allow_compat_mode is true: cuFile silently falls back to POSIX reads when GDS fails for a file"
+                .into(),
+        );
     }
     Verdict {
         gpu: gpu.index,
