@@ -131,3 +131,85 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     assert_eq!(log.matches("stall detected").count(), 1, "{log}");
     assert_eq!(log.matches("stall ended").count(), 1, "{log}");
 }
+
+/// 10,000 requests in flight at once are all tracked, reported as stalls, and scanned within
+/// an interval; the test prints the scan time (the stall detector's cost).
+#[test]
+fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
+    let _g = serial();
+    const K: usize = 10_000;
+    let agent = Agent::start(&[
+        "--pid",
+        &std::process::id().to_string(),
+        "--stall-threshold",
+        "300ms",
+        "--stall-interval",
+        "200ms",
+    ]);
+    let mut fds = [0i32; 2];
+    // SAFETY: valid array for pipe(2).
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let mut ring: IoUring = IoUring::builder()
+        .setup_cqsize(16_384)
+        .build(16_384)
+        .unwrap();
+    let mut bufs = vec![0u8; K];
+    for i in 0..K {
+        let sqe = opcode::Read::new(types::Fd(fds[0]), bufs[i..].as_mut_ptr(), 1)
+            .build()
+            .user_data(i as u64);
+        // SAFETY: bufs outlives the completions reaped below.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+    }
+    assert_eq!(ring.submit().unwrap(), K);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = agent.scrape();
+        if m.value("gds_stalled_requests", &[("layer", "uring")]) == K as f64 {
+            assert_eq!(m.value("gds_uring_inflight_requests", &[]), K as f64);
+            assert_eq!(
+                m.value("gds_trace_dropped_total", &[("reason", "inflight_full")]),
+                0.0
+            );
+            let scan = m.value("gds_stall_scan_duration_seconds", &[]);
+            println!("scan of {K} in-flight requests: {:.2} ms", scan * 1e3);
+            assert!(
+                scan > 0.0 && scan < 0.2,
+                "a scan must fit in the interval: {scan}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stalls never reached {K}:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let written = vec![b'x'; K];
+    // SAFETY: writing K bytes from a valid buffer (the pipe holds 64 KiB).
+    assert_eq!(
+        unsafe { libc::write(fds[1], written.as_ptr().cast(), K) },
+        K as isize
+    );
+    ring.submit_and_wait(K).unwrap();
+    let mut done = 0;
+    while done < K {
+        done += ring.completion().count();
+        if done < K {
+            ring.submit_and_wait(1).unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent
+        .scrape()
+        .value("gds_stalled_requests", &[("layer", "uring")])
+        != 0.0
+    {
+        assert!(Instant::now() < deadline, "stalls never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent.log();
+    assert_eq!(log.matches("stall detected").count(), K);
+    assert_eq!(log.matches("stall ended").count(), K);
+}
