@@ -52,7 +52,13 @@ pub fn run(args: TestArgs) -> Result<()> {
         failures.push(format!("host tests: {e:#}"));
     }
     if !args.host_only {
-        // VM scenarios and observability checks are added here as they land.
+        // A real Prometheus scrapes a real agent under io_uring load; every dashboard and
+        // alert expression is evaluated through its HTTP API; promtool checks and tests.
+        if let Err(e) = crate::observe::build_agent()
+            .and_then(|agent| crate::observe::check_observability(&setup::root(), &agent))
+        {
+            failures.push(format!("observability: {e:#}"));
+        }
     }
     if !failures.is_empty() {
         bail!(
