@@ -405,11 +405,19 @@ fn live_host_probe_works() {
             assert!(!why.as_str().unwrap().contains("skipped"), "{fact}");
         }
     }
+    // The capabilities are those of the probe process, which inherits ours.
     let caps = known(&r["kernel"]["capabilities"], "caps");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        assert_eq!(caps["cap_sys_admin"], true);
-    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    assert_eq!(caps["cap_eff"], cap_eff);
+    let bits = u64::from_str_radix(cap_eff, 16).unwrap();
+    assert_eq!(caps["cap_sys_admin"], bits & (1 << 21) != 0);
+    assert_eq!(caps["cap_perfmon"], bits & (1 << 38) != 0);
+    assert_eq!(caps["cap_bpf"], bits & (1 << 39) != 0);
     // Without libcuda (CI, this machine) the GPU section says so.
     let has_cuda = Path::new("/usr/lib/x86_64-linux-gnu/libcuda.so.1").exists()
         || Path::new("/usr/lib64/libcuda.so.1").exists();
