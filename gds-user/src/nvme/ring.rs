@@ -313,7 +313,8 @@ impl NvmeRing {
         }
     }
 
-    /// Submit one command and wait for it; `Ok(result)` or the decoded failure.
+    /// Submit one command and wait for it; `Ok(result)` or the decoded failure. The ring must
+    /// be idle (nothing queued or in flight).
     ///
     /// # Safety
     /// As for [`Self::push`] (the buffer only has to outlive this call).
@@ -324,6 +325,20 @@ impl NvmeRing {
         fixed: Option<u16>,
     ) -> Result<u64, NvmeError> {
         const TAG: u64 = u64::MAX;
+        // Completions of other commands would be reaped here and lost to their owner.
+        if self.in_flight + self.queued > 0 {
+            return Err(NvmeError::Ring {
+                device: self.device.clone(),
+                what: "execute",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{} commands are queued or in flight; execute needs an idle ring",
+                        self.in_flight + self.queued
+                    ),
+                ),
+            });
+        }
         // SAFETY: forwarded; we wait for the completion before returning.
         unsafe { self.push(cmd, op, fixed, TAG)? };
         let mut done = Vec::with_capacity(1);

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use gds_user::nvme::geometry::NamespaceGeometry;
 use gds_user::nvme::{
     DmaBuffer, NvmeError, NvmeFlushCmd, NvmeIdentifyCmd, NvmeReadCmd, NvmeRing, NvmeStatus,
-    NvmeWriteCmd, StreamOptions, UringCmdOp, namespace_geometry, stream_read,
+    NvmeUringCmd, NvmeWriteCmd, StreamOptions, UringCmdOp, namespace_geometry, stream_read,
 };
 
 use crate::util::{check_pattern, fill_pattern, read_block, run, write_pattern_block};
@@ -283,7 +283,12 @@ fn validator_refuses(c: &Ctx) -> Result<String> {
     let p = buf.as_mut_ptr();
     let ls = g.lba_size as usize;
     let cap = g.capacity_blocks;
-    let cases: Vec<(&str, Result<_, NvmeError>, fn(&NvmeError) -> bool)> = vec![
+    type Case<'a> = (
+        &'a str,
+        Result<NvmeUringCmd, NvmeError>,
+        fn(&NvmeError) -> bool,
+    );
+    let cases: Vec<Case> = vec![
         (
             "LBA = capacity",
             NvmeReadCmd::new(g.nsid, cap, 1).buffer(p, ls).build(&g),

@@ -24,7 +24,7 @@ fn mix(mut x: u64) -> u64 {
 
 /// Fill `buf` with the pattern for the bytes starting at absolute device offset `offset`.
 pub fn fill_pattern(buf: &mut [u8], offset: u64, seed: u64) {
-    assert!(offset % 8 == 0 && buf.len() % 8 == 0);
+    assert!(offset.is_multiple_of(8) && buf.len().is_multiple_of(8));
     for (i, w) in buf.chunks_exact_mut(8).enumerate() {
         let word = (offset / 8) + i as u64;
         w.copy_from_slice(&mix(seed ^ word.wrapping_mul(0x100_0000_01b3)).to_le_bytes());
