@@ -158,7 +158,8 @@ fn report(args: &NvmeReadArgs, s: &StreamStats) -> Result<()> {
     if args.json {
         println!(
             "{{\"device\":\"{}\",\"bytes\":{},\"commands\":{},\"seconds\":{:.6},\"qd\":{},\
-             \"chunk_bytes\":{},\"fixed\":{},\"mib_per_sec\":{:.3},\"iops\":{:.1}}}",
+             \"chunk_bytes\":{},\"fixed\":{},\"max_in_flight\":{},\"mib_per_sec\":{:.3},\
+             \"iops\":{:.1}}}",
             args.device.display(),
             s.bytes,
             s.commands,
@@ -166,6 +167,7 @@ fn report(args: &NvmeReadArgs, s: &StreamStats) -> Result<()> {
             s.qd,
             s.chunk_bytes,
             s.fixed,
+            s.max_in_flight,
             s.mib_per_sec(),
             s.iops()
         );

@@ -785,6 +785,10 @@ fn throughput(c: &Ctx) -> Result<String> {
         .join("; ");
     // Emulation makes absolute numbers meaningless; the ratio is the figure. The goal is 0.9;
     // below 0.8 something in our submission path is clearly worse than fio's.
+    if cfg!(debug_assertions) {
+        c.detail("dev-profile build: the ratio is reported, not enforced");
+        return Ok(format!("(dev profile, not enforced) {summary}"));
+    }
     for (t, o, p) in &report {
         ensure!(
             o / p >= 0.8,
