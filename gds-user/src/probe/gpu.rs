@@ -21,8 +21,12 @@ pub enum GpuError {
     NoLibcuda,
     #[error("{call} failed: {result}")]
     Cuda { call: String, result: String },
-    #[error("the CUDA driver API panicked (a symbol missing from libcuda?)")]
-    CudaPanicked,
+    #[error("{0} panicked (a symbol missing from the library?)")]
+    Panicked(&'static str),
+    #[error("{what} did not return within {secs} s (a wedged GPU or driver?)")]
+    Timeout { what: &'static str, secs: u64 },
+    #[error("cannot start a thread for {what}: {message}")]
+    Thread { what: &'static str, message: String },
     #[error("libnvidia-ml is not installed ({0})")]
     NoNvml(String),
     #[error("{0} is missing from libnvidia-ml")]
@@ -347,6 +351,54 @@ struct NvmlBar1Memory {
     used: u64,
 }
 
+/// How long CUDA or NVML may take before the probe reports them as hung and goes on.
+const LIVE_TIMEOUT_SECS: u64 = 30;
+
+/// Runs a driver query on its own thread: a call that never returns (a wedged GPU) must not
+/// hang the probe, and a panic (cudarc panics on a missing symbol) becomes an error.
+fn with_timeout<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, GpuError> + Send + 'static,
+) -> Result<T, GpuError> {
+    with_deadline(what, LIVE_TIMEOUT_SECS, f)
+}
+
+fn with_deadline<T: Send + 'static>(
+    what: &'static str,
+    secs: u64,
+    f: impl FnOnce() -> Result<T, GpuError> + Send + 'static,
+) -> Result<T, GpuError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("probe-{what}"))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .unwrap_or(Err(GpuError::Panicked(what)));
+            let _ = tx.send(r);
+        })
+        .map_err(|e| GpuError::Thread {
+            what,
+            message: e.to_string(),
+        })?;
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or(Err(GpuError::Timeout { what, secs }))
+}
+
+/// NVML's driver version and its view of each GPU (by PCI address).
+fn nvml_probe(
+    bdfs: Vec<String>,
+) -> Result<(String, Vec<(String, Result<NvmlDevice, GpuError>)>), GpuError> {
+    let nvml = Nvml::open()?;
+    let devices = bdfs
+        .into_iter()
+        .map(|bdf| {
+            let d = nvml.device(&bdf);
+            (bdf, d)
+        })
+        .collect();
+    Ok((nvml.driver_version.clone(), devices))
+}
+
 struct NvmlDevice {
     bar1_total: u64,
     bar1_used: u64,
@@ -509,7 +561,7 @@ pub fn probe(root: &HostRoot) -> GpuSection {
         };
     }
 
-    let cuda = std::panic::catch_unwind(cuda_probe).unwrap_or(Err(GpuError::CudaPanicked));
+    let cuda = with_timeout("the CUDA driver API", cuda_probe);
     let cuda_fact = match &cuda {
         Ok((driver, devices)) => {
             // CUDA's ordinals are what a data path uses: order and index GPUs by them.
@@ -559,10 +611,11 @@ pub fn probe(root: &HostRoot) -> GpuSection {
         }
     };
 
-    let nvml = match Nvml::open() {
-        Ok(nvml) => {
-            for gpu in &mut gpus {
-                match nvml.device(&gpu.pci) {
+    let bdfs: Vec<String> = gpus.iter().map(|g| g.pci.clone()).collect();
+    let nvml = match with_timeout("NVML", move || nvml_probe(bdfs)) {
+        Ok((driver_version, devices)) => {
+            for (gpu, (_, device)) in gpus.iter_mut().zip(devices) {
+                match device {
                     Ok(d) => {
                         gpu.bar1_total_bytes = Fact::Known(d.bar1_total);
                         gpu.bar1_used_bytes = Fact::Known(d.bar1_used);
@@ -573,7 +626,7 @@ pub fn probe(root: &HostRoot) -> GpuSection {
                     Err(why) => gpu.bar1_used_bytes = Fact::unknown(why.to_string()),
                 }
             }
-            Fact::Known(nvml.driver_version.clone())
+            Fact::Known(driver_version)
         }
         Err(why) => {
             let why = why.to_string();
@@ -595,6 +648,23 @@ pub fn probe(root: &HostRoot) -> GpuSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hung_or_panicking_driver_calls_become_errors() {
+        let start = std::time::Instant::now();
+        let r: Result<(), _> = with_deadline("a hung call", 1, || {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            Ok(())
+        });
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "a hung call did not return within 1 s (a wedged GPU or driver?)"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(4));
+        let r: Result<(), _> = with_deadline("a panicking call", 5, || panic!("missing symbol"));
+        assert_eq!(r, Err(GpuError::Panicked("a panicking call")));
+        assert_eq!(with_deadline("a call", 5, || Ok(7)), Ok(7));
+    }
 
     #[test]
     fn link_speed_to_generation() {
