@@ -213,6 +213,11 @@ fn gds_host_reports_facts_and_verdicts() {
         reasons.iter().any(|r| r.contains("RMForceStaticBar1")),
         "{reasons:?}"
     );
+    assert!(
+        reasons.iter().any(|r| r.contains("multipath")),
+        "{reasons:?}"
+    );
+    assert_eq!(known(&r["nvme"]["multipath"], "multipath"), true);
     for b in blocked {
         assert!(!b["action"].as_str().unwrap().is_empty());
     }
@@ -255,6 +260,7 @@ fn host_without_gpus() {
     assert_eq!(known(&k["iommu"]["mode"], "iommu"), "off");
     let ctrl = &r["nvme"]["controllers"][0];
     assert_eq!(known(&ctrl["model"], "model"), "QEMU NVMe Ctrl");
+    assert!(unknown(&r["nvme"]["multipath"], "multipath").contains("does not exist"));
     assert_eq!(known(&ctrl["numa_node"], "numa"), -1);
     assert!(unknown(&ctrl["namespaces"][0]["generic_device"], "ng").contains("/dev/ng0n1"));
     let table = String::from_utf8(probe(&fixture("no-gpu"), false).stdout).unwrap();

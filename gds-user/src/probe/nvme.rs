@@ -42,7 +42,23 @@ pub struct NvmeNamespace {
 pub struct NvmeSection {
     /// Set when `/sys/class/nvme` cannot be listed (no NVMe driver, or unreadable).
     pub unavailable: Option<String>,
+    /// `/sys/module/nvme_core/parameters/multipath` (`Y`/`N`); cuFile's P2PDMA mode needs `N`.
+    pub multipath: Fact<bool>,
     pub controllers: Vec<NvmeController>,
+}
+
+const MULTIPATH: &str = "/sys/module/nvme_core/parameters/multipath";
+
+fn multipath(root: &HostRoot) -> Fact<bool> {
+    match root.read_attr(MULTIPATH) {
+        Ok(v) if v == "Y" || v == "1" => Fact::Known(true),
+        Ok(v) if v == "N" || v == "0" => Fact::Known(false),
+        Ok(v) => Fact::unknown(format!("{MULTIPATH} holds {v:?}")),
+        Err(err) if err.is_not_found() => Fact::unknown(format!(
+            "{MULTIPATH} does not exist (nvme_core not loaded, or built without NVMe multipath)"
+        )),
+        Err(err) => Fact::from_read_error(err),
+    }
 }
 
 fn attr<T: std::str::FromStr>(root: &HostRoot, path: &str) -> Fact<T> {
@@ -123,12 +139,14 @@ pub fn probe(root: &HostRoot) -> NvmeSection {
                 unavailable: Some(format!(
                     "{NVME_CLASS} does not exist: no NVMe driver loaded or no NVMe controllers"
                 )),
+                multipath: multipath(root),
                 controllers: Vec::new(),
             };
         }
         Err(err) => {
             return NvmeSection {
                 unavailable: Some(err.to_string()),
+                multipath: multipath(root),
                 controllers: Vec::new(),
             };
         }
@@ -172,6 +190,7 @@ pub fn probe(root: &HostRoot) -> NvmeSection {
     }
     NvmeSection {
         unavailable: None,
+        multipath: multipath(root),
         controllers,
     }
 }

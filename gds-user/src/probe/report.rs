@@ -306,6 +306,11 @@ impl Report {
         } else if self.nvme.controllers.is_empty() {
             row(o, "controllers", "none");
         }
+        row(
+            o,
+            "multipath (nvme_core)",
+            &show(&self.nvme.multipath, yes_no),
+        );
         for c in &self.nvme.controllers {
             let _ = writeln!(o, "  {} {}", c.name, show(&c.model, |m| m.clone()));
             row(o, "  firmware", &show(&c.firmware_rev, |f| f.clone()));

@@ -354,6 +354,15 @@ pub fn decide(inputs: &Inputs, gpu: &Gpu) -> Verdict {
         Fact::Unknown(_) => {} // the driver itself is missing: reported above
     }
 
+    if inputs.nvme.multipath == Fact::Known(true) {
+        p2pdma.add(
+            DataPath::Gds,
+            gds_p2pdma,
+            "NVMe multipath is enabled (nvme_core multipath=Y); P2PDMA mode does not support it",
+            "add `options nvme_core multipath=N` to /etc/modprobe.d/nvme.conf, rebuild the initramfs and reboot",
+        );
+    }
+
     // --- Our NVMe passthrough into GPU memory.
     p2pdma_kernel(inputs.kernel, &mut p2p, DataPath::P2p, None);
     nvme_peer(
