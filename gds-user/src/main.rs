@@ -27,8 +27,11 @@ enum Command {
     Stalls(gds_user::stall::StallsArgs),
     /// Report what this host can do for GPUDirect Storage and which data path `read` will use.
     Probe(gds_user::probe::ProbeArgs),
-    /// Read from an NVMe namespace through io_uring passthrough (one command or a stream).
-    Read(gds_user::nvme::cli::NvmeReadArgs),
+    /// Stream SRC (file, block device, /dev/ngXnY) into GPU or host memory by the best route
+    /// (`--path`); without SRC, `--device` reads an NVMe namespace through passthrough.
+    Read(gds_user::datapath::cli::ReadArgs),
+    /// Measure read throughput, IOPS and latency by route (gdsio-class).
+    Bench(gds_user::datapath::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,7 +42,8 @@ fn main() -> ExitCode {
         Some(Command::Top(args)) => gds_user::top::run(args),
         Some(Command::Stalls(args)) => gds_user::stall::stalls_cmd(args),
         Some(Command::Probe(args)) => gds_user::probe::run(args),
-        Some(Command::Read(args)) => gds_user::nvme::cli::read(args),
+        Some(Command::Read(args)) => gds_user::datapath::cli::read(args),
+        Some(Command::Bench(args)) => gds_user::datapath::bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

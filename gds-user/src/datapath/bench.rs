@@ -1,0 +1,351 @@
+//! `gds-agent bench`: gdsio-class measurements. Sequential or random reads of one block size at
+//! a queue depth over threads, for a duration or a byte count, by one route or several in the
+//! same run (`--compare host,bounce,compat,naive`), with the page cache and with O_DIRECT
+//! (`--direct off,on`): throughput, IOPS, latency p50/p99/p99.9, ratios to the host ceiling and
+//! to cuFile compat. A progress bar on a terminal; `--json` for one JSON document.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::bounce::{Limit, Pattern, Plan, Progress, Stats};
+use super::cli::{
+    Job, PipeArgs, execute, metrics_server, parse_duration, parse_size, pipeline_opts,
+    probe_verdict, with_progress,
+};
+use super::cuda::Gpu;
+use super::route::{Dest, PathArg, Route, resolve};
+use super::source::{Direct, Source};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// File, block device or NVMe namespace to read.
+    pub src: PathBuf,
+    /// Destination: gpu, gpu:N or host.
+    #[arg(long, default_value = "gpu")]
+    pub to: Dest,
+    /// Route (ignored with --compare).
+    #[arg(long, value_enum, default_value_t = PathArg::Auto)]
+    pub path: PathArg,
+    /// Run several routes in this order, same file, same run: host (io_uring into host memory,
+    /// the ceiling), bounce, compat (cuFile compat mode), gds, naive.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
+    /// seq or rand.
+    #[arg(long, value_enum, default_value_t = Pattern::Seq)]
+    pub pattern: Pattern,
+    /// Bytes per I/O.
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub bs: u64,
+    /// I/Os in flight per thread.
+    #[arg(long, default_value_t = 32)]
+    pub qd: u32,
+    /// Run this long (default: sequential reads the range once, random reads its size).
+    #[arg(long, value_parser = parse_duration)]
+    pub time: Option<Duration>,
+    /// Read this many bytes in total.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// First byte of the range the I/Os fall in.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub offset: u64,
+    /// Length of that range (default: to the end of SRC).
+    #[arg(long, value_parser = parse_size)]
+    pub span: Option<u64>,
+    /// O_DIRECT settings to run, e.g. `off,on` (off = page cache).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    pub direct: Vec<Direct>,
+    /// Read the range once through the page cache first, so page-cache runs measure memory.
+    #[arg(long)]
+    pub prewarm: bool,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub path: String,
+    pub dest: String,
+    pub direct: bool,
+    pub pattern: Pattern,
+    pub bs: u64,
+    pub qd: u32,
+    pub threads: usize,
+    pub bytes: u64,
+    pub ios: u64,
+    pub seconds: f64,
+    pub gb_per_sec: f64,
+    pub iops: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+    pub lat_p999_us: f64,
+    /// Throughput / the host ceiling of the same O_DIRECT setting, when measured.
+    pub vs_ceiling: Option<f64>,
+    /// Throughput / cuFile compat of the same O_DIRECT setting, when measured.
+    pub vs_compat: Option<f64>,
+    pub notes: Vec<String>,
+}
+
+/// The `q` quantile (0..1) of unsorted samples, in µs.
+pub fn quantile_us(samples: &mut [u64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+    let (_, v, _) = samples.select_nth_unstable(i);
+    *v as f64 / 1e3
+}
+
+fn row(
+    route: Route,
+    dest: &Dest,
+    direct: bool,
+    a: &BenchArgs,
+    threads: usize,
+    mut s: Stats,
+) -> Row {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    Row {
+        path: route.as_str().into(),
+        dest: if route == Route::Host {
+            "host".into()
+        } else {
+            dest.label()
+        },
+        direct,
+        pattern: a.pattern,
+        bs: a.bs,
+        qd: a.qd,
+        threads,
+        bytes: s.bytes,
+        ios: s.ios,
+        seconds: secs,
+        gb_per_sec: s.bytes as f64 / 1e9 / secs,
+        iops: s.ios as f64 / secs,
+        lat_p50_us: quantile_us(&mut s.latencies_ns, 0.50),
+        lat_p99_us: quantile_us(&mut s.latencies_ns, 0.99),
+        lat_p999_us: quantile_us(&mut s.latencies_ns, 0.999),
+        vs_ceiling: None,
+        vs_compat: None,
+        notes: s.notes,
+    }
+}
+
+fn route_of(name: &str) -> anyhow::Result<PathArg> {
+    Ok(match name {
+        "host" | "ceiling" => PathArg::Auto,
+        "bounce" => PathArg::Bounce,
+        "compat" => PathArg::Compat,
+        "gds" => PathArg::Gds,
+        "naive" => PathArg::Naive,
+        "p2p" => PathArg::P2p,
+        "auto" => PathArg::Auto,
+        other => bail!("--compare: unknown route {other:?} (host, bounce, compat, gds, naive)"),
+    })
+}
+
+fn prewarm(path: &std::path::Path, offset: u64, len: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f =
+        std::fs::File::open(path).with_context(|| format!("prewarm: open {}", path.display()))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut off = offset;
+    while off < offset + len {
+        let want = (offset + len - off).min(buf.len() as u64) as usize;
+        let n = f.read_at(&mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.bs == 0 {
+        bail!("--bs must be positive");
+    }
+    let runs: Vec<(String, PathArg)> = if a.compare.is_empty() {
+        vec![(format!("{:?}", a.path).to_lowercase(), a.path)]
+    } else {
+        a.compare
+            .iter()
+            .map(|n| Ok((n.clone(), route_of(n)?)))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let metrics = metrics_server(&a.pipe)?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut gpu_dst = None;
+    for &direct in &a.direct {
+        let mut source = Source::open(&a.src, direct)?;
+        let range = source.range(a.offset, a.span, direct)?;
+        let bs = source.chunk(a.bs);
+        if range.len < bs {
+            bail!(
+                "the range ({} bytes) is smaller than one I/O ({bs} bytes)",
+                range.len
+            );
+        }
+        let limit = match (a.time, a.size) {
+            (Some(t), _) => Limit::Time(t),
+            (None, Some(s)) => Limit::Bytes(s),
+            (None, None) if a.pattern == Pattern::Seq => Limit::Once,
+            (None, None) => Limit::Bytes(range.len),
+        };
+        let plan = Plan {
+            range,
+            bs,
+            pattern: a.pattern,
+            limit,
+        };
+        if a.prewarm && !source.direct {
+            prewarm(&source.data_path, range.offset, range.len)?;
+        }
+        for (name, parg) in &runs {
+            let dest = if name == "host" || name == "ceiling" {
+                Dest::Host
+            } else {
+                a.to.clone()
+            };
+            let (route, note) = resolve(*parg, &dest, source.kind, probe_verdict)?;
+            if let (Dest::Gpu(n), None) = (&dest, &gpu_dst) {
+                if route != Route::Host {
+                    let gpu = Gpu::open(*n)?;
+                    // One allocation for every route: the whole range, at most 8 GiB.
+                    let cap = range.len.min(8 << 30) / bs * bs;
+                    gpu_dst = Some(gpu.alloc(cap.max(bs) as usize)?);
+                }
+            }
+            let progress = Progress {
+                metrics: metrics
+                    .as_ref()
+                    .map(|(m, _)| m.handles(route.as_str(), &dest.label())),
+                ..Progress::default()
+            };
+            let opts = pipeline_opts(&a.pipe, a.qd, true, source.direct);
+            let total = match limit {
+                Limit::Once => Some(range.len),
+                Limit::Bytes(b) => Some(b),
+                Limit::Time(_) => None,
+            };
+            if !a.json {
+                eprintln!(
+                    "{name}: {} {} KiB QD {} x{} threads, {}",
+                    format!("{:?}", a.pattern).to_lowercase(),
+                    bs / 1024,
+                    a.qd,
+                    opts.threads,
+                    if source.direct {
+                        "O_DIRECT"
+                    } else {
+                        "page cache"
+                    }
+                );
+            }
+            let out = with_progress(&progress, total, a.json, || {
+                execute(Job {
+                    route,
+                    source: &source,
+                    plan,
+                    dest: &dest,
+                    opts,
+                    verify: false,
+                    progress: &progress,
+                    dst: gpu_dst.as_ref(),
+                })
+            });
+            let mut r = match out {
+                Ok(o) => row(route, &dest, source.direct, &a, opts.threads, o.stats),
+                Err(e) => {
+                    eprintln!("{name}: failed: {e}");
+                    let mut r = row(
+                        route,
+                        &dest,
+                        source.direct,
+                        &a,
+                        opts.threads,
+                        Stats::default(),
+                    );
+                    r.notes.push(format!("failed: {e}"));
+                    r.gb_per_sec = 0.0;
+                    r
+                }
+            };
+            r.path = name.clone();
+            r.notes.extend(note);
+            r.notes.extend(source.note.clone());
+            rows.push(r);
+        }
+    }
+    for i in 0..rows.len() {
+        let find = |p: &str| {
+            rows.iter()
+                .find(|r| r.path == p && r.direct == rows[i].direct && r.gb_per_sec > 0.0)
+                .map(|r| r.gb_per_sec)
+        };
+        let (c, k) = (find("host"), find("compat"));
+        rows[i].vs_ceiling = c.map(|c| rows[i].gb_per_sec / c);
+        rows[i].vs_compat = k.map(|k| rows[i].gb_per_sec / k);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table(&rows));
+    }
+    if let Some((_, srv)) = metrics {
+        std::thread::sleep(a.pipe.metrics_linger);
+        drop(srv);
+    }
+    if rows.iter().any(|r| r.gb_per_sec == 0.0 && r.bytes == 0) {
+        bail!("some runs failed (see above)");
+    }
+    Ok(())
+}
+
+pub fn table(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<8} {:<6} {:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}\n",
+        "path", "dest", "io", "GB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "/ceiling", "/compat"
+    );
+    let ratio = |r: Option<f64>| r.map_or("-".to_owned(), |v| format!("{v:.2}x"));
+    for r in rows {
+        s += &format!(
+            "{:<8} {:<6} {:<10} {:>9.2} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8}\n",
+            r.path,
+            r.dest,
+            if r.direct { "O_DIRECT" } else { "pagecache" },
+            r.gb_per_sec,
+            r.iops,
+            r.lat_p50_us,
+            r.lat_p99_us,
+            r.lat_p999_us,
+            ratio(r.vs_ceiling),
+            ratio(r.vs_compat),
+        );
+        for n in &r.notes {
+            s += &format!("         note: {n}\n");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles() {
+        let mut v: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        v.reverse();
+        assert_eq!(quantile_us(&mut v, 0.5), 500.0);
+        assert_eq!(quantile_us(&mut v, 0.99), 990.0);
+        assert_eq!(quantile_us(&mut v, 0.999), 999.0);
+        assert_eq!(quantile_us(&mut [], 0.5), 0.0);
+        assert_eq!(quantile_us(&mut [7000], 0.999), 7.0);
+    }
+}

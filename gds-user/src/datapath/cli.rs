@@ -1,0 +1,456 @@
+//! `gds-agent read SRC --to gpu[:N]|host|p2pmem:BDF [--path ...] [--offset --size --qd --chunk]
+//! [--verify]`; without SRC, `--device /dev/ngXnY` keeps the NVMe passthrough form of
+//! [`crate::nvme::cli`].
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::bounce::{self, Limit, PipelineOpts, Plan, Progress, Stats, Target};
+use super::cuda::{DeviceBuffer, Gpu};
+use super::error::{DatapathError, Result};
+use super::metrics::{PipelineMetrics, Server};
+use super::route::{Dest, PathArg, Route, resolve};
+use super::source::{Direct, Source};
+use super::verify::{self, DigestSink, RangeDigest};
+use super::{cufile, naive, p2p};
+use crate::nvme::cli::NvmeReadArgs;
+
+/// `1M`, `4KiB`, `2g`, `512` → bytes (K/M/G/T are powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let digits_end = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (num, unit) = lower.split_at(digits_end);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("bad size unit in {s:?} (use K, M, G, T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// `10s`, `500ms`, `2m`, `3` (seconds).
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1e3,
+        "us" => v / 1e6,
+        "m" | "min" => v * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Options shared by `read` and `bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipeArgs {
+    /// Worker threads (each with its own io_uring, buffers and CUDA streams).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// CUDA streams per worker for the host→device copies (bounce route).
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// O_DIRECT: auto (when the file system allows it), on, off.
+    #[arg(long, value_enum, default_value_t = Direct::Auto)]
+    pub direct: Direct,
+    /// Punt io_uring reads to its worker threads (IOSQE_ASYNC): parallel page-cache copies.
+    #[arg(long = "async")]
+    pub uring_async: bool,
+    /// Plain io_uring reads instead of registered buffers (READ_FIXED).
+    #[arg(long)]
+    pub no_fixed: bool,
+    /// Serve gds_pipeline_* metrics on this address while the command runs.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Keep serving metrics this long after the command ends (so the last values get scraped).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub metrics_linger: Duration,
+}
+
+/// `--device` when not given (the passthrough form's device is required by its own struct).
+const NO_DEVICE: &str = "(none)";
+
+/// `gds-agent read`: a data-path read (SRC) or an NVMe passthrough read (--device).
+#[derive(clap::Args, Debug, Clone)]
+#[command(mut_arg("device", |a| a.required(false).default_value(NO_DEVICE).hide_default_value(true).conflicts_with("src")))]
+pub struct ReadArgs {
+    /// File, block device or NVMe namespace (/dev/ngXnY) to stream into memory. Without SRC,
+    /// --device selects the NVMe passthrough read.
+    pub src: Option<PathBuf>,
+    /// Destination: gpu, gpu:N, host, or p2pmem:BDF (PCI p2pmem of a peer device).
+    #[arg(long, default_value = "gpu")]
+    pub to: Dest,
+    /// Route: auto (the probe's verdict), gds, p2p, bounce; compat and naive for comparisons.
+    #[arg(long, value_enum, default_value_t = PathArg::Auto)]
+    pub path: PathArg,
+    /// First byte of SRC.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub offset: u64,
+    /// Bytes to read (default: to the end of SRC).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Bytes per I/O.
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub chunk: u64,
+    /// Check every byte: xxh3 of the source range against the bytes brought back.
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
+    #[command(flatten)]
+    pub nvme: NvmeReadArgs,
+}
+
+/// What one execution produced.
+pub struct Outcome {
+    pub route: Route,
+    pub stats: Stats,
+    /// `(reference, got)` when verified (equal, or the run failed).
+    pub verified: Option<RangeDigest>,
+}
+
+/// Everything `execute` needs.
+pub struct Job<'a> {
+    pub route: Route,
+    pub source: &'a Source,
+    pub plan: Plan,
+    pub dest: &'a Dest,
+    pub opts: PipelineOpts,
+    pub verify: bool,
+    pub progress: &'a Progress,
+    /// A GPU buffer to reuse (bench runs several routes into one allocation).
+    pub dst: Option<&'a DeviceBuffer>,
+}
+
+/// Run one route; verify when asked (only for `Limit::Once` plans: every byte once).
+pub fn execute(job: Job<'_>) -> Result<Outcome> {
+    let Job {
+        route,
+        source,
+        plan,
+        dest,
+        opts,
+        verify,
+        progress,
+        dst,
+    } = job;
+    let block = plan.bs;
+    let reference = |src: &Source| -> Result<RangeDigest> {
+        let f = std::fs::File::open(&src.data_path).map_err(|e| DatapathError::Io {
+            path: src.data_path.clone(),
+            what: "verify: open buffered",
+            source: e,
+        })?;
+        verify::hash_file(&f, plan.range, block, &src.path)
+    };
+    let verify = verify && plan.limit == Limit::Once;
+    match route {
+        Route::Host => {
+            let sink = DigestSink::new(plan.range, block);
+            let add = |off: u64, data: &[u8]| sink.add(off, data);
+            let target = Target::Host {
+                sink: if verify { Some(&add) } else { None },
+            };
+            let stats = bounce::run(source, &plan, &target, &opts, progress)?;
+            let verified = if verify {
+                let want = reference(source)?;
+                let got = sink.finish();
+                want.compare(&got, &source.path)?;
+                Some(got)
+            } else {
+                None
+            };
+            Ok(Outcome {
+                route,
+                stats,
+                verified,
+            })
+        }
+        Route::Bounce | Route::Gds | Route::Compat | Route::Naive => {
+            let Dest::Gpu(n) = dest else {
+                return Err(DatapathError::Invalid(format!(
+                    "route {} needs --to gpu",
+                    route.as_str()
+                )));
+            };
+            let owned;
+            let dst = match dst {
+                Some(d) => d,
+                None => {
+                    let gpu = Gpu::open(*n)?;
+                    owned = gpu.alloc(plan.range.len.max(1) as usize)?;
+                    &owned
+                }
+            };
+            let stats = match route {
+                Route::Bounce => bounce::run(source, &plan, &Target::Gpu { dst }, &opts, progress)?,
+                Route::Naive => naive::run(source, &plan, dst, opts.latencies, progress)?,
+                _ => {
+                    let mode = if route == Route::Gds {
+                        cufile::Mode::Gds
+                    } else {
+                        cufile::Mode::Compat
+                    };
+                    let driver = cufile::Driver::open(dst.gpu(), mode)?;
+                    cufile::run(
+                        &driver,
+                        source,
+                        &plan,
+                        dst,
+                        opts.threads,
+                        opts.latencies,
+                        progress,
+                    )?
+                }
+            };
+            let verified = if verify {
+                let want = reference(source)?;
+                let got = verify::hash_device(dst, plan.range, block)?;
+                want.compare(&got, &source.path)?;
+                Some(got)
+            } else {
+                None
+            };
+            Ok(Outcome {
+                route,
+                stats,
+                verified,
+            })
+        }
+        Route::P2p => {
+            let Dest::P2pMem(dir) = dest else {
+                return Err(DatapathError::impossible(
+                    crate::probe::DataPath::P2p,
+                    vec![super::route::gpu_bar1_mapping_missing()],
+                ));
+            };
+            let mem = p2p::P2pMem::map(dir, plan.range.len as usize)?;
+            mem.fill(0);
+            let stats = p2p::run(&source.path, plan.range, plan.bs, opts.qd, &mem, progress)?;
+            let verified = if verify {
+                let want = reference(source)?;
+                let got = verify::hash_memory(
+                    &mem.as_slice()[..plan.range.len as usize],
+                    plan.range,
+                    block,
+                );
+                want.compare(&got, &source.path)?;
+                Some(got)
+            } else {
+                None
+            };
+            Ok(Outcome {
+                route,
+                stats,
+                verified,
+            })
+        }
+    }
+}
+
+/// A progress bar on stderr while `f` runs, when stderr is a terminal.
+pub fn with_progress<T>(
+    progress: &Progress,
+    total: Option<u64>,
+    quiet: bool,
+    f: impl FnOnce() -> T,
+) -> T {
+    if quiet || !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let bar = match total {
+        Some(t) => indicatif::ProgressBar::new(t).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap(),
+        ),
+        None => indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bytes} {binary_bytes_per_sec} {elapsed}",
+            )
+            .unwrap(),
+        ),
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+pub fn metrics_server(pipe: &PipeArgs) -> anyhow::Result<Option<(Arc<PipelineMetrics>, Server)>> {
+    match pipe.metrics_listen {
+        None => Ok(None),
+        Some(addr) => {
+            let m = PipelineMetrics::new();
+            let srv = Server::start(addr, m.clone())
+                .with_context(|| format!("--metrics-listen {addr}"))?;
+            eprintln!(
+                "serving gds_pipeline_* metrics on http://{}/metrics",
+                srv.addr
+            );
+            Ok(Some((m, srv)))
+        }
+    }
+}
+
+pub fn pipeline_opts(pipe: &PipeArgs, qd: u32, latencies: bool, direct: bool) -> PipelineOpts {
+    PipelineOpts {
+        qd,
+        threads: pipe.threads.max(1),
+        streams: pipe.streams.max(1),
+        fixed: !pipe.no_fixed,
+        uring_async: pipe.uring_async && !direct,
+        latencies,
+    }
+}
+
+/// The probe's verdict for GPU `n` on this host.
+pub fn probe_verdict(n: u32) -> Option<crate::probe::Verdict> {
+    let report = crate::probe::Report::collect(&crate::probe::HostRoot::new("/"));
+    report.verdict_for_gpu(n).cloned()
+}
+
+pub fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let Some(src) = args.src.clone() else {
+        if args.nvme.device.as_os_str() == NO_DEVICE {
+            bail!(
+                "give SRC (a file, block device or /dev/ngXnY) or --device /dev/ngXnY for a passthrough read"
+            );
+        }
+        return crate::nvme::cli::read(args.nvme);
+    };
+    let mut source = Source::open(&src, args.pipe.direct)?;
+    let (route, note) = resolve(args.path, &args.to, source.kind, probe_verdict)?;
+    let range = source.range(args.offset, args.size, args.pipe.direct)?;
+    let chunk = source.chunk(args.chunk);
+    let plan = Plan::once(range, chunk);
+    let metrics = metrics_server(&args.pipe)?;
+    let progress = Progress {
+        metrics: metrics
+            .as_ref()
+            .map(|(m, _)| m.handles(route.as_str(), &args.to.label())),
+        ..Progress::default()
+    };
+    let opts = pipeline_opts(&args.pipe, args.nvme.qd, false, source.direct);
+    let t0 = Instant::now();
+    let outcome = with_progress(&progress, Some(range.len), args.nvme.json, || {
+        execute(Job {
+            route,
+            source: &source,
+            plan,
+            dest: &args.to,
+            opts,
+            verify: args.verify,
+            progress: &progress,
+            dst: None,
+        })
+    });
+    let wall = t0.elapsed();
+    let outcome = outcome?;
+    let s = &outcome.stats;
+    let mut notes: Vec<String> = note.into_iter().chain(source.note.clone()).collect();
+    notes.extend(s.notes.iter().cloned());
+    if args.nvme.json {
+        let v = serde_json::json!({
+            "src": src,
+            "dest": args.to.label(),
+            "path": route.as_str(),
+            "direct": source.direct,
+            "offset": range.offset,
+            "bytes": s.bytes,
+            "chunk": chunk,
+            "qd": opts.qd,
+            "threads": opts.threads,
+            "seconds": s.elapsed.as_secs_f64(),
+            "wall_seconds": wall.as_secs_f64(),
+            "gb_per_sec": s.gb_per_sec(),
+            "verified": outcome.verified.as_ref().map(|d| format!("{:016x}", d.digest())),
+            "notes": notes,
+        });
+        println!("{v}");
+    } else {
+        for n in &notes {
+            eprintln!("note: {n}");
+        }
+        println!(
+            "read {} bytes of {} at {} into {} by {} ({}, {} KiB I/Os, QD {}, {} thread{}) in {:.3} s: {:.2} GB/s",
+            s.bytes,
+            src.display(),
+            range.offset,
+            args.to.label(),
+            route.as_str(),
+            if source.direct {
+                "O_DIRECT"
+            } else {
+                "page cache"
+            },
+            chunk / 1024,
+            opts.qd,
+            opts.threads,
+            if opts.threads == 1 { "" } else { "s" },
+            s.elapsed.as_secs_f64(),
+            s.gb_per_sec()
+        );
+        if let Some(d) = &outcome.verified {
+            println!(
+                "verify: ok, every byte matches the source (xxh3 of {} blocks: {:016x})",
+                d.blocks.len(),
+                d.digest()
+            );
+        }
+    }
+    if let Some((_, srv)) = metrics {
+        std::thread::sleep(args.pipe.metrics_linger);
+        drop(srv);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("3mb"), Ok(3 << 20));
+        assert!(parse_size("1x").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("5h").is_err());
+    }
+}
