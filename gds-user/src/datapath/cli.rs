@@ -69,9 +69,6 @@ pub struct PipeArgs {
     /// CUDA streams per worker for the host→device copies (bounce route).
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
-    /// O_DIRECT: auto (when the file system allows it), on, off.
-    #[arg(long, value_enum, default_value_t = Direct::Auto)]
-    pub direct: Direct,
     /// Punt io_uring reads to its worker threads (IOSQE_ASYNC): parallel page-cache copies.
     #[arg(long = "async")]
     pub uring_async: bool,
@@ -114,6 +111,9 @@ pub struct ReadArgs {
     /// Check every byte: xxh3 of the source range against the bytes brought back.
     #[arg(long)]
     pub verify: bool,
+    /// O_DIRECT: auto (when the file system allows it), on, off.
+    #[arg(long, value_enum, default_value_t = Direct::Auto)]
+    pub direct: Direct,
     #[command(flatten)]
     pub pipe: PipeArgs,
     #[command(flatten)]
@@ -348,9 +348,9 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
         }
         return crate::nvme::cli::read(args.nvme);
     };
-    let mut source = Source::open(&src, args.pipe.direct)?;
+    let mut source = Source::open(&src, args.direct)?;
     let (route, note) = resolve(args.path, &args.to, source.kind, probe_verdict)?;
-    let range = source.range(args.offset, args.size, args.pipe.direct)?;
+    let range = source.range(args.offset, args.size, args.direct)?;
     let chunk = source.chunk(args.chunk);
     let plan = Plan::once(range, chunk);
     let metrics = metrics_server(&args.pipe)?;
