@@ -80,20 +80,20 @@ pub enum NvmeError {
     #[error("{device}: namespace geometry unavailable: {reason}")]
     Geometry { device: String, reason: String },
 
-    #[error("{device}: cannot open: {source}; {hint}")]
+    // The io::Error is part of the message (not a `source`), so that `{}` alone says why and
+    // `{:#}` does not say it twice.
+    #[error("{device}: cannot open: {io}; {hint}")]
     Open {
         device: String,
         hint: &'static str,
-        #[source]
-        source: io::Error,
+        io: io::Error,
     },
 
-    #[error("{device}: io_uring {what} failed: {source}")]
+    #[error("{device}: io_uring {what} failed: {io}")]
     Ring {
         device: String,
         what: &'static str,
-        #[source]
-        source: io::Error,
+        io: io::Error,
     },
 
     #[error(

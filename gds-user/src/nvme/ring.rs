@@ -83,9 +83,9 @@ impl NvmeRing {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|source| NvmeError::Open {
+            .map_err(|io| NvmeError::Open {
                 device: name.clone(),
-                hint: match source.raw_os_error() {
+                hint: match io.raw_os_error() {
                     Some(libc::EACCES) | Some(libc::EPERM) => {
                         "passthrough needs CAP_SYS_ADMIN or read/write permission on the node"
                     }
@@ -94,7 +94,7 @@ impl NvmeRing {
                     }
                     _ => "check that it is an NVMe char device",
                 },
-                source,
+                io,
             })?;
         Self::from_fd(file.into(), name, depth)
     }
@@ -104,10 +104,10 @@ impl NvmeRing {
         let depth = depth.clamp(1, 4096);
         let ring = IoUring::<squeue::Entry128, cqueue::Entry32>::builder()
             .build(depth)
-            .map_err(|source| NvmeError::Ring {
+            .map_err(|io| NvmeError::Ring {
                 device: device.clone(),
                 what: "setup (SQE128|CQE32)",
-                source,
+                io,
             })?;
         Ok(Self {
             ring,
@@ -152,11 +152,11 @@ impl NvmeRing {
     pub unsafe fn register_buffers(&mut self, buffers: &mut [DmaBuffer]) -> Result<(), NvmeError> {
         let iovecs: Vec<libc::iovec> = buffers.iter_mut().map(|b| b.iovec()).collect();
         // SAFETY: forwarded to the caller's contract.
-        unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
+        unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|io| {
             NvmeError::Ring {
                 device: self.device.clone(),
                 what: "register_buffers",
-                source,
+                io,
             }
         })?;
         self.registered_buffers = iovecs.len() as u16;
@@ -170,10 +170,10 @@ impl NvmeRing {
         self.ring
             .submitter()
             .unregister_buffers()
-            .map_err(|source| NvmeError::Ring {
+            .map_err(|io| NvmeError::Ring {
                 device: self.device.clone(),
                 what: "unregister_buffers",
-                source,
+                io,
             })?;
         self.registered_buffers = 0;
         Ok(())
@@ -200,7 +200,7 @@ impl NvmeRing {
             return Err(NvmeError::Ring {
                 device: self.device.clone(),
                 what: "push (fixed buffer index)",
-                source: std::io::Error::new(
+                io: std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     format!(
                         "buf_index {i} but {} buffers are registered",
@@ -235,11 +235,11 @@ impl NvmeRing {
             match self.ring.submit_and_wait(want) {
                 Ok(n) => break n,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(source) => {
+                Err(io) => {
                     return Err(NvmeError::Ring {
                         device: self.device.clone(),
                         what: "submit",
-                        source,
+                        io,
                     });
                 }
             }
@@ -282,11 +282,11 @@ impl NvmeRing {
         match res {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-            Err(source) => {
+            Err(io) => {
                 return Err(NvmeError::Ring {
                     device: self.device.clone(),
                     what: "wait (submit_with_args)",
-                    source,
+                    io,
                 });
             }
         }
@@ -296,7 +296,7 @@ impl NvmeRing {
             return Err(NvmeError::Ring {
                 device: self.device.clone(),
                 what: "wait",
-                source: std::io::Error::from_raw_os_error(libc::ETIME),
+                io: std::io::Error::from_raw_os_error(libc::ETIME),
             });
         }
         Ok(())
@@ -330,7 +330,7 @@ impl NvmeRing {
             return Err(NvmeError::Ring {
                 device: self.device.clone(),
                 what: "execute",
-                source: std::io::Error::new(
+                io: std::io::Error::new(
                     std::io::ErrorKind::ResourceBusy,
                     format!(
                         "{} commands are queued or in flight; execute needs an idle ring",
@@ -376,21 +376,31 @@ impl NvmeRing {
 /// Geometry of an NVMe namespace char device: sysfs first (the limits the kernel applies),
 /// Identify through the controller's char device when sysfs has no entry for it.
 pub fn namespace_geometry(device: &Path) -> Result<NamespaceGeometry, NvmeError> {
-    match NamespaceGeometry::from_sysfs(device) {
-        Ok(g) => Ok(g),
-        Err(sysfs_err) => {
-            let name = device.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let (ctrl_dev, nsid) = match (
-                super::geometry::controller_device_for(name),
-                name.rsplit_once('n')
-                    .and_then(|(_, y)| y.parse::<u32>().ok()),
-            ) {
-                (Some(c), Some(n)) => (c, n),
-                _ => return Err(sysfs_err),
-            };
-            let mut ring = NvmeRing::open(&ctrl_dev, 2)?;
-            let (ctrl, ns) = ring.identify(nsid)?;
-            NamespaceGeometry::from_identify(&device.display().to_string(), nsid, &ns, &ctrl)
-        }
+    let name = device.display().to_string();
+    if let Err(io) = std::fs::metadata(device) {
+        return Err(NvmeError::Open {
+            device: name,
+            hint: "NVMe namespaces have generic char devices /dev/ngXnY (Linux >= 5.19)",
+            io,
+        });
     }
+    let sysfs_err = match NamespaceGeometry::from_sysfs(device) {
+        Ok(g) => return Ok(g),
+        Err(e) => e,
+    };
+    let file = device.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let (Some(ctrl_dev), Some(nsid)) = (
+        super::geometry::controller_device_for(file),
+        file.rsplit_once('n')
+            .and_then(|(_, y)| y.parse::<u32>().ok()),
+    ) else {
+        return Err(sysfs_err);
+    };
+    let identify = NvmeRing::open(&ctrl_dev, 2)
+        .and_then(|mut ring| ring.identify(nsid))
+        .and_then(|(ctrl, ns)| NamespaceGeometry::from_identify(&name, nsid, &ns, &ctrl));
+    identify.map_err(|e| NvmeError::Geometry {
+        device: name,
+        reason: format!("{sysfs_err}; and Identify through {ctrl_dev} failed: {e}"),
+    })
 }
