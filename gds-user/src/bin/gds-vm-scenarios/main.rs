@@ -15,6 +15,7 @@
 //! its `scenarios()`; [`registry`] concatenates the modules. `list` prints the names so the host
 //! knows which results to expect.
 
+mod agent;
 mod nvme;
 mod selftest;
 mod util;
@@ -59,6 +60,7 @@ impl Ctx {
 fn registry() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(nvme::scenarios());
+    all.extend(agent::scenarios());
     all.extend(selftest::scenarios());
     all
 }
