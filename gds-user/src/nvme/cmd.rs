@@ -519,6 +519,95 @@ mod tests {
     }
 
     #[test]
+    fn reserved_fields_stay_zero() {
+        let mut buf = vec![0u8; 512];
+        let cmd = NvmeWriteCmd::new(1, 5, 1)
+            .buffer(buf.as_mut_ptr(), 512)
+            .build(&geom())
+            .unwrap();
+        assert_eq!(
+            (
+                cmd.flags,
+                cmd.rsvd1,
+                cmd.cdw2,
+                cmd.cdw3,
+                cmd.metadata,
+                cmd.metadata_len
+            ),
+            (0, 0, 0, 0, 0, 0)
+        );
+        assert_eq!((cmd.cdw13, cmd.cdw14, cmd.cdw15, cmd.rsvd2), (0, 0, 0, 0));
+    }
+
+    /// Arbitrary (including absurd) inputs give a command or an error, never a panic.
+    #[test]
+    fn never_panics_on_arbitrary_input() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let edges = [
+            0u64,
+            1,
+            7,
+            8,
+            511,
+            512,
+            4096,
+            65_535,
+            65_536,
+            65_537,
+            u32::MAX as u64,
+            u64::MAX,
+        ];
+        let pick = |r: u64| -> u64 {
+            if r % 3 == 0 {
+                edges[(r / 3) as usize % edges.len()]
+            } else {
+                r
+            }
+        };
+        for _ in 0..20_000 {
+            let g = NamespaceGeometry {
+                device: "/dev/ngXnY".into(),
+                nsid: next() as u32,
+                lba_size: pick(next()) as u32,
+                metadata_size: 0,
+                capacity_blocks: pick(next()),
+                max_transfer_bytes: pick(next()),
+                dma_alignment: pick(next()) as u32,
+                source: GeometrySource::Sysfs,
+            };
+            let (lba, blocks, addr, len) = (
+                pick(next()),
+                pick(next()) as u32,
+                pick(next()),
+                pick(next()),
+            );
+            let r = NvmeReadCmd::new(g.nsid, lba, blocks)
+                .buffer(addr as *mut u8, len as usize)
+                .build(&g);
+            if let Ok(cmd) = r {
+                // Anything accepted fits the namespace and the command format.
+                assert!(cmd.slba() + u64::from(cmd.blocks()) <= g.capacity_blocks);
+                assert_eq!(
+                    u64::from(cmd.data_len),
+                    u64::from(blocks) * u64::from(g.lba_size)
+                );
+            }
+            let _ = NvmeWriteCmd::new(g.nsid, lba, blocks)
+                .buffer(addr as *const u8, len as usize)
+                .build_unchecked();
+            let _ = g.max_blocks_per_command();
+            let _ = g.capacity_bytes();
+            let _ = crate::nvme::stream::default_chunk_blocks(&g);
+        }
+    }
+
+    #[test]
     fn flush_and_identify() {
         let f = NvmeFlushCmd::new(3).build();
         assert_eq!((f.opcode, f.nsid, f.addr, f.data_len), (0, 3, 0, 0));

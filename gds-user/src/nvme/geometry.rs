@@ -36,7 +36,8 @@ pub struct NamespaceGeometry {
 
 impl NamespaceGeometry {
     pub fn capacity_bytes(&self) -> u64 {
-        self.capacity_blocks * u64::from(self.lba_size)
+        self.capacity_blocks
+            .saturating_mul(u64::from(self.lba_size))
     }
 
     /// Largest block count per command allowed by MDTS and the 16-bit NLB.
@@ -45,7 +46,7 @@ impl NamespaceGeometry {
         let by_mdts = if self.max_transfer_bytes == 0 {
             by_nlb
         } else {
-            self.max_transfer_bytes / u64::from(self.lba_size)
+            self.max_transfer_bytes / u64::from(self.lba_size.max(1))
         };
         by_nlb.min(by_mdts).max(1) as u32
     }

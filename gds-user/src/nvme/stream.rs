@@ -43,7 +43,7 @@ impl StreamOptions {
 }
 
 pub fn default_chunk_blocks(geometry: &NamespaceGeometry) -> u32 {
-    let by_size = (DEFAULT_CHUNK_BYTES / u64::from(geometry.lba_size)).max(1) as u32;
+    let by_size = (DEFAULT_CHUNK_BYTES / u64::from(geometry.lba_size.max(1))).max(1) as u32;
     by_size.min(geometry.max_blocks_per_command())
 }
 
