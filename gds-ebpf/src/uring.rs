@@ -103,51 +103,60 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
     if !opcode_enabled(opcode) {
         return;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !task_enabled(tgid) {
-        return;
+    let filtered = conf!(filter_tgid) != 0 || conf!(filter_comm_on) != 0;
+    let mut pid_tgid = 0;
+    if filtered {
+        pid_tgid = bpf_get_current_pid_tgid();
+        if !task_enabled((pid_tgid >> 32) as u32) {
+            return;
+        }
     }
     let Some(stats) = stats() else { return };
     let req = as_scalar(stats, req);
-    let op = slot(opcode);
     if failed_init && is_tracked(req) {
         // A failed request the submit tracepoint already saw keeps its original entry.
         return;
     }
-    stats.submitted[op] += 1;
+    stats.submitted[slot(opcode)] += 1;
     let every = conf!(sample_every);
     if every > 1 {
+        // Untimed requests stop here: counted, nothing else (the cheap path of --sample).
         let tick = stats.sample_tick;
         stats.sample_tick = tick + 1;
         if tick % every != 0 {
             return;
         }
     }
-    let entry = InflightReq {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        user_data,
-        ring,
-        tgid,
-        pid: pid_tgid as u32,
-        opcode,
-        _pad: [0; 7],
-    };
+    if !filtered {
+        pid_tgid = bpf_get_current_pid_tgid();
+    }
+    let start_ns = unsafe { bpf_ktime_get_ns() };
     if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
-        // SAFETY: map value pointer from an inlined array lookup; `req` is claimed atomically.
-        match cas(unsafe { &raw mut (*slot).req }, 0, req) {
-            Ok(()) => {
-                unsafe { (*slot).entry = entry };
-                stats.inserted += 1;
+        // SAFETY: map value pointer from an inlined array lookup; `req` is claimed atomically,
+        // and the entry is written in place (no stack copy) once the slot is ours.
+        unsafe {
+            let claimed = match cas(&raw mut (*slot).req, 0, req) {
+                Ok(()) => {
+                    stats.inserted += 1;
+                    true
+                }
+                Err(cur) if cur == req => {
+                    // The previous request under this pointer never completed visibly.
+                    stats.drops[DropReason::Replaced as usize] += 1;
+                    true
+                }
+                Err(_) => false,
+            };
+            if claimed {
+                let e = &raw mut (*slot).entry;
+                (*e).start_ns = start_ns;
+                (*e).user_data = user_data;
+                (*e).ring = ring;
+                (*e).tgid = (pid_tgid >> 32) as u32;
+                (*e).pid = pid_tgid as u32;
+                (*e).opcode = opcode;
                 return;
             }
-            Err(cur) if cur == req => {
-                // The previous request under this pointer never completed visibly.
-                stats.drops[DropReason::Replaced as usize] += 1;
-                unsafe { (*slot).entry = entry };
-                return;
-            }
-            Err(_) => {}
         }
     }
     if every > 1 {
@@ -155,6 +164,15 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         // every completion: sampling is statistical already.
         return;
     }
+    let entry = InflightReq {
+        start_ns,
+        user_data,
+        ring,
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        opcode,
+        _pad: [0; 7],
+    };
     match INFLIGHT.insert(&req, &entry, BPF_NOEXIST as u64) {
         Ok(()) => stats.inserted += 1,
         Err(e) if e as i64 == -EEXIST => {
@@ -177,7 +195,6 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
         // Auxiliary CQEs (multishot, msg_ring) carry no request.
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     let Some(stats) = stats() else { return };
     if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
         // SAFETY: map value pointer; only the completion of `req` releases a slot `req` owns.
@@ -189,7 +206,7 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
                 let entry = (*slot).entry;
                 core::ptr::write_volatile(owner, 0);
                 stats.removed += 1;
-                record(stats, req, res, now, &entry);
+                record(stats, req, res, bpf_ktime_get_ns(), &entry);
                 return;
             }
         }
@@ -201,12 +218,16 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
         INFLIGHT.get_ptr(&req)
     };
     let Some(entry) = entry else {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        let unfiltered = conf!(opcode_mask) == u64::MAX;
-        if !task_enabled((pid_tgid >> 32) as u32) {
+        if every > 1 && res >= 0 {
+            // Sampled mode: an untimed request, already counted at submission.
             return;
         }
-        if res < 0 || !unfiltered || every <= 1 {
+        if (conf!(filter_tgid) != 0 || conf!(filter_comm_on) != 0)
+            && !task_enabled((bpf_get_current_pid_tgid() >> 32) as u32)
+        {
+            return;
+        }
+        if res < 0 || conf!(opcode_mask) != u64::MAX {
             let opcode = opcode_of();
             if !opcode_enabled(opcode) {
                 return;
@@ -221,6 +242,7 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
         }
         return;
     };
+    let now = unsafe { bpf_ktime_get_ns() };
     let entry = unsafe { *entry };
     if INFLIGHT.remove(&req).is_ok() {
         stats.removed += 1;
