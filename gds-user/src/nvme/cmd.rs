@@ -131,9 +131,24 @@ struct RwFields {
     blocks: u32,
     addr: u64,
     data_len: u64,
+    /// Vectored (NVME_URING_CMD_IO_VEC): `addr` is the iovec array, `data_len` above the sum
+    /// of its lengths.
+    iov: Option<IovSummary>,
     fua: bool,
     timeout_ms: u32,
 }
+
+/// What validation needs to know about an iovec array, taken while it was borrowed.
+#[derive(Clone, Copy, Debug)]
+struct IovSummary {
+    count: u32,
+    /// Bitwise OR of every segment's address and length: a power-of-two alignment divides
+    /// all of them iff it divides this.
+    or_bits: u64,
+}
+
+/// The kernel's limit on iovecs per vectored command (UIO_MAXIOV).
+pub const MAX_IOVECS: usize = 1024;
 
 impl RwFields {
     fn op(&self) -> &'static str {
@@ -157,6 +172,18 @@ impl RwFields {
                 device: device.to_string(),
                 op: self.op(),
                 blocks: self.blocks,
+            });
+        }
+        if let Some(iov) = self.iov
+            && (iov.count == 0 || iov.count as usize > MAX_IOVECS)
+        {
+            return Err(NvmeError::Data {
+                device: device.to_string(),
+                what: format!(
+                    "{} with {} iovecs: a vectored command takes 1..={MAX_IOVECS}",
+                    self.op(),
+                    iov.count
+                ),
             });
         }
         if self.data_len > u64::from(u32::MAX) {
@@ -195,7 +222,15 @@ impl RwFields {
             });
         }
         let align = u64::from(g.dma_alignment.max(1));
-        if !self.addr.is_multiple_of(align) {
+        if let Some(iov) = self.iov {
+            if !iov.or_bits.is_multiple_of(align) {
+                return Err(NvmeError::MisalignedSegments {
+                    device: device.to_string(),
+                    op,
+                    alignment: g.dma_alignment,
+                });
+            }
+        } else if !self.addr.is_multiple_of(align) {
             return Err(NvmeError::MisalignedBuffer {
                 device: device.to_string(),
                 op,
@@ -220,7 +255,10 @@ impl RwFields {
             opcode: self.opcode,
             nsid: self.nsid,
             addr: self.addr,
-            data_len: self.data_len as u32,
+            data_len: match self.iov {
+                Some(iov) => iov.count,
+                None => self.data_len as u32,
+            },
             cdw10: self.lba as u32,
             cdw11: (self.lba >> 32) as u32,
             // NLB 15:0 (zero-based), FUA bit 30. DTYPE/PRINFO/LR stay zero.
@@ -247,6 +285,7 @@ macro_rules! rw_builder {
                     blocks,
                     addr: 0,
                     data_len: 0,
+                    iov: None,
                     fua: false,
                     timeout_ms: 0,
                 })
@@ -257,6 +296,23 @@ macro_rules! rw_builder {
             pub fn buffer(mut self, ptr: $ptr, len: usize) -> Self {
                 self.0.addr = ptr as u64;
                 self.0.data_len = len as u64;
+                self.0.iov = None;
+                self
+            }
+
+            /// Scatter/gather the data over `iovecs`; submit the result with
+            /// [`UringCmdOp::IoVec`] (the kernel then reads `addr` as the iovec array and
+            /// `data_len` as its count). The array and every segment must stay valid until the
+            /// command completes.
+            pub fn iovecs(mut self, iovecs: &[libc::iovec]) -> Self {
+                self.0.addr = iovecs.as_ptr() as u64;
+                self.0.data_len = iovecs.iter().map(|v| v.iov_len as u64).sum();
+                self.0.iov = Some(IovSummary {
+                    count: iovecs.len().min(u32::MAX as usize) as u32,
+                    or_bits: iovecs
+                        .iter()
+                        .fold(0, |acc, v| acc | v.iov_base as u64 | v.iov_len as u64),
+                });
                 self
             }
 
@@ -516,6 +572,51 @@ mod tests {
             .build_unchecked()
             .unwrap();
         assert_eq!(cmd.slba(), g.capacity_blocks);
+    }
+
+    #[test]
+    fn vectored_read_encodes_the_iovec_array() {
+        let g = geom();
+        let mut a = crate::nvme::DmaBuffer::new(4096);
+        let mut b = crate::nvme::DmaBuffer::new(4096);
+        let iov = [a.iovec(), b.iovec()];
+        let cmd = NvmeReadCmd::new(1, 16, 16).iovecs(&iov).build(&g).unwrap();
+        assert_eq!(cmd.addr, iov.as_ptr() as u64);
+        assert_eq!(cmd.data_len, 2, "data_len is the iovec count for _IO_VEC");
+        assert_eq!(cmd.cdw12, 15);
+        // Total bytes must still match blocks x LBA size.
+        let e = NvmeReadCmd::new(1, 16, 17)
+            .iovecs(&iov)
+            .build(&g)
+            .unwrap_err();
+        assert!(
+            matches!(e, NvmeError::DataLenMismatch { data_len: 8192, .. }),
+            "{e}"
+        );
+        // A segment whose length breaks the DMA alignment is refused.
+        let odd = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 4094,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().wrapping_add(2).cast(),
+                iov_len: 4098,
+            },
+        ];
+        let e = NvmeReadCmd::new(1, 16, 16)
+            .iovecs(&odd)
+            .build(&g)
+            .unwrap_err();
+        assert!(
+            matches!(e, NvmeError::MisalignedSegments { alignment: 4, .. }),
+            "{e}"
+        );
+        let e = NvmeReadCmd::new(1, 16, 16)
+            .iovecs(&[])
+            .build(&g)
+            .unwrap_err();
+        assert!(e.to_string().contains("0 iovecs"), "{e}");
     }
 
     #[test]

@@ -67,6 +67,16 @@ pub enum NvmeError {
     },
 
     #[error(
+        "{device}: {op}: an iovec segment's address or length is not a multiple of the device's \
+         DMA alignment of {alignment} bytes; align every segment"
+    )]
+    MisalignedSegments {
+        device: String,
+        op: &'static str,
+        alignment: u32,
+    },
+
+    #[error(
         "{device}: {op} of {bytes} bytes exceeds the controller's maximum transfer of {limit} \
          bytes (MDTS / max_hw_sectors_kb); split it into commands of at most {limit} bytes"
     )]
@@ -148,6 +158,7 @@ impl NvmeError {
                 | Self::LbaOutOfRange { .. }
                 | Self::DataLenMismatch { .. }
                 | Self::MisalignedBuffer { .. }
+                | Self::MisalignedSegments { .. }
                 | Self::TransferTooLarge { .. }
         )
     }
