@@ -665,7 +665,7 @@ mod tests {
             u64::MAX,
         ];
         let pick = |r: u64| -> u64 {
-            if r % 3 == 0 {
+            if r.is_multiple_of(3) {
                 edges[(r / 3) as usize % edges.len()]
             } else {
                 r
