@@ -134,18 +134,22 @@ fn gds_route_follows_the_probe() {
         return;
     }
     let f = file(&pattern(1 << 20));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gds-agent"))
-        .args([
-            "read",
-            f.path().to_str().unwrap(),
-            "--to",
-            "gpu",
-            "--path",
-            "gds",
-            "--verify",
-        ])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(
+        // GDS_AGENT_BIN: the binary when this test runs away from its build tree.
+        std::env::var("GDS_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_gds-agent").to_owned()),
+    )
+    .args([
+        "read",
+        f.path().to_str().unwrap(),
+        "--to",
+        "gpu",
+        "--path",
+        "gds",
+        "--verify",
+    ])
+    .output()
+    .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     let verdict = gds_user::datapath::cli::probe_verdict(0).expect("probe sees GPU 0");
     if verdict.path == gds_user::probe::DataPath::Gds {

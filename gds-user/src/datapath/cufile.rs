@@ -120,10 +120,13 @@ unsafe impl Sync for Handle {}
 
 impl Handle {
     pub fn register(_driver: &Driver, source: &Source) -> Result<Self> {
-        // SAFETY: zeroed descriptor, then the fields cuFile reads.
-        let mut descr: cfs::CUfileDescr_t = unsafe { std::mem::zeroed() };
-        descr.type_ = cfs::CUfileFileHandleType::CU_FILE_HANDLE_TYPE_OPAQUE_FD;
-        descr.handle.fd = source.file.as_raw_fd();
+        let descr = cfs::CUfileDescr_t {
+            type_: cfs::CUfileFileHandleType::CU_FILE_HANDLE_TYPE_OPAQUE_FD,
+            handle: cfs::CUfileDescr_t__bindgen_ty_1 {
+                fd: source.file.as_raw_fd(),
+            },
+            fs_ops: std::ptr::null(),
+        };
         let fh = cf::handle_register(&descr).map_err(|e| DatapathError::Cufile {
             what: "cuFileHandleRegister",
             detail: format!(
