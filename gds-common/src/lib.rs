@@ -76,3 +76,6 @@ mod tests {
         }
     }
 }
+
+pub mod device;
+pub use device::*;

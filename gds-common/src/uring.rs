@@ -25,10 +25,18 @@ pub enum DropReason {
     /// A submission found an older entry under the same request pointer: the older request was
     /// never seen completing (e.g. `IOSQE_CQE_SKIP_SUCCESS`) and is dropped.
     Replaced = 3,
+    /// The NVMe in-flight map was full at `nvme_setup_cmd`.
+    NvmeInflightFull = 4,
+    /// `nvme_complete_rq` for a command whose setup was not seen.
+    NvmeNoStart = 5,
+    /// The block in-flight map was full at `block_rq_issue`.
+    BlockInflightFull = 6,
+    /// `block_rq_complete` for a request whose issue was not seen.
+    BlockNoStart = 7,
 }
 
 /// Number of [`DropReason`] slots.
-pub const DROP_REASONS: usize = 4;
+pub const DROP_REASONS: usize = 8;
 
 impl DropReason {
     pub const ALL: [DropReason; DROP_REASONS] = [
@@ -36,6 +44,10 @@ impl DropReason {
         DropReason::NoStart,
         DropReason::RingbufFull,
         DropReason::Replaced,
+        DropReason::NvmeInflightFull,
+        DropReason::NvmeNoStart,
+        DropReason::BlockInflightFull,
+        DropReason::BlockNoStart,
     ];
 
     /// The Prometheus label value.
@@ -45,6 +57,10 @@ impl DropReason {
             DropReason::NoStart => "no_start",
             DropReason::RingbufFull => "ringbuf_full",
             DropReason::Replaced => "replaced",
+            DropReason::NvmeInflightFull => "nvme_inflight_full",
+            DropReason::NvmeNoStart => "nvme_no_start",
+            DropReason::BlockInflightFull => "block_inflight_full",
+            DropReason::BlockNoStart => "block_no_start",
         }
     }
 }
@@ -64,7 +80,7 @@ pub struct UringCpuStats {
     pub errors: [u64; MAX_OPCODES],
     /// Timed completions above the slow threshold per opcode.
     pub slow: [u64; MAX_OPCODES],
-    /// Drops by [`DropReason`].
+    /// Drops by [`DropReason`] (io_uring, NVMe and block tracing).
     pub drops: [u64; DROP_REASONS],
     /// Entries added to / removed from the in-flight map; their difference is the in-flight count.
     pub inserted: u64,
@@ -87,7 +103,17 @@ pub struct InflightReq {
     pub tgid: u32,
     pub pid: u32,
     pub opcode: u8,
-    pub _pad: [u8; 7],
+    pub nvme_opcode: u8,
+    /// NVMe queue id and command id once the command is set up (passthrough from io_uring).
+    pub nvme_qid: u16,
+    pub nvme_cid: u16,
+    pub nvme_status: u16,
+    /// CLOCK_MONOTONIC ns of `nvme_setup_cmd` / `nvme_complete_rq` (0: not yet).
+    pub nvme_setup_ns: u64,
+    pub nvme_complete_ns: u64,
+    pub nvme_lba: u64,
+    pub nvme_blocks: u32,
+    pub nvme_dev: u32,
 }
 
 /// One slot of the direct-mapped in-flight table (`GDS_URING_SLOTS`): `req` is the owning
@@ -119,8 +145,16 @@ pub struct SlowUringEvent {
     /// 1 when `comm` was read in the submitter's thread group, 0 when the completion ran
     /// elsewhere (user space then resolves the name from /proc).
     pub comm_valid: u8,
-    pub _pad: [u8; 6],
+    pub nvme_opcode: u8,
+    pub nvme_qid: u16,
+    pub nvme_cid: u16,
+    pub nvme_status: u16,
     pub comm: [u8; COMM_LEN],
+    pub nvme_setup_ns: u64,
+    pub nvme_complete_ns: u64,
+    pub nvme_lba: u64,
+    pub nvme_blocks: u32,
+    pub nvme_dev: u32,
 }
 
 /// Configuration written by user space into the programs' read-only data before loading

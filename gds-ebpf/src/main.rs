@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod device;
 mod uring;
 
 #[cfg(not(test))]

@@ -28,16 +28,18 @@ static STATS: PerCpuArray<UringCpuStats> = PerCpuArray::with_max_entries(1, 0);
 /// costs ~150 ns per request. Requests whose slot is taken fall back to `INFLIGHT`.
 /// Mmapable so user space can scan in-flight requests without a syscall per slot.
 #[map(name = "GDS_URING_SLOTS")]
-static SLOTS: Array<InflightSlot> = Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
+pub(crate) static SLOTS: Array<InflightSlot> =
+    Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "GDS_URING_INFLIGHT")]
-static INFLIGHT: HashMap<u64, InflightReq> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =
+    HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
 
 /// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
 #[map(name = "GDS_EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 const EEXIST: i64 = 17;
 
@@ -50,7 +52,7 @@ macro_rules! conf {
 }
 
 #[inline(always)]
-fn stats() -> Option<&'static mut UringCpuStats> {
+pub(crate) fn stats() -> Option<&'static mut UringCpuStats> {
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
@@ -149,6 +151,8 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
             };
             if claimed {
                 let e = &raw mut (*slot).entry;
+                (*e).nvme_setup_ns = 0;
+                (*e).nvme_complete_ns = 0;
                 (*e).start_ns = start_ns;
                 (*e).user_data = user_data;
                 (*e).ring = ring;
@@ -171,7 +175,15 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         tgid: (pid_tgid >> 32) as u32,
         pid: pid_tgid as u32,
         opcode,
-        _pad: [0; 7],
+        nvme_opcode: 0,
+        nvme_qid: 0,
+        nvme_cid: 0,
+        nvme_status: 0,
+        nvme_setup_ns: 0,
+        nvme_complete_ns: 0,
+        nvme_lba: 0,
+        nvme_blocks: 0,
+        nvme_dev: 0,
     };
     match INFLIGHT.insert(&req, &entry, BPF_NOEXIST as u64) {
         Ok(()) => stats.inserted += 1,
@@ -253,7 +265,7 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
 /// `req` as a plain integer: a round trip through a map value, since the verifier treats a
 /// typed kernel pointer as a pointer even after `as u64` and refuses to hash it.
 #[inline(always)]
-fn as_scalar(stats: &mut UringCpuStats, req: u64) -> u64 {
+pub(crate) fn as_scalar(stats: &mut UringCpuStats, req: u64) -> u64 {
     unsafe {
         core::ptr::write_volatile(&raw mut stats.scratch, req);
         core::ptr::read_volatile(&raw const stats.scratch)
@@ -269,6 +281,18 @@ fn cas(dst: *mut u64, old: u64, new: u64) -> Result<(), u64> {
     let (prev, ok) =
         unsafe { core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { Acquire }>(dst, old, new) };
     if ok { Ok(()) } else { Err(prev) }
+}
+
+/// The in-flight entry of io_uring request `req` (slot table or hash map), if tracked.
+#[inline(always)]
+pub(crate) fn entry_mut(req: u64) -> Option<*mut InflightReq> {
+    if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
+        // SAFETY: map value pointer.
+        if unsafe { core::ptr::read_volatile(&raw const (*slot).req) } == req {
+            return Some(unsafe { &raw mut (*slot).entry });
+        }
+    }
+    INFLIGHT.get_ptr_mut(&req)
 }
 
 /// Whether `req` is in the slot table or the hash map.
@@ -294,6 +318,9 @@ fn record(stats: &mut UringCpuStats, req: u64, res: i32, now: u64, entry: &Infli
         }
     }
     stats.sum_ns[op] += latency;
+    if entry.nvme_setup_ns != 0 {
+        crate::device::record_stages(entry, now);
+    }
     if res < 0 {
         stats.errors[op] += 1;
     }
@@ -330,8 +357,16 @@ fn emit_slow(stats: &mut UringCpuStats, req: u64, res: i32, latency: u64, entry:
         pid: entry.pid,
         opcode: entry.opcode,
         comm_valid,
-        _pad: [0; 6],
+        nvme_opcode: entry.nvme_opcode,
+        nvme_qid: entry.nvme_qid,
+        nvme_cid: entry.nvme_cid,
+        nvme_status: entry.nvme_status,
         comm,
+        nvme_setup_ns: entry.nvme_setup_ns,
+        nvme_complete_ns: entry.nvme_complete_ns,
+        nvme_lba: entry.nvme_lba,
+        nvme_blocks: entry.nvme_blocks,
+        nvme_dev: entry.nvme_dev,
     });
     slot.submit(0);
 }
@@ -339,7 +374,7 @@ fn emit_slow(stats: &mut UringCpuStats, req: u64, res: i32, latency: u64, entry:
 /// Direct load of a field of a kernel object handed to a BTF program. `off` must come from the
 /// read-only config so the verifier sees a constant offset into a typed pointer.
 #[inline(always)]
-unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+pub(crate) unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 

@@ -153,6 +153,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     registry
         .register(Box::new(metrics::UringCollector::new(tracer.clone())))
         .context("registering io_uring metrics")?;
+    registry
+        .register(Box::new(metrics::DeviceCollector::new(tracer.clone())))
+        .context("registering NVMe and block metrics")?;
     crate::probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
         .context("registering the probe's capability and nvidia-fs metrics")?;
 

@@ -295,6 +295,14 @@ impl Btf {
         Ok(bits / 8)
     }
 
+    /// `sizeof(struct name)`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let id = self
+            .struct_id(name)
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
+        Ok(self.ty(id).map(|t| t.size_or_type).unwrap_or(0))
+    }
+
     /// Size in bytes of the member at `path`, following typedefs (pointers are 8).
     pub fn member_size(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
         let mut id = self

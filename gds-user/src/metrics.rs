@@ -343,3 +343,121 @@ mod tests {
         assert!((h.get_sample_sum() - 1e-6).abs() < 1e-15);
     }
 }
+
+/// NVMe, stage and block metrics from the per-disk maps: `gds_nvme_commands_total{disk,opcode}`,
+/// `gds_nvme_command_duration_seconds{disk,opcode}`, `gds_request_stage_duration_seconds{stage,disk}`,
+/// `gds_nvme_errors_total{disk,status}`, `gds_block_request_duration_seconds{disk,op}`.
+pub struct DeviceCollector {
+    tracer: Arc<UringTracer>,
+    descs: Vec<Desc>,
+}
+
+const DEVICE_FAMILIES: &[(&str, &str)] = &[
+    (
+        "gds_nvme_commands_total",
+        "NVMe commands completed, by disk and NVMe opcode.",
+    ),
+    (
+        "gds_nvme_command_duration_seconds",
+        "NVMe command latency (setup to completion), by disk and opcode.",
+    ),
+    (
+        "gds_request_stage_duration_seconds",
+        "io_uring passthrough latency split into stages (queue, device, completion), by disk.",
+    ),
+    (
+        "gds_nvme_errors_total",
+        "NVMe commands completed with an error status, by disk and status name.",
+    ),
+    (
+        "gds_block_request_duration_seconds",
+        "Block request latency (issue to completion), by disk and operation.",
+    ),
+];
+
+impl DeviceCollector {
+    pub fn new(tracer: Arc<UringTracer>) -> Self {
+        let descs = DEVICE_FAMILIES
+            .iter()
+            .map(|(n, h)| {
+                Desc::new((*n).into(), (*h).into(), vec![], Default::default()).expect("valid")
+            })
+            .collect();
+        DeviceCollector { tracer, descs }
+    }
+}
+
+impl Collector for DeviceCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use gds_common::{
+            FLAG_ADMIN, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
+            KIND_STAGE_QUEUE,
+        };
+        let maps = self.tracer.devices();
+        let snap = maps.snapshot();
+        let (mut cmds, mut cmd_hist, mut stages, mut errors, mut block) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for (k, h) in &snap.hists {
+            let disk = maps.disk_name(k.dev);
+            match k.kind {
+                KIND_NVME_CMD => {
+                    let op = crate::trace::nvme_opcode_name(k.code, k.flags & FLAG_ADMIN != 0);
+                    let l = || vec![label("disk", &disk), label("opcode", &op)];
+                    cmds.push(counter(l(), h.count as f64));
+                    cmd_hist.push(log2_histogram(l(), &h.buckets, h.sum_ns));
+                }
+                KIND_STAGE_QUEUE | KIND_STAGE_DEVICE | KIND_STAGE_COMPLETION => {
+                    let stage = match k.kind {
+                        KIND_STAGE_QUEUE => "queue",
+                        KIND_STAGE_DEVICE => "device",
+                        _ => "completion",
+                    };
+                    stages.push(log2_histogram(
+                        vec![label("stage", stage), label("disk", &disk)],
+                        &h.buckets,
+                        h.sum_ns,
+                    ));
+                }
+                KIND_BLOCK => block.push(log2_histogram(
+                    vec![
+                        label("disk", &disk),
+                        label("op", crate::trace::block_op_name(k.code)),
+                    ],
+                    &h.buckets,
+                    h.sum_ns,
+                )),
+                _ => {}
+            }
+        }
+        // Several raw statuses can share a name (DNR/More bits are masked in the kernel).
+        let mut by_name: std::collections::BTreeMap<(String, &'static str), u64> =
+            Default::default();
+        for (k, n) in &snap.errors {
+            let name = crate::nvme::NvmeStatus(k.status).name();
+            *by_name.entry((maps.disk_name(k.dev), name)).or_default() += n;
+        }
+        for ((disk, status), n) in by_name {
+            errors.push(counter(
+                vec![label("disk", &disk), label("status", status)],
+                n as f64,
+            ));
+        }
+        let kinds = [
+            (MetricType::COUNTER, cmds),
+            (MetricType::HISTOGRAM, cmd_hist),
+            (MetricType::HISTOGRAM, stages),
+            (MetricType::COUNTER, errors),
+            (MetricType::HISTOGRAM, block),
+        ];
+        kinds
+            .into_iter()
+            .zip(DEVICE_FAMILIES)
+            .filter(|((_, m), _)| !m.is_empty())
+            .map(|((t, m), (n, h))| family(n, h, t, m))
+            .collect()
+    }
+}

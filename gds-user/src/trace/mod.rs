@@ -3,12 +3,14 @@
 //! [`UringTracer`] owns the loaded object: dropping it detaches every program (aya closes the
 //! links with the object), which is how the agent shuts down cleanly.
 
+mod device;
 mod error;
 mod events;
 mod inflight;
 mod offsets;
 mod uring;
 
+pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, block_op_name, disk_name, nvme_opcode_name};
 pub use error::TraceError;
 pub use events::{SlowEvent, decode_event};
 pub use inflight::{InflightRequest, monotonic_ns};

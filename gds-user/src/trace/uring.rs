@@ -8,13 +8,14 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 use gds_common::{
-    COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, HIST_BUCKETS, InflightReq, MAP_EVENTS,
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, DevConfig, HIST_BUCKETS, InflightReq, MAP_EVENTS,
     MAP_URING_INFLIGHT, MAP_URING_SLOTS, MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
 };
 use tracing::info;
 
 use super::{
     EBPF_OBJECT, InflightRequest, TraceError, check_tracing_caps,
+    device::{self, DeviceAttach, DeviceMaps},
     inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
 };
@@ -138,6 +139,8 @@ pub struct UringTracer {
     slots: SlotTable,
     hash: HashMap<MapData, u64, InflightReq>,
     attach: ResolvedAttach,
+    devices: DeviceMaps,
+    devices_attached: DeviceAttach,
 }
 
 impl UringTracer {
@@ -167,9 +170,18 @@ impl UringTracer {
         )?;
         info!(mode = ?attach.mode, "io_uring tracing: {}", attach.why);
 
+        // NVMe/block programs need BTF offsets; without them they stay unattached.
+        let dev_config = match (&btf_parsed, attach.mode) {
+            (Ok(btf), AttachMode::Btf) => device::resolve(btf).ok(),
+            _ => None,
+        };
+        let device_possible = dev_config.is_some();
+        let dev_config = dev_config.unwrap_or(DevConfig::DEFAULT);
+
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .override_global(UringConfig::SYMBOL, &attach.config, true)
+            .override_global(DevConfig::SYMBOL, &dev_config, true)
             .map_max_entries(MAP_URING_INFLIGHT, opts.max_inflight)
             .map_max_entries(MAP_URING_SLOTS, opts.slots())
             .load(EBPF_OBJECT)
@@ -184,6 +196,12 @@ impl UringTracer {
                 _ => TraceError::Load(e),
             })?;
 
+        let mut devices_attached = DeviceAttach {
+            notes: vec![
+                "NVMe and block tracing need kernel BTF (BTF tracepoints); they are off".into(),
+            ],
+            ..Default::default()
+        };
         match attach.mode {
             AttachMode::Btf => {
                 let btf = aya::Btf::from_sys_fs()
@@ -202,6 +220,9 @@ impl UringTracer {
                         .map_err(|source| TraceError::Program { name: prog, source })?;
                     p.attach()
                         .map_err(|source| TraceError::Program { name: prog, source })?;
+                }
+                if let (Ok(parsed), true) = (&btf_parsed, device_possible) {
+                    devices_attached = device::attach(&mut ebpf, parsed, &btf)?;
                 }
             }
             AttachMode::Classic | AttachMode::Auto => {
@@ -241,17 +262,42 @@ impl UringTracer {
             name: MAP_URING_INFLIGHT,
             source,
         })?;
+        for note in &devices_attached.notes {
+            info!("{note}");
+        }
+        if devices_attached.nvme {
+            info!(
+                "NVMe tracing on: nvme_setup_cmd/nvme_complete_rq, passthrough linked to io_uring \
+                 by request->end_io_data"
+            );
+        }
+        if devices_attached.block {
+            info!("block tracing on: block_rq_issue/block_rq_complete");
+        }
+        let devices = DeviceMaps::take(&mut ebpf)?;
         Ok(UringTracer {
             ebpf,
             stats,
             slots,
             hash,
             attach,
+            devices,
+            devices_attached,
         })
     }
 
     pub fn attach(&self) -> &ResolvedAttach {
         &self.attach
+    }
+
+    /// Per-disk NVMe/block statistics and disk names.
+    pub fn devices(&self) -> &DeviceMaps {
+        &self.devices
+    }
+
+    /// Which device programs are attached.
+    pub fn devices_attached(&self) -> &DeviceAttach {
+        &self.devices_attached
     }
 
     /// Takes the event ring buffer (slow events); call once.

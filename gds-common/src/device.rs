@@ -1,0 +1,140 @@
+//! NVMe and block-layer tracing: in-flight commands, per-disk histograms, and the offsets of
+//! kernel structs the programs read (resolved from BTF at load time).
+
+use crate::HIST_BUCKETS;
+
+/// A device number as the programs build it: `major << 20 | minor` (the kernel's `MKDEV`).
+pub type DevId = u32;
+
+/// Histogram kinds in [`DevHistKey::kind`].
+pub const KIND_NVME_CMD: u8 = 1;
+pub const KIND_STAGE_QUEUE: u8 = 2;
+pub const KIND_STAGE_DEVICE: u8 = 3;
+pub const KIND_STAGE_COMPLETION: u8 = 4;
+pub const KIND_BLOCK: u8 = 5;
+
+/// Block request operations in [`DevHistKey::code`] for [`KIND_BLOCK`] (`req_op()`).
+pub const BLOCK_OP_READ: u8 = 0;
+pub const BLOCK_OP_WRITE: u8 = 1;
+pub const BLOCK_OP_FLUSH: u8 = 2;
+pub const BLOCK_OP_DISCARD: u8 = 3;
+/// `REQ_OP_DRV_IN` / `REQ_OP_DRV_OUT`: driver-private (NVMe passthrough).
+pub const BLOCK_OP_DRV_IN: u8 = 34;
+pub const BLOCK_OP_DRV_OUT: u8 = 35;
+
+/// Key of the per-CPU per-disk histograms (`GDS_DEV_HIST`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DevHistKey {
+    pub dev: DevId,
+    pub kind: u8,
+    /// NVMe opcode for [`KIND_NVME_CMD`], block op for [`KIND_BLOCK`], 0 for stages.
+    pub code: u8,
+    /// [`FLAG_ADMIN`]: an admin-queue command (admin and I/O opcodes overlap).
+    pub flags: u16,
+}
+
+pub const FLAG_ADMIN: u16 = 1;
+
+/// A log2 latency histogram with count and sum (nanoseconds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DevHist {
+    pub buckets: [u64; HIST_BUCKETS],
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+impl DevHist {
+    pub const ZERO: DevHist = DevHist {
+        buckets: [0; HIST_BUCKETS],
+        count: 0,
+        sum_ns: 0,
+    };
+}
+
+/// Key of the NVMe error counters (`GDS_NVME_ERRORS`): disk and NVMe status
+/// (status code type << 8 | status code, without the DNR/More bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NvmeErrKey {
+    pub dev: DevId,
+    pub status: u16,
+    pub _pad: u16,
+}
+
+/// An NVMe command between `nvme_setup_cmd` and `nvme_complete_rq`, keyed by `struct request *`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NvmeInflight {
+    pub setup_ns: u64,
+    /// The io_uring request (`struct io_kiocb *`) for passthrough from io_uring, else 0.
+    pub uring_req: u64,
+    pub dev: DevId,
+    pub opcode: u8,
+    pub admin: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A block request between `block_rq_issue` and `block_rq_complete`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockInflight {
+    pub issue_ns: u64,
+    pub dev: DevId,
+    pub op: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Offsets for the NVMe and block programs (`GDS_DEV_CONFIG`), from BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DevConfig {
+    pub rq_q: u32,
+    pub rq_cmd_flags: u32,
+    pub rq_end_io_data: u32,
+    pub rq_mq_hctx: u32,
+    pub q_disk: u32,
+    pub q_queuedata: u32,
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    pub hctx_queue_num: u32,
+    /// `sizeof(struct request)`: the NVMe driver's `struct nvme_request` follows it.
+    pub rq_size: u32,
+    pub nvme_req_status: u32,
+    pub _pad: u32,
+}
+
+impl DevConfig {
+    pub const SYMBOL: &'static str = "GDS_DEV_CONFIG";
+    pub const DEFAULT: DevConfig = DevConfig {
+        rq_q: 0,
+        rq_cmd_flags: 0,
+        rq_end_io_data: 0,
+        rq_mq_hctx: 0,
+        q_disk: 0,
+        q_queuedata: 0,
+        disk_major: 0,
+        disk_first_minor: 0,
+        hctx_queue_num: 0,
+        rq_size: 0,
+        nvme_req_status: 0,
+        _pad: 0,
+    };
+}
+
+pub const MAP_DEV_HIST: &str = "GDS_DEV_HIST";
+pub const MAP_NVME_ERRORS: &str = "GDS_NVME_ERRORS";
+pub const MAP_NVME_INFLIGHT: &str = "GDS_NVME_INFLIGHT";
+pub const MAP_BLOCK_INFLIGHT: &str = "GDS_BLOCK_INFLIGHT";
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for DevHistKey {}
+    unsafe impl aya::Pod for DevHist {}
+    unsafe impl aya::Pod for NvmeErrKey {}
+    unsafe impl aya::Pod for NvmeInflight {}
+    unsafe impl aya::Pod for BlockInflight {}
+    unsafe impl aya::Pod for DevConfig {}
+}
