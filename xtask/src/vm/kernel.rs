@@ -40,7 +40,13 @@ fn candidates(series: &str) -> Result<Vec<String>> {
     if names.is_empty() {
         names = search(true)?;
     }
-    // Newest first by the numbers in the name (6.12.117+deb12 > 6.12.100+deb12).
+    newest_first(&mut names);
+    Ok(names)
+}
+
+/// Sort package names newest first by the numbers in them (6.12.117+deb12 > 6.12.100+deb12,
+/// 6.1.0-56 > 6.1.0-9).
+fn newest_first(names: &mut [String]) {
     let key = |n: &String| -> Vec<u64> {
         n.split(|c: char| !c.is_ascii_digit())
             .filter(|s| !s.is_empty())
@@ -48,7 +54,6 @@ fn candidates(series: &str) -> Result<Vec<String>> {
             .collect()
     };
     names.sort_by_key(|n| std::cmp::Reverse(key(n)));
-    Ok(names)
 }
 
 /// The newest cloud kernel of `series`, downloaded and unpacked under `cache` once.
@@ -122,4 +127,31 @@ fn list_debs(dir: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "deb"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_kernel_first() {
+        let mut v: Vec<String> = [
+            "linux-image-6.1.0-9-cloud-amd64",
+            "linux-image-6.1.0-56-cloud-amd64",
+            "linux-image-6.1.0-47-cloud-amd64",
+        ]
+        .map(String::from)
+        .to_vec();
+        newest_first(&mut v);
+        assert_eq!(v[0], "linux-image-6.1.0-56-cloud-amd64");
+        assert_eq!(v[2], "linux-image-6.1.0-9-cloud-amd64");
+        let mut w: Vec<String> = [
+            "linux-image-6.12.100+deb12-cloud-amd64",
+            "linux-image-6.12.117+deb12-cloud-amd64",
+        ]
+        .map(String::from)
+        .to_vec();
+        newest_first(&mut w);
+        assert_eq!(w[0], "linux-image-6.12.117+deb12-cloud-amd64");
+    }
 }
