@@ -262,6 +262,11 @@ async fn scan_stalls(
                     ring = %s.ring,
                     opcode = %s.opcode,
                     user_data = s.user_data,
+                    nvme = s
+                        .nvme
+                        .as_ref()
+                        .map(|n| format!("qid={} cid={} lba={} blocks={}", n.qid, n.cid, n.lba, n.blocks))
+                        .unwrap_or_default(),
                     age_ms = (s.age_seconds * 1e3).round() as u64,
                     "stall detected"
                 ),
@@ -317,6 +322,7 @@ async fn read_events(
                     ring = %ev.ring,
                     latency_us = (ev.latency_seconds * 1e6).round() as u64,
                     res = ev.res,
+                    nvme = ev.nvme.as_ref().map(describe_slow_nvme).unwrap_or_default(),
                     "slow io_uring request"
                 );
                 detector
@@ -328,6 +334,21 @@ async fn read_events(
         }
         guard.clear_ready();
     }
+}
+
+fn describe_slow_nvme(n: &crate::trace::SlowNvme) -> String {
+    format!(
+        "disk={} qid={} cid={} lba={} blocks={} status={:?} queue_us={} device_us={} completion_us={}",
+        n.disk,
+        n.qid,
+        n.cid,
+        n.lba,
+        n.blocks,
+        n.status,
+        (n.queue_seconds * 1e6).round(),
+        (n.device_seconds * 1e6).round(),
+        (n.completion_seconds * 1e6).round()
+    )
 }
 
 #[cfg(test)]

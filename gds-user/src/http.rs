@@ -128,7 +128,7 @@ async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
                 ring: format!("{:#x}", r.ring),
                 req: format!("{:#x}", r.req),
                 age_seconds: now.saturating_sub(r.start_ns) as f64 / 1e9,
-                stage: "queue",
+                stage: crate::stall::Stage::of(r).label(),
             })
             .collect::<Vec<_>>()
     })

@@ -65,12 +65,45 @@ pub struct Stall {
     pub user_data: u64,
     /// Request identity while in flight (`struct io_kiocb *`, hex).
     pub req: String,
+    /// The NVMe command it became (passthrough with NVMe tracing), else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<NvmeContext>,
     /// Seconds in flight when detected / now (active) / in total (ended).
     pub age_seconds: f64,
     /// Set when the stall has ended.
     pub total_seconds: Option<f64>,
     #[serde(skip)]
     start_ns: u64,
+}
+
+/// Where an io_uring passthrough request sits on the device.
+#[derive(Debug, Clone, Serialize)]
+pub struct NvmeContext {
+    pub qid: u16,
+    pub cid: u16,
+    pub lba: u64,
+    pub blocks: u32,
+}
+
+impl Stage {
+    /// The stage of an in-flight request from what the NVMe programs stamped.
+    pub fn of(r: &InflightRequest) -> Stage {
+        if r.nvme_setup_ns == 0 {
+            Stage::Queue
+        } else if r.nvme_complete_ns == 0 {
+            Stage::Device
+        } else {
+            Stage::Completion
+        }
+    }
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Device => "device",
+            Stage::Completion => "completion",
+        }
+    }
 }
 
 /// A detection or an end, as returned by [`StallDetector::scan`].
@@ -143,15 +176,31 @@ impl StallDetector {
             }
             let key = (r.req, r.start_ns);
             seen.insert(key);
+            let stage = Stage::of(r);
             if let Some(s) = self.active.get_mut(&key) {
                 s.age_seconds = age as f64 / 1e9;
+                // A stall can move on (e.g. issued to the device after waiting in a queue).
+                s.stage = stage;
+                s.stage_description = stage.describe();
                 continue;
             }
+            let nvme = (r.nvme_setup_ns != 0).then(|| NvmeContext {
+                qid: r.nvme_qid,
+                cid: r.nvme_cid,
+                lba: r.nvme_lba,
+                blocks: r.nvme_blocks,
+            });
+            let disk = if nvme.is_some() {
+                crate::trace::disk_name(r.nvme_dev)
+            } else {
+                "unknown".into()
+            };
             let stall = Stall {
                 layer: Layer::Uring,
-                disk: "unknown".into(),
-                stage: Stage::Queue,
-                stage_description: Stage::Queue.describe(),
+                disk,
+                stage,
+                stage_description: stage.describe(),
+                nvme,
                 pid: r.tgid,
                 tid: r.pid,
                 comm: comm_of(r.tgid),
@@ -234,6 +283,13 @@ mod tests {
             tgid: 1,
             pid: 1,
             opcode: 22,
+            nvme_setup_ns: 0,
+            nvme_complete_ns: 0,
+            nvme_dev: 0,
+            nvme_qid: 0,
+            nvme_cid: 0,
+            nvme_lba: 0,
+            nvme_blocks: 0,
         }
     }
 

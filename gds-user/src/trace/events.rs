@@ -25,6 +25,23 @@ pub struct SlowEvent {
     pub start_ns: u64,
     #[serde(skip)]
     pub latency_ns: u64,
+    /// Present when the request was an NVMe passthrough command traced to the device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<SlowNvme>,
+}
+
+/// The device side of a slow passthrough request: where it went and where the time went.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowNvme {
+    pub disk: String,
+    pub qid: u16,
+    pub cid: u16,
+    pub lba: u64,
+    pub blocks: u32,
+    pub status: String,
+    pub queue_seconds: f64,
+    pub device_seconds: f64,
+    pub completion_seconds: f64,
 }
 
 fn comm_for(ev: &SlowUringEvent) -> String {
@@ -63,5 +80,19 @@ pub fn decode_event(bytes: &[u8]) -> Option<SlowEvent> {
         req_raw: ev.req,
         start_ns: ev.start_ns,
         latency_ns: ev.latency_ns,
+        nvme: (ev.nvme_setup_ns != 0 && ev.nvme_complete_ns >= ev.nvme_setup_ns).then(|| {
+            let end = ev.start_ns + ev.latency_ns;
+            SlowNvme {
+                disk: super::disk_name(ev.nvme_dev),
+                qid: ev.nvme_qid,
+                cid: ev.nvme_cid,
+                lba: ev.nvme_lba,
+                blocks: ev.nvme_blocks,
+                status: crate::nvme::NvmeStatus(ev.nvme_status).name().to_owned(),
+                queue_seconds: ev.nvme_setup_ns.saturating_sub(ev.start_ns) as f64 / 1e9,
+                device_seconds: (ev.nvme_complete_ns - ev.nvme_setup_ns) as f64 / 1e9,
+                completion_seconds: end.saturating_sub(ev.nvme_complete_ns) as f64 / 1e9,
+            }
+        }),
     })
 }

@@ -21,6 +21,15 @@ pub struct InflightRequest {
     pub tgid: u32,
     pub pid: u32,
     pub opcode: u8,
+    /// NVMe command this request became (passthrough), when traced: setup and completion
+    /// times (0: not yet), disk id, queue, command id, LBA and blocks.
+    pub nvme_setup_ns: u64,
+    pub nvme_complete_ns: u64,
+    pub nvme_dev: u32,
+    pub nvme_qid: u16,
+    pub nvme_cid: u16,
+    pub nvme_lba: u64,
+    pub nvme_blocks: u32,
 }
 
 impl InflightRequest {
@@ -33,6 +42,13 @@ impl InflightRequest {
             tgid: e.tgid,
             pid: e.pid,
             opcode: e.opcode,
+            nvme_setup_ns: e.nvme_setup_ns,
+            nvme_complete_ns: e.nvme_complete_ns,
+            nvme_dev: e.nvme_dev,
+            nvme_qid: e.nvme_qid,
+            nvme_cid: e.nvme_cid,
+            nvme_lba: e.nvme_lba,
+            nvme_blocks: e.nvme_blocks,
         }
     }
 }

@@ -10,9 +10,11 @@ mod inflight;
 mod offsets;
 mod uring;
 
-pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, block_op_name, disk_name, nvme_opcode_name};
+pub use device::{
+    DeviceAttach, DeviceMaps, DeviceSnapshot, block_op_name, disk_name, nvme_opcode_name,
+};
 pub use error::TraceError;
-pub use events::{SlowEvent, decode_event};
+pub use events::{SlowEvent, SlowNvme, decode_event};
 pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
 pub use uring::{OpcodeStats, TraceOptions, UringSnapshot, UringTracer};
