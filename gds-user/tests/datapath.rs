@@ -40,6 +40,7 @@ fn read_to_host_verifies_direct_and_buffered() {
             "--threads",
             "3",
             "--async",
+            "true",
             "--chunk",
             "192k",
         ][..],
@@ -188,6 +189,8 @@ fn metrics_served_while_reading() {
             "host",
             "--metrics-listen",
             &addr.to_string(),
+            "--chunk",
+            "1M",
             "--metrics-linger",
             "3s",
         ])

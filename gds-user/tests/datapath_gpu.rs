@@ -117,8 +117,13 @@ fn cufile_compat_bytes_arrive_in_gpu_memory() {
     if !gpu_or_skip("cufile_compat_bytes_arrive_in_gpu_memory") {
         return;
     }
-    // SAFETY: single-threaded test set-up, before cuFile reads the environment.
     if let Some(why) = read_back_and_compare(Route::Compat, Direct::On, 0, None, 1 << 20) {
+        // The one environmental refusal (no udev data for the block device) is a skip with
+        // its reason; anything else is a failure.
+        if why.contains("udev properties") {
+            eprintln!("SKIP cufile_compat_bytes_arrive_in_gpu_memory: {why}");
+            return;
+        }
         panic!("cuFile compat on a GPU host: {why}");
     }
     if let Some(why) =

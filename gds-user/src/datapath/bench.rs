@@ -37,10 +37,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Pattern::Seq)]
     pub pattern: Pattern,
     /// Bytes per I/O.
-    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub bs: u64,
     /// I/Os in flight per thread.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 4)]
     pub qd: u32,
     /// Run this long (default: sequential reads the range once, random reads its size).
     #[arg(long, value_parser = parse_duration)]

@@ -722,8 +722,8 @@ mod tests {
     fn time_limit_stops() {
         let p = plan(Pattern::Seq, Limit::Time(Duration::from_millis(20)));
         let mut j = Jobs::new(&p, 0, 1);
-        j.start();
         let t = Instant::now();
+        j.start();
         let mut n = 0u64;
         while j.next().is_some() {
             n += 1;

@@ -10,6 +10,9 @@
 //! - a CUDA context current on the calling thread, and `cuFileDriverOpen` before
 //!   `cuFileHandleRegister` (without it registration fails with 5027,
 //!   CU_FILE_HANDLE_NOT_REGISTERED);
+//! - udev properties of the file's block device (`ID_FS_USAGE`, `ID_FS_TYPE`): cuFile reads
+//!   them at `cuFileHandleRegister` even in compat mode, and fails with 5027 without them (a
+//!   host with no udevd database, e.g. a microVM or container; see [`UDEV_HINT`]);
 //! - the file opened with O_DIRECT where the file system supports it (cuFile's GDS mode needs
 //!   it; compat mode then does its own O_DIRECT/buffered POSIX reads through bounce buffers).
 
@@ -23,6 +26,14 @@ use super::bounce::{Jobs, Plan, Progress, Stats};
 use super::cuda::{DeviceBuffer, Gpu};
 use super::error::{DatapathError, Result};
 use super::source::Source;
+
+/// Seen on hosts without udevd's database (containers, microVMs): cuFile asks udev for the
+/// file system properties of the file's block device, and without them it refuses the handle,
+/// compat mode included.
+pub const UDEV_HINT: &str = ": cuFile could not read the udev properties (ID_FS_USAGE, ID_FS_TYPE) of the \
+     file's block device; without udevd (containers, microVMs) it refuses every handle, compat \
+     mode included. Run udevd, or give cuFile /run/udev/data/b<MAJ>:<MIN> with \
+     E:ID_FS_USAGE=filesystem and E:ID_FS_TYPE=<fs>; CUFILE_LOGGING_LEVEL=INFO shows its reasons";
 
 /// Which cuFile mode to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
