@@ -18,6 +18,7 @@
 mod agent;
 mod nvme;
 mod selftest;
+mod tracing;
 mod util;
 
 use std::process::{Command, ExitCode, Stdio};
@@ -61,6 +62,7 @@ fn registry() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(nvme::scenarios());
     all.extend(agent::scenarios());
+    all.extend(tracing::scenarios());
     all.extend(selftest::scenarios());
     all
 }
