@@ -107,7 +107,8 @@ pub enum NvmeError {
     },
 
     #[error(
-        "{device}: kernel failed {op} (LBA {lba}, {blocks} blocks) with {name} ({errno}): {hint}",
+        "{device}: kernel failed {op}{range} with {name} ({errno}): {hint}",
+        range = range(*lba, *blocks),
         name = errno_hint(*errno).0,
         hint = errno_hint(*errno).1
     )]
@@ -119,7 +120,10 @@ pub enum NvmeError {
         errno: i32,
     },
 
-    #[error("{device}: controller completed {op} (LBA {lba}, {blocks} blocks) with {status}")]
+    #[error(
+        "{device}: controller completed {op}{range} with {status}",
+        range = range(*lba, *blocks)
+    )]
     Device {
         device: String,
         op: &'static str,
@@ -130,6 +134,15 @@ pub enum NvmeError {
 
     #[error("{device}: {what}")]
     Data { device: String, what: String },
+}
+
+/// " (LBA l, n blocks)" for commands that address blocks, "" for the others.
+fn range(lba: u64, blocks: u32) -> String {
+    if blocks == 0 {
+        String::new()
+    } else {
+        format!(" (LBA {lba}, {blocks} blocks)")
+    }
 }
 
 impl NvmeError {

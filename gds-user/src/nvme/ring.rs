@@ -37,8 +37,8 @@ impl NvmeCompletion {
         cmd: &NvmeUringCmd,
         op: UringCmdOp,
     ) -> Result<u64, NvmeError> {
-        let (lba, blocks) = match op {
-            UringCmdOp::Admin => (0, 0),
+        let (lba, blocks) = match (op, cmd.opcode) {
+            (UringCmdOp::Admin, _) | (_, super::cmd::opcode::FLUSH) => (0, 0),
             _ => (cmd.slba(), cmd.blocks()),
         };
         match self.outcome() {
@@ -221,7 +221,15 @@ impl NvmeRing {
                 self.queued += 1;
                 return Ok(());
             }
-            self.submit()?;
+            // SQ full: hand the queued commands over; if the kernel takes none, say so rather
+            // than spin.
+            if self.submit()? == 0 {
+                return Err(NvmeError::Ring {
+                    device: self.device.clone(),
+                    what: "push (submission queue full)",
+                    io: std::io::Error::from_raw_os_error(libc::EBUSY),
+                });
+            }
         }
     }
 
@@ -403,4 +411,66 @@ pub fn namespace_geometry(device: &Path) -> Result<NamespaceGeometry, NvmeError>
         device: name,
         reason: format!("{sysfs_err}; and Identify through {ctrl_dev} failed: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::NvmeFlushCmd;
+
+    /// The host has no NVMe, but the ring path (SQE128|CQE32 setup, UringCmd80, submit, reap,
+    /// decode) is the same for any file: a regular file has no `uring_cmd` and fails with
+    /// EOPNOTSUPP. (Not /dev/null: recent kernels give it a `uring_cmd` that succeeds.)
+    fn file_ring(depth: u32) -> NvmeRing {
+        let f = tempfile::tempfile().unwrap();
+        NvmeRing::from_fd(f.into(), "/tmp/regular-file".into(), depth).unwrap()
+    }
+
+    #[test]
+    fn errno_from_a_file_without_uring_cmd_is_decoded() {
+        let mut ring = file_ring(2);
+        let cmd = NvmeFlushCmd::new(1).build();
+        // SAFETY: the command carries no buffer.
+        let err = unsafe { ring.execute(&cmd, UringCmdOp::Io, None) }.unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EOPNOTSUPP), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("/tmp/regular-file: kernel failed flush with EOPNOTSUPP"),
+            "{text}"
+        );
+        assert_eq!(
+            (ring.in_flight(), ring.queued(), ring.submitted_total()),
+            (0, 0, 1)
+        );
+    }
+
+    #[test]
+    fn pushing_past_the_sq_submits_and_every_completion_is_reaped() {
+        let mut ring = file_ring(8);
+        let cmd = NvmeFlushCmd::new(1).build();
+        for i in 0..40 {
+            // SAFETY: no buffer.
+            unsafe { ring.push(&cmd, UringCmdOp::Io, None, i).unwrap() };
+        }
+        assert!(ring.submitted_total() >= 32, "a full SQ must be submitted");
+        // execute refuses to run while others are outstanding (it would steal completions).
+        // SAFETY: no buffer.
+        assert!(unsafe { ring.execute(&cmd, UringCmdOp::Io, None) }.is_err());
+        let mut done = Vec::new();
+        while done.len() < 40 {
+            ring.wait_timeout(1, Duration::from_secs(5), &mut done)
+                .unwrap();
+        }
+        let mut tags: Vec<u64> = done.iter().map(|c| c.user_data).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..40).collect::<Vec<_>>());
+        assert!(done.iter().all(|c| c.res == -libc::EOPNOTSUPP));
+        assert_eq!(
+            (ring.in_flight(), ring.queued(), ring.submitted_total()),
+            (0, 0, 40)
+        );
+        // A fixed-buffer index without registered buffers is refused before submission.
+        // SAFETY: no buffer.
+        assert!(unsafe { ring.push(&cmd, UringCmdOp::Io, Some(0), 0) }.is_err());
+    }
 }
