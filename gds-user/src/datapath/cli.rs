@@ -374,7 +374,12 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     if !source.direct {
         per_worker = per_worker.min(((16 << 20) / chunk).max(1) as u32);
     }
-    let opts = pipeline_opts(&args.pipe, per_worker, false, source.direct);
+    let mut opts = pipeline_opts(&args.pipe, per_worker, false, source.direct);
+    if route == Route::P2p {
+        // One passthrough ring keeps all of --qd in flight.
+        opts.qd = args.nvme.qd.max(1);
+        opts.threads = 1;
+    }
     let t0 = Instant::now();
     let outcome = with_progress(&progress, Some(range.len), args.nvme.json, || {
         execute(Job {
