@@ -49,6 +49,19 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
+/// Starts the agent and waits until it serves /metrics (it accepts connections before it has
+/// attached). When it dies instead, give it a moment to print why before failing.
+fn start_agent(c: &Ctx, args: &[&str]) -> Result<Agent> {
+    let agent = Agent::start(c, args)?;
+    match http_get("/metrics") {
+        Ok(_) => Ok(agent),
+        Err(e) => {
+            std::thread::sleep(Duration::from_secs(2));
+            bail!("the agent did not serve /metrics ({e}); its error is in the console above")
+        }
+    }
+}
+
 fn body(text: &str) -> &str {
     text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(text)
 }
@@ -159,7 +172,7 @@ fn passthrough_stages(c: &Ctx) -> Result<String> {
     let ns = find_ns(MAIN_SERIAL, 1)?;
     let disk = disk_of(&ns.blk);
     // Every request is "slow" (1 ns): each one's stage times come back as an event.
-    let _agent = Agent::start(c, &["--slow-threshold", "1ns"])?;
+    let _agent = start_agent(c, &["--slow-threshold", "1ns"])?;
     let before = metrics()?;
     let reads = |m: &str| {
         counter(
@@ -222,7 +235,7 @@ fn block_reads(c: &Ctx) -> Result<String> {
     const N: u64 = 64;
     let ns = find_ns(MAIN_SERIAL, 1)?;
     let disk = disk_of(&ns.blk);
-    let _agent = Agent::start(c, &[])?;
+    let _agent = start_agent(c, &[])?;
     let m0 = metrics()?;
     let nvme_reads = |m: &str| {
         counter(
@@ -271,7 +284,7 @@ fn error_status(c: &Ctx) -> Result<String> {
     let ns = find_ns(MAIN_SERIAL, 1)?;
     let disk = disk_of(&ns.blk);
     let g = namespace_geometry(Path::new(&ns.ng))?;
-    let _agent = Agent::start(c, &[])?;
+    let _agent = start_agent(c, &[])?;
     let errs = |m: &str| {
         counter(
             m,
