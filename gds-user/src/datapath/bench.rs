@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Read the range once through the page cache first, so page-cache runs measure memory.
     #[arg(long)]
     pub prewarm: bool,
+    /// Also run fio (io_uring engine, registered buffers, same file, pattern, block size, queue
+    /// depth, threads and limit) after each O_DIRECT setting, and print our ratio to it.
+    #[arg(long)]
+    pub fio: bool,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +92,8 @@ pub struct Row {
     pub vs_ceiling: Option<f64>,
     /// Throughput / cuFile compat of the same O_DIRECT setting, when measured.
     pub vs_compat: Option<f64>,
+    /// Throughput / fio of the same O_DIRECT setting, when measured (`--fio`).
+    pub vs_fio: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -132,6 +138,7 @@ fn row(
         lat_p999_us: quantile_us(&mut s.latencies_ns, 0.999),
         vs_ceiling: None,
         vs_compat: None,
+        vs_fio: None,
         notes: s.notes,
     }
 }
@@ -227,7 +234,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                     .map(|(m, _)| m.handles(route.as_str(), &dest.label())),
                 ..Progress::default()
             };
-            let opts = pipeline_opts(&a.pipe, a.qd, true, source.direct);
+            let opts = pipeline_opts(&a.pipe, a.qd, true, source.direct, bs);
             let total = match limit {
                 Limit::Once => Some(range.len),
                 Limit::Bytes(b) => Some(b),
@@ -281,6 +288,36 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             r.notes.extend(source.note.clone());
             rows.push(r);
         }
+        if a.fio {
+            if !a.json {
+                eprintln!(
+                    "fio: same I/O, {}",
+                    if source.direct {
+                        "O_DIRECT"
+                    } else {
+                        "page cache"
+                    }
+                );
+            }
+            let threads = a.pipe.threads.max(1);
+            match fio(&a, &source, &plan, threads) {
+                Ok(r) => rows.push(r),
+                Err(e) => {
+                    eprintln!("fio: failed: {e:#}");
+                    let mut r = row(
+                        Route::Host,
+                        &Dest::Host,
+                        source.direct,
+                        &a,
+                        threads,
+                        Stats::default(),
+                    );
+                    r.path = "fio".into();
+                    r.notes.push(format!("failed: {e:#}"));
+                    rows.push(r);
+                }
+            }
+        }
     }
     for i in 0..rows.len() {
         let find = |p: &str| {
@@ -288,9 +325,10 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 .find(|r| r.path == p && r.direct == rows[i].direct && r.gb_per_sec > 0.0)
                 .map(|r| r.gb_per_sec)
         };
-        let (c, k) = (find("host"), find("compat"));
+        let (c, k, f) = (find("host"), find("compat"), find("fio"));
         rows[i].vs_ceiling = c.map(|c| rows[i].gb_per_sec / c);
         rows[i].vs_compat = k.map(|k| rows[i].gb_per_sec / k);
+        rows[i].vs_fio = f.map(|f| rows[i].gb_per_sec / f);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -307,15 +345,119 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// fio with the same I/O as our `host` route: io_uring, registered buffers, IOSQE_ASYNC for
+/// page-cache reads when we use it, one job per thread over the same part of the range.
+fn fio(a: &BenchArgs, source: &Source, plan: &Plan, threads: usize) -> anyhow::Result<Row> {
+    let range = plan.range;
+    let mut cmd = std::process::Command::new("fio");
+    cmd.args([
+        "--name=gds",
+        "--ioengine=io_uring",
+        "--fixedbufs=1",
+        "--group_reporting=1",
+    ])
+    // invalidate=0: fio drops the file's cached pages before it starts by default; we do not.
+    .args([
+        "--output-format=json",
+        "--lat_percentiles=1",
+        "--thread=1",
+        "--invalidate=0",
+    ])
+    .arg(format!("--filename={}", source.data_path.display()))
+    .arg(format!(
+        "--rw={}",
+        if a.pattern == Pattern::Seq {
+            "read"
+        } else {
+            "randread"
+        }
+    ))
+    .arg(format!("--bs={}", plan.bs))
+    .arg(format!("--iodepth={}", a.qd))
+    .arg(format!("--numjobs={threads}"))
+    .arg(format!("--direct={}", u8::from(source.direct)));
+    if super::cli::use_async(&a.pipe, source.direct, plan.bs) {
+        cmd.arg("--force_async=1");
+    }
+    let per_job = range.len / threads as u64 / plan.bs * plan.bs;
+    match (a.pattern, plan.limit) {
+        (Pattern::Seq, Limit::Once) => {
+            cmd.arg(format!("--offset={}", range.offset))
+                .arg(format!("--size={per_job}"))
+                .arg(format!("--offset_increment={per_job}"));
+        }
+        (_, Limit::Time(t)) => {
+            cmd.arg(format!("--offset={}", range.offset))
+                .arg(format!("--size={}", range.len / plan.bs * plan.bs))
+                .arg(format!("--runtime={}ms", t.as_millis().max(1)))
+                .arg("--time_based=1");
+        }
+        (_, Limit::Bytes(_)) | (_, Limit::Once) => {
+            let b = if let Limit::Bytes(b) = plan.limit {
+                b
+            } else {
+                range.len
+            };
+            cmd.arg(format!("--offset={}", range.offset))
+                .arg(format!("--size={}", range.len / plan.bs * plan.bs))
+                .arg(format!("--io_size={}", b.div_ceil(threads as u64)));
+        }
+    }
+    let out = cmd.output().context("run fio (apt-get install fio)")?;
+    if !out.status.success() {
+        bail!("fio: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notices before the JSON document.
+    let json = &text[text.find('{').context("fio printed no JSON")?..];
+    let v: serde_json::Value = serde_json::from_str(json).context("parse fio JSON")?;
+    let job = &v["jobs"][0];
+    let read = &job["read"];
+    let bytes = read["io_bytes"].as_u64().unwrap_or(0);
+    let secs = read["runtime"].as_f64().unwrap_or(0.0) / 1e3;
+    let pct = |k: &str| read["lat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1e3;
+    Ok(Row {
+        path: "fio".into(),
+        dest: "host".into(),
+        direct: source.direct,
+        pattern: a.pattern,
+        bs: plan.bs,
+        qd: a.qd,
+        threads,
+        bytes,
+        ios: read["total_ios"].as_u64().unwrap_or(0),
+        seconds: secs,
+        gb_per_sec: read["bw_bytes"].as_f64().unwrap_or(0.0) / 1e9,
+        iops: read["iops"].as_f64().unwrap_or(0.0),
+        lat_p50_us: pct("50.000000"),
+        lat_p99_us: pct("99.000000"),
+        lat_p999_us: pct("99.900000"),
+        vs_ceiling: None,
+        vs_compat: None,
+        vs_fio: None,
+        notes: vec![format!("fio {}", v["fio version"].as_str().unwrap_or("?"))],
+    })
+}
+
 pub fn table(rows: &[Row]) -> String {
     let mut s = format!(
-        "{:<8} {:<6} {:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}\n",
-        "path", "dest", "io", "GB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "/ceiling", "/compat"
+        "{:<8} {:<6} {:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+        "path",
+        "dest",
+        "io",
+        "GB/s",
+        "IOPS",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "/ceiling",
+        "/compat",
+        "/fio"
     );
     let ratio = |r: Option<f64>| r.map_or("-".to_owned(), |v| format!("{v:.2}x"));
     for r in rows {
         s += &format!(
-            "{:<8} {:<6} {:<10} {:>9.2} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8}\n",
+            "{:<8} {:<6} {:<10} {:>9.2} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8} {:>8}\n",
             r.path,
             r.dest,
             if r.direct { "O_DIRECT" } else { "pagecache" },
@@ -326,6 +468,7 @@ pub fn table(rows: &[Row]) -> String {
             r.lat_p999_us,
             ratio(r.vs_ceiling),
             ratio(r.vs_compat),
+            ratio(r.vs_fio),
         );
         for n in &r.notes {
             s += &format!("         note: {n}\n");

@@ -69,9 +69,9 @@ pub struct PipeArgs {
     /// CUDA streams per worker for the host→device copies (bounce route).
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
-    /// Punt page-cache reads to io_uring's worker threads (IOSQE_ASYNC), so that their copies
-    /// run in parallel instead of inline in the submitting thread (O_DIRECT reads are
-    /// asynchronous anyway).
+    /// Punt page-cache reads of 64 KiB and more to io_uring's worker threads (IOSQE_ASYNC), so
+    /// that their copies run in parallel instead of inline in the submitting thread (O_DIRECT
+    /// reads are asynchronous anyway).
     #[arg(long = "async", default_value_t = true, action = clap::ArgAction::Set)]
     pub uring_async: bool,
     /// Plain io_uring reads instead of registered buffers (READ_FIXED).
@@ -325,13 +325,25 @@ pub fn metrics_server(pipe: &PipeArgs) -> anyhow::Result<Option<(Arc<PipelineMet
     }
 }
 
-pub fn pipeline_opts(pipe: &PipeArgs, qd: u32, latencies: bool, direct: bool) -> PipelineOpts {
+/// Whether reads are punted to io_uring's workers: page-cache reads of at least 64 KiB (a
+/// small read that hits the cache completes inline faster than a worker could take it).
+pub fn use_async(pipe: &PipeArgs, direct: bool, bs: u64) -> bool {
+    pipe.uring_async && !direct && bs >= 64 << 10
+}
+
+pub fn pipeline_opts(
+    pipe: &PipeArgs,
+    qd: u32,
+    latencies: bool,
+    direct: bool,
+    bs: u64,
+) -> PipelineOpts {
     PipelineOpts {
         qd,
         threads: pipe.threads.max(1),
         streams: pipe.streams.max(1),
         fixed: !pipe.no_fixed,
-        uring_async: pipe.uring_async && !direct,
+        uring_async: use_async(pipe, direct, bs),
         latencies,
     }
 }
@@ -374,7 +386,7 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     if !source.direct {
         per_worker = per_worker.min(((16 << 20) / chunk).max(1) as u32);
     }
-    let mut opts = pipeline_opts(&args.pipe, per_worker, false, source.direct);
+    let mut opts = pipeline_opts(&args.pipe, per_worker, false, source.direct, chunk);
     if route == Route::P2p {
         // One passthrough ring keeps all of --qd in flight.
         opts.qd = args.nvme.qd.max(1);
