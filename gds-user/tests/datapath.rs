@@ -220,3 +220,44 @@ fn metrics_served_while_reading() {
         "{body}"
     );
 }
+
+#[test]
+fn bench_against_fio_in_the_same_run() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("SKIP bench_against_fio_in_the_same_run: fio is not installed");
+        return;
+    }
+    let f = pattern_file(8 << 20);
+    let p = f.path().to_str().unwrap();
+    let (ok, out, err) = run(&[
+        "bench",
+        p,
+        "--to",
+        "host",
+        "--compare",
+        "host",
+        "--fio",
+        "--pattern",
+        "seq",
+        "--bs",
+        "1M",
+        "--qd",
+        "4",
+        "--threads",
+        "1",
+        "--direct",
+        "on",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[1]["path"], "fio");
+    // Both read the whole file once.
+    assert_eq!(rows[0]["bytes"].as_u64(), Some(8 << 20), "{out}");
+    assert_eq!(rows[1]["bytes"].as_u64(), Some(8 << 20), "{out}");
+    let ratio = rows[0]["vs_fio"].as_f64().unwrap();
+    assert!(ratio > 0.0, "{out}");
+    eprintln!("ours / fio, 1 MiB sequential O_DIRECT on this host: {ratio:.2}");
+}
