@@ -266,18 +266,17 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                     dst: gpu_dst.as_ref(),
                 })
             });
+            // naive is one thread by definition.
+            let threads = if route == Route::Naive {
+                1
+            } else {
+                opts.threads
+            };
             let mut r = match out {
-                Ok(o) => row(route, &dest, source.direct, &a, opts.threads, o.stats),
+                Ok(o) => row(route, &dest, source.direct, &a, threads, o.stats),
                 Err(e) => {
                     eprintln!("{name}: failed: {e}");
-                    let mut r = row(
-                        route,
-                        &dest,
-                        source.direct,
-                        &a,
-                        opts.threads,
-                        Stats::default(),
-                    );
+                    let mut r = row(route, &dest, source.direct, &a, threads, Stats::default());
                     r.notes.push(format!("failed: {e}"));
                     r.gb_per_sec = 0.0;
                     r
