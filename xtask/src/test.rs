@@ -52,6 +52,10 @@ pub fn run(args: TestArgs) -> Result<()> {
         failures.push(format!("host tests: {e:#}"));
     }
     if !args.host_only {
+        // NVMe passthrough and NVMe tracing inside QEMU guests (Debian 6.1 and 6.12 kernels).
+        if let Err(e) = crate::vm::vm_test(&crate::vm::VmTestArgs::default()) {
+            failures.push(format!("VM scenarios: {e:#}"));
+        }
         // A real Prometheus scrapes a real agent under io_uring load; every dashboard and
         // alert expression is evaluated through its HTTP API; promtool checks and tests.
         if let Err(e) = crate::observe::build_agent()
