@@ -220,13 +220,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 a.to.clone()
             };
             let (route, note) = resolve(*parg, &dest, source.kind, probe_verdict)?;
-            if let (Dest::Gpu(n), None) = (&dest, &gpu_dst) {
-                if route != Route::Host {
-                    let gpu = Gpu::open(*n)?;
-                    // One allocation for every route: the whole range, at most 8 GiB.
-                    let cap = range.len.min(8 << 30) / bs * bs;
-                    gpu_dst = Some(gpu.alloc(cap.max(bs) as usize)?);
-                }
+            if let (Dest::Gpu(n), None) = (&dest, &gpu_dst)
+                && route != Route::Host
+            {
+                let gpu = Gpu::open(*n)?;
+                // One allocation for every route: the whole range, at most 8 GiB.
+                let cap = range.len.min(8 << 30) / bs * bs;
+                gpu_dst = Some(gpu.alloc(cap.max(bs) as usize)?);
             }
             let progress = Progress {
                 metrics: metrics

@@ -90,12 +90,13 @@ impl Plan {
     }
 }
 
+/// Sees each piece that landed in host memory: `(source offset, bytes)`.
+pub type Sink<'a> = dyn Fn(u64, &[u8]) + Sync + 'a;
+
 /// Where completed reads go.
 pub enum Target<'a> {
     /// Host memory; `sink` sees each piece `(source offset, bytes)` (e.g. to hash it).
-    Host {
-        sink: Option<&'a (dyn Fn(u64, &[u8]) + Sync)>,
-    },
+    Host { sink: Option<&'a Sink<'a>> },
     /// GPU memory: source offset `o` lands at `dst + (o - range.offset) % dst.len`.
     Gpu { dst: &'a DeviceBuffer },
 }
@@ -199,10 +200,8 @@ impl Jobs {
         {
             return None;
         }
-        if let Some(b) = self.budget {
-            if b == 0 {
-                return None;
-            }
+        if self.budget == Some(0) {
+            return None;
         }
         let (off, len) = match self.pattern {
             Pattern::Seq => {
@@ -271,7 +270,7 @@ pub fn run(
     opts: &PipelineOpts,
     progress: &Progress,
 ) -> Result<Stats> {
-    if plan.bs == 0 || plan.bs % source.align != 0 {
+    if plan.bs == 0 || !plan.bs.is_multiple_of(source.align) {
         return Err(DatapathError::Alignment {
             path: source.path.clone(),
             what: "the chunk / block size",
@@ -279,7 +278,7 @@ pub fn run(
             align: source.align,
         });
     }
-    if plan.range.offset % source.align != 0 {
+    if !plan.range.offset.is_multiple_of(source.align) {
         return Err(DatapathError::Alignment {
             path: source.path.clone(),
             what: "--offset",

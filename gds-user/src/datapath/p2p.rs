@@ -154,11 +154,11 @@ pub fn run(
 ) -> Result<Stats> {
     let g = namespace_geometry(device)?;
     let lba = u64::from(g.lba_size);
-    if range.offset % lba != 0 || range.len % lba != 0 {
+    if !range.offset.is_multiple_of(lba) || !range.len.is_multiple_of(lba) {
         return Err(DatapathError::Alignment {
             path: device.to_path_buf(),
             what: "--offset and --size (passthrough reads whole logical blocks)",
-            value: if range.offset % lba != 0 {
+            value: if !range.offset.is_multiple_of(lba) {
                 range.offset
             } else {
                 range.len

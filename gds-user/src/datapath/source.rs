@@ -230,7 +230,7 @@ impl Source {
                 size: self.size,
             });
         }
-        if self.direct && offset % self.align != 0 {
+        if self.direct && !offset.is_multiple_of(self.align) {
             if direct == Direct::On {
                 return Err(DatapathError::Alignment {
                     path: self.path.clone(),
