@@ -16,43 +16,32 @@ pub const COMM_LEN: usize = 16;
 /// `[2^b, 2^(b+1))` nanoseconds; the last bucket also holds everything above (2^35 ns ≈ 34 s).
 pub const HIST_BUCKETS: usize = 36;
 
+/// De Bruijn table for the index of the highest set bit of a "smeared" 64-bit value (all bits
+/// below the highest set): `TABLE[(v * DEBRUIJN) >> 58]`, with indexes above the last bucket
+/// already clamped to it (so the programs need no comparison on the result).
+const DEBRUIJN: u64 = 0x03f7_9d71_b4cb_0a89;
+static LOG2_BUCKET_TABLE: [u8; 64] = [
+    0, 35, 1, 35, 35, 27, 2, 35, 35, 35, 35, 35, 28, 16, 3, 35, 35, 35, 35, 35, 35, 35, 21, 35, 35,
+    32, 29, 23, 17, 11, 4, 35, 35, 35, 26, 35, 35, 35, 15, 35, 34, 35, 20, 35, 31, 22, 10, 35, 25,
+    35, 14, 33, 19, 30, 9, 24, 13, 18, 8, 12, 7, 6, 5, 35,
+];
+
 /// Log2 bucket for a latency in nanoseconds (see [`HIST_BUCKETS`]).
 ///
-/// Written as a branchy binary search because BPF has no count-leading-zeros instruction; the
-/// verifier accepts it without loops. Shared by both sides so user space tests the exact
-/// function the kernel runs.
+/// Branch-free (bit smearing and a De Bruijn multiply): BPF has no count-leading-zeros
+/// instruction, and a chain of comparisons gives the verifier one path per bucket; a few such
+/// chains in one program exceed the 6.1 verifier's limits. Shared by both sides so user space
+/// tests the exact function the kernel runs.
 #[inline(always)]
 pub fn log2_bucket(ns: u64) -> usize {
     let mut v = ns;
-    let mut b = 0usize;
-    if v >= 1 << 32 {
-        v >>= 32;
-        b += 32;
-    }
-    if v >= 1 << 16 {
-        v >>= 16;
-        b += 16;
-    }
-    if v >= 1 << 8 {
-        v >>= 8;
-        b += 8;
-    }
-    if v >= 1 << 4 {
-        v >>= 4;
-        b += 4;
-    }
-    if v >= 1 << 2 {
-        v >>= 2;
-        b += 2;
-    }
-    if v >= 1 << 1 {
-        b += 1;
-    }
-    if b >= HIST_BUCKETS {
-        HIST_BUCKETS - 1
-    } else {
-        b
-    }
+    v |= v >> 1;
+    v |= v >> 2;
+    v |= v >> 4;
+    v |= v >> 8;
+    v |= v >> 16;
+    v |= v >> 32;
+    LOG2_BUCKET_TABLE[(v.wrapping_mul(DEBRUIJN) >> 58) as usize] as usize
 }
 
 #[cfg(test)]

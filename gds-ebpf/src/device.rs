@@ -17,11 +17,11 @@ use aya_ebpf::{
 };
 use gds_common::{
     BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight, DevConfig, DevHist, DevHistKey, DropReason,
-    InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
+    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
     KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, log2_bucket,
 };
 
-use crate::uring::{as_scalar, entry_mut, stats};
+use crate::uring::{as_scalar, entry_mut, index, stats};
 
 #[unsafe(no_mangle)]
 static GDS_DEV_CONFIG: DevConfig = DevConfig::DEFAULT;
@@ -87,7 +87,8 @@ pub(crate) fn hist_add(key: DevHistKey, ns: u64) {
     };
     // SAFETY: per-CPU map value pointer.
     let h = unsafe { &mut *p };
-    if let Some(b) = h.buckets.get_mut(log2_bucket(ns)) {
+    if let Some(b) = index(log2_bucket(ns) as u64, HIST_BUCKETS).and_then(|i| h.buckets.get_mut(i))
+    {
         *b += 1;
     }
     h.count += 1;

@@ -13,8 +13,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use gds_common::{
-    COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, DropReason, EVENT_URING_SLOW, InflightReq,
-    InflightSlot, MAX_OPCODES, SlowUringEvent, UringConfig, UringCpuStats, log2_bucket, slot_index,
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, DropReason, EVENT_URING_SLOW, HIST_BUCKETS,
+    InflightReq, InflightSlot, MAX_OPCODES, SlowUringEvent, UringConfig, UringCpuStats,
+    log2_bucket, slot_index,
 };
 
 #[unsafe(no_mangle)]
@@ -56,20 +57,34 @@ pub(crate) fn stats() -> Option<&'static mut UringCpuStats> {
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// `v` as an index below `len`, or None. The value goes through a stack slot first so the
+/// bounds check is made on the very register used to index: older verifiers (6.1) do not carry
+/// a bound over to a zero-extended copy that LLVM may take before the comparison.
+#[inline(always)]
+pub(crate) fn index(v: u64, len: usize) -> Option<usize> {
+    let x = v;
+    let x = unsafe { core::ptr::read_volatile(&x) };
+    if x < len as u64 {
+        Some(x as usize)
+    } else {
+        None
+    }
+}
+
+/// The statistics slot of an opcode; opcodes >= 63 share the last slot (`OTHER`).
+/// Clamped without a comparison on the opcode itself (the 6.1 verifier walks the impossible
+/// side of such a comparison with contradictory bounds and then refuses the array access),
+/// then checked through [`index`], since 6.1 also loses the bounds of the OR.
 #[inline(always)]
 fn slot(opcode: u8) -> usize {
-    let op = opcode as usize;
-    if op >= MAX_OPCODES {
-        MAX_OPCODES - 1
-    } else {
-        op
-    }
+    let op = opcode as u64;
+    let above = (op + 192) >> 8; // 1 when op >= 64
+    index((op & 63) | (above * 63), MAX_OPCODES).unwrap_or(MAX_OPCODES - 1)
 }
 
 #[inline(always)]
 fn opcode_enabled(opcode: u8) -> bool {
-    let bit = if opcode >= 63 { 63 } else { opcode as u64 };
-    conf!(opcode_mask) & (1u64 << bit) != 0
+    conf!(opcode_mask) & (1u64 << slot(opcode)) != 0
 }
 
 /// Task filters (`--pid`, `--comm`), evaluated in the current task.
@@ -208,6 +223,18 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
         return;
     }
     let Some(stats) = stats() else { return };
+    // Both lookups end in one `record` call: inlining it twice doubled what the 6.1 verifier
+    // has to walk.
+    let Some(entry) = take_entry(stats, req) else {
+        unmatched(stats, res, opcode_of);
+        return;
+    };
+    record(stats, req, res, unsafe { bpf_ktime_get_ns() }, &entry);
+}
+
+/// Removes `req`'s entry (slot table first, then the hash map) and returns a copy.
+#[inline(always)]
+fn take_entry(stats: &mut UringCpuStats, req: u64) -> Option<InflightReq> {
     if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
         // SAFETY: map value pointer; only the completion of `req` releases a slot `req` owns.
         unsafe {
@@ -218,48 +245,48 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
                 let entry = (*slot).entry;
                 core::ptr::write_volatile(owner, 0);
                 stats.removed += 1;
-                record(stats, req, res, bpf_ktime_get_ns(), &entry);
-                return;
+                return Some(entry);
             }
         }
     }
-    let every = conf!(sample_every);
-    let entry = if every > 1 {
-        None
-    } else {
-        INFLIGHT.get_ptr(&req)
-    };
-    let Some(entry) = entry else {
-        if every > 1 && res >= 0 {
-            // Sampled mode: an untimed request, already counted at submission.
-            return;
-        }
-        if (conf!(filter_tgid) != 0 || conf!(filter_comm_on) != 0)
-            && !task_enabled((bpf_get_current_pid_tgid() >> 32) as u32)
-        {
-            return;
-        }
-        if res < 0 || conf!(opcode_mask) != u64::MAX {
-            let opcode = opcode_of();
-            if !opcode_enabled(opcode) {
-                return;
-            }
-            if res < 0 {
-                stats.errors[slot(opcode)] += 1;
-            }
-        }
-        // Sampled mode leaves most requests untimed on purpose: not a drop.
-        if every <= 1 {
-            stats.drops[DropReason::NoStart as usize] += 1;
-        }
-        return;
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let entry = unsafe { *entry };
+    if conf!(sample_every) > 1 {
+        // Sampled mode never puts requests in the hash map.
+        return None;
+    }
+    // SAFETY: map value pointer, copied before the delete.
+    let entry = unsafe { *INFLIGHT.get_ptr(&req)? };
     if INFLIGHT.remove(&req).is_ok() {
         stats.removed += 1;
     }
-    record(stats, req, res, now, &entry);
+    Some(entry)
+}
+
+/// A completion without a tracked submission: counted as an error and/or a drop.
+#[inline(always)]
+fn unmatched(stats: &mut UringCpuStats, res: i32, opcode_of: impl Fn() -> u8) {
+    let every = conf!(sample_every);
+    if every > 1 && res >= 0 {
+        // Sampled mode: an untimed request, already counted at submission.
+        return;
+    }
+    if (conf!(filter_tgid) != 0 || conf!(filter_comm_on) != 0)
+        && !task_enabled((bpf_get_current_pid_tgid() >> 32) as u32)
+    {
+        return;
+    }
+    if res < 0 || conf!(opcode_mask) != u64::MAX {
+        let opcode = opcode_of();
+        if !opcode_enabled(opcode) {
+            return;
+        }
+        if res < 0 {
+            stats.errors[slot(opcode)] += 1;
+        }
+    }
+    // Sampled mode leaves most requests untimed on purpose: not a drop.
+    if every <= 1 {
+        stats.drops[DropReason::NoStart as usize] += 1;
+    }
 }
 
 /// `req` as a plain integer: a round trip through a map value, since the verifier treats a
@@ -312,8 +339,11 @@ fn record(stats: &mut UringCpuStats, req: u64, res: i32, now: u64, entry: &Infli
     let latency = now.saturating_sub(entry.start_ns);
     let op = slot(entry.opcode);
     let bucket = log2_bucket(latency);
-    if let Some(row) = stats.hist.get_mut(op) {
-        if let Some(b) = row.get_mut(bucket) {
+    if let (Some(op), Some(bucket)) = (
+        index(op as u64, MAX_OPCODES),
+        index(bucket as u64, HIST_BUCKETS),
+    ) {
+        if let Some(b) = stats.hist.get_mut(op).and_then(|row| row.get_mut(bucket)) {
             *b += 1;
         }
     }

@@ -52,12 +52,28 @@ pub fn scenarios() -> Vec<Scenario> {
 /// Starts the agent and waits until it serves /metrics (it accepts connections before it has
 /// attached). When it dies instead, give it a moment to print why before failing.
 fn start_agent(c: &Ctx, args: &[&str]) -> Result<Agent> {
-    let agent = Agent::start(c, args)?;
-    match http_get("/metrics") {
-        Ok(_) => Ok(agent),
-        Err(e) => {
-            std::thread::sleep(Duration::from_secs(2));
-            bail!("the agent did not serve /metrics ({e}); its error is in the console above")
+    let mut agent = Agent::start(c, args)?;
+    // Loading takes seconds under emulation (longer on 6.1's verifier): retry while it runs.
+    let start = Instant::now();
+    loop {
+        match http_get("/metrics") {
+            Ok(_) => {
+                c.metric(
+                    "agent_ready_s",
+                    format!("{:.1}", start.elapsed().as_secs_f64()),
+                );
+                return Ok(agent);
+            }
+            Err(e) => {
+                let exited = agent.0.try_wait()?.is_some();
+                if exited || start.elapsed() > Duration::from_secs(90) {
+                    std::thread::sleep(Duration::from_secs(2));
+                    bail!(
+                        "the agent did not serve /metrics ({e}); its error is in the console above"
+                    )
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
 }
@@ -351,7 +367,7 @@ fn throttled(c: &Ctx) -> Result<String> {
             device_dominant += 1;
         }
     }
-    ensure!(total >= 10, "only {total} slow events on {disk}");
+    ensure!(total >= 5, "only {total} slow events on {disk}");
     ensure!(
         device_dominant * 10 >= total * 9,
         "device stage dominates in {device_dominant} of {total}"
