@@ -350,16 +350,33 @@ fn worker(
     let (mut ring, mut bufs, streams, events, mut notes, fixed) = setup?;
     let mut jobs = Jobs::new(plan, w, n);
     jobs.start();
+    let mut drained = false;
     let mut stats = run_loop(
-        source, plan, target, opts, progress, &mut ring, &mut bufs, &streams, &events, &mut jobs,
+        source,
+        plan,
+        target,
+        opts,
+        progress,
+        &mut ring,
+        &mut bufs,
+        &streams,
+        &events,
+        &mut jobs,
         fixed,
+        &mut drained,
     );
     if let Ok(s) = stats.as_mut() {
         s.notes.append(&mut notes);
     }
-    // Buffers must outlive the ring's registration: drop the ring first.
+    // Buffers must outlive the ring's registration: drop the ring first. After an early error
+    // the kernel (or a copy engine) may still write to or read them: leak them then, never free
+    // memory that I/O in flight targets.
     drop(ring);
-    drop(bufs);
+    if drained {
+        drop(bufs);
+    } else {
+        std::mem::forget(bufs);
+    }
     stats
 }
 
@@ -437,6 +454,7 @@ fn run_loop(
     events: &[Event],
     jobs: &mut Jobs,
     fixed: bool,
+    drained: &mut bool,
 ) -> Result<Stats> {
     let qd = opts.qd.clamp(1, 4096);
     let fd = types::Fd(source.file.as_raw_fd());
@@ -638,6 +656,8 @@ fn run_loop(
             }
         }
     }
+    // The loop only ends with nothing in flight.
+    *drained = true;
     if let Some(started) = jobs.started {
         stats.elapsed = started.elapsed();
     }
