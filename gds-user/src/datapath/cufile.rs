@@ -91,19 +91,33 @@ impl Driver {
                     .into(),
             });
         }
+        let mut restore: Option<Option<std::ffi::OsString>> = None;
         if mode == Mode::Compat {
             compat_allowed().map_err(|detail| DatapathError::Cufile {
                 what: "compat mode",
                 detail,
             })?;
             if std::env::var("CUFILE_FORCE_COMPAT_MODE").as_deref() != Ok("true") {
+                restore = Some(std::env::var_os("CUFILE_FORCE_COMPAT_MODE"));
                 // SAFETY: set before cuFileDriverOpen, from the command's thread, while no
                 // other thread of ours reads the environment.
                 unsafe { std::env::set_var("CUFILE_FORCE_COMPAT_MODE", "true") };
             }
         }
         gpu.bind()?;
-        cf::driver_open().map_err(|e| err("cuFileDriverOpen", e))?;
+        let opened = cf::driver_open().map_err(|e| err("cuFileDriverOpen", e));
+        // cuFile reads it when the driver opens; do not leak it into later routes or children
+        // (the probe would rightly call their gds path blocked).
+        if let Some(old) = restore {
+            // SAFETY: as above.
+            unsafe {
+                match old {
+                    Some(v) => std::env::set_var("CUFILE_FORCE_COMPAT_MODE", v),
+                    None => std::env::remove_var("CUFILE_FORCE_COMPAT_MODE"),
+                }
+            }
+        }
+        opened?;
         let props = cf::driver_get_properties().map_err(|e| err("cuFileDriverGetProperties", e))?;
         Ok(Driver { props, mode })
     }
