@@ -48,6 +48,26 @@ pub enum Mode {
 pub struct Driver {
     pub props: cfs::CUfileDrvProps,
     pub mode: Mode,
+    /// Puts `CUFILE_FORCE_COMPAT_MODE` back when the driver closes (cuFile reads it at open and
+    /// at handle registration; it must not leak into later routes or child processes, whose
+    /// probe would call gds blocked). Dropped after `Drop::drop` closed the driver.
+    _env: EnvGuard,
+}
+
+struct EnvGuard(Option<Option<std::ffi::OsString>>);
+
+impl Drop for EnvGuard {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            // SAFETY: the command's thread, after every cuFile worker has joined.
+            unsafe {
+                match old {
+                    Some(v) => std::env::set_var("CUFILE_FORCE_COMPAT_MODE", v),
+                    None => std::env::remove_var("CUFILE_FORCE_COMPAT_MODE"),
+                }
+            }
+        }
+    }
 }
 
 fn err(what: &'static str, e: impl std::fmt::Debug) -> DatapathError {
@@ -104,22 +124,18 @@ impl Driver {
                 unsafe { std::env::set_var("CUFILE_FORCE_COMPAT_MODE", "true") };
             }
         }
+        let env = EnvGuard(restore);
         gpu.bind()?;
-        let opened = cf::driver_open().map_err(|e| err("cuFileDriverOpen", e));
-        // cuFile reads it when the driver opens; do not leak it into later routes or children
-        // (the probe would rightly call their gds path blocked).
-        if let Some(old) = restore {
-            // SAFETY: as above.
-            unsafe {
-                match old {
-                    Some(v) => std::env::set_var("CUFILE_FORCE_COMPAT_MODE", v),
-                    None => std::env::remove_var("CUFILE_FORCE_COMPAT_MODE"),
-                }
-            }
-        }
-        opened?;
-        let props = cf::driver_get_properties().map_err(|e| err("cuFileDriverGetProperties", e))?;
-        Ok(Driver { props, mode })
+        cf::driver_open().map_err(|e| err("cuFileDriverOpen", e))?;
+        let props = cf::driver_get_properties().map_err(|e| {
+            let _ = cf::driver_close();
+            err("cuFileDriverGetProperties", e)
+        })?;
+        Ok(Driver {
+            props,
+            mode,
+            _env: env,
+        })
     }
 
     /// nvidia-fs version the driver reports (0.0 when it runs without it).
