@@ -48,7 +48,9 @@ pub fn run(args: TestArgs) -> Result<()> {
     crate::vm::ensure_tools()?;
     // The default members: gds-ebpf builds only for the BPF target (through gds-user's build.rs).
     let mut nextest = setup::cargo();
-    nextest.args(["nextest", "run", "--no-fail-fast"]).args(&args.nextest_args);
+    nextest
+        .args(["nextest", "run", "--no-fail-fast"])
+        .args(&args.nextest_args);
     if let Err(e) = setup::run(&mut nextest) {
         failures.push(format!("host tests: {e:#}"));
     }
