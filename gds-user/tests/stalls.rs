@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, serial};
+use common::{Agent, PipeRead, serial};
 use io_uring::{IoUring, opcode, types};
 
 #[test]
@@ -20,18 +20,8 @@ fn pipe_read_stalls_once_and_ends_on_write() {
         "--stall-interval",
         "100ms",
     ]);
-    let mut fds = [0i32; 2];
-    // SAFETY: valid array for pipe(2).
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let mut ring = IoUring::new(8).unwrap();
-    let mut buf = [0u8; 16];
-    let sqe = opcode::Read::new(types::Fd(fds[0]), buf.as_mut_ptr(), 16)
-        .build()
-        .user_data(0x5a11);
-    // SAFETY: buf outlives the completion reaped below.
-    unsafe { ring.submission().push(&sqe).unwrap() };
     let submitted = Instant::now();
-    ring.submit().unwrap();
+    let mut read = PipeRead::submit(0x5a11);
 
     let stall = loop {
         let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
@@ -91,10 +81,7 @@ fn pipe_read_stalls_once_and_ends_on_write() {
         agent.log()
     );
 
-    // SAFETY: writing 3 bytes from a valid buffer.
-    assert_eq!(unsafe { libc::write(fds[1], b"end".as_ptr().cast(), 3) }, 3);
-    ring.submit_and_wait(1).unwrap();
-    assert_eq!(ring.completion().next().unwrap().result(), 3);
+    assert_eq!(read.complete(b"end"), (0x5a11, 3));
     let ended_at = submitted.elapsed().as_secs_f64();
 
     let deadline = Instant::now() + Duration::from_secs(3);

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Metrics, serial};
+use common::{Agent, Metrics, PipeRead, serial};
 use io_uring::{IoUring, opcode, types};
 
 const N: usize = 200;
@@ -197,17 +197,7 @@ fn sampled_mode_counts_every_request_times_one_in_n() {
 fn pipe_read_is_inflight_then_slow_event() {
     let _g = serial();
     let agent = Agent::start(&["--pid", &pid(), "--slow-threshold", "200ms"]);
-    let mut fds = [0i32; 2];
-    // SAFETY: valid array for pipe(2).
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let mut ring = IoUring::new(8).unwrap();
-    let mut buf = [0u8; 16];
-    let sqe = opcode::Read::new(types::Fd(fds[0]), buf.as_mut_ptr(), 16)
-        .build()
-        .user_data(0xfeed);
-    // SAFETY: buf lives until the completion is reaped below.
-    unsafe { ring.submission().push(&sqe).unwrap() };
-    ring.submit().unwrap();
+    let mut read = PipeRead::submit(0xfeed);
 
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -222,14 +212,7 @@ fn pipe_read_is_inflight_then_slow_event() {
     }
     std::thread::sleep(Duration::from_millis(400));
     assert!(agent.scrape().value("gds_uring_inflight_requests", &[]) >= 1.0);
-    // SAFETY: writing 5 bytes from a valid buffer.
-    assert_eq!(
-        unsafe { libc::write(fds[1], b"hello".as_ptr().cast(), 5) },
-        5
-    );
-    ring.submit_and_wait(1).unwrap();
-    let cqe = ring.completion().next().unwrap();
-    assert_eq!((cqe.user_data(), cqe.result()), (0xfeed, 5));
+    assert_eq!(read.complete(b"hello"), (0xfeed, 5));
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let event = loop {

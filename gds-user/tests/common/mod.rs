@@ -170,3 +170,52 @@ impl Metrics {
         self.0.get(&key).copied().unwrap_or(0.0)
     }
 }
+
+/// An io_uring read on an empty pipe: it stays in flight until [`PipeRead::complete`] writes
+/// to the pipe (the tests' way of holding a real request in flight for as long as they want).
+pub struct PipeRead {
+    pub ring: io_uring::IoUring,
+    fds: [i32; 2],
+    _buf: Box<[u8; 16]>,
+}
+
+impl PipeRead {
+    pub fn submit(user_data: u64) -> PipeRead {
+        let mut fds = [0i32; 2];
+        // SAFETY: valid array for pipe(2).
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let mut ring = io_uring::IoUring::new(8).unwrap();
+        let mut buf = Box::new([0u8; 16]);
+        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fds[0]), buf.as_mut_ptr(), 16)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the buffer is owned by the PipeRead, which outlives the completion.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit().unwrap();
+        PipeRead {
+            ring,
+            fds,
+            _buf: buf,
+        }
+    }
+
+    /// Writes `data` to the pipe and returns the read's (user_data, result).
+    pub fn complete(&mut self, data: &[u8]) -> (u64, i32) {
+        // SAFETY: writing from a valid buffer to our pipe.
+        let n = unsafe { libc::write(self.fds[1], data.as_ptr().cast(), data.len()) };
+        assert_eq!(n, data.len() as isize);
+        self.ring.submit_and_wait(1).unwrap();
+        let cqe = self.ring.completion().next().unwrap();
+        (cqe.user_data(), cqe.result())
+    }
+}
+
+impl Drop for PipeRead {
+    fn drop(&mut self) {
+        // SAFETY: closing our own fds; the ring (dropped after) cancels anything left.
+        unsafe {
+            libc::close(self.fds[0]);
+            libc::close(self.fds[1]);
+        }
+    }
+}
