@@ -108,26 +108,26 @@ async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
     let list = tokio::task::spawn_blocking(move || {
         let now = crate::trace::monotonic_ns();
         let mut reqs = tracer.inflight();
-        reqs.sort_by_key(|r| r.start_ns);
+        reqs.sort_by_key(|r| r.entry.start_ns);
         let mut comms = std::collections::HashMap::new();
         reqs.iter()
             .take(10_000)
             .map(|r| InflightView {
-                pid: r.tgid,
-                tid: r.pid,
+                pid: r.entry.tgid,
+                tid: r.entry.pid,
                 comm: comms
-                    .entry(r.tgid)
+                    .entry(r.entry.tgid)
                     .or_insert_with(|| {
-                        std::fs::read_to_string(format!("/proc/{}/comm", r.tgid))
+                        std::fs::read_to_string(format!("/proc/{}/comm", r.entry.tgid))
                             .map(|c| c.trim_end().to_owned())
                             .unwrap_or_else(|_| "?".into())
                     })
                     .clone(),
-                opcode: crate::uring_opcode::name(r.opcode as usize),
-                user_data: r.user_data,
-                ring: format!("{:#x}", r.ring),
+                opcode: crate::uring_opcode::name(r.entry.opcode as usize),
+                user_data: r.entry.user_data,
+                ring: format!("{:#x}", r.entry.ring),
                 req: format!("{:#x}", r.req),
-                age_seconds: now.saturating_sub(r.start_ns) as f64 / 1e9,
+                age_seconds: now.saturating_sub(r.entry.start_ns) as f64 / 1e9,
                 stage: crate::stall::Stage::of(r).label(),
             })
             .collect::<Vec<_>>()

@@ -88,9 +88,9 @@ pub struct NvmeContext {
 impl Stage {
     /// The stage of an in-flight request from what the NVMe programs stamped.
     pub fn of(r: &InflightRequest) -> Stage {
-        if r.nvme_setup_ns == 0 {
+        if r.entry.nvme_setup_ns == 0 {
             Stage::Queue
-        } else if r.nvme_complete_ns == 0 {
+        } else if r.entry.nvme_complete_ns == 0 {
             Stage::Device
         } else {
             Stage::Completion
@@ -170,11 +170,11 @@ impl StallDetector {
         let mut changes = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(self.active.len());
         for r in inflight {
-            let age = now_ns.saturating_sub(r.start_ns);
+            let age = now_ns.saturating_sub(r.entry.start_ns);
             if age < self.threshold_ns {
                 continue;
             }
-            let key = (r.req, r.start_ns);
+            let key = (r.req, r.entry.start_ns);
             seen.insert(key);
             let stage = Stage::of(r);
             if let Some(s) = self.active.get_mut(&key) {
@@ -184,14 +184,14 @@ impl StallDetector {
                 s.stage_description = stage.describe();
                 continue;
             }
-            let nvme = (r.nvme_setup_ns != 0).then(|| NvmeContext {
-                qid: r.nvme_qid,
-                cid: r.nvme_cid,
-                lba: r.nvme_lba,
-                blocks: r.nvme_blocks,
+            let nvme = (r.entry.nvme_setup_ns != 0).then(|| NvmeContext {
+                qid: r.entry.nvme_qid,
+                cid: r.entry.nvme_cid,
+                lba: r.entry.nvme_lba,
+                blocks: r.entry.nvme_blocks,
             });
             let disk = if nvme.is_some() {
-                crate::trace::disk_name(r.nvme_dev)
+                crate::trace::disk_name(r.entry.nvme_dev)
             } else {
                 "unknown".into()
             };
@@ -201,16 +201,16 @@ impl StallDetector {
                 stage,
                 stage_description: stage.describe(),
                 nvme,
-                pid: r.tgid,
-                tid: r.pid,
-                comm: comm_of(r.tgid),
-                ring: format!("{:#x}", r.ring),
-                opcode: uring_opcode::name(r.opcode as usize),
-                user_data: r.user_data,
+                pid: r.entry.tgid,
+                tid: r.entry.pid,
+                comm: comm_of(r.entry.tgid),
+                ring: format!("{:#x}", r.entry.ring),
+                opcode: uring_opcode::name(r.entry.opcode as usize),
+                user_data: r.entry.user_data,
                 req: format!("{:#x}", r.req),
                 age_seconds: age as f64 / 1e9,
                 total_seconds: None,
-                start_ns: r.start_ns,
+                start_ns: r.entry.start_ns,
             };
             *self
                 .totals
@@ -255,7 +255,7 @@ impl StallDetector {
         active.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
         let oldest = inflight
             .iter()
-            .map(|r| now_ns.saturating_sub(r.start_ns))
+            .map(|r| now_ns.saturating_sub(r.entry.start_ns))
             .max()
             .unwrap_or(0);
         StallReport {
@@ -275,22 +275,16 @@ mod tests {
     use super::*;
 
     fn req(req: u64, start_ns: u64) -> InflightRequest {
-        InflightRequest {
-            req,
+        let entry = gds_common::InflightReq {
             start_ns,
             user_data: 7,
             ring: 0x10,
             tgid: 1,
             pid: 1,
             opcode: 22,
-            nvme_setup_ns: 0,
-            nvme_complete_ns: 0,
-            nvme_dev: 0,
-            nvme_qid: 0,
-            nvme_cid: 0,
-            nvme_lba: 0,
-            nvme_blocks: 0,
-        }
+            ..Default::default()
+        };
+        InflightRequest { req, entry }
     }
 
     #[test]

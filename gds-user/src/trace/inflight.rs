@@ -5,53 +5,12 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{HashMap, MapData};
 use gds_common::{InflightReq, InflightSlot};
-use serde::Serialize;
 
 use super::TraceError;
 
-/// One request in flight, as the kernel recorded it at submission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct InflightRequest {
-    /// `struct io_kiocb *` (identifies the request while it is in flight).
-    pub req: u64,
-    /// CLOCK_MONOTONIC nanoseconds at submission.
-    pub start_ns: u64,
-    pub user_data: u64,
-    pub ring: u64,
-    pub tgid: u32,
-    pub pid: u32,
-    pub opcode: u8,
-    /// NVMe command this request became (passthrough), when traced: setup and completion
-    /// times (0: not yet), disk id, queue, command id, LBA and blocks.
-    pub nvme_setup_ns: u64,
-    pub nvme_complete_ns: u64,
-    pub nvme_dev: u32,
-    pub nvme_qid: u16,
-    pub nvme_cid: u16,
-    pub nvme_lba: u64,
-    pub nvme_blocks: u32,
-}
-
-impl InflightRequest {
-    fn new(req: u64, e: &InflightReq) -> Self {
-        InflightRequest {
-            req,
-            start_ns: e.start_ns,
-            user_data: e.user_data,
-            ring: e.ring,
-            tgid: e.tgid,
-            pid: e.pid,
-            opcode: e.opcode,
-            nvme_setup_ns: e.nvme_setup_ns,
-            nvme_complete_ns: e.nvme_complete_ns,
-            nvme_dev: e.nvme_dev,
-            nvme_qid: e.nvme_qid,
-            nvme_cid: e.nvme_cid,
-            nvme_lba: e.nvme_lba,
-            nvme_blocks: e.nvme_blocks,
-        }
-    }
-}
+/// One request in flight, as the kernel recorded it at submission: the owning
+/// `struct io_kiocb *` (`req`) and its entry, exactly as the slot table stores them.
+pub type InflightRequest = InflightSlot;
 
 /// A read-only shared mapping of the slot table (BPF_F_MMAPABLE array).
 pub struct SlotTable {
@@ -106,7 +65,7 @@ impl SlotTable {
                 }
                 let entry = std::ptr::read_volatile(&raw const (*slot).entry);
                 if std::ptr::read_volatile(&raw const (*slot).req) == owner && entry.start_ns != 0 {
-                    out.push(InflightRequest::new(owner, &entry));
+                    out.push(InflightSlot { req: owner, entry });
                 }
             }
         }
@@ -130,7 +89,7 @@ pub fn collect(
     for item in hash.iter() {
         // Entries deleted between key iteration and lookup are simply gone: skip them.
         if let Ok((req, entry)) = item {
-            out.push(InflightRequest::new(req, &entry));
+            out.push(InflightSlot { req, entry });
         }
     }
     out
