@@ -109,6 +109,25 @@ pub struct Progress {
     pub metrics: Option<(prometheus::Counter, prometheus::Histogram)>,
 }
 
+impl Progress {
+    /// Counts one completed I/O of `bytes` that took `lat`: in the run's stats (with its
+    /// latency when `keep_latency`), in the live progress, and in the metrics when exported.
+    /// Every route reports through here.
+    pub fn record(&self, stats: &mut Stats, bytes: u64, lat: Duration, keep_latency: bool) {
+        stats.bytes += bytes;
+        stats.ios += 1;
+        if keep_latency {
+            stats.latencies_ns.push(lat.as_nanos() as u64);
+        }
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.ios.fetch_add(1, Ordering::Relaxed);
+        if let Some((b, h)) = &self.metrics {
+            b.inc_by(bytes as f64);
+            h.observe(lat.as_secs_f64());
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub bytes: u64,
@@ -668,18 +687,7 @@ fn run_loop(
 }
 
 fn finish(stats: &mut Stats, progress: &Progress, opts: &PipelineOpts, io: &Io) {
-    stats.bytes += io.want;
-    stats.ios += 1;
-    progress.bytes.fetch_add(io.want, Ordering::Relaxed);
-    progress.ios.fetch_add(1, Ordering::Relaxed);
-    let lat = io.started.elapsed();
-    if opts.latencies {
-        stats.latencies_ns.push(lat.as_nanos() as u64);
-    }
-    if let Some((bytes, hist)) = &progress.metrics {
-        bytes.inc_by(io.want as f64);
-        hist.observe(lat.as_secs_f64());
-    }
+    progress.record(stats, io.want, io.started.elapsed(), opts.latencies);
 }
 
 #[cfg(test)]

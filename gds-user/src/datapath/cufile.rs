@@ -250,22 +250,7 @@ pub fn run(
                                 wanted: want - n as u64,
                             });
                         }
-                        st.bytes += want;
-                        st.ios += 1;
-                        let lat = t.elapsed();
-                        if latencies {
-                            st.latencies_ns.push(lat.as_nanos() as u64);
-                        }
-                        progress
-                            .bytes
-                            .fetch_add(want, std::sync::atomic::Ordering::Relaxed);
-                        progress
-                            .ios
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if let Some((b, h)) = &progress.metrics {
-                            b.inc_by(want as f64);
-                            h.observe(lat.as_secs_f64());
-                        }
+                        progress.record(&mut st, want, t.elapsed(), latencies);
                     }
                     Ok(st)
                 })

@@ -217,18 +217,7 @@ pub fn run(
             outstanding -= 1;
             match c.check(ring.device(), &cmd, UringCmdOp::Io) {
                 Ok(_) => {
-                    st.bytes += len;
-                    st.ios += 1;
-                    progress
-                        .bytes
-                        .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-                    progress
-                        .ios
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Some((b, h)) = &progress.metrics {
-                        b.inc_by(len as f64);
-                        h.observe(t.elapsed().as_secs_f64());
-                    }
+                    progress.record(&mut st, len, t.elapsed(), false);
                 }
                 Err(e) => {
                     first_err.get_or_insert(DatapathError::Nvme(e));
