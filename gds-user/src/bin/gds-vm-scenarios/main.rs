@@ -37,6 +37,24 @@ pub struct Scenario {
     pub run: fn(&Ctx) -> Result<String>,
 }
 
+impl Scenario {
+    /// A scenario that runs by default, with a timeout of `secs` seconds.
+    pub fn new(
+        name: &'static str,
+        about: &'static str,
+        secs: u64,
+        run: fn(&Ctx) -> Result<String>,
+    ) -> Self {
+        Scenario {
+            name,
+            about,
+            timeout: Duration::from_secs(secs),
+            explicit: false,
+            run,
+        }
+    }
+}
+
 /// What every scenario may need to know about the guest.
 pub struct Ctx {
     pub name: &'static str,

@@ -20,13 +20,7 @@ pub const MAIN_SERIAL: &str = "gds-main";
 pub const SLOW_SERIAL: &str = "gds-slow";
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, about, secs, run| Scenario {
-        name,
-        about,
-        timeout: Duration::from_secs(secs),
-        explicit: false,
-        run,
-    };
+    let s = Scenario::new;
     vec![
         s(
             "nvme.identify-matches-sysfs",

@@ -14,13 +14,7 @@ use crate::nvme::{MAIN_SERIAL, SLOW_SERIAL, find_ns};
 use crate::{Ctx, Scenario};
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, about, secs, run| Scenario {
-        name,
-        about,
-        timeout: Duration::from_secs(secs),
-        explicit: false,
-        run,
-    };
+    let s = Scenario::new;
     vec![
         s(
             "trace.passthrough-stages",
