@@ -135,26 +135,13 @@ pub struct SlowUringEvent {
     pub kind: u32,
     pub res: i32,
     pub latency_ns: u64,
-    pub start_ns: u64,
-    pub user_data: u64,
-    pub ring: u64,
-    pub req: u64,
-    pub tgid: u32,
-    pub pid: u32,
-    pub opcode: u8,
     /// 1 when `comm` was read in the submitter's thread group, 0 when the completion ran
     /// elsewhere (user space then resolves the name from /proc).
     pub comm_valid: u8,
-    pub nvme_opcode: u8,
-    pub nvme_qid: u16,
-    pub nvme_cid: u16,
-    pub nvme_status: u16,
+    pub _pad: [u8; 7],
     pub comm: [u8; COMM_LEN],
-    pub nvme_setup_ns: u64,
-    pub nvme_complete_ns: u64,
-    pub nvme_lba: u64,
-    pub nvme_blocks: u32,
-    pub nvme_dev: u32,
+    /// The request and its in-flight entry as tracked (context and NVMe stamps).
+    pub slot: InflightSlot,
 }
 
 /// Configuration written by user space into the programs' read-only data before loading

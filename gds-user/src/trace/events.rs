@@ -54,7 +54,7 @@ fn comm_for(ev: &SlowUringEvent) -> String {
         return String::from_utf8_lossy(&ev.comm[..end]).into_owned();
     }
     // The completion ran outside the submitter (interrupt, io-wq): ask /proc.
-    std::fs::read_to_string(format!("/proc/{}/comm", ev.tgid))
+    std::fs::read_to_string(format!("/proc/{}/comm", ev.slot.entry.tgid))
         .map(|s| s.trim_end().to_owned())
         .unwrap_or_else(|_| "?".into())
 }
@@ -67,31 +67,32 @@ pub fn decode_event(bytes: &[u8]) -> Option<SlowEvent> {
     }
     // SAFETY: the length was checked and SlowUringEvent is plain old data.
     let ev: SlowUringEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let (req, e) = (ev.slot.req, &ev.slot.entry);
     Some(SlowEvent {
-        pid: ev.tgid,
-        tid: ev.pid,
+        pid: e.tgid,
+        tid: e.pid,
         comm: comm_for(&ev),
-        opcode: uring_opcode::name(ev.opcode as usize),
-        user_data: ev.user_data,
-        ring: format!("{:#x}", ev.ring),
+        opcode: uring_opcode::name(e.opcode as usize),
+        user_data: e.user_data,
+        ring: format!("{:#x}", e.ring),
         latency_seconds: ev.latency_ns as f64 / 1e9,
         res: ev.res,
-        req: format!("{:#x}", ev.req),
-        req_raw: ev.req,
-        start_ns: ev.start_ns,
+        req: format!("{req:#x}"),
+        req_raw: req,
+        start_ns: e.start_ns,
         latency_ns: ev.latency_ns,
-        nvme: (ev.nvme_setup_ns != 0 && ev.nvme_complete_ns >= ev.nvme_setup_ns).then(|| {
-            let end = ev.start_ns + ev.latency_ns;
+        nvme: (e.nvme_setup_ns != 0 && e.nvme_complete_ns >= e.nvme_setup_ns).then(|| {
+            let end = e.start_ns + ev.latency_ns;
             SlowNvme {
-                disk: super::disk_name(ev.nvme_dev),
-                qid: ev.nvme_qid,
-                cid: ev.nvme_cid,
-                lba: ev.nvme_lba,
-                blocks: ev.nvme_blocks,
-                status: crate::nvme::NvmeStatus(ev.nvme_status).name().to_owned(),
-                queue_seconds: ev.nvme_setup_ns.saturating_sub(ev.start_ns) as f64 / 1e9,
-                device_seconds: (ev.nvme_complete_ns - ev.nvme_setup_ns) as f64 / 1e9,
-                completion_seconds: end.saturating_sub(ev.nvme_complete_ns) as f64 / 1e9,
+                disk: super::disk_name(e.nvme_dev),
+                qid: e.nvme_qid,
+                cid: e.nvme_cid,
+                lba: e.nvme_lba,
+                blocks: e.nvme_blocks,
+                status: crate::nvme::NvmeStatus(e.nvme_status).name().to_owned(),
+                queue_seconds: e.nvme_setup_ns.saturating_sub(e.start_ns) as f64 / 1e9,
+                device_seconds: (e.nvme_complete_ns - e.nvme_setup_ns) as f64 / 1e9,
+                completion_seconds: end.saturating_sub(e.nvme_complete_ns) as f64 / 1e9,
             }
         }),
     })
