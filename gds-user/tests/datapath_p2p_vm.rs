@@ -1,7 +1,7 @@
 //! The p2p route for real: NVMe passthrough reads whose destination is peer device memory,
 //! in a QEMU guest running the CONFIG_PCI_P2PDMA kernel (`shared/kernels/bzImage-6.12-p2pdma`)
 //! with a data controller and a second controller whose 16 MiB controller memory buffer the
-//! kernel publishes as p2pmem. `gds-agent read /dev/ng0n1 --to p2pmem:... --verify` maps
+//! kernel publishes as p2pmem. `gds-agent read /dev/ngXn1 --to p2pmem:... --verify` maps
 //! `p2pmem/allocate` and reads into it through the URING_CMD ring; every byte is compared (xxh3
 //! per block) with a buffered read of `/dev/nvme0n1`. Skips with the reason when QEMU, busybox
 //! or the kernel are missing.
@@ -40,12 +40,17 @@ fn libs(bin: &Path) -> Vec<PathBuf> {
 const INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 P=$(ls -d /sys/bus/pci/devices/*/p2pmem | head -1)
+# Controllers probe asynchronously, so which one is nvme0 differs between boots: the data
+# namespace is the 64 MiB one (131072 sectors), the peer's is 16 MiB.
+for b in /sys/class/block/nvme*n1; do [ "$(cat $b/size)" = 131072 ] && N=${b##*/nvme}; done
+D=/dev/ng$N
+echo "GDSP2P data $D"
 echo "GDSP2P provider $P size $(cat $P/size) published $(cat $P/published)"
 run() { name=$1; shift; /gds-agent "$@" > /out 2>&1; rc=$?; while read -r l; do echo "GDSP2P $name out $l"; done < /out; echo "GDSP2P $name rc $rc"; }
-run small read /dev/ng0n1 --to p2pmem:$P --verify --size 8M --chunk 128k --qd 16 --json
-run offset read /dev/ng0n1 --to p2pmem:$P --verify --offset 1M --size 12M --json
-run toobig read /dev/ng0n1 --to p2pmem:$P --size 32M --json
-run gpu read /dev/ng0n1 --to gpu --path p2p
+run small read $D --to p2pmem:$P --verify --size 8M --chunk 128k --qd 16 --json
+run offset read $D --to p2pmem:$P --verify --offset 1M --size 12M --json
+run toobig read $D --to p2pmem:$P --size 32M --json
+run gpu read $D --to gpu --path p2p
 run file read /gds-agent --to p2pmem:$P
 echo "GDSP2P done"
 poweroff -f
