@@ -170,7 +170,7 @@ pub fn ensure_prerequisites() -> Result<()> {
             .env("PATH", path))?;
     }
 
-    // Test and tracing tools
-    apt_install(&["fio", "bpftool", "tmux"])?;
+    // Test and tracing tools (wrk: the HTTP load of `cargo xtask load`)
+    apt_install(&["fio", "bpftool", "tmux", "wrk"])?;
     Ok(())
 }
