@@ -4,6 +4,7 @@
 //! every test (unit, end-to-end against the real kernel, VM scenarios, observability checks).
 
 mod dashboard;
+mod load;
 mod observe;
 mod setup;
 mod test;
@@ -42,6 +43,9 @@ enum Command {
     },
     /// Agent + local Prometheus + Grafana dashboard; `observe dashboard`, `observe check`.
     Observe(observe::ObserveArgs),
+    /// HTTP load: wrk scrapes /metrics over many connections while the agent traces 100k+
+    /// io_uring requests/s; reports scrape latency, agent RSS and CPU, and checks the counts.
+    Load(load::LoadArgs),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +64,7 @@ fn main() -> Result<()> {
         Command::Test(args) => test::run(args),
         Command::VmTest(args) => vm::vm_test(&args).map(drop),
         Command::Observe(args) => observe::run(args),
+        Command::Load(args) => load::run(args),
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
             let mut cmd = setup::cargo();
