@@ -25,6 +25,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// TOML file with the same settings as these flags (keys are the flag names; a flag on
+    /// the command line wins). See docs/deploy.md.
+    #[arg(long, env = "GDS_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Address to serve /metrics and /debug on. Binding 0.0.0.0 exposes them to the network.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -132,6 +136,9 @@ pub fn init_logging() {
 
 pub fn run(args: RunArgs) -> Result<()> {
     init_logging();
+    if let Some(path) = &args.config {
+        info!(config = %path.display(), "settings from the config file, flags given win");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -17,10 +17,7 @@ use crate::{
 
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error(
-        "cannot listen on {addr}: {source} (another process — maybe another gds-agent — holds the \
-         port; choose another with --listen)"
-    )]
+    #[error("cannot listen on {addr}: {source} ({})", bind_hint(source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -173,3 +170,19 @@ pub async fn serve(
         .await
         .map_err(HttpError::Serve)
 }
+/// What to do about a failed bind, by its cause.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "another process — maybe another gds-agent — holds the port; choose another with --listen"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "no interface of this host has that address; use 127.0.0.1 or an address from `ip addr`"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need CAP_NET_BIND_SERVICE; use a port such as 9477"
+        }
+        _ => "choose another address with --listen",
+    }
+}
+

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod btf;
 pub mod client;
+pub mod config;
 pub mod datapath;
 pub mod http;
 pub mod metrics;

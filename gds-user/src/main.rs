@@ -37,8 +37,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => gds_user::agent::run(gds_user::agent::RunArgs::default_from_cli()),
-        Some(Command::Run(args)) => gds_user::agent::run(args),
+        None => gds_user::config::resolve(gds_user::agent::RunArgs::default_from_cli(), &[])
+            .map_err(Into::into)
+            .and_then(gds_user::agent::run),
+        Some(Command::Run(args)) => {
+            let argv: Vec<_> = std::env::args_os().collect();
+            gds_user::config::resolve(args, &gds_user::config::run_argv(&argv))
+                .map_err(Into::into)
+                .and_then(gds_user::agent::run)
+        }
         Some(Command::Top(args)) => gds_user::top::run(args),
         Some(Command::Stalls(args)) => gds_user::stall::stalls_cmd(args),
         Some(Command::Probe(args)) => gds_user::probe::run(args),
@@ -48,8 +55,25 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("gds-agent: error: {err:#}");
+            eprintln!("gds-agent: error: {}", describe(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: many errors put their cause in their own message
+/// (so that `{}` alone says why), and `{:#}` would then repeat it.
+fn describe(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let msg = cause.to_string();
+        if out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }

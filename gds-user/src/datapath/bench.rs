@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::bounce::{Limit, Pattern, Plan, Progress, Stats};
 use super::cli::{
-    Job, PipeArgs, execute, metrics_server, parse_duration, parse_size, pipeline_opts,
-    probe_verdict, with_progress,
+    Job, PipeArgs, check_buffer_budget, execute, metrics_server, parse_duration, parse_io_size,
+    parse_size, pipeline_opts, probe_verdict, with_progress,
 };
 use super::cuda::Gpu;
 use super::route::{Dest, PathArg, Route, resolve};
@@ -37,10 +37,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Pattern::Seq)]
     pub pattern: Pattern,
     /// Bytes per I/O.
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    #[arg(long, value_parser = parse_io_size, default_value = "4M")]
     pub bs: u64,
     /// I/Os in flight per thread.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub qd: u32,
     /// Run this long (default: sequential reads the range once, random reads its size).
     #[arg(long, value_parser = parse_duration)]
@@ -192,6 +192,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         let mut source = Source::open(&a.src, direct)?;
         let range = source.range(a.offset, a.span, direct)?;
         let bs = source.chunk(a.bs);
+        check_buffer_budget(bs, a.qd.into(), a.pipe.threads as u64)?;
         if range.len < bs {
             bail!(
                 "the range ({} bytes) is smaller than one I/O ({bs} bytes)",

@@ -42,6 +42,58 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
+/// Smallest and largest bytes per I/O: below 4 KiB a read costs more in syscalls and
+/// completions than it moves; above 256 MiB one buffer per queue slot exhausts pinned memory.
+pub const IO_SIZE_RANGE: (u64, u64) = (4 << 10, 256 << 20);
+
+/// Pinned/registered buffer memory one command may ask for (I/O size × in flight × threads).
+pub const MAX_BUFFER_BYTES: u64 = 8 << 30;
+
+/// `--chunk` / `--bs`: a size within [`IO_SIZE_RANGE`].
+pub fn parse_io_size(s: &str) -> std::result::Result<u64, String> {
+    let v = parse_size(s)?;
+    let (lo, hi) = IO_SIZE_RANGE;
+    if v < lo || v > hi {
+        return Err(format!(
+            "I/O size {s:?} out of range: {} KiB to {} MiB",
+            lo >> 10,
+            hi >> 20
+        ));
+    }
+    Ok(v)
+}
+
+/// `--threads`: 1 to 256 workers.
+pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=256) => Ok(n),
+        _ => Err(format!("{s:?} is not a thread count from 1 to 256")),
+    }
+}
+
+/// `--streams`: 1 to 64 CUDA streams per worker.
+pub fn parse_streams(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("{s:?} is not a stream count from 1 to 64")),
+    }
+}
+
+/// Refuses a buffer set larger than [`MAX_BUFFER_BYTES`] before anything is allocated.
+pub fn check_buffer_budget(io_size: u64, in_flight: u64, threads: u64) -> Result<()> {
+    let total = io_size.saturating_mul(in_flight).saturating_mul(threads);
+    if total > MAX_BUFFER_BYTES {
+        return Err(DatapathError::Invalid(format!(
+            "{} MiB per I/O x {in_flight} in flight x {threads} thread(s) needs {} MiB of pinned \
+             buffers, more than the {} MiB limit (fix: lower --chunk/--bs, --qd or --threads)",
+            io_size >> 20,
+            total >> 20,
+            MAX_BUFFER_BYTES >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// `10s`, `500ms`, `2m`, `3` (seconds).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let t = s.trim();
@@ -64,10 +116,10 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipeArgs {
     /// Worker threads (each with its own io_uring, buffers and CUDA streams).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value = "4", value_parser = parse_threads)]
     pub threads: usize,
     /// CUDA streams per worker for the host→device copies (bounce route).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value = "4", value_parser = parse_streams)]
     pub streams: usize,
     /// Punt page-cache reads of 64 KiB and more to io_uring's worker threads (IOSQE_ASYNC), so
     /// that their copies run in parallel instead of inline in the submitting thread (O_DIRECT
@@ -109,7 +161,7 @@ pub struct ReadArgs {
     pub size: Option<u64>,
     /// Bytes per I/O (4 MiB: host→device copies of 1 MiB reach only ~60% of the PCIe rate on
     /// an H100, 4 MiB ~95%).
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    #[arg(long, value_parser = parse_io_size, default_value = "4M")]
     pub chunk: u64,
     /// Check every byte: xxh3 of the source range against the bytes brought back.
     #[arg(long)]
@@ -366,7 +418,20 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     let mut source = Source::open(&src, args.direct)?;
     let (route, note) = resolve(args.path, &args.to, source.kind, probe_verdict)?;
     let range = source.range(args.offset, args.size, args.direct)?;
-    let chunk = source.chunk(args.chunk);
+    if range.len == 0 {
+        return Err(DatapathError::Invalid(format!(
+            "{}: nothing to read: the range is empty (source {} bytes, --offset {}{})",
+            src.display(),
+            source.size,
+            args.offset,
+            args.size
+                .map(|s| format!(", --size {s}"))
+                .unwrap_or_default()
+        ))
+        .into());
+    }
+    // No I/O larger than the range: a small file read with --chunk 256M needs small buffers.
+    let chunk = source.chunk(args.chunk.min(range.len));
     let plan = Plan::once(range, chunk);
     let metrics = metrics_server(&args.pipe)?;
     let progress = Progress {
@@ -392,6 +457,7 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
         opts.qd = args.nvme.qd.max(1);
         opts.threads = 1;
     }
+    check_buffer_budget(chunk, opts.qd.into(), opts.threads as u64)?;
     let t0 = Instant::now();
     let outcome = with_progress(&progress, Some(range.len), args.nvme.json, || {
         execute(Job {

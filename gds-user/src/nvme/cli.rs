@@ -36,7 +36,7 @@ pub struct NvmeReadArgs {
     #[arg(long)]
     pub stream: bool,
     /// Queue depth for --stream.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub qd: u32,
     /// Bytes per command for --stream, in KiB (default 128, capped by MDTS).
     #[arg(long)]

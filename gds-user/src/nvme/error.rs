@@ -87,6 +87,13 @@ pub enum NvmeError {
         limit: u64,
     },
 
+    #[error("{device}: {what}, not an NVMe namespace's generic char device (fix: {fix})")]
+    NotANamespace {
+        device: String,
+        what: String,
+        fix: String,
+    },
+
     #[error("{device}: namespace geometry unavailable: {reason}")]
     Geometry { device: String, reason: String },
 

@@ -383,15 +383,83 @@ impl NvmeRing {
 
 /// Geometry of an NVMe namespace char device: sysfs first (the limits the kernel applies),
 /// Identify through the controller's char device when sysfs has no entry for it.
+/// Refuses what cannot take NVMe passthrough before anything is opened, saying what it is
+/// instead: a regular file, a block device (whose generic twin is named), or another char
+/// device (named by its driver class in /sys/dev/char).
+fn check_generic_device(device: &Path, meta: &std::fs::Metadata) -> Result<(), NvmeError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let name = device.display().to_string();
+    let ft = meta.file_type();
+    let generic_of = |file: &str| {
+        file.strip_prefix("nvme")
+            .filter(|rest| rest.contains('n'))
+            .map(|rest| format!("/dev/ng{rest}"))
+    };
+    let file = device.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let refuse = |what: String, fix: String| {
+        Err(NvmeError::NotANamespace {
+            device: name.clone(),
+            what,
+            fix,
+        })
+    };
+    if ft.is_block_device() {
+        let fix = match generic_of(file) {
+            Some(ng) => format!("use {ng}, the generic char device of the same namespace"),
+            None => "passthrough reads take /dev/ngXnY; read a block device as SRC instead: `gds-agent read DEV`"
+                .into(),
+        };
+        return refuse("a block device".into(), fix);
+    }
+    if !ft.is_char_device() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else if meta.is_file() {
+            "a regular file"
+        } else {
+            "not a device"
+        };
+        return refuse(
+            what.into(),
+            "give /dev/ngXnY (see `ls /dev/ng*`); read files as SRC: `gds-agent read FILE`".into(),
+        );
+    }
+    let (major, minor) = (
+        libc::major(meta.rdev() as libc::dev_t),
+        libc::minor(meta.rdev() as libc::dev_t),
+    );
+    let class = std::fs::read_link(format!("/sys/dev/char/{major}:{minor}/subsystem"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match class.as_deref() {
+        Some("nvme-generic") | None => Ok(()),
+        Some("nvme") => refuse(
+            "an NVMe controller's char device".into(),
+            format!(
+                "give one of its namespaces' generic devices, e.g. {}n1",
+                name.replace("/dev/nvme", "/dev/ng")
+            ),
+        ),
+        Some(other) => refuse(
+            format!("a character device of class {other}"),
+            "give /dev/ngXnY (see `ls /dev/ng*`)".into(),
+        ),
+    }
+}
+
 pub fn namespace_geometry(device: &Path) -> Result<NamespaceGeometry, NvmeError> {
     let name = device.display().to_string();
-    if let Err(io) = std::fs::metadata(device) {
-        return Err(NvmeError::Open {
-            device: name,
-            hint: "NVMe namespaces have generic char devices /dev/ngXnY (Linux >= 5.19)",
-            io,
-        });
-    }
+    let meta = match std::fs::metadata(device) {
+        Ok(m) => m,
+        Err(io) => {
+            return Err(NvmeError::Open {
+                device: name,
+                hint: "NVMe namespaces have generic char devices /dev/ngXnY (Linux >= 5.19)",
+                io,
+            });
+        }
+    };
+    check_generic_device(device, &meta)?;
     let sysfs_err = match NamespaceGeometry::from_sysfs(device) {
         Ok(g) => return Ok(g),
         Err(e) => e,
