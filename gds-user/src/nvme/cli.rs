@@ -50,6 +50,9 @@ pub struct NvmeReadArgs {
 }
 
 pub fn read(args: NvmeReadArgs) -> Result<()> {
+    if !args.stream && args.blocks.is_none() {
+        bail!("--blocks is required for a single read (or use --stream)");
+    }
     let geometry = namespace_geometry(&args.device)?;
     if args.stream {
         stream(&args, &geometry)

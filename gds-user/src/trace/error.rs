@@ -9,14 +9,17 @@ pub enum TraceError {
          root, or grant CAP_BPF and CAP_PERFMON (e.g. `setcap cap_bpf,cap_perfmon+ep gds-agent`)"
     )]
     NotPermitted { caps: u64 },
-    #[error("kernel BTF is required for --attach btf: {0}")]
+    #[error("kernel BTF is required for --attach btf: {0}; or use --attach classic (tracefs)")]
+    BtfRequired(String),
+    #[error("kernel BTF: {0}")]
     Btf(#[from] BtfError),
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error(
-        "tracepoint {name} is absent on this kernel (needs CONFIG_IO_URING and tracepoints, 5.19+)"
+        "tracepoint {name} is absent from {place} (the kernel needs CONFIG_IO_URING and \
+         tracepoints, 5.19+)"
     )]
-    TracepointMissing { name: String },
+    TracepointMissing { name: String, place: String },
     #[error("tracepoint {name} has an unsupported prototype ({params}); gds supports 6.1 … 6.18")]
     UnsupportedPrototype { name: String, params: String },
     #[error("loading the eBPF object failed: {0}")]

@@ -55,10 +55,14 @@ fn resolve_btf(btf: &Btf, base: UringConfig) -> Result<ResolvedAttach, TraceErro
         .find(|tp| btf.has_tracepoint(tp))
         .ok_or_else(|| TraceError::TracepointMissing {
             name: SUBMIT_TPS.join(" / "),
+            place: "the kernel's BTF".into(),
         })?;
     for tp in ["io_uring_req_failed", "io_uring_complete"] {
         if !btf.has_tracepoint(tp) {
-            return Err(TraceError::TracepointMissing { name: tp.into() });
+            return Err(TraceError::TracepointMissing {
+                name: tp.into(),
+                place: "the kernel's BTF".into(),
+            });
         }
     }
     let params = btf.tracepoint_params("io_uring_complete")?;
@@ -95,6 +99,7 @@ fn resolve_classic(
         .find(|tp| tracefs.join("events/io_uring").join(tp).exists())
         .ok_or_else(|| TraceError::TracepointMissing {
             name: SUBMIT_TPS.join(" / "),
+            place: tracefs.join("events/io_uring").display().to_string(),
         })?;
     let submit = EventFormat::read(tracefs, "io_uring", submit_tp)?;
     config.tp_submit_ctx = submit.offset("ctx")?;
@@ -143,13 +148,7 @@ pub fn resolve(
     };
     match (mode, btf) {
         (AttachMode::Btf, Ok(btf)) => resolve_btf(btf, base),
-        (AttachMode::Btf, Err(e)) => Err(TraceError::Btf(crate::btf::BtfError::Malformed(
-            if matches!(e, crate::btf::BtfError::Read { .. }) {
-                "kernel BTF (/sys/kernel/btf/vmlinux) is unavailable: CONFIG_DEBUG_INFO_BTF is off"
-            } else {
-                "kernel BTF could not be parsed"
-            },
-        ))),
+        (AttachMode::Btf, Err(e)) => Err(TraceError::BtfRequired(e.to_string())),
         (AttachMode::Classic, btf) => classic(btf.ok(), "requested with --attach classic".into()),
         (AttachMode::Auto, Ok(btf)) => match resolve_btf(btf, base) {
             Ok(r) => Ok(r),

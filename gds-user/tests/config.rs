@@ -1,0 +1,111 @@
+//! `gds-agent run --config FILE` for real: the file's settings reach the running agent (its
+//! address, its pid and opcode filters), and a flag on the command line wins over the file.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Agent, Metrics, free_port, http_get, serial};
+use io_uring::{IoUring, opcode};
+
+fn nops(n: usize) {
+    let mut ring = IoUring::new(32).unwrap();
+    for _ in 0..n {
+        // SAFETY: a NOP references no memory.
+        unsafe { ring.submission().push(&opcode::Nop::new().build()).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        assert_eq!(ring.completion().next().unwrap().result(), 0);
+    }
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let p = dir.join("agent.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn the_config_file_sets_address_and_filters() {
+    let _g = serial();
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "# written by tests/config.rs\nlisten = \"{addr}\"\npid = {}\nopcode = [\"NOP\"]\nslow_threshold = \"1s\"\n",
+            std::process::id()
+        ),
+    );
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        .args(["run", "--config", &config])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(addr, "/metrics").is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "agent exited:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(Instant::now() < deadline, "no /metrics at {addr} from the config file");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nops(25);
+    // A read from this process: filtered out by `opcode = ["NOP"]`.
+    let mut read = common::PipeRead::submit(7);
+    assert_eq!(read.complete(b"x"), (7, 1));
+    let m = Metrics::parse(&http_get(addr, "/metrics").unwrap());
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    assert_eq!(
+        m.value("gds_uring_requests_total", &[("opcode", "NOP")]),
+        25.0
+    );
+    assert_eq!(
+        m.value("gds_uring_requests_total", &[("opcode", "READ")]),
+        0.0,
+        "opcode filter from the file"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("settings from the config file"), "{text}");
+}
+
+#[test]
+fn a_flag_on_the_command_line_wins_over_the_file() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let file_addr = format!("127.0.0.1:{}", free_port());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "listen = \"{file_addr}\"\npid = {}\nopcode = \"READ\"\n",
+            std::process::id()
+        ),
+    );
+    // Agent::start puts `--listen <its port>` and we add `--opcode NOP` on the command line.
+    let agent = Agent::start(&["--config", &config, "--opcode", "NOP"]);
+    assert!(
+        http_get(file_addr.parse().unwrap(), "/metrics").is_err(),
+        "the file's address must not be used when --listen is given"
+    );
+    nops(10);
+    let mut read = common::PipeRead::submit(9);
+    read.complete(b"y");
+    let m = agent.scrape();
+    assert_eq!(
+        m.value("gds_uring_requests_total", &[("opcode", "NOP")]),
+        10.0
+    );
+    assert_eq!(
+        m.value("gds_uring_requests_total", &[("opcode", "READ")]),
+        0.0,
+        "--opcode NOP replaces the file's opcode = \"READ\""
+    );
+}
