@@ -438,7 +438,9 @@ cases! {
 /// Table rows: `| id | area | input | exit | message |`.
 fn render(rows: &[(&Case, String)]) -> String {
     let cell = |s: &str| s.replace('|', "\\|");
-    let mut t = String::from("| # | Test | Area | Input | Exit | What the user sees |\n|---|---|---|---|---|---|\n");
+    let mut t = String::from(
+        "| # | Test | Area | Input | Exit | What the user sees |\n|---|---|---|---|---|---|\n",
+    );
     for (i, (case, message)) in rows.iter().enumerate() {
         writeln!(
             t,
@@ -468,8 +470,12 @@ fn reliability_doc_lists_every_case() {
         let _g = common::serial();
         let rows: Vec<(&Case, String)> = CASES.iter().map(|c| (c, check(c))).collect();
         let table = render(&rows);
-        let start = doc.find(BEGIN).expect("docs/RELIABILITY.md has the begin marker");
-        let end = doc.find(END).expect("docs/RELIABILITY.md has the end marker");
+        let start = doc
+            .find(BEGIN)
+            .expect("docs/RELIABILITY.md has the begin marker");
+        let end = doc
+            .find(END)
+            .expect("docs/RELIABILITY.md has the end marker");
         let new = format!("{}{BEGIN}\n{table}{}", &doc[..start], &doc[end..]);
         std::fs::write(PathBuf::from(DOC), new).unwrap();
         return;
@@ -486,14 +492,21 @@ fn reliability_doc_lists_every_case() {
         })
         .collect();
     assert!(CASES.len() >= 40, "the issue asks for at least 40 cases");
-    let ids: Vec<String> = rows.iter().map(|r| r[1].trim_matches('`').to_string()).collect();
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r[1].trim_matches('`').to_string())
+        .collect();
     let want: Vec<String> = CASES.iter().map(|c| c.id.to_string()).collect();
     assert_eq!(
         ids, want,
         "docs/RELIABILITY.md lists other cases than tests/bad_input.rs: rerun with GDS_BLESS=1"
     );
     for (row, case) in rows.iter().zip(CASES) {
-        assert_eq!(row[3], case.input, "{}: input differs: rerun with GDS_BLESS=1", case.id);
+        assert_eq!(
+            row[3], case.input,
+            "{}: input differs: rerun with GDS_BLESS=1",
+            case.id
+        );
         assert_eq!(row[4], case.exit.to_string(), "{}: exit differs", case.id);
         for want in case.expect {
             assert!(

@@ -53,7 +53,10 @@ fn the_config_file_sets_address_and_filters() {
             "agent exited:\n{}",
             std::fs::read_to_string(&log).unwrap()
         );
-        assert!(Instant::now() < deadline, "no /metrics at {addr} from the config file");
+        assert!(
+            Instant::now() < deadline,
+            "no /metrics at {addr} from the config file"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     nops(25);
