@@ -151,6 +151,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let listener = http::bind(args.listen).await?;
     let mut tracer = UringTracer::start(&args.trace_options())?;
     let events = tracer.take_events()?;
+    let dropped = crate::privileges::drop_after_attach(|| tracer.snapshot().is_ok())?;
+    info!("programs attached; {dropped}");
     let tracer = Arc::new(tracer);
 
     let registry = prometheus::Registry::new();
@@ -165,6 +167,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         .context("registering NVMe and block metrics")?;
     crate::probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
         .context("registering the probe's capability and nvidia-fs metrics")?;
+    crate::tracefs::spawn_watch(&registry).context("registering gds_agent_tracefs_available")?;
 
     let stall_report = Arc::new(Mutex::new(StallReport::default()));
     registry

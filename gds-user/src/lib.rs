@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod http;
 pub mod metrics;
 pub mod nvme;
+pub mod privileges;
 pub mod probe;
 pub mod stall;
 pub mod top;

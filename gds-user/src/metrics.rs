@@ -304,6 +304,18 @@ pub fn agent_info() -> prometheus::IntGaugeVec {
     g
 }
 
+/// `gds_agent_tracefs_available`: 1 while tracefs is mounted in the agent's mount namespace
+/// (kept current by `tracefs::spawn_watch`). Tracing does not depend on it once attached; a
+/// restart with `--attach classic` does.
+pub fn tracefs_available() -> prometheus::IntGauge {
+    prometheus::IntGauge::new(
+        "gds_agent_tracefs_available",
+        "1 while tracefs is mounted where the agent can see it (needed to start with --attach \
+         classic and for trace_pipe; attached programs keep tracing without it).",
+    )
+    .expect("valid metric")
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -23,6 +23,15 @@ pub enum TracefsError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "tracefs at {path} is not readable by this user ({source}): `--attach classic` reads \
+         tracepoint ids and formats there; run the agent as root, grant it CAP_DAC_READ_SEARCH, \
+         or use BTF tracepoints (`--attach btf`/`auto`), which need only CAP_BPF and CAP_PERFMON"
+    )]
+    NoAccess {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("tracepoint {category}:{name} does not exist on this kernel ({path} missing)")]
     NoEvent {
         category: String,
@@ -55,9 +64,19 @@ pub fn find_mount() -> Option<PathBuf> {
 }
 
 /// The tracefs mount point, mounting it on /sys/kernel/tracing when it is not mounted.
-/// Returns whether this call mounted it.
+/// Returns whether this call mounted it. A mount this user cannot read (tracefs is 0700 root)
+/// is an error here, so the classic fallback says so instead of "tracepoint absent".
 pub fn ensure_mounted() -> Result<(PathBuf, bool), TracefsError> {
     if let Some(dir) = find_mount() {
+        let events = dir.join("events");
+        if let Err(source) = std::fs::read_dir(&events) {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(TracefsError::NoAccess {
+                    path: dir.display().to_string(),
+                    source,
+                });
+            }
+        }
         return Ok((dir, false));
     }
     let target = Path::new(DEFAULT_TRACEFS);
@@ -85,6 +104,94 @@ pub fn ensure_mounted() -> Result<(PathBuf, bool), TracefsError> {
         return Err(err(std::io::Error::last_os_error()));
     }
     Ok((target.to_path_buf(), true))
+}
+
+/// How often [`spawn_watch`] looks at the mount table.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A change of tracefs availability worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TracefsChange {
+    /// Not mounted when the agent started.
+    AbsentAtStart,
+    /// Was mounted at this path and is not any more.
+    Unmounted(PathBuf),
+    /// Mounted (again) at this path.
+    Mounted(PathBuf),
+}
+
+/// Tracks whether tracefs is mounted in the agent's mount namespace.
+///
+/// The attached programs do not use tracefs (BTF tracepoints never did; classic ones read
+/// their event ids and formats from it only while attaching), so losing it does not stop
+/// tracing. It is still worth saying: a restart with `--attach classic` would then fail, and
+/// people lose `trace_pipe`. One log line per change, not one per check.
+#[derive(Debug, Default)]
+pub struct TracefsWatch {
+    /// None before the first check.
+    last: Option<Option<PathBuf>>,
+}
+
+impl TracefsWatch {
+    /// Records the current mount point (None: not mounted); returns the change to log, if any.
+    pub fn update(&mut self, now: Option<PathBuf>) -> Option<TracefsChange> {
+        let change = match (&self.last, &now) {
+            (None, None) => Some(TracefsChange::AbsentAtStart),
+            (None, Some(_)) => None,
+            (Some(Some(was)), None) => Some(TracefsChange::Unmounted(was.clone())),
+            (Some(None), Some(dir)) => Some(TracefsChange::Mounted(dir.clone())),
+            (Some(_), _) => None,
+        };
+        self.last = Some(now);
+        change
+    }
+
+    fn log(change: &TracefsChange) {
+        match change {
+            TracefsChange::AbsentAtStart => tracing::warn!(
+                "tracefs is not mounted in the agent's mount namespace: tracing is unaffected, \
+                 but `--attach classic` cannot start and trace_pipe is unavailable until it is \
+                 mounted (`mount -t tracefs nodev {DEFAULT_TRACEFS}`); gds_agent_tracefs_available is 0"
+            ),
+            TracefsChange::Unmounted(dir) => tracing::warn!(
+                path = %dir.display(),
+                "tracefs was unmounted: tracing continues (the attached programs do not use it), \
+                 but a restart with `--attach classic` would fail until it is mounted again \
+                 (`mount -t tracefs nodev {DEFAULT_TRACEFS}`); gds_agent_tracefs_available is 0"
+            ),
+            TracefsChange::Mounted(dir) => tracing::info!(
+                path = %dir.display(),
+                "tracefs is mounted again; gds_agent_tracefs_available is 1"
+            ),
+        }
+    }
+}
+
+/// Registers `gds_agent_tracefs_available` on `registry` and keeps it current from a task that
+/// re-reads /proc/self/mounts every [`WATCH_INTERVAL`] (the agent's own mount namespace),
+/// logging each change once. The task ends with the runtime.
+pub fn spawn_watch(registry: &prometheus::Registry) -> prometheus::Result<()> {
+    let gauge = crate::metrics::tracefs_available();
+    registry.register(Box::new(gauge.clone()))?;
+    let mut watch = TracefsWatch::default();
+    let mut check = move || {
+        let now = find_mount();
+        gauge.set(i64::from(now.is_some()));
+        if let Some(change) = watch.update(now) {
+            TracefsWatch::log(&change);
+        }
+    };
+    check();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; checked above
+        loop {
+            tick.tick().await;
+            check();
+        }
+    });
+    Ok(())
 }
 
 /// One field of a tracepoint record.
@@ -235,6 +342,26 @@ print fmt: \"ring %p, req %p\", REC->ctx, REC->req
         assert!(EventFormat::parse("a", "b", "").is_err());
         assert!(EventFormat::parse("a", "b", "field:int x;\toffset:zz;\tsize:4;").is_err());
         assert!(EventFormat::parse("a", "b", "field:;\toffset:1;\tsize:4;").is_err());
+    }
+
+    #[test]
+    fn watch_reports_each_change_once() {
+        let dir = || Some(PathBuf::from(DEFAULT_TRACEFS));
+        let mut w = TracefsWatch::default();
+        assert_eq!(w.update(dir()), None);
+        assert_eq!(w.update(dir()), None);
+        assert_eq!(
+            w.update(None),
+            Some(TracefsChange::Unmounted(PathBuf::from(DEFAULT_TRACEFS)))
+        );
+        assert_eq!(w.update(None), None);
+        assert_eq!(
+            w.update(dir()),
+            Some(TracefsChange::Mounted(PathBuf::from(DEFAULT_TRACEFS)))
+        );
+        let mut w = TracefsWatch::default();
+        assert_eq!(w.update(None), Some(TracefsChange::AbsentAtStart));
+        assert_eq!(w.update(None), None);
     }
 
     #[test]

@@ -82,3 +82,326 @@ fn sigkill_leaves_no_programs_behind() {
         .unwrap_or(0);
     assert_eq!(pinned, 0, "the agent pins nothing under /sys/fs/bpf");
 }
+
+// --- tracefs disappearing -------------------------------------------------------------------
+//
+// Each test runs the agent in its own private mount namespace (`unshare --mount --propagation
+// private`) and unmounts tracefs only there, with `nsenter --target <agent> --mount`; the
+// test's (root) namespace is checked to be untouched.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+};
+
+use common::{Metrics, free_port, http_get, require_root};
+
+/// Shell that unmounts every tracefs of its (private) mount namespace, deepest first.
+const UMOUNT_TRACEFS: &str = "grep ' tracefs ' /proc/self/mounts | cut -d' ' -f2 | sort -r | \
+                              while read -r m; do umount \"$m\" || exit 1; done";
+
+/// tracefs mount points of `pid`'s mount namespace ("self" for ours), from its mount table.
+fn tracefs_mounts(pid: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/mounts"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"tracefs")).then(|| f[1].to_owned())
+        })
+        .collect()
+}
+
+/// An agent started behind a wrapper command that ends by exec'ing it (so the pid is the
+/// agent's). SIGTERMed on drop.
+struct NsAgent {
+    child: Child,
+    addr: SocketAddr,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NsAgent {
+    /// `unshare --mount --propagation private sh -c '<setup>; exec "$@"' sh <agent> run ...`.
+    fn spawn(setup: &str, agent_args: &[&str]) -> NsAgent {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log_path = dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("{setup}\nexec \"$@\""))
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_gds-agent"))
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(agent_args)
+            .env("GDS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn unshare (util-linux)");
+        NsAgent {
+            child,
+            addr,
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(self.addr, "/metrics").is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gds-agent exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_exit(mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn scrape(&self) -> Metrics {
+        Metrics::parse(&http_get(self.addr, "/metrics").expect("scrape"))
+    }
+
+    /// Runs `cmd` in the agent's mount namespace.
+    fn nsenter(&self, cmd: &str) {
+        let out = Command::new("nsenter")
+            .args(["--target", &self.pid(), "--mount", "sh", "-c", cmd])
+            .output()
+            .expect("nsenter (util-linux)");
+        assert!(
+            out.status.success(),
+            "nsenter {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until `gds_agent_tracefs_available` reads `want` (the watch checks every 2 s).
+    fn wait_tracefs_gauge(&self, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = self.scrape().0.get("gds_agent_tracefs_available").copied();
+            if v == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gds_agent_tracefs_available is {v:?}, want {want}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM; the status and the log.
+    fn stop(mut self) -> (ExitStatus, String) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        (status, self.log())
+    }
+}
+
+impl Drop for NsAgent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Submits `n` NOPs from this process; returns how many the agent counted meanwhile.
+fn counted_nops(agent: &NsAgent, n: usize) -> f64 {
+    let count = |m: Metrics| m.value("gds_uring_requests_total", &[("opcode", "NOP")]);
+    let before = count(agent.scrape());
+    let mut ring = io_uring::IoUring::new(8).unwrap();
+    for _ in 0..n {
+        // SAFETY: a NOP references no memory.
+        unsafe {
+            ring.submission()
+                .push(&io_uring::opcode::Nop::new().build())
+                .unwrap()
+        };
+        ring.submit_and_wait(1).unwrap();
+        assert_eq!(ring.completion().next().unwrap().result(), 0);
+    }
+    count(agent.scrape()) - before
+}
+
+/// Unmounts tracefs under a running agent, checks it keeps tracing and reports the loss, then
+/// mounts it back and checks that is reported too. `attach` is the agent's --attach.
+fn tracefs_unmounted_while_running(attach: &str) {
+    let _g = serial();
+    let ours = tracefs_mounts("self");
+    // Where the host has no tracefs, the agent (root) mounts one in its own namespace.
+    let mut agent = NsAgent::spawn(
+        "true",
+        &["--attach", attach, "--pid", &std::process::id().to_string()],
+    );
+    agent.wait_serving();
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(&agent.pid()),
+        ns("self"),
+        "the agent has its own mount namespace"
+    );
+    assert!(!tracefs_mounts(&agent.pid()).is_empty());
+    let mode = if attach == "btf" { "Btf" } else { "Classic" };
+    assert!(
+        agent.log().contains(&format!("mode={mode}")),
+        "{}",
+        agent.log()
+    );
+    agent.wait_tracefs_gauge(1.0);
+    assert_eq!(counted_nops(&agent, 20), 20.0);
+
+    agent.nsenter(UMOUNT_TRACEFS);
+    assert_eq!(tracefs_mounts(&agent.pid()), Vec::<String>::new());
+    assert_eq!(
+        tracefs_mounts("self"),
+        ours,
+        "our namespace keeps its tracefs"
+    );
+    agent.wait_tracefs_gauge(0.0);
+    assert_eq!(counted_nops(&agent, 30), 30.0, "{}", agent.log());
+    assert_eq!(
+        agent.log().matches("tracefs was unmounted").count(),
+        1,
+        "warned once:\n{}",
+        agent.log()
+    );
+
+    agent.nsenter("mount -t tracefs nodev /sys/kernel/tracing");
+    agent.wait_tracefs_gauge(1.0);
+    assert!(
+        agent.log().contains("tracefs is mounted again"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(counted_nops(&agent, 10), 10.0);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(tracefs_mounts("self"), ours);
+}
+
+#[test]
+fn tracefs_unmounted_under_btf_agent_is_reported_and_tracing_continues() {
+    tracefs_unmounted_while_running("btf");
+}
+
+#[test]
+fn tracefs_unmounted_under_classic_agent_is_reported_and_tracing_continues() {
+    tracefs_unmounted_while_running("classic");
+}
+
+/// Setup for an agent that starts with no tracefs and cannot mount one: unmount it in the
+/// private namespace, then drop CAP_SYS_ADMIN (the agent is still root with CAP_BPF and
+/// CAP_PERFMON).
+fn no_tracefs_setup() -> String {
+    format!(
+        "{UMOUNT_TRACEFS}\nset -- setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin \"$@\""
+    )
+}
+
+#[test]
+fn agent_starts_without_tracefs_in_btf_mode_and_says_so() {
+    let _g = serial();
+    let ours = tracefs_mounts("self");
+    let mut agent = NsAgent::spawn(
+        &no_tracefs_setup(),
+        &["--pid", &std::process::id().to_string()],
+    );
+    agent.wait_serving();
+    assert_eq!(tracefs_mounts(&agent.pid()), Vec::<String>::new());
+    agent.wait_tracefs_gauge(0.0);
+    assert_eq!(counted_nops(&agent, 25), 25.0);
+    let log = agent.log();
+    assert!(log.contains("mode=Btf"), "{log}");
+    assert!(
+        log.contains("tracefs unavailable")
+            && log.contains("tracefs is not mounted in the agent's mount namespace"),
+        "{log}"
+    );
+    drop(agent);
+    assert_eq!(tracefs_mounts("self"), ours);
+}
+
+#[test]
+fn classic_attach_without_tracefs_fails_saying_how_to_mount_it() {
+    let _g = serial();
+    let (status, log) = NsAgent::spawn(&no_tracefs_setup(), &["--attach", "classic"]).wait_exit();
+    assert!(!status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("tracefs is not mounted")
+            && log.contains("mount -t tracefs nodev /sys/kernel/tracing"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn root_agent_mounts_missing_tracefs_in_its_own_namespace() {
+    let _g = serial();
+    let ours = tracefs_mounts("self");
+    let mut agent = NsAgent::spawn(
+        UMOUNT_TRACEFS,
+        &[
+            "--attach",
+            "classic",
+            "--pid",
+            &std::process::id().to_string(),
+        ],
+    );
+    agent.wait_serving();
+    let log = agent.log();
+    assert!(
+        log.contains("mounted tracefs") && log.contains("mode=Classic"),
+        "{log}"
+    );
+    assert_eq!(
+        tracefs_mounts(&agent.pid()),
+        vec!["/sys/kernel/tracing".to_owned()]
+    );
+    agent.wait_tracefs_gauge(1.0);
+    assert_eq!(counted_nops(&agent, 15), 15.0);
+    drop(agent);
+    assert_eq!(
+        tracefs_mounts("self"),
+        ours,
+        "only the agent's namespace got a mount"
+    );
+}

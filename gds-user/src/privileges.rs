@@ -1,0 +1,577 @@
+//! Dropping capabilities once the tracing programs are attached.
+//!
+//! Loading and attaching needs CAP_BPF + CAP_PERFMON (or root). After that the agent only uses
+//! what it already holds or what anyone may read: map lookups through its own map fds, the
+//! mmapped in-flight slot table, the ring buffer (mmapped, polled through its fd), the listening
+//! socket, and world-readable /proc and /sys files. None of that needs a capability (since
+//! Linux 6.5 the bpf(2) commands on an fd the caller holds are not gated on CAP_BPF), so the
+//! agent keeps nothing: a bug in the HTTP server or a parser then cannot load programs, read
+//! kernel memory or mount filesystems. Kernels before 6.5 with
+//! `kernel.unprivileged_bpf_disabled` set still gate map lookups on CAP_BPF; that is found by
+//! experiment ([`drop_after_attach`] tries a map read with CAP_BPF out of the effective set)
+//! and CAP_BPF alone is kept there.
+//!
+//! Capabilities are per thread: the tokio workers were cloned while the process held
+//! everything, so dropping on the calling thread alone would leave them privileged. Every other
+//! thread is made to drop the same set from a signal handler (what libc does for setuid(2)),
+//! then /proc/self/task/*/status is checked, so a thread that kept anything is an error, not a
+//! silent leak.
+
+use std::{
+    fmt, io,
+    sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+pub const CAP_SETPCAP: u32 = 8;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// Names of capabilities 0..=40 (include/uapi/linux/capability.h).
+const CAP_NAMES: [&str; 41] = [
+    "cap_chown",
+    "cap_dac_override",
+    "cap_dac_read_search",
+    "cap_fowner",
+    "cap_fsetid",
+    "cap_kill",
+    "cap_setgid",
+    "cap_setuid",
+    "cap_setpcap",
+    "cap_linux_immutable",
+    "cap_net_bind_service",
+    "cap_net_broadcast",
+    "cap_net_admin",
+    "cap_net_raw",
+    "cap_ipc_lock",
+    "cap_ipc_owner",
+    "cap_sys_module",
+    "cap_sys_rawio",
+    "cap_sys_chroot",
+    "cap_sys_ptrace",
+    "cap_sys_pacct",
+    "cap_sys_admin",
+    "cap_sys_boot",
+    "cap_sys_nice",
+    "cap_sys_resource",
+    "cap_sys_time",
+    "cap_sys_tty_config",
+    "cap_mknod",
+    "cap_lease",
+    "cap_audit_write",
+    "cap_audit_control",
+    "cap_setfcap",
+    "cap_mac_override",
+    "cap_mac_admin",
+    "cap_syslog",
+    "cap_wake_alarm",
+    "cap_block_suspend",
+    "cap_audit_read",
+    "cap_perfmon",
+    "cap_bpf",
+    "cap_checkpoint_restore",
+];
+
+/// A set of capabilities as a bit mask (bit n = capability n, as in /proc/PID/status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapSet(pub u64);
+
+impl CapSet {
+    pub fn has(self, cap: u32) -> bool {
+        cap < 64 && self.0 & (1u64 << cap) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn count(self) -> u32 {
+        self.0.count_ones()
+    }
+}
+
+impl fmt::Display for CapSet {
+    /// `none`, or the names (`cap_bpf,cap_perfmon`); unknown bits as `cap_<n>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        let mut first = true;
+        for cap in (0..64).filter(|&c| self.has(c)) {
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            match CAP_NAMES.get(cap as usize) {
+                Some(name) => f.write_str(name)?,
+                None => write!(f, "cap_{cap}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The five capability sets of one thread, from /proc/self/task/TID/status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ThreadCaps {
+    pub effective: CapSet,
+    pub permitted: CapSet,
+    pub inheritable: CapSet,
+    pub ambient: CapSet,
+    pub bounding: CapSet,
+}
+
+impl ThreadCaps {
+    /// Parses the `Cap*:` lines of a /proc status file.
+    pub fn parse_status(status: &str) -> Option<ThreadCaps> {
+        let get = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .map(CapSet)
+        };
+        Some(ThreadCaps {
+            effective: get("CapEff:")?,
+            permitted: get("CapPrm:")?,
+            inheritable: get("CapInh:")?,
+            ambient: get("CapAmb:")?,
+            bounding: get("CapBnd:")?,
+        })
+    }
+
+    fn read(tid: i32) -> Result<ThreadCaps, PrivilegeError> {
+        let path = format!("/proc/self/task/{tid}/status");
+        let text = std::fs::read_to_string(&path).map_err(|source| PrivilegeError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        ThreadCaps::parse_status(&text).ok_or(PrivilegeError::Malformed { path })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum PrivilegeError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{path} has no Cap* lines (is /proc a procfs?)")]
+    Malformed { path: String },
+    #[error("{step} failed on thread {tid}: {source}")]
+    Syscall {
+        step: Step,
+        tid: i32,
+        source: io::Error,
+    },
+    #[error(
+        "installing the handler of signal {signal} (used to drop capabilities on every thread) failed: {source}"
+    )]
+    Signal { signal: i32, source: io::Error },
+    #[error(
+        "{pending} thread(s) did not drop their capabilities within {timeout:?} (signal {signal} \
+         blocked on them?); refusing to serve with privileged threads"
+    )]
+    Timeout {
+        pending: usize,
+        signal: i32,
+        timeout: Duration,
+    },
+    #[error(
+        "thread {tid} still holds capabilities after the drop (effective {effective}, permitted \
+         {permitted}; expected {expected})"
+    )]
+    Kept {
+        tid: i32,
+        effective: CapSet,
+        permitted: CapSet,
+        expected: CapSet,
+    },
+}
+
+/// One step of dropping capabilities on a thread (for error messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    BoundingSet,
+    Ambient,
+    Capset,
+    NoNewPrivs,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::BoundingSet => "dropping the capability bounding set (prctl PR_CAPBSET_DROP)",
+            Step::Ambient => "clearing the ambient capabilities (prctl PR_CAP_AMBIENT)",
+            Step::Capset => "dropping the effective/permitted/inheritable capabilities (capset)",
+            Step::NoNewPrivs => "setting no_new_privs (prctl PR_SET_NO_NEW_PRIVS)",
+        })
+    }
+}
+
+/// What [`drop_after_attach`] did, for the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropped {
+    pub before: ThreadCaps,
+    pub after: ThreadCaps,
+    /// Capabilities kept because the agent failed without them.
+    pub kept: CapSet,
+    /// Threads that dropped (the calling one included).
+    pub threads: usize,
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dropped = CapSet(self.before.permitted.0 & !self.after.permitted.0);
+        write!(
+            f,
+            "dropped {} capabilities on {} threads ({}); kept: {}",
+            dropped.count(),
+            self.threads,
+            if dropped.count() > 8 {
+                format!(
+                    "permitted {:#x} → {:#x}",
+                    self.before.permitted.0, self.after.permitted.0
+                )
+            } else {
+                dropped.to_string()
+            },
+            self.kept,
+        )?;
+        if self.after.bounding == self.before.bounding {
+            write!(
+                f,
+                "; bounding set left as is (no cap_setpcap; exec cannot regain anything: no_new_privs is set)"
+            )
+        } else {
+            write!(f, "; bounding set now {}", self.after.bounding)
+        }
+    }
+}
+
+/// The thread's capability sets as the kernel reports them to itself (capget).
+fn capget() -> Result<(CapSet, CapSet, CapSet), i32> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and a two-element data array, as capget(2) version 3 expects.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(errno());
+    }
+    let join = |lo: u32, hi: u32| CapSet(u64::from(lo) | u64::from(hi) << 32);
+    Ok((
+        join(data[0].effective, data[1].effective),
+        join(data[0].permitted, data[1].permitted),
+        join(data[0].inheritable, data[1].inheritable),
+    ))
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+fn errno() -> i32 {
+    // SAFETY: errno is thread-local and always valid to read.
+    unsafe { *libc::__errno_location() }
+}
+
+/// capset(2) on the calling thread. Async-signal-safe (one syscall, no allocation).
+fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), i32> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: effective as u32,
+            permitted: permitted as u32,
+            inheritable: inheritable as u32,
+        },
+        CapData {
+            effective: (effective >> 32) as u32,
+            permitted: (permitted >> 32) as u32,
+            inheritable: (inheritable >> 32) as u32,
+        },
+    ];
+    // SAFETY: header and a two-element data array, as capset(2) version 3 expects.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// Drops the calling thread to `keep`: bounding set (when `bounding` and the thread holds
+/// CAP_SETPCAP), ambient, then effective/permitted/inheritable; sets no_new_privs so an exec
+/// (of a setuid or file-capability binary, or as uid 0) cannot regain anything.
+/// Async-signal-safe: only syscalls, no allocation, so it also runs in the signal handler.
+fn drop_this_thread(keep: u64, bounding: bool) -> Result<(), (Step, i32)> {
+    // SAFETY (all prctl calls): integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err((Step::NoNewPrivs, errno()));
+    }
+    if bounding {
+        for cap in 0..64u32 {
+            if keep & (1u64 << cap) != 0 {
+                continue;
+            }
+            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            // EINVAL: past the last capability this kernel knows.
+            if rc != 0 && errno() != libc::EINVAL {
+                return Err((Step::BoundingSet, errno()));
+            }
+        }
+    }
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    // EINVAL: a kernel without ambient capabilities (before 4.3), nothing to clear.
+    if rc != 0 && errno() != libc::EINVAL {
+        return Err((Step::Ambient, errno()));
+    }
+    capset(keep, keep, 0).map_err(|e| (Step::Capset, e))
+}
+
+/// Target of the signal handler: the set to keep and whether to drop the bounding set.
+static TARGET_KEEP: AtomicU64 = AtomicU64::new(0);
+static TARGET_BOUNDING: AtomicBool = AtomicBool::new(false);
+static ACKED: AtomicUsize = AtomicUsize::new(0);
+/// First failure in a handler: step index << 32 | errno (0: none).
+static FAILED: AtomicU64 = AtomicU64::new(0);
+static FAILED_TID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_drop_signal(_sig: libc::c_int) {
+    let saved = errno();
+    let r = drop_this_thread(
+        TARGET_KEEP.load(Ordering::SeqCst),
+        TARGET_BOUNDING.load(Ordering::SeqCst),
+    );
+    if let Err((step, e)) = r {
+        let code = (step as u64 + 1) << 32 | u64::from(e as u32);
+        if FAILED
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            FAILED_TID.store(gettid(), Ordering::SeqCst);
+        }
+    }
+    ACKED.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: restoring this thread's errno.
+    unsafe { *libc::__errno_location() = saved };
+}
+
+/// The signal the drop is broadcast with. glibc keeps SIGRTMIN..SIGRTMIN+2 for itself
+/// (SIGRTMIN() returns the first free one); tokio only installs handlers it is asked for.
+fn drop_signal() -> i32 {
+    libc::SIGRTMIN() + 5
+}
+
+fn gettid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::gettid() }
+}
+
+fn task_ids() -> Result<Vec<i32>, PrivilegeError> {
+    let dir = "/proc/self/task";
+    let rd = std::fs::read_dir(dir).map_err(|source| PrivilegeError::Read {
+        path: dir.into(),
+        source,
+    })?;
+    Ok(rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+fn install_handler(signal: i32) -> Result<(), PrivilegeError> {
+    // SAFETY: a zeroed sigaction is valid; we set the handler and an empty mask. The handler is
+    // async-signal-safe and stays installed (a late signal must never meet SIG_DFL, which for
+    // a real-time signal terminates the process).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_drop_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(signal, &sa, std::ptr::null_mut()) != 0 {
+            return Err(PrivilegeError::Signal {
+                signal,
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Makes every thread but the caller drop to the target set, then checks every thread.
+fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeError> {
+    let signal = drop_signal();
+    TARGET_KEEP.store(keep.0, Ordering::SeqCst);
+    TARGET_BOUNDING.store(bounding, Ordering::SeqCst);
+    install_handler(signal)?;
+    let me = gettid();
+    // SAFETY: no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let timeout = Duration::from_secs(5);
+    // A thread could be cloned (still privileged) by one that had not dropped yet: go round
+    // until every listed thread checks out.
+    for _round in 0..5 {
+        let mut pending = Vec::new();
+        for tid in task_ids()? {
+            let caps = match ThreadCaps::read(tid) {
+                Ok(c) => c,
+                // The thread exited in between.
+                Err(PrivilegeError::Read { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if caps.permitted != keep || caps.effective != keep || !caps.ambient.is_empty() {
+                if tid == me {
+                    return Err(PrivilegeError::Kept {
+                        tid,
+                        effective: caps.effective,
+                        permitted: caps.permitted,
+                        expected: keep,
+                    });
+                }
+                pending.push(tid);
+            }
+        }
+        if pending.is_empty() {
+            return Ok(task_ids()?.len());
+        }
+        ACKED.store(0, Ordering::SeqCst);
+        let mut sent = 0;
+        for &tid in &pending {
+            // SAFETY: tgkill on a thread of this process.
+            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) } == 0 {
+                sent += 1;
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        while ACKED.load(Ordering::SeqCst) < sent {
+            if Instant::now() > deadline {
+                return Err(PrivilegeError::Timeout {
+                    pending: sent - ACKED.load(Ordering::SeqCst),
+                    signal,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let failed = FAILED.swap(0, Ordering::SeqCst);
+        if failed != 0 {
+            let step = match failed >> 32 {
+                1 => Step::BoundingSet,
+                2 => Step::Ambient,
+                3 => Step::Capset,
+                _ => Step::NoNewPrivs,
+            };
+            return Err(PrivilegeError::Syscall {
+                step,
+                tid: FAILED_TID.load(Ordering::SeqCst),
+                source: io::Error::from_raw_os_error(failed as u32 as i32),
+            });
+        }
+    }
+    // Still someone left after five rounds: report the first.
+    for tid in task_ids()? {
+        if let Ok(caps) = ThreadCaps::read(tid)
+            && (caps.permitted != keep || caps.effective != keep)
+        {
+            return Err(PrivilegeError::Kept {
+                tid,
+                effective: caps.effective,
+                permitted: caps.permitted,
+                expected: keep,
+            });
+        }
+    }
+    Ok(task_ids()?.len())
+}
+
+/// Drops every capability the attached agent does not need, on every thread.
+///
+/// `still_works` is a read the agent does while serving (a map lookup by fd); it is tried
+/// with CAP_BPF out of the effective set, and CAP_BPF is kept only if it then fails (kernels
+/// before 6.5 with `unprivileged_bpf_disabled`). The bounding set is dropped too when the
+/// process may (it holds CAP_SETPCAP, e.g. root); no_new_privs is set either way.
+pub fn drop_after_attach(still_works: impl Fn() -> bool) -> Result<Dropped, PrivilegeError> {
+    let me = gettid();
+    let syscall_err = |step: Step, e: i32| PrivilegeError::Syscall {
+        step,
+        tid: me,
+        source: io::Error::from_raw_os_error(e),
+    };
+    let before = ThreadCaps::read(me)?;
+    let (eff, prm, inh) = capget().map_err(|e| syscall_err(Step::Capset, e))?;
+
+    // Experiment: serve a read with CAP_BPF out of the effective set.
+    let mut keep = CapSet(0);
+    if prm.has(CAP_BPF) || prm.has(CAP_SYS_ADMIN) {
+        let without = eff.0 & !(1u64 << CAP_BPF | 1u64 << CAP_SYS_ADMIN);
+        capset(without, prm.0, inh.0).map_err(|e| syscall_err(Step::Capset, e))?;
+        let ok = still_works();
+        capset(eff.0, prm.0, inh.0).map_err(|e| syscall_err(Step::Capset, e))?;
+        if !ok {
+            tracing::info!(
+                "map reads need CAP_BPF on this kernel (before 6.5 with \
+                 kernel.unprivileged_bpf_disabled): keeping cap_bpf"
+            );
+            keep = CapSet(1u64 << CAP_BPF);
+        }
+    }
+    let bounding = eff.has(CAP_SETPCAP);
+    drop_this_thread(keep.0, bounding).map_err(|(step, e)| syscall_err(step, e))?;
+    let threads = drop_other_threads(keep, bounding)?;
+    let after = ThreadCaps::read(me)?;
+    Ok(Dropped {
+        before,
+        after,
+        kept: keep,
+        threads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_capability_sets() {
+        assert_eq!(CapSet(0).to_string(), "none");
+        assert_eq!(
+            CapSet(1 << CAP_BPF | 1 << CAP_PERFMON).to_string(),
+            "cap_perfmon,cap_bpf"
+        );
+        assert_eq!(CapSet(1 << 50).to_string(), "cap_50");
+    }
+
+    #[test]
+    fn parses_status_lines() {
+        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t000000c000000000\n\
+                 CapEff:\t000000c000000000\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n";
+        let c = ThreadCaps::parse_status(s).unwrap();
+        assert!(c.effective.has(CAP_BPF) && c.effective.has(CAP_PERFMON));
+        assert_eq!(c.effective.count(), 2);
+        assert_eq!(c.bounding.count(), 41);
+        assert!(ThreadCaps::parse_status("Name:\tx\n").is_none());
+    }
+}

@@ -1,0 +1,322 @@
+//! Privileges: the real agent runs with only CAP_BPF + CAP_PERFMON as an unprivileged user,
+//! drops every capability on every thread once its programs are attached (and still traces),
+//! and says which capabilities it lacks when it has none.
+//!
+//! The agent is started through `setpriv` (util-linux) so the test harness itself stays root.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Metrics, PipeRead, free_port, http_get, require_root, serial};
+use gds_user::privileges::{CAP_BPF, CAP_PERFMON, ThreadCaps};
+
+const NOBODY: &str = "65534";
+
+/// `setpriv` arguments: become uid/gid 65534 holding exactly `caps` (e.g. "+bpf,+perfmon",
+/// or "" for none) as ambient capabilities, so they survive the exec of the agent.
+fn as_nobody(caps: &str) -> Vec<String> {
+    let set = format!("-all{}{caps}", if caps.is_empty() { "" } else { "," });
+    vec![
+        "setpriv".into(),
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        "--clear-groups".into(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+    ]
+}
+
+/// The agent binary where uid 65534 can execute it: in place when every directory above it
+/// is traversable by others, else a 0755 copy in `dir` (itself made 0755).
+fn agent_binary_for_nobody(dir: &Path) -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gds-agent"));
+    let others_can = |p: &Path, bits: u32| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & bits == bits)
+            .unwrap_or(false)
+    };
+    let reachable = bin.ancestors().skip(1).all(|d| others_can(d, 0o001));
+    if reachable && others_can(&bin, 0o005) {
+        return bin;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.join("gds-agent");
+    std::fs::copy(&bin, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// An agent started through a wrapper command (the wrapper execs it, so the pid is the
+/// agent's). SIGTERMed on drop.
+struct Wrapped {
+    child: Child,
+    addr: SocketAddr,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Wrapped {
+    fn spawn(wrapper: &[String], agent_args: &[&str]) -> Wrapped {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let bin = agent_binary_for_nobody(dir.path());
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log_path = dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(&wrapper[0])
+            .args(&wrapper[1..])
+            .arg(&bin)
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(agent_args)
+            .env("GDS_LOG", "info")
+            .current_dir("/")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn setpriv (util-linux)");
+        Wrapped {
+            child,
+            addr,
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until /metrics answers (everything is attached and capabilities are dropped).
+    fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gds-agent exited early ({status}):\n{}", self.log());
+            }
+            if http_get(self.addr, "/metrics").is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the agent to exit by itself; its status and log.
+    fn wait_exit(mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn scrape(&self) -> Metrics {
+        Metrics::parse(&http_get(self.addr, "/metrics").expect("scrape"))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Wrapped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every thread's capability sets, by tid.
+fn thread_caps(pid: u32) -> Vec<(String, ThreadCaps)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(caps) = ThreadCaps::parse_status(&status) {
+            out.push((t.file_name().to_string_lossy().into_owned(), caps));
+        }
+    }
+    assert!(!out.is_empty(), "no threads of {pid}");
+    out
+}
+
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("{key} missing from /proc/{pid}/status"))
+}
+
+/// Asserts every thread of the agent holds nothing (effective, permitted, inheritable,
+/// ambient) and has exactly `bounding` as its bounding set.
+fn assert_dropped(pid: u32, bounding: u64) {
+    for (tid, c) in thread_caps(pid) {
+        assert_eq!(c.effective.0, 0, "thread {tid} CapEff: {c:?}");
+        assert_eq!(c.permitted.0, 0, "thread {tid} CapPrm: {c:?}");
+        assert_eq!(c.inheritable.0, 0, "thread {tid} CapInh: {c:?}");
+        assert_eq!(c.ambient.0, 0, "thread {tid} CapAmb: {c:?}");
+        assert_eq!(c.bounding.0, bounding, "thread {tid} CapBnd: {c:?}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+}
+
+/// Submits `n` NOPs from this process and waits for them.
+fn nops(n: usize) {
+    let mut ring = io_uring::IoUring::new(32).unwrap();
+    for i in 0..n {
+        let e = io_uring::opcode::Nop::new().build().user_data(i as u64);
+        // SAFETY: a NOP references no memory.
+        unsafe { ring.submission().push(&e).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        assert_eq!(ring.completion().next().unwrap().result(), 0);
+    }
+}
+
+/// After the drop the agent still reads its maps (counts), its mmapped slot table and hash
+/// (an in-flight request with this process's comm), and serves /debug.
+fn assert_still_traces(agent: &Wrapped) {
+    let before = agent
+        .scrape()
+        .value("gds_uring_requests_total", &[("opcode", "NOP")]);
+    nops(37);
+    let after = agent
+        .scrape()
+        .value("gds_uring_requests_total", &[("opcode", "NOP")]);
+    assert_eq!(
+        after - before,
+        37.0,
+        "NOPs after the drop:\n{}",
+        agent.log()
+    );
+
+    let mut read = PipeRead::submit(0x5eed);
+    let inflight = http_get(agent.addr, "/debug/inflight").unwrap();
+    let list: serde_json::Value = serde_json::from_str(&inflight).unwrap();
+    let me = std::process::id();
+    let mine = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pid"] == me && r["user_data"] == 0x5eed)
+        .unwrap_or_else(|| panic!("our pipe read is not in /debug/inflight: {inflight}"));
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    assert_eq!(mine["comm"], comm.trim_end(), "{mine}");
+    assert_eq!(read.complete(b"x"), (0x5eed, 1));
+    let m = agent.scrape();
+    assert_eq!(
+        m.value("gds_uring_requests_total", &[("opcode", "READ")]),
+        1.0
+    );
+}
+
+#[test]
+fn root_agent_drops_every_capability_and_keeps_tracing() {
+    let _g = serial();
+    // setpriv with no options: a plain exec, as root with every capability.
+    let mut agent = Wrapped::spawn(
+        &["setpriv".into()],
+        &["--pid", &std::process::id().to_string()],
+    );
+    agent.wait_serving();
+    assert_eq!(status_field(agent.pid(), "Uid:"), "0\t0\t0\t0");
+    assert_dropped(agent.pid(), 0);
+    assert_still_traces(&agent);
+    let log = agent.log();
+    assert!(
+        log.contains("kept: none") && log.contains("bounding set now none"),
+        "the drop is logged:\n{log}"
+    );
+}
+
+#[test]
+fn nobody_with_cap_bpf_and_cap_perfmon_runs_and_drops_them() {
+    let _g = serial();
+    let mut agent = Wrapped::spawn(
+        &as_nobody("+bpf,+perfmon"),
+        &["--pid", &std::process::id().to_string()],
+    );
+    agent.wait_serving();
+    assert_eq!(
+        status_field(agent.pid(), "Uid:"),
+        format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}")
+    );
+    // Without CAP_SETPCAP the bounding set cannot shrink: it stays what setpriv left.
+    assert_dropped(agent.pid(), 1 << CAP_BPF | 1 << CAP_PERFMON);
+    assert_still_traces(&agent);
+    let log = agent.log();
+    assert!(
+        log.contains("mode=Btf") && log.contains("(cap_perfmon,cap_bpf); kept: none"),
+        "{log}"
+    );
+}
+
+#[test]
+fn nobody_without_capabilities_is_told_which_are_missing() {
+    let _g = serial();
+    for caps in ["", "+bpf", "+perfmon"] {
+        let (status, log) = Wrapped::spawn(&as_nobody(caps), &[]).wait_exit();
+        assert!(!status.success(), "caps {caps:?}: {status}\n{log}");
+        assert!(
+            log.contains("not permitted to load eBPF programs")
+                && log.contains("CAP_BPF and CAP_PERFMON"),
+            "caps {caps:?}: the error names the capabilities:\n{log}"
+        );
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+#[test]
+fn nobody_classic_attach_says_tracefs_is_unreadable() {
+    let _g = serial();
+    // In a private mount namespace with tracefs mounted (hosts that boot without it included),
+    // so the failure is about reading it; the root namespace is not touched.
+    let mut wrapper: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; \
+         exec \"$@\"",
+        "sh",
+    ]
+    .map(String::from)
+    .to_vec();
+    wrapper.extend(as_nobody("+bpf,+perfmon"));
+    let (status, log) = Wrapped::spawn(&wrapper, &["--attach", "classic"]).wait_exit();
+    assert!(!status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("is not readable by this user")
+            && log.contains("CAP_DAC_READ_SEARCH")
+            && log.contains("--attach btf"),
+        "{log}"
+    );
+}
