@@ -288,6 +288,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../../deploy/agent.toml");
+        let flags = argv(text, &[]).unwrap();
+        assert!(flags.contains(&"--slow-threshold=10ms".to_string()), "{flags:?}");
+        let cmd = run_command();
+        cmd.try_get_matches_from(&flags).unwrap();
+    }
+
+    #[test]
     fn run_argv_is_what_follows_run() {
         assert_eq!(
             run_argv(&os(&["gds-agent", "run", "--pid", "1"])),
