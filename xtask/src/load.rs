@@ -466,6 +466,18 @@ fn print_report(r: &Report, args: &LoadArgs, wall: f64) {
             ),
         ),
         (
+            "note",
+            if r.inflight_end > 0 {
+                format!(
+                    "{} request(s) still in flight for the agent although the generator reaped \
+                     every completion: stale in-flight entries (the agent reports them as stalls)",
+                    r.inflight_end
+                )
+            } else {
+                "-".to_owned()
+            },
+        ),
+        (
             "trace drops",
             r.drops
                 .iter()
