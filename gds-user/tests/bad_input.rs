@@ -430,6 +430,18 @@ cases! {
     tracepoint_missing: "environment", "`run --attach classic` where tracefs has no io_uring events", exit 1,
         ["tracepoint io_uring_submit_req / io_uring_submit_sqe is absent from /sys/kernel/tracing/events/io_uring"],
         |c| c.in_mount_namespace("mount -t tmpfs none /sys/kernel/tracing && exec \"$AGENT\" run --attach classic --listen 127.0.0.1:0");
+    no_tracefs_cannot_mount: "environment", "`run --attach classic` with tracefs unmounted, as a user who may not mount it", exit 1,
+        ["tracefs is not mounted and mounting it on /sys/kernel/tracing failed", "mount -t tracefs nodev /sys/kernel/tracing"],
+        |c| {
+            let bin = c.agent_copy();
+            let mut cmd = c.in_mount_namespace(
+                "umount -l /sys/kernel/tracing; umount -l /sys/kernel/debug/tracing 2>/dev/null; \
+                 exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all,+bpf,+perfmon \
+                 --ambient-caps=-all,+bpf,+perfmon -- \"$BIN\" run --attach classic --listen 127.0.0.1:0",
+            );
+            cmd.env("BIN", bin);
+            cmd
+        };
     not_root: "environment", "`run` as an unprivileged user", exit 1,
         ["not permitted to load eBPF programs", "CAP_BPF and CAP_PERFMON"],
         |c| c.as_nobody(&["run", "--listen", "127.0.0.1:0"]);
