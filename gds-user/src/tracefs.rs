@@ -11,6 +11,10 @@ use std::{
 
 use thiserror::Error;
 
+mod format;
+
+pub use format::{EventFormat, Field};
+
 pub const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
 
 #[derive(Debug, Error)]
@@ -194,22 +198,6 @@ pub fn spawn_watch(registry: &prometheus::Registry) -> prometheus::Result<()> {
     Ok(())
 }
 
-/// One field of a tracepoint record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Field {
-    pub name: String,
-    pub offset: u32,
-    pub size: u32,
-}
-
-/// A parsed `events/<category>/<name>/format` file.
-#[derive(Debug, Clone)]
-pub struct EventFormat {
-    pub category: String,
-    pub name: String,
-    pub fields: Vec<Field>,
-}
-
 impl EventFormat {
     pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<EventFormat, TracefsError> {
         let path = tracefs
@@ -231,57 +219,6 @@ impl EventFormat {
         Self::parse(category, name, &text).map_err(|line| TracefsError::Malformed {
             path: path.display().to_string(),
             line,
-        })
-    }
-
-    /// Parses the text of a format file; on error returns the offending line.
-    pub fn parse(category: &str, name: &str, text: &str) -> Result<EventFormat, String> {
-        let mut fields = Vec::new();
-        for line in text.lines() {
-            let line = line.trim();
-            let Some(rest) = line.strip_prefix("field:") else {
-                continue;
-            };
-            // field:<decl>;\toffset:<n>;\tsize:<n>;\tsigned:<n>;
-            let mut decl = None;
-            let mut offset = None;
-            let mut size = None;
-            for (i, part) in rest.split(';').enumerate() {
-                let part = part.trim();
-                if i == 0 {
-                    decl = Some(part);
-                } else if let Some(v) = part.strip_prefix("offset:") {
-                    offset = v.trim().parse::<u32>().ok();
-                } else if let Some(v) = part.strip_prefix("size:") {
-                    size = v.trim().parse::<u32>().ok();
-                }
-            }
-            let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
-                return Err(line.to_owned());
-            };
-            // "unsigned char common_type", "char disk[32]", "__data_loc char[] op_str"
-            let last = decl
-                .split_whitespace()
-                .last()
-                .ok_or_else(|| line.to_owned())?;
-            let name = last
-                .split('[')
-                .next()
-                .unwrap_or(last)
-                .trim_start_matches('*')
-                .to_owned();
-            if name.is_empty() {
-                return Err(line.to_owned());
-            }
-            fields.push(Field { name, offset, size });
-        }
-        if fields.is_empty() {
-            return Err("no fields".into());
-        }
-        Ok(EventFormat {
-            category: category.into(),
-            name: name.into(),
-            fields,
         })
     }
 

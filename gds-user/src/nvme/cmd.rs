@@ -142,9 +142,17 @@ struct RwFields {
 #[derive(Clone, Copy, Debug)]
 struct IovSummary {
     count: u32,
-    /// Bitwise OR of every segment's address and length: a power-of-two alignment divides
-    /// all of them iff it divides this.
-    or_bits: u64,
+    /// Greatest common divisor of every segment's address and length (0 if all are 0): an
+    /// alignment divides all of them iff it divides this. (An OR of the bits only answers
+    /// that for powers of two, and a geometry's `dma_alignment` may be any number.)
+    gcd: u64,
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// The kernel's limit on iovecs per vectored command (UIO_MAXIOV).
@@ -223,7 +231,7 @@ impl RwFields {
         }
         let align = u64::from(g.dma_alignment.max(1));
         if let Some(iov) = self.iov {
-            if !iov.or_bits.is_multiple_of(align) {
+            if !iov.gcd.is_multiple_of(align) {
                 return Err(NvmeError::MisalignedSegments {
                     device: device.to_string(),
                     op,
@@ -306,12 +314,16 @@ macro_rules! rw_builder {
             /// command completes.
             pub fn iovecs(mut self, iovecs: &[libc::iovec]) -> Self {
                 self.0.addr = iovecs.as_ptr() as u64;
-                self.0.data_len = iovecs.iter().map(|v| v.iov_len as u64).sum();
+                // Saturating: lengths summing past 2^64 must be refused as too large a
+                // transfer, not panic (debug) or wrap to a small, valid-looking total.
+                self.0.data_len = iovecs
+                    .iter()
+                    .fold(0u64, |acc, v| acc.saturating_add(v.iov_len as u64));
                 self.0.iov = Some(IovSummary {
                     count: iovecs.len().min(u32::MAX as usize) as u32,
-                    or_bits: iovecs
-                        .iter()
-                        .fold(0, |acc, v| acc | v.iov_base as u64 | v.iov_len as u64),
+                    gcd: iovecs.iter().fold(0, |acc, v| {
+                        gcd(gcd(acc, v.iov_base as u64), v.iov_len as u64)
+                    }),
                 });
                 self
             }
@@ -617,6 +629,78 @@ mod tests {
             .build(&g)
             .unwrap_err();
         assert!(e.to_string().contains("0 iovecs"), "{e}");
+    }
+
+    /// Found by the `nvme_command` fuzz target: iovec lengths summing past 2^64 overflowed the
+    /// total (a panic in debug builds, a small wrapped total in release).
+    #[test]
+    fn iovec_lengths_past_u64_are_too_large_not_a_panic() {
+        let iov = [
+            libc::iovec {
+                iov_base: 0xddde_dd00_0000_dddd_u64 as *mut libc::c_void,
+                iov_len: 0xffff_ffff_ffff_ffdd,
+            },
+            libc::iovec {
+                iov_base: 0xddde_dd00_0000_dddd_u64 as *mut libc::c_void,
+                iov_len: 14_540_253,
+            },
+        ];
+        let e = NvmeReadCmd::new(1, 0, 8)
+            .iovecs(&iov)
+            .build(&geom())
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NvmeError::TransferTooLarge {
+                    bytes: u64::MAX,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            NvmeReadCmd::new(1, 0, 8)
+                .iovecs(&iov)
+                .build_unchecked()
+                .is_err()
+        );
+    }
+
+    /// Found by the `nvme_command` fuzz target: with a DMA alignment that is not a power of
+    /// two, OR-ing the segments' bits let misaligned segments through (and refused aligned
+    /// ones).
+    #[test]
+    fn segment_alignment_holds_for_any_alignment() {
+        let mut g = geom();
+        g.lba_size = 16384;
+        g.capacity_blocks = 1 << 40;
+        g.max_transfer_bytes = 0;
+        g.dma_alignment = u32::MAX;
+        // u64::MAX is a multiple of 2^32-1, the length (9 x 2^22) is not; their OR is.
+        let iov = [libc::iovec {
+            iov_base: u64::MAX as *mut libc::c_void,
+            iov_len: 2304 * 16384,
+        }];
+        let e = NvmeReadCmd::new(1, 0, 2304)
+            .iovecs(&iov)
+            .build(&g)
+            .unwrap_err();
+        assert!(matches!(e, NvmeError::MisalignedSegments { .. }), "{e}");
+        // Alignment 3: every address and length is a multiple of 3, their OR (775) is not.
+        g.lba_size = 512;
+        g.dma_alignment = 3;
+        let iov = [
+            libc::iovec {
+                iov_base: 3 as *mut libc::c_void,
+                iov_len: 768,
+            },
+            libc::iovec {
+                iov_base: 6 as *mut libc::c_void,
+                iov_len: 768,
+            },
+        ];
+        assert!(NvmeReadCmd::new(1, 0, 3).iovecs(&iov).build(&g).is_ok());
     }
 
     #[test]

@@ -40,15 +40,19 @@ impl NamespaceGeometry {
             .saturating_mul(u64::from(self.lba_size))
     }
 
-    /// Largest block count per command allowed by MDTS and the 16-bit NLB.
+    /// Largest block count per command allowed by MDTS, the 16-bit NLB and the 32-bit
+    /// `data_len` of `struct nvme_uring_cmd`.
     pub fn max_blocks_per_command(&self) -> u32 {
+        let lba = u64::from(self.lba_size.max(1));
         let by_nlb = u64::from(super::error::MAX_BLOCKS_PER_COMMAND);
+        // 65,536 blocks of 64 KiB would be 4 GiB, one byte more than data_len can carry.
+        let by_data_len = u64::from(u32::MAX) / lba;
         let by_mdts = if self.max_transfer_bytes == 0 {
             by_nlb
         } else {
-            self.max_transfer_bytes / u64::from(self.lba_size.max(1))
+            self.max_transfer_bytes / lba
         };
-        by_nlb.min(by_mdts).max(1) as u32
+        by_nlb.min(by_data_len).min(by_mdts).max(1) as u32
     }
 
     /// Geometry of `/dev/ngXnY` (or `/dev/nvmeXnY`) from sysfs, where the kernel publishes the
@@ -308,6 +312,20 @@ mod tests {
         assert_eq!(g.lba_size, 4096);
         assert_eq!(g.capacity_blocks, 262_144);
         assert_eq!(g.max_blocks_per_command(), 128);
+        // Found by the `nvme_command` fuzz target: with 64 KiB blocks and no MDTS, 65,536
+        // blocks is 4 GiB, which data_len (u32) cannot carry; the limit must be encodable.
+        let mut big = g.clone();
+        big.lba_size = 65_536;
+        big.max_transfer_bytes = 0;
+        big.capacity_blocks = 1 << 20;
+        let max = big.max_blocks_per_command();
+        assert_eq!(max, 65_535);
+        assert!(
+            crate::nvme::NvmeReadCmd::new(2, 0, max)
+                .buffer(4096 as *mut u8, max as usize * 65_536)
+                .build(&big)
+                .is_ok()
+        );
         // An inactive namespace (all zero) is refused, not turned into a 1-byte LBA size.
         let zero = IdentifyNamespace::parse(&[0u8; 4096]);
         assert!(NamespaceGeometry::from_identify("/dev/ng0n9", 9, &zero, &c).is_err());

@@ -227,13 +227,17 @@ impl CompletionOutcome {
     /// Decode a CQE's `res` and the first u64 of its big-CQE half.
     pub fn decode(res: i32, result: u64) -> Self {
         if res < 0 {
-            Self::Errno(-res)
+            // saturating: -i32::MIN does not fit (a panic in debug builds, a negative errno in
+            // release); no errno is that large anyway.
+            Self::Errno(res.saturating_neg())
         } else if res == 0 {
             Self::Success { result }
         } else {
-            // Only the low 15 bits carry status; anything above is not an NVMe status and is
-            // kept so the raw value is still visible in the decoded form.
-            Self::Device(NvmeStatus(res as u16))
+            // Only the low 15 bits carry status; bit 15 is not an NVMe status bit and is kept
+            // so the raw value is still visible in the decoded form. Nothing above 16 bits can
+            // come from the kernel; such a value saturates rather than wrapping (0x10000 would
+            // otherwise read as "Successful Completion").
+            Self::Device(NvmeStatus(u16::try_from(res).unwrap_or(u16::MAX)))
         }
     }
 }
@@ -336,5 +340,28 @@ mod tests {
             CompletionOutcome::Device(NvmeStatus(0x4080))
         );
         assert_eq!(errno_hint(libc::ENOTTY).0, "ENOTTY");
+    }
+
+    /// Found by the `nvme_command` fuzz target: a positive `res` above 16 bits wrapped to a
+    /// status of 0, a failed command reading as "Successful Completion".
+    #[test]
+    fn decode_res_above_16_bits_is_not_success() {
+        let CompletionOutcome::Device(st) = CompletionOutcome::decode(0x3600_0000, 0) else {
+            panic!("positive res must decode as a device status");
+        };
+        assert!(!st.is_success(), "{st:?}");
+        assert_eq!(
+            CompletionOutcome::decode(0x1_0000, 0),
+            CompletionOutcome::Device(NvmeStatus(u16::MAX))
+        );
+        // Also found by the fuzz target: -i32::MIN overflowed.
+        assert_eq!(
+            CompletionOutcome::decode(i32::MIN, 0),
+            CompletionOutcome::Errno(i32::MAX)
+        );
+        assert!(matches!(
+            CompletionOutcome::decode(i32::MAX, 0),
+            CompletionOutcome::Device(NvmeStatus(u16::MAX))
+        ));
     }
 }
