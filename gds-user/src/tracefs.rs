@@ -73,13 +73,13 @@ pub fn find_mount() -> Option<PathBuf> {
 pub fn ensure_mounted() -> Result<(PathBuf, bool), TracefsError> {
     if let Some(dir) = find_mount() {
         let events = dir.join("events");
-        if let Err(source) = std::fs::read_dir(&events) {
-            if source.kind() == std::io::ErrorKind::PermissionDenied {
-                return Err(TracefsError::NoAccess {
-                    path: dir.display().to_string(),
-                    source,
-                });
-            }
+        if let Err(source) = std::fs::read_dir(&events)
+            && source.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return Err(TracefsError::NoAccess {
+                path: dir.display().to_string(),
+                source,
+            });
         }
         return Ok((dir, false));
     }
