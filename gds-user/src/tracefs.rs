@@ -279,6 +279,10 @@ print fmt: \"ring %p, req %p\", REC->ctx, REC->req
         assert!(EventFormat::parse("a", "b", "").is_err());
         assert!(EventFormat::parse("a", "b", "field:int x;\toffset:zz;\tsize:4;").is_err());
         assert!(EventFormat::parse("a", "b", "field:;\toffset:1;\tsize:4;").is_err());
+        // Found with the tracepoint_format fuzz target's offset+size property: a field whose
+        // end does not fit in u32 was accepted.
+        let line = "field:int x;\toffset:4294967295;\tsize:4;\tsigned:1;";
+        assert_eq!(EventFormat::parse("a", "b", line).unwrap_err(), line);
     }
 
     #[test]

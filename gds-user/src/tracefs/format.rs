@@ -44,6 +44,10 @@ impl EventFormat {
             let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
                 return Err(line.to_owned());
             };
+            // The field's end must be addressable: the record is read at offset..offset+size.
+            if offset.checked_add(size).is_none() {
+                return Err(line.to_owned());
+            }
             // "unsigned char common_type", "char disk[32]", "__data_loc char[] op_str"
             let last = decl
                 .split_whitespace()
