@@ -4,6 +4,7 @@
 //! every test (unit, end-to-end against the real kernel, VM scenarios, observability checks).
 
 mod dashboard;
+mod fuzz;
 mod load;
 mod observe;
 mod setup;
@@ -46,6 +47,9 @@ enum Command {
     /// HTTP load: wrk scrapes /metrics over many connections while the agent traces 100k+
     /// io_uring requests/s; reports scrape latency, agent RSS and CPU, and checks the counts.
     Load(load::LoadArgs),
+    /// Run the cargo-fuzz targets one after another (`--seconds N` each, default 600; installs
+    /// cargo-fuzz when missing) and print a summary table. See docs/fuzzing.md.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
         Command::VmTest(args) => vm::vm_test(&args).map(drop),
         Command::Observe(args) => observe::run(args),
         Command::Load(args) => load::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
             let mut cmd = setup::cargo();
