@@ -85,9 +85,15 @@ fuzz_target!(|data: &[u8]| {
             let msg = e.to_string();
             assert!(!msg.is_empty());
             assert!(msg.contains(&format!("line {}", e.line())), "{msg}");
-            assert!(e.line() >= 1 && e.line() <= lines, "line {} of {lines}: {msg}", e.line());
+            assert!(
+                e.line() >= 1 && e.line() <= lines,
+                "line {} of {lines}: {msg}",
+                e.line()
+            );
             match e {
-                FileError::Syntax { column, message, .. } => {
+                FileError::Syntax {
+                    column, message, ..
+                } => {
                     assert!(*column >= 1);
                     assert!(!message.is_empty(), "{msg}");
                 }

@@ -81,12 +81,32 @@ enum Data {
 
 #[derive(Arbitrary, Debug)]
 enum Request {
-    Read { lba: u64, blocks: u32, data: Data, fua: bool, timeout_ms: u64 },
-    Write { lba: u64, blocks: u32, data: Data, fua: bool, timeout_ms: u64 },
+    Read {
+        lba: u64,
+        blocks: u32,
+        data: Data,
+        fua: bool,
+        timeout_ms: u64,
+    },
+    Write {
+        lba: u64,
+        blocks: u32,
+        data: Data,
+        fua: bool,
+        timeout_ms: u64,
+    },
     /// A read whose LBA range ends at or just around the capacity.
-    ReadAtEnd { back: u16, blocks: u32, addr: u64 },
+    ReadAtEnd {
+        back: u16,
+        blocks: u32,
+        addr: u64,
+    },
     Flush,
-    Identify { controller: bool, addr: u64, len: u64 },
+    Identify {
+        controller: bool,
+        addr: u64,
+        len: u64,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -168,7 +188,8 @@ fn expected(
     match iov {
         Some(iov) => {
             let aligned = iov.iter().all(|v| {
-                (v.iov_base as u64).is_multiple_of(align) && (v.iov_len as u64).is_multiple_of(align)
+                (v.iov_base as u64).is_multiple_of(align)
+                    && (v.iov_len as u64).is_multiple_of(align)
             });
             if !aligned {
                 return Some("MisalignedSegments");
@@ -258,25 +279,33 @@ fn check_rw(
                 })
                 .collect();
             if *exact && let Some((last, rest)) = iovecs.split_last_mut() {
-                let others: u64 = rest.iter().fold(0u64, |a, v| a.wrapping_add(v.iov_len as u64));
+                let others: u64 = rest
+                    .iter()
+                    .fold(0u64, |a, v| a.wrapping_add(v.iov_len as u64));
                 let want = u64::from(blocks) * u64::from(g.lba_size);
                 last.iov_len = want.wrapping_sub(others) as usize;
             }
             // Lengths that sum past 2^64 are simply too large a transfer.
-            let total = iovecs.iter().fold(0u64, |a, v| a.saturating_add(v.iov_len as u64));
+            let total = iovecs
+                .iter()
+                .fold(0u64, |a, v| a.saturating_add(v.iov_len as u64));
             (iovecs.as_ptr() as u64, total, Some(iovecs.as_slice()))
         }
     };
     let timeout = Duration::from_millis(timeout_ms);
     let (built, unchecked) = if is_read {
-        let mut b = NvmeReadCmd::new(g.nsid, lba, blocks).fua(fua).timeout(timeout);
+        let mut b = NvmeReadCmd::new(g.nsid, lba, blocks)
+            .fua(fua)
+            .timeout(timeout);
         b = match iov {
             Some(iov) => b.iovecs(iov),
             None => b.buffer(addr as *mut u8, data_len as usize),
         };
         (b.build(g), b.build_unchecked())
     } else {
-        let mut b = NvmeWriteCmd::new(g.nsid, lba, blocks).fua(fua).timeout(timeout);
+        let mut b = NvmeWriteCmd::new(g.nsid, lba, blocks)
+            .fua(fua)
+            .timeout(timeout);
         b = match iov {
             Some(iov) => b.iovecs(iov),
             None => b.buffer(addr as *const u8, data_len as usize),
@@ -293,7 +322,10 @@ fn check_rw(
             assert_eq!(data_len, u64::from(blocks) * u64::from(g.lba_size));
             assert!(g.max_transfer_bytes == 0 || data_len <= g.max_transfer_bytes);
             // Encoded where the kernel reads it.
-            assert_eq!(cmd.opcode, if is_read { opcode::READ } else { opcode::WRITE });
+            assert_eq!(
+                cmd.opcode,
+                if is_read { opcode::READ } else { opcode::WRITE }
+            );
             assert_eq!(cmd.nsid, g.nsid);
             assert_eq!(cmd.addr, addr);
             match iov {
@@ -306,15 +338,33 @@ fn check_rw(
             assert_eq!(cmd.cdw12 & 0xffff, blocks - 1);
             assert_eq!(cmd.blocks(), blocks);
             assert_eq!(cmd.cdw12 >> 30 & 1, u32::from(fua));
-            assert_eq!(cmd.cdw12 & !(0xffff | 1 << 30), 0, "reserved CDW12 bits set");
-            assert_eq!(u64::from(cmd.timeout_ms), timeout_ms.min(u64::from(u32::MAX)));
             assert_eq!(
-                (cmd.flags, cmd.rsvd1, cmd.cdw2, cmd.cdw3, cmd.metadata, cmd.metadata_len),
+                cmd.cdw12 & !(0xffff | 1 << 30),
+                0,
+                "reserved CDW12 bits set"
+            );
+            assert_eq!(
+                u64::from(cmd.timeout_ms),
+                timeout_ms.min(u64::from(u32::MAX))
+            );
+            assert_eq!(
+                (
+                    cmd.flags,
+                    cmd.rsvd1,
+                    cmd.cdw2,
+                    cmd.cdw3,
+                    cmd.metadata,
+                    cmd.metadata_len
+                ),
                 (0, 0, 0, 0, 0, 0)
             );
             assert_eq!((cmd.cdw13, cmd.cdw14, cmd.cdw15, cmd.rsvd2), (0, 0, 0, 0));
             check_layout(cmd);
-            let io = if iov.is_some() { UringCmdOp::IoVec } else { UringCmdOp::Io };
+            let io = if iov.is_some() {
+                UringCmdOp::IoVec
+            } else {
+                UringCmdOp::Io
+            };
             assert_eq!(cmd.op_name(io), op_name);
             // Unchecked encoding of an accepted command is the same command.
             assert_eq!(unchecked.as_ref().ok(), Some(cmd));
@@ -334,8 +384,17 @@ fn check_rw(
                 | NvmeError::TransferTooLarge { op, .. } => assert_eq!(*op, op_name),
                 _ => {}
             }
-            if let NvmeError::LbaOutOfRange { lba: l, blocks: n, capacity, .. } = e {
-                assert_eq!((*l, *n, *capacity), (lba, u64::from(blocks), g.capacity_blocks));
+            if let NvmeError::LbaOutOfRange {
+                lba: l,
+                blocks: n,
+                capacity,
+                ..
+            } = e
+            {
+                assert_eq!(
+                    (*l, *n, *capacity),
+                    (lba, u64::from(blocks), g.capacity_blocks)
+                );
             }
             if let NvmeError::TransferTooLarge { bytes, limit, .. } = e {
                 assert_eq!(*bytes, data_len);
@@ -409,7 +468,10 @@ fn check_identify(input: &Input) {
         assert!(block.starts_with("nvme"));
         let ctrl = controller_device_for(&input.name).expect("namespace without controller");
         assert!(ctrl.starts_with("/dev/nvme"));
-        assert!(block.starts_with(&format!("{}n", &ctrl[5..])), "{block} vs {ctrl}");
+        assert!(
+            block.starts_with(&format!("{}n", &ctrl[5..])),
+            "{block} vs {ctrl}"
+        );
     }
 }
 
@@ -443,7 +505,10 @@ fn check_completion(res: i32, result: u64) {
             if res <= 0x7fff {
                 assert_eq!(i32::from(status.0), res);
             } else {
-                assert!(status.0 & 0x8000 != 0 || status.0 == u16::MAX, "{res:#x} {status:?}");
+                assert!(
+                    status.0 & 0x8000 != 0 || status.0 == u16::MAX,
+                    "{res:#x} {status:?}"
+                );
             }
             if res > 0xffff {
                 assert!(!status.is_success(), "res {res:#x} decoded as {status:?}");
@@ -472,27 +537,46 @@ fuzz_target!(|input: Input| {
     let g = geometry(&input.geometry);
     check_geometry(&g);
     match &input.request {
-        Request::Read { lba, blocks, data, fua, timeout_ms } => {
-            check_rw(&g, true, *lba, *blocks, data, *fua, *timeout_ms)
-        }
-        Request::Write { lba, blocks, data, fua, timeout_ms } => {
-            check_rw(&g, false, *lba, *blocks, data, *fua, *timeout_ms)
-        }
+        Request::Read {
+            lba,
+            blocks,
+            data,
+            fua,
+            timeout_ms,
+        } => check_rw(&g, true, *lba, *blocks, data, *fua, *timeout_ms),
+        Request::Write {
+            lba,
+            blocks,
+            data,
+            fua,
+            timeout_ms,
+        } => check_rw(&g, false, *lba, *blocks, data, *fua, *timeout_ms),
         Request::ReadAtEnd { back, blocks, addr } => {
             let lba = g.capacity_blocks.saturating_sub(u64::from(*back));
-            let data = Data::Buffer { addr: *addr, len: None };
+            let data = Data::Buffer {
+                addr: *addr,
+                len: None,
+            };
             check_rw(&g, true, lba, *blocks, &data, false, 0)
         }
         Request::Flush => {
             let cmd = NvmeFlushCmd::new(g.nsid).build();
             assert_eq!(
                 cmd,
-                NvmeUringCmd { opcode: opcode::FLUSH, nsid: g.nsid, ..Default::default() }
+                NvmeUringCmd {
+                    opcode: opcode::FLUSH,
+                    nsid: g.nsid,
+                    ..Default::default()
+                }
             );
             assert_eq!(cmd.op_name(UringCmdOp::Io), "flush");
             check_layout(&cmd);
         }
-        Request::Identify { controller, addr, len } => {
+        Request::Identify {
+            controller,
+            addr,
+            len,
+        } => {
             let b = if *controller {
                 NvmeIdentifyCmd::controller()
             } else {

@@ -44,18 +44,28 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(f.category, "io_uring");
             assert_eq!(f.name, "io_uring_submit_req");
             assert!(!f.fields.is_empty());
-            assert_eq!(f.fields.len(), field_lines.len(), "a field: line was skipped");
+            assert_eq!(
+                f.fields.len(),
+                field_lines.len(),
+                "a field: line was skipped"
+            );
             for (field, line) in f.fields.iter().zip(&field_lines) {
                 assert!(!field.name.is_empty());
                 assert!(
-                    !field.name.contains(|c: char| c.is_whitespace() || c == '[' || c == ';'),
+                    !field
+                        .name
+                        .contains(|c: char| c.is_whitespace() || c == '[' || c == ';'),
                     "name {:?}",
                     field.name
                 );
                 assert!(!field.name.starts_with('*'), "name {:?}", field.name);
                 // The name is what the line declared, before the first ';'.
                 let decl = line["field:".len()..].split(';').next().unwrap();
-                assert!(decl.contains(field.name.as_str()), "{:?} not in {line:?}", field.name);
+                assert!(
+                    decl.contains(field.name.as_str()),
+                    "{:?} not in {line:?}",
+                    field.name
+                );
                 assert!(
                     field.offset.checked_add(field.size).is_some(),
                     "offset {} + size {} overflows",
