@@ -193,15 +193,28 @@ pub enum PrivilegeError {
 /// One step of dropping capabilities on a thread (for error messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    Capget,
     BoundingSet,
     Ambient,
     Capset,
     NoNewPrivs,
 }
 
+impl Step {
+    /// In discriminant order (the signal handler reports a step by its index).
+    const ALL: [Step; 5] = [
+        Step::Capget,
+        Step::BoundingSet,
+        Step::Ambient,
+        Step::Capset,
+        Step::NoNewPrivs,
+    ];
+}
+
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Step::Capget => "reading this thread's capabilities (capget)",
             Step::BoundingSet => "dropping the capability bounding set (prctl PR_CAPBSET_DROP)",
             Step::Ambient => "clearing the ambient capabilities (prctl PR_CAP_AMBIENT)",
             Step::Capset => "dropping the effective/permitted/inheritable capabilities (capset)",
@@ -478,12 +491,7 @@ fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeEr
         }
         let failed = FAILED.swap(0, Ordering::SeqCst);
         if failed != 0 {
-            let step = match failed >> 32 {
-                1 => Step::BoundingSet,
-                2 => Step::Ambient,
-                3 => Step::Capset,
-                _ => Step::NoNewPrivs,
-            };
+            let step = Step::ALL[((failed >> 32) as usize - 1).min(Step::ALL.len() - 1)];
             return Err(PrivilegeError::Syscall {
                 step,
                 tid: FAILED_TID.load(Ordering::SeqCst),
@@ -521,7 +529,7 @@ pub fn drop_after_attach(still_works: impl Fn() -> bool) -> Result<Dropped, Priv
         source: io::Error::from_raw_os_error(e),
     };
     let before = ThreadCaps::read(me)?;
-    let (eff, prm, inh) = capget().map_err(|e| syscall_err(Step::Capset, e))?;
+    let (eff, prm, inh) = capget().map_err(|e| syscall_err(Step::Capget, e))?;
 
     // Experiment: serve a read with CAP_BPF out of the effective set.
     let mut keep = CapSet(0);
@@ -533,9 +541,15 @@ pub fn drop_after_attach(still_works: impl Fn() -> bool) -> Result<Dropped, Priv
         if !ok {
             tracing::info!(
                 "map reads need CAP_BPF on this kernel (before 6.5 with \
-                 kernel.unprivileged_bpf_disabled): keeping cap_bpf"
+                 kernel.unprivileged_bpf_disabled): keeping it"
             );
-            keep = CapSet(1u64 << CAP_BPF);
+            // CAP_SYS_ADMIN stands in for CAP_BPF where the process was given only that.
+            let cap = if prm.has(CAP_BPF) {
+                CAP_BPF
+            } else {
+                CAP_SYS_ADMIN
+            };
+            keep = CapSet(1u64 << cap);
         }
     }
     let bounding = eff.has(CAP_SETPCAP);
@@ -562,6 +576,13 @@ mod tests {
             "cap_perfmon,cap_bpf"
         );
         assert_eq!(CapSet(1 << 50).to_string(), "cap_50");
+    }
+
+    #[test]
+    fn steps_round_trip_through_their_index() {
+        for (i, step) in Step::ALL.iter().enumerate() {
+            assert_eq!(*step as usize, i);
+        }
     }
 
     #[test]
