@@ -87,9 +87,27 @@ pub struct UringCpuStats {
     pub removed: u64,
     /// Sampling tick (sampled mode times one request in `sample_every`).
     pub sample_tick: u64,
-    /// Scratch word: the programs pass a kernel pointer through it to get a plain integer
-    /// (the verifier forbids arithmetic such as hashing on typed pointers).
-    pub scratch: u64,
+    /// Scratch words: the programs pass a kernel pointer through one to get a plain integer
+    /// (the verifier forbids arithmetic such as hashing on typed pointers). One word per
+    /// program ([`Scratch`]): a program in interrupt context (a block or NVMe completion) can
+    /// run between another program's store and load on the same CPU, and must not overwrite
+    /// its word; a program never nests with itself (the kernel skips recursive runs).
+    pub scratch: [u64; SCRATCH_WORDS],
+}
+
+/// Number of [`UringCpuStats::scratch`] words.
+pub const SCRATCH_WORDS: usize = 8;
+
+/// Which program owns which scratch word.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scratch {
+    UringSubmit = 0,
+    UringFailed = 1,
+    NvmeSetup = 2,
+    NvmeComplete = 3,
+    BlockIssue = 4,
+    BlockComplete = 5,
 }
 
 /// A request between submission and completion, keyed by its `struct io_kiocb *`.

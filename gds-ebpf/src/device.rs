@@ -18,7 +18,7 @@ use aya_ebpf::{
 use gds_common::{
     BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight, DevConfig, DevHist, DevHistKey, DropReason,
     HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
-    KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, log2_bucket,
+    KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, Scratch, log2_bucket,
 };
 
 use crate::uring::{as_scalar, entry_mut, index, stats};
@@ -130,8 +130,8 @@ pub(crate) fn record_stages(e: &InflightReq, now: u64) {
 #[btf_tracepoint(function = "nvme_setup_cmd")]
 pub fn nvme_setup(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, ctx.arg(0));
-    let cmd = as_scalar(s, ctx.arg(1));
+    let rq = as_scalar(s, Scratch::NvmeSetup, ctx.arg(0));
+    let cmd = as_scalar(s, Scratch::NvmeSetup, ctx.arg(1));
     let now = unsafe { bpf_ktime_get_ns() };
     let q: u64 = rd(rq + dconf!(rq_q) as u64);
     let dev = dev_of_queue(q);
@@ -188,7 +188,7 @@ pub fn nvme_setup(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "nvme_complete_rq")]
 pub fn nvme_complete(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, ctx.arg(0));
+    let rq = as_scalar(s, Scratch::NvmeComplete, ctx.arg(0));
     let Some(v) = NVME_INFLIGHT.get_ptr(&rq) else {
         count_drop(DropReason::NvmeNoStart);
         return 0;
@@ -238,7 +238,7 @@ pub fn nvme_complete(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, ctx.arg(0));
+    let rq = as_scalar(s, Scratch::BlockIssue, ctx.arg(0));
     let v = BlockInflight {
         issue_ns: unsafe { bpf_ktime_get_ns() },
         dev: dev_of(rq),
@@ -255,7 +255,7 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, ctx.arg(0));
+    let rq = as_scalar(s, Scratch::BlockComplete, ctx.arg(0));
     let Some(v) = BLOCK_INFLIGHT.get_ptr(&rq) else {
         count_drop(DropReason::BlockNoStart);
         return 0;

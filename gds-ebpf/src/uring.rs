@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, DropReason, EVENT_URING_SLOW, HIST_BUCKETS,
-    InflightReq, InflightSlot, MAX_OPCODES, SlowUringEvent, UringConfig, UringCpuStats,
+    InflightReq, InflightSlot, MAX_OPCODES, Scratch, SlowUringEvent, UringConfig, UringCpuStats,
     log2_bucket, slot_index,
 };
 
@@ -117,6 +117,11 @@ fn task_enabled(tgid: u32) -> bool {
 /// that failed before submission: those never reach submit_req but still post a CQE).
 #[inline(always)]
 fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool) {
+    let word = if failed_init {
+        Scratch::UringFailed
+    } else {
+        Scratch::UringSubmit
+    };
     if !opcode_enabled(opcode) {
         return;
     }
@@ -129,7 +134,7 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         }
     }
     let Some(stats) = stats() else { return };
-    let req = as_scalar(stats, req);
+    let req = as_scalar(stats, word, req);
     if failed_init && is_tracked(req) {
         // A failed request the submit tracepoint already saw keeps its original entry.
         return;
@@ -292,10 +297,11 @@ fn unmatched(stats: &mut UringCpuStats, res: i32, opcode_of: impl Fn() -> u8) {
 /// `req` as a plain integer: a round trip through a map value, since the verifier treats a
 /// typed kernel pointer as a pointer even after `as u64` and refuses to hash it.
 #[inline(always)]
-pub(crate) fn as_scalar(stats: &mut UringCpuStats, req: u64) -> u64 {
+pub(crate) fn as_scalar(stats: &mut UringCpuStats, word: Scratch, req: u64) -> u64 {
+    let w = &raw mut stats.scratch[word as usize];
     unsafe {
-        core::ptr::write_volatile(&raw mut stats.scratch, req);
-        core::ptr::read_volatile(&raw const stats.scratch)
+        core::ptr::write_volatile(w, req);
+        core::ptr::read_volatile(w)
     }
 }
 
