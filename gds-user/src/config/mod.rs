@@ -291,7 +291,10 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let text = include_str!("../../../deploy/agent.toml");
         let flags = argv(text, &[]).unwrap();
-        assert!(flags.contains(&"--slow-threshold=10ms".to_string()), "{flags:?}");
+        assert!(
+            flags.contains(&"--slow-threshold=10ms".to_string()),
+            "{flags:?}"
+        );
         let cmd = run_command();
         cmd.try_get_matches_from(&flags).unwrap();
     }
