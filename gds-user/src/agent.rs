@@ -177,8 +177,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
         u64::try_from(args.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
     )));
 
+    let received = metrics::slow_events_received();
+    registry
+        .register(Box::new(received.clone()))
+        .context("registering gds_slow_events_total")?;
     let slow = Arc::new(RecentEvents::default());
-    let reader = tokio::spawn(read_events(events, slow.clone(), detector.clone()));
+    let reader = tokio::spawn(read_events(
+        events,
+        slow.clone(),
+        detector.clone(),
+        received,
+    ));
     let scanner = tokio::spawn(scan_stalls(
         tracer.clone(),
         detector,
@@ -300,6 +309,7 @@ async fn read_events(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     recent: Arc<RecentEvents>,
     detector: Arc<Mutex<StallDetector>>,
+    received: prometheus::IntCounter,
 ) {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // RingBuf (owned by the AsyncFd) is dropped.
@@ -323,6 +333,7 @@ async fn read_events(
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             if let Some(ev) = decode_event(&item) {
+                received.inc();
                 warn!(
                     pid = ev.pid,
                     tid = ev.tid,

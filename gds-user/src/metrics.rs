@@ -304,6 +304,18 @@ pub fn agent_info() -> prometheus::IntGaugeVec {
     g
 }
 
+/// `gds_slow_events_total`: slow events that reached user space. The kernel counts every slow
+/// request (`gds_slow_requests_total`); those it could not hand over are
+/// `gds_trace_dropped_total{reason="ringbuf_full"}`, so the three always add up.
+pub fn slow_events_received() -> prometheus::IntCounter {
+    prometheus::IntCounter::new(
+        "gds_slow_events_total",
+        "Slow io_uring requests delivered to the agent as events (logged, listed on /debug/slow); \
+         plus gds_trace_dropped_total{reason=\"ringbuf_full\"} they equal gds_slow_requests_total.",
+    )
+    .expect("valid metric")
+}
+
 /// `gds_agent_tracefs_available`: 1 while tracefs is mounted in the agent's mount namespace
 /// (kept current by `tracefs::spawn_watch`). Tracing does not depend on it once attached; a
 /// restart with `--attach classic` does.

@@ -442,8 +442,30 @@ cases! {
             cmd.env("BIN", bin);
             cmd
         };
+    no_btf_no_tracefs: "environment", "`run` with neither kernel BTF nor a mountable tracefs (CAP_BPF+CAP_PERFMON only)", exit 1,
+        ["classic tracepoints need tracefs, which is not mounted here (no usable kernel BTF", "mount -t tracefs nodev /sys/kernel/tracing"],
+        |c| {
+            let bin = c.agent_copy();
+            let mut cmd = c.in_mount_namespace(
+                "mount -t tmpfs none /sys/kernel/btf && umount -l /sys/kernel/tracing; \
+                 umount -l /sys/kernel/debug/tracing 2>/dev/null; \
+                 exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all,+bpf,+perfmon \
+                 --ambient-caps=-all,+bpf,+perfmon -- \"$BIN\" run --listen 127.0.0.1:0",
+            );
+            cmd.env("BIN", bin);
+            cmd
+        };
+    only_cap_bpf: "environment", "`run` as a user with CAP_BPF but not CAP_PERFMON", exit 1,
+        ["CAP_PERFMON is missing (CAP_BPF is there)"],
+        |c| {
+            let bin = c.agent_copy();
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+bpf",
+                      "--ambient-caps=-all,+bpf", "--", &bin, "run", "--listen", "127.0.0.1:0"]);
+            cmd
+        };
     not_root: "environment", "`run` as an unprivileged user", exit 1,
-        ["not permitted to load eBPF programs", "CAP_BPF and CAP_PERFMON"],
+        ["not permitted to load eBPF programs: CAP_BPF and CAP_PERFMON are missing", "setcap cap_bpf,cap_perfmon+ep"],
         |c| c.as_nobody(&["run", "--listen", "127.0.0.1:0"]);
 }
 

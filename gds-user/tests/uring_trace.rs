@@ -340,3 +340,41 @@ fn tiny_inflight_capacity_accounts_for_every_request() {
         full
     );
 }
+
+/// Ring buffer overflow is accounted like every other loss: with the agent stopped (SIGSTOP)
+/// its reader cannot drain the 1 MiB event ring, so of N slow requests some reach user space
+/// (`gds_slow_events_total`) and the rest are `gds_trace_dropped_total{reason="ringbuf_full"}`,
+/// and the two add up to `gds_slow_requests_total` = N exactly.
+#[test]
+fn ring_buffer_overflow_is_counted_not_lost() {
+    let _g = serial();
+    let agent = Agent::start(&["--pid", &pid(), "--slow-threshold", "1ns"]);
+    const N: usize = 20_000;
+    let agent_pid = agent.child.id() as i32;
+    // SAFETY: plain kill(2) on our child.
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGSTOP) }, 0);
+    let mut ring = IoUring::new(64).unwrap();
+    nops(&mut ring, N);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGCONT) }, 0);
+    let l = [("opcode", "NOP")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = agent.scrape();
+        let slow = m.value("gds_slow_requests_total", &l);
+        let received = m.value("gds_slow_events_total", &[]);
+        let full = m.value("gds_trace_dropped_total", &[("reason", "ringbuf_full")]);
+        if received + full == N as f64 {
+            assert_eq!(slow, N as f64, "every NOP is slower than 1 ns");
+            assert_eq!(m.value("gds_uring_requests_total", &l), N as f64);
+            assert!(full > 0.0, "{N} events must overflow a 1 MiB ring: {received} received");
+            assert!(received > 0.0, "the ring held some events");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow {slow} != received {received} + ringbuf_full {full}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -5,8 +5,9 @@ use crate::{btf::BtfError, tracefs::TracefsError};
 #[derive(Debug, Error)]
 pub enum TraceError {
     #[error(
-        "not permitted to load eBPF programs (effective capabilities {caps:#x}): run gds-agent as \
-         root, or grant CAP_BPF and CAP_PERFMON (e.g. `setcap cap_bpf,cap_perfmon+ep gds-agent`)"
+        "not permitted to load eBPF programs: {} (effective capabilities {caps:#x}); run gds-agent \
+         as root, or grant CAP_BPF and CAP_PERFMON (e.g. `setcap cap_bpf,cap_perfmon+ep gds-agent`)",
+        missing_caps(*caps)
     )]
     NotPermitted { caps: u64 },
     #[error("kernel BTF is required for --attach btf: {0}; or use --attach classic (tracefs)")]
@@ -15,6 +16,11 @@ pub enum TraceError {
     Btf(#[from] BtfError),
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
+    #[error(
+        "classic tracepoints need tracefs, which is not mounted here ({why}): mount it \
+         (`mount -t tracefs nodev /sys/kernel/tracing`) or run the agent as root, which mounts it"
+    )]
+    NoTracefs { why: String },
     #[error(
         "tracepoint {name} is absent from {place} (the kernel needs CONFIG_IO_URING and \
          tracepoints, 5.19+)"
@@ -44,4 +50,17 @@ pub enum TraceError {
     Mmap(#[source] std::io::Error),
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
+}
+
+/// Which of the two tracing capabilities `caps` lacks, in words.
+fn missing_caps(caps: u64) -> String {
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    match (has(super::CAP_BPF), has(super::CAP_PERFMON)) {
+        (false, false) => "CAP_BPF and CAP_PERFMON are missing".into(),
+        (false, true) => "CAP_BPF is missing (CAP_PERFMON is there)".into(),
+        (true, false) => "CAP_PERFMON is missing (CAP_BPF is there)".into(),
+        (true, true) => "the kernel refused although CAP_BPF and CAP_PERFMON are there \
+                         (a security module or kernel.unprivileged_bpf_disabled?)"
+            .into(),
+    }
 }

@@ -135,13 +135,7 @@ pub fn resolve(
     base: UringConfig,
 ) -> Result<ResolvedAttach, TraceError> {
     let classic = |btf: Option<&Btf>, why: String| -> Result<ResolvedAttach, TraceError> {
-        let dir = tracefs.ok_or_else(|| {
-            TraceError::Tracefs(crate::tracefs::TracefsError::NoEvent {
-                category: "io_uring".into(),
-                name: "io_uring_submit_req".into(),
-                path: "(tracefs not mounted)".into(),
-            })
-        })?;
+        let dir = tracefs.ok_or_else(|| TraceError::NoTracefs { why: why.clone() })?;
         let mut r = resolve_classic(dir, btf, base)?;
         r.why = format!("{} — {why}", r.why);
         Ok(r)
