@@ -367,7 +367,10 @@ fn ring_buffer_overflow_is_counted_not_lost() {
         if received + full == N as f64 {
             assert_eq!(slow, N as f64, "every NOP is slower than 1 ns");
             assert_eq!(m.value("gds_uring_requests_total", &l), N as f64);
-            assert!(full > 0.0, "{N} events must overflow a 1 MiB ring: {received} received");
+            assert!(
+                full > 0.0,
+                "{N} events must overflow a 1 MiB ring: {received} received"
+            );
             assert!(received > 0.0, "the ring held some events");
             break;
         }
