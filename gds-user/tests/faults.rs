@@ -81,6 +81,31 @@ fn sigkill_leaves_no_programs_behind() {
         })
         .unwrap_or(0);
     assert_eq!(pinned, 0, "the agent pins nothing under /sys/fs/bpf");
+
+    // Restarted, the agent attaches afresh (nothing left over to clash with) and counts.
+    let again = Agent::start(&["--pid", &std::process::id().to_string()]);
+    let theirs = programs_of(again.child.id());
+    assert!(
+        theirs.len() >= 3 && theirs.iter().all(|id| !mine.contains(id)),
+        "the restarted agent loads its own programs: {theirs:?} (killed one had {mine:?})"
+    );
+    let mut ring = io_uring::IoUring::new(8).unwrap();
+    for _ in 0..5 {
+        // SAFETY: a NOP references no memory.
+        unsafe {
+            ring.submission()
+                .push(&io_uring::opcode::Nop::new().build())
+                .unwrap()
+        };
+        ring.submit_and_wait(1).unwrap();
+        ring.completion().next().unwrap();
+    }
+    assert_eq!(
+        again
+            .scrape()
+            .value("gds_uring_requests_total", &[("opcode", "NOP")]),
+        5.0
+    );
 }
 
 // --- tracefs disappearing -------------------------------------------------------------------
