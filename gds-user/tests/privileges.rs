@@ -323,3 +323,44 @@ fn nobody_classic_attach_says_tracefs_is_unreadable() {
         "{log}"
     );
 }
+
+/// The endpoints are loopback-only unless asked otherwise: the binary's default address is
+/// 127.0.0.1:9477, and binding every interface works but says, in the log, that /metrics and
+/// /debug are now reachable from the network.
+#[test]
+fn loopback_by_default_and_a_warning_for_all_interfaces() {
+    let _g = serial();
+    require_root();
+    let help = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("[default: 127.0.0.1:9477]"), "{help}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("agent.log");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        .args(["run", "--listen", &format!("0.0.0.0:{port}")])
+        .args(["--pid", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(addr, "/metrics").is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "agent exited");
+        assert!(Instant::now() < deadline, "agent did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("WARN") && log.contains("listening on all interfaces"),
+        "{log}"
+    );
+}
