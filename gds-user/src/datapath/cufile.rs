@@ -171,17 +171,39 @@ impl Handle {
         let fh = cf::handle_register(&descr).map_err(|e| DatapathError::Cufile {
             what: "cuFileHandleRegister",
             detail: format!(
-                "{e:?} for {} (opened {})",
+                "{e:?} for {} (opened {}){}",
                 source.data_path.display(),
                 if source.direct {
                     "O_DIRECT"
                 } else {
                     "buffered"
-                }
+                },
+                missing_udev_properties(source).unwrap_or_default()
             ),
         })?;
         Ok(Handle { fh })
     }
+}
+
+/// [`UDEV_HINT`] with the device named, when udev has no `ID_FS_USAGE` for the block device
+/// that holds `source` (the cause of most registration failures outside a full OS install).
+fn missing_udev_properties(source: &Source) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = source.file.metadata().ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/run/udev/data/b{major}:{minor}");
+    let props = std::fs::read_to_string(&path).unwrap_or_default();
+    if props.lines().any(|l| l.starts_with("E:ID_FS_USAGE=")) {
+        return None;
+    }
+    Some(format!(
+        "{UDEV_HINT} (here: {path} {})",
+        if props.is_empty() {
+            "does not exist"
+        } else {
+            "has no ID_FS_USAGE"
+        }
+    ))
 }
 
 impl Drop for Handle {
