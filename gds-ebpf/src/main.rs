@@ -9,6 +9,7 @@
 #![feature(core_intrinsics)]
 
 mod device;
+mod floor;
 mod uring;
 
 #[cfg(not(test))]

@@ -17,7 +17,7 @@ pub use error::TraceError;
 pub use events::{SlowEvent, SlowNvme, decode_event};
 pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
-pub use uring::{OpcodeStats, TraceOptions, UringSnapshot, UringTracer};
+pub use uring::{FloorProbe, OpcodeStats, TraceOptions, UringSnapshot, UringTracer};
 
 use aya::include_bytes_aligned;
 

@@ -38,7 +38,7 @@ pub struct ResolvedAttach {
     pub why: String,
 }
 
-const SUBMIT_TPS: [&str; 2] = ["io_uring_submit_req", "io_uring_submit_sqe"];
+pub(crate) const SUBMIT_TPS: [&str; 2] = ["io_uring_submit_req", "io_uring_submit_sqe"];
 
 fn kiocb_offsets(btf: &Btf, cfg: &mut UringConfig) -> Result<(), TraceError> {
     cfg.kiocb_opcode = btf.member_offset("io_kiocb", &["opcode"])?;

@@ -363,3 +363,45 @@ fn raise_memlock() {
     // SAFETY: valid pointer to an initialised rlimit.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
+
+/// The two empty programs of `gds-ebpf/src/floor.rs` on the io_uring submit and complete
+/// tracepoints: the cost of any tracer there, for benchmarks to print beside the real one.
+/// Detached on drop.
+pub struct FloorProbe {
+    _ebpf: aya::Ebpf,
+}
+
+impl FloorProbe {
+    pub fn attach() -> Result<FloorProbe, TraceError> {
+        check_tracing_caps()?;
+        let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
+        let submit_tp = offsets::SUBMIT_TPS
+            .into_iter()
+            .find(|tp| btf.has_tracepoint(tp))
+            .ok_or_else(|| TraceError::TracepointMissing {
+                name: offsets::SUBMIT_TPS.join(" / "),
+                place: "the kernel's BTF".into(),
+            })?;
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(TraceError::Load)?;
+        let kernel_btf =
+            aya::Btf::from_sys_fs().map_err(|e| TraceError::Load(aya::EbpfError::BtfError(e)))?;
+        for (prog, tp) in [
+            ("floor_submit", submit_tp),
+            ("floor_complete", "io_uring_complete"),
+        ] {
+            let p: &mut BtfTracePoint = ebpf
+                .program_mut(prog)
+                .ok_or(TraceError::MissingProgram(prog))?
+                .try_into()
+                .map_err(|source| TraceError::Program { name: prog, source })?;
+            p.load(tp, &kernel_btf)
+                .map_err(|source| TraceError::Program { name: prog, source })?;
+            p.attach()
+                .map_err(|source| TraceError::Program { name: prog, source })?;
+        }
+        Ok(FloorProbe { _ebpf: ebpf })
+    }
+}
