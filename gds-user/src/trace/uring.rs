@@ -372,7 +372,9 @@ pub struct FloorProbe {
 }
 
 impl FloorProbe {
-    pub fn attach() -> Result<FloorProbe, TraceError> {
+    /// `clock`: the programs read `bpf_ktime_get_ns` once each (what timing a request needs at
+    /// the least).
+    pub fn attach(clock: bool) -> Result<FloorProbe, TraceError> {
         check_tracing_caps()?;
         let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
         let submit_tp = offsets::SUBMIT_TPS
@@ -388,10 +390,12 @@ impl FloorProbe {
             .map_err(TraceError::Load)?;
         let kernel_btf =
             aya::Btf::from_sys_fs().map_err(|e| TraceError::Load(aya::EbpfError::BtfError(e)))?;
-        for (prog, tp) in [
-            ("floor_submit", submit_tp),
-            ("floor_complete", "io_uring_complete"),
-        ] {
+        let (submit, complete) = if clock {
+            ("floor_clock_submit", "floor_clock_complete")
+        } else {
+            ("floor_submit", "floor_complete")
+        };
+        for (prog, tp) in [(submit, submit_tp), (complete, "io_uring_complete")] {
             let p: &mut BtfTracePoint = ebpf
                 .program_mut(prog)
                 .ok_or(TraceError::MissingProgram(prog))?
