@@ -17,6 +17,7 @@ use crate::{
     metrics,
     stall::{StallChange, StallDetector, StallReport},
     trace::{AttachMode, TraceOptions, UringTracer, decode_event, monotonic_ns},
+    units::parse_duration,
     uring_opcode,
 };
 
@@ -94,33 +95,6 @@ fn parse_opcode(s: &str) -> Result<u8, String> {
             "unknown io_uring opcode {s:?} (use a name such as URING_CMD, READ, NOP, or a number)"
         )
     })
-}
-
-/// Parses `250us`, `10ms`, `1s`, `1.5s`, `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (e.g. 500us, 10ms, 1s)"))?;
-    let scale = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" | "" => 1.0,
-        "m" => 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ns, us, ms, s, m)")),
-    };
-    let secs = v * scale;
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-        return Err(format!(
-            "duration {s:?} out of range (more than 0, at most 24h)"
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 pub fn init_logging() {
@@ -370,22 +344,4 @@ fn describe_slow_nvme(n: &crate::trace::SlowNvme) -> String {
         (n.device_seconds * 1e6).round(),
         (n.completion_seconds * 1e6).round()
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
-        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert!(parse_duration("0ms").is_err());
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("99999999s").is_err());
-    }
 }

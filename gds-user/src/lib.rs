@@ -19,4 +19,5 @@ pub mod stall;
 pub mod top;
 pub mod trace;
 pub mod tracefs;
+pub mod units;
 pub mod uring_opcode;

@@ -12,12 +12,13 @@ use serde::Serialize;
 
 use super::bounce::{Limit, Pattern, Plan, Progress, Stats};
 use super::cli::{
-    Job, PipeArgs, check_buffer_budget, execute, metrics_server, parse_duration, parse_io_size,
-    parse_size, pipeline_opts, probe_verdict, with_progress,
+    Job, PipeArgs, check_buffer_budget, execute, metrics_server, parse_io_size, pipeline_opts,
+    probe_verdict, with_progress,
 };
 use super::cuda::Gpu;
 use super::route::{Dest, PathArg, Route, resolve};
 use super::source::{Direct, Source};
+use crate::units::{parse_duration, parse_size};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {

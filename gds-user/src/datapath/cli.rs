@@ -20,27 +20,7 @@ use super::source::{Direct, Source};
 use super::verify::{self, DigestSink, RangeDigest};
 use super::{cufile, naive, p2p};
 use crate::nvme::cli::NvmeReadArgs;
-
-/// `1M`, `4KiB`, `2g`, `512` → bytes (K/M/G/T are powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let digits_end = lower
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(lower.len());
-    let (num, unit) = lower.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        _ => return Err(format!("bad size unit in {s:?} (use K, M, G, T)")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} overflows"))
-}
+use crate::units::parse_size;
 
 /// Smallest and largest bytes per I/O: below 4 KiB a read costs more in syscalls and
 /// completions than it moves; above 256 MiB one buffer per queue slot exhausts pinned memory.
@@ -94,24 +74,6 @@ pub fn check_buffer_budget(io_size: u64, in_flight: u64, threads: u64) -> Result
     Ok(())
 }
 
-/// `10s`, `500ms`, `2m`, `3` (seconds).
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = t.split_at(
-        t.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(t.len()),
-    );
-    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "" | "s" => v,
-        "ms" => v / 1e3,
-        "us" => v / 1e6,
-        "m" | "min" => v * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// Options shared by `read` and `bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipeArgs {
@@ -133,7 +95,7 @@ pub struct PipeArgs {
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     /// Keep serving metrics this long after the command ends (so the last values get scraped).
-    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    #[arg(long, value_parser = crate::units::parse_duration_or_zero, default_value = "0s")]
     pub metrics_linger: Duration,
 }
 
@@ -530,24 +492,4 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
         drop(srv);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("3mb"), Ok(3 << 20));
-        assert!(parse_size("1x").is_err());
-        assert!(parse_size("").is_err());
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("5h").is_err());
-    }
 }
