@@ -36,9 +36,7 @@ pub fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-pub const CAP_SYS_ADMIN: u32 = 21;
-pub const CAP_PERFMON: u32 = 38;
-pub const CAP_BPF: u32 = 39;
+pub use crate::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
 
 /// Loading tracing programs needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN on older kernels).
 pub fn check_tracing_caps() -> Result<(), TraceError> {
