@@ -25,124 +25,12 @@ use std::{
 
 use thiserror::Error;
 
-pub const CAP_SETPCAP: u32 = 8;
-pub const CAP_SYS_ADMIN: u32 = 21;
-pub const CAP_PERFMON: u32 = 38;
-pub const CAP_BPF: u32 = 39;
+mod caps;
 
-/// Names of capabilities 0..=40 (include/uapi/linux/capability.h).
-const CAP_NAMES: [&str; 41] = [
-    "cap_chown",
-    "cap_dac_override",
-    "cap_dac_read_search",
-    "cap_fowner",
-    "cap_fsetid",
-    "cap_kill",
-    "cap_setgid",
-    "cap_setuid",
-    "cap_setpcap",
-    "cap_linux_immutable",
-    "cap_net_bind_service",
-    "cap_net_broadcast",
-    "cap_net_admin",
-    "cap_net_raw",
-    "cap_ipc_lock",
-    "cap_ipc_owner",
-    "cap_sys_module",
-    "cap_sys_rawio",
-    "cap_sys_chroot",
-    "cap_sys_ptrace",
-    "cap_sys_pacct",
-    "cap_sys_admin",
-    "cap_sys_boot",
-    "cap_sys_nice",
-    "cap_sys_resource",
-    "cap_sys_time",
-    "cap_sys_tty_config",
-    "cap_mknod",
-    "cap_lease",
-    "cap_audit_write",
-    "cap_audit_control",
-    "cap_setfcap",
-    "cap_mac_override",
-    "cap_mac_admin",
-    "cap_syslog",
-    "cap_wake_alarm",
-    "cap_block_suspend",
-    "cap_audit_read",
-    "cap_perfmon",
-    "cap_bpf",
-    "cap_checkpoint_restore",
-];
-
-/// A set of capabilities as a bit mask (bit n = capability n, as in /proc/PID/status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CapSet(pub u64);
-
-impl CapSet {
-    pub fn has(self, cap: u32) -> bool {
-        cap < 64 && self.0 & (1u64 << cap) != 0
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    pub fn count(self) -> u32 {
-        self.0.count_ones()
-    }
-}
-
-impl fmt::Display for CapSet {
-    /// `none`, or the names (`cap_bpf,cap_perfmon`); unknown bits as `cap_<n>`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_empty() {
-            return f.write_str("none");
-        }
-        let mut first = true;
-        for cap in (0..64).filter(|&c| self.has(c)) {
-            if !first {
-                f.write_str(",")?;
-            }
-            first = false;
-            match CAP_NAMES.get(cap as usize) {
-                Some(name) => f.write_str(name)?,
-                None => write!(f, "cap_{cap}")?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The five capability sets of one thread, from /proc/self/task/TID/status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ThreadCaps {
-    pub effective: CapSet,
-    pub permitted: CapSet,
-    pub inheritable: CapSet,
-    pub ambient: CapSet,
-    pub bounding: CapSet,
-}
+pub use caps::{CAP_BPF, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CapSet, ThreadCaps};
+use caps::{capget, capset, errno};
 
 impl ThreadCaps {
-    /// Parses the `Cap*:` lines of a /proc status file.
-    pub fn parse_status(status: &str) -> Option<ThreadCaps> {
-        let get = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .map(CapSet)
-        };
-        Some(ThreadCaps {
-            effective: get("CapEff:")?,
-            permitted: get("CapPrm:")?,
-            inheritable: get("CapInh:")?,
-            ambient: get("CapAmb:")?,
-            bounding: get("CapBnd:")?,
-        })
-    }
-
     fn read(tid: i32) -> Result<ThreadCaps, PrivilegeError> {
         let path = format!("/proc/self/task/{tid}/status");
         let text = std::fs::read_to_string(&path).map_err(|source| PrivilegeError::Read {
@@ -261,70 +149,6 @@ impl fmt::Display for Dropped {
             write!(f, "; bounding set now {}", self.after.bounding)
         }
     }
-}
-
-/// The thread's capability sets as the kernel reports them to itself (capget).
-fn capget() -> Result<(CapSet, CapSet, CapSet), i32> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: header and a two-element data array, as capget(2) version 3 expects.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(errno());
-    }
-    let join = |lo: u32, hi: u32| CapSet(u64::from(lo) | u64::from(hi) << 32);
-    Ok((
-        join(data[0].effective, data[1].effective),
-        join(data[0].permitted, data[1].permitted),
-        join(data[0].inheritable, data[1].inheritable),
-    ))
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-fn errno() -> i32 {
-    // SAFETY: errno is thread-local and always valid to read.
-    unsafe { *libc::__errno_location() }
-}
-
-/// capset(2) on the calling thread. Async-signal-safe (one syscall, no allocation).
-fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), i32> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [
-        CapData {
-            effective: effective as u32,
-            permitted: permitted as u32,
-            inheritable: inheritable as u32,
-        },
-        CapData {
-            effective: (effective >> 32) as u32,
-            permitted: (permitted >> 32) as u32,
-            inheritable: (inheritable >> 32) as u32,
-        },
-    ];
-    // SAFETY: header and a two-element data array, as capset(2) version 3 expects.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc == 0 { Ok(()) } else { Err(errno()) }
 }
 
 /// Drops the calling thread to `keep`: bounding set (when `bounding` and the thread holds
