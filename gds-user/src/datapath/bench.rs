@@ -153,8 +153,62 @@ fn route_of(name: &str) -> anyhow::Result<PathArg> {
         "naive" => PathArg::Naive,
         "p2p" => PathArg::P2p,
         "auto" => PathArg::Auto,
-        other => bail!("--compare: unknown route {other:?} (host, bounce, compat, gds, naive)"),
+        // Not a route: pinned host→GPU copies alone (`pcie::h2d`), the PCIe half of the ceiling.
+        "pcie" => PathArg::Bounce,
+        other => bail!(
+            "--compare: unknown route {other:?} (host, pcie, bounce, compat, gds, naive, p2p)"
+        ),
     })
+}
+
+/// One GPU buffer for every route: the whole range, at most 8 GiB.
+fn gpu_buffer(
+    n: u32,
+    range: crate::datapath::ByteRange,
+    bs: u64,
+    slot: &mut Option<crate::datapath::cuda::DeviceBuffer>,
+) -> anyhow::Result<()> {
+    if slot.is_none() {
+        let gpu = Gpu::open(n)?;
+        let cap = range.len.min(8 << 30) / bs * bs;
+        *slot = Some(gpu.alloc(cap.max(bs) as usize)?);
+    }
+    Ok(())
+}
+
+/// `--compare pcie`: the bounce run's buffers (threads x qd of --bs) and streams, copied to the
+/// GPU with no reads.
+fn pcie_row(
+    a: &BenchArgs,
+    dest: &Dest,
+    source: &Source,
+    range: crate::datapath::ByteRange,
+    bs: u64,
+    limit: Limit,
+    gpu_dst: &mut Option<crate::datapath::cuda::DeviceBuffer>,
+) -> anyhow::Result<Row> {
+    let Dest::Gpu(n) = dest else {
+        bail!("--compare pcie measures host→GPU copies: give --to gpu[:N]");
+    };
+    gpu_buffer(*n, range, bs, gpu_dst)?;
+    let dst = gpu_dst.as_ref().expect("allocated above");
+    let threads = a.pipe.threads.max(1);
+    let limit = match limit {
+        Limit::Once => Limit::Bytes(range.len),
+        other => other,
+    };
+    let stats = crate::datapath::pcie::h2d(
+        dst,
+        bs,
+        threads * a.qd.max(1) as usize,
+        threads * a.pipe.streams.max(1),
+        limit,
+    )?;
+    let mut r = row(Route::Bounce, dest, source.direct, a, threads, stats);
+    r.path = "pcie".into();
+    r.notes
+        .push("pinned host→GPU copies only (no reads): the PCIe half of the ceiling".into());
+    Ok(r)
 }
 
 fn prewarm(path: &std::path::Path, offset: u64, len: u64) -> anyhow::Result<()> {
@@ -221,14 +275,23 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             } else {
                 a.to.clone()
             };
+            if name == "pcie" {
+                rows.push(pcie_row(
+                    &a,
+                    &dest,
+                    &source,
+                    range,
+                    bs,
+                    limit,
+                    &mut gpu_dst,
+                )?);
+                continue;
+            }
             let (route, note) = resolve(*parg, &dest, source.kind, probe_verdict)?;
-            if let (Dest::Gpu(n), None) = (&dest, &gpu_dst)
+            if let Dest::Gpu(n) = &dest
                 && route != Route::Host
             {
-                let gpu = Gpu::open(*n)?;
-                // One allocation for every route: the whole range, at most 8 GiB.
-                let cap = range.len.min(8 << 30) / bs * bs;
-                gpu_dst = Some(gpu.alloc(cap.max(bs) as usize)?);
+                gpu_buffer(*n, range, bs, &mut gpu_dst)?;
             }
             let progress = Progress {
                 metrics: metrics
@@ -326,7 +389,12 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 .find(|r| r.path == p && r.direct == rows[i].direct && r.gb_per_sec > 0.0)
                 .map(|r| r.gb_per_sec)
         };
-        let (c, k, f) = (find("host"), find("compat"), find("fio"));
+        // The ceiling: the host read, bounded by the pinned PCIe rate when that was measured.
+        let c = match (find("host"), find("pcie")) {
+            (Some(h), Some(p)) => Some(h.min(p)),
+            (h, p) => h.or(p),
+        };
+        let (k, f) = (find("compat"), find("fio"));
         rows[i].vs_ceiling = c.map(|c| rows[i].gb_per_sec / c);
         rows[i].vs_compat = k.map(|k| rows[i].gb_per_sec / k);
         rows[i].vs_fio = f.map(|f| rows[i].gb_per_sec / f);

@@ -6,7 +6,8 @@
 //! are [`bounce`] (io_uring into pinned host memory, overlapped async copies to the GPU; with a
 //! host destination it is the raw io_uring ceiling), [`cufile`] (cuFile: GDS, or compat mode),
 //! [`naive`] (read() + cuMemcpy, a floor) and [`p2p`] (NVMe passthrough into a peer PCI BAR
-//! mapped into the process); [`verify`] hashes both ends; [`metrics`] exports the pipeline
+//! mapped into the process); [`pcie`] measures the pinned host→device copy rate (the other
+//! half of the bounce ceiling); [`verify`] hashes both ends; [`metrics`] exports the pipeline
 //! counters while a command runs; [`cli`] and [`bench`] are `gds-agent read` and `bench`.
 
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod metrics;
 pub mod naive;
 pub mod p2p;
+pub mod pcie;
 pub mod route;
 pub mod source;
 pub mod verify;
