@@ -4,10 +4,8 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{Agent, Metrics, free_port, http_get, serial};
+use common::{Agent, free_port, http_get, serial};
 use io_uring::{IoUring, opcode};
 
 fn nops(n: usize) {
@@ -39,34 +37,13 @@ fn the_config_file_sets_address_and_filters() {
             std::process::id()
         ),
     );
-    let log = dir.path().join("agent.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
-        .args(["run", "--config", &config])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(addr, "/metrics").is_err() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "agent exited:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no /metrics at {addr} from the config file"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let agent = Agent::start_reaching(addr, &["--config", &config]);
     nops(25);
     // A read from this process: filtered out by `opcode = ["NOP"]`.
     let mut read = common::PipeRead::submit(7);
     assert_eq!(read.complete(b"x"), (7, 1));
-    let m = Metrics::parse(&http_get(addr, "/metrics").unwrap());
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
+    let m = agent.scrape();
+    let (_, text) = agent.stop();
     assert_eq!(
         m.value("gds_uring_requests_total", &[("opcode", "NOP")]),
         25.0
@@ -76,7 +53,6 @@ fn the_config_file_sets_address_and_filters() {
         0.0,
         "opcode filter from the file"
     );
-    let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("settings from the config file"), "{text}");
 }
 

@@ -114,13 +114,9 @@ fn sigkill_leaves_no_programs_behind() {
 // private`) and unmounts tracefs only there, with `nsenter --target <agent> --mount`; the
 // test's (root) namespace is checked to be untouched.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
-};
+use std::process::Command;
 
-use common::{Metrics, free_port, http_get, require_root};
+use common::Metrics;
 
 /// Shell that unmounts every tracefs of its (private) mount namespace, deepest first.
 const UMOUNT_TRACEFS: &str = "grep ' tracefs ' /proc/self/mounts | cut -d' ' -f2 | sort -r | \
@@ -138,138 +134,57 @@ fn tracefs_mounts(pid: &str) -> Vec<String> {
         .collect()
 }
 
-/// An agent started behind a wrapper command that ends by exec'ing it (so the pid is the
-/// agent's). SIGTERMed on drop.
-struct NsAgent {
-    child: Child,
-    addr: SocketAddr,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
+/// `unshare --mount --propagation private sh -c '<setup>; exec "$@"' sh <agent> run ...`, not
+/// yet serving.
+fn ns_agent(setup: &str, agent_args: &[&str]) -> Agent {
+    let wrapper: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        .into_iter()
+        .map(String::from)
+        .chain([format!("{setup}\nexec \"$@\""), "sh".into()])
+        .collect();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gds-agent"));
+    Agent::spawn(tempfile::tempdir().unwrap(), &wrapper, bin, agent_args)
 }
 
-impl NsAgent {
-    /// `unshare --mount --propagation private sh -c '<setup>; exec "$@"' sh <agent> run ...`.
-    fn spawn(setup: &str, agent_args: &[&str]) -> NsAgent {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log_path = dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(format!("{setup}\nexec \"$@\""))
-            .arg("sh")
-            .arg(env!("CARGO_BIN_EXE_gds-agent"))
-            .arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(agent_args)
-            .env("GDS_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn unshare (util-linux)");
-        NsAgent {
-            child,
-            addr,
-            log_path,
-            _dir: dir,
+/// Runs `cmd` in `agent`'s mount namespace.
+fn nsenter(agent: &Agent, cmd: &str) {
+    let out = Command::new("nsenter")
+        .args([
+            "--target",
+            &agent.pid().to_string(),
+            "--mount",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .expect("nsenter (util-linux)");
+    assert!(
+        out.status.success(),
+        "nsenter {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until `gds_agent_tracefs_available` reads `want` (the watch checks every 2 s).
+fn wait_tracefs_gauge(agent: &Agent, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = agent.scrape().0.get("gds_agent_tracefs_available").copied();
+        if v == Some(want) {
+            return;
         }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn wait_serving(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(self.addr, "/metrics").is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("gds-agent exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_exit(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return (status, self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn scrape(&self) -> Metrics {
-        Metrics::parse(&http_get(self.addr, "/metrics").expect("scrape"))
-    }
-
-    /// Runs `cmd` in the agent's mount namespace.
-    fn nsenter(&self, cmd: &str) {
-        let out = Command::new("nsenter")
-            .args(["--target", &self.pid(), "--mount", "sh", "-c", cmd])
-            .output()
-            .expect("nsenter (util-linux)");
         assert!(
-            out.status.success(),
-            "nsenter {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            Instant::now() < deadline,
+            "gds_agent_tracefs_available is {v:?}, want {want}:\n{}",
+            agent.log()
         );
-    }
-
-    /// Waits until `gds_agent_tracefs_available` reads `want` (the watch checks every 2 s).
-    fn wait_tracefs_gauge(&self, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let v = self.scrape().0.get("gds_agent_tracefs_available").copied();
-            if v == Some(want) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gds_agent_tracefs_available is {v:?}, want {want}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// SIGTERM; the status and the log.
-    fn stop(mut self) -> (ExitStatus, String) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        (status, self.log())
-    }
-}
-
-impl Drop for NsAgent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: plain kill(2) on our child.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
-        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
 /// Submits `n` NOPs from this process; returns how many the agent counted meanwhile.
-fn counted_nops(agent: &NsAgent, n: usize) -> f64 {
+fn counted_nops(agent: &Agent, n: usize) -> f64 {
     let count = |m: Metrics| m.value("gds_uring_requests_total", &[("opcode", "NOP")]);
     let before = count(agent.scrape());
     let mut ring = io_uring::IoUring::new(8).unwrap();
@@ -292,35 +207,38 @@ fn tracefs_unmounted_while_running(attach: &str) {
     let _g = serial();
     let ours = tracefs_mounts("self");
     // Where the host has no tracefs, the agent (root) mounts one in its own namespace.
-    let mut agent = NsAgent::spawn(
+    let mut agent = ns_agent(
         "true",
         &["--attach", attach, "--pid", &std::process::id().to_string()],
     );
     agent.wait_serving();
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
     assert_ne!(
-        ns(&agent.pid()),
+        ns(&agent.pid().to_string()),
         ns("self"),
         "the agent has its own mount namespace"
     );
-    assert!(!tracefs_mounts(&agent.pid()).is_empty());
+    assert!(!tracefs_mounts(&agent.pid().to_string()).is_empty());
     let mode = if attach == "btf" { "Btf" } else { "Classic" };
     assert!(
         agent.log().contains(&format!("mode={mode}")),
         "{}",
         agent.log()
     );
-    agent.wait_tracefs_gauge(1.0);
+    wait_tracefs_gauge(&agent, 1.0);
     assert_eq!(counted_nops(&agent, 20), 20.0);
 
-    agent.nsenter(UMOUNT_TRACEFS);
-    assert_eq!(tracefs_mounts(&agent.pid()), Vec::<String>::new());
+    nsenter(&agent, UMOUNT_TRACEFS);
+    assert_eq!(
+        tracefs_mounts(&agent.pid().to_string()),
+        Vec::<String>::new()
+    );
     assert_eq!(
         tracefs_mounts("self"),
         ours,
         "our namespace keeps its tracefs"
     );
-    agent.wait_tracefs_gauge(0.0);
+    wait_tracefs_gauge(&agent, 0.0);
     assert_eq!(counted_nops(&agent, 30), 30.0, "{}", agent.log());
     assert_eq!(
         agent.log().matches("tracefs was unmounted").count(),
@@ -329,8 +247,8 @@ fn tracefs_unmounted_while_running(attach: &str) {
         agent.log()
     );
 
-    agent.nsenter("mount -t tracefs nodev /sys/kernel/tracing");
-    agent.wait_tracefs_gauge(1.0);
+    nsenter(&agent, "mount -t tracefs nodev /sys/kernel/tracing");
+    wait_tracefs_gauge(&agent, 1.0);
     assert!(
         agent.log().contains("tracefs is mounted again"),
         "{}",
@@ -366,13 +284,16 @@ fn no_tracefs_setup() -> String {
 fn agent_starts_without_tracefs_in_btf_mode_and_says_so() {
     let _g = serial();
     let ours = tracefs_mounts("self");
-    let mut agent = NsAgent::spawn(
+    let mut agent = ns_agent(
         &no_tracefs_setup(),
         &["--pid", &std::process::id().to_string()],
     );
     agent.wait_serving();
-    assert_eq!(tracefs_mounts(&agent.pid()), Vec::<String>::new());
-    agent.wait_tracefs_gauge(0.0);
+    assert_eq!(
+        tracefs_mounts(&agent.pid().to_string()),
+        Vec::<String>::new()
+    );
+    wait_tracefs_gauge(&agent, 0.0);
     assert_eq!(counted_nops(&agent, 25), 25.0);
     let log = agent.log();
     assert!(log.contains("mode=Btf"), "{log}");
@@ -388,7 +309,7 @@ fn agent_starts_without_tracefs_in_btf_mode_and_says_so() {
 #[test]
 fn classic_attach_without_tracefs_fails_saying_how_to_mount_it() {
     let _g = serial();
-    let (status, log) = NsAgent::spawn(&no_tracefs_setup(), &["--attach", "classic"]).wait_exit();
+    let (status, log) = ns_agent(&no_tracefs_setup(), &["--attach", "classic"]).wait_exit();
     assert!(!status.success(), "{status}\n{log}");
     assert!(
         log.contains("tracefs is not mounted")
@@ -402,7 +323,7 @@ fn classic_attach_without_tracefs_fails_saying_how_to_mount_it() {
 fn root_agent_mounts_missing_tracefs_in_its_own_namespace() {
     let _g = serial();
     let ours = tracefs_mounts("self");
-    let mut agent = NsAgent::spawn(
+    let mut agent = ns_agent(
         UMOUNT_TRACEFS,
         &[
             "--attach",
@@ -418,10 +339,10 @@ fn root_agent_mounts_missing_tracefs_in_its_own_namespace() {
         "{log}"
     );
     assert_eq!(
-        tracefs_mounts(&agent.pid()),
+        tracefs_mounts(&agent.pid().to_string()),
         vec!["/sys/kernel/tracing".to_owned()]
     );
-    agent.wait_tracefs_gauge(1.0);
+    wait_tracefs_gauge(&agent, 1.0);
     assert_eq!(counted_nops(&agent, 15), 15.0);
     drop(agent);
     assert_eq!(

@@ -7,14 +7,12 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    process::Command,
 };
 
-use common::{Metrics, PipeRead, free_port, http_get, require_root, serial};
+use common::{Agent, PipeRead, free_port, http_get, require_root, serial};
 use gds_user::privileges::{CAP_BPF, CAP_PERFMON, ThreadCaps};
 
 const NOBODY: &str = "65534";
@@ -54,100 +52,12 @@ fn agent_binary_for_nobody(dir: &Path) -> PathBuf {
     copy
 }
 
-/// An agent started through a wrapper command (the wrapper execs it, so the pid is the
-/// agent's). SIGTERMed on drop.
-struct Wrapped {
-    child: Child,
-    addr: SocketAddr,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Wrapped {
-    fn spawn(wrapper: &[String], agent_args: &[&str]) -> Wrapped {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let bin = agent_binary_for_nobody(dir.path());
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log_path = dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(&wrapper[0])
-            .args(&wrapper[1..])
-            .arg(&bin)
-            .arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(agent_args)
-            .env("GDS_LOG", "info")
-            .current_dir("/")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn setpriv (util-linux)");
-        Wrapped {
-            child,
-            addr,
-            log_path,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Waits until /metrics answers (everything is attached and capabilities are dropped).
-    fn wait_serving(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("gds-agent exited early ({status}):\n{}", self.log());
-            }
-            if http_get(self.addr, "/metrics").is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for the agent to exit by itself; its status and log.
-    fn wait_exit(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return (status, self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn scrape(&self) -> Metrics {
-        Metrics::parse(&http_get(self.addr, "/metrics").expect("scrape"))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Wrapped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: plain kill(2) on our child.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
-        }
-    }
+/// The agent started through `wrapper` (setpriv, unshare: it execs the agent), with the binary
+/// where the wrapper's user can execute it; not yet serving.
+fn wrapped(wrapper: &[String], agent_args: &[&str]) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = agent_binary_for_nobody(dir.path());
+    Agent::spawn(dir, wrapper, &bin, agent_args)
 }
 
 /// Every thread's capability sets, by tid.
@@ -201,7 +111,7 @@ fn nops(n: usize) {
 
 /// After the drop the agent still reads its maps (counts), its mmapped slot table and hash
 /// (an in-flight request with this process's comm), and serves /debug.
-fn assert_still_traces(agent: &Wrapped) {
+fn assert_still_traces(agent: &Agent) {
     let before = agent
         .scrape()
         .value("gds_uring_requests_total", &[("opcode", "NOP")]);
@@ -240,7 +150,7 @@ fn assert_still_traces(agent: &Wrapped) {
 fn root_agent_drops_every_capability_and_keeps_tracing() {
     let _g = serial();
     // setpriv with no options: a plain exec, as root with every capability.
-    let mut agent = Wrapped::spawn(
+    let mut agent = wrapped(
         &["setpriv".into()],
         &["--pid", &std::process::id().to_string()],
     );
@@ -258,7 +168,7 @@ fn root_agent_drops_every_capability_and_keeps_tracing() {
 #[test]
 fn nobody_with_cap_bpf_and_cap_perfmon_runs_and_drops_them() {
     let _g = serial();
-    let mut agent = Wrapped::spawn(
+    let mut agent = wrapped(
         &as_nobody("+bpf,+perfmon"),
         &["--pid", &std::process::id().to_string()],
     );
@@ -285,7 +195,7 @@ fn nobody_without_capabilities_is_told_which_are_missing() {
         ("+bpf", "CAP_PERFMON is missing (CAP_BPF is there)"),
         ("+perfmon", "CAP_BPF is missing (CAP_PERFMON is there)"),
     ] {
-        let (status, log) = Wrapped::spawn(&as_nobody(caps), &[]).wait_exit();
+        let (status, log) = wrapped(&as_nobody(caps), &[]).wait_exit();
         assert!(!status.success(), "caps {caps:?}: {status}\n{log}");
         assert!(
             log.contains("not permitted to load eBPF programs") && log.contains(says),
@@ -314,7 +224,7 @@ fn nobody_classic_attach_says_tracefs_is_unreadable() {
     .map(String::from)
     .to_vec();
     wrapper.extend(as_nobody("+bpf,+perfmon"));
-    let (status, log) = Wrapped::spawn(&wrapper, &["--attach", "classic"]).wait_exit();
+    let (status, log) = wrapped(&wrapper, &["--attach", "classic"]).wait_exit();
     assert!(!status.success(), "{status}\n{log}");
     assert!(
         log.contains("is not readable by this user")
@@ -338,27 +248,17 @@ fn loopback_by_default_and_a_warning_for_all_interfaces() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("[default: 127.0.0.1:9477]"), "{help}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("agent.log");
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
-        .args(["run", "--listen", &format!("0.0.0.0:{port}")])
-        .args(["--pid", &std::process::id().to_string()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(addr, "/metrics").is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "agent exited");
-        assert!(Instant::now() < deadline, "agent did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let agent = Agent::start_reaching(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &[
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--pid",
+            &std::process::id().to_string(),
+        ],
+    );
+    let (_, log) = agent.stop();
     assert!(
         log.contains("WARN") && log.contains("listening on all interfaces"),
         "{log}"

@@ -44,42 +44,115 @@ impl Agent {
     /// Starts `gds-agent run --listen <free port> <args>` and waits until /metrics answers
     /// (the agent serves only after every program is attached).
     pub fn start(args: &[&str]) -> Agent {
-        require_root();
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gds-agent"));
+        let mut agent = Agent::spawn(tempfile::tempdir().unwrap(), &[], bin, args);
+        agent.wait_serving();
+        agent
+    }
+
+    /// Spawns `<wrapper...> <bin> run --listen <free port> <args>` without waiting. A wrapper
+    /// (unshare, setpriv, ...) must end by exec'ing the agent, so the child's pid is the
+    /// agent's. `dir` keeps the log, and whatever the wrapper needs (a copy of the binary),
+    /// for as long as the agent lives.
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        wrapper: &[String],
+        bin: &std::path::Path,
+        args: &[&str],
+    ) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        let listen = addr.to_string();
+        let args: Vec<&str> = ["--listen", listen.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        Agent::launch(dir, wrapper, bin, addr, &args)
+    }
+
+    /// Starts `gds-agent run <args>` whose arguments say where it listens themselves (a
+    /// `--listen` on all interfaces, a `--config` file), and waits until /metrics answers at
+    /// `addr`.
+    pub fn start_reaching(addr: SocketAddr, args: &[&str]) -> Agent {
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gds-agent"));
+        let mut agent = Agent::launch(tempfile::tempdir().unwrap(), &[], bin, addr, args);
+        agent.wait_serving();
+        agent
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        wrapper: &[String],
+        bin: &std::path::Path,
+        addr: SocketAddr,
+        args: &[&str],
+    ) -> Agent {
+        require_root();
         let log_path = dir.path().join("agent.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
             .args(args)
             .env("GDS_LOG", "info")
+            // A directory every user may enter (the agent may run as another user).
+            .current_dir("/")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn gds-agent");
-        let mut agent = Agent {
+            .expect("spawn gds-agent or its wrapper (unshare, setpriv: util-linux)");
+        Agent {
             child,
             addr,
             log_path,
             _dir: dir,
-        };
+        }
+    }
+
+    /// Waits until /metrics answers; panics with the log if the agent exits first or takes
+    /// more than 30 s.
+    pub fn wait_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("gds-agent exited early ({status}):\n{}", agent.log());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gds-agent exited early ({status}):\n{}", self.log());
             }
-            if http_get(addr, "/metrics").is_ok() {
-                return agent;
+            if http_get(self.addr, "/metrics").is_ok() {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "agent did not start:\n{}",
-                agent.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits (at most 30 s) for the agent to exit by itself; its status and log.
+    pub fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {
