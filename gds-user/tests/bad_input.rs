@@ -94,19 +94,22 @@ impl Ctx {
         c
     }
 
-    /// The binary run as `nobody` with no capabilities.
-    fn as_nobody(&self, args: &[&str]) -> Command {
-        let bin = self.agent_copy();
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--",
-            &bin,
-        ])
-        .args(args);
+    /// The binary run as `nobody` holding exactly `caps` ("" for none, e.g. "+bpf").
+    fn as_nobody(&self, caps: &str, args: &[&str]) -> Command {
+        let nobody = common::setpriv_nobody(caps);
+        let mut c = Command::new(&nobody[0]);
+        c.args(&nobody[1..]).arg(self.agent_copy()).args(args);
+        c
+    }
+
+    /// `setup`, then the binary run as `nobody` holding exactly `caps`, in a private mount
+    /// namespace (so `setup` may unmount or cover what it likes).
+    fn as_nobody_in_mount_namespace(&self, setup: &str, caps: &str, args: &[&str]) -> Command {
+        let mut c = self.in_mount_namespace(&format!("{setup}\nexec \"$@\""));
+        c.arg("sh")
+            .args(common::setpriv_nobody(caps))
+            .arg(self.agent_copy())
+            .args(args);
         c
     }
 
@@ -309,7 +312,7 @@ cases! {
         |c| {
             let f = c.write("secret.toml", "sample = 2\n");
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-            c.as_nobody(&["run", "--config", &f])
+            c.as_nobody("", &["run", "--config", &f])
         };
 
     // Sources and devices (`read`, `bench`).
@@ -323,7 +326,7 @@ cases! {
         |c| {
             let f = c.data();
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-            c.as_nobody(&["read", &f, "--to", "host"])
+            c.as_nobody("", &["read", &f, "--to", "host"])
         };
     read_empty_block_device: "devices", "`read` of an empty block device (an unbound loop node)", exit 1,
         ["nothing to read: the range is empty (source 0 bytes"],
@@ -432,41 +435,25 @@ cases! {
         |c| c.in_mount_namespace("mount -t tmpfs none /sys/kernel/tracing && exec \"$AGENT\" run --attach classic --listen 127.0.0.1:0");
     no_tracefs_cannot_mount: "environment", "`run --attach classic` with tracefs unmounted, as a user who may not mount it", exit 1,
         ["tracefs is not mounted and mounting it on /sys/kernel/tracing failed", "mount -t tracefs nodev /sys/kernel/tracing"],
-        |c| {
-            let bin = c.agent_copy();
-            let mut cmd = c.in_mount_namespace(
-                "umount -l /sys/kernel/tracing; umount -l /sys/kernel/debug/tracing 2>/dev/null; \
-                 exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all,+bpf,+perfmon \
-                 --ambient-caps=-all,+bpf,+perfmon -- \"$BIN\" run --attach classic --listen 127.0.0.1:0",
-            );
-            cmd.env("BIN", bin);
-            cmd
-        };
+        |c| c.as_nobody_in_mount_namespace(
+            "umount -l /sys/kernel/tracing; umount -l /sys/kernel/debug/tracing 2>/dev/null",
+            "+bpf,+perfmon",
+            &["run", "--attach", "classic", "--listen", "127.0.0.1:0"],
+        );
     no_btf_no_tracefs: "environment", "`run` with neither kernel BTF nor a mountable tracefs (CAP_BPF+CAP_PERFMON only)", exit 1,
         ["classic tracepoints need tracefs, which is not mounted here (no usable kernel BTF", "mount -t tracefs nodev /sys/kernel/tracing"],
-        |c| {
-            let bin = c.agent_copy();
-            let mut cmd = c.in_mount_namespace(
-                "mount -t tmpfs none /sys/kernel/btf && umount -l /sys/kernel/tracing; \
-                 umount -l /sys/kernel/debug/tracing 2>/dev/null; \
-                 exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all,+bpf,+perfmon \
-                 --ambient-caps=-all,+bpf,+perfmon -- \"$BIN\" run --listen 127.0.0.1:0",
-            );
-            cmd.env("BIN", bin);
-            cmd
-        };
+        |c| c.as_nobody_in_mount_namespace(
+            "mount -t tmpfs none /sys/kernel/btf && umount -l /sys/kernel/tracing; \
+             umount -l /sys/kernel/debug/tracing 2>/dev/null",
+            "+bpf,+perfmon",
+            &["run", "--listen", "127.0.0.1:0"],
+        );
     only_cap_bpf: "environment", "`run` as a user with CAP_BPF but not CAP_PERFMON", exit 1,
         ["CAP_PERFMON is missing (CAP_BPF is there)"],
-        |c| {
-            let bin = c.agent_copy();
-            let mut cmd = Command::new("setpriv");
-            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+bpf",
-                      "--ambient-caps=-all,+bpf", "--", &bin, "run", "--listen", "127.0.0.1:0"]);
-            cmd
-        };
+        |c| c.as_nobody("+bpf", &["run", "--listen", "127.0.0.1:0"]);
     not_root: "environment", "`run` as an unprivileged user", exit 1,
         ["not permitted to load eBPF programs: CAP_BPF and CAP_PERFMON are missing", "setcap cap_bpf,cap_perfmon+ep"],
-        |c| c.as_nobody(&["run", "--listen", "127.0.0.1:0"]);
+        |c| c.as_nobody("", &["run", "--listen", "127.0.0.1:0"]);
 }
 
 /// Table rows: `| id | area | input | exit | message |`.

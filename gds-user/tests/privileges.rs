@@ -12,25 +12,8 @@ use std::{
     process::Command,
 };
 
-use common::{Agent, PipeRead, free_port, http_get, require_root, serial};
+use common::{Agent, NOBODY, PipeRead, free_port, http_get, require_root, serial, setpriv_nobody};
 use gds_user::privileges::{CAP_BPF, CAP_PERFMON, ThreadCaps};
-
-const NOBODY: &str = "65534";
-
-/// `setpriv` arguments: become uid/gid 65534 holding exactly `caps` (e.g. "+bpf,+perfmon",
-/// or "" for none) as ambient capabilities, so they survive the exec of the agent.
-fn as_nobody(caps: &str) -> Vec<String> {
-    let set = format!("-all{}{caps}", if caps.is_empty() { "" } else { "," });
-    vec![
-        "setpriv".into(),
-        format!("--reuid={NOBODY}"),
-        format!("--regid={NOBODY}"),
-        "--clear-groups".into(),
-        format!("--inh-caps={set}"),
-        format!("--ambient-caps={set}"),
-        format!("--bounding-set={set}"),
-    ]
-}
 
 /// The agent binary where uid 65534 can execute it: in place when every directory above it
 /// is traversable by others, else a 0755 copy in `dir` (itself made 0755).
@@ -169,7 +152,7 @@ fn root_agent_drops_every_capability_and_keeps_tracing() {
 fn nobody_with_cap_bpf_and_cap_perfmon_runs_and_drops_them() {
     let _g = serial();
     let mut agent = wrapped(
-        &as_nobody("+bpf,+perfmon"),
+        &setpriv_nobody("+bpf,+perfmon"),
         &["--pid", &std::process::id().to_string()],
     );
     agent.wait_serving();
@@ -195,7 +178,7 @@ fn nobody_without_capabilities_is_told_which_are_missing() {
         ("+bpf", "CAP_PERFMON is missing (CAP_BPF is there)"),
         ("+perfmon", "CAP_BPF is missing (CAP_PERFMON is there)"),
     ] {
-        let (status, log) = wrapped(&as_nobody(caps), &[]).wait_exit();
+        let (status, log) = wrapped(&setpriv_nobody(caps), &[]).wait_exit();
         assert!(!status.success(), "caps {caps:?}: {status}\n{log}");
         assert!(
             log.contains("not permitted to load eBPF programs") && log.contains(says),
@@ -223,7 +206,7 @@ fn nobody_classic_attach_says_tracefs_is_unreadable() {
     ]
     .map(String::from)
     .to_vec();
-    wrapper.extend(as_nobody("+bpf,+perfmon"));
+    wrapper.extend(setpriv_nobody("+bpf,+perfmon"));
     let (status, log) = wrapped(&wrapper, &["--attach", "classic"]).wait_exit();
     assert!(!status.success(), "{status}\n{log}");
     assert!(

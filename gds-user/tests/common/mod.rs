@@ -24,6 +24,25 @@ pub fn require_root() {
     }
 }
 
+/// The uid and gid the tests run the agent as when it must not be root.
+pub const NOBODY: &str = "65534";
+
+/// `setpriv` (util-linux) arguments that become uid/gid 65534 holding exactly `caps` (e.g.
+/// "+bpf,+perfmon", or "" for none) as inheritable, ambient and bounding capabilities, so they
+/// survive the exec of the agent. The program to run follows.
+pub fn setpriv_nobody(caps: &str) -> Vec<String> {
+    let set = format!("-all{}{caps}", if caps.is_empty() { "" } else { "," });
+    vec![
+        "setpriv".into(),
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        "--clear-groups".into(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+    ]
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
