@@ -17,8 +17,8 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Read as _,
+    net::{SocketAddr, TcpListener},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -34,7 +34,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::Args;
 use serde_json::json;
 
-use crate::setup;
+use crate::{observe::http_get, setup};
 
 #[derive(Args, Clone, Debug)]
 pub struct LoadArgs {
@@ -671,25 +671,6 @@ impl Counts {
         }
         c
     }
-}
-
-/// A plain HTTP/1.0 GET (the agent then closes the connection after the reply).
-fn http_get(addr: SocketAddr, target: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(stream, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("HTTP reply without a header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP reply without a status code")?;
-    Ok((code, body.to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1042,8 +1042,8 @@ fn uring_workload(dir: &Path, duration: Duration, hold: Duration) -> Result<Work
 // HTTP and the Prometheus API
 
 /// A minimal HTTP/1.0 GET (no keep-alive, so no chunked replies from Go or hyper; chunked is
-/// decoded anyway).
-fn http_get(addr: SocketAddr, target: &str) -> Result<(u16, String)> {
+/// decoded anyway). Also `cargo xtask load`'s scrape.
+pub(crate) fn http_get(addr: SocketAddr, target: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
