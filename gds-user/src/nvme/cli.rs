@@ -50,21 +50,17 @@ pub struct NvmeReadArgs {
 }
 
 pub fn read(args: NvmeReadArgs) -> Result<()> {
-    if !args.stream && args.blocks.is_none() {
-        bail!("--blocks is required for a single read (or use --stream)");
-    }
-    let geometry = namespace_geometry(&args.device)?;
     if args.stream {
-        stream(&args, &geometry)
-    } else {
-        single(&args, &geometry)
+        return stream(&args, &namespace_geometry(&args.device)?);
     }
-}
-
-fn single(args: &NvmeReadArgs, g: &NamespaceGeometry) -> Result<()> {
+    // Checked before the device is looked at, so its absence is what is reported.
     let Some(blocks) = args.blocks else {
         bail!("--blocks is required for a single read (or use --stream)");
     };
+    single(&args, &namespace_geometry(&args.device)?, blocks)
+}
+
+fn single(args: &NvmeReadArgs, g: &NamespaceGeometry, blocks: u64) -> Result<()> {
     let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
     let len = blocks as usize * g.lba_size as usize;
     // Validate before allocating: a page-aligned stand-in address is never dereferenced by

@@ -54,7 +54,7 @@ pub enum TraceError {
 
 /// Which of the two tracing capabilities `caps` lacks, in words.
 fn missing_caps(caps: u64) -> String {
-    let has = |c: u32| caps & (1u64 << c) != 0;
+    let has = |c| crate::privileges::CapSet(caps).has(c);
     match (has(super::CAP_BPF), has(super::CAP_PERFMON)) {
         (false, false) => "CAP_BPF and CAP_PERFMON are missing".into(),
         (false, true) => "CAP_BPF is missing (CAP_PERFMON is there)".into(),

@@ -41,7 +41,7 @@ pub use crate::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
 /// Loading tracing programs needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN on older kernels).
 pub fn check_tracing_caps() -> Result<(), TraceError> {
     let caps = effective_caps();
-    let has = |c: u32| caps & (1u64 << c) != 0;
+    let has = |c| crate::privileges::CapSet(caps).has(c);
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         Ok(())
     } else {
