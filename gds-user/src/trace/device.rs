@@ -40,7 +40,8 @@ pub fn resolve(btf: &Btf) -> Result<DevConfig, crate::btf::BtfError> {
     Ok(c)
 }
 
-fn attach_btf(
+/// Loads program `prog` of the object for BTF tracepoint `tp` and attaches it.
+pub(crate) fn attach_btf(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     prog: &'static str,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::TracePoint,
 };
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, DevConfig, HIST_BUCKETS, InflightReq, MAP_EVENTS,
@@ -211,15 +211,7 @@ impl UringTracer {
                     ("uring_failed", "io_uring_req_failed"),
                     (attach.complete_prog, "io_uring_complete"),
                 ] {
-                    let p: &mut BtfTracePoint = ebpf
-                        .program_mut(prog)
-                        .ok_or(TraceError::MissingProgram(prog))?
-                        .try_into()
-                        .map_err(|source| TraceError::Program { name: prog, source })?;
-                    p.load(tp, &btf)
-                        .map_err(|source| TraceError::Program { name: prog, source })?;
-                    p.attach()
-                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                    device::attach_btf(&mut ebpf, &btf, prog, tp)?;
                 }
                 if let (Ok(parsed), true) = (&btf_parsed, device_possible) {
                     devices_attached = device::attach(&mut ebpf, parsed, &btf)?;
@@ -396,15 +388,7 @@ impl FloorProbe {
             ("floor_submit", "floor_complete")
         };
         for (prog, tp) in [(submit, submit_tp), (complete, "io_uring_complete")] {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or(TraceError::MissingProgram(prog))?
-                .try_into()
-                .map_err(|source| TraceError::Program { name: prog, source })?;
-            p.load(tp, &kernel_btf)
-                .map_err(|source| TraceError::Program { name: prog, source })?;
-            p.attach()
-                .map_err(|source| TraceError::Program { name: prog, source })?;
+            device::attach_btf(&mut ebpf, &kernel_btf, prog, tp)?;
         }
         Ok(FloorProbe { _ebpf: ebpf })
     }
