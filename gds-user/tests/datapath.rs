@@ -34,6 +34,11 @@ fn read_to_host_verifies_direct_and_buffered() {
     let p = f.path().to_str().unwrap();
     for extra in [
         &["--direct", "on"][..],
+        // Completions handled one per wake-up: the others wait in the completion ring.
+        &[
+            "--direct", "on", "--batch", "1", "--qd", "32", "--chunk", "4k", "--threads", "2",
+        ][..],
+        &["--direct", "off", "--batch", "3", "--qd", "7", "--chunk", "8k"][..],
         &[
             "--direct",
             "off",

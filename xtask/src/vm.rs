@@ -342,6 +342,17 @@ pub fn boot(
             console_log.display()
         ));
     }
+    if failure.is_some() {
+        // CI keeps only what xtask prints: the console's last lines say how the guest died
+        // (a kernel panic, an oops, the scenario runner's last words).
+        eprintln!(
+            "xtask vm: {} guest failed; last {CONSOLE_TAIL} console lines:",
+            kernel.series
+        );
+        for line in console_tail(&log, CONSOLE_TAIL) {
+            eprintln!("  [{}] | {line}", kernel.series);
+        }
+    }
     Ok(BootReport {
         kernel: kernel.clone(),
         release: parser.release.clone().unwrap_or_default(),
@@ -350,6 +361,37 @@ pub fn boot(
         console_log,
         failure,
     })
+}
+
+/// Console lines printed when a guest fails.
+const CONSOLE_TAIL: usize = 60;
+
+/// The last `n` lines of the console without terminal colour codes (the agent logs in colour).
+fn console_tail(log: &[String], n: usize) -> Vec<String> {
+    log[log.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| strip_ansi(l))
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (0x40..=0x7e).
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Turns the guest's `@@GDS` lines into results.
@@ -523,6 +565,16 @@ fn print_summary(reports: &[BootReport]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_tail_is_the_last_lines_without_colour() {
+        let log: Vec<String> = ["one", "\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m slow", "three"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(console_tail(&log, 2), vec!["2026  WARN slow", "three"]);
+        assert_eq!(console_tail(&log, 10).len(), 3);
+    }
 
     #[test]
     fn parses_markers_even_after_kernel_noise() {

@@ -35,8 +35,24 @@ pub struct PipelineOpts {
     /// Punt reads to io_uring's worker threads (IOSQE_ASYNC): page-cache copies then run in
     /// parallel instead of inline in the submitting thread.
     pub uring_async: bool,
+    /// Completions handled per wake-up, their replacement reads submitted together; 0 = all
+    /// that are ready. See [`default_batch`].
+    pub batch: u32,
     /// Keep per-I/O latencies (bench).
     pub latencies: bool,
+}
+
+/// Completions to handle per wake-up when `--batch` is not given.
+///
+/// Why not all of them: O_DIRECT reads complete by interrupt, several at once. Handling them
+/// all and then submitting their replacements as one batch leaves the device with a burst to
+/// work through while the queue is shallow, and every read in the burst waits for the ones
+/// before it. Two at a time keeps the queue topped up: 4 KiB random reads at QD 32 on this
+/// project's VM went from 80k to 110-158k IOPS (QD 8: 78k to 91k; QD 128: 117k to 126k),
+/// level with fio's default of one. Page-cache reads complete inline while they are
+/// submitted, so there a wake-up's completions are all handled (capping them cost 17%).
+pub fn default_batch(direct: bool) -> u32 {
+    if direct { 2 } else { 0 }
 }
 
 impl Default for PipelineOpts {
@@ -47,6 +63,7 @@ impl Default for PipelineOpts {
             streams: 4,
             fixed: true,
             uring_async: false,
+            batch: 0,
             latencies: false,
         }
     }
@@ -492,6 +509,10 @@ fn run_loop(
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(qd as usize);
     let mut stream_rr = 0usize;
     let align = source.align;
+    let reap_per_wake = match opts.batch {
+        0 => usize::MAX,
+        n => n as usize,
+    };
 
     let push_read = |ring: &mut IoUring, bufs: &mut [Buf], slot: usize, io: &Io| -> Result<()> {
         let remaining = io.want - io.got;
@@ -577,7 +598,12 @@ fn run_loop(
             events[slot].wait()?;
         }
         cqes.clear();
-        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        // The rest stay in the completion ring: the next wait returns at once.
+        cqes.extend(
+            ring.completion()
+                .take(reap_per_wake)
+                .map(|c| (c.user_data(), c.result())),
+        );
         for &(ud, res) in &cqes {
             let slot = ud as usize;
             let Some(mut io) = ios[slot] else { continue };

@@ -88,6 +88,11 @@ pub struct PipeArgs {
     /// reads are asynchronous anyway).
     #[arg(long = "async", default_value_t = true, action = clap::ArgAction::Set)]
     pub uring_async: bool,
+    /// Completions handled per wake-up, their replacement reads submitted together (0 = all
+    /// that are ready). Default: 2 with O_DIRECT (smaller bursts keep the device's queue
+    /// full), all for page-cache reads.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub batch: Option<u32>,
     /// Plain io_uring reads instead of registered buffers (READ_FIXED).
     #[arg(long)]
     pub no_fixed: bool,
@@ -358,6 +363,9 @@ pub fn pipeline_opts(
         streams: pipe.streams.max(1),
         fixed: !pipe.no_fixed,
         uring_async: use_async(pipe, direct, bs),
+        batch: pipe
+            .batch
+            .unwrap_or_else(|| super::bounce::default_batch(direct)),
         latencies,
     }
 }
