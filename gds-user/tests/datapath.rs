@@ -174,8 +174,9 @@ fn bench_host_json_seq_and_rand() {
         "300ms",
     ]);
     assert!(ok, "{err}");
+    let first = out.lines().nth(1).unwrap_or_default();
     assert!(
-        out.contains("GB/s") && out.lines().nth(1).unwrap().starts_with("host"),
+        out.contains("GB/s") && first.split_whitespace().take(2).eq(["1", "host"]),
         "{out}"
     );
 }
@@ -252,17 +253,43 @@ fn bench_against_fio_in_the_same_run() {
         "1",
         "--direct",
         "on",
+        "--rounds",
+        "2",
         "--json",
     ]);
     assert!(ok, "{err}");
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{out}");
-    assert_eq!(rows[1]["path"], "fio");
-    // Both read the whole file once.
-    assert_eq!(rows[0]["bytes"].as_u64(), Some(8 << 20), "{out}");
-    assert_eq!(rows[1]["bytes"].as_u64(), Some(8 << 20), "{out}");
-    let ratio = rows[0]["vs_fio"].as_f64().unwrap();
-    assert!(ratio > 0.0, "{out}");
-    eprintln!("ours / fio, 1 MiB sequential O_DIRECT on this host: {ratio:.2}");
+    // host and fio in round 1, again in round 2, then their medians.
+    let shape: Vec<(String, serde_json::Value)> = rows
+        .iter()
+        .map(|r| (r["path"].as_str().unwrap().to_owned(), r["round"].clone()))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            ("host".into(), serde_json::json!(1)),
+            ("fio".into(), serde_json::json!(1)),
+            ("host".into(), serde_json::json!(2)),
+            ("fio".into(), serde_json::json!(2)),
+            ("host".into(), serde_json::json!(null)),
+            ("fio".into(), serde_json::json!(null)),
+        ],
+        "{out}"
+    );
+    // Both read the whole file once per round.
+    for r in &rows[..4] {
+        assert_eq!(r["bytes"].as_u64(), Some(8 << 20), "{out}");
+    }
+    let per_round: Vec<f64> = [0, 2]
+        .iter()
+        .map(|&i| rows[i]["vs_fio"].as_f64().unwrap())
+        .collect();
+    let ratio = rows[4]["vs_fio"].as_f64().unwrap();
+    assert!(per_round.iter().all(|r| *r > 0.0), "{out}");
+    assert!(
+        (ratio - (per_round[0] + per_round[1]) / 2.0).abs() < 1e-9,
+        "{out}"
+    );
+    eprintln!("ours / fio, 1 MiB sequential O_DIRECT on this host: {ratio:.2} (rounds {per_round:?})");
 }

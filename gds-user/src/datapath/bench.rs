@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// depth, threads and limit) after each O_DIRECT setting, and print our ratio to it.
     #[arg(long)]
     pub fio: bool,
+    /// Repeat everything (each route, each O_DIRECT setting, fio) this many times, interleaved,
+    /// and add median rows: shared or virtual disks drift by tens of percent within a minute,
+    /// so one pass can flatter or wrong-foot whichever side ran at a good moment.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -74,6 +79,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// Which pass of `--rounds` (from 1); `None` on the median rows.
+    pub round: Option<u32>,
     pub path: String,
     pub dest: String,
     pub direct: bool,
@@ -118,6 +125,7 @@ fn row(
 ) -> Row {
     let secs = s.elapsed.as_secs_f64().max(1e-9);
     Row {
+        round: Some(1),
         path: route.as_str().into(),
         dest: if route == Route::Host {
             "host".into()
@@ -243,7 +251,11 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let metrics = metrics_server(&a.pipe)?;
     let mut rows: Vec<Row> = Vec::new();
     let mut gpu_dst = None;
-    for &direct in &a.direct {
+    let passes: Vec<(u32, Direct)> = (1..=a.rounds)
+        .flat_map(|round| a.direct.iter().map(move |&d| (round, d)))
+        .collect();
+    for (round, direct) in passes {
+        let first = rows.len();
         let mut source = Source::open(&a.src, direct)?;
         let range = source.range(a.offset, a.span, direct)?;
         let bs = source.chunk(a.bs);
@@ -382,11 +394,19 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        for r in &mut rows[first..] {
+            r.round = Some(round);
+        }
     }
     for i in 0..rows.len() {
         let find = |p: &str| {
             rows.iter()
-                .find(|r| r.path == p && r.direct == rows[i].direct && r.gb_per_sec > 0.0)
+                .find(|r| {
+                    r.path == p
+                        && r.direct == rows[i].direct
+                        && r.round == rows[i].round
+                        && r.gb_per_sec > 0.0
+                })
                 .map(|r| r.gb_per_sec)
         };
         // The ceiling: the host read, bounded by the pinned PCIe rate when that was measured.
@@ -398,6 +418,10 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         rows[i].vs_ceiling = c.map(|c| rows[i].gb_per_sec / c);
         rows[i].vs_compat = k.map(|k| rows[i].gb_per_sec / k);
         rows[i].vs_fio = f.map(|f| rows[i].gb_per_sec / f);
+    }
+    if a.rounds > 1 {
+        let medians = median_rows(&rows);
+        rows.extend(medians);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -486,6 +510,7 @@ fn fio(a: &BenchArgs, source: &Source, plan: &Plan, threads: usize) -> anyhow::R
     let secs = read["runtime"].as_f64().unwrap_or(0.0) / 1e3;
     let pct = |k: &str| read["lat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1e3;
     Ok(Row {
+        round: Some(1),
         path: "fio".into(),
         dest: "host".into(),
         direct: source.direct,
@@ -508,9 +533,70 @@ fn fio(a: &BenchArgs, source: &Source, plan: &Plan, threads: usize) -> anyhow::R
     })
 }
 
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// One row per (path, destination, O_DIRECT setting) with the median of each number over the
+/// rounds that ran; ratios are medians of the per-round ratios (each measured against a peer
+/// of the same round), not ratios of medians.
+pub fn median_rows(rows: &[Row]) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    for r in rows.iter().filter(|r| r.round.is_some()) {
+        if out
+            .iter()
+            .any(|m| m.path == r.path && m.dest == r.dest && m.direct == r.direct)
+        {
+            continue;
+        }
+        let same: Vec<&Row> = rows
+            .iter()
+            .filter(|o| {
+                o.round.is_some() && o.path == r.path && o.dest == r.dest && o.direct == r.direct
+            })
+            .collect();
+        let m = |f: fn(&Row) -> f64| median(same.iter().map(|o| f(o)).collect()).unwrap_or(0.0);
+        let mr = |f: fn(&Row) -> Option<f64>| median(same.iter().filter_map(|o| f(o)).collect());
+        out.push(Row {
+            round: None,
+            bytes: same.iter().map(|o| o.bytes).sum(),
+            ios: same.iter().map(|o| o.ios).sum(),
+            seconds: same.iter().map(|o| o.seconds).sum(),
+            gb_per_sec: m(|o| o.gb_per_sec),
+            iops: m(|o| o.iops),
+            lat_p50_us: m(|o| o.lat_p50_us),
+            lat_p99_us: m(|o| o.lat_p99_us),
+            lat_p999_us: m(|o| o.lat_p999_us),
+            vs_ceiling: mr(|o| o.vs_ceiling),
+            vs_compat: mr(|o| o.vs_compat),
+            vs_fio: mr(|o| o.vs_fio),
+            notes: vec![format!(
+                "median of {} rounds; per-round GB/s {}",
+                same.len(),
+                same.iter()
+                    .map(|o| format!("{:.2}", o.gb_per_sec))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+            ..r.clone()
+        });
+    }
+    out
+}
+
 pub fn table(rows: &[Row]) -> String {
     let mut s = format!(
-        "{:<8} {:<6} {:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+        "{:<6} {:<8} {:<6} {:<10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+        "round",
         "path",
         "dest",
         "io",
@@ -526,7 +612,8 @@ pub fn table(rows: &[Row]) -> String {
     let ratio = |r: Option<f64>| r.map_or("-".to_owned(), |v| format!("{v:.2}x"));
     for r in rows {
         s += &format!(
-            "{:<8} {:<6} {:<10} {:>9.2} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8} {:>8}\n",
+            "{:<6} {:<8} {:<6} {:<10} {:>9.2} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8} {:>8}\n",
+            r.round.map_or("median".to_owned(), |n| n.to_string()),
             r.path,
             r.dest,
             if r.direct { "O_DIRECT" } else { "pagecache" },
@@ -540,7 +627,7 @@ pub fn table(rows: &[Row]) -> String {
             ratio(r.vs_fio),
         );
         for n in &r.notes {
-            s += &format!("         note: {n}\n");
+            s += &format!("                note: {n}\n");
         }
     }
     s
@@ -549,6 +636,54 @@ pub fn table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn measured(round: u32, path: &str, gb: f64, vs_fio: Option<f64>) -> Row {
+        Row {
+            round: Some(round),
+            path: path.into(),
+            dest: "host".into(),
+            direct: true,
+            pattern: Pattern::Rand,
+            bs: 4096,
+            qd: 32,
+            threads: 1,
+            bytes: 100,
+            ios: 10,
+            seconds: 1.0,
+            gb_per_sec: gb,
+            iops: gb * 1e6,
+            lat_p50_us: gb,
+            lat_p99_us: gb,
+            lat_p999_us: gb,
+            vs_ceiling: None,
+            vs_compat: None,
+            vs_fio,
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn medians_take_per_round_ratios() {
+        let rows = vec![
+            measured(1, "host", 1.0, Some(0.5)),
+            measured(1, "fio", 2.0, Some(1.0)),
+            measured(2, "host", 3.0, Some(1.5)),
+            measured(2, "fio", 2.0, Some(1.0)),
+            measured(3, "host", 2.0, Some(2.0)),
+            measured(3, "fio", 1.0, Some(1.0)),
+        ];
+        let m = median_rows(&rows);
+        assert_eq!(m.len(), 2);
+        let host = &m[0];
+        assert_eq!((host.path.as_str(), host.round), ("host", None));
+        assert_eq!(host.gb_per_sec, 2.0);
+        // The median of 0.5, 1.5, 2.0, not 2.0 / 2.0.
+        assert_eq!(host.vs_fio, Some(1.5));
+        assert_eq!((host.bytes, host.ios), (300, 30));
+        assert_eq!(m[1].gb_per_sec, 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
 
     #[test]
     fn quantiles() {
