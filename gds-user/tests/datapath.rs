@@ -36,9 +36,20 @@ fn read_to_host_verifies_direct_and_buffered() {
         &["--direct", "on"][..],
         // Completions handled one per wake-up: the others wait in the completion ring.
         &[
-            "--direct", "on", "--batch", "1", "--qd", "32", "--chunk", "4k", "--threads", "2",
+            "--direct",
+            "on",
+            "--batch",
+            "1",
+            "--qd",
+            "32",
+            "--chunk",
+            "4k",
+            "--threads",
+            "2",
         ][..],
-        &["--direct", "off", "--batch", "3", "--qd", "7", "--chunk", "8k"][..],
+        &[
+            "--direct", "off", "--batch", "3", "--qd", "7", "--chunk", "8k",
+        ][..],
         &[
             "--direct",
             "off",
@@ -291,5 +302,7 @@ fn bench_against_fio_in_the_same_run() {
         (ratio - (per_round[0] + per_round[1]) / 2.0).abs() < 1e-9,
         "{out}"
     );
-    eprintln!("ours / fio, 1 MiB sequential O_DIRECT on this host: {ratio:.2} (rounds {per_round:?})");
+    eprintln!(
+        "ours / fio, 1 MiB sequential O_DIRECT on this host: {ratio:.2} (rounds {per_round:?})"
+    );
 }

@@ -568,10 +568,14 @@ mod tests {
 
     #[test]
     fn console_tail_is_the_last_lines_without_colour() {
-        let log: Vec<String> = ["one", "\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m slow", "three"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let log: Vec<String> = [
+            "one",
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m slow",
+            "three",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(console_tail(&log, 2), vec!["2026  WARN slow", "three"]);
         assert_eq!(console_tail(&log, 10).len(), 3);
     }

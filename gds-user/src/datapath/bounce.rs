@@ -437,8 +437,9 @@ fn setup(source: &Source, plan: &Plan, target: &Target<'_>, opts: &PipelineOpts)
     })?;
     let (mut bufs, streams, events) = match target {
         Target::Host { .. } => (
-            (0..qd)
-                .map(|_| Buf::Host(DmaBuffer::new(buf_len)))
+            DmaBuffer::many(qd as usize, buf_len)
+                .into_iter()
+                .map(Buf::Host)
                 .collect::<Vec<_>>(),
             Vec::new(),
             Vec::new(),

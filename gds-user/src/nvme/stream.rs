@@ -104,9 +104,7 @@ pub fn stream_read(
         .min(total_chunks)
         .min(u64::from(ring.depth())) as usize;
 
-    let mut buffers: Vec<DmaBuffer> = (0..slots)
-        .map(|_| DmaBuffer::new(chunk_bytes as usize))
-        .collect();
+    let mut buffers = DmaBuffer::many(slots, chunk_bytes as usize);
     if opts.fixed {
         // SAFETY: `buffers` lives until the end of this function, after unregistering.
         unsafe { ring.register_buffers(&mut buffers)? };
