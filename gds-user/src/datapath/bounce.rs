@@ -448,10 +448,11 @@ fn setup(source: &Source, plan: &Plan, target: &Target<'_>, opts: &PipelineOpts)
             let gpu: &Arc<Gpu> = dst.gpu();
             gpu.bind()?;
             let nbuf = (qd * 2) as usize;
-            let mut bufs = Vec::with_capacity(nbuf);
-            for _ in 0..nbuf {
-                bufs.push(Buf::Pinned(gpu.pinned(buf_len)?));
-            }
+            let bufs: Vec<Buf> = gpu
+                .pinned_many(nbuf, buf_len)?
+                .into_iter()
+                .map(Buf::Pinned)
+                .collect();
             let streams = (0..opts.streams.max(1))
                 .map(|_| gpu.stream())
                 .collect::<Result<Vec<_>>>()?;

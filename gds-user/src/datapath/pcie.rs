@@ -22,11 +22,9 @@ pub fn h2d(
 ) -> Result<Stats> {
     let gpu: &std::sync::Arc<Gpu> = dst.gpu();
     let bs = bs.clamp(1, dst.len.max(1) as u64) as usize;
-    let mut pinned = Vec::with_capacity(buffers.max(1));
-    for i in 0..buffers.max(1) {
-        let mut b = gpu.pinned(bs)?;
+    let mut pinned = gpu.pinned_many(buffers.max(1), bs)?;
+    for (i, b) in pinned.iter_mut().enumerate() {
         b.as_mut_slice().fill(i as u8);
-        pinned.push(b);
     }
     let streams: Vec<_> = (0..streams.max(1))
         .map(|_| gpu.stream())
