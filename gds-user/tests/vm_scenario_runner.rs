@@ -53,3 +53,21 @@ fn self_tests_only_run_when_named() {
         assert!(names.contains(n), "{n} missing from:\n{names}");
     }
 }
+
+#[test]
+fn skipped_scenarios_do_not_run() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gds-vm-scenarios"))
+        .args([
+            "run",
+            "--only",
+            "selftest.hang,selftest.fail",
+            "--skip",
+            "selftest.hang",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("selftest.hang"), "{text}");
+    assert!(text.contains("@@GDS RESULT selftest.fail FAIL"), "{text}");
+    assert!(text.contains("@@GDS DONE 0 1"), "{text}");
+}

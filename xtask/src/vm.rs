@@ -187,6 +187,11 @@ pub struct BootReport {
     pub console_log: PathBuf,
     /// Why the boot as a whole failed (no DONE marker, timeout, QEMU error).
     pub failure: Option<String>,
+    /// Set when the guest died mid-run and was booted again for the scenarios that had not
+    /// reported: why the first boot ended.
+    pub retried_after: Option<String>,
+    /// The guest died: it ended without DONE and without the host killing it.
+    died: bool,
 }
 
 impl BootReport {
@@ -240,27 +245,50 @@ pub fn guest_binaries(args: &VmTestArgs) -> Result<Vec<(PathBuf, String)>> {
     Ok(bins)
 }
 
-/// Boot `kernel` with `machine` and `initrd`, run the scenarios selected by `only`, and parse
+/// What one boot of a guest runs.
+#[derive(Clone, Copy)]
+pub struct BootPlan<'a> {
+    /// Scenario selection (`--only`).
+    pub only: Option<&'a str>,
+    /// Scenarios not to run (they reported in an earlier boot that died).
+    pub skip: &'a [String],
+    /// 1 for the first boot, 2 for the boot after one that died (`gds.boot=` in the guest).
+    pub attempt: u32,
+    pub timeout_scale: f64,
+    pub boot_timeout: Duration,
+}
+
+/// Boot `kernel` with `machine` and `initrd`, run the scenarios `plan` selects, and parse
 /// the results.
 pub fn boot(
     kernel: &GuestKernel,
     machine: &GuestMachine,
     initrd: &Path,
-    only: Option<&str>,
-    timeout_scale: f64,
-    boot_timeout: Duration,
+    plan: &BootPlan<'_>,
 ) -> Result<BootReport> {
+    let BootPlan {
+        only,
+        skip,
+        attempt,
+        timeout_scale,
+        boot_timeout,
+    } = *plan;
     let run_dir = target_dir()
         .join("vm")
         .join(format!("run-{}", kernel.series));
     std::fs::create_dir_all(&run_dir)?;
     let console_log = run_dir.join("console.log");
     let mut append = format!(
-        "console=ttyS0 loglevel=3 panic=-1 gds.ngs={} gds.scale={timeout_scale}",
-        machine.namespace_count()
+        "console=ttyS0 loglevel=3 panic=-1 gds.ngs={} gds.scale={timeout_scale} gds.boot={}",
+        machine.namespace_count(),
+        attempt
     );
     if let Some(o) = only {
         append.push_str(&format!(" gds.only={o}"));
+    }
+    // After a boot that died (`boot_again`): the scenarios that reported are not run again.
+    if !skip.is_empty() {
+        append.push_str(&format!(" gds.skip={}", skip.join(",")));
     }
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
@@ -313,6 +341,7 @@ pub fn boot(
     let mut log = Vec::new();
     let mut parser = MarkerParser::default();
     let mut failure = None;
+    let mut timed_out = false;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
@@ -326,6 +355,7 @@ pub fn boot(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         if start.elapsed() > boot_timeout {
+            timed_out = true;
             let _ = child.kill();
             failure = Some(format!(
                 "guest did not power off within {} s",
@@ -337,8 +367,14 @@ pub fn boot(
     let status = child.wait()?;
     std::fs::write(&console_log, log.join("\n") + "\n")?;
     if failure.is_none() && !parser.done {
+        // Which of the two ways it ended: the runner died (init saw it exit and powered
+        // off), or the kernel itself went down (panic, reset) before init could say anything.
+        let how = match &parser.exit {
+            Some(code) => format!("the scenario runner exited with status {code} before DONE"),
+            None => "the runner never returned: the guest kernel panicked or reset".to_string(),
+        };
         failure = Some(format!(
-            "guest ended without the DONE marker (qemu {status}); see {}",
+            "guest ended without the DONE marker ({how}; qemu {status}); see {}",
             console_log.display()
         ));
     }
@@ -353,13 +389,16 @@ pub fn boot(
             eprintln!("  [{}] | {line}", kernel.series);
         }
     }
+    let died = failure.is_some() && !parser.done && !timed_out;
     Ok(BootReport {
         kernel: kernel.clone(),
         release: parser.release.clone().unwrap_or_default(),
         results: parser.finish(),
         boot_seconds: start.elapsed().as_secs_f64(),
         console_log,
+        died,
         failure,
+        retried_after: None,
     })
 }
 
@@ -394,12 +433,64 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// A guest that died mid-run (kernel panic, reset, the runner killed) is booted once more for
+/// the scenarios that had not reported; the ones that had keep their verdicts. The death is
+/// printed with the console's last lines (by [`boot`]) and kept in `retried_after`, so the
+/// summary and the CI log say it happened. A scenario that kills the guest again fails: the
+/// second boot's failure stands.
+///
+/// Why retry at all: these guests run under software emulation (TCG) on a shared 2-core host,
+/// and one CI run in about twenty lost its 6.12 guest between two scenarios with no output.
+fn boot_again(
+    kernel: &GuestKernel,
+    machine: &GuestMachine,
+    initrd: &Path,
+    plan: &BootPlan<'_>,
+    first: BootReport,
+) -> Result<BootReport> {
+    let why = first.failure.clone().unwrap_or_default();
+    let reported: Vec<String> = first
+        .results
+        .iter()
+        .filter(|r| r.verdict != "MISSING")
+        .map(|r| r.name.clone())
+        .collect();
+    eprintln!(
+        "xtask vm: the {} guest died ({why}); booting it again without the {} scenario(s) that reported",
+        kernel.series,
+        reported.len()
+    );
+    let first_log = first.console_log.with_file_name("console-first-boot.log");
+    std::fs::rename(&first.console_log, &first_log)?;
+    let again = BootPlan {
+        skip: &reported,
+        attempt: plan.attempt + 1,
+        ..*plan
+    };
+    let mut second = boot(kernel, machine, initrd, &again)?;
+    let mut results: Vec<ScenarioResult> = first
+        .results
+        .into_iter()
+        .filter(|r| r.verdict != "MISSING")
+        .collect();
+    results.append(&mut second.results);
+    second.results = results;
+    second.boot_seconds += first.boot_seconds;
+    second.retried_after = Some(format!(
+        "{why} (first boot's console: {})",
+        first_log.display()
+    ));
+    Ok(second)
+}
+
 /// Turns the guest's `@@GDS` lines into results.
 #[derive(Default)]
 struct MarkerParser {
     release: Option<String>,
     results: Vec<ScenarioResult>,
     done: bool,
+    /// The runner's exit status, printed by /init after it returns.
+    exit: Option<String>,
 }
 
 impl MarkerParser {
@@ -468,6 +559,10 @@ impl MarkerParser {
                 self.done = true;
                 Some(format!("done: {}", rest.trim()))
             }
+            "EXIT" => {
+                self.exit = Some(rest.trim().to_string());
+                None
+            }
             _ => None,
         }
     }
@@ -493,15 +588,19 @@ pub fn vm_test(args: &VmTestArgs) -> Result<Vec<BootReport>> {
     initramfs::build(&vm_dir, &bins, &initrd)?;
     let machine = GuestMachine::standard();
     let mut reports = Vec::new();
+    let plan = BootPlan {
+        only: args.only.as_deref(),
+        skip: &[],
+        attempt: 1,
+        timeout_scale: args.timeout_scale,
+        boot_timeout: Duration::from_secs(args.boot_timeout_s),
+    };
     for k in &kernels {
-        reports.push(boot(
-            k,
-            &machine,
-            &initrd,
-            args.only.as_deref(),
-            args.timeout_scale,
-            Duration::from_secs(args.boot_timeout_s),
-        )?);
+        let mut report = boot(k, &machine, &initrd, &plan)?;
+        if report.died {
+            report = boot_again(k, &machine, &initrd, &plan, report)?;
+        }
+        reports.push(report);
     }
     print_summary(&reports);
     let mut failed = Vec::new();
@@ -553,6 +652,9 @@ fn print_summary(reports: &[BootReport]) {
                 .unwrap_or_default(),
             r.console_log.display()
         );
+        if let Some(why) = &r.retried_after {
+            eprintln!("    RETRIED: the first boot died: {why}");
+        }
         for s in &r.results {
             eprintln!("    {:7} {:45} {:6.2} s", s.verdict, s.name, s.seconds);
             for (k, v) in &s.metrics {
@@ -594,6 +696,9 @@ mod tests {
         assert!(!p.done);
         p.feed("@@GDS DONE 1 1");
         assert!(p.done);
+        assert_eq!(p.exit, None);
+        p.feed("@@GDS EXIT 1");
+        assert_eq!(p.exit.as_deref(), Some("1"));
         let r = p.finish();
         assert_eq!(r.len(), 3);
         assert!(r[0].passed());

@@ -25,10 +25,11 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up 2>/dev/null
 [ -f /etc/gds-ld-path ] && export LD_LIBRARY_PATH="$(cat /etc/gds-ld-path)"
-only=""; scale=1; ngs=1
+only=""; skip=""; scale=1; ngs=1
 for a in $(cat /proc/cmdline); do
   case "$a" in
     gds.only=*) only="${a#gds.only=}" ;;
+    gds.skip=*) skip="${a#gds.skip=}" ;;
     gds.scale=*) scale="${a#gds.scale=}" ;;
     gds.ngs=*) ngs="${a#gds.ngs=}" ;;
   esac
@@ -37,11 +38,10 @@ echo "@@GDS BOOT $(uname -r)"
 i=0
 while [ "$(ls /dev/ng* 2>/dev/null | wc -l)" -lt "$ngs" ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
 echo "@@GDS DEVICES $(ls /dev/ng* /dev/nvme* 2>/dev/null | tr '\n' ' ')"
-if [ -n "$only" ]; then
-  /bin/gds-vm-scenarios run --timeout-scale "$scale" --only "$only"
-else
-  /bin/gds-vm-scenarios run --timeout-scale "$scale"
-fi
+set -- --timeout-scale "$scale"
+[ -n "$only" ] && set -- "$@" --only "$only"
+[ -n "$skip" ] && set -- "$@" --skip "$skip"
+/bin/gds-vm-scenarios run "$@"
 echo "@@GDS EXIT $?"
 sync
 poweroff -f

@@ -87,7 +87,8 @@ fn registry() -> Vec<Scenario> {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: gds-vm-scenarios list | run [--only NAME[,NAME..]] [--timeout-scale F] | one NAME"
+        "usage: gds-vm-scenarios list | run [--only NAME[,NAME..]] [--skip NAME[,NAME..]] \
+         [--timeout-scale F] | one NAME"
     );
     ExitCode::from(2)
 }
@@ -104,6 +105,7 @@ fn main() -> ExitCode {
         Some("one") if args.len() == 2 => one(&args[1]),
         Some("run") => {
             let mut only: Option<Vec<String>> = None;
+            let mut skip: Vec<String> = Vec::new();
             let mut scale = 1.0f64;
             let mut it = args[1..].iter();
             while let Some(a) = it.next() {
@@ -116,13 +118,25 @@ fn main() -> ExitCode {
                                 .collect()
                         })
                     }
+                    // Scenarios that already reported in an earlier boot of this guest.
+                    "--skip" => {
+                        skip = it
+                            .next()
+                            .map(|v| {
+                                v.split(',')
+                                    .filter(|s| !s.is_empty())
+                                    .map(String::from)
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    }
                     "--timeout-scale" => {
                         scale = it.next().and_then(|v| v.parse().ok()).unwrap_or(1.0)
                     }
                     _ => return usage(),
                 }
             }
-            run_all(only.as_deref(), scale)
+            run_all(only.as_deref(), &skip, scale)
         }
         _ => usage(),
     }
@@ -141,10 +155,13 @@ fn matches(s: &Scenario, only: Option<&[String]>) -> bool {
     }
 }
 
-fn run_all(only: Option<&[String]>, scale: f64) -> ExitCode {
+fn run_all(only: Option<&[String]>, skip: &[String], scale: f64) -> ExitCode {
     let exe = std::env::current_exe().expect("current_exe");
     let (mut passed, mut failed) = (0, 0);
-    for s in registry().into_iter().filter(|s| matches(s, only)) {
+    for s in registry()
+        .into_iter()
+        .filter(|s| matches(s, only) && !skip.iter().any(|k| k == s.name))
+    {
         let timeout = s.timeout.mul_f64(scale);
         println!("@@GDS START {} {}", s.name, s.about);
         let start = Instant::now();
