@@ -122,6 +122,12 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 async fn run_async(args: RunArgs) -> Result<()> {
+    // Handlers first: once the listener is up a client may scrape and then stop us at once
+    // (tests, supervisors), and a SIGTERM that arrives before the handler exists kills the
+    // process without detaching or saying so (seen once in CI).
+    let mut term =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let listener = http::bind(args.listen).await?;
     let mut tracer = UringTracer::start(&args.trace_options())?;
     let events = tracer.take_events()?;
@@ -185,9 +191,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
         let _ = rx.await;
     }));
 
-    let mut term =
-        tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),

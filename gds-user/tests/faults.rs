@@ -43,6 +43,25 @@ fn live_program_ids() -> Vec<u64> {
         .collect()
 }
 
+/// A supervisor (or a test) may stop the agent the moment its port accepts, while it is still
+/// attaching: that SIGTERM must still end in a clean stop that detaches, never in death by the
+/// signal's default action. The listener is bound before attaching, so this connects early.
+#[test]
+fn sigterm_as_soon_as_the_port_accepts_is_a_clean_stop() {
+    let _g = serial();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gds-agent"));
+    let agent = Agent::spawn(tempfile::tempdir().unwrap(), &[], bin, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(agent.addr).is_err() {
+        assert!(Instant::now() < deadline, "no listener:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}:\n{log}");
+    assert!(log.contains("SIGTERM: shutting down"), "{log}");
+    assert!(log.contains("detached all programs"), "{log}");
+}
+
 #[test]
 fn sigkill_leaves_no_programs_behind() {
     let _g = serial();
