@@ -18,10 +18,10 @@ use std::{
     collections::BTreeMap,
     fs,
     io::Read as _,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,7 +34,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::Args;
 use serde_json::json;
 
-use crate::{observe::http_get, setup};
+use crate::{
+    observe::{Service, http_get, metrics_ready, resolve_port, wait_until},
+    setup,
+};
 
 #[derive(Args, Clone, Debug)]
 pub struct LoadArgs {
@@ -85,13 +88,14 @@ pub fn run(args: LoadArgs) -> Result<()> {
         "wrk is not installed (`cargo xtask setup` installs it)"
     );
     require_root()?;
-    let agent = build_agent(!args.debug)?;
-    load(&agent, &args).map(drop)
+    let agent = setup::build_agent(!args.debug)?;
+    load(&agent, &args)
 }
 
 /// The `cargo xtask test` stage: 200 connections for `GDS_LOAD_SECONDS` (default 15) against
-/// the debug agent, with the same checks as `cargo xtask load`. Skipped when wrk is missing.
-pub fn test_stage() -> Result<()> {
+/// `agent` (the debug build the other stages use), with the same checks as `cargo xtask load`.
+/// Skipped when wrk is missing.
+pub fn test_stage(agent: &Path) -> Result<()> {
     if !has_wrk() {
         eprintln!(
             "xtask load: SKIPPED: wrk is not installed (`cargo xtask setup` or \
@@ -99,16 +103,12 @@ pub fn test_stage() -> Result<()> {
         );
         return Ok(());
     }
-    let mut args = LoadArgs {
-        debug: true,
-        ..LoadArgs::default()
-    };
+    let mut args = LoadArgs::default();
     args.seconds = env_u64("GDS_LOAD_SECONDS")?.unwrap_or(15);
     if let Some(min) = env_u64("GDS_LOAD_MIN_OPS_RATE")? {
         args.min_ops_rate = min;
     }
-    let agent = build_agent(false)?;
-    load(&agent, &args).map(drop)
+    load(agent, &args)
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>> {
@@ -140,46 +140,27 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// Builds `gds-agent` (release or debug) and returns its path.
-fn build_agent(release: bool) -> Result<PathBuf> {
-    let mut cmd = setup::cargo();
-    cmd.args(["build", "--package", "gds-user", "--bin", "gds-agent"]);
-    if release {
-        cmd.arg("--release");
-    }
-    setup::run(&mut cmd)
-        .context("building gds-agent (`cargo xtask setup` installs what the eBPF build needs)")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| setup::root().join("target"));
-    let agent = target
-        .join(if release { "release" } else { "debug" })
-        .join("gds-agent");
-    ensure!(agent.exists(), "{} was not built", agent.display());
-    Ok(agent)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The run
 
 /// What one load run measured.
 #[derive(Debug)]
-pub struct Report {
-    pub wrk: WrkResult,
-    pub generator: GenResult,
-    pub agent_rss_peak_kib: u64,
-    pub agent_hwm_kib: u64,
-    pub agent_rss_end_kib: u64,
-    pub agent_cpu_percent: f64,
-    pub generator_cpu_percent: f64,
-    pub traced: u64,
-    pub timed: u64,
-    pub drops: BTreeMap<String, u64>,
-    pub inflight_end: u64,
-    pub failures: Vec<String>,
+struct Report {
+    wrk: WrkResult,
+    generator: GenResult,
+    agent_rss_peak_kib: u64,
+    agent_hwm_kib: u64,
+    agent_rss_end_kib: u64,
+    agent_cpu_percent: f64,
+    generator_cpu_percent: f64,
+    traced: u64,
+    timed: u64,
+    drops: BTreeMap<String, u64>,
+    inflight_end: u64,
+    failures: Vec<String>,
 }
 
-fn load(agent_bin: &Path, args: &LoadArgs) -> Result<Report> {
+fn load(agent_bin: &Path, args: &LoadArgs) -> Result<()> {
     ensure!(args.seconds > 0, "--seconds must be at least 1");
     ensure!(
         (0.0..1.0).contains(&args.tolerance),
@@ -206,9 +187,22 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<Report> {
             .join(" ")
     );
 
-    let mut agent = AgentProcess::start(agent_bin, &dir)?;
-    let url = format!("http://{}/metrics", agent.addr);
-    let before = Counts::scrape(agent.addr)?;
+    // `gds-agent run --listen <free loopback port> --pid <this process>`, once /metrics answers.
+    let addr = resolve_port("127.0.0.1:0".parse()?)?;
+    let mut agent = Service::spawn(
+        "gds-agent",
+        Command::new(agent_bin)
+            .args(["run", "--listen", &addr.to_string()])
+            .args(["--pid", &std::process::id().to_string()])
+            .env("GDS_LOG", "info"),
+        &dir.join("agent.log"),
+    )?;
+    wait_until("the agent's /metrics", Duration::from_secs(30), || {
+        agent.alive()?;
+        Ok(metrics_ready(addr).then_some(()))
+    })?;
+    let url = format!("http://{addr}/metrics");
+    let before = Counts::scrape(addr)?;
 
     // The generator runs a little before and after wrk, so wrk's whole run sees the load.
     let stop = Arc::new(AtomicBool::new(false));
@@ -285,7 +279,7 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<Report> {
     let self_cpu = (self1 - self0) as f64 / clk / wall * 100.0;
 
     let after = if alive.is_ok() {
-        Counts::scrape(agent.addr).context("scraping the agent after the load")?
+        Counts::scrape(addr).context("scraping the agent after the load")?
     } else {
         Counts::default()
     };
@@ -371,7 +365,7 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<Report> {
         inflight_end: after.inflight,
         failures,
     };
-    print_report(&report, args, wall);
+    print_report(&report, args, wall, &dir);
     let (status, log) = agent.stop();
     if !report.failures.is_empty() {
         bail!(
@@ -380,10 +374,10 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<Report> {
         );
     }
     eprintln!("xtask load: all checks passed");
-    Ok(report)
+    Ok(())
 }
 
-fn print_report(r: &Report, args: &LoadArgs, wall: f64) {
+fn print_report(r: &Report, args: &LoadArgs, wall: f64, dir: &Path) {
     let w = &r.wrk;
     let ms = |s: f64| format!("{:.2} ms", s * 1e3);
     let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
@@ -526,100 +520,7 @@ fn print_report(r: &Report, args: &LoadArgs, wall: f64) {
         "failures": r.failures,
     });
     println!("{summary}");
-    let _ = fs::write(
-        setup::root().join("target/load/summary.json"),
-        format!("{summary}\n"),
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// The agent
-
-struct AgentProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl AgentProcess {
-    /// `gds-agent run --listen <free loopback port> --pid <this process>`, once /metrics answers.
-    fn start(bin: &Path, dir: &Path) -> Result<AgentProcess> {
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let log = dir.join("agent.log");
-        let child = Command::new(bin)
-            .arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--pid")
-            .arg(std::process::id().to_string())
-            .env("GDS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut agent = AgentProcess { child, addr, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            agent.alive()?;
-            if http_get(addr, "/metrics").is_ok_and(|(code, _)| code == 200) {
-                return Ok(agent);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the agent did not serve /metrics within 30 s; its log:\n{}",
-                agent.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("gds-agent exited ({status}); its log:\n{}", self.log_text());
-        }
-        Ok(())
-    }
-
-    fn log_text(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// SIGTERM, then SIGKILL after 10 s; the exit status (None if it had to be killed) and log.
-    fn stop(mut self) -> (Option<std::process::ExitStatus>, String) {
-        let status = self.terminate();
-        (status, self.log_text())
-    }
-
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        if let Ok(Some(s)) = self.child.try_wait() {
-            return Some(s);
-        }
-        // SAFETY: kill(2) on our own child.
-        unsafe { kill(self.child.id() as i32, SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.terminate();
-    }
+    let _ = fs::write(dir.join("summary.json"), format!("{summary}\n"));
 }
 
 /// The agent's counters for this process's requests (NOP and READ, the generator's opcodes).
@@ -716,12 +617,10 @@ fn clock_ticks_per_second() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-const SIGTERM: i32 = 15;
 const SC_CLK_TCK: i32 = 2;
 
 unsafe extern "C" {
     fn geteuid() -> u32;
-    fn kill(pid: i32, sig: i32) -> i32;
     fn sysconf(name: i32) -> i64;
 }
 

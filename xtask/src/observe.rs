@@ -132,7 +132,7 @@ pub fn run(args: ObserveArgs) -> Result<()> {
             Ok(())
         }
         Some(ObserveAction::Check) => {
-            let agent = build_agent()?;
+            let agent = setup::build_agent(false)?;
             check_observability(&root, &agent)
         }
         None => observe(&root, &args),
@@ -151,7 +151,7 @@ fn observe(root: &Path, args: &ObserveArgs) -> Result<()> {
             args.listen
         );
     } else {
-        let binary = build_agent()?;
+        let binary = setup::build_agent(false)?;
         let log = dir.join("agent.log");
         let service = Service::spawn(
             "gds-agent",
@@ -299,18 +299,6 @@ fn stop_packaged_prometheus() {
         step("stopping the prometheus service that Debian's package started");
         quiet(Command::new("/etc/init.d/prometheus").arg("stop"));
     }
-}
-
-/// Builds `gds-agent` (debug) and returns its path.
-pub fn build_agent() -> Result<PathBuf> {
-    setup::run(setup::cargo().args(["build", "--package", "gds-user", "--bin", "gds-agent"]))
-        .context("building gds-agent (`cargo xtask setup` installs what the eBPF build needs)")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| setup::root().join("target"));
-    let agent = target.join("debug/gds-agent");
-    ensure!(agent.exists(), "{} was not built", agent.display());
-    Ok(agent)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -763,14 +751,14 @@ pub fn comparisons_as_bool(expr: &str) -> String {
 // Processes
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-struct Service {
+pub(crate) struct Service {
     name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
 impl Service {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Service> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Service> {
         let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -785,7 +773,11 @@ impl Service {
         })
     }
 
-    fn alive(&mut self) -> Result<()> {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "{} exited ({status}); its log:\n{}",
@@ -796,7 +788,7 @@ impl Service {
         Ok(())
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(3000);
         let start = (start..text.len())
@@ -804,12 +796,15 @@ impl Service {
             .unwrap_or(text.len());
         text[start..].to_owned()
     }
-}
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
+    /// Stops it now; its exit status (`None` when it had to be killed) and the log's tail.
+    pub(crate) fn stop(mut self) -> (Option<std::process::ExitStatus>, String) {
+        (self.terminate(), self.log_tail())
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
         }
         // SIGTERM first: the agent detaches its programs and Prometheus closes its TSDB.
         let _ = Command::new("kill")
@@ -818,13 +813,20 @@ impl Drop for Service {
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 
@@ -832,7 +834,7 @@ fn alive(service: Option<&mut Service>) -> Result<()> {
     service.map_or(Ok(()), |s| s.alive())
 }
 
-fn wait_until<T>(
+pub(crate) fn wait_until<T>(
     what: &str,
     timeout: Duration,
     mut probe: impl FnMut() -> Result<Option<T>>,
@@ -850,7 +852,7 @@ fn wait_until<T>(
 }
 
 /// Port 0 becomes a free port (the listener is closed again at once).
-fn resolve_port(addr: SocketAddr) -> Result<SocketAddr> {
+pub(crate) fn resolve_port(addr: SocketAddr) -> Result<SocketAddr> {
     if addr.port() != 0 {
         return Ok(addr);
     }
@@ -1087,7 +1089,7 @@ fn dechunk(mut body: &str) -> Result<String> {
     }
 }
 
-fn metrics_ready(addr: SocketAddr) -> bool {
+pub(crate) fn metrics_ready(addr: SocketAddr) -> bool {
     http_get(addr, "/metrics")
         .is_ok_and(|(code, body)| code == 200 && body.contains("gds_agent_info"))
 }

@@ -27,6 +27,31 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `target/` in the repository).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Builds `gds-agent` (release or debug) and returns its path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "gds-user", "--bin", "gds-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+        .context("building gds-agent (`cargo xtask setup` installs what the eBPF build needs)")?;
+    let agent = target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("gds-agent");
+    if !agent.exists() {
+        bail!("{} was not built", agent.display());
+    }
+    Ok(agent)
+}
+
 /// Runs a command, echoing it, and fails with its exit status.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");

@@ -61,16 +61,20 @@ pub fn run(args: TestArgs) -> Result<()> {
         }
         // A real Prometheus scrapes a real agent under io_uring load; every dashboard and
         // alert expression is evaluated through its HTTP API; promtool checks and tests.
-        if let Err(e) = crate::observe::build_agent()
-            .and_then(|agent| crate::observe::check_observability(&setup::root(), &agent))
-        {
-            failures.push(format!("observability: {e:#}"));
-        }
         // 200 concurrent /metrics scrapes (wrk) while the agent traces 100k+ io_uring
         // requests/s: no HTTP error, every request counted, the agent alive (GDS_LOAD_SECONDS,
-        // default 15; `cargo xtask load` is the 60 s release-build measurement).
-        if let Err(e) = crate::load::test_stage() {
-            failures.push(format!("load: {e:#}"));
+        // default 15; `cargo xtask load` is the 60 s release-build measurement). Both stages
+        // run the same debug agent, built once.
+        match setup::build_agent(false) {
+            Ok(agent) => {
+                if let Err(e) = crate::observe::check_observability(&setup::root(), &agent) {
+                    failures.push(format!("observability: {e:#}"));
+                }
+                if let Err(e) = crate::load::test_stage(&agent) {
+                    failures.push(format!("load: {e:#}"));
+                }
+            }
+            Err(e) => failures.push(format!("observability and load: {e:#}")),
         }
     }
     if !failures.is_empty() {

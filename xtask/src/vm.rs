@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::setup::target_dir;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
@@ -198,12 +199,6 @@ impl BootReport {
     pub fn passed(&self) -> bool {
         self.failure.is_none() && self.results.iter().all(ScenarioResult::passed)
     }
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::setup::root().join("target"))
 }
 
 /// Install the host tools the harness needs (qemu, busybox, cpio; fio is the throughput peer).
@@ -389,7 +384,8 @@ pub fn boot(
             eprintln!("  [{}] | {line}", kernel.series);
         }
     }
-    let died = failure.is_some() && !parser.done && !timed_out;
+    // Without DONE, `failure` is set above; a timeout is the host's doing, not a death.
+    let died = !parser.done && !timed_out;
     Ok(BootReport {
         kernel: kernel.clone(),
         release: parser.release.clone().unwrap_or_default(),
@@ -449,12 +445,11 @@ fn boot_again(
     first: BootReport,
 ) -> Result<BootReport> {
     let why = first.failure.clone().unwrap_or_default();
-    let reported: Vec<String> = first
+    let (mut results, _missing): (Vec<ScenarioResult>, Vec<ScenarioResult>) = first
         .results
-        .iter()
-        .filter(|r| r.verdict != "MISSING")
-        .map(|r| r.name.clone())
-        .collect();
+        .into_iter()
+        .partition(|r| r.verdict != "MISSING");
+    let reported: Vec<String> = results.iter().map(|r| r.name.clone()).collect();
     eprintln!(
         "xtask vm: the {} guest died ({why}); booting it again without the {} scenario(s) that reported",
         kernel.series,
@@ -468,11 +463,6 @@ fn boot_again(
         ..*plan
     };
     let mut second = boot(kernel, machine, initrd, &again)?;
-    let mut results: Vec<ScenarioResult> = first
-        .results
-        .into_iter()
-        .filter(|r| r.verdict != "MISSING")
-        .collect();
     results.append(&mut second.results);
     second.results = results;
     second.boot_seconds += first.boot_seconds;
