@@ -103,8 +103,10 @@ pub fn test_stage(agent: &Path) -> Result<()> {
         );
         return Ok(());
     }
-    let mut args = LoadArgs::default();
-    args.seconds = env_u64("GDS_LOAD_SECONDS")?.unwrap_or(15);
+    let mut args = LoadArgs {
+        seconds: env_u64("GDS_LOAD_SECONDS")?.unwrap_or(15),
+        ..LoadArgs::default()
+    };
     if let Some(min) = env_u64("GDS_LOAD_MIN_OPS_RATE")? {
         args.min_ops_rate = min;
     }
