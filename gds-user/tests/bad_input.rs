@@ -105,8 +105,10 @@ impl Ctx {
     /// `setup`, then the binary run as `nobody` holding exactly `caps`, in a private mount
     /// namespace (so `setup` may unmount or cover what it likes).
     fn as_nobody_in_mount_namespace(&self, setup: &str, caps: &str, args: &[&str]) -> Command {
-        let mut c = self.in_mount_namespace(&format!("{setup}\nexec \"$@\""));
-        c.arg("sh")
+        let unshare = common::unshare_private(setup);
+        let mut c = Command::new(&unshare[0]);
+        c.args(&unshare[1..])
+            .env("AGENT", BIN)
             .args(common::setpriv_nobody(caps))
             .arg(self.agent_copy())
             .args(args);

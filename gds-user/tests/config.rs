@@ -5,18 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Agent, free_port, http_get, serial};
-use io_uring::{IoUring, opcode};
-
-fn nops(n: usize) {
-    let mut ring = IoUring::new(32).unwrap();
-    for _ in 0..n {
-        // SAFETY: a NOP references no memory.
-        unsafe { ring.submission().push(&opcode::Nop::new().build()).unwrap() };
-        ring.submit_and_wait(1).unwrap();
-        assert_eq!(ring.completion().next().unwrap().result(), 0);
-    }
-}
+use common::{Agent, free_port, http_get, nops, serial};
 
 fn write_config(dir: &std::path::Path, text: &str) -> String {
     let p = dir.join("agent.toml");
@@ -27,7 +16,6 @@ fn write_config(dir: &std::path::Path, text: &str) -> String {
 #[test]
 fn the_config_file_sets_address_and_filters() {
     let _g = serial();
-    common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = write_config(

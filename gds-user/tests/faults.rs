@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, serial};
+use common::{Agent, counted_nops, nops, serial, unshare_private};
 
 /// Ids of the BPF programs `pid` holds, from the `prog_id:` lines of its fds' fdinfo.
 fn programs_of(pid: u32) -> Vec<u64> {
@@ -108,17 +108,7 @@ fn sigkill_leaves_no_programs_behind() {
         theirs.len() >= 3 && theirs.iter().all(|id| !mine.contains(id)),
         "the restarted agent loads its own programs: {theirs:?} (killed one had {mine:?})"
     );
-    let mut ring = io_uring::IoUring::new(8).unwrap();
-    for _ in 0..5 {
-        // SAFETY: a NOP references no memory.
-        unsafe {
-            ring.submission()
-                .push(&io_uring::opcode::Nop::new().build())
-                .unwrap()
-        };
-        ring.submit_and_wait(1).unwrap();
-        ring.completion().next().unwrap();
-    }
+    nops(5);
     assert_eq!(
         again
             .scrape()
@@ -134,8 +124,6 @@ fn sigkill_leaves_no_programs_behind() {
 // test's (root) namespace is checked to be untouched.
 
 use std::process::Command;
-
-use common::Metrics;
 
 /// Shell that unmounts every tracefs of its (private) mount namespace, deepest first.
 const UMOUNT_TRACEFS: &str = "grep ' tracefs ' /proc/self/mounts | cut -d' ' -f2 | sort -r | \
@@ -156,11 +144,7 @@ fn tracefs_mounts(pid: &str) -> Vec<String> {
 /// `unshare --mount --propagation private sh -c '<setup>; exec "$@"' sh <agent> run ...`, not
 /// yet serving.
 fn ns_agent(setup: &str, agent_args: &[&str]) -> Agent {
-    let wrapper: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
-        .into_iter()
-        .map(String::from)
-        .chain([format!("{setup}\nexec \"$@\""), "sh".into()])
-        .collect();
+    let wrapper = unshare_private(setup);
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gds-agent"));
     Agent::spawn(tempfile::tempdir().unwrap(), &wrapper, bin, agent_args)
 }
@@ -200,24 +184,6 @@ fn wait_tracefs_gauge(agent: &Agent, want: f64) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Submits `n` NOPs from this process; returns how many the agent counted meanwhile.
-fn counted_nops(agent: &Agent, n: usize) -> f64 {
-    let count = |m: Metrics| m.value("gds_uring_requests_total", &[("opcode", "NOP")]);
-    let before = count(agent.scrape());
-    let mut ring = io_uring::IoUring::new(8).unwrap();
-    for _ in 0..n {
-        // SAFETY: a NOP references no memory.
-        unsafe {
-            ring.submission()
-                .push(&io_uring::opcode::Nop::new().build())
-                .unwrap()
-        };
-        ring.submit_and_wait(1).unwrap();
-        assert_eq!(ring.completion().next().unwrap().result(), 0);
-    }
-    count(agent.scrape()) - before
 }
 
 /// Unmounts tracefs under a running agent, checks it keeps tracing and reports the loss, then

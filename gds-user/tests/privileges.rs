@@ -12,7 +12,10 @@ use std::{
     process::Command,
 };
 
-use common::{Agent, NOBODY, PipeRead, free_port, http_get, require_root, serial, setpriv_nobody};
+use common::{
+    Agent, NOBODY, PipeRead, counted_nops, free_port, http_get, serial, setpriv_nobody,
+    unshare_private,
+};
 use gds_user::privileges::{CAP_BPF, CAP_PERFMON, ThreadCaps};
 
 /// The agent binary where uid 65534 can execute it: in place when every directory above it
@@ -80,30 +83,11 @@ fn assert_dropped(pid: u32, bounding: u64) {
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
 }
 
-/// Submits `n` NOPs from this process and waits for them.
-fn nops(n: usize) {
-    let mut ring = io_uring::IoUring::new(32).unwrap();
-    for i in 0..n {
-        let e = io_uring::opcode::Nop::new().build().user_data(i as u64);
-        // SAFETY: a NOP references no memory.
-        unsafe { ring.submission().push(&e).unwrap() };
-        ring.submit_and_wait(1).unwrap();
-        assert_eq!(ring.completion().next().unwrap().result(), 0);
-    }
-}
-
 /// After the drop the agent still reads its maps (counts), its mmapped slot table and hash
 /// (an in-flight request with this process's comm), and serves /debug.
 fn assert_still_traces(agent: &Agent) {
-    let before = agent
-        .scrape()
-        .value("gds_uring_requests_total", &[("opcode", "NOP")]);
-    nops(37);
-    let after = agent
-        .scrape()
-        .value("gds_uring_requests_total", &[("opcode", "NOP")]);
     assert_eq!(
-        after - before,
+        counted_nops(agent, 37),
         37.0,
         "NOPs after the drop:\n{}",
         agent.log()
@@ -193,19 +177,9 @@ fn nobody_classic_attach_says_tracefs_is_unreadable() {
     let _g = serial();
     // In a private mount namespace with tracefs mounted (hosts that boot without it included),
     // so the failure is about reading it; the root namespace is not touched.
-    let mut wrapper: Vec<String> = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; \
-         exec \"$@\"",
-        "sh",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut wrapper = unshare_private(
+        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
+    );
     wrapper.extend(setpriv_nobody("+bpf,+perfmon"));
     let (status, log) = wrapped(&wrapper, &["--attach", "classic"]).wait_exit();
     assert!(!status.success(), "{status}\n{log}");
@@ -223,7 +197,6 @@ fn nobody_classic_attach_says_tracefs_is_unreadable() {
 #[test]
 fn loopback_by_default_and_a_warning_for_all_interfaces() {
     let _g = serial();
-    require_root();
     let help = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
         .args(["run", "--help"])
         .output()

@@ -43,6 +43,36 @@ pub fn setpriv_nobody(caps: &str) -> Vec<String> {
     ]
 }
 
+/// `unshare` (util-linux) arguments that run `setup` in a private mount namespace (so it may
+/// unmount or cover what it likes) and then exec the program that follows.
+pub fn unshare_private(setup: &str) -> Vec<String> {
+    ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        .into_iter()
+        .map(String::from)
+        .chain([format!("{setup}\nexec \"$@\""), "sh".into()])
+        .collect()
+}
+
+/// Submits `n` NOPs from this process, one at a time, and waits for each.
+pub fn nops(n: usize) {
+    let mut ring = io_uring::IoUring::new(8).unwrap();
+    for i in 0..n {
+        let e = io_uring::opcode::Nop::new().build().user_data(i as u64);
+        // SAFETY: a NOP references no memory.
+        unsafe { ring.submission().push(&e).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        assert_eq!(ring.completion().next().unwrap().result(), 0);
+    }
+}
+
+/// Submits `n` NOPs from this process; returns how many `agent` counted meanwhile.
+pub fn counted_nops(agent: &Agent, n: usize) -> f64 {
+    let count = |m: Metrics| m.value("gds_uring_requests_total", &[("opcode", "NOP")]);
+    let before = count(agent.scrape());
+    nops(n);
+    count(agent.scrape()) - before
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
