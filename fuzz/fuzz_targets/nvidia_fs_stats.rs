@@ -13,7 +13,9 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('_')
         && !name.ends_with('_')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fuzz_target!(|data: &[u8]| {
