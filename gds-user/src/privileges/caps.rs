@@ -1,5 +1,5 @@
 //! Capability sets: the numbers and names of include/uapi/linux/capability.h, the sets of a
-//! thread as /proc reports them, and capget(2)/capset(2) on the calling thread.
+//! thread as /proc reports them, and capset(2) on the calling thread.
 
 use std::fmt;
 
@@ -120,26 +120,6 @@ impl ThreadCaps {
             bounding: get("CapBnd:")?,
         })
     }
-}
-
-/// The thread's capability sets as the kernel reports them to itself (capget).
-pub(super) fn capget() -> Result<(CapSet, CapSet, CapSet), i32> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: header and a two-element data array, as capget(2) version 3 expects.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(errno());
-    }
-    let join = |lo: u32, hi: u32| CapSet(u64::from(lo) | u64::from(hi) << 32);
-    Ok((
-        join(data[0].effective, data[1].effective),
-        join(data[0].permitted, data[1].permitted),
-        join(data[0].inheritable, data[1].inheritable),
-    ))
 }
 
 #[repr(C)]

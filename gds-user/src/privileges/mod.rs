@@ -28,7 +28,7 @@ use thiserror::Error;
 mod caps;
 
 pub use caps::{CAP_BPF, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CapSet, ThreadCaps};
-use caps::{capget, capset, errno};
+use caps::{capset, errno};
 
 impl ThreadCaps {
     fn read(tid: i32) -> Result<ThreadCaps, PrivilegeError> {
@@ -81,7 +81,6 @@ pub enum PrivilegeError {
 /// One step of dropping capabilities on a thread (for error messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    Capget,
     BoundingSet,
     Ambient,
     Capset,
@@ -90,8 +89,7 @@ pub enum Step {
 
 impl Step {
     /// In discriminant order (the signal handler reports a step by its index).
-    const ALL: [Step; 5] = [
-        Step::Capget,
+    const ALL: [Step; 4] = [
         Step::BoundingSet,
         Step::Ambient,
         Step::Capset,
@@ -102,7 +100,6 @@ impl Step {
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Step::Capget => "reading this thread's capabilities (capget)",
             Step::BoundingSet => "dropping the capability bounding set (prctl PR_CAPBSET_DROP)",
             Step::Ambient => "clearing the ambient capabilities (prctl PR_CAP_AMBIENT)",
             Step::Capset => "dropping the effective/permitted/inheritable capabilities (capset)",
@@ -269,9 +266,11 @@ fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeEr
     let pid = unsafe { libc::getpid() };
     let timeout = Duration::from_secs(5);
     // A thread could be cloned (still privileged) by one that had not dropped yet: go round
-    // until every listed thread checks out.
-    for _round in 0..5 {
+    // until every listed thread checks out; after five rounds of signals, one last check.
+    const ROUNDS: usize = 5;
+    for round in 0..=ROUNDS {
         let mut pending = Vec::new();
+        let mut threads = 0;
         for tid in task_ids()? {
             let caps = match ThreadCaps::read(tid) {
                 Ok(c) => c,
@@ -279,24 +278,31 @@ fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeEr
                 Err(PrivilegeError::Read { .. }) => continue,
                 Err(e) => return Err(e),
             };
+            threads += 1;
             if caps.permitted != keep || caps.effective != keep || !caps.ambient.is_empty() {
-                if tid == me {
-                    return Err(PrivilegeError::Kept {
-                        tid,
-                        effective: caps.effective,
-                        permitted: caps.permitted,
-                        expected: keep,
-                    });
-                }
-                pending.push(tid);
+                pending.push((tid, caps));
             }
         }
+        // The caller has dropped already; any other thread still privileged at the end is
+        // reported as the first one left.
+        if let Some(&(tid, caps)) = pending
+            .iter()
+            .find(|(tid, _)| *tid == me)
+            .or(pending.first().filter(|_| round == ROUNDS))
+        {
+            return Err(PrivilegeError::Kept {
+                tid,
+                effective: caps.effective,
+                permitted: caps.permitted,
+                expected: keep,
+            });
+        }
         if pending.is_empty() {
-            return Ok(task_ids()?.len());
+            return Ok(threads);
         }
         ACKED.store(0, Ordering::SeqCst);
         let mut sent = 0;
-        for &tid in &pending {
+        for &(tid, _) in &pending {
             // SAFETY: tgkill on a thread of this process.
             if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) } == 0 {
                 sent += 1;
@@ -323,20 +329,7 @@ fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeEr
             });
         }
     }
-    // Still someone left after five rounds: report the first.
-    for tid in task_ids()? {
-        if let Ok(caps) = ThreadCaps::read(tid)
-            && (caps.permitted != keep || caps.effective != keep)
-        {
-            return Err(PrivilegeError::Kept {
-                tid,
-                effective: caps.effective,
-                permitted: caps.permitted,
-                expected: keep,
-            });
-        }
-    }
-    Ok(task_ids()?.len())
+    unreachable!("the last round returns")
 }
 
 /// Drops every capability the attached agent does not need, on every thread.
@@ -352,8 +345,9 @@ pub fn drop_after_attach(still_works: impl Fn() -> bool) -> Result<Dropped, Priv
         tid: me,
         source: io::Error::from_raw_os_error(e),
     };
+    // This thread's own sets, as capset will want them back after the experiment.
     let before = ThreadCaps::read(me)?;
-    let (eff, prm, inh) = capget().map_err(|e| syscall_err(Step::Capget, e))?;
+    let (eff, prm, inh) = (before.effective, before.permitted, before.inheritable);
 
     // Experiment: serve a read with CAP_BPF out of the effective set.
     let mut keep = CapSet(0);
