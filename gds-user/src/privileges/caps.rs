@@ -92,6 +92,15 @@ impl fmt::Display for CapSet {
     }
 }
 
+/// The set on the `key` line (e.g. `"CapEff:"`) of a /proc status file, written in hex there.
+pub fn cap_line(status: &str, key: &str) -> Option<CapSet> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .map(CapSet)
+}
+
 /// The five capability sets of one thread, from /proc/self/task/TID/status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ThreadCaps {
@@ -105,13 +114,7 @@ pub struct ThreadCaps {
 impl ThreadCaps {
     /// Parses the `Cap*:` lines of a /proc status file.
     pub fn parse_status(status: &str) -> Option<ThreadCaps> {
-        let get = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .map(CapSet)
-        };
+        let get = |key: &str| cap_line(status, key);
         Some(ThreadCaps {
             effective: get("CapEff:")?,
             permitted: get("CapPrm:")?,

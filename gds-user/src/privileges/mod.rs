@@ -27,7 +27,7 @@ use thiserror::Error;
 
 mod caps;
 
-pub use caps::{CAP_BPF, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CapSet, ThreadCaps};
+pub use caps::{CAP_BPF, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CapSet, ThreadCaps, cap_line};
 use caps::{capset, errno};
 
 impl ThreadCaps {

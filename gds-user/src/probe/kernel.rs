@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::Fact;
 use super::bounded::HostRoot;
+use crate::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
 
 /// IORING_OP_URING_CMD (include/uapi/linux/io_uring.h, Linux 5.19+).
 pub const IORING_OP_URING_CMD: u8 = 46;
@@ -28,10 +29,6 @@ pub const CONFIG_ITEMS: &[&str] = &[
     "CONFIG_DEBUG_INFO_BTF",
     "CONFIG_IOMMU_SUPPORT",
 ];
-
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelSection {

@@ -28,12 +28,8 @@ pub(crate) static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_
 pub fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
+        .and_then(|s| crate::privileges::cap_line(&s, "CapEff:"))
+        .map_or(0, |c| c.0)
 }
 
 pub use crate::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
