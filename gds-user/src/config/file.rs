@@ -5,6 +5,7 @@
 //!
 //! Self-contained (std, toml, thiserror) so the fuzz target can compile it on its own.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
@@ -66,10 +67,9 @@ impl FileError {
     }
 }
 
-/// 1-based line and column of byte `offset` in `text`.
+/// 1-based line and column of byte `offset` in `text` (for the one syntax error).
 fn position(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.as_bytes()[..offset].to_vec();
+    let before = &text.as_bytes()[..offset.min(text.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let line_start = before
         .iter()
@@ -82,8 +82,19 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn line_of(text: &str, span: Range<usize>) -> usize {
-    position(text, span.start).0
+/// The text's newline offsets, found once: the line of every key is then a binary search,
+/// not a count from the start of a file that may hold a megabyte of keys.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Lines {
+        Lines(text.match_indices('\n').map(|(i, _)| i).collect())
+    }
+
+    /// 1-based line of the span's first byte.
+    fn of(&self, span: Range<usize>) -> usize {
+        self.0.partition_point(|&n| n < span.start) + 1
+    }
 }
 
 /// A scalar as the text a flag would be given.
@@ -111,9 +122,10 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, FileError> {
             message: e.message().trim().to_string(),
         }
     })?;
+    let lines = Lines::new(text);
     let mut entries: Vec<Entry> = Vec::new();
     for (key, value) in table.get_ref() {
-        let line = line_of(text, key.span());
+        let line = lines.of(key.span());
         let name = key.get_ref().replace('_', "-");
         let values = match value.get_ref() {
             DeValue::Table(_) => {
@@ -127,7 +139,7 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, FileError> {
                 for item in items.iter() {
                     values.push(scalar(item.get_ref()).map_err(|kind| FileError::Type {
                         key: key.get_ref().to_string(),
-                        line: line_of(text, item.span()),
+                        line: lines.of(item.span()),
                         kind,
                     })?);
                 }
@@ -153,14 +165,17 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, FileError> {
     }
     // The parser's map is sorted by key; errors and precedence read better in file order.
     entries.sort_by_key(|e| e.line);
-    for (i, e) in entries.iter().enumerate() {
-        if let Some(first) = entries[..i].iter().find(|f| f.key == e.key) {
+    // Keys that differ only in `_` / `-` are one flag: the first in file order wins the report.
+    let mut first_line: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+    for e in &entries {
+        if let Some(&first) = first_line.get(e.key.as_str()) {
             return Err(FileError::Duplicate {
                 key: e.key.replace('-', "_"),
                 line: e.line,
-                first: first.line,
+                first,
             });
         }
+        first_line.insert(&e.key, e.line);
     }
     Ok(entries)
 }
