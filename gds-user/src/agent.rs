@@ -176,7 +176,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     ));
 
     let state = AppState {
-        registry,
+        metrics: Arc::new(http::MetricsRenderer::new(registry)),
         slow,
         stalls: stall_report,
         tracer: tracer.clone(),
