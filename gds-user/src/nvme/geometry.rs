@@ -164,6 +164,14 @@ pub fn block_name_for(name: &str) -> Option<String> {
     Some(format!("nvme{ctrl}n{ns}"))
 }
 
+/// `nvme0n1` → `ng0n1`, `nvme0c0n1` → `ng0n1` (the generic device is per namespace).
+pub fn generic_name(ns: &str) -> Option<String> {
+    let rest = ns.strip_prefix("nvme")?;
+    let (ctrl, tail) = rest.split_once(['n', 'c'])?;
+    let nsid = tail.rsplit('n').next()?;
+    Some(format!("ng{ctrl}n{nsid}"))
+}
+
 /// `ngXnY`/`nvmeXnY` → `/dev/nvmeX`, the controller char device for admin commands.
 pub fn controller_device_for(name: &str) -> Option<String> {
     let block = block_name_for(name)?;
@@ -281,6 +289,14 @@ mod tests {
             controller_device_for("ng1n2").as_deref(),
             Some("/dev/nvme1")
         );
+    }
+
+    #[test]
+    fn generic_device_names() {
+        assert_eq!(generic_name("nvme0n1").as_deref(), Some("ng0n1"));
+        assert_eq!(generic_name("nvme12n3").as_deref(), Some("ng12n3"));
+        assert_eq!(generic_name("nvme0c1n2").as_deref(), Some("ng0n2"));
+        assert_eq!(generic_name("sda"), None);
     }
 
     #[test]

@@ -390,11 +390,6 @@ fn check_generic_device(device: &Path, meta: &std::fs::Metadata) -> Result<(), N
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let name = device.display().to_string();
     let ft = meta.file_type();
-    let generic_of = |file: &str| {
-        file.strip_prefix("nvme")
-            .filter(|rest| rest.contains('n'))
-            .map(|rest| format!("/dev/ng{rest}"))
-    };
     let file = device.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let refuse = |what: String, fix: String| {
         Err(NvmeError::NotANamespace {
@@ -404,8 +399,8 @@ fn check_generic_device(device: &Path, meta: &std::fs::Metadata) -> Result<(), N
         })
     };
     if ft.is_block_device() {
-        let fix = match generic_of(file) {
-            Some(ng) => format!("use {ng}, the generic char device of the same namespace"),
+        let fix = match super::geometry::generic_name(file) {
+            Some(ng) => format!("use /dev/{ng}, the generic char device of the same namespace"),
             None => "passthrough reads take /dev/ngXnY; read a block device as SRC instead: `gds-agent read DEV`"
                 .into(),
         };

@@ -87,14 +87,6 @@ fn is_namespace(ctrl: &str, entry: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// `nvme0n1` → `ng0n1`, `nvme0c0n1` → `ng0n1` (the generic device is per namespace).
-pub fn generic_name(ns: &str) -> Option<String> {
-    let rest = ns.strip_prefix("nvme")?;
-    let (ctrl, tail) = rest.split_once(['n', 'c'])?;
-    let nsid = tail.rsplit('n').next()?;
-    Some(format!("ng{ctrl}n{nsid}"))
-}
-
 fn namespace(root: &HostRoot, ctrl: &str, ns: &str) -> NvmeNamespace {
     let base = format!("{NVME_CLASS}/{ctrl}/{ns}");
     let sectors: Fact<u64> = attr(root, &format!("{base}/size"));
@@ -103,7 +95,7 @@ fn namespace(root: &HostRoot, ctrl: &str, ns: &str) -> NvmeNamespace {
         Fact::Known(s) => Fact::Known(s.saturating_mul(512)),
         Fact::Unknown(why) => Fact::Unknown(why),
     };
-    let generic_device = match generic_name(ns) {
+    let generic_device = match crate::nvme::geometry::generic_name(ns) {
         Some(ng) => {
             let dev = format!("/dev/{ng}");
             let class = format!("/sys/class/nvme-generic/{ng}");
@@ -207,13 +199,5 @@ mod tests {
         assert!(!is_namespace("nvme1", "nvme10n1"));
         assert!(!is_namespace("nvme0", "device"));
         assert!(!is_namespace("nvme0", "nvme0n"));
-    }
-
-    #[test]
-    fn generic_device_names() {
-        assert_eq!(generic_name("nvme0n1").as_deref(), Some("ng0n1"));
-        assert_eq!(generic_name("nvme12n3").as_deref(), Some("ng12n3"));
-        assert_eq!(generic_name("nvme0c1n2").as_deref(), Some("ng0n2"));
-        assert_eq!(generic_name("sda"), None);
     }
 }
