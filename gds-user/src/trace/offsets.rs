@@ -38,7 +38,18 @@ pub struct ResolvedAttach {
     pub why: String,
 }
 
-pub(crate) const SUBMIT_TPS: [&str; 2] = ["io_uring_submit_req", "io_uring_submit_sqe"];
+const SUBMIT_TPS: [&str; 2] = ["io_uring_submit_req", "io_uring_submit_sqe"];
+
+/// The submission tracepoint this kernel's BTF has (kernels name it one of two ways).
+pub(crate) fn btf_submit_tp(btf: &Btf) -> Result<&'static str, TraceError> {
+    SUBMIT_TPS
+        .into_iter()
+        .find(|tp| btf.has_tracepoint(tp))
+        .ok_or_else(|| TraceError::TracepointMissing {
+            name: SUBMIT_TPS.join(" / "),
+            place: "the kernel's BTF".into(),
+        })
+}
 
 fn kiocb_offsets(btf: &Btf, cfg: &mut UringConfig) -> Result<(), TraceError> {
     cfg.kiocb_opcode = btf.member_offset("io_kiocb", &["opcode"])?;
@@ -50,13 +61,7 @@ fn kiocb_offsets(btf: &Btf, cfg: &mut UringConfig) -> Result<(), TraceError> {
 fn resolve_btf(btf: &Btf, base: UringConfig) -> Result<ResolvedAttach, TraceError> {
     let mut config = base;
     kiocb_offsets(btf, &mut config)?;
-    let submit_tp = SUBMIT_TPS
-        .into_iter()
-        .find(|tp| btf.has_tracepoint(tp))
-        .ok_or_else(|| TraceError::TracepointMissing {
-            name: SUBMIT_TPS.join(" / "),
-            place: "the kernel's BTF".into(),
-        })?;
+    let submit_tp = btf_submit_tp(btf)?;
     for tp in ["io_uring_req_failed", "io_uring_complete"] {
         if !btf.has_tracepoint(tp) {
             return Err(TraceError::TracepointMissing {

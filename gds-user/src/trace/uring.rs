@@ -369,13 +369,7 @@ impl FloorProbe {
     pub fn attach(clock: bool) -> Result<FloorProbe, TraceError> {
         check_tracing_caps()?;
         let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
-        let submit_tp = offsets::SUBMIT_TPS
-            .into_iter()
-            .find(|tp| btf.has_tracepoint(tp))
-            .ok_or_else(|| TraceError::TracepointMissing {
-                name: offsets::SUBMIT_TPS.join(" / "),
-                place: "the kernel's BTF".into(),
-            })?;
+        let submit_tp = offsets::btf_submit_tp(&btf)?;
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
