@@ -174,7 +174,7 @@ pub fn file_argv(
             .iter()
             .map(|v| OsString::from(format!("--{}={v}", entry.key)))
             .collect();
-        if let Err(e) = run_command().try_get_matches_from(&flags) {
+        if let Err(e) = cmd.clone().try_get_matches_from(&flags) {
             let mut message = clap_message(&e);
             if let Some(clap::error::ContextValue::String(v)) = e.get(ContextKind::InvalidValue) {
                 message = message.replace(&format!("'{v}' for '--"), &format!("'{v}' for '"));
