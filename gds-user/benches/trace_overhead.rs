@@ -76,26 +76,30 @@ const VARIANTS: [Variant; 5] = [
     Variant::Sampled,
 ];
 
-fn measure(label: &str, make: &dyn Fn(usize) -> io_uring::squeue::Entry) -> [f64; 5] {
+fn measure(label: &str, make: &dyn Fn(usize) -> io_uring::squeue::Entry) -> [f64; VARIANTS.len()] {
     let mut ring = IoUring::new(256).expect("io_uring");
     run(&mut ring, make); // warm-up
-    let variants = VARIANTS;
-    let mut ns: [Vec<f64>; 5] = Default::default();
+    let mut ns: [Vec<f64>; VARIANTS.len()] = Default::default();
     for _ in 0..ROUNDS {
-        for (i, v) in variants.iter().enumerate() {
-            let floor = matches!(v, Variant::Floor | Variant::FloorClock).then(|| {
-                FloorProbe::attach(*v == Variant::FloorClock).unwrap_or_else(|e| {
-                    eprintln!("cannot attach the empty programs: {e}");
-                    std::process::exit(1);
-                })
-            });
-            let tracer = match v {
-                Variant::Detached | Variant::Floor | Variant::FloorClock => None,
-                Variant::Exact => Some(UringTracer::start(&TraceOptions::default())),
-                Variant::Sampled => Some(UringTracer::start(&TraceOptions {
-                    sample: SAMPLE,
-                    ..Default::default()
-                })),
+        for (i, v) in VARIANTS.iter().enumerate() {
+            let (floor, tracer) = match v {
+                Variant::Detached => (None, None),
+                Variant::Floor | Variant::FloorClock => {
+                    let clock = *v == Variant::FloorClock;
+                    let floor = FloorProbe::attach(clock).unwrap_or_else(|e| {
+                        eprintln!("cannot attach the empty programs: {e}");
+                        std::process::exit(1);
+                    });
+                    (Some(floor), None)
+                }
+                Variant::Exact => (None, Some(UringTracer::start(&TraceOptions::default()))),
+                Variant::Sampled => (
+                    None,
+                    Some(UringTracer::start(&TraceOptions {
+                        sample: SAMPLE,
+                        ..Default::default()
+                    })),
+                ),
             };
             let tracer = tracer.transpose().unwrap_or_else(|e| {
                 eprintln!("cannot attach the tracer: {e}");
@@ -116,7 +120,7 @@ fn measure(label: &str, make: &dyn Fn(usize) -> io_uring::squeue::Entry) -> [f64
         "  {:<14} {:>12} {:>10} {:>12} {:>8}",
         "variant", "ops/s", "ns/op", "added ns", "ratio"
     );
-    for (i, v) in variants.iter().enumerate() {
+    for (i, v) in VARIANTS.iter().enumerate() {
         println!(
             "  {:<14} {:>12.0} {:>10.1} {:>12.1} {:>8.3}",
             v.name(),
