@@ -35,7 +35,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    observe::{Service, http_get, metrics_ready, resolve_port, wait_until},
+    observe::{http_get, resolve_port, start_agent},
     setup,
 };
 
@@ -191,18 +191,15 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<()> {
 
     // `gds-agent run --listen <free loopback port> --pid <this process>`, once /metrics answers.
     let addr = resolve_port("127.0.0.1:0".parse()?)?;
-    let mut agent = Service::spawn(
-        "gds-agent",
+    let mut agent = start_agent(
         Command::new(agent_bin)
             .args(["run", "--listen", &addr.to_string()])
             .args(["--pid", &std::process::id().to_string()])
             .env("GDS_LOG", "info"),
+        addr,
         &dir.join("agent.log"),
+        Duration::from_secs(30),
     )?;
-    wait_until("the agent's /metrics", Duration::from_secs(30), || {
-        agent.alive()?;
-        Ok(metrics_ready(addr).then_some(()))
-    })?;
     let url = format!("http://{addr}/metrics");
     let before = Counts::scrape(addr)?;
 

@@ -153,16 +153,12 @@ fn observe(root: &Path, args: &ObserveArgs) -> Result<()> {
     } else {
         let binary = setup::build_agent(false)?;
         let log = dir.join("agent.log");
-        let service = Service::spawn(
-            "gds-agent",
+        agent = Some(start_agent(
             Command::new(&binary).args(["run", "--listen", &args.listen.to_string()]),
+            args.listen,
             &log,
-        )?;
-        agent = Some(service);
-        wait_until("the agent's /metrics", Duration::from_secs(60), || {
-            alive(agent.as_mut())?;
-            Ok(metrics_ready(args.listen).then_some(()))
-        })?;
+            Duration::from_secs(60),
+        )?);
         eprintln!(
             "xtask observe: agent serving http://{}/metrics (log: {})",
             args.listen,
@@ -390,15 +386,12 @@ fn check_live_in(
     dir: &Path,
 ) -> Result<()> {
     let agent_addr = resolve_port("127.0.0.1:0".parse()?)?;
-    let mut agent = Service::spawn(
-        "gds-agent",
+    let mut agent = start_agent(
         Command::new(agent_binary).args(["run", "--listen", &agent_addr.to_string()]),
+        agent_addr,
         &dir.join("agent.log"),
+        Duration::from_secs(60),
     )?;
-    wait_until("the agent's /metrics", Duration::from_secs(60), || {
-        agent.alive()?;
-        Ok(metrics_ready(agent_addr).then_some(()))
-    })?;
     step(&format!("agent serving http://{agent_addr}/metrics"));
 
     let prometheus_addr = resolve_port("127.0.0.1:0".parse()?)?;
@@ -830,11 +823,27 @@ impl Drop for Service {
     }
 }
 
+/// Starts `cmd` (a `gds-agent run` listening on `addr`) and waits until its /metrics answers;
+/// fails with its log if it exits first.
+pub(crate) fn start_agent(
+    cmd: &mut Command,
+    addr: SocketAddr,
+    log: &Path,
+    timeout: Duration,
+) -> Result<Service> {
+    let mut agent = Service::spawn("gds-agent", cmd, log)?;
+    wait_until("the agent's /metrics", timeout, || {
+        agent.alive()?;
+        Ok(metrics_ready(addr).then_some(()))
+    })?;
+    Ok(agent)
+}
+
 fn alive(service: Option<&mut Service>) -> Result<()> {
     service.map_or(Ok(()), |s| s.alive())
 }
 
-pub(crate) fn wait_until<T>(
+fn wait_until<T>(
     what: &str,
     timeout: Duration,
     mut probe: impl FnMut() -> Result<Option<T>>,
@@ -1089,7 +1098,7 @@ fn dechunk(mut body: &str) -> Result<String> {
     }
 }
 
-pub(crate) fn metrics_ready(addr: SocketAddr) -> bool {
+fn metrics_ready(addr: SocketAddr) -> bool {
     http_get(addr, "/metrics")
         .is_ok_and(|(code, body)| code == 200 && body.contains("gds_agent_info"))
 }
