@@ -101,7 +101,6 @@ pub struct DevConfig {
     pub hctx_queue_num: u32,
     /// `sizeof(struct request)`: the NVMe driver's `struct nvme_request` follows it.
     pub rq_size: u32,
-    pub nvme_req_status: u32,
     pub _pad: u32,
 }
 
@@ -118,11 +117,25 @@ impl DevConfig {
         disk_first_minor: 0,
         hctx_queue_num: 0,
         rq_size: 0,
-        nvme_req_status: 0,
         _pad: 0,
     };
 }
 
+/// What the NVMe programs learn only when the NVMe driver is there (`GDS_NVME_RUNTIME`, a
+/// one-entry array written by user space when it attaches them). Not a read-only global like
+/// [`DevConfig`]: with `nvme_core` a module, `struct nvme_request` is in the module's BTF, which
+/// exists only once the module is loaded, possibly long after the programs were loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeRuntime {
+    /// Offset of `status` in `struct nvme_request` (which follows `struct request`); 0 when
+    /// unknown (a module without BTF): the status is then not read and errors are not split.
+    /// 0 is never the real offset (the struct starts with the command pointer).
+    pub status_off: u32,
+    pub _pad: u32,
+}
+
+pub const MAP_NVME_RUNTIME: &str = "GDS_NVME_RUNTIME";
 pub const MAP_DEV_HIST: &str = "GDS_DEV_HIST";
 pub const MAP_NVME_ERRORS: &str = "GDS_NVME_ERRORS";
 pub const MAP_NVME_INFLIGHT: &str = "GDS_NVME_INFLIGHT";
@@ -137,4 +150,5 @@ mod pod {
     unsafe impl aya::Pod for NvmeInflight {}
     unsafe impl aya::Pod for BlockInflight {}
     unsafe impl aya::Pod for DevConfig {}
+    unsafe impl aya::Pod for NvmeRuntime {}
 }

@@ -7,18 +7,27 @@
 //! io_uring completion then splits the latency into queue, device and completion stages.
 //! These programs read with bpf_probe_read_kernel at BTF-resolved offsets: NVMe commands are
 //! microseconds, and the helper keeps the programs valid on every kernel from 6.1 on.
+//!
+//! The two NVMe programs are raw tracepoints (`BPF_PROG_TYPE_RAW_TRACEPOINT`), not BTF ones:
+//! on distribution kernels the `nvme:*` tracepoints live in the `nvme_core` module, and a
+//! BTF tracepoint must name its target in the BTF it was loaded against (aya 0.14 only
+//! looks in vmlinux, and the module's BTF exists only once it is loaded). A raw tracepoint
+//! attaches by name to built-in and module tracepoints alike, can be loaded before the
+//! module exists and attached when it appears, and costs the same at run time; these
+//! programs read through `bpf_probe_read_kernel` anyway, so they lose nothing by seeing their
+//! arguments as plain integers.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuHashMap},
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuHashMap},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
     BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight, DevConfig, DevHist, DevHistKey, DropReason,
     HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
-    KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, Scratch, log2_bucket,
+    KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, log2_bucket,
 };
 
 use crate::uring::{as_scalar, entry_mut, index, stats};
@@ -31,6 +40,10 @@ static DEV_HIST: PerCpuHashMap<DevHistKey, DevHist> = PerCpuHashMap::with_max_en
 
 #[map(name = "GDS_NVME_ERRORS")]
 static NVME_ERRORS: PerCpuHashMap<NvmeErrKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
+
+/// Written by user space when it attaches the NVMe programs (see `NvmeRuntime`).
+#[map(name = "GDS_NVME_RUNTIME")]
+static NVME_RUNTIME: Array<NvmeRuntime> = Array::with_max_entries(1, 0);
 
 #[map(name = "GDS_NVME_INFLIGHT")]
 static NVME_INFLIGHT: HashMap<u64, NvmeInflight> = HashMap::with_max_entries(16384, 0);
@@ -127,11 +140,10 @@ pub(crate) fn record_stages(e: &InflightReq, now: u64) {
 }
 
 /// `nvme_setup_cmd(struct request *req, struct nvme_command *cmd)`.
-#[btf_tracepoint(function = "nvme_setup_cmd")]
-pub fn nvme_setup(ctx: BtfTracePointContext) -> i32 {
-    let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, Scratch::NvmeSetup, ctx.arg(0));
-    let cmd = as_scalar(s, Scratch::NvmeSetup, ctx.arg(1));
+#[raw_tracepoint(tracepoint = "nvme_setup_cmd")]
+pub fn nvme_setup(ctx: RawTracePointContext) -> i32 {
+    let rq: u64 = ctx.arg(0);
+    let cmd: u64 = ctx.arg(1);
     let now = unsafe { bpf_ktime_get_ns() };
     let q: u64 = rd(rq + dconf!(rq_q) as u64);
     let dev = dev_of_queue(q);
@@ -185,10 +197,9 @@ pub fn nvme_setup(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `nvme_complete_rq(struct request *req)`.
-#[btf_tracepoint(function = "nvme_complete_rq")]
-pub fn nvme_complete(ctx: BtfTracePointContext) -> i32 {
-    let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, Scratch::NvmeComplete, ctx.arg(0));
+#[raw_tracepoint(tracepoint = "nvme_complete_rq")]
+pub fn nvme_complete(ctx: RawTracePointContext) -> i32 {
+    let rq: u64 = ctx.arg(0);
     let Some(v) = NVME_INFLIGHT.get_ptr(&rq) else {
         count_drop(DropReason::NvmeNoStart);
         return 0;
@@ -207,8 +218,13 @@ pub fn nvme_complete(ctx: BtfTracePointContext) -> i32 {
         now.saturating_sub(v.setup_ns),
     );
     // nvme_req(req)->status: the CQE status field without the phase bit; keep SCT and SC.
-    let raw: u16 = rd(rq + dconf!(rq_size) as u64 + dconf!(nvme_req_status) as u64);
-    let status = raw & 0x7ff;
+    // Unknown offset (module without BTF): not read, errors not split by status.
+    let status_off = NVME_RUNTIME.get(0).map_or(0, |r| r.status_off);
+    let status = if status_off != 0 {
+        rd::<u16>(rq + dconf!(rq_size) as u64 + status_off as u64) & 0x7ff
+    } else {
+        0
+    };
     if status != 0 {
         let key = NvmeErrKey {
             dev: v.dev,

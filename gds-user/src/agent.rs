@@ -168,6 +168,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         detector.clone(),
         received,
     ));
+    let devices = tokio::spawn(watch_devices(tracer.clone(), DEVICE_WATCH_INTERVAL));
     let scanner = tokio::spawn(scan_stalls(
         tracer.clone(),
         detector,
@@ -197,6 +198,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         r = server => {
             reader.abort();
             scanner.abort();
+            devices.abort();
             return match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.into()),
@@ -207,8 +209,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let _ = tx.send(());
     reader.abort();
     scanner.abort();
+    devices.abort();
     let _ = reader.await;
     let _ = scanner.await;
+    let _ = devices.await;
     match Arc::try_unwrap(tracer) {
         Ok(tracer) => drop(tracer),
         Err(shared) => {
@@ -219,6 +223,26 @@ async fn run_async(args: RunArgs) -> Result<()> {
     }
     info!("detached all programs; bye");
     Ok(())
+}
+
+/// How often the agent looks for NVMe drivers and controllers coming and going, and for disk
+/// names that changed. Short, so that `rmmod nvme_core` right after the last controller went
+/// away finds the module let go; a readdir, a stat and one small sysfs read per traced disk
+/// per tick.
+const DEVICE_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Attaches and detaches the NVMe programs as the driver is loaded and unloaded, logging each
+/// change.
+async fn watch_devices(tracer: Arc<UringTracer>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let t = tracer.clone();
+        if let Ok(Some(change)) = tokio::task::spawn_blocking(move || t.refresh_devices()).await {
+            info!("{change}");
+        }
+    }
 }
 
 /// Scans the in-flight tables every `interval`, logging each stall when it starts and ends.

@@ -1,4 +1,5 @@
-//! A small reader for the kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//! A small reader for the kernel's BTF (`/sys/kernel/btf/vmlinux`, and a module's split BTF
+//! in `/sys/kernel/btf/<module>` on top of it).
 //!
 //! aya has no CO-RE for Rust programs, so gds resolves the struct offsets its programs need at
 //! load time and hands them over as read-only globals. This reader knows just enough of the
@@ -11,6 +12,8 @@ use thiserror::Error;
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Where a loaded module's BTF appears (`CONFIG_DEBUG_INFO_BTF_MODULES`).
+pub const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
 
 #[derive(Debug, Error)]
 pub enum BtfError {
@@ -82,51 +85,129 @@ fn u32_at(data: &[u8], off: usize) -> Result<u32, BtfError> {
         .ok_or(BtfError::Malformed("truncated"))
 }
 
+fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
+    std::fs::read(path).map_err(|source| BtfError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The type and string sections of one BTF blob (header checked).
+fn sections(data: &[u8]) -> Result<(&[u8], &[u8]), BtfError> {
+    if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
+        return Err(BtfError::Malformed(
+            "bad magic (only little-endian BTF is supported)",
+        ));
+    }
+    let hdr_len = u32_at(data, 4)? as usize;
+    let type_off = u32_at(data, 8)? as usize;
+    let type_len = u32_at(data, 12)? as usize;
+    let str_off = u32_at(data, 16)? as usize;
+    let str_len = u32_at(data, 20)? as usize;
+    let tstart = hdr_len
+        .checked_add(type_off)
+        .ok_or(BtfError::Malformed("type offset"))?;
+    let tend = tstart
+        .checked_add(type_len)
+        .ok_or(BtfError::Malformed("type length"))?;
+    let sstart = hdr_len
+        .checked_add(str_off)
+        .ok_or(BtfError::Malformed("string offset"))?;
+    let send = sstart
+        .checked_add(str_len)
+        .ok_or(BtfError::Malformed("string length"))?;
+    let tdata = data
+        .get(tstart..tend)
+        .ok_or(BtfError::Malformed("type section out of bounds"))?;
+    let strings = data
+        .get(sstart..send)
+        .ok_or(BtfError::Malformed("string section out of bounds"))?;
+    Ok((tdata, strings))
+}
+
+/// Appends the types of one type section to `types` (ids continue from `types.len()`).
+fn parse_types(tdata: &[u8], types: &mut Vec<Type>) -> Result<(), BtfError> {
+    let mut off = 0usize;
+    while off < tdata.len() {
+        let name = u32_at(tdata, off)?;
+        let info = u32_at(tdata, off + 4)?;
+        let size_or_type = u32_at(tdata, off + 8)?;
+        off += 12;
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        let kind_flag = info >> 31 == 1;
+        let mut ty = Type {
+            name,
+            kind,
+            size_or_type,
+            members: vec![],
+            params: vec![],
+            enumerators: vec![],
+        };
+        match kind {
+            KIND_INT | KIND_VAR | KIND_DECL_TAG => off += 4,
+            KIND_ARRAY => off += 12,
+            KIND_STRUCT | KIND_UNION => {
+                for i in 0..vlen {
+                    let m = off + i * 12;
+                    let raw = u32_at(tdata, m + 8)?;
+                    let (bit_offset, bitfield) = if kind_flag {
+                        (raw & 0xff_ffff, raw >> 24 != 0)
+                    } else {
+                        (raw, false)
+                    };
+                    ty.members.push(Member {
+                        name: u32_at(tdata, m)?,
+                        ty: u32_at(tdata, m + 4)?,
+                        bit_offset,
+                        bitfield,
+                    });
+                }
+                off += vlen * 12;
+            }
+            KIND_ENUM => {
+                for i in 0..vlen {
+                    let e = off + i * 8;
+                    ty.enumerators
+                        .push((u32_at(tdata, e)?, u32_at(tdata, e + 4)? as i32 as i64));
+                }
+                off += vlen * 8;
+            }
+            KIND_FUNC_PROTO => {
+                for i in 0..vlen {
+                    ty.params.push(u32_at(tdata, off + i * 8 + 4)?);
+                }
+                off += vlen * 8;
+            }
+            KIND_DATASEC | KIND_ENUM64 => off += vlen * 12,
+            0..=19 => {}
+            _ => return Err(BtfError::Malformed("unknown type kind")),
+        }
+        types.push(ty);
+    }
+    Ok(())
+}
+
 impl Btf {
     /// The running kernel's BTF.
     pub fn from_sys() -> Result<Btf, BtfError> {
         Btf::from_file(Path::new(VMLINUX_BTF))
     }
 
+    /// The running kernel's BTF with module `module`'s split BTF on top: type ids and string
+    /// offsets of a module continue vmlinux's, so its structs can name vmlinux types.
+    pub fn from_sys_module(module: &str) -> Result<Btf, BtfError> {
+        let base = read(Path::new(VMLINUX_BTF))?;
+        let split = read(&Path::new(MODULE_BTF_DIR).join(module))?;
+        Btf::parse_split(&base, &split)
+    }
+
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Btf::parse(&data)
+        Btf::parse(&read(path)?)
     }
 
     pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
-        if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
-            return Err(BtfError::Malformed(
-                "bad magic (only little-endian BTF is supported)",
-            ));
-        }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let tstart = hdr_len
-            .checked_add(type_off)
-            .ok_or(BtfError::Malformed("type offset"))?;
-        let tend = tstart
-            .checked_add(type_len)
-            .ok_or(BtfError::Malformed("type length"))?;
-        let sstart = hdr_len
-            .checked_add(str_off)
-            .ok_or(BtfError::Malformed("string offset"))?;
-        let send = sstart
-            .checked_add(str_len)
-            .ok_or(BtfError::Malformed("string length"))?;
-        let tdata = data
-            .get(tstart..tend)
-            .ok_or(BtfError::Malformed("type section out of bounds"))?;
-        let strings = data
-            .get(sstart..send)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?
-            .to_vec();
-
+        let (tdata, strings) = sections(data)?;
         let mut types = vec![Type {
             name: 0,
             kind: 0,
@@ -135,64 +216,24 @@ impl Btf {
             params: vec![],
             enumerators: vec![],
         }];
-        let mut off = 0usize;
-        while off < tdata.len() {
-            let name = u32_at(tdata, off)?;
-            let info = u32_at(tdata, off + 4)?;
-            let size_or_type = u32_at(tdata, off + 8)?;
-            off += 12;
-            let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let mut ty = Type {
-                name,
-                kind,
-                size_or_type,
-                members: vec![],
-                params: vec![],
-                enumerators: vec![],
-            };
-            match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => off += 4,
-                KIND_ARRAY => off += 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = off + i * 12;
-                        let raw = u32_at(tdata, m + 8)?;
-                        let (bit_offset, bitfield) = if kind_flag {
-                            (raw & 0xff_ffff, raw >> 24 != 0)
-                        } else {
-                            (raw, false)
-                        };
-                        ty.members.push(Member {
-                            name: u32_at(tdata, m)?,
-                            ty: u32_at(tdata, m + 4)?,
-                            bit_offset,
-                            bitfield,
-                        });
-                    }
-                    off += vlen * 12;
-                }
-                KIND_ENUM => {
-                    for i in 0..vlen {
-                        let e = off + i * 8;
-                        ty.enumerators
-                            .push((u32_at(tdata, e)?, u32_at(tdata, e + 4)? as i32 as i64));
-                    }
-                    off += vlen * 8;
-                }
-                KIND_FUNC_PROTO => {
-                    for i in 0..vlen {
-                        ty.params.push(u32_at(tdata, off + i * 8 + 4)?);
-                    }
-                    off += vlen * 8;
-                }
-                KIND_DATASEC | KIND_ENUM64 => off += vlen * 12,
-                0..=19 => {}
-                _ => return Err(BtfError::Malformed("unknown type kind")),
-            }
-            types.push(ty);
-        }
+        parse_types(tdata, &mut types)?;
+        Ok(Btf::index(types, strings.to_vec()))
+    }
+
+    /// `split` (a module's BTF) on top of `base` (vmlinux's). In split BTF the first type id
+    /// is one past the base's last, and a string offset at or past the base's string section
+    /// length points into the split's own strings: so the two are simply concatenated.
+    pub fn parse_split(base: &[u8], split: &[u8]) -> Result<Btf, BtfError> {
+        let base = Btf::parse(base)?;
+        let (tdata, strings) = sections(split)?;
+        let mut types = base.types;
+        let mut all_strings = base.strings;
+        parse_types(tdata, &mut types)?;
+        all_strings.extend_from_slice(strings);
+        Ok(Btf::index(types, all_strings))
+    }
+
+    fn index(types: Vec<Type>, strings: Vec<u8>) -> Btf {
         let mut btf = Btf {
             types,
             strings,
@@ -206,7 +247,7 @@ impl Btf {
                 btf.by_name.entry(key).or_insert(id as u32);
             }
         }
-        Ok(btf)
+        btf
     }
 
     fn str(&self, off: u32) -> &str {

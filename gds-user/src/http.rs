@@ -179,9 +179,15 @@ async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(list)
 }
 
+/// How each layer (io_uring, block, NVMe) is traced now and why.
+async fn layers(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(state.tracer.layers())
+}
+
 async fn index() -> impl IntoResponse {
     "gds-agent: /metrics (Prometheus); JSON: /debug/inflight (requests in flight, oldest first), \
-     /debug/stalls (active and recent stalls), /debug/slow (recent slow requests)\n"
+     /debug/stalls (active and recent stalls), /debug/slow (recent slow requests), \
+     /debug/layers (how each layer is traced and why)\n"
 }
 
 /// What to do about a failed bind, by its cause.
@@ -225,6 +231,7 @@ pub async fn serve(
         .route("/debug/slow", get(slow))
         .route("/debug/stalls", get(stalls))
         .route("/debug/inflight", get(inflight))
+        .route("/debug/layers", get(layers))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod datapath;
 pub mod http;
+pub mod kmod;
 pub mod metrics;
 pub mod nvme;
 pub mod privileges;

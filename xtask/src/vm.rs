@@ -28,8 +28,13 @@ pub use kernel::GuestKernel;
 
 #[derive(Args, Clone, Debug)]
 pub struct VmTestArgs {
-    /// Debian cloud kernel series to boot, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "6.1,6.12")]
+    /// Debian kernels to boot, comma-separated: `6.1`, `6.12` (cloud images, NVMe built in),
+    /// `6.1-generic`, `6.12-generic` (NVMe as modules, loaded by the guest's init).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "6.1,6.12,6.1-generic,6.12-generic"
+    )]
     pub kernels: Vec<String>,
     /// Only these guest scenarios (comma-separated names; `prefix*` matches a prefix).
     #[arg(long)]
@@ -51,7 +56,9 @@ pub struct VmTestArgs {
 impl Default for VmTestArgs {
     fn default() -> Self {
         Self {
-            kernels: vec!["6.1".into(), "6.12".into()],
+            kernels: ["6.1", "6.12", "6.1-generic", "6.12-generic"]
+                .map(String::from)
+                .to_vec(),
             only: None,
             timeout_scale: 1.0,
             debug: false,
@@ -510,6 +517,8 @@ impl MarkerParser {
                 Some(format!("booted {}", rest.trim()))
             }
             "DEVICES" => Some(format!("devices: {}", rest.trim())),
+            "MODULES" => Some(format!("modules loaded: {}", rest.trim())),
+            "MODULE-FAILED" => Some(format!("insmod failed: {}", rest.trim())),
             "START" => {
                 let name = rest.split_whitespace().next()?;
                 self.entry(name);
@@ -586,6 +595,14 @@ pub fn vm_test(args: &VmTestArgs) -> Result<Vec<BootReport>> {
         boot_timeout: Duration::from_secs(args.boot_timeout_s),
     };
     for k in &kernels {
+        // A generic kernel's guest gets its NVMe modules appended to the common image.
+        let initrd = if k.modules.is_empty() {
+            initrd.clone()
+        } else {
+            let own = vm_dir.join(format!("initramfs-{}.cpio", k.series));
+            initramfs::with_modules(&vm_dir, &initrd, &k.modules, &own)?;
+            own
+        };
         let mut report = boot(k, &machine, &initrd, &plan)?;
         if report.died {
             report = boot_again(k, &machine, &initrd, &plan, report)?;

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::Fact;
 use super::bounded::{HostRoot, ReadError};
+use crate::kmod::{ModuleInfo, Modules, Residence};
 
 pub const NVME_CLASS: &str = "/sys/class/nvme";
 /// More controllers than this on one host is not a real host; stop reading.
@@ -44,7 +45,47 @@ pub struct NvmeSection {
     pub unavailable: Option<String>,
     /// `/sys/module/nvme_core/parameters/multipath` (`Y`/`N`); cuFile's P2PDMA mode needs `N`.
     pub multipath: Fact<bool>,
+    /// `nvme_core` and `nvme` as sysfs shows them: built in, module (with or without BTF)
+    /// or absent, with srcversion, users and parameters.
+    pub modules: Vec<ModuleInfo>,
+    /// How `gds-agent run` traces the NVMe layer on this host, and why.
+    pub tracing: NvmeTracingPlan,
     pub controllers: Vec<NvmeController>,
+}
+
+/// What the agent will do with the NVMe layer here (the probe's prediction; the running
+/// agent says what it does on `/debug/layers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct NvmeTracingPlan {
+    /// `built_in`, `module_btf`, `module_no_btf`, `absent`.
+    pub mode: &'static str,
+    pub why: String,
+}
+
+const NVME_MODULES: [&str; 2] = ["nvme_core", "nvme"];
+
+fn tracing_plan(core: Residence) -> NvmeTracingPlan {
+    let why = match core {
+        Residence::BuiltIn => "NVMe driver built in: the agent attaches the nvme_setup_cmd/\
+            nvme_complete_rq raw tracepoints at start and decodes NVMe status from vmlinux BTF"
+            .to_string(),
+        Residence::Module { btf: true } => "nvme_core is a module with BTF \
+            (/sys/kernel/btf/nvme_core): the agent attaches while an NVMe controller is bound \
+            (and lets go when none is, so the module can be unloaded) and decodes NVMe status \
+            from the module's BTF"
+            .to_string(),
+        Residence::Module { btf: false } => "nvme_core is a module without BTF (the kernel lacks \
+            CONFIG_DEBUG_INFO_BTF_MODULES): the agent traces NVMe commands and latency but \
+            cannot read the NVMe status, so errors are not split by status"
+            .to_string(),
+        Residence::Absent => "no NVMe driver built in or loaded: the agent traces io_uring and \
+            the block layer, and attaches NVMe tracing when nvme_core is loaded"
+            .to_string(),
+    };
+    NvmeTracingPlan {
+        mode: core.label(),
+        why,
+    }
 }
 
 const MULTIPATH: &str = "/sys/module/nvme_core/parameters/multipath";
@@ -124,6 +165,9 @@ fn namespace(root: &HostRoot, ctrl: &str, ns: &str) -> NvmeNamespace {
 }
 
 pub fn probe(root: &HostRoot) -> NvmeSection {
+    let mods = Modules::new(root.root());
+    let modules: Vec<ModuleInfo> = NVME_MODULES.iter().map(|m| mods.info(m)).collect();
+    let tracing = tracing_plan(modules[0].residence);
     let ctrls = match root.list_dir(NVME_CLASS, MAX_ENTRIES) {
         Ok(c) => c,
         Err(ReadError::NotFound { .. }) => {
@@ -132,6 +176,8 @@ pub fn probe(root: &HostRoot) -> NvmeSection {
                     "{NVME_CLASS} does not exist: no NVMe driver loaded or no NVMe controllers"
                 )),
                 multipath: multipath(root),
+                modules,
+                tracing,
                 controllers: Vec::new(),
             };
         }
@@ -139,6 +185,8 @@ pub fn probe(root: &HostRoot) -> NvmeSection {
             return NvmeSection {
                 unavailable: Some(err.to_string()),
                 multipath: multipath(root),
+                modules,
+                tracing,
                 controllers: Vec::new(),
             };
         }
@@ -183,6 +231,8 @@ pub fn probe(root: &HostRoot) -> NvmeSection {
     NvmeSection {
         unavailable: None,
         multipath: multipath(root),
+        modules,
+        tracing,
         controllers,
     }
 }

@@ -311,6 +311,32 @@ impl Report {
             "multipath (nvme_core)",
             &show(&self.nvme.multipath, yes_no),
         );
+        for m in &self.nvme.modules {
+            let mut facts = vec![m.residence.describe().to_string()];
+            if let Some(v) = &m.version {
+                facts.push(format!("version {v}"));
+            }
+            if let Some(v) = &m.srcversion {
+                facts.push(format!("srcversion {v}"));
+            }
+            if let Some(n) = m.refcnt {
+                facts.push(format!("{n} user(s)"));
+            }
+            if !m.parameters.is_empty() {
+                let params: Vec<String> = m
+                    .parameters
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                facts.push(params.join(" "));
+            }
+            row(o, &format!("module {}", m.name), &facts.join(", "));
+        }
+        row(
+            o,
+            "NVMe tracing",
+            &format!("{}: {}", self.nvme.tracing.mode, self.nvme.tracing.why),
+        );
         for c in &self.nvme.controllers {
             let _ = writeln!(o, "  {} {}", c.name, show(&c.model, |m| m.clone()));
             row(o, "  firmware", &show(&c.firmware_rev, |f| f.clone()));

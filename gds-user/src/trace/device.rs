@@ -5,23 +5,29 @@ use std::{collections::HashMap as StdHashMap, sync::Mutex};
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuHashMap},
-    programs::BtfTracePoint,
+    maps::{Array, MapData, PerCpuHashMap},
+    programs::{BtfTracePoint, RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
-use gds_common::{DevConfig, DevHist, DevHistKey, MAP_DEV_HIST, MAP_NVME_ERRORS, NvmeErrKey};
+use gds_common::{
+    DevConfig, DevHist, DevHistKey, MAP_DEV_HIST, MAP_NVME_ERRORS, MAP_NVME_RUNTIME, NvmeErrKey,
+    NvmeRuntime,
+};
 
 use super::TraceError;
-use crate::btf::Btf;
+use crate::{
+    btf::Btf,
+    kmod::{Modules, Residence},
+};
 
-/// Which device programs are attached, and why the others are not (said once at start).
+/// Which device programs are attached at start, and why the others are not (said once).
 #[derive(Debug, Clone, Default)]
 pub struct DeviceAttach {
-    pub nvme: bool,
     pub block: bool,
     pub notes: Vec<String>,
 }
 
-/// Offsets for the NVMe/block programs from BTF.
+/// Offsets for the NVMe/block programs from vmlinux BTF (the block layer is always built in;
+/// `struct nvme_request` is resolved separately, when the NVMe programs attach).
 pub fn resolve(btf: &Btf) -> Result<DevConfig, crate::btf::BtfError> {
     let mut c = DevConfig::DEFAULT;
     c.rq_q = btf.member_offset("request", &["q"])?;
@@ -34,9 +40,6 @@ pub fn resolve(btf: &Btf) -> Result<DevConfig, crate::btf::BtfError> {
     c.disk_first_minor = btf.member_offset("gendisk", &["first_minor"])?;
     c.hctx_queue_num = btf.member_offset("blk_mq_hw_ctx", &["queue_num"])?;
     c.rq_size = btf.struct_size("request")?;
-    // struct nvme_request exists when the NVMe driver is built in (Debian cloud kernels);
-    // without it the status reads as 0 and errors are not split by status.
-    c.nvme_req_status = btf.member_offset("nvme_request", &["status"]).unwrap_or(0);
     Ok(c)
 }
 
@@ -59,19 +62,18 @@ pub(crate) fn attach_btf(
     Ok(())
 }
 
-/// Attaches the NVMe and block programs where the kernel has their tracepoints.
+/// Attaches the block programs and loads (without attaching) the NVMe ones, which
+/// [`NvmeTracing::refresh`] attaches whenever the NVMe driver is there.
 pub fn attach(ebpf: &mut Ebpf, btf: &Btf, aya_btf: &aya::Btf) -> Result<DeviceAttach, TraceError> {
     let mut a = DeviceAttach::default();
-    if btf.has_tracepoint("nvme_setup_cmd") && btf.has_tracepoint("nvme_complete_rq") {
-        attach_btf(ebpf, aya_btf, "nvme_setup", "nvme_setup_cmd")?;
-        attach_btf(ebpf, aya_btf, "nvme_complete", "nvme_complete_rq")?;
-        a.nvme = true;
-    } else {
-        a.notes.push(
-            "NVMe tracing off: this kernel has no nvme tracepoints (no NVMe driver built in or \
-             loaded); io_uring and block tracing continue"
-                .into(),
-        );
+    for prog in NVME_PROGRAMS.map(|(p, _)| p) {
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(prog)
+            .ok_or(TraceError::MissingProgram(prog))?
+            .try_into()
+            .map_err(|source| TraceError::Program { name: prog, source })?;
+        p.load()
+            .map_err(|source| TraceError::Program { name: prog, source })?;
     }
     let issue_ok = btf
         .tracepoint_params("block_rq_issue")
@@ -87,6 +89,252 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, aya_btf: &aya::Btf) -> Result<DeviceAt
         );
     }
     Ok(a)
+}
+
+/// The NVMe raw-tracepoint programs and the tracepoints they attach to (by name: built-in
+/// and module tracepoints alike, see gds-ebpf/src/device.rs).
+const NVME_PROGRAMS: [(&str, &str); 2] = [
+    ("nvme_setup", "nvme_setup_cmd"),
+    ("nvme_complete", "nvme_complete_rq"),
+];
+
+/// The module that defines the `nvme:*` tracepoints and `struct nvme_request`.
+pub const NVME_CORE: &str = "nvme_core";
+
+/// How the NVMe layer is traced now, and why: what the log, `/debug/layers` and the
+/// probe say.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NvmeLayer {
+    /// Where `nvme_core` lives (built in, module with/without BTF, absent).
+    pub residence: Residence,
+    /// The NVMe programs are attached now.
+    pub attached: bool,
+    /// NVMe completion status read (errors split by status); needs `struct nvme_request`.
+    pub status_decoded: bool,
+    /// One sentence: the mode and the reason.
+    pub why: String,
+}
+
+/// Attaches the NVMe programs when the NVMe driver is there and detaches them when its last
+/// controller goes, so that a module loaded after the agent started is picked up and an
+/// unloaded one is let go.
+///
+/// Why detach at all: the kernel pins a module while a program is attached to one of its
+/// tracepoints (raw, BTF or classic alike), so an attached agent would make `rmmod
+/// nvme_core` fail with "in use". With no controller bound there is nothing to trace, so the
+/// programs let go and attach again when a controller appears.
+pub struct NvmeTracing {
+    /// vmlinux BTF has the NVMe tracepoints: the driver is built in and never goes away.
+    built_in: bool,
+    runtime: Array<MapData, NvmeRuntime>,
+    links: Vec<(&'static str, RawTracePointLinkId)>,
+    layer: NvmeLayer,
+    /// The last attach error, so a failing attach is logged once, not every scan.
+    last_error: Option<String>,
+    modules: Modules,
+}
+
+impl NvmeTracing {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        vmlinux: &Btf,
+        modules: Modules,
+    ) -> Result<NvmeTracing, TraceError> {
+        let runtime = ebpf
+            .take_map(MAP_NVME_RUNTIME)
+            .ok_or(TraceError::MissingMap(MAP_NVME_RUNTIME))?;
+        let runtime = Array::try_from(runtime).map_err(|source| TraceError::Map {
+            name: MAP_NVME_RUNTIME,
+            source,
+        })?;
+        Ok(NvmeTracing {
+            built_in: vmlinux.has_tracepoint("nvme_setup_cmd"),
+            runtime,
+            links: Vec::new(),
+            layer: NvmeLayer {
+                residence: Residence::Absent,
+                attached: false,
+                status_decoded: false,
+                why: String::new(),
+            },
+            last_error: None,
+            modules,
+        })
+    }
+
+    pub fn layer(&self) -> &NvmeLayer {
+        &self.layer
+    }
+
+    fn residence(&self) -> Residence {
+        if self.built_in {
+            Residence::BuiltIn
+        } else {
+            match self.modules.residence(NVME_CORE) {
+                // vmlinux has no NVMe tracepoints, so sysfs's "built in" (a parameters
+                // directory without initstate) cannot be the NVMe driver we could trace.
+                Residence::BuiltIn => Residence::Absent,
+                r => r,
+            }
+        }
+    }
+
+    /// Offset of `status` in `struct nvme_request`, from vmlinux (built in) or the module's
+    /// split BTF; `Err` says why it is unknown.
+    fn status_offset(&self, residence: Residence) -> Result<u32, String> {
+        let btf = match residence {
+            Residence::BuiltIn => Btf::from_sys().map_err(|e| e.to_string())?,
+            Residence::Module { btf: true } => {
+                Btf::from_sys_module(NVME_CORE).map_err(|e| e.to_string())?
+            }
+            _ => {
+                return Err(format!(
+                    "{NVME_CORE} has no BTF ({}/{NVME_CORE} is missing: the kernel lacks \
+                     CONFIG_DEBUG_INFO_BTF_MODULES)",
+                    crate::btf::MODULE_BTF_DIR
+                ));
+            }
+        };
+        btf.member_offset("nvme_request", &["status"])
+            .map_err(|e| e.to_string())
+    }
+
+    /// Brings the attachment in line with the driver's presence. Returns what changed (one
+    /// line to log), or `None`.
+    pub fn refresh(&mut self, ebpf: &mut Ebpf) -> Option<String> {
+        let residence = self.residence();
+        let controllers = self.modules.nvme_controllers();
+        let want = match residence {
+            Residence::BuiltIn => true,
+            Residence::Module { .. } => controllers > 0,
+            Residence::Absent => false,
+        };
+        let attached = !self.links.is_empty();
+        if want && !attached {
+            let status = self.status_offset(residence);
+            let runtime = NvmeRuntime {
+                status_off: *status.as_ref().unwrap_or(&0),
+                _pad: 0,
+            };
+            if let Err(e) = self
+                .runtime
+                .set(0, runtime, 0)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.attach_all(ebpf))
+            {
+                self.detach_all(ebpf);
+                let msg = format!(
+                    "NVMe tracing off: {NVME_CORE} is {} but attaching failed: {e}",
+                    residence.describe()
+                );
+                if self.last_error.as_deref() == Some(msg.as_str()) {
+                    return None;
+                }
+                self.last_error = Some(msg.clone());
+                self.layer = NvmeLayer {
+                    residence,
+                    attached: false,
+                    status_decoded: false,
+                    why: msg.clone(),
+                };
+                return Some(msg);
+            }
+            self.last_error = None;
+            let status_words = match &status {
+                Ok(off) => format!("NVMe status decoded (struct nvme_request.status at +{off})"),
+                Err(why) => format!("NVMe status not decoded, errors not split by status ({why})"),
+            };
+            let origin = match residence {
+                Residence::BuiltIn => "the NVMe driver is built in (vmlinux BTF)".to_string(),
+                _ => format!(
+                    "{NVME_CORE} is a {} ({controllers} controller(s) bound){}",
+                    residence.describe(),
+                    if self.layer.residence == Residence::Absent && !self.layer.why.is_empty() {
+                        ", loaded after the agent started"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            self.layer = NvmeLayer {
+                residence,
+                attached: true,
+                status_decoded: status.is_ok(),
+                why: format!(
+                    "NVMe tracing on: {origin}; raw tracepoints nvme_setup_cmd/nvme_complete_rq, \
+                     passthrough linked to io_uring by request->end_io_data; {status_words}"
+                ),
+            };
+            return Some(self.layer.why.clone());
+        }
+        if !want && attached {
+            self.detach_all(ebpf);
+            self.layer = NvmeLayer {
+                residence,
+                attached: false,
+                status_decoded: false,
+                why: match residence {
+                    Residence::Absent => format!(
+                        "NVMe tracing paused: {NVME_CORE} was unloaded; attaching again when it \
+                         is loaded"
+                    ),
+                    _ => format!(
+                        "NVMe tracing paused: no NVMe controller is bound any more (driver \
+                         unloaded or device removed); detached so {NVME_CORE} can be unloaded, \
+                         attaching again when a controller appears"
+                    ),
+                },
+            };
+            return Some(self.layer.why.clone());
+        }
+        if !want {
+            let why = match residence {
+                Residence::Absent => format!(
+                    "NVMe tracing off: no NVMe driver built in or loaded ({NVME_CORE} absent); \
+                     io_uring and block tracing continue, NVMe attaches when the module is loaded"
+                ),
+                _ => format!(
+                    "NVMe tracing waiting: {NVME_CORE} is a {} with no NVMe controller bound; \
+                     attaching when one appears",
+                    residence.describe()
+                ),
+            };
+            if why != self.layer.why {
+                self.layer = NvmeLayer {
+                    residence,
+                    attached: false,
+                    status_decoded: false,
+                    why: why.clone(),
+                };
+                return Some(why);
+            }
+        }
+        None
+    }
+
+    fn attach_all(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
+        for (prog, tp) in NVME_PROGRAMS {
+            let p: &mut RawTracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| format!("program {prog} missing from the object"))?
+                .try_into()
+                .map_err(|e| format!("{prog}: {e}"))?;
+            let link = p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
+            self.links.push((prog, link));
+        }
+        Ok(())
+    }
+
+    fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        for (prog, link) in self.links.drain(..) {
+            if let Some(p) = ebpf
+                .program_mut(prog)
+                .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
+            {
+                let _ = p.detach(link);
+            }
+        }
+    }
 }
 
 /// Per-disk statistics summed over CPUs.
@@ -146,6 +394,18 @@ impl DeviceMaps {
         snap
     }
 
+    /// Looks the cached disk names up again: after an NVMe driver went and came back, a
+    /// device number may name another disk (minors of `blkext` are handed out in probe
+    /// order). A disk that is gone keeps its last name, so its counts keep their labels.
+    pub fn refresh_names(&self) {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        for (dev, name) in names.iter_mut() {
+            if let Some(now) = sysfs_disk_name(*dev) {
+                *name = now;
+            }
+        }
+    }
+
     /// Disk name of a device id (`major << 20 | minor`), from /sys/dev/block.
     pub fn disk_name(&self, dev: u32) -> String {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
@@ -157,6 +417,11 @@ pub fn disk_name(dev: u32) -> String {
     if dev == 0 {
         return "unknown".into();
     }
+    sysfs_disk_name(dev).unwrap_or_else(|| format!("{}:{}", dev >> 20, dev & 0xf_ffff))
+}
+
+/// The name /sys/dev/block gives device `dev` now, if it exists.
+fn sysfs_disk_name(dev: u32) -> Option<String> {
     let (major, minor) = (dev >> 20, dev & 0xf_ffff);
     std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
         .ok()
@@ -164,7 +429,6 @@ pub fn disk_name(dev: u32) -> String {
             u.lines()
                 .find_map(|l| l.strip_prefix("DEVNAME=").map(str::to_owned))
         })
-        .unwrap_or_else(|| format!("{major}:{minor}"))
 }
 
 /// NVMe opcode names (NVMe base / NVM command set specs), I/O and admin.

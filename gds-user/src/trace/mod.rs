@@ -11,13 +11,16 @@ mod offsets;
 mod uring;
 
 pub use device::{
-    DeviceAttach, DeviceMaps, DeviceSnapshot, block_op_name, disk_name, nvme_opcode_name,
+    DeviceAttach, DeviceMaps, DeviceSnapshot, NVME_CORE, NvmeLayer, block_op_name, disk_name,
+    nvme_opcode_name,
 };
 pub use error::TraceError;
 pub use events::{SlowEvent, SlowNvme, decode_event};
 pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
-pub use uring::{FloorProbe, OpcodeStats, TraceOptions, UringSnapshot, UringTracer};
+pub use uring::{
+    FloorProbe, LayerMode, Layers, OpcodeStats, TraceOptions, UringSnapshot, UringTracer,
+};
 
 use aya::include_bytes_aligned;
 

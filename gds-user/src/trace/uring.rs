@@ -15,7 +15,7 @@ use tracing::info;
 
 use super::{
     EBPF_OBJECT, InflightRequest, TraceError, check_tracing_caps,
-    device::{self, DeviceAttach, DeviceMaps},
+    device::{self, DeviceAttach, DeviceMaps, NvmeLayer, NvmeTracing},
     inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
 };
@@ -132,15 +132,33 @@ impl UringSnapshot {
     }
 }
 
+/// Whether one layer is traced and why.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LayerMode {
+    pub on: bool,
+    pub why: String,
+}
+
+/// How each layer is traced now (`/debug/layers`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Layers {
+    pub io_uring: LayerMode,
+    pub block: LayerMode,
+    pub nvme: NvmeLayer,
+}
+
 /// Loaded and attached io_uring tracing programs.
 pub struct UringTracer {
-    ebpf: Ebpf,
+    /// Locked only to attach or detach the NVMe programs after start.
+    ebpf: std::sync::Mutex<Ebpf>,
     stats: PerCpuArray<MapData, UringCpuStats>,
     slots: SlotTable,
     hash: HashMap<MapData, u64, InflightReq>,
     attach: ResolvedAttach,
     devices: DeviceMaps,
     devices_attached: DeviceAttach,
+    /// None where the device programs cannot run at all (no BTF).
+    nvme: Option<std::sync::Mutex<NvmeTracing>>,
 }
 
 impl UringTracer {
@@ -196,6 +214,7 @@ impl UringTracer {
                 _ => TraceError::Load(e),
             })?;
 
+        let mut nvme = None;
         let mut devices_attached = DeviceAttach {
             notes: vec![
                 "NVMe and block tracing need kernel BTF (BTF tracepoints); they are off".into(),
@@ -215,6 +234,11 @@ impl UringTracer {
                 }
                 if let (Ok(parsed), true) = (&btf_parsed, device_possible) {
                     devices_attached = device::attach(&mut ebpf, parsed, &btf)?;
+                    nvme = Some(NvmeTracing::new(
+                        &mut ebpf,
+                        parsed,
+                        crate::kmod::Modules::live(),
+                    )?);
                 }
             }
             AttachMode::Classic | AttachMode::Auto => {
@@ -257,25 +281,66 @@ impl UringTracer {
         for note in &devices_attached.notes {
             info!("{note}");
         }
-        if devices_attached.nvme {
-            info!(
-                "NVMe tracing on: nvme_setup_cmd/nvme_complete_rq, passthrough linked to io_uring \
-                 by request->end_io_data"
-            );
+        if let Some(n) = nvme.as_mut()
+            && let Some(change) = n.refresh(&mut ebpf)
+        {
+            info!("{change}");
         }
         if devices_attached.block {
             info!("block tracing on: block_rq_issue/block_rq_complete");
         }
         let devices = DeviceMaps::take(&mut ebpf)?;
         Ok(UringTracer {
-            ebpf,
+            ebpf: std::sync::Mutex::new(ebpf),
             stats,
             slots,
             hash,
             attach,
             devices,
             devices_attached,
+            nvme: nvme.map(std::sync::Mutex::new),
         })
+    }
+
+    /// Attaches or detaches the NVMe programs as the NVMe driver comes and goes (modules
+    /// loaded or unloaded, controllers bound or removed). Returns the change to log.
+    ///
+    /// Disk names are looked up again each time too: disks appear after their controller
+    /// does, and a device number freed by a removed disk may name another one later.
+    pub fn refresh_devices(&self) -> Option<String> {
+        self.devices.refresh_names();
+        let nvme = self.nvme.as_ref()?;
+        let mut nvme = nvme.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        nvme.refresh(&mut ebpf)
+    }
+
+    /// How each layer is traced now, and why (`/debug/layers`).
+    pub fn layers(&self) -> Layers {
+        let nvme = match &self.nvme {
+            Some(n) => n.lock().unwrap_or_else(|p| p.into_inner()).layer().clone(),
+            None => NvmeLayer {
+                residence: crate::kmod::Modules::live().residence(device::NVME_CORE),
+                attached: false,
+                status_decoded: false,
+                why: self.devices_attached.notes.join("; "),
+            },
+        };
+        Layers {
+            io_uring: LayerMode {
+                on: true,
+                why: self.attach.why.clone(),
+            },
+            block: LayerMode {
+                on: self.devices_attached.block,
+                why: if self.devices_attached.block {
+                    "BTF tracepoints block_rq_issue/block_rq_complete".into()
+                } else {
+                    self.devices_attached.notes.join("; ")
+                },
+            },
+            nvme,
+        }
     }
 
     pub fn attach(&self) -> &ResolvedAttach {
@@ -296,6 +361,8 @@ impl UringTracer {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, TraceError> {
         let map = self
             .ebpf
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
             .take_map(MAP_EVENTS)
             .ok_or(TraceError::MissingMap(MAP_EVENTS))?;
         RingBuf::try_from(map).map_err(|source| TraceError::Map {

@@ -24,6 +24,13 @@ mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up 2>/dev/null
+# Generic kernels: NVMe is a module; load it and its dependencies as a distribution would.
+if [ -f /etc/gds-modules ]; then
+  for m in $(cat /etc/gds-modules); do
+    insmod "/lib/modules/gds/$m.ko" || echo "@@GDS MODULE-FAILED $m"
+  done
+  echo "@@GDS MODULES $(tr '\n' ' ' < /etc/gds-modules)"
+fi
 [ -f /etc/gds-ld-path ] && export LD_LIBRARY_PATH="$(cat /etc/gds-ld-path)"
 only=""; skip=""; scale=1; ngs=1
 for a in $(cat /proc/cmdline); do
@@ -46,6 +53,57 @@ echo "@@GDS EXIT $?"
 sync
 poweroff -f
 "#;
+
+/// Where the guest finds the modules `/init` loads, and the file listing their load order.
+pub const GUEST_MODULE_DIR: &str = "/lib/modules/gds";
+pub const GUEST_MODULE_LIST: &str = "/etc/gds-modules";
+
+/// `base` with `modules` appended as a second cpio archive (the kernel unpacks concatenated
+/// newc archives in order), so one common image serves every kernel and each generic kernel
+/// adds only its own modules.
+pub fn with_modules(work: &Path, base: &Path, modules: &[PathBuf], out: &Path) -> Result<()> {
+    let root = work.join("modules-root");
+    let _ = std::fs::remove_dir_all(&root);
+    let mut names = Vec::new();
+    for m in modules {
+        let name = m
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .with_context(|| format!("module path {}", m.display()))?;
+        install(
+            &root,
+            m,
+            &Path::new(GUEST_MODULE_DIR).join(format!("{name}.ko")),
+            0o644,
+        )?;
+        names.push(name.to_string());
+    }
+    let list = root.join(GUEST_MODULE_LIST.trim_start_matches('/'));
+    std::fs::create_dir_all(list.parent().unwrap())?;
+    std::fs::write(&list, names.join("\n") + "\n")?;
+    let extra = work.join("modules.cpio");
+    cpio(&root, &extra)?;
+    let mut bytes = std::fs::read(base)?;
+    bytes.extend(std::fs::read(&extra)?);
+    std::fs::write(out, bytes)?;
+    Ok(())
+}
+
+fn cpio(root: &Path, out: &Path) -> Result<()> {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .context("cpio")?;
+    if !status.success() {
+        bail!("building {} with cpio failed", out.display());
+    }
+    Ok(())
+}
 
 /// Shared libraries (resolved paths) a dynamic binary needs, plus its loader.
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
@@ -128,18 +186,5 @@ pub fn build(work: &Path, binaries: &[(PathBuf, String)], out: &Path) -> Result<
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(root.join("init"), INIT)?;
     std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))?;
-
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .context("cpio")?;
-    if !status.success() {
-        bail!("building {} with cpio failed", out.display());
-    }
-    Ok(())
+    cpio(&root, out)
 }

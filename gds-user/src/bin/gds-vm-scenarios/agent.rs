@@ -31,12 +31,20 @@ pub struct Agent(pub Child);
 
 impl Agent {
     pub fn start(c: &Ctx, extra: &[&str]) -> Result<Self> {
-        let child = Command::new(&c.agent)
-            .args(["run", "--listen", LISTEN])
+        Agent::start_logged(c, extra, None)
+    }
+
+    /// Starts the agent with its log (stderr) in file `log` instead of the console.
+    pub fn start_logged(c: &Ctx, extra: &[&str], log: Option<&str>) -> Result<Self> {
+        let mut cmd = Command::new(&c.agent);
+        cmd.args(["run", "--listen", LISTEN])
             .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawn gds-agent run")?;
+            .stdin(Stdio::null());
+        if let Some(path) = log {
+            let f = std::fs::File::create(path).with_context(|| format!("create {path}"))?;
+            cmd.stderr(f);
+        }
+        let child = cmd.spawn().context("spawn gds-agent run")?;
         let agent = Agent(child);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {

@@ -16,6 +16,7 @@
 //! knows which results to expect.
 
 mod agent;
+mod modules;
 mod nvme;
 mod selftest;
 mod tracing;
@@ -81,6 +82,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(nvme::scenarios());
     all.extend(agent::scenarios());
     all.extend(tracing::scenarios());
+    all.extend(modules::scenarios());
     all.extend(selftest::scenarios());
     all
 }

@@ -46,7 +46,16 @@ pub fn scenarios() -> Vec<Scenario> {
 /// Starts the agent and waits until it serves /metrics (it accepts connections before it has
 /// attached). When it dies instead, give it a moment to print why before failing.
 fn start_agent(c: &Ctx, args: &[&str]) -> Result<Agent> {
-    let mut agent = Agent::start(c, args)?;
+    wait_serving(c, Agent::start(c, args)?)
+}
+
+/// [`start_agent`] with the agent's log written to `log` (for scenarios that check what it
+/// said).
+pub fn start_agent_logged(c: &Ctx, args: &[&str], log: &str) -> Result<Agent> {
+    wait_serving(c, Agent::start_logged(c, args, Some(log))?)
+}
+
+fn wait_serving(c: &Ctx, mut agent: Agent) -> Result<Agent> {
     // Loading takes seconds under emulation (longer on 6.1's verifier): retry while it runs.
     let start = Instant::now();
     loop {
@@ -76,11 +85,11 @@ fn body(text: &str) -> &str {
     text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(text)
 }
 
-fn metrics() -> Result<String> {
+pub fn metrics() -> Result<String> {
     Ok(body(&http_get("/metrics")?).to_owned())
 }
 
-fn json(path: &str) -> Result<serde_json::Value> {
+pub fn json(path: &str) -> Result<serde_json::Value> {
     serde_json::from_str(body(&http_get(path)?)).with_context(|| format!("parsing {path}"))
 }
 
@@ -115,7 +124,7 @@ fn disk_of(blk: &str) -> String {
 }
 
 /// Polls /metrics until `cond` holds (the agent reads maps at scrape time; events lag a bit).
-fn wait_metrics(what: &str, cond: impl Fn(&str) -> bool) -> Result<String> {
+pub fn wait_metrics(what: &str, cond: impl Fn(&str) -> bool) -> Result<String> {
     let start = Instant::now();
     loop {
         let m = metrics()?;
@@ -144,7 +153,7 @@ fn relevant(m: &str) -> String {
 }
 
 /// Reads `n` x 4 KiB through passthrough at QD `qd`, returns the ring for reuse.
-fn passthrough_reads(ng: &str, lba0: u64, n: u64, qd: u32) -> Result<()> {
+pub fn passthrough_reads(ng: &str, lba0: u64, n: u64, qd: u32) -> Result<()> {
     let g = namespace_geometry(Path::new(ng))?;
     let blocks = (4096 / g.lba_size).max(1);
     let mut ring = NvmeRing::open(ng, qd)?;
