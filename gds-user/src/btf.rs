@@ -473,6 +473,75 @@ mod tests {
         ));
     }
 
+    /// A BTF blob: header, type section (raw words), string section.
+    fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let tlen = (types.len() * 4) as u32;
+        let mut b = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, tlen, tlen, strings.len() as u32] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for t in types {
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        b.extend_from_slice(strings);
+        b
+    }
+
+    /// Split BTF as a module's is laid out: its first type id follows the base's last, its
+    /// string offsets continue the base's string section, and its structs name base types.
+    #[test]
+    fn split_btf_continues_ids_and_strings() {
+        // Base: [1] int "int" (4 bytes), [2] struct "request" { int q @0 } size 8.
+        let base_strings = b"\0int\0request\0q\0";
+        let base = blob(
+            &[
+                1,
+                KIND_INT << 24,
+                4,
+                32, // [1] int: name "int"@1, size 4, encoding word
+                5,
+                (KIND_STRUCT << 24) | 1,
+                8,
+                13,
+                1,
+                0, // [2] struct request { q: [1] @0 }
+            ],
+            base_strings,
+        );
+        // Split: [3] struct "nvme_request" { struct request r @0; int status @ bit 160 }.
+        // Its string offsets start at base_strings.len() (15): "nvme_request" @15, "r" @28,
+        // "status" @30; type ids 1 and 2 are the base's.
+        let split_strings = b"nvme_request\0r\0status\0";
+        let off = base_strings.len() as u32;
+        let split = blob(
+            &[
+                off,
+                (KIND_STRUCT << 24) | 2,
+                24,
+                off + 13,
+                2,
+                0, // r: struct request (base id 2) @0
+                off + 15,
+                1,
+                160, // status: int (base id 1) @ byte 20
+            ],
+            split_strings,
+        );
+        let btf = Btf::parse_split(&base, &split).unwrap();
+        assert_eq!(btf.member_offset("nvme_request", &["status"]).unwrap(), 20);
+        assert_eq!(btf.member_offset("nvme_request", &["r", "q"]).unwrap(), 0);
+        assert_eq!(btf.struct_size("nvme_request").unwrap(), 24);
+        assert_eq!(btf.member_size("nvme_request", &["status"]).unwrap(), 4);
+        // The base alone does not know it; a truncated split is an error, not a panic.
+        assert!(
+            Btf::parse(&base)
+                .unwrap()
+                .member_offset("nvme_request", &["status"])
+                .is_err()
+        );
+        assert!(Btf::parse_split(&base, &split[..30]).is_err());
+    }
+
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
         assert!(Btf::parse(&[]).is_err());
