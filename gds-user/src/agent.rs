@@ -12,17 +12,15 @@ use clap::Args;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
 
+pub use crate::http::DEFAULT_LISTEN;
 use crate::{
     http::{self, AppState, RecentEvents},
     metrics,
-    stall::{StallChange, StallDetector, StallReport},
-    trace::{AttachMode, TraceOptions, UringTracer, decode_event, monotonic_ns},
+    model::{self, Decoder, StallReport, labels},
+    stall::{StallChange, StallDetector},
+    trace::{AttachMode, TraceOptions, UringTracer, raw_event},
     units::parse_duration,
-    uring_opcode,
 };
-
-/// Default metrics address: loopback only (see --listen).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -90,7 +88,7 @@ impl RunArgs {
 }
 
 fn parse_opcode(s: &str) -> Result<u8, String> {
-    uring_opcode::parse(s).ok_or_else(|| {
+    labels::parse_opcode(s).ok_or_else(|| {
         format!(
             "unknown io_uring opcode {s:?} (use a name such as URING_CMD, READ, NOP, or a number)"
         )
@@ -140,14 +138,15 @@ async fn run_async(args: RunArgs) -> Result<()> {
         .register(Box::new(metrics::agent_info()))
         .context("registering gds_agent_info")?;
     registry
-        .register(Box::new(metrics::UringCollector::new(tracer.clone())))
-        .context("registering io_uring metrics")?;
-    registry
-        .register(Box::new(metrics::DeviceCollector::new(tracer.clone())))
-        .context("registering NVMe and block metrics")?;
+        .register(Box::new(metrics::TraceCollector::new(tracer.clone())))
+        .context("registering io_uring, NVMe and block metrics")?;
     crate::probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
         .context("registering the probe's capability and nvidia-fs metrics")?;
-    crate::tracefs::spawn_watch(&registry).context("registering gds_agent_tracefs_available")?;
+    let tracefs = metrics::tracefs_available();
+    registry
+        .register(Box::new(tracefs.clone()))
+        .context("registering gds_agent_tracefs_available")?;
+    crate::tracefs::spawn_watch(tracefs);
 
     let stall_report = Arc::new(Mutex::new(StallReport::default()));
     registry
@@ -164,6 +163,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let slow = Arc::new(RecentEvents::default());
     let reader = tokio::spawn(read_events(
         events,
+        tracer.clone(),
         slow.clone(),
         detector.clone(),
         received,
@@ -182,10 +182,13 @@ async fn run_async(args: RunArgs) -> Result<()> {
         stalls: stall_report,
         tracer: tracer.clone(),
     };
+    // The address bound, not the one asked for: `--listen 127.0.0.1:0` picks a free port.
+    let bound = listener
+        .local_addr()
+        .context("reading the listening socket's address")?;
     info!(
-        listen = %args.listen,
-        "gds-agent attached; serving http://{}/metrics",
-        args.listen
+        listen = %bound,
+        "gds-agent attached; serving http://{bound}/metrics"
     );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(listener, state, async {
@@ -259,8 +262,7 @@ async fn scan_stalls(
         let (tracer2, detector2) = (tracer.clone(), detector.clone());
         let done = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
-            let inflight = tracer2.inflight();
-            let now = monotonic_ns();
+            let (inflight, now) = model::inflight(&tracer2);
             let scan = t0.elapsed().as_secs_f64();
             let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
             let changes = d.scan(now, &inflight);
@@ -273,30 +275,31 @@ async fn scan_stalls(
         for c in changes {
             match c {
                 StallChange::Started(s) => warn!(
-                    layer = s.layer.label(),
-                    disk = %s.disk,
-                    stage = s.stage_description,
-                    pid = s.pid,
-                    tid = s.tid,
-                    comm = %s.comm,
-                    ring = %s.ring,
-                    opcode = %s.opcode,
-                    user_data = s.user_data,
+                    layer = s.request.layer.label(),
+                    disk = %s.request.disk,
+                    stage = %s.stage_description,
+                    pid = s.request.pid,
+                    tid = s.request.tid,
+                    comm = %s.request.comm,
+                    ring = %s.request.ring,
+                    opcode = %s.request.opcode,
+                    user_data = s.request.user_data,
                     nvme = s
+                        .request
                         .nvme
                         .as_ref()
                         .map(|n| format!("qid={} cid={} lba={} blocks={}", n.qid, n.cid, n.lba, n.blocks))
                         .unwrap_or_default(),
-                    age_ms = (s.age_seconds * 1e3).round() as u64,
+                    age_ms = (s.request.age_seconds * 1e3).round() as u64,
                     "stall detected"
                 ),
                 StallChange::Ended(s) => info!(
-                    layer = s.layer.label(),
-                    disk = %s.disk,
-                    pid = s.pid,
-                    comm = %s.comm,
-                    opcode = %s.opcode,
-                    user_data = s.user_data,
+                    layer = s.request.layer.label(),
+                    disk = %s.request.disk,
+                    pid = s.request.pid,
+                    comm = %s.request.comm,
+                    opcode = %s.request.opcode,
+                    user_data = s.request.user_data,
                     total_ms = (s.total_seconds.unwrap_or_default() * 1e3).round() as u64,
                     "stall ended"
                 ),
@@ -308,6 +311,7 @@ async fn scan_stalls(
 
 async fn read_events(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
+    tracer: Arc<UringTracer>,
     recent: Arc<RecentEvents>,
     detector: Arc<Mutex<StallDetector>>,
     received: prometheus::IntCounter,
@@ -332,8 +336,10 @@ async fn read_events(
             }
         };
         let ring = guard.get_inner_mut();
+        let mut decoder = Decoder::new(tracer.devices());
         while let Some(item) = ring.next() {
-            if let Some(ev) = decode_event(&item) {
+            if let Some(raw) = raw_event(&item) {
+                let ev = decoder.slow(&raw);
                 received.inc();
                 warn!(
                     pid = ev.pid,
@@ -350,7 +356,7 @@ async fn read_events(
                 detector
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .completed(ev.req_raw, ev.start_ns, ev.latency_ns);
+                    .completed(ev.key, ev.latency_ns);
                 recent.push(ev);
             }
         }
@@ -358,7 +364,7 @@ async fn read_events(
     }
 }
 
-fn describe_slow_nvme(n: &crate::trace::SlowNvme) -> String {
+fn describe_slow_nvme(n: &model::SlowNvme) -> String {
     format!(
         "disk={} qid={} cid={} lba={} blocks={} status={:?} queue_us={} device_us={} completion_us={}",
         n.disk,

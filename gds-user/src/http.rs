@@ -16,9 +16,12 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::{
-    stall::StallReport,
-    trace::{SlowEvent, UringTracer},
+    model::{self, SlowEvent, Snapshot, StallReport},
+    trace::UringTracer,
 };
+
+/// The agent's default address: loopback only (see `run --listen`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Debug, Error)]
 pub enum HttpError {
@@ -66,21 +69,6 @@ pub struct AppState {
     pub tracer: Arc<UringTracer>,
 }
 
-/// One in-flight request as `/debug/inflight` shows it.
-#[derive(serde::Serialize)]
-struct InflightView {
-    pid: u32,
-    tid: u32,
-    comm: String,
-    opcode: String,
-    user_data: u64,
-    ring: String,
-    req: String,
-    age_seconds: f64,
-    /// Where the request is, as far as tracing has seen it (`queue`: no device command seen).
-    stage: &'static str,
-}
-
 /// `/metrics` for any number of concurrent scrapes, one render at a time.
 ///
 /// A render reads every map (syscalls) and encodes the text. Done once per scrape, 200
@@ -117,7 +105,7 @@ impl MetricsRenderer {
         let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let registry = self.registry.clone();
         // Map reads are syscalls: keep them off the async workers.
-        let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry))
+        let body = tokio::task::spawn_blocking(move || crate::exposition::render(&registry))
             .await
             .unwrap_or_default();
         *last = (number, Bytes::from(body));
@@ -144,39 +132,39 @@ async fn stalls(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(s.stalls.lock().unwrap_or_else(|p| p.into_inner()).clone())
 }
 
-/// Live view of every tracked in-flight request, oldest first.
+/// Live view of every tracked in-flight request, oldest first (at most
+/// [`model::SNAPSHOT_INFLIGHT`]).
 async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
     let tracer = s.tracer.clone();
     let list = tokio::task::spawn_blocking(move || {
-        let now = crate::trace::monotonic_ns();
-        let mut reqs = tracer.inflight();
-        reqs.sort_by_key(|r| r.entry.start_ns);
-        let mut comms = std::collections::HashMap::new();
-        reqs.iter()
-            .take(10_000)
-            .map(|r| InflightView {
-                pid: r.entry.tgid,
-                tid: r.entry.pid,
-                comm: comms
-                    .entry(r.entry.tgid)
-                    .or_insert_with(|| {
-                        std::fs::read_to_string(format!("/proc/{}/comm", r.entry.tgid))
-                            .map(|c| c.trim_end().to_owned())
-                            .unwrap_or_else(|_| "?".into())
-                    })
-                    .clone(),
-                opcode: crate::uring_opcode::name(r.entry.opcode as usize),
-                user_data: r.entry.user_data,
-                ring: format!("{:#x}", r.entry.ring),
-                req: format!("{:#x}", r.req),
-                age_seconds: now.saturating_sub(r.entry.start_ns) as f64 / 1e9,
-                stage: crate::stall::Stage::of(r).label(),
-            })
-            .collect::<Vec<_>>()
+        let (mut reqs, _) = model::inflight(&tracer);
+        reqs.truncate(model::SNAPSHOT_INFLIGHT);
+        reqs
     })
     .await
     .unwrap_or_default();
     axum::Json(list)
+}
+
+/// Everything `top` shows, in the model's types: statistics, in-flight requests, stalls,
+/// recent slow events, layers.
+async fn snapshot(State(s): State<AppState>) -> axum::response::Response {
+    let stalls = s.stalls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let slow = s.slow.list();
+    let tracer = s.tracer.clone();
+    match tokio::task::spawn_blocking(move || Snapshot::collect(&tracer, stalls, slow)).await {
+        Ok(Ok(snap)) => axum::Json(snap).into_response(),
+        Ok(Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the tracer's maps failed: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("snapshot task failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// How each layer (io_uring, block, NVMe) is traced now and why.
@@ -187,7 +175,8 @@ async fn layers(State(state): State<AppState>) -> impl IntoResponse {
 async fn index() -> impl IntoResponse {
     "gds-agent: /metrics (Prometheus); JSON: /debug/inflight (requests in flight, oldest first), \
      /debug/stalls (active and recent stalls), /debug/slow (recent slow requests), \
-     /debug/layers (how each layer is traced and why)\n"
+     /debug/layers (how each layer is traced and why), /debug/snapshot (all of it, as `top` \
+     reads it)\n"
 }
 
 /// What to do about a failed bind, by its cause.
@@ -232,6 +221,7 @@ pub async fn serve(
         .route("/debug/stalls", get(stalls))
         .route("/debug/inflight", get(inflight))
         .route("/debug/layers", get(layers))
+        .route("/debug/snapshot", get(snapshot))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -24,7 +24,7 @@ enum Command {
     /// stalls. Attaches to --agent, or starts its own agent (extra arguments go to it).
     Top(gds_user::top::TopArgs),
     /// Active and recent stalls of a running agent.
-    Stalls(gds_user::stall::StallsArgs),
+    Stalls(gds_user::top::stalls::StallsArgs),
     /// Report what this host can do for GPUDirect Storage and which data path `read` will use.
     Probe(gds_user::probe::ProbeArgs),
     /// Stream SRC (file, block device, /dev/ngXnY) into GPU or host memory by the best route
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
                 .and_then(gds_user::agent::run)
         }
         Some(Command::Top(args)) => gds_user::top::run(args),
-        Some(Command::Stalls(args)) => gds_user::stall::stalls_cmd(args),
+        Some(Command::Stalls(args)) => gds_user::top::stalls::run(args),
         Some(Command::Probe(args)) => gds_user::probe::run(args),
         Some(Command::Read(args)) => gds_user::datapath::cli::read(args),
         Some(Command::Bench(args)) => gds_user::datapath::bench::bench(args),

@@ -1,110 +1,12 @@
 //! Stall detection: requests in flight longer than a threshold, seen while they happen.
 //!
-//! The agent scans the kernel's in-flight tables every interval ([`crate::trace`]) and feeds
-//! them here. Each stall is reported once when detected and once when it ends, with the
-//! request's context and the stage it is stuck in.
+//! The agent scans the kernel's in-flight tables every interval, decodes them into the model
+//! ([`crate::model::inflight`]) and feeds them here. Each stall is reported once when detected
+//! and once when it ends, with the request's context and the stage it is stuck in.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use serde::Serialize;
-
-use crate::{trace::InflightRequest, uring_opcode};
-
-/// Where a request is being tracked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layer {
-    /// io_uring: submitted, not yet completed.
-    Uring,
-}
-
-impl Layer {
-    pub const fn label(self) -> &'static str {
-        match self {
-            Layer::Uring => "uring",
-        }
-    }
-}
-
-/// Where a stalled request is stuck.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Not yet at a device: queued in io_uring or the kernel (or waiting on something that is
-    /// not a device, such as an empty pipe).
-    Queue,
-    /// At the device: the NVMe command was issued and has not completed.
-    Device,
-    /// Completed by the device, not yet delivered as a CQE.
-    Completion,
-}
-
-impl Stage {
-    pub const fn describe(self) -> &'static str {
-        match self {
-            Stage::Queue => "not yet at the device (no device command seen)",
-            Stage::Device => "at the device",
-            Stage::Completion => "completed by the device but not yet delivered",
-        }
-    }
-}
-
-/// A stalled request with its context.
-#[derive(Debug, Clone, Serialize)]
-pub struct Stall {
-    pub layer: Layer,
-    /// Disk the request is on; `unknown` until device tracing names it.
-    pub disk: String,
-    pub stage: Stage,
-    pub stage_description: &'static str,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub ring: String,
-    pub opcode: String,
-    pub user_data: u64,
-    /// Request identity while in flight (`struct io_kiocb *`, hex).
-    pub req: String,
-    /// The NVMe command it became (passthrough with NVMe tracing), else absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nvme: Option<NvmeContext>,
-    /// Seconds in flight when detected / now (active) / in total (ended).
-    pub age_seconds: f64,
-    /// Set when the stall has ended.
-    pub total_seconds: Option<f64>,
-    #[serde(skip)]
-    start_ns: u64,
-}
-
-/// Where an io_uring passthrough request sits on the device.
-#[derive(Debug, Clone, Serialize)]
-pub struct NvmeContext {
-    pub qid: u16,
-    pub cid: u16,
-    pub lba: u64,
-    pub blocks: u32,
-}
-
-impl Stage {
-    /// The stage of an in-flight request from what the NVMe programs stamped.
-    pub fn of(r: &InflightRequest) -> Stage {
-        if r.entry.nvme_setup_ns == 0 {
-            Stage::Queue
-        } else if r.entry.nvme_complete_ns == 0 {
-            Stage::Device
-        } else {
-            Stage::Completion
-        }
-    }
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Stage::Queue => "queue",
-            Stage::Device => "device",
-            Stage::Completion => "completion",
-        }
-    }
-}
+use crate::model::{Layer, Request, RequestKey, Stall, StallReport, StallTotal};
 
 /// A detection or an end, as returned by [`StallDetector::scan`].
 #[derive(Debug, Clone)]
@@ -113,37 +15,16 @@ pub enum StallChange {
     Ended(Stall),
 }
 
-/// What `/debug/stalls` and the metrics show.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StallReport {
-    pub threshold_seconds: f64,
-    pub active: Vec<Stall>,
-    /// Most recent ended stalls, newest last.
-    pub ended: Vec<Stall>,
-    pub inflight: usize,
-    pub oldest_inflight_seconds: f64,
-    pub scan_seconds: f64,
-    /// Stalls detected since start, by (layer, disk).
-    #[serde(skip)]
-    pub totals: BTreeMap<(Layer, String), u64>,
-}
-
 pub struct StallDetector {
     threshold_ns: u64,
-    active: HashMap<(u64, u64), Stall>,
+    active: HashMap<RequestKey, Stall>,
     ended: VecDeque<Stall>,
     totals: BTreeMap<(Layer, String), u64>,
-    /// Exact latencies of completed requests, from slow events (req, start) → ns.
-    exact: HashMap<(u64, u64), u64>,
+    /// Exact latencies of completed requests, from slow events.
+    exact: HashMap<RequestKey, u64>,
 }
 
 const ENDED_KEPT: usize = 256;
-
-fn comm_of(tgid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{tgid}/comm"))
-        .map(|s| s.trim_end().to_owned())
-        .unwrap_or_else(|_| "?".into())
-}
 
 impl StallDetector {
     pub fn new(threshold_ns: u64) -> Self {
@@ -159,67 +40,45 @@ impl StallDetector {
 
     /// Records a completion's exact latency (from a slow event) so an ending stall reports
     /// it rather than the scan-interval approximation.
-    pub fn completed(&mut self, req: u64, start_ns: u64, latency_ns: u64) {
-        if self.active.contains_key(&(req, start_ns)) {
-            self.exact.insert((req, start_ns), latency_ns);
+    pub fn completed(&mut self, key: RequestKey, latency_ns: u64) {
+        if self.active.contains_key(&key) {
+            self.exact.insert(key, latency_ns);
         }
     }
 
-    /// Compares the in-flight requests at `now_ns` (CLOCK_MONOTONIC) with the known stalls.
-    pub fn scan(&mut self, now_ns: u64, inflight: &[InflightRequest]) -> Vec<StallChange> {
+    /// Compares the requests in flight at `now_ns` (CLOCK_MONOTONIC) with the known stalls.
+    pub fn scan(&mut self, now_ns: u64, inflight: &[Request]) -> Vec<StallChange> {
         let mut changes = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(self.active.len());
         for r in inflight {
-            let age = now_ns.saturating_sub(r.entry.start_ns);
+            let age = now_ns.saturating_sub(r.key.start_ns);
             if age < self.threshold_ns {
                 continue;
             }
-            let key = (r.req, r.entry.start_ns);
-            seen.insert(key);
-            let stage = Stage::of(r);
-            if let Some(s) = self.active.get_mut(&key) {
-                s.age_seconds = age as f64 / 1e9;
+            seen.insert(r.key);
+            if let Some(s) = self.active.get_mut(&r.key) {
                 // A stall can move on (e.g. issued to the device after waiting in a queue).
-                s.stage = stage;
-                s.stage_description = stage.describe();
+                let stage = r.stage;
+                s.request = r.clone();
+                s.request.age_seconds = age as f64 / 1e9;
+                s.stage_description = stage.describe().into();
                 continue;
             }
-            let nvme = (r.entry.nvme_setup_ns != 0).then(|| NvmeContext {
-                qid: r.entry.nvme_qid,
-                cid: r.entry.nvme_cid,
-                lba: r.entry.nvme_lba,
-                blocks: r.entry.nvme_blocks,
-            });
-            let disk = if nvme.is_some() {
-                crate::trace::disk_name(r.entry.nvme_dev)
-            } else {
-                "unknown".into()
-            };
+            let mut request = r.clone();
+            request.age_seconds = age as f64 / 1e9;
             let stall = Stall {
-                layer: Layer::Uring,
-                disk,
-                stage,
-                stage_description: stage.describe(),
-                nvme,
-                pid: r.entry.tgid,
-                tid: r.entry.pid,
-                comm: comm_of(r.entry.tgid),
-                ring: format!("{:#x}", r.entry.ring),
-                opcode: uring_opcode::name(r.entry.opcode as usize),
-                user_data: r.entry.user_data,
-                req: format!("{:#x}", r.req),
-                age_seconds: age as f64 / 1e9,
+                stage_description: r.stage.describe().into(),
+                request,
                 total_seconds: None,
-                start_ns: r.entry.start_ns,
             };
             *self
                 .totals
-                .entry((stall.layer, stall.disk.clone()))
+                .entry((stall.request.layer, stall.request.disk.clone()))
                 .or_default() += 1;
-            self.active.insert(key, stall.clone());
+            self.active.insert(r.key, stall.clone());
             changes.push(StallChange::Started(stall));
         }
-        let gone: Vec<(u64, u64)> = self
+        let gone: Vec<RequestKey> = self
             .active
             .keys()
             .filter(|k| !seen.contains(*k))
@@ -232,9 +91,9 @@ impl StallDetector {
             let total = self
                 .exact
                 .remove(&key)
-                .unwrap_or(now_ns.saturating_sub(s.start_ns));
+                .unwrap_or(now_ns.saturating_sub(key.start_ns));
             s.total_seconds = Some(total as f64 / 1e9);
-            s.age_seconds = total as f64 / 1e9;
+            s.request.age_seconds = total as f64 / 1e9;
             if self.ended.len() == ENDED_KEPT {
                 self.ended.pop_front();
             }
@@ -245,17 +104,12 @@ impl StallDetector {
         changes
     }
 
-    pub fn report(
-        &self,
-        now_ns: u64,
-        inflight: &[InflightRequest],
-        scan_seconds: f64,
-    ) -> StallReport {
+    pub fn report(&self, now_ns: u64, inflight: &[Request], scan_seconds: f64) -> StallReport {
         let mut active: Vec<Stall> = self.active.values().cloned().collect();
-        active.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+        active.sort_by(|a, b| b.request.age_seconds.total_cmp(&a.request.age_seconds));
         let oldest = inflight
             .iter()
-            .map(|r| now_ns.saturating_sub(r.entry.start_ns))
+            .map(|r| now_ns.saturating_sub(r.key.start_ns))
             .max()
             .unwrap_or(0);
         StallReport {
@@ -265,7 +119,15 @@ impl StallDetector {
             inflight: inflight.len(),
             oldest_inflight_seconds: oldest as f64 / 1e9,
             scan_seconds,
-            totals: self.totals.clone(),
+            totals: self
+                .totals
+                .iter()
+                .map(|((layer, disk), count)| StallTotal {
+                    layer: *layer,
+                    disk: disk.clone(),
+                    count: *count,
+                })
+                .collect(),
         }
     }
 }
@@ -273,37 +135,60 @@ impl StallDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Stage;
 
-    fn req(req: u64, start_ns: u64) -> InflightRequest {
-        let entry = gds_common::InflightReq {
-            start_ns,
-            user_data: 7,
-            ring: 0x10,
-            tgid: 1,
+    fn req(req: u64, start_ns: u64) -> Request {
+        Request {
+            layer: Layer::Uring,
             pid: 1,
-            opcode: 22,
-            ..Default::default()
-        };
-        InflightRequest { req, entry }
+            tid: 1,
+            comm: "t".into(),
+            opcode: "READ".into(),
+            user_data: 7,
+            ring: "0x10".into(),
+            req: format!("{req:#x}"),
+            age_seconds: 0.0,
+            stage: Stage::Queue,
+            disk: "unknown".into(),
+            nvme: None,
+            key: RequestKey { req, start_ns },
+        }
     }
 
     #[test]
     fn a_stall_starts_once_and_ends_once() {
         let mut d = StallDetector::new(1_000);
         let r = req(0xabc, 100);
-        assert!(d.scan(500, &[r]).is_empty(), "younger than the threshold");
-        let c = d.scan(1_200, &[r]);
         assert!(
-            matches!(&c[..], [StallChange::Started(s)] if s.opcode == "READ" && s.user_data == 7)
+            d.scan(500, std::slice::from_ref(&r)).is_empty(),
+            "younger than the threshold"
         );
-        assert!(d.scan(5_000, &[r]).is_empty(), "reported once");
-        assert_eq!(d.report(5_000, &[r], 0.0).active[0].age_seconds, 4_900e-9);
-        d.completed(0xabc, 100, 4_000);
+        let c = d.scan(1_200, std::slice::from_ref(&r));
+        assert!(
+            matches!(&c[..], [StallChange::Started(s)] if s.request.opcode == "READ" && s.request.user_data == 7)
+        );
+        assert!(
+            d.scan(5_000, std::slice::from_ref(&r)).is_empty(),
+            "reported once"
+        );
+        assert_eq!(
+            d.report(5_000, std::slice::from_ref(&r), 0.0).active[0]
+                .request
+                .age_seconds,
+            4_900e-9
+        );
+        d.completed(r.key, 4_000);
         let c = d.scan(9_000, &[]);
         assert!(matches!(&c[..], [StallChange::Ended(s)] if s.total_seconds == Some(4e-6)));
         assert!(d.scan(10_000, &[]).is_empty());
         let rep = d.report(10_000, &[], 0.0);
-        assert_eq!(rep.totals[&(Layer::Uring, "unknown".to_string())], 1);
+        let total = |disk: &str| {
+            rep.totals
+                .iter()
+                .find(|t| t.layer == Layer::Uring && t.disk == disk)
+                .map(|t| t.count)
+        };
+        assert_eq!(total("unknown"), Some(1));
         assert_eq!(rep.ended.len(), 1);
         assert!(rep.active.is_empty());
     }
@@ -319,56 +204,4 @@ mod tests {
             [StallChange::Started(_), StallChange::Ended(_)]
         ));
     }
-}
-
-/// `gds-agent stalls`: the active and recent stalls of a running agent.
-#[derive(clap::Args, Debug, Clone)]
-pub struct StallsArgs {
-    /// The agent to ask (host:port).
-    #[arg(long, default_value = crate::agent::DEFAULT_LISTEN)]
-    pub agent: String,
-    /// Print the agent's JSON report as is.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub fn stalls_cmd(args: StallsArgs) -> anyhow::Result<()> {
-    let addr = crate::client::parse_addr(&args.agent)?;
-    let body = crate::client::get(addr, "/debug/stalls")?;
-    if args.json {
-        println!("{body}");
-        return Ok(());
-    }
-    let v: serde_json::Value = serde_json::from_str(&body)?;
-    let rows = |key: &str| v[key].as_array().cloned().unwrap_or_default();
-    println!(
-        "{} active stall(s) (threshold {}s), {} request(s) in flight, oldest {:.3}s",
-        rows("active").len(),
-        v["threshold_seconds"],
-        v["inflight"],
-        v["oldest_inflight_seconds"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:<8} {:>9} {:>8} {:<16} {:<10} {:>18}  WHERE",
-        "STATE", "SECONDS", "PID", "COMM", "OPCODE", "USER_DATA"
-    );
-    for (state, key) in [("STALLED", "active"), ("ended", "ended")] {
-        for s in rows(key) {
-            println!(
-                "{:<8} {:>9.3} {:>8} {:<16} {:<10} {:>#18x}  {} ({})",
-                state,
-                s["total_seconds"]
-                    .as_f64()
-                    .or(s["age_seconds"].as_f64())
-                    .unwrap_or(0.0),
-                s["pid"],
-                s["comm"].as_str().unwrap_or("?"),
-                s["opcode"].as_str().unwrap_or("?"),
-                s["user_data"].as_u64().unwrap_or(0),
-                s["disk"].as_str().unwrap_or("?"),
-                s["stage_description"].as_str().unwrap_or("?"),
-            );
-        }
-    }
-    Ok(())
 }

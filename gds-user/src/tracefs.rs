@@ -171,12 +171,10 @@ impl TracefsWatch {
     }
 }
 
-/// Registers `gds_agent_tracefs_available` on `registry` and keeps it current from a task that
-/// re-reads /proc/self/mounts every [`WATCH_INTERVAL`] (the agent's own mount namespace),
-/// logging each change once. The task ends with the runtime.
-pub fn spawn_watch(registry: &prometheus::Registry) -> prometheus::Result<()> {
-    let gauge = crate::metrics::tracefs_available();
-    registry.register(Box::new(gauge.clone()))?;
+/// Keeps `gauge` (`gds_agent_tracefs_available`, made and registered by the caller) current
+/// from a task that re-reads /proc/self/mounts every [`WATCH_INTERVAL`] (the agent's own mount
+/// namespace), logging each change once. The task ends with the runtime.
+pub fn spawn_watch(gauge: prometheus::IntGauge) {
     let mut watch = TracefsWatch::default();
     let mut check = move || {
         let now = find_mount();
@@ -195,7 +193,6 @@ pub fn spawn_watch(registry: &prometheus::Registry) -> prometheus::Result<()> {
             check();
         }
     });
-    Ok(())
 }
 
 impl EventFormat {

@@ -10,15 +10,15 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{LabelPair, Metric, MetricFamily};
 
 use super::Fact;
 use super::bounded::HostRoot;
 use super::nvidia_fs::{self, EXPORTED_COUNTERS};
 use super::report::Report;
+use crate::exposition::{counter, desc, family, gauge, named_family};
+use crate::families::{self as f, Kind, NVIDIA_FS_PREFIX};
 
-const INFO: &str = "gds_capability_info";
-const UP: &str = "gds_nvidia_fs_up";
 const GPU_PREFIX: &str = "gds_nvidia_fs_gpu_";
 /// Per-GPU nvidia-fs values (`GPU ... : Registered_MiB=0 Cache_MiB=0 max_pinned_MiB=1 cross_root_port(%)=0`).
 const GPU_VALUES: &[&str] = &[
@@ -26,16 +26,6 @@ const GPU_VALUES: &[&str] = &[
     "cache_mib",
     "max_pinned_mib",
     "cross_root_port",
-];
-const INFO_LABELS: &[&str] = &[
-    "gpu",
-    "pci",
-    "path",
-    "gds_mode",
-    "nvidia_fs",
-    "cufile",
-    "p2pdma",
-    "kernel",
 ];
 
 /// Collects the probe's metrics; see the module docs for the cost of a scrape.
@@ -48,9 +38,9 @@ pub struct ProbeCollector {
 
 fn metric_name(counter: &str, monotonic: bool) -> String {
     if monotonic {
-        format!("gds_nvidia_fs_{counter}_total")
+        format!("{NVIDIA_FS_PREFIX}{counter}_total")
     } else {
-        format!("gds_nvidia_fs_{counter}")
+        format!("{NVIDIA_FS_PREFIX}{counter}")
     }
 }
 
@@ -112,15 +102,7 @@ impl ProbeCollector {
         let root = HostRoot::new(root);
         let report = Report::collect(&root);
         let info = info_labels(&report);
-        let mut descs = vec![
-            Desc::new(
-                INFO.into(),
-                "GPUDirect Storage capability of this host per GPU: the data path read will take (gds, p2p, bounce) and what it depends on.".into(),
-                INFO_LABELS.iter().map(|s| (*s).to_owned()).collect(),
-                HashMap::new(),
-            )?,
-            Desc::new(UP.into(), "1 when /proc/driver/nvidia-fs/stats was read and parsed on this scrape.".into(), vec![], HashMap::new())?,
-        ];
+        let mut descs = vec![desc(&f::CAPABILITY_INFO), desc(&f::NVIDIA_FS_UP)];
         for (name, monotonic) in EXPORTED_COUNTERS {
             descs.push(Desc::new(
                 metric_name(name, *monotonic),
@@ -141,44 +123,14 @@ impl ProbeCollector {
     }
 }
 
+/// Labels sorted by name (the info labels are built in a different order).
 fn labels(pairs: &[(String, String)]) -> Vec<LabelPair> {
-    let mut out: Vec<LabelPair> = pairs
+    let mut sorted: Vec<(&str, &str)> = pairs
         .iter()
-        .map(|(k, v)| {
-            let mut l = LabelPair::default();
-            l.set_name(k.clone());
-            l.set_value(v.clone());
-            l
-        })
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    out.sort_by(|a, b| a.name().cmp(b.name()));
-    out
-}
-
-fn gauge_metric(pairs: &[(String, String)], value: f64) -> Metric {
-    let mut g = Gauge::default();
-    g.set_value(value);
-    let mut m = Metric::default();
-    m.set_label(labels(pairs));
-    m.set_gauge(g);
-    m
-}
-
-fn counter_metric(value: f64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(value);
-    let mut m = Metric::default();
-    m.set_counter(c);
-    m
-}
-
-fn family(name: String, help: String, ty: MetricType, metrics: Vec<Metric>) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name);
-    f.set_help(help);
-    f.set_field_type(ty);
-    f.set_metric(metrics);
-    f
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    crate::exposition::labels(&sorted)
 }
 
 impl Collector for ProbeCollector {
@@ -189,19 +141,15 @@ impl Collector for ProbeCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let mut out = Vec::new();
         out.push(family(
-            INFO.into(),
-            self.descs[0].help.clone(),
-            MetricType::GAUGE,
-            self.info.iter().map(|l| gauge_metric(l, 1.0)).collect(),
+            &f::CAPABILITY_INFO,
+            self.info.iter().map(|l| gauge(labels(l), 1.0)).collect(),
         ));
         let stats = nvidia_fs::read_stats(&self.root)
             .ok()
             .filter(|s| s.stats_version.is_some() || !s.counters.is_empty());
         out.push(family(
-            UP.into(),
-            self.descs[1].help.clone(),
-            MetricType::GAUGE,
-            vec![gauge_metric(&[], if stats.is_some() { 1.0 } else { 0.0 })],
+            &f::NVIDIA_FS_UP,
+            vec![gauge(vec![], if stats.is_some() { 1.0 } else { 0.0 })],
         ));
         let Some(stats) = stats else {
             return out;
@@ -211,22 +159,12 @@ impl Collector for ProbeCollector {
                 continue;
             };
             let desc = &self.descs[2 + i];
-            let metric = if *monotonic {
-                counter_metric(*value as f64)
+            let (metric, kind) = if *monotonic {
+                (counter(vec![], *value as f64), Kind::Counter)
             } else {
-                gauge_metric(&[], *value as f64)
+                (gauge(vec![], *value as f64), Kind::Gauge)
             };
-            let ty = if *monotonic {
-                MetricType::COUNTER
-            } else {
-                MetricType::GAUGE
-            };
-            out.push(family(
-                desc.fq_name.clone(),
-                desc.help.clone(),
-                ty,
-                vec![metric],
-            ));
+            out.push(named_family(&desc.fq_name, &desc.help, kind, vec![metric]));
         }
         for (i, v) in GPU_VALUES.iter().enumerate() {
             let metrics: Vec<Metric> = stats
@@ -236,15 +174,15 @@ impl Collector for ProbeCollector {
                 .filter_map(|g| {
                     g.counters
                         .get(*v)
-                        .map(|val| gauge_metric(&[("pci".into(), g.pci.clone())], *val as f64))
+                        .map(|val| gauge(labels(&[("pci".into(), g.pci.clone())]), *val as f64))
                 })
                 .collect();
             if !metrics.is_empty() {
                 let desc = &self.descs[2 + EXPORTED_COUNTERS.len() + i];
-                out.push(family(
-                    desc.fq_name.clone(),
-                    desc.help.clone(),
-                    MetricType::GAUGE,
+                out.push(named_family(
+                    &desc.fq_name,
+                    &desc.help,
+                    Kind::Gauge,
                     metrics,
                 ));
             }

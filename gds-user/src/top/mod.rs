@@ -1,10 +1,12 @@
 //! `gds-agent top`: a live terminal view of a running agent (bpftop/iotop style).
 //!
-//! It reads the same model the exporter serves (`/metrics`, `/debug/inflight`,
-//! `/debug/stalls`), either from an agent given with `--agent` or from one it starts itself
-//! (standalone) and stops on exit. `model` computes, `ui` draws.
+//! It reads the agent's model through `/debug/snapshot` (the same types the agent decodes
+//! once and serves), either from an agent given with `--agent` or from one it starts itself
+//! (standalone) and stops on exit. `model` computes, `ui` draws; `stalls` is the one-shot
+//! `gds-agent stalls`.
 
 pub mod model;
+pub mod stalls;
 mod ui;
 
 use std::{
@@ -17,8 +19,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 
-use crate::client;
-use model::{Sample, View};
+use crate::{client, model::Snapshot};
+use model::View;
 
 #[derive(Args, Debug, Clone)]
 pub struct TopArgs {
@@ -83,16 +85,11 @@ fn start_own_agent(args: &[String]) -> Result<(SocketAddr, OwnAgent)> {
     Ok((addr, own))
 }
 
-fn read(addr: SocketAddr) -> Result<Sample> {
-    let metrics = client::get(addr, "/metrics")?;
-    let inflight = client::get(addr, "/debug/inflight")?;
-    let stalls = client::get(addr, "/debug/stalls")?;
-    Ok(Sample {
-        at: Instant::now(),
-        series: model::parse_metrics(&metrics),
-        inflight: serde_json::from_str(&inflight).context("parsing /debug/inflight")?,
-        stalls: serde_json::from_str(&stalls).context("parsing /debug/stalls")?,
-    })
+/// One `/debug/snapshot` of the agent at `addr`, in the model's types.
+pub fn read_snapshot(addr: SocketAddr) -> Result<Snapshot> {
+    let body = client::get(addr, "/debug/snapshot")?;
+    serde_json::from_str(&body)
+        .with_context(|| format!("the agent at {addr} sent a /debug/snapshot this top cannot read"))
 }
 
 pub fn run(args: TopArgs) -> Result<()> {
@@ -103,7 +100,7 @@ pub fn run(args: TopArgs) -> Result<()> {
             (addr, Some(own))
         }
     };
-    let mut prev = read(addr)?;
+    let mut prev = read_snapshot(addr)?;
     let status = format!("agent {addr}");
     let mut terminal = ratatui::init();
     let result = (|| -> Result<()> {
@@ -126,7 +123,7 @@ pub fn run(args: TopArgs) -> Result<()> {
                 continue;
             }
             next = Instant::now() + args.interval;
-            match read(addr) {
+            match read_snapshot(addr) {
                 Ok(cur) => {
                     view = View::compute(&prev, &cur);
                     prev = cur;

@@ -1,96 +1,9 @@
-//! What `gds-agent top` shows, computed from two consecutive reads of a running agent
-//! (`/metrics`, `/debug/inflight`, `/debug/stalls`). No drawing here.
+//! What `gds-agent top` shows, computed from two consecutive snapshots of a running agent
+//! (`/debug/snapshot`, the model's own types). No drawing here.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
-/// One sample line of the text exposition: name, labels, value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Series {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
-
-/// Parses the Prometheus text format (the subset the agent writes: no timestamps, no
-/// escaped quotes in label values since labels are opcode/disk/reason names).
-pub fn parse_metrics(text: &str) -> Vec<Series> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((key, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match key.split_once('{') {
-            Some((n, rest)) => {
-                let mut labels = BTreeMap::new();
-                for pair in rest
-                    .trim_end_matches('}')
-                    .split(',')
-                    .filter(|p| !p.is_empty())
-                {
-                    if let Some((k, v)) = pair.split_once('=') {
-                        labels.insert(k.to_owned(), v.trim_matches('"').to_owned());
-                    }
-                }
-                (n.to_owned(), labels)
-            }
-            None => (key.to_owned(), BTreeMap::new()),
-        };
-        out.push(Series {
-            name,
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// One row of `/debug/inflight`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct InflightRow {
-    pub pid: u32,
-    pub comm: String,
-    pub opcode: String,
-    pub user_data: u64,
-    pub age_seconds: f64,
-    #[serde(default)]
-    pub stage: String,
-}
-
-/// One stall of `/debug/stalls`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct StallRow {
-    pub pid: u32,
-    pub comm: String,
-    pub opcode: String,
-    pub user_data: u64,
-    pub disk: String,
-    pub stage: String,
-    pub age_seconds: f64,
-    pub total_seconds: Option<f64>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct StallsView {
-    pub active: Vec<StallRow>,
-    pub ended: Vec<StallRow>,
-}
-
-/// One read of the agent.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub at: Instant,
-    pub series: Vec<Series>,
-    pub inflight: Vec<InflightRow>,
-    pub stalls: StallsView,
-}
+use crate::model::{Histogram, Request, Snapshot, Stall};
 
 /// A row of the per-opcode (or per-disk) rate table.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,98 +22,73 @@ pub struct View {
     pub opcodes: Vec<RateRow>,
     pub disks: Vec<RateRow>,
     pub total_iops: f64,
-    pub inflight_total: f64,
-    pub drops: f64,
-    pub inflight: Vec<InflightRow>,
-    pub active_stalls: Vec<StallRow>,
-    pub ended_stalls: Vec<StallRow>,
+    pub inflight_total: u64,
+    pub drops: u64,
+    /// Oldest first.
+    pub inflight: Vec<Request>,
+    pub active_stalls: Vec<Stall>,
+    /// Newest first.
+    pub ended_stalls: Vec<Stall>,
 }
 
-fn sum_by(series: &[Series], name: &str, key: &str) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::new();
-    for s in series.iter().filter(|s| s.name == name) {
-        if let Some(k) = s.labels.get(key) {
-            *m.entry(k.clone()).or_default() += s.value;
-        }
+/// Counts, errors and latency of one row key in one snapshot.
+#[derive(Default)]
+struct Totals {
+    count: u64,
+    errors: u64,
+    latency: Histogram,
+}
+
+fn add(h: &mut Histogram, other: &Histogram) {
+    if h.buckets.len() < other.buckets.len() {
+        h.buckets.resize(other.buckets.len(), 0);
+    }
+    for (a, b) in h.buckets.iter_mut().zip(&other.buckets) {
+        *a += b;
+    }
+    h.count += other.count;
+    h.sum_ns += other.sum_ns;
+}
+
+fn by_opcode(s: &Snapshot) -> BTreeMap<String, Totals> {
+    s.stats
+        .opcodes
+        .iter()
+        .map(|o| {
+            let t = Totals {
+                count: o.submitted,
+                errors: o.errors,
+                latency: o.latency.clone(),
+            };
+            (o.opcode.clone(), t)
+        })
+        .collect()
+}
+
+fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
+    let mut m: BTreeMap<String, Totals> = BTreeMap::new();
+    for n in &s.stats.nvme {
+        let t = m.entry(n.disk.clone()).or_default();
+        t.count += n.latency.count;
+        add(&mut t.latency, &n.latency);
+    }
+    for e in &s.stats.nvme_errors {
+        m.entry(e.disk.clone()).or_default().errors += e.count;
     }
     m
 }
 
-/// Cumulative buckets (le → count) of histogram `name` for label `key` = `value`.
-fn buckets(series: &[Series], name: &str, key: &str, value: &str) -> Vec<(f64, f64)> {
-    let bucket = format!("{name}_bucket");
-    let mut b: Vec<(f64, f64)> = series
+fn rates(prev: &BTreeMap<String, Totals>, cur: &BTreeMap<String, Totals>, dt: f64) -> Vec<RateRow> {
+    let mut rows: Vec<RateRow> = cur
         .iter()
-        .filter(|s| s.name == bucket && s.labels.get(key).map(String::as_str) == Some(value))
-        .filter_map(|s| {
-            let le = s.labels.get("le")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, s.value))
-        })
-        .collect();
-    b.sort_by(|a, c| a.0.total_cmp(&c.0));
-    b
-}
-
-/// Quantile `q` of the observations between two cumulative bucket lists (upper bound of the
-/// bucket that holds it: the honest answer for log2 buckets).
-pub fn quantile(prev: &[(f64, f64)], cur: &[(f64, f64)], q: f64) -> Option<f64> {
-    let delta: Vec<(f64, f64)> = cur
-        .iter()
-        .map(|(le, c)| {
-            let p = prev
-                .iter()
-                .find(|(l, _)| l == le)
-                .map(|(_, v)| *v)
-                .unwrap_or(0.0);
-            (*le, (c - p).max(0.0))
-        })
-        .collect();
-    let total = delta.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    delta.iter().find(|(_, c)| *c >= rank).map(|(le, _)| *le)
-}
-
-fn rates(
-    prev: &Sample,
-    cur: &Sample,
-    counter: &str,
-    hist: &str,
-    errors: &str,
-    key: &str,
-) -> Vec<RateRow> {
-    let dt = cur.at.duration_since(prev.at).as_secs_f64().max(1e-3);
-    let (p, c) = (
-        sum_by(&prev.series, counter, key),
-        sum_by(&cur.series, counter, key),
-    );
-    let (pe, ce) = (
-        sum_by(&prev.series, errors, key),
-        sum_by(&cur.series, errors, key),
-    );
-    let mut rows: Vec<RateRow> = c
-        .iter()
-        .map(|(k, v)| {
-            let (pb, cb) = (
-                buckets(&prev.series, hist, key, k),
-                buckets(&cur.series, hist, key, k),
-            );
+        .map(|(k, c)| {
+            let p = prev.get(k);
             RateRow {
                 key: k.clone(),
-                iops: (v - p.get(k).copied().unwrap_or(0.0)).max(0.0) / dt,
-                p50: quantile(&pb, &cb, 0.5),
-                p99: quantile(&pb, &cb, 0.99),
-                errors_per_s: (ce.get(k).copied().unwrap_or(0.0)
-                    - pe.get(k).copied().unwrap_or(0.0))
-                .max(0.0)
-                    / dt,
+                iops: c.count.saturating_sub(p.map_or(0, |p| p.count)) as f64 / dt,
+                p50: c.latency.quantile_since(p.map(|p| &p.latency), 0.5),
+                p99: c.latency.quantile_since(p.map(|p| &p.latency), 0.99),
+                errors_per_s: c.errors.saturating_sub(p.map_or(0, |p| p.errors)) as f64 / dt,
             }
         })
         .collect();
@@ -208,43 +96,21 @@ fn rates(
     rows
 }
 
-fn scalar(series: &[Series], name: &str) -> f64 {
-    series
-        .iter()
-        .filter(|s| s.name == name)
-        .map(|s| s.value)
-        .sum()
-}
-
 impl View {
-    pub fn compute(prev: &Sample, cur: &Sample) -> View {
-        let opcodes = rates(
-            prev,
-            cur,
-            "gds_uring_requests_total",
-            "gds_uring_request_duration_seconds",
-            "gds_uring_request_errors_total",
-            "opcode",
-        );
-        let disks = rates(
-            prev,
-            cur,
-            "gds_nvme_commands_total",
-            "gds_nvme_command_duration_seconds",
-            "gds_nvme_errors_total",
-            "disk",
-        );
-        let mut inflight = cur.inflight.clone();
-        inflight.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+    pub fn compute(prev: &Snapshot, cur: &Snapshot) -> View {
+        // The agent's own clock: how far apart the two reads of the kernel's maps were.
+        let dt = (cur.taken_ns.saturating_sub(prev.taken_ns) as f64 / 1e9).max(1e-3);
+        let opcodes = rates(&by_opcode(prev), &by_opcode(cur), dt);
+        let disks = rates(&by_disk(prev), &by_disk(cur), dt);
         let mut ended = cur.stalls.ended.clone();
         ended.reverse();
         View {
             total_iops: opcodes.iter().map(|r| r.iops).sum(),
             opcodes,
             disks,
-            inflight_total: scalar(&cur.series, "gds_uring_inflight_requests"),
-            drops: scalar(&cur.series, "gds_trace_dropped_total"),
-            inflight,
+            inflight_total: cur.stats.inflight,
+            drops: cur.stats.dropped(),
+            inflight: cur.inflight.clone(),
             active_stalls: cur.stalls.active.clone(),
             ended_stalls: ended,
         }
@@ -254,34 +120,55 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::stats::{OpcodeRow, Stats};
+    use gds_common::HIST_BUCKETS;
 
-    fn sample(text: &str, at: Instant) -> Sample {
-        Sample {
-            at,
-            series: parse_metrics(text),
+    fn snapshot(taken_ns: u64, submitted: u64, errors: u64, b19: u64, b20: u64) -> Snapshot {
+        let mut buckets = vec![0u64; HIST_BUCKETS];
+        buckets[19] = b19;
+        buckets[20] = b20;
+        Snapshot {
+            version: "t".into(),
+            kernel: "t".into(),
+            taken_ns,
+            stats: Stats {
+                opcodes: vec![OpcodeRow {
+                    opcode: "READ".into(),
+                    submitted,
+                    errors,
+                    slow: 0,
+                    latency: Histogram::new(&buckets, 0),
+                }],
+                ..Default::default()
+            },
             inflight: vec![],
+            inflight_total: 0,
             stalls: Default::default(),
+            slow: vec![],
+            layers: crate::trace::Layers {
+                io_uring: crate::trace::LayerMode {
+                    on: true,
+                    why: String::new(),
+                },
+                block: crate::trace::LayerMode {
+                    on: true,
+                    why: String::new(),
+                },
+                nvme: crate::trace::NvmeLayer {
+                    residence: crate::kmod::Residence::Absent,
+                    attached: false,
+                    status_decoded: false,
+                    why: String::new(),
+                },
+            },
         }
     }
 
     #[test]
-    fn rates_and_quantiles_from_two_scrapes() {
-        let t0 = Instant::now();
-        let a = sample(
-            "gds_uring_requests_total{opcode=\"READ\"} 100\n\
-             gds_uring_request_duration_seconds_bucket{opcode=\"READ\",le=\"0.001\"} 100\n\
-             gds_uring_request_duration_seconds_bucket{opcode=\"READ\",le=\"0.002\"} 100\n\
-             gds_uring_request_duration_seconds_bucket{opcode=\"READ\",le=\"+Inf\"} 100\n",
-            t0,
-        );
-        let b = sample(
-            "# HELP x\ngds_uring_requests_total{opcode=\"READ\"} 300\n\
-             gds_uring_request_duration_seconds_bucket{opcode=\"READ\",le=\"0.001\"} 150\n\
-             gds_uring_request_duration_seconds_bucket{opcode=\"READ\",le=\"0.002\"} 299\n\
-             gds_uring_request_duration_seconds_bucket{opcode=\"READ\",le=\"+Inf\"} 300\n\
-             gds_uring_request_errors_total{opcode=\"READ\"} 4\n",
-            t0 + std::time::Duration::from_secs(2),
-        );
+    fn rates_and_quantiles_from_two_snapshots() {
+        // 100 → 300 requests in 2 s; of the 200 new latencies 50 are in the first bucket.
+        let a = snapshot(1_000_000_000, 100, 0, 100, 0);
+        let b = snapshot(3_000_000_000, 300, 4, 150, 149);
         let v = View::compute(&a, &b);
         assert_eq!(v.opcodes.len(), 1);
         let r = &v.opcodes[0];
@@ -289,14 +176,16 @@ mod tests {
             (r.key.as_str(), r.iops, r.errors_per_s),
             ("READ", 100.0, 2.0)
         );
-        assert_eq!(r.p50, Some(0.002)); // 50 of 200 in the first bucket: median in the second
-        assert_eq!(r.p99, Some(0.002));
+        let second_bucket = Some((1u64 << 21) as f64 / 1e9);
+        assert_eq!(r.p50, second_bucket); // median in the second bucket
+        assert_eq!(r.p99, second_bucket);
         assert!(v.disks.is_empty());
     }
 
     #[test]
     fn quantile_of_an_idle_interval_is_none() {
-        let b = vec![(0.001, 5.0), (f64::INFINITY, 5.0)];
-        assert_eq!(quantile(&b, &b, 0.5), None);
+        let a = snapshot(0, 5, 0, 5, 0);
+        let v = View::compute(&a, &a);
+        assert_eq!(v.opcodes[0].p50, None);
     }
 }

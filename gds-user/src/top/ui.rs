@@ -107,11 +107,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
         .map(|r| {
             Row::new([
                 secs(Some(r.age_seconds)),
-                if r.stage.is_empty() {
-                    "-".into()
-                } else {
-                    r.stage.clone()
-                },
+                r.stage.label().to_string(),
                 r.pid.to_string(),
                 r.comm.clone(),
                 r.opcode.clone(),
@@ -155,12 +151,12 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                 } else {
                     "ended".to_string()
                 },
-                secs(Some(s.total_seconds.unwrap_or(s.age_seconds))),
-                s.pid.to_string(),
-                s.comm.clone(),
-                s.opcode.clone(),
-                format!("{:#x}", s.user_data),
-                format!("{} {}", s.disk, s.stage),
+                secs(Some(s.total_seconds.unwrap_or(s.request.age_seconds))),
+                s.request.pid.to_string(),
+                s.request.comm.clone(),
+                s.request.opcode.clone(),
+                format!("{:#x}", s.request.user_data),
+                format!("{} {}", s.request.disk, s.request.stage.label()),
             ])
             .style(style)
         })

@@ -51,24 +51,38 @@ impl SlotTable {
         })
     }
 
-    /// Copies out the occupied slots. Each slot is read with volatile loads and kept only if
-    /// its owner is the same before and after (a slot being claimed or released concurrently
-    /// is skipped; it is caught by the next scan).
-    pub fn occupied(&self, out: &mut Vec<InflightRequest>) {
+    /// Copies out the occupied slots, with their index. Each slot is read with volatile loads
+    /// and kept only if its owner is the same before and after (a slot being claimed or
+    /// released concurrently is skipped; it is caught by the next scan).
+    pub fn occupied(&self, out: &mut Vec<(usize, InflightRequest)>) {
         for i in 0..self.slots {
-            // SAFETY: i < slots, within the mapping.
-            unsafe {
-                let slot = self.ptr.add(i);
-                let owner = std::ptr::read_volatile(&raw const (*slot).req);
-                if owner == 0 {
-                    continue;
-                }
-                let entry = std::ptr::read_volatile(&raw const (*slot).entry);
-                if std::ptr::read_volatile(&raw const (*slot).req) == owner && entry.start_ns != 0 {
-                    out.push(InflightSlot { req: owner, entry });
-                }
+            if let Some(r) = self.read(i) {
+                out.push((i, r));
             }
         }
+    }
+
+    fn read(&self, i: usize) -> Option<InflightRequest> {
+        if i >= self.slots {
+            return None;
+        }
+        // SAFETY: i < slots, within the mapping.
+        unsafe {
+            let slot = self.ptr.add(i);
+            let owner = std::ptr::read_volatile(&raw const (*slot).req);
+            if owner == 0 {
+                return None;
+            }
+            let entry = std::ptr::read_volatile(&raw const (*slot).entry);
+            (std::ptr::read_volatile(&raw const (*slot).req) == owner && entry.start_ns != 0)
+                .then_some(InflightSlot { req: owner, entry })
+        }
+    }
+
+    /// Whether slot `i` still holds the request `r` (same pointer, same submission).
+    fn still_holds(&self, i: usize, r: &InflightRequest) -> bool {
+        self.read(i)
+            .is_some_and(|now| now.req == r.req && now.entry.start_ns == r.entry.start_ns)
     }
 }
 
@@ -79,19 +93,40 @@ impl Drop for SlotTable {
     }
 }
 
-/// Every tracked request: slot table plus hash map.
+/// Every tracked request: slot table plus hash map, as a set that was in flight at the end
+/// of the read.
+///
+/// Reading 65536 slots takes a while, and requests complete and are submitted meanwhile: a
+/// request seen early in the scan may have completed, and its `user_data` been reused by a new
+/// request in a slot read later, so the same application request showed twice (seen with fio
+/// at iodepth 16 in `top`). So every entry read is checked again after the scan and dropped if
+/// its slot no longer holds it. The hash map's key iteration restarts from the first key when
+/// the key it stands on is deleted, which repeats entries: those are removed by identity.
 pub fn collect(
     slots: &SlotTable,
     hash: &HashMap<MapData, u64, InflightReq>,
 ) -> Vec<InflightRequest> {
-    let mut out = Vec::new();
-    slots.occupied(&mut out);
+    let mut from_slots = Vec::new();
+    slots.occupied(&mut from_slots);
+    let mut from_hash = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for item in hash.iter() {
         // Entries deleted between key iteration and lookup are simply gone: skip them.
-        if let Ok((req, entry)) = item {
-            out.push(InflightSlot { req, entry });
+        if let Ok((req, entry)) = item
+            && seen.insert((req, entry.start_ns))
+        {
+            from_hash.push(InflightSlot { req, entry });
         }
     }
+    let mut out: Vec<InflightRequest> = from_slots
+        .into_iter()
+        .filter(|(i, r)| slots.still_holds(*i, r))
+        .map(|(_, r)| r)
+        .collect();
+    out.extend(from_hash.into_iter().filter(|r| {
+        hash.get(&r.req, 0)
+            .is_ok_and(|e| e.start_ns == r.entry.start_ns)
+    }));
     out
 }
 

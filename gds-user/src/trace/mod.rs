@@ -10,12 +10,9 @@ mod inflight;
 mod offsets;
 mod uring;
 
-pub use device::{
-    DeviceAttach, DeviceMaps, DeviceSnapshot, NVME_CORE, NvmeLayer, block_op_name, disk_name,
-    nvme_opcode_name,
-};
+pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NVME_CORE, NvmeLayer, disk_name};
 pub use error::TraceError;
-pub use events::{SlowEvent, SlowNvme, decode_event};
+pub use events::raw_event;
 pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
 pub use uring::{

@@ -1,0 +1,169 @@
+//! What a request is, once decoded: the one set of types every view reads and `/debug/*`
+//! serves (Serialize) and clients (`top`, `stalls`, tests) read back (Deserialize).
+
+use serde::{Deserialize, Serialize};
+
+/// Where a request is being tracked.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    /// io_uring: submitted, not yet completed.
+    #[default]
+    Uring,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 1] = [Layer::Uring];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Layer::Uring => "uring",
+        }
+    }
+}
+
+/// Where a request is, as far as tracing has seen it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Not yet at a device: queued in io_uring or the kernel (or waiting on something that is
+    /// not a device, such as an empty pipe).
+    #[default]
+    Queue,
+    /// At the device: the NVMe command was issued and has not completed.
+    Device,
+    /// Completed by the device, not yet delivered as a CQE.
+    Completion,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Queue, Stage::Device, Stage::Completion];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Device => "device",
+            Stage::Completion => "completion",
+        }
+    }
+
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Stage::Queue => "not yet at the device (no device command seen)",
+            Stage::Device => "at the device",
+            Stage::Completion => "completed by the device but not yet delivered",
+        }
+    }
+}
+
+/// The kernel's identity of a request while it is in flight: the `struct io_kiocb *` and
+/// its submission time (a pointer is reused by later requests; the pair is not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct RequestKey {
+    pub req: u64,
+    pub start_ns: u64,
+}
+
+/// The NVMe command an io_uring passthrough request became.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NvmeCommand {
+    pub qid: u16,
+    pub cid: u16,
+    pub lba: u64,
+    pub blocks: u32,
+}
+
+/// One request in flight, with its context (`/debug/inflight`, `/debug/snapshot`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub layer: Layer,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub opcode: String,
+    pub user_data: u64,
+    /// `struct io_ring_ctx *` of the ring, hex.
+    pub ring: String,
+    /// `struct io_kiocb *`, hex.
+    pub req: String,
+    /// Seconds since submission, at the scan that saw it.
+    pub age_seconds: f64,
+    pub stage: Stage,
+    /// Disk the request is on; `unknown` until device tracing names it.
+    pub disk: String,
+    /// The NVMe command it became (passthrough with NVMe tracing), else absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<NvmeCommand>,
+    #[serde(skip)]
+    pub key: RequestKey,
+}
+
+/// The device side of a completed passthrough request: where it went and where the time went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlowNvme {
+    pub disk: String,
+    pub qid: u16,
+    pub cid: u16,
+    pub lba: u64,
+    pub blocks: u32,
+    pub status: String,
+    pub queue_seconds: f64,
+    pub device_seconds: f64,
+    pub completion_seconds: f64,
+}
+
+/// A request slower than the slow threshold, as logged and served on `/debug/slow`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlowEvent {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub opcode: String,
+    pub user_data: u64,
+    pub ring: String,
+    pub latency_seconds: f64,
+    pub res: i32,
+    pub req: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<SlowNvme>,
+    #[serde(skip)]
+    pub key: RequestKey,
+    #[serde(skip)]
+    pub latency_ns: u64,
+}
+
+/// A stalled request: the in-flight request and, once it ended, how long it took in all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stall {
+    #[serde(flatten)]
+    pub request: Request,
+    pub stage_description: String,
+    /// Set when the stall has ended.
+    pub total_seconds: Option<f64>,
+}
+
+/// Active and recent stalls (`/debug/stalls`, part of `/debug/snapshot`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StallReport {
+    pub threshold_seconds: f64,
+    pub active: Vec<Stall>,
+    /// Most recent ended stalls, newest last.
+    pub ended: Vec<Stall>,
+    /// Requests in flight at the last scan.
+    pub inflight: usize,
+    pub oldest_inflight_seconds: f64,
+    pub scan_seconds: f64,
+    /// Stalls detected since start, by layer and disk.
+    #[serde(default)]
+    pub totals: Vec<StallTotal>,
+}
+
+/// Stalls detected on one (layer, disk) since start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StallTotal {
+    pub layer: Layer,
+    pub disk: String,
+    pub count: u64,
+}

@@ -1,0 +1,63 @@
+//! `gds-agent stalls`: the active and recent stalls of a running agent, read from
+//! `/debug/snapshot` into the model's types.
+
+use crate::{client, http::DEFAULT_LISTEN, model::StallReport};
+
+/// `gds-agent stalls`: the active and recent stalls of a running agent.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StallsArgs {
+    /// The agent to ask (host:port).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub agent: String,
+    /// Print the agent's stall report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: StallsArgs) -> anyhow::Result<()> {
+    let addr = client::parse_addr(&args.agent)?;
+    let snapshot = super::read_snapshot(addr)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&snapshot.stalls)?);
+        return Ok(());
+    }
+    print!("{}", table(&snapshot.stalls));
+    Ok(())
+}
+
+/// The report as a table (one line per stall, active first).
+pub fn table(r: &StallReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} active stall(s) (threshold {}s), {} request(s) in flight, oldest {:.3}s",
+        r.active.len(),
+        r.threshold_seconds,
+        r.inflight,
+        r.oldest_inflight_seconds
+    );
+    let _ = writeln!(
+        o,
+        "{:<8} {:>9} {:>8} {:<16} {:<10} {:>18}  WHERE",
+        "STATE", "SECONDS", "PID", "COMM", "OPCODE", "USER_DATA"
+    );
+    for (state, rows) in [("STALLED", &r.active), ("ended", &r.ended)] {
+        for s in rows {
+            let q = &s.request;
+            let _ = writeln!(
+                o,
+                "{:<8} {:>9.3} {:>8} {:<16} {:<10} {:>#18x}  {} ({})",
+                state,
+                s.total_seconds.unwrap_or(q.age_seconds),
+                q.pid,
+                q.comm,
+                q.opcode,
+                q.user_data,
+                q.disk,
+                s.stage_description,
+            );
+        }
+    }
+    o
+}
