@@ -250,3 +250,82 @@ pub fn family_of(metric: &str) -> Option<&'static str> {
                 .then_some(NVIDIA_FS_PREFIX)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row of the README's metrics table: name, type word, label names.
+    fn readme_rows() -> Vec<(String, String, Vec<String>)> {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md at the workspace root");
+        let start = readme
+            .find("| metric | type | labels |")
+            .expect("README has the metrics table");
+        readme[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+                let name = cells[0].trim_matches('`').to_owned();
+                let kind = cells[1].split_whitespace().next().unwrap_or("").to_owned();
+                // "stage (`queue`, …), disk" → ["stage", "disk"]; "—" → [].
+                let mut depth = 0;
+                let bare: String = cells[2]
+                    .chars()
+                    .filter(|c| {
+                        match c {
+                            '(' => depth += 1,
+                            ')' => depth -= 1,
+                            _ => return depth == 0,
+                        }
+                        false
+                    })
+                    .collect();
+                let labels = bare
+                    .split(',')
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|l| *l != "—" && *l != "-")
+                    .map(str::to_owned)
+                    .collect();
+                (name, kind, labels)
+            })
+            .collect()
+    }
+
+    /// The README's metrics table is the interface's documentation: it must list exactly the
+    /// declared families, with their types and labels.
+    #[test]
+    fn readme_metrics_table_matches_the_declared_families() {
+        let rows = readme_rows();
+        assert!(rows.len() >= ALL.len(), "{rows:?}");
+        for f in ALL {
+            let Some((_, kind, labels)) = rows.iter().find(|(n, _, _)| n == f.name) else {
+                panic!("README's metrics table lacks {}", f.name);
+            };
+            assert_eq!(kind, f.kind.word(), "type of {} in the README", f.name);
+            let mut want: Vec<&str> = f.labels.to_vec();
+            let mut got: Vec<&str> = labels.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "labels of {} in the README", f.name);
+        }
+        for (name, _, _) in &rows {
+            let known = ALL.iter().any(|f| f.name == name)
+                || name.strip_suffix('*') == Some(NVIDIA_FS_PREFIX);
+            assert!(known, "README lists {name}, which no collector declares");
+        }
+    }
+
+    #[test]
+    fn histogram_samples_belong_to_their_family() {
+        assert_eq!(
+            family_of("gds_uring_request_duration_seconds_bucket"),
+            Some("gds_uring_request_duration_seconds")
+        );
+        assert_eq!(family_of("gds_uring_requests_total_count"), None);
+        assert_eq!(family_of("gds_nvidia_fs_reads_total"), Some(NVIDIA_FS_PREFIX));
+        assert_eq!(family_of("gds_nope"), None);
+    }
+}
