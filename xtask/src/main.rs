@@ -1,10 +1,12 @@
 //! Project tasks: `cargo xtask <command>`.
 //!
 //! `setup` installs what building the eBPF programs needs, `run` starts the agent, `test` runs
-//! every test (unit, end-to-end against the real kernel, VM scenarios, observability checks).
+//! every test (the layering check, unit, end-to-end against the real kernel, VM scenarios,
+//! observability checks).
 
 mod dashboard;
 mod fuzz;
+mod layering;
 mod load;
 mod observe;
 mod setup;
@@ -33,7 +35,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit, end-to-end (real kernel, needs root), VM and observability checks.
+    /// Run every test: layering, unit, end-to-end (real kernel, needs root), VM and
+    /// observability checks.
     Test(test::TestArgs),
     /// Boot kernels 6.1 and 6.12 in QEMU with emulated NVMe and run the guest scenarios.
     VmTest(vm::VmTestArgs),
@@ -50,6 +53,9 @@ enum Command {
     /// Run the cargo-fuzz targets one after another (`--seconds N` each, default 600; installs
     /// cargo-fuzz when missing) and print a summary table. See docs/fuzzing.md.
     Fuzz(fuzz::FuzzArgs),
+    /// Check that modules import only lower layers (ARCHITECTURE.md's tables) and that no
+    /// module cycle exists in gds-user and gds-ebpf. Also the first stage of `test`.
+    Layering(layering::LayeringArgs),
 }
 
 fn main() -> Result<()> {
@@ -70,6 +76,7 @@ fn main() -> Result<()> {
         Command::Observe(args) => observe::run(args),
         Command::Load(args) => load::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Layering(args) => layering::run(args),
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
             let mut cmd = setup::cargo();

@@ -44,6 +44,10 @@ pub fn run(args: TestArgs) -> Result<()> {
         );
     }
     let mut failures = Vec::new();
+    // Imports follow ARCHITECTURE.md's layering, no module cycle (milliseconds: first).
+    if let Err(e) = crate::layering::run(Default::default()) {
+        failures.push(format!("{e:#}"));
+    }
     // QEMU and busybox first: some host tests boot guests too (the P2PDMA data-path test).
     crate::vm::ensure_tools()?;
     // The default members: gds-ebpf builds only for the BPF target (through gds-user's build.rs).
