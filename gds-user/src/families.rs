@@ -325,7 +325,10 @@ mod tests {
             Some("gds_uring_request_duration_seconds")
         );
         assert_eq!(family_of("gds_uring_requests_total_count"), None);
-        assert_eq!(family_of("gds_nvidia_fs_reads_total"), Some(NVIDIA_FS_PREFIX));
+        assert_eq!(
+            family_of("gds_nvidia_fs_reads_total"),
+            Some(NVIDIA_FS_PREFIX)
+        );
         assert_eq!(family_of("gds_nope"), None);
     }
 }

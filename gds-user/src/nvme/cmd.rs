@@ -788,8 +788,23 @@ mod tests {
                 .build_unchecked();
             let _ = g.max_blocks_per_command();
             let _ = g.capacity_bytes();
-            let _ = crate::nvme::stream::default_chunk_blocks(&g);
         }
+    }
+
+    /// Found by the `nvme_command` fuzz target: with 64 KiB blocks and no MDTS, the largest
+    /// command a geometry allows must still be encodable (data_len is a u32).
+    #[test]
+    fn largest_command_of_64k_blocks_builds() {
+        let mut big = geom();
+        big.lba_size = 65_536;
+        big.max_transfer_bytes = 0;
+        let max = big.max_blocks_per_command();
+        assert!(
+            NvmeReadCmd::new(1, 0, max)
+                .buffer(4096 as *mut u8, max as usize * 65_536)
+                .build(&big)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -334,14 +334,8 @@ mod tests {
         big.lba_size = 65_536;
         big.max_transfer_bytes = 0;
         big.capacity_blocks = 1 << 20;
-        let max = big.max_blocks_per_command();
-        assert_eq!(max, 65_535);
-        assert!(
-            crate::nvme::NvmeReadCmd::new(2, 0, max)
-                .buffer(4096 as *mut u8, max as usize * 65_536)
-                .build(&big)
-                .is_ok()
-        );
+        // (That a command of this many blocks builds is checked in cmd.rs, which builds them.)
+        assert_eq!(big.max_blocks_per_command(), 65_535);
         // An inactive namespace (all zero) is refused, not turned into a 1-byte LBA size.
         let zero = IdentifyNamespace::parse(&[0u8; 4096]);
         assert!(NamespaceGeometry::from_identify("/dev/ng0n9", 9, &zero, &c).is_err());

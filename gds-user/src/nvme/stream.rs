@@ -216,3 +216,34 @@ pub fn stream_read(
     }
     Ok(stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::geometry::GeometrySource;
+
+    /// The default chunk is a whole number of blocks, at least one, never above what one
+    /// command may carry, for every LBA size and transfer limit (including odd and zero ones).
+    #[test]
+    fn default_chunk_fits_one_command() {
+        for lba_size in [0u32, 1, 512, 520, 4096, 65_536, u32::MAX] {
+            for max_transfer_bytes in [0u64, 1, 4096, 512 * 1024, u64::MAX] {
+                let g = NamespaceGeometry {
+                    device: "/dev/ng0n1".into(),
+                    nsid: 1,
+                    lba_size,
+                    metadata_size: 0,
+                    capacity_blocks: 1 << 20,
+                    max_transfer_bytes,
+                    dma_alignment: 4,
+                    source: GeometrySource::Sysfs,
+                };
+                let c = default_chunk_blocks(&g);
+                assert!(
+                    c <= g.max_blocks_per_command().max(1),
+                    "{lba_size} {max_transfer_bytes}"
+                );
+            }
+        }
+    }
+}
