@@ -1005,6 +1005,14 @@ pub fn sanity_check(dashboard: &Value) -> Result<()> {
     }
 
     datasource_uids(dashboard, "$", &mut problems);
+    for q in queries(dashboard)? {
+        for name in undeclared_metrics(&q.expr) {
+            problems.push(format!(
+                "{}: {name} is not a declared metric family (gds-user/src/families.rs)",
+                q.origin
+            ));
+        }
+    }
 
     if problems.is_empty() {
         Ok(())
@@ -1014,6 +1022,29 @@ pub fn sanity_check(dashboard: &Value) -> Result<()> {
             problems.join("\n  ")
         )
     }
+}
+
+/// The `gds_*` metric names in `text` that no declared family owns (histogram suffixes and
+/// the nvidia-fs prefix family count as declared).
+pub fn undeclared_metrics(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("gds_") {
+        let start = i + pos;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        let name = &text[start..end];
+        if boundary && crate::families::family_of(name).is_none() && !out.iter().any(|n| n == name)
+        {
+            out.push(name.to_owned());
+        }
+        i = end;
+    }
+    out
 }
 
 /// Every `datasource` object anywhere in the JSON must point at the `$datasource` variable.
@@ -1070,6 +1101,32 @@ mod tests {
         assert!(err.contains("P1809F7CD0C75ACF3"), "{err}");
         assert!(err.contains("duplicate id"), "{err}");
         assert!(err.contains("no unit"), "{err}");
+    }
+
+    /// The dashboard and the alert rules use only declared metric families: a renamed or
+    /// removed family fails here, not on a dark panel in production.
+    #[test]
+    fn dashboard_and_alerts_use_declared_families() {
+        let mut dashboard = render();
+        sanity_check(&dashboard).unwrap();
+        let alerts =
+            std::fs::read_to_string(crate::setup::root().join("deploy/prometheus/alerts.yml"))
+                .unwrap();
+        assert_eq!(undeclared_metrics(&alerts), Vec::<String>::new());
+        // A planted unknown name is caught.
+        dashboard["panels"][1]["targets"][0]["expr"] =
+            json!("rate(gds_no_such_metric_total{instance=~\"$instance\"}[5m])");
+        let err = sanity_check(&dashboard).unwrap_err().to_string();
+        assert!(
+            err.contains("gds_no_such_metric_total is not a declared"),
+            "{err}"
+        );
+        assert_eq!(
+            undeclared_metrics(
+                "x gds_uring_request_duration_seconds_bucket gds_nvidia_fs_reads_total"
+            ),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
