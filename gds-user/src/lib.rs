@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod btf;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod datapath;
