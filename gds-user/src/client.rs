@@ -62,7 +62,10 @@ pub enum ClientError {
         what: &'static str,
     },
     #[error("gds-agent exited ({status}) before it served http://{addr}/metrics")]
-    Exited { addr: SocketAddr, status: ExitStatus },
+    Exited {
+        addr: SocketAddr,
+        status: ExitStatus,
+    },
     #[error("gds-agent did not serve http://{addr}/metrics within {}: {last}", seconds(*.timeout))]
     NotServing {
         addr: SocketAddr,
@@ -183,8 +186,7 @@ impl Client {
         let conn_err = |source| ClientError::Connect { peer, addr, source };
         let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(conn_err)?;
         s.set_read_timeout(Some(self.timeout)).map_err(conn_err)?;
-        s.set_write_timeout(Some(self.timeout))
-            .map_err(conn_err)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(conn_err)?;
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
