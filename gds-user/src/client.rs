@@ -187,11 +187,9 @@ impl Client {
         let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(conn_err)?;
         s.set_read_timeout(Some(self.timeout)).map_err(conn_err)?;
         s.set_write_timeout(Some(self.timeout)).map_err(conn_err)?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(io_err(0))?;
+        // One write: a server may answer and close after the first segment of a request.
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).map_err(io_err(0))?;
         let mut buf = Vec::new();
         if let Err(e) = s.read_to_end(&mut buf) {
             return Err(io_err(buf.len())(e));
@@ -327,8 +325,11 @@ mod tests {
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            let mut req = [0u8; 1024];
-            let _ = s.read(&mut req);
+            let mut req = Vec::new();
+            let mut byte = [0u8];
+            while !req.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                req.push(byte[0]);
+            }
             s.write_all(answer).unwrap();
         });
         addr
