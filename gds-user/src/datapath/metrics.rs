@@ -167,6 +167,15 @@ mod tests {
     use super::*;
     use std::io::{Read as _, Write as _};
 
+    /// The raw answer to a raw request: these tests check the server's bytes on the wire.
+    fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
     #[test]
     fn served_over_http() {
         let m = PipelineMetrics::new();
@@ -174,11 +183,7 @@ mod tests {
         b.inc_by(4096.0);
         h.observe(0.000_5);
         let srv = Server::start("127.0.0.1:0".parse().unwrap(), m.clone()).unwrap();
-        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
+        let body = ask(srv.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         assert!(
             body.contains("gds_pipeline_bytes_total{dest=\"gpu0\",path=\"bounce\"} 4096"),
@@ -200,21 +205,17 @@ mod tests {
     fn elsewhere_is_404_and_drop_stops_serving() {
         let srv = Server::start("127.0.0.1:0".parse().unwrap(), PipelineMetrics::new()).unwrap();
         let addr = srv.addr;
-        let ask = |req: &[u8]| {
-            let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.write_all(req).unwrap();
-            let mut answer = String::new();
-            s.read_to_string(&mut answer).unwrap();
-            answer
-        };
-        let answer = ask(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
+        let answer = ask(addr, b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
         assert!(
             answer.contains("content-type: text/plain; version=0.0.4"),
             "{answer}"
         );
         assert!(answer.ends_with("try /metrics\n"), "{answer}");
-        let answer = ask(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let answer = ask(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        );
         assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
         // A connection that never sends a request does not hold up the stop.
         let _idle = std::net::TcpStream::connect(addr).unwrap();
