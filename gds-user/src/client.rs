@@ -1,31 +1,96 @@
-//! A tiny HTTP client for talking to a running agent (`gds-agent stalls`, `gds-agent top`).
+//! The one HTTP client for talking to a running agent: `gds-agent stalls` and `gds-agent top`,
+//! the end-to-end tests, the VM scenarios and xtask (which also asks its local Prometheus).
 //! The agent serves plain HTTP/1.1 on loopback; a std TcpStream is all this needs.
+//!
+//! xtask compiles this file into itself (`#[path]`): it cannot depend on gds-user, whose build
+//! needs the tools xtask installs. So this file uses std and thiserror only.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream, ToSocketAddrs},
-    time::Duration,
+    process::{Child, ExitStatus},
+    time::{Duration, Instant},
 };
 
 use thiserror::Error;
+
+/// How long a request may wait for the agent to answer, unless [`TIMEOUT_ENV`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Seconds (`10`, `0.5`) or milliseconds (`500ms`) a request may wait for an answer.
+pub const TIMEOUT_ENV: &str = "GDS_CLIENT_TIMEOUT";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who is asked; the messages name it.
+pub const AGENT: &str = "the agent";
 
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("invalid agent address {0:?}: use host:port or http://host:port")]
     Address(String),
-    #[error("cannot reach the agent at {addr}: {source} (is `gds-agent run` running? see --agent)")]
+    #[error("{TIMEOUT_ENV}={0:?}: expected seconds (10, 0.5) or milliseconds (500ms), more than 0")]
+    Timeout(String),
+    #[error("cannot reach {peer} at {addr}: {source}{}", unreachable_hint(peer))]
     Connect {
-        addr: String,
+        peer: &'static str,
+        addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("agent at {addr} answered {path} with: {status}")]
+    /// A read or write timed out: the peer took the connection and then stayed silent.
+    #[error(
+        "{peer} at {addr} accepted the connection but sent no {}answer within {} (is it stuck?)",
+        if *.received > 0 { "more of its " } else { "" },
+        seconds(*.timeout)
+    )]
+    NoAnswer {
+        peer: &'static str,
+        addr: SocketAddr,
+        timeout: Duration,
+        /// Bytes of the answer that came before the silence.
+        received: usize,
+    },
+    #[error("{peer} at {addr} answered {path} with: {status}")]
     Status {
-        addr: String,
+        peer: &'static str,
+        addr: SocketAddr,
         path: String,
         status: String,
     },
-    #[error("malformed answer from the agent at {addr}: {what}")]
-    Malformed { addr: String, what: &'static str },
+    #[error("malformed answer from {peer} at {addr}: {what}")]
+    Malformed {
+        peer: &'static str,
+        addr: SocketAddr,
+        what: &'static str,
+    },
+    #[error("gds-agent exited ({status}) before it served http://{addr}/metrics")]
+    Exited {
+        addr: SocketAddr,
+        status: ExitStatus,
+    },
+    #[error("gds-agent did not serve http://{addr}/metrics within {}: {last}", seconds(*.timeout))]
+    NotServing {
+        addr: SocketAddr,
+        timeout: Duration,
+        last: Box<ClientError>,
+    },
+}
+
+fn unreachable_hint(peer: &str) -> &'static str {
+    if peer == AGENT {
+        " (is `gds-agent run` running? see --agent)"
+    } else {
+        ""
+    }
+}
+
+/// `10 s`, `1.5 s`, `250 ms`.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 || d >= Duration::from_secs(10) {
+        format!("{} s", d.as_secs_f64())
+    } else if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 /// Resolves `http://127.0.0.1:9477`, `127.0.0.1:9477` or `localhost:9477`.
@@ -38,56 +103,274 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| ClientError::Address(s.into()))
 }
 
-/// GET `path` and return the body (handles chunked transfer encoding).
-pub fn get(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
-    let conn_err = |source| ClientError::Connect {
-        addr: addr.to_string(),
-        source,
+/// The answer timeout: [`TIMEOUT_ENV`] when set, else [`DEFAULT_TIMEOUT`].
+pub fn timeout_from_env() -> Result<Duration, ClientError> {
+    match std::env::var(TIMEOUT_ENV) {
+        Ok(v) => parse_timeout(&v).ok_or(ClientError::Timeout(v)),
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+    }
+}
+
+/// `10`, `0.5`, `2s`, `500ms`.
+pub fn parse_timeout(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (number, scale) = match s.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
     };
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(conn_err)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(conn_err)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(conn_err)?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(conn_err)?;
-    let text = String::from_utf8_lossy(&buf);
-    let malformed = |what| ClientError::Malformed {
-        addr: addr.to_string(),
-        what,
-    };
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| malformed("no header end"))?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(ClientError::Status {
-            addr: addr.to_string(),
-            path: path.into(),
-            status: status.into(),
+    let secs = number.trim().parse::<f64>().ok()? * scale;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+/// One HTTP answer, whatever its status.
+#[derive(Debug)]
+pub struct Response {
+    /// 200, 404, …
+    pub code: u16,
+    /// The whole status line, e.g. `HTTP/1.1 404 Not Found`.
+    pub status: String,
+    /// Dechunked when the server sent it chunked.
+    pub body: String,
+}
+
+/// GETs from one server: the agent, or (xtask) another one named by `peer`.
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    pub peer: &'static str,
+    pub addr: SocketAddr,
+    /// How long a read or write may wait; [`ClientError::NoAnswer`] after that.
+    pub timeout: Duration,
+}
+
+impl Client {
+    /// The agent at `addr`, with [`timeout_from_env`].
+    pub fn agent(addr: SocketAddr) -> Result<Client, ClientError> {
+        Ok(Client {
+            peer: AGENT,
+            addr,
+            timeout: timeout_from_env()?,
+        })
+    }
+
+    /// GET `path`: the body of a 200 answer; any other status is [`ClientError::Status`].
+    pub fn get(&self, path: &str) -> Result<String, ClientError> {
+        let r = self.request(path)?;
+        if r.code != 200 {
+            return Err(ClientError::Status {
+                peer: self.peer,
+                addr: self.addr,
+                path: path.into(),
+                status: r.status,
+            });
+        }
+        Ok(r.body)
+    }
+
+    /// GET `path` over a fresh connection (`Connection: close`), whatever the answer's status.
+    pub fn request(&self, path: &str) -> Result<Response, ClientError> {
+        let (peer, addr) = (self.peer, self.addr);
+        let io_err = |received: usize| {
+            move |source: std::io::Error| match source.kind() {
+                // SO_RCVTIMEO / SO_SNDTIMEO expiring reads as EAGAIN on Linux.
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => ClientError::NoAnswer {
+                    peer,
+                    addr,
+                    timeout: self.timeout,
+                    received,
+                },
+                _ => ClientError::Connect { peer, addr, source },
+            }
+        };
+        let conn_err = |source| ClientError::Connect { peer, addr, source };
+        let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(conn_err)?;
+        s.set_read_timeout(Some(self.timeout)).map_err(conn_err)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(conn_err)?;
+        // One write: a server may answer and close after the first segment of a request.
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).map_err(io_err(0))?;
+        let mut buf = Vec::new();
+        if let Err(e) = s.read_to_end(&mut buf) {
+            return Err(io_err(buf.len())(e));
+        }
+        self.parse(&buf)
+    }
+
+    fn parse(&self, raw: &[u8]) -> Result<Response, ClientError> {
+        let malformed = |what| ClientError::Malformed {
+            peer: self.peer,
+            addr: self.addr,
+            what,
+        };
+        let end = find(raw, b"\r\n\r\n").ok_or_else(|| malformed("no header end"))?;
+        let head = String::from_utf8_lossy(&raw[..end]);
+        let body = &raw[end + 4..];
+        let status = head.lines().next().unwrap_or_default();
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| malformed("no status code"))?;
+        let chunked = head.lines().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.starts_with("transfer-encoding:") && l.contains("chunked")
         });
+        let body = if chunked {
+            dechunk(body).map_err(malformed)?
+        } else {
+            body.to_vec()
+        };
+        Ok(Response {
+            code,
+            status: status.to_owned(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     }
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok(body.to_owned());
-    }
-    let mut out = String::new();
-    let mut rest = body;
+}
+
+/// GET `path` from the agent at `addr` and return the body of its 200 answer.
+pub fn get(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
+    Client::agent(addr)?.get(path)
+}
+
+/// Waits until the agent `child` runs serves /metrics at `addr` with 200 (it serves only once
+/// every program is attached); how long that took. Fails when the child exits first or
+/// `timeout` passes.
+pub fn wait_serving(
+    addr: SocketAddr,
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<Duration, ClientError> {
+    let start = Instant::now();
     loop {
-        let (len, tail) = rest
-            .split_once("\r\n")
-            .ok_or_else(|| malformed("chunk size"))?;
-        let n = usize::from_str_radix(len.trim(), 16).map_err(|_| malformed("chunk size"))?;
-        if n == 0 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(ClientError::Exited { addr, status });
+        }
+        // The listener is bound before the programs are attached: a request may wait there.
+        let left = timeout.saturating_sub(start.elapsed());
+        let client = Client {
+            peer: AGENT,
+            addr,
+            timeout: left.max(Duration::from_millis(100)),
+        };
+        match client.get("/metrics") {
+            Ok(_) => return Ok(start.elapsed()),
+            Err(last) if start.elapsed() >= timeout => {
+                return Err(ClientError::NotServing {
+                    addr,
+                    timeout,
+                    last: Box::new(last),
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Transfer-Encoding: chunked (RFC 9112 §7.1); chunk extensions are ignored.
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::new();
+    loop {
+        let eol = find(body, b"\r\n").ok_or("chunk size")?;
+        let size = std::str::from_utf8(&body[..eol]).map_err(|_| "chunk size")?;
+        let size = size.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16).map_err(|_| "chunk size")?;
+        if size == 0 {
             return Ok(out);
         }
-        let chunk = tail.get(..n).ok_or_else(|| malformed("short chunk"))?;
-        out.push_str(chunk);
-        rest = tail.get(n + 2..).ok_or_else(|| malformed("chunk end"))?;
+        let rest = &body[eol + 2..];
+        let chunk = rest.get(..size).ok_or("short chunk")?;
+        out.extend_from_slice(chunk);
+        body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+        assert_eq!(dechunk(b"3;x=y\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
+        assert_eq!(dechunk(b"5\r\nabc"), Err("short chunk"));
+    }
+
+    #[test]
+    fn timeouts_parse() {
+        assert_eq!(parse_timeout("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_timeout("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("0"), None);
+        assert_eq!(parse_timeout("-1"), None);
+        assert_eq!(parse_timeout("soon"), None);
+        assert_eq!(seconds(Duration::from_secs(10)), "10 s");
+        assert_eq!(seconds(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(seconds(Duration::from_millis(250)), "250 ms");
+    }
+
+    /// A server that answers every connection with `answer` once it has read the request.
+    fn serve_once(answer: &'static [u8]) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut byte = [0u8];
+            while !req.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                req.push(byte[0]);
+            }
+            s.write_all(answer).unwrap();
+        });
+        addr
+    }
+
+    fn client(addr: SocketAddr, timeout: Duration) -> Client {
+        Client {
+            peer: AGENT,
+            addr,
+            timeout,
+        }
+    }
+
+    #[test]
+    fn status_and_chunked_body() {
+        let addr = serve_once(
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nno!\r\n0\r\n\r\n",
+        );
+        let r = client(addr, DEFAULT_TIMEOUT).request("/x").unwrap();
+        assert_eq!((r.code, r.status.as_str()), (404, "HTTP/1.1 404 Not Found"));
+        assert_eq!(r.body, "no!");
+        let addr = serve_once(b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy");
+        let e = client(addr, DEFAULT_TIMEOUT).get("/metrics").unwrap_err();
+        assert!(matches!(e, ClientError::Status { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_silent_server_is_no_answer_not_an_os_error() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let holder = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+        let e = client(addr, Duration::from_millis(200))
+            .get("/debug/stalls")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the agent at {addr} accepted the connection but sent no answer within 200 ms \
+                 (is it stuck?)"
+            )
+        );
+        drop(holder.join());
     }
 }

@@ -59,6 +59,15 @@ impl Ctx {
         self.busy.local_addr().unwrap().port()
     }
 
+    /// Makes the busy port an agent that hangs: it accepts every connection and never
+    /// answers (a thread holds the connections until the test process ends).
+    fn silent_agent(&self) -> String {
+        let listener = self.busy.try_clone().unwrap();
+        // Collecting an endless iterator: the thread keeps every connection open forever.
+        std::thread::spawn(move || listener.incoming().collect::<Vec<_>>());
+        format!("127.0.0.1:{}", self.busy_port())
+    }
+
     fn agent(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args);
@@ -402,6 +411,13 @@ cases! {
         |c| c.agent(&["stalls", "--agent", "127.0.0.1:1"]);
     stalls_bad_address: "clients", "`stalls --agent nonsense`", exit 1,
         ["invalid agent address \"nonsense\""], |c| c.agent(&["stalls", "--agent", "nonsense"]);
+    stalls_agent_silent: "clients", "`stalls --agent` where a server accepts and never answers (`GDS_CLIENT_TIMEOUT=1`)", exit 1,
+        ["gds-agent: error: the agent at 127.0.0.1:$PORT accepted the connection but sent no answer within 1 s (is it stuck?)"],
+        |c| {
+            let mut cmd = c.agent(&["stalls", "--agent", &c.silent_agent()]);
+            cmd.env("GDS_CLIENT_TIMEOUT", "1");
+            cmd
+        };
     top_no_agent: "clients", "`top --agent` where nothing listens", exit 1,
         ["cannot reach the agent at 127.0.0.1:1"], |c| c.agent(&["top", "--agent", "127.0.0.1:1"]);
 

@@ -138,7 +138,7 @@ fn debug_bodies(agent: &Agent) -> Vec<(&'static str, String)> {
 fn ten_thousand_pids_add_no_series() {
     let _g = serial();
     let agent = Agent::start(&["--comm", CHILD_COMM]);
-    let agent_pid = agent.child.id();
+    let agent_pid = agent.pid();
     // One child first: the NOP series exists from here on (it depends on the opcode only).
     assert_eq!(run_children(1), 1);
     // The stall counters appear with the first in-flight scan (--stall-interval after start).

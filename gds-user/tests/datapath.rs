@@ -2,7 +2,7 @@
 //! O_DIRECT and through the page cache, verification, typed route errors, the passthrough form
 //! still parsed, and the pipeline metrics served while a command runs.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -218,10 +218,8 @@ fn metrics_served_while_reading() {
     let mut body = String::new();
     for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(50));
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
-            body.clear();
-            s.read_to_string(&mut body).unwrap();
+        if let Ok(b) = gds_user::client::get(addr, "/metrics") {
+            body = b;
             if body.contains("gds_pipeline_bytes_total{dest=\"host\",path=\"host\"} 8388608") {
                 break;
             }

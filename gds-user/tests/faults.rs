@@ -66,7 +66,7 @@ fn sigterm_as_soon_as_the_port_accepts_is_a_clean_stop() {
 fn sigkill_leaves_no_programs_behind() {
     let _g = serial();
     let mut agent = Agent::start(&["--pid", &std::process::id().to_string()]);
-    let pid = agent.child.id();
+    let pid = agent.pid();
     let mine = programs_of(pid);
     assert!(
         mine.len() >= 3,
@@ -77,8 +77,8 @@ fn sigkill_leaves_no_programs_behind() {
         mine.iter().all(|id| live.contains(id)),
         "bpftool lists {live:?}, agent holds {mine:?}"
     );
-    agent.child.kill().unwrap(); // SIGKILL: no clean shutdown
-    agent.child.wait().unwrap();
+    agent.service.child.kill().unwrap(); // SIGKILL: no clean shutdown
+    agent.service.child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let live = live_program_ids();
@@ -103,7 +103,7 @@ fn sigkill_leaves_no_programs_behind() {
 
     // Restarted, the agent attaches afresh (nothing left over to clash with) and counts.
     let again = Agent::start(&["--pid", &std::process::id().to_string()]);
-    let theirs = programs_of(again.child.id());
+    let theirs = programs_of(again.pid());
     assert!(
         theirs.len() >= 3 && theirs.iter().all(|id| !mine.contains(id)),
         "the restarted agent loads its own programs: {theirs:?} (killed one had {mine:?})"

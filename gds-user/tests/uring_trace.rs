@@ -350,7 +350,7 @@ fn ring_buffer_overflow_is_counted_not_lost() {
     let _g = serial();
     let agent = Agent::start(&["--pid", &pid(), "--slow-threshold", "1ns"]);
     const N: usize = 20_000;
-    let agent_pid = agent.child.id() as i32;
+    let agent_pid = agent.pid() as i32;
     // SAFETY: plain kill(2) on our child.
     assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGSTOP) }, 0);
     let mut ring = IoUring::new(64).unwrap();

@@ -35,7 +35,9 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    observe::{http_get, resolve_port, start_agent},
+    observe::{agent_client, resolve_port},
+    promtext,
+    service::start_agent,
     setup,
 };
 
@@ -365,10 +367,10 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<()> {
         failures,
     };
     print_report(&report, args, wall, &dir);
-    let (status, log) = agent.stop();
+    let (status, log) = (agent.terminate(), agent.log_tail());
     if !report.failures.is_empty() {
         bail!(
-            "load check failed:\n  {}\nagent log ({status:?}):\n{log}",
+            "load check failed:\n  {}\nagent log ({status}):\n{log}",
             report.failures.join("\n  ")
         );
     }
@@ -533,36 +535,20 @@ struct Counts {
 
 impl Counts {
     fn scrape(addr: SocketAddr) -> Result<Counts> {
-        let (code, body) = http_get(addr, "/metrics")?;
-        ensure!(code == 200, "/metrics answered {code}");
-        Ok(Counts::parse(&body))
+        Ok(Counts::parse(&agent_client(addr).get("/metrics")?))
     }
 
     fn parse(text: &str) -> Counts {
         let mut c = Counts::default();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((key, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let value = value as u64;
-            let (name, labels) = key.split_once('{').unwrap_or((key, ""));
-            let label = |k: &str| {
-                labels
-                    .trim_end_matches('}')
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix("=\""))
-                    .map(|v| v.trim_end_matches('"'))
-            };
-            let ours = matches!(label("opcode"), Some("NOP" | "READ"));
-            match name {
+        for s in promtext::samples(text).filter_map(Result::ok) {
+            let value = s.value as u64;
+            let ours = matches!(s.label("opcode"), Some("NOP" | "READ"));
+            match s.name.as_str() {
                 "gds_uring_requests_total" if ours => c.requests += value,
                 "gds_uring_request_duration_seconds_count" if ours => c.timed += value,
                 "gds_uring_inflight_requests" => c.inflight += value,
                 "gds_trace_dropped_total" => {
-                    if let Some(reason) = label("reason") {
+                    if let Some(reason) = s.label("reason") {
                         c.drops.insert(reason.to_owned(), value);
                     }
                 }

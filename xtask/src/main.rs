@@ -18,6 +18,18 @@ mod setup;
 mod test;
 mod vm;
 
+// Shared with gds-user's tests by path: xtask cannot depend on gds-user, whose build needs the
+// tools xtask installs. xtask uses part of each.
+#[allow(dead_code)]
+#[path = "../../gds-user/src/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "../../gds-user/tests/common/promtext.rs"]
+mod promtext;
+#[allow(dead_code)]
+#[path = "../../gds-user/tests/common/service.rs"]
+mod service;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 

@@ -9,11 +9,11 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::Write as _,
+    net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -22,7 +22,12 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::{dashboard, setup};
+use crate::{
+    client::{self, Client, Response},
+    dashboard,
+    service::{Service, start_agent},
+    setup,
+};
 
 pub const ALERTS_PATH: &str = "deploy/prometheus/alerts.yml";
 pub const ALERT_TESTS_PATH: &str = "deploy/prometheus/alerts_test.yml";
@@ -183,8 +188,9 @@ fn observe(root: &Path, args: &ObserveArgs) -> Result<()> {
     )?;
     wait_until("Prometheus", Duration::from_secs(60), || {
         prometheus.alive()?;
-        Ok(http_get(prometheus_addr, "/-/ready")
-            .is_ok_and(|(code, _)| code == 200)
+        Ok(prometheus_client(prometheus_addr)
+            .request("/-/ready")
+            .is_ok_and(|r| r.code == 200)
             .then_some(()))
     })?;
 
@@ -397,7 +403,7 @@ fn check_live_in(
     let prometheus_addr = resolve_port("127.0.0.1:0".parse()?)?;
     let mut prometheus = start_prometheus(root, dir, prometheus_addr, agent_addr, "1s", false)?;
     let prom = PrometheusApi {
-        addr: prometheus_addr,
+        client: prometheus_client(prometheus_addr),
     };
     wait_until(
         "Prometheus to scrape the agent",
@@ -743,104 +749,8 @@ pub fn comparisons_as_bool(expr: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-pub(crate) struct Service {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Service {
-    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Service> {
-        let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Service {
-            name,
-            child,
-            log: log.to_owned(),
-        })
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub(crate) fn alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited ({status}); its log:\n{}",
-                self.name,
-                self.log_tail()
-            );
-        }
-        Ok(())
-    }
-
-    pub(crate) fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(3000);
-        let start = (start..text.len())
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(text.len());
-        text[start..].to_owned()
-    }
-
-    /// Stops it now; its exit status (`None` when it had to be killed) and the log's tail.
-    pub(crate) fn stop(mut self) -> (Option<std::process::ExitStatus>, String) {
-        (self.terminate(), self.log_tail())
-    }
-
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        // SIGTERM first: the agent detaches its programs and Prometheus closes its TSDB.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-/// Starts `cmd` (a `gds-agent run` listening on `addr`) and waits until its /metrics answers;
-/// fails with its log if it exits first.
-pub(crate) fn start_agent(
-    cmd: &mut Command,
-    addr: SocketAddr,
-    log: &Path,
-    timeout: Duration,
-) -> Result<Service> {
-    let mut agent = Service::spawn("gds-agent", cmd, log)?;
-    wait_until("the agent's /metrics", timeout, || {
-        agent.alive()?;
-        Ok(metrics_ready(addr).then_some(()))
-    })?;
-    Ok(agent)
-}
-
 fn alive(service: Option<&mut Service>) -> Result<()> {
-    service.map_or(Ok(()), |s| s.alive())
+    service.map_or(Ok(()), |s| Ok(s.alive()?))
 }
 
 fn wait_until<T>(
@@ -896,7 +806,7 @@ fn start_prometheus(
     if !keep_data {
         let _ = fs::remove_dir_all(&tsdb);
     }
-    Service::spawn(
+    Ok(Service::spawn(
         "prometheus",
         Command::new("prometheus").args([
             format!("--config.file={}", config.display()),
@@ -906,12 +816,12 @@ fn start_prometheus(
             "--log.level=warn".to_owned(),
         ]),
         &dir.join("prometheus.log"),
-    )
+    )?)
 }
 
 /// fio's io_uring engine as an unrelated program the agent traces.
 fn start_fio(dir: &Path, seconds: u64) -> Result<Service> {
-    Service::spawn(
+    Ok(Service::spawn(
         "fio",
         Command::new("fio").args([
             "--name=gds-observe".to_owned(),
@@ -926,7 +836,7 @@ fn start_fio(dir: &Path, seconds: u64) -> Result<Service> {
             "--rate_iops=20000".to_owned(),
         ]),
         &dir.join("fio.log"),
-    )
+    )?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1052,55 +962,31 @@ fn uring_workload(dir: &Path, duration: Duration, hold: Duration) -> Result<Work
 // ---------------------------------------------------------------------------------------------
 // HTTP and the Prometheus API
 
-/// A minimal HTTP/1.0 GET (no keep-alive, so no chunked replies from Go or hyper; chunked is
-/// decoded anyway). Also `cargo xtask load`'s scrape.
-pub(crate) fn http_get(addr: SocketAddr, target: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {target} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("HTTP reply without a header end")?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP reply without a status code")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_owned()
-    };
-    Ok((code, body))
+/// How long xtask waits for an answer from the agent or Prometheus (a scrape under load, a
+/// query over the whole workload).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent at `addr`. Also `cargo xtask load`'s scrape.
+pub(crate) fn agent_client(addr: SocketAddr) -> Client {
+    Client {
+        peer: client::AGENT,
+        addr,
+        timeout: HTTP_TIMEOUT,
+    }
 }
 
-fn dechunk(mut body: &str) -> Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").context("bad chunk header")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        ensure!(rest.len() >= size, "truncated chunk");
-        out.push_str(&rest[..size]);
-        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+fn prometheus_client(addr: SocketAddr) -> Client {
+    Client {
+        peer: "Prometheus",
+        addr,
+        timeout: HTTP_TIMEOUT,
     }
 }
 
 fn metrics_ready(addr: SocketAddr) -> bool {
-    http_get(addr, "/metrics")
-        .is_ok_and(|(code, body)| code == 200 && body.contains("gds_agent_info"))
+    agent_client(addr)
+        .get("/metrics")
+        .is_ok_and(|body| body.contains("gds_agent_info"))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -1116,7 +1002,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 struct PrometheusApi {
-    addr: SocketAddr,
+    client: Client,
 }
 
 struct Rule {
@@ -1129,7 +1015,7 @@ struct Rule {
 impl PrometheusApi {
     /// GET an API path; `data` on success, the API's own error otherwise.
     fn api(&self, target: &str) -> Result<Value> {
-        let (code, body) = http_get(self.addr, target)?;
+        let Response { code, body, .. } = self.client.request(target)?;
         let reply: Value = serde_json::from_str(&body)
             .with_context(|| format!("HTTP {code} from Prometheus is not JSON: {body:.200}"))?;
         if reply["status"] != "success" {
@@ -1258,13 +1144,5 @@ mod tests {
         );
         assert!(substitute_template(r#"label_replace(m, "a", "$1", "b", "(.*)")"#).is_ok());
         assert!(substitute_template("rate(m[$__interval])").is_err());
-    }
-
-    #[test]
-    fn dechunks() {
-        assert_eq!(
-            dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
-            "abcde"
-        );
     }
 }

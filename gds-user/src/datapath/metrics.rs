@@ -10,13 +10,19 @@
 //! - `gds_pipeline_bytes_total{path,dest}`: bytes delivered to the destination.
 //! - `gds_pipeline_read_duration_seconds{path}`: per I/O, submission to data at the destination.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::future::IntoFuture as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus::{CounterVec, Encoder, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder};
+use tokio::sync::oneshot;
 
 pub struct PipelineMetrics {
     pub registry: Registry,
@@ -76,58 +82,80 @@ impl PipelineMetrics {
     }
 }
 
-/// A minimal `/metrics` server on its own thread; stops when dropped.
+/// `/metrics` over HTTP, with axum like the agent's server, on a thread of its own (the data
+/// path is synchronous); stops when dropped. Every other path or method is a 404, and every
+/// answer closes its connection.
 pub struct Server {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
     pub fn start(addr: SocketAddr, metrics: Arc<PipelineMetrics>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
+        // Bound here, so that a port in use is the caller's error and port 0 is known at once.
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut req = [0u8; 2048];
-                        let n = s.read(&mut req).unwrap_or(0);
-                        let line = String::from_utf8_lossy(&req[..n]);
-                        let (status, body) = if line.starts_with("GET /metrics") {
-                            ("200 OK", metrics.render())
-                        } else {
-                            ("404 Not Found", "try /metrics\n".to_owned())
-                        };
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let app = Router::new()
+            .route("/metrics", get(render).fallback(not_found))
+            .fallback(not_found)
+            .with_state(metrics);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = axum::serve(listener, app).into_future() => {}
+                        _ = stopped => {}
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
+                });
+                // Dropping the runtime ends the connections still open.
+            })?;
         Ok(Server {
             addr,
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
 }
 
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+async fn render(State(metrics): State<Arc<PipelineMetrics>>) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, CONTENT_TYPE),
+            (header::CONNECTION, "close"),
+        ],
+        metrics.render(),
+    )
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        [
+            (header::CONTENT_TYPE, CONTENT_TYPE),
+            (header::CONNECTION, "close"),
+        ],
+        "try /metrics\n",
+    )
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -137,6 +165,16 @@ impl Drop for Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read as _, Write as _};
+
+    /// The raw answer to a raw request: these tests check the server's bytes on the wire.
+    fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    }
 
     #[test]
     fn served_over_http() {
@@ -145,11 +183,7 @@ mod tests {
         b.inc_by(4096.0);
         h.observe(0.000_5);
         let srv = Server::start("127.0.0.1:0".parse().unwrap(), m.clone()).unwrap();
-        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
+        let body = ask(srv.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         assert!(
             body.contains("gds_pipeline_bytes_total{dest=\"gpu0\",path=\"bounce\"} 4096"),
@@ -165,5 +199,29 @@ mod tests {
             ),
             "{body}"
         );
+    }
+
+    #[test]
+    fn elsewhere_is_404_and_drop_stops_serving() {
+        let srv = Server::start("127.0.0.1:0".parse().unwrap(), PipelineMetrics::new()).unwrap();
+        let addr = srv.addr;
+        let answer = ask(addr, b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
+        assert!(
+            answer.contains("content-type: text/plain; version=0.0.4"),
+            "{answer}"
+        );
+        assert!(answer.ends_with("try /metrics\n"), "{answer}");
+        let answer = ask(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
+        // A connection that never sends a request does not hold up the stop.
+        let _idle = std::net::TcpStream::connect(addr).unwrap();
+        let t = std::time::Instant::now();
+        drop(srv);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert!(std::net::TcpStream::connect(addr).is_err());
     }
 }

@@ -1,13 +1,20 @@
 //! Shared helpers for end-to-end tests: a real `gds-agent` process and a real scrape.
 #![allow(dead_code)]
 
+mod promtext;
+mod service;
+
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+
+// `service.rs` reaches the client as `super::client`, in xtask as in these tests.
+use gds_user::client;
+pub use service::Service;
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each
 /// other's requests. nextest runs one process per test; under plain `cargo test` this lock
@@ -81,11 +88,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running agent, stopped with SIGTERM on drop.
+/// A running agent on a free loopback port, stopped with SIGTERM on drop.
 pub struct Agent {
-    pub child: Child,
+    pub service: Service,
     pub addr: SocketAddr,
-    pub log_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -136,8 +142,6 @@ impl Agent {
         args: &[&str],
     ) -> Agent {
         require_root();
-        let log_path = dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -146,20 +150,16 @@ impl Agent {
             }
             None => Command::new(bin),
         };
-        let child = cmd
-            .arg("run")
+        cmd.arg("run")
             .args(args)
             .env("GDS_LOG", "info")
             // A directory every user may enter (the agent may run as another user).
-            .current_dir("/")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+            .current_dir("/");
+        let service = Service::spawn("gds-agent", &mut cmd, &dir.path().join("agent.log"))
             .expect("spawn gds-agent or its wrapper (unshare, setpriv: util-linux)");
         Agent {
-            child,
+            service,
             addr,
-            log_path,
             _dir: dir,
         }
     }
@@ -167,20 +167,11 @@ impl Agent {
     /// Waits until /metrics answers; panics with the log if the agent exits first or takes
     /// more than 30 s.
     pub fn wait_serving(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("gds-agent exited early ({status}):\n{}", self.log());
-            }
-            if http_get(self.addr, "/metrics").is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        if let Err(e) = self
+            .service
+            .wait_serving(self.addr, Duration::from_secs(30))
+        {
+            panic!("{e}");
         }
     }
 
@@ -188,7 +179,7 @@ impl Agent {
     pub fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.service.child.try_wait() {
                 return (status, self.log());
             }
             assert!(
@@ -201,11 +192,11 @@ impl Agent {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.service.pid()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.service.log()
     }
 
     pub fn scrape(&self) -> Metrics {
@@ -217,39 +208,14 @@ impl Agent {
     }
 
     /// SIGTERM and wait; returns the exit status and the log.
-    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let status = self.terminate();
-        (status, self.log())
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
-        }
+    pub fn stop(self) -> (std::process::ExitStatus, String) {
+        self.service.stop()
     }
 }
 
 /// GET over a real socket, through the library's agent client.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, gds_user::client::ClientError> {
-    gds_user::client::get(addr, path)
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, client::ClientError> {
+    client::get(addr, path)
 }
 
 /// Parsed text exposition: `name{sorted labels}` → value.
@@ -258,38 +224,19 @@ pub struct Metrics(pub BTreeMap<String, f64>);
 
 impl Metrics {
     pub fn parse(text: &str) -> Metrics {
-        let mut m = BTreeMap::new();
-        for line in text.lines() {
-            if line.starts_with('#') || line.trim().is_empty() {
-                continue;
-            }
-            let (key, value) = line.rsplit_once(' ').expect("sample line");
-            let value: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line}"));
-            let key = match key.split_once('{') {
-                Some((name, labels)) => {
-                    let mut ls: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
-                    ls.sort();
-                    format!("{name}{{{}}}", ls.join(","))
-                }
-                None => key.to_owned(),
-            };
-            m.insert(key, value);
-        }
-        Metrics(m)
+        let samples = promtext::samples(text).map(|s| match s {
+            Ok(s) => (s.key(), s.value),
+            Err(e) => panic!("not the text format: {e}"),
+        });
+        Metrics(samples.collect())
     }
 
     /// Value of `name{labels}`; labels as `k="v"` in any order; 0 when absent.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let key = if labels.is_empty() {
-            name.to_owned()
-        } else {
-            let mut ls: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-            ls.sort();
-            format!("{name}{{{}}}", ls.join(","))
-        };
-        self.0.get(&key).copied().unwrap_or(0.0)
+        self.0
+            .get(&promtext::series_key(name, labels))
+            .copied()
+            .unwrap_or(0.0)
     }
 }
 

@@ -2,17 +2,17 @@
 //! passthrough I/O. The tracing scenarios of the next issue build on [`Agent`], [`http_get`]
 //! and [`counter`].
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use gds_user::client;
 use gds_user::nvme::{DmaBuffer, NvmeReadCmd, NvmeRing, UringCmdOp, namespace_geometry};
 
 use crate::nvme::{MAIN_SERIAL, find_ns};
-use crate::{Ctx, Scenario};
+use crate::{Ctx, Scenario, promtext};
 
 pub const LISTEN: &str = "127.0.0.1:9477";
 
@@ -30,11 +30,13 @@ pub fn scenarios() -> Vec<Scenario> {
 pub struct Agent(pub Child);
 
 impl Agent {
+    /// Starts the agent and waits until it serves /metrics (it binds its port before it has
+    /// attached).
     pub fn start(c: &Ctx, extra: &[&str]) -> Result<Self> {
         Agent::start_logged(c, extra, None)
     }
 
-    /// Starts the agent with its log (stderr) in file `log` instead of the console.
+    /// [`Agent::start`] with its log (stderr) in file `log` instead of the console.
     pub fn start_logged(c: &Ctx, extra: &[&str], log: Option<&str>) -> Result<Self> {
         let mut cmd = Command::new(&c.agent);
         cmd.args(["run", "--listen", LISTEN])
@@ -45,15 +47,14 @@ impl Agent {
             cmd.stderr(f);
         }
         let child = cmd.spawn().context("spawn gds-agent run")?;
-        let agent = Agent(child);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if TcpStream::connect(LISTEN).is_ok() {
-                return Ok(agent);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let mut agent = Agent(child);
+        // Loading takes seconds under emulation (longer on 6.1's verifier).
+        if let Err(e) = client::wait_serving(addr(), &mut agent.0, Duration::from_secs(150)) {
+            // Give it a moment to print why.
+            std::thread::sleep(Duration::from_secs(2));
+            bail!("{e}; its log is in {}", log.unwrap_or("the console above"));
         }
-        bail!("gds-agent did not listen on {LISTEN} within 60 s")
+        Ok(agent)
     }
 }
 
@@ -64,22 +65,33 @@ impl Drop for Agent {
     }
 }
 
-/// GET `path` from the agent.
-pub fn http_get(path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(LISTEN)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
+fn addr() -> SocketAddr {
+    LISTEN.parse().expect("LISTEN is an address")
 }
 
-/// Sum of a counter's samples whose labels contain every `label` (e.g. `opcode="URING_CMD"`).
+/// GET `path` from the agent: the body of its 200 answer.
+pub fn http_get(path: &str) -> Result<String> {
+    Ok(client::get(addr(), path)?)
+}
+
+/// Sum of a metric's samples whose labels match every matcher, written as in the exposition:
+/// `opcode="URING_CMD"` (that value), or `reason="nvme_` (no closing quote: values that start
+/// with it).
 pub fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    let matches = |s: &promtext::Sample, matcher: &str| {
+        let Some((key, value)) = matcher.split_once("=\"") else {
+            return false;
+        };
+        match (s.label(key), value.strip_suffix('"')) {
+            (Some(v), Some(exact)) => v == exact,
+            (Some(v), None) => v.starts_with(value),
+            (None, _) => false,
+        }
+    };
+    promtext::samples(metrics)
+        .filter_map(Result::ok)
+        .filter(|s| s.name == name && labels.iter().all(|m| matches(s, m)))
+        .map(|s| s.value)
         .sum()
 }
 

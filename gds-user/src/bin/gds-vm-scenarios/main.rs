@@ -22,6 +22,11 @@ mod selftest;
 mod tracing;
 mod util;
 
+/// The Prometheus text parser the end-to-end tests and xtask share.
+#[allow(dead_code)]
+#[path = "../../../tests/common/promtext.rs"]
+mod promtext;
+
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 

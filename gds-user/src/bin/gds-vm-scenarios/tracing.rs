@@ -43,54 +43,36 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// Starts the agent and waits until it serves /metrics (it accepts connections before it has
-/// attached). When it dies instead, give it a moment to print why before failing.
+/// Starts the agent, waits until it serves /metrics, and reports how long that took.
 fn start_agent(c: &Ctx, args: &[&str]) -> Result<Agent> {
-    wait_serving(c, Agent::start(c, args)?)
+    let since = Instant::now();
+    let agent = Agent::start(c, args)?;
+    ready(c, since);
+    Ok(agent)
 }
 
 /// [`start_agent`] with the agent's log written to `log` (for scenarios that check what it
 /// said).
 pub fn start_agent_logged(c: &Ctx, args: &[&str], log: &str) -> Result<Agent> {
-    wait_serving(c, Agent::start_logged(c, args, Some(log))?)
+    let since = Instant::now();
+    let agent = Agent::start_logged(c, args, Some(log))?;
+    ready(c, since);
+    Ok(agent)
 }
 
-fn wait_serving(c: &Ctx, mut agent: Agent) -> Result<Agent> {
-    // Loading takes seconds under emulation (longer on 6.1's verifier): retry while it runs.
-    let start = Instant::now();
-    loop {
-        match http_get("/metrics") {
-            Ok(_) => {
-                c.metric(
-                    "agent_ready_s",
-                    format!("{:.1}", start.elapsed().as_secs_f64()),
-                );
-                return Ok(agent);
-            }
-            Err(e) => {
-                let exited = agent.0.try_wait()?.is_some();
-                if exited || start.elapsed() > Duration::from_secs(90) {
-                    std::thread::sleep(Duration::from_secs(2));
-                    bail!(
-                        "the agent did not serve /metrics ({e}); its error is in the console above"
-                    )
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
-fn body(text: &str) -> &str {
-    text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(text)
+fn ready(c: &Ctx, since: Instant) {
+    c.metric(
+        "agent_ready_s",
+        format!("{:.1}", since.elapsed().as_secs_f64()),
+    );
 }
 
 pub fn metrics() -> Result<String> {
-    Ok(body(&http_get("/metrics")?).to_owned())
+    http_get("/metrics")
 }
 
 pub fn json(path: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(body(&http_get(path)?)).with_context(|| format!("parsing {path}"))
+    serde_json::from_str(&http_get(path)?).with_context(|| format!("parsing {path}"))
 }
 
 /// Slow events with NVMe context on `disk`, polled until at least `want` arrived (events
