@@ -14,6 +14,7 @@ use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::families;
 use axum::{
     Router,
     extract::State,
@@ -33,23 +34,12 @@ pub struct PipelineMetrics {
 impl PipelineMetrics {
     pub fn new() -> Arc<Self> {
         let registry = Registry::new();
-        let bytes = CounterVec::new(
-            Opts::new(
-                "gds_pipeline_bytes_total",
-                "Bytes delivered by the data path, by route and destination.",
-            ),
-            &["path", "dest"],
-        )
-        .expect("valid metric");
+        let (fb, fd) = (&families::PIPELINE_BYTES, &families::PIPELINE_DURATION);
+        let bytes = CounterVec::new(Opts::new(fb.name, fb.help), fb.labels).expect("valid metric");
         // Powers of two from 1 µs to ~17 s, like the io_uring histograms.
-        let buckets: Vec<f64> = (10..=34).map(|b| (1u64 << b) as f64 / 1e9).collect();
         let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "gds_pipeline_read_duration_seconds",
-                "Per-I/O time from submission to data at the destination, by route.",
-            )
-            .buckets(buckets),
-            &["path"],
+            HistogramOpts::new(fd.name, fd.help).buckets(crate::exposition::bucket_bounds()),
+            fd.labels,
         )
         .expect("valid metric");
         registry

@@ -63,20 +63,16 @@ fn start_own_agent(args: &[String]) -> Result<(SocketAddr, OwnAgent)> {
         .spawn()
         .context("starting the agent")?;
     let mut own = OwnAgent(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client::get(addr, "/metrics").is_err() {
-        if let Some(status) = own.0.try_wait()? {
-            let mut err = String::new();
-            if let Some(mut e) = own.0.stderr.take() {
-                use std::io::Read as _;
-                let _ = e.read_to_string(&mut err);
+    if let Err(e) = client::wait_serving(addr, &mut own.0, Duration::from_secs(30)) {
+        let mut err = String::new();
+        if let Some(mut stderr) = own.0.stderr.take() {
+            use std::io::Read as _;
+            // The agent has exited (or is stuck): whatever it said is the reason.
+            if own.0.try_wait().ok().flatten().is_some() {
+                let _ = stderr.read_to_string(&mut err);
             }
-            bail!("the agent top started exited ({status}):\n{err}");
         }
-        if Instant::now() > deadline {
-            bail!("the agent top started did not answer within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        bail!("the agent top started did not serve: {e}\n{err}");
     }
     // Its log would scribble over the screen: drain it quietly.
     if let Some(mut e) = own.0.stderr.take() {
