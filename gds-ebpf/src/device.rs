@@ -16,6 +16,9 @@
 //! module exists and attached when it appears, and costs the same at run time; these
 //! programs read through `bpf_probe_read_kernel` anyway, so they lose nothing by seeing their
 //! arguments as plain integers.
+//!
+//! This module imports only [`crate::maps`] (the io_uring in-flight entries and statistics it
+//! writes into), never `uring`: `uring` calls [`record_stages`] here, so imports go one way.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -30,7 +33,7 @@ use gds_common::{
     KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, log2_bucket,
 };
 
-use crate::uring::{as_scalar, entry_mut, index, stats};
+use crate::maps::{as_scalar, entry_mut, index, stats};
 
 #[unsafe(no_mangle)]
 static GDS_DEV_CONFIG: DevConfig = DevConfig::DEFAULT;

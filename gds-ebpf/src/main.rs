@@ -10,6 +10,7 @@
 
 mod device;
 mod floor;
+mod maps;
 mod uring;
 
 #[cfg(not(test))]

@@ -1,7 +1,8 @@
 //! io_uring request latency: submission → completion, aggregated per opcode in the kernel.
 //!
 //! Keys are `struct io_kiocb *` values: unique while a request is in flight (the kernel reuses
-//! them afterwards, which is why completion removes the entry).
+//! them afterwards, which is why completion removes the entry). The config, statistics and
+//! in-flight maps live in [`crate::maps`], which the device programs share.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -9,67 +10,21 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::RingBuf,
     programs::{BtfTracePointContext, TracePointContext},
 };
 use gds_common::{
-    COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, DropReason, EVENT_URING_SLOW, HIST_BUCKETS,
-    InflightReq, InflightSlot, MAX_OPCODES, Scratch, SlowUringEvent, UringConfig, UringCpuStats,
-    log2_bucket, slot_index,
+    COMM_LEN, DropReason, EVENT_URING_SLOW, HIST_BUCKETS, InflightReq, InflightSlot, MAX_OPCODES,
+    Scratch, SlowUringEvent, UringCpuStats, log2_bucket, slot_index,
 };
 
-#[unsafe(no_mangle)]
-static GDS_URING_CONFIG: UringConfig = UringConfig::DEFAULT;
-
-#[map(name = "GDS_URING_STATS")]
-static STATS: PerCpuArray<UringCpuStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// Direct-mapped in-flight table: the common path. An array slot is found by an inlined
-/// lookup and claimed with one compare-and-swap, where a hash map insert + lookup + delete
-/// costs ~150 ns per request. Requests whose slot is taken fall back to `INFLIGHT`.
-/// Mmapable so user space can scan in-flight requests without a syscall per slot.
-#[map(name = "GDS_URING_SLOTS")]
-pub(crate) static SLOTS: Array<InflightSlot> =
-    Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
-
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-#[map(name = "GDS_URING_INFLIGHT")]
-pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =
-    HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+use crate::maps::{GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, index, stats};
 
 /// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
 #[map(name = "GDS_EVENTS")]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 const EEXIST: i64 = 17;
-
-macro_rules! conf {
-    ($field:ident) => {
-        // Volatile so LLVM keeps the load from .rodata: the verifier turns it into a constant,
-        // which is what makes the direct struct loads below verifiable.
-        unsafe { core::ptr::read_volatile(&GDS_URING_CONFIG.$field) }
-    };
-}
-
-#[inline(always)]
-pub(crate) fn stats() -> Option<&'static mut UringCpuStats> {
-    STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
-}
-
-/// `v` as an index below `len`, or None. The value goes through a stack slot first so the
-/// bounds check is made on the very register used to index: older verifiers (6.1) do not carry
-/// a bound over to a zero-extended copy that LLVM may take before the comparison.
-#[inline(always)]
-pub(crate) fn index(v: u64, len: usize) -> Option<usize> {
-    let x = v;
-    let x = unsafe { core::ptr::read_volatile(&x) };
-    if x < len as u64 {
-        Some(x as usize)
-    } else {
-        None
-    }
-}
 
 /// The statistics slot of an opcode; opcodes >= 63 share the last slot (`OTHER`).
 /// Clamped without a comparison on the opcode itself (the 6.1 verifier walks the impossible
@@ -294,17 +249,6 @@ fn unmatched(stats: &mut UringCpuStats, res: i32, opcode_of: impl Fn() -> u8) {
     }
 }
 
-/// `req` as a plain integer: a round trip through a map value, since the verifier treats a
-/// typed kernel pointer as a pointer even after `as u64` and refuses to hash it.
-#[inline(always)]
-pub(crate) fn as_scalar(stats: &mut UringCpuStats, word: Scratch, req: u64) -> u64 {
-    let w = &raw mut stats.scratch[word as usize];
-    unsafe {
-        core::ptr::write_volatile(w, req);
-        core::ptr::read_volatile(w)
-    }
-}
-
 /// Compare-and-swap (BPF_CMPXCHG; the bpfel target spec advertises no CAS, so core's atomics
 /// do not offer it, but the ISA has it since v3 / Linux 5.12).
 #[inline(always)]
@@ -314,18 +258,6 @@ fn cas(dst: *mut u64, old: u64, new: u64) -> Result<(), u64> {
     let (prev, ok) =
         unsafe { core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { Acquire }>(dst, old, new) };
     if ok { Ok(()) } else { Err(prev) }
-}
-
-/// The in-flight entry of io_uring request `req` (slot table or hash map), if tracked.
-#[inline(always)]
-pub(crate) fn entry_mut(req: u64) -> Option<*mut InflightReq> {
-    if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
-        // SAFETY: map value pointer.
-        if unsafe { core::ptr::read_volatile(&raw const (*slot).req) } == req {
-            return Some(unsafe { &raw mut (*slot).entry });
-        }
-    }
-    INFLIGHT.get_ptr_mut(&req)
 }
 
 /// Whether `req` is in the slot table or the hash map.
@@ -396,7 +328,7 @@ fn emit_slow(stats: &mut UringCpuStats, req: u64, res: i32, latency: u64, entry:
 /// Direct load of a field of a kernel object handed to a BTF program. `off` must come from the
 /// read-only config so the verifier sees a constant offset into a typed pointer.
 #[inline(always)]
-pub(crate) unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 

@@ -1,0 +1,88 @@
+//! The io_uring config and maps that both the io_uring programs (`uring`) and the NVMe/block
+//! programs (`device`) use, with the accessors to reach them.
+//!
+//! A module below both so imports go one way: `uring` → `device` (to split a passthrough
+//! request into stages) and both → `maps`; `device` never imports `uring`. The NVMe programs
+//! stamp times into the io_uring in-flight entries and count their drops in the io_uring
+//! statistics, which is why those live here and not in `uring`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use gds_common::{
+    DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, Scratch, UringConfig,
+    UringCpuStats, slot_index,
+};
+
+#[unsafe(no_mangle)]
+pub(crate) static GDS_URING_CONFIG: UringConfig = UringConfig::DEFAULT;
+
+/// Reads a field of [`GDS_URING_CONFIG`].
+macro_rules! conf {
+    ($field:ident) => {
+        // Volatile so LLVM keeps the load from .rodata: the verifier turns it into a constant,
+        // which is what makes the direct struct loads in `uring` verifiable.
+        unsafe { core::ptr::read_volatile(&crate::maps::GDS_URING_CONFIG.$field) }
+    };
+}
+pub(crate) use conf;
+
+#[map(name = "GDS_URING_STATS")]
+static STATS: PerCpuArray<UringCpuStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Direct-mapped in-flight table: the common path. An array slot is found by an inlined
+/// lookup and claimed with one compare-and-swap, where a hash map insert + lookup + delete
+/// costs ~150 ns per request. Requests whose slot is taken fall back to `INFLIGHT`.
+/// Mmapable so user space can scan in-flight requests without a syscall per slot.
+#[map(name = "GDS_URING_SLOTS")]
+pub(crate) static SLOTS: Array<InflightSlot> =
+    Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+#[map(name = "GDS_URING_INFLIGHT")]
+pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =
+    HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+
+#[inline(always)]
+pub(crate) fn stats() -> Option<&'static mut UringCpuStats> {
+    STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// `v` as an index below `len`, or None. The value goes through a stack slot first so the
+/// bounds check is made on the very register used to index: older verifiers (6.1) do not carry
+/// a bound over to a zero-extended copy that LLVM may take before the comparison.
+#[inline(always)]
+pub(crate) fn index(v: u64, len: usize) -> Option<usize> {
+    let x = v;
+    let x = unsafe { core::ptr::read_volatile(&x) };
+    if x < len as u64 {
+        Some(x as usize)
+    } else {
+        None
+    }
+}
+
+/// `req` as a plain integer: a round trip through a map value, since the verifier treats a
+/// typed kernel pointer as a pointer even after `as u64` and refuses to hash it.
+#[inline(always)]
+pub(crate) fn as_scalar(stats: &mut UringCpuStats, word: Scratch, req: u64) -> u64 {
+    let w = &raw mut stats.scratch[word as usize];
+    unsafe {
+        core::ptr::write_volatile(w, req);
+        core::ptr::read_volatile(w)
+    }
+}
+
+/// The in-flight entry of io_uring request `req` (slot table or hash map), if tracked.
+#[inline(always)]
+pub(crate) fn entry_mut(req: u64) -> Option<*mut InflightReq> {
+    if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
+        // SAFETY: map value pointer.
+        if unsafe { core::ptr::read_volatile(&raw const (*slot).req) } == req {
+            return Some(unsafe { &raw mut (*slot).entry });
+        }
+    }
+    INFLIGHT.get_ptr_mut(&req)
+}
