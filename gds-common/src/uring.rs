@@ -3,8 +3,18 @@
 
 use crate::{COMM_LEN, HIST_BUCKETS};
 
-/// Opcode slots in the statistics. io_uring has ~60 opcodes on 6.18 (`IORING_OP_LAST`); any
-/// opcode at or above this limit is folded into the last slot, which user space names `OTHER`.
+/// Entries of the per-opcode statistics (`GDS_URING_OPCODES`), indexed by opcode. The SQE
+/// opcode is a `u8`, so every opcode a kernel can be sent has its own entry: the ones it knows
+/// (`IORING_OP_LAST` is 63 on 6.18 and grows) and the ones it refuses at submission (counted
+/// through `io_uring_req_failed`).
+pub const URING_OPCODES: usize = 256;
+
+/// Words of an opcode bitmap ([`UringConfig::opcode_mask`], [`UringCpuStats::opcodes_seen`]).
+pub const OPCODE_WORDS: usize = URING_OPCODES / 64;
+
+/// Opcodes `gds_user::uring_opcode::name` names from its own table; it calls every opcode at
+/// or above `MAX_OPCODES - 1` `OTHER`. Only a label limit now: the statistics keep every
+/// opcode apart ([`URING_OPCODES`]).
 pub const MAX_OPCODES: usize = 64;
 
 /// `IORING_OP_URING_CMD` (include/uapi/linux/io_uring.h), stable since 5.19.
@@ -65,21 +75,30 @@ impl DropReason {
     }
 }
 
-/// Per-CPU io_uring statistics: one value of a one-slot `PerCpuArray`, so each program does a
-/// single (inlined) map lookup per event. ~21 KiB, under the 32 KiB per-CPU value limit.
+/// Per-CPU io_uring statistics of one opcode: entry `opcode` of the `PerCpuArray`
+/// `GDS_URING_OPCODES` ([`URING_OPCODES`] entries). One entry per opcode rather than arrays
+/// indexed by opcode in one value: a per-CPU value is limited to 32 KiB, which capped the
+/// opcodes at 64 when they shared one. 320 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct OpcodeCpuStats {
+    /// Completion latency histogram (timed requests only).
+    pub hist: [u64; HIST_BUCKETS],
+    /// Sum of timed latencies, in nanoseconds.
+    pub sum_ns: u64,
+    /// Requests seen at submission (after filters), timed or not.
+    pub submitted: u64,
+    /// Completions with `res < 0`.
+    pub errors: u64,
+    /// Timed completions above the slow threshold.
+    pub slow: u64,
+}
+
+/// Per-CPU statistics not tied to an opcode: the one value of a one-entry `PerCpuArray`
+/// (`GDS_URING_STATS`). 184 bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UringCpuStats {
-    /// Completion latency histogram per opcode (timed requests only).
-    pub hist: [[u64; HIST_BUCKETS]; MAX_OPCODES],
-    /// Sum of timed latencies per opcode, in nanoseconds.
-    pub sum_ns: [u64; MAX_OPCODES],
-    /// Requests seen at submission per opcode (after filters), timed or not.
-    pub submitted: [u64; MAX_OPCODES],
-    /// Completions with `res < 0` per opcode.
-    pub errors: [u64; MAX_OPCODES],
-    /// Timed completions above the slow threshold per opcode.
-    pub slow: [u64; MAX_OPCODES],
     /// Drops by [`DropReason`] (io_uring, NVMe and block tracing).
     pub drops: [u64; DROP_REASONS],
     /// Entries added to / removed from the in-flight map; their difference is the in-flight count.
@@ -87,6 +106,10 @@ pub struct UringCpuStats {
     pub removed: u64,
     /// Sampling tick (sampled mode times one request in `sample_every`).
     pub sample_tick: u64,
+    /// Bit `op % 64` of word `op / 64` set: this CPU counted a request of opcode `op` (set
+    /// before its first count, never cleared). User space reads only the `GDS_URING_OPCODES` entries some CPU marked, so a
+    /// scrape copies a few opcodes' values instead of all 256 of every CPU.
+    pub opcodes_seen: [u64; OPCODE_WORDS],
     /// Scratch words: the programs pass a kernel pointer through one to get a plain integer
     /// (the verifier forbids arithmetic such as hashing on typed pointers). One word per
     /// program ([`Scratch`]): a program in interrupt context (a block or NVMe completion) can
@@ -173,14 +196,18 @@ pub struct UringConfig {
     /// 1: only tasks whose comm equals `filter_comm`.
     pub filter_comm_on: u32,
     pub filter_comm: [u8; COMM_LEN],
-    /// Bit `op` set: trace opcode `op` (opcodes >= 63 share bit 63).
-    pub opcode_mask: u64,
+    /// Bit `op % 64` of word `op / 64` set: trace opcode `op` (read only when
+    /// `filter_opcode_on` is 1).
+    pub opcode_mask: [u64; OPCODE_WORDS],
     /// Time one request in this many (1: every request).
     pub sample_every: u64,
     /// Completions slower than this go to the ring buffer.
     pub slow_ns: u64,
     /// Slot index mask of the direct-mapped in-flight table (its size minus one).
     pub slot_mask: u64,
+    /// 1: only opcodes in `opcode_mask`. A flag of its own so that without `--opcode` the
+    /// verifier sees a constant and drops the check from the programs.
+    pub filter_opcode_on: u32,
     /// Offsets in `struct io_kiocb` (BTF programs): `opcode`, `ctx`, `cqe.user_data`.
     pub kiocb_opcode: u32,
     pub kiocb_ctx: u32,
@@ -196,7 +223,6 @@ pub struct UringConfig {
     pub tp_failed_req: u32,
     pub tp_failed_user_data: u32,
     pub tp_failed_opcode: u32,
-    pub _pad: u32,
 }
 
 impl UringConfig {
@@ -207,10 +233,11 @@ impl UringConfig {
         filter_tgid: 0,
         filter_comm_on: 0,
         filter_comm: [0; COMM_LEN],
-        opcode_mask: u64::MAX,
+        opcode_mask: [u64::MAX; OPCODE_WORDS],
         sample_every: 1,
         slow_ns: u64::MAX,
         slot_mask: DEFAULT_SLOTS as u64 - 1,
+        filter_opcode_on: 0,
         kiocb_opcode: 0,
         kiocb_ctx: 0,
         kiocb_user_data: 0,
@@ -224,12 +251,12 @@ impl UringConfig {
         tp_failed_req: 0,
         tp_failed_user_data: 0,
         tp_failed_opcode: 0,
-        _pad: 0,
     };
 }
 
 /// Map names in the eBPF object.
 pub const MAP_URING_STATS: &str = "GDS_URING_STATS";
+pub const MAP_URING_OPCODES: &str = "GDS_URING_OPCODES";
 pub const MAP_URING_INFLIGHT: &str = "GDS_URING_INFLIGHT";
 pub const MAP_URING_SLOTS: &str = "GDS_URING_SLOTS";
 pub const MAP_EVENTS: &str = "GDS_EVENTS";
@@ -251,8 +278,15 @@ pub fn slot_index(req: u64, mask: u64) -> u32 {
 mod pod {
     use super::*;
     unsafe impl aya::Pod for UringCpuStats {}
+    unsafe impl aya::Pod for OpcodeCpuStats {}
     unsafe impl aya::Pod for InflightReq {}
     unsafe impl aya::Pod for InflightSlot {}
     unsafe impl aya::Pod for SlowUringEvent {}
     unsafe impl aya::Pod for UringConfig {}
 }
+
+// Sizes the doc comments state, and no implicit padding in the config (aya::Pod copies every
+// byte of it into the object).
+const _: () = assert!(core::mem::size_of::<OpcodeCpuStats>() == 320);
+const _: () = assert!(core::mem::size_of::<UringCpuStats>() == 184);
+const _: () = assert!(core::mem::size_of::<UringConfig>() == 24 + 8 * OPCODE_WORDS + 24 + 14 * 4);

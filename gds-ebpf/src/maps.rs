@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use gds_common::{
-    DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, Scratch, UringConfig,
-    UringCpuStats, slot_index,
+    DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS, OpcodeCpuStats,
+    Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
 };
 
 #[unsafe(no_mangle)]
@@ -28,8 +28,16 @@ macro_rules! conf {
 }
 pub(crate) use conf;
 
+/// Statistics not tied to an opcode (drops, in-flight counts, scratch words).
 #[map(name = "GDS_URING_STATS")]
 static STATS: PerCpuArray<UringCpuStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Statistics per opcode, indexed by the opcode itself: a `u8` key is always below the 256
+/// entries, so no clamp, and recent kernels inline a per-CPU array lookup (6.18 does: `bpftool
+/// prog dump xlated`), so an event pays a few instructions for its opcode's entry.
+#[map(name = "GDS_URING_OPCODES")]
+static OPCODES: PerCpuArray<OpcodeCpuStats> =
+    PerCpuArray::with_max_entries(URING_OPCODES as u32, 0);
 
 /// Direct-mapped in-flight table: the common path. An array slot is found by an inlined
 /// lookup and claimed with one compare-and-swap, where a hash map insert + lookup + delete
@@ -48,6 +56,24 @@ pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =
 #[inline(always)]
 pub(crate) fn stats() -> Option<&'static mut UringCpuStats> {
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// This CPU's statistics of `opcode`. Every `u8` has an entry, so this fails only if the map
+/// does (never, for an array).
+#[inline(always)]
+pub(crate) fn opcode_stats(opcode: u8) -> Option<&'static mut OpcodeCpuStats> {
+    OPCODES
+        .get_ptr_mut(opcode as u32)
+        .map(|p| unsafe { &mut *p })
+}
+
+/// Marks `opcode` in [`UringCpuStats::opcodes_seen`] (user space reads only marked entries).
+#[inline(always)]
+pub(crate) fn mark_seen(stats: &mut UringCpuStats, opcode: u8) {
+    let op = opcode as u64;
+    if let Some(w) = index(op >> 6, OPCODE_WORDS).and_then(|w| stats.opcodes_seen.get_mut(w)) {
+        *w |= 1u64 << (op & 63);
+    }
 }
 
 /// `v` as an index below `len`, or None. The value goes through a stack slot first so the

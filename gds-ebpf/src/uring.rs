@@ -14,11 +14,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use gds_common::{
-    COMM_LEN, DropReason, EVENT_URING_SLOW, HIST_BUCKETS, InflightReq, InflightSlot, MAX_OPCODES,
+    COMM_LEN, DropReason, EVENT_URING_SLOW, HIST_BUCKETS, InflightReq, InflightSlot, OPCODE_WORDS,
     Scratch, SlowUringEvent, UringCpuStats, log2_bucket, slot_index,
 };
 
-use crate::maps::{GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, index, stats};
+use crate::maps::{
+    GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, index, mark_seen, opcode_stats, stats,
+};
 
 /// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
 #[map(name = "GDS_EVENTS")]
@@ -26,20 +28,22 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 const EEXIST: i64 = 17;
 
-/// The statistics slot of an opcode; opcodes >= 63 share the last slot (`OTHER`).
-/// Clamped without a comparison on the opcode itself (the 6.1 verifier walks the impossible
-/// side of such a comparison with contradictory bounds and then refuses the array access),
-/// then checked through [`index`], since 6.1 also loses the bounds of the OR.
-#[inline(always)]
-fn slot(opcode: u8) -> usize {
-    let op = opcode as u64;
-    let above = (op + 192) >> 8; // 1 when op >= 64
-    index((op & 63) | (above * 63), MAX_OPCODES).unwrap_or(MAX_OPCODES - 1)
-}
-
+/// The `--opcode` filter. Without it `filter_opcode_on` is a constant 0 to the verifier, which
+/// then skips the rest as dead code. The word is picked through [`index`] (the 6.1 verifier
+/// needs the bound on the register that indexes).
 #[inline(always)]
 fn opcode_enabled(opcode: u8) -> bool {
-    conf!(opcode_mask) & (1u64 << slot(opcode)) != 0
+    if conf!(filter_opcode_on) == 0 {
+        return true;
+    }
+    let op = opcode as u64;
+    let Some(word) = index(op >> 6, OPCODE_WORDS).and_then(|w| GDS_URING_CONFIG.opcode_mask.get(w))
+    else {
+        return false;
+    };
+    // SAFETY: a reference into the config; volatile for the reason `conf!` gives.
+    let word = unsafe { core::ptr::read_volatile(word) };
+    word & (1u64 << (op & 63)) != 0
 }
 
 /// Task filters (`--pid`, `--comm`), evaluated in the current task.
@@ -94,7 +98,15 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         // A failed request the submit tracepoint already saw keeps its original entry.
         return;
     }
-    stats.submitted[slot(opcode)] += 1;
+    let Some(op) = opcode_stats(opcode) else {
+        return;
+    };
+    if op.submitted == 0 {
+        // First request of this opcode on this CPU: make the entry visible to user space
+        // before it counts anything.
+        mark_seen(stats, opcode);
+    }
+    op.submitted += 1;
     let every = conf!(sample_every);
     if every > 1 {
         // Untimed requests stop here: counted, nothing else (the cheap path of --sample).
@@ -234,13 +246,16 @@ fn unmatched(stats: &mut UringCpuStats, res: i32, opcode_of: impl Fn() -> u8) {
     {
         return;
     }
-    if res < 0 || conf!(opcode_mask) != u64::MAX {
+    if res < 0 || conf!(filter_opcode_on) != 0 {
         let opcode = opcode_of();
         if !opcode_enabled(opcode) {
             return;
         }
-        if res < 0 {
-            stats.errors[slot(opcode)] += 1;
+        if res < 0
+            && let Some(op) = opcode_stats(opcode)
+        {
+            mark_seen(stats, opcode);
+            op.errors += 1;
         }
     }
     // Sampled mode leaves most requests untimed on purpose: not a drop.
@@ -275,25 +290,24 @@ fn is_tracked(req: u64) -> bool {
 #[inline(always)]
 fn record(stats: &mut UringCpuStats, req: u64, res: i32, now: u64, entry: &InflightReq) {
     let latency = now.saturating_sub(entry.start_ns);
-    let op = slot(entry.opcode);
-    let bucket = log2_bucket(latency);
-    if let (Some(op), Some(bucket)) = (
-        index(op as u64, MAX_OPCODES),
-        index(bucket as u64, HIST_BUCKETS),
-    ) {
-        if let Some(b) = stats.hist.get_mut(op).and_then(|row| row.get_mut(bucket)) {
-            *b += 1;
-        }
+    // Its submission marked the opcode seen (on the CPU it ran on).
+    let Some(op) = opcode_stats(entry.opcode) else {
+        return;
+    };
+    if let Some(b) =
+        index(log2_bucket(latency) as u64, HIST_BUCKETS).and_then(|i| op.hist.get_mut(i))
+    {
+        *b += 1;
     }
-    stats.sum_ns[op] += latency;
+    op.sum_ns += latency;
     if entry.nvme_setup_ns != 0 {
         crate::device::record_stages(entry, now);
     }
     if res < 0 {
-        stats.errors[op] += 1;
+        op.errors += 1;
     }
     if latency >= conf!(slow_ns) {
-        stats.slow[op] += 1;
+        op.slow += 1;
         emit_slow(stats, req, res, latency, entry);
     }
 }
@@ -336,7 +350,8 @@ unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
 fn probe_opcode(req: u64) -> u8 {
     let off = conf!(kiocb_opcode);
     if off == 0 {
-        // Classic-tracepoint fallback without BTF: the offset is unknown; count under OTHER.
+        // Classic-tracepoint fallback without BTF: the offset is unknown; counted under 255, an
+        // opcode no kernel has.
         return u8::MAX;
     }
     let addr = req.wrapping_add(off as u64);

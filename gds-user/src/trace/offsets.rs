@@ -119,7 +119,7 @@ fn resolve_classic(
     config.tp_failed_req = failed.offset("req")?;
     config.tp_failed_user_data = failed.offset("user_data")?;
     config.tp_failed_opcode = failed.offset("opcode")?;
-    // Opcode of unmatched error completions: only known with BTF (else counted as OTHER).
+    // Opcode of unmatched error completions: only known with BTF (else counted under 255).
     if let Some(btf) = btf {
         config.kiocb_opcode = btf.member_offset("io_kiocb", &["opcode"]).unwrap_or(0);
     }

@@ -9,7 +9,8 @@ use aya::{
 };
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, DevConfig, HIST_BUCKETS, InflightReq, MAP_EVENTS,
-    MAP_URING_INFLIGHT, MAP_URING_SLOTS, MAP_URING_STATS, MAX_OPCODES, UringConfig, UringCpuStats,
+    MAP_URING_INFLIGHT, MAP_URING_OPCODES, MAP_URING_SLOTS, MAP_URING_STATS, OPCODE_WORDS,
+    OpcodeCpuStats, URING_OPCODES, UringConfig, UringCpuStats,
 };
 use tracing::info;
 
@@ -79,10 +80,11 @@ impl TraceOptions {
             c.filter_comm[..bytes.len()].copy_from_slice(bytes);
         }
         if !self.opcodes.is_empty() {
-            c.opcode_mask = self
-                .opcodes
-                .iter()
-                .fold(0u64, |m, &op| m | 1u64 << op.min(63));
+            c.filter_opcode_on = 1;
+            c.opcode_mask = [0; OPCODE_WORDS];
+            for &op in &self.opcodes {
+                c.opcode_mask[op as usize / 64] |= 1u64 << (op % 64);
+            }
         }
         if self.sample == 0 {
             return Err(TraceError::InvalidFilter(
@@ -117,7 +119,7 @@ pub struct OpcodeStats {
 /// All io_uring statistics at one instant.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct UringSnapshot {
-    /// Indexed by opcode slot (`MAX_OPCODES`).
+    /// Indexed by opcode: one entry for every `u8` (`URING_OPCODES`), known to the kernel or not.
     pub opcodes: Vec<OpcodeStats>,
     /// Indexed by `DropReason`.
     pub drops: [u64; DROP_REASONS],
@@ -152,6 +154,7 @@ pub struct UringTracer {
     /// Locked only to attach or detach the NVMe programs after start.
     ebpf: std::sync::Mutex<Ebpf>,
     stats: PerCpuArray<MapData, UringCpuStats>,
+    opcodes: PerCpuArray<MapData, OpcodeCpuStats>,
     slots: SlotTable,
     hash: HashMap<MapData, u64, InflightReq>,
     attach: ResolvedAttach,
@@ -267,6 +270,13 @@ impl UringTracer {
             name: MAP_URING_STATS,
             source,
         })?;
+        let opcodes = ebpf
+            .take_map(MAP_URING_OPCODES)
+            .ok_or(TraceError::MissingMap(MAP_URING_OPCODES))?;
+        let opcodes = PerCpuArray::try_from(opcodes).map_err(|source| TraceError::Map {
+            name: MAP_URING_OPCODES,
+            source,
+        })?;
         let Some(aya::maps::Map::Array(slot_map)) = ebpf.take_map(MAP_URING_SLOTS) else {
             return Err(TraceError::MissingMap(MAP_URING_SLOTS));
         };
@@ -293,6 +303,7 @@ impl UringTracer {
         Ok(UringTracer {
             ebpf: std::sync::Mutex::new(ebpf),
             stats,
+            opcodes,
             slots,
             hash,
             attach,
@@ -377,6 +388,12 @@ impl UringTracer {
     }
 
     /// Sums the per-CPU statistics.
+    ///
+    /// Reads the global value first, then only the opcodes some CPU marked in its
+    /// `opcodes_seen`: one `BPF_MAP_LOOKUP_ELEM` each, so an idle agent costs one syscall and a
+    /// busy one a syscall per opcode in use, each copying that opcode's 320 bytes per CPU (all
+    /// 256 entries would be 80 KiB per CPU). An opcode first seen after the global read is
+    /// picked up by the next snapshot.
     pub fn snapshot(&self) -> Result<UringSnapshot, TraceError> {
         let per_cpu = self.stats.get(&0, 0).map_err(|source| TraceError::Map {
             name: MAP_URING_STATS,
@@ -388,26 +405,42 @@ impl UringTracer {
                     buckets: vec![0; HIST_BUCKETS],
                     ..Default::default()
                 };
-                MAX_OPCODES
+                URING_OPCODES
             ],
             ..Default::default()
         };
+        let mut seen = [0u64; OPCODE_WORDS];
         for cpu in per_cpu.iter() {
-            for (op, s) in snap.opcodes.iter_mut().enumerate() {
-                for (b, v) in cpu.hist[op].iter().enumerate() {
-                    s.buckets[b] += v;
-                    s.timed += v;
-                }
-                s.sum_ns += cpu.sum_ns[op];
-                s.submitted += cpu.submitted[op];
-                s.errors += cpu.errors[op];
-                s.slow += cpu.slow[op];
-            }
             for (d, v) in snap.drops.iter_mut().zip(cpu.drops.iter()) {
                 *d += v;
             }
             snap.inserted += cpu.inserted;
             snap.removed += cpu.removed;
+            for (s, w) in seen.iter_mut().zip(cpu.opcodes_seen) {
+                *s |= w;
+            }
+        }
+        for (op, s) in snap.opcodes.iter_mut().enumerate() {
+            if seen[op / 64] & (1u64 << (op % 64)) == 0 {
+                continue;
+            }
+            let per_cpu = self
+                .opcodes
+                .get(&(op as u32), 0)
+                .map_err(|source| TraceError::Map {
+                    name: MAP_URING_OPCODES,
+                    source,
+                })?;
+            for cpu in per_cpu.iter() {
+                for (b, v) in s.buckets.iter_mut().zip(cpu.hist) {
+                    *b += v;
+                    s.timed += v;
+                }
+                s.sum_ns += cpu.sum_ns;
+                s.submitted += cpu.submitted;
+                s.errors += cpu.errors;
+                s.slow += cpu.slow;
+            }
         }
         Ok(snap)
     }
@@ -452,5 +485,37 @@ impl FloorProbe {
             device::attach_btf(&mut ebpf, &kernel_btf, prog, tp)?;
         }
         Ok(FloorProbe { _ebpf: ebpf })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opcode_filter_is_exact_for_every_opcode() {
+        let config = |ops: &[u8]| {
+            TraceOptions {
+                opcodes: ops.to_vec(),
+                ..Default::default()
+            }
+            .to_config()
+            .unwrap()
+        };
+        let all = config(&[]);
+        assert_eq!(all.filter_opcode_on, 0);
+        for op in 0..=255u8 {
+            let c = config(&[op]);
+            assert_eq!(c.filter_opcode_on, 1);
+            for other in 0..=255usize {
+                let on = c.opcode_mask[other / 64] >> (other % 64) & 1 == 1;
+                assert_eq!(on, other == op as usize, "--opcode {op}: bit {other}");
+            }
+        }
+        let c = config(&[0, 46, 63, 64, 200, 255]);
+        assert_eq!(
+            c.opcode_mask,
+            [1 | 1 << 46 | 1 << 63, 1, 0, 1 << (200 - 192) | 1 << 63]
+        );
     }
 }

@@ -1,0 +1,126 @@
+//! Every opcode gets its own statistics: the highest opcode the running kernel knows
+//! (`IORING_OP_LAST - 1` from its BTF), the first it does not (`IORING_OP_LAST`) and one far
+//! beyond (200) are each counted exactly under their own number, and `--opcode` selects any of
+//! the 256 exactly.
+//!
+//! Calls the library (`UringTracer`) directly: the agent's opcode labels are a separate
+//! concern. The tracer filters on this test's pid. Needs root (CAP_BPF + CAP_PERFMON).
+
+mod common;
+
+use common::{require_root, serial};
+use gds_user::trace::{AttachMode, TraceOptions, UringSnapshot, UringTracer};
+use io_uring::{IoUring, opcode, squeue};
+
+/// An SQE with all fields zero but `opcode` and `user_data`. Opcodes the kernel does not know
+/// fail at submission with -EINVAL (`io_uring_req_failed`); known ones run or fail on their
+/// zero arguments: either way, one request with one completion.
+fn sqe(op: u8, user_data: u64) -> squeue::Entry {
+    let mut e = opcode::Nop::new().build().user_data(user_data);
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around `struct io_uring_sqe` (64 bytes, UAPI),
+    // whose first byte is the opcode.
+    unsafe { *(&raw mut e).cast::<u8>() = op };
+    e
+}
+
+/// Submits one SQE per opcode in `ops`, one at a time (a request refused at submission ends the
+/// batch it is in), and returns each completion's result, in `ops` order.
+fn submit(ops: &[u8]) -> Vec<i32> {
+    let mut ring = IoUring::new(4).unwrap();
+    ops.iter()
+        .enumerate()
+        .map(|(i, &op)| {
+            // SAFETY: the SQE references no memory.
+            unsafe { ring.submission().push(&sqe(op, i as u64)).unwrap() };
+            ring.submit_and_wait(1).unwrap();
+            let cqe = ring.completion().next().expect("one CQE per SQE");
+            assert_eq!(cqe.user_data(), i as u64);
+            cqe.result()
+        })
+        .collect()
+}
+
+/// `IORING_OP_LAST` of the running kernel.
+fn op_last() -> u8 {
+    let btf = gds_user::btf::Btf::from_sys().expect("kernel BTF");
+    let values = btf.enum_values("io_uring_op").expect("enum io_uring_op");
+    let last = values
+        .iter()
+        .find(|(n, _)| n == "IORING_OP_LAST")
+        .expect("IORING_OP_LAST")
+        .1;
+    u8::try_from(last).expect("IORING_OP_LAST fits the SQE's u8")
+}
+
+fn tracer(attach: AttachMode, opcodes: Vec<u8>) -> UringTracer {
+    require_root();
+    UringTracer::start(&TraceOptions {
+        pid: Some(std::process::id()),
+        opcodes,
+        attach,
+        ..Default::default()
+    })
+    .expect("tracer starts")
+}
+
+/// Checks that exactly the opcodes of `want` (opcode, completion result) were counted, once each.
+fn assert_only(snap: &UringSnapshot, want: &[(u8, i32)]) {
+    assert_eq!(snap.opcodes.len(), 256);
+    for (op, s) in snap.opcodes.iter().enumerate() {
+        match want.iter().find(|(o, _)| *o as usize == op) {
+            Some(&(_, res)) => {
+                assert_eq!(s.submitted, 1, "opcode {op} submitted: {s:?}");
+                assert_eq!(s.timed, 1, "opcode {op} timed: {s:?}");
+                assert_eq!(s.buckets.iter().sum::<u64>(), 1, "opcode {op}: {s:?}");
+                assert!(s.sum_ns > 0, "opcode {op}: {s:?}");
+                assert_eq!(s.errors, u64::from(res < 0), "opcode {op} res {res}: {s:?}");
+            }
+            None => assert_eq!(
+                (s.submitted, s.timed, s.errors),
+                (0, 0, 0),
+                "opcode {op} was not submitted: {s:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        snap.drops,
+        [0; gds_common::DROP_REASONS],
+        "{:?}",
+        snap.drops
+    );
+    assert_eq!(snap.inflight(), 0);
+}
+
+fn each_opcode_counted_apart(attach: AttachMode) {
+    let _g = serial();
+    let last = op_last();
+    let t = tracer(attach, Vec::new());
+    let ops = [last - 1, last, 200];
+    let res = submit(&ops);
+    assert_eq!(res[1], -libc::EINVAL, "IORING_OP_LAST is refused");
+    assert_eq!(res[2], -libc::EINVAL, "opcode 200 is refused");
+    let snap = t.snapshot().unwrap();
+    let want: Vec<(u8, i32)> = ops.into_iter().zip(res).collect();
+    assert_only(&snap, &want);
+}
+
+#[test]
+fn each_opcode_counted_apart_btf_tracepoints() {
+    each_opcode_counted_apart(AttachMode::Btf);
+}
+
+#[test]
+fn each_opcode_counted_apart_classic_tracepoints() {
+    each_opcode_counted_apart(AttachMode::Classic);
+}
+
+/// `--opcode 200` counts opcode 200 and nothing else (the filter once folded every opcode
+/// from 63 on into one bit).
+#[test]
+fn opcode_filter_is_exact_above_63() {
+    let _g = serial();
+    let last = op_last();
+    let t = tracer(AttachMode::Auto, vec![200]);
+    let res = submit(&[0, last - 1, last, 200, 255]);
+    assert_only(&t.snapshot().unwrap(), &[(200, res[3])]);
+}
