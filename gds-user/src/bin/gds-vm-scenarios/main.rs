@@ -20,6 +20,7 @@ mod modules;
 mod nvme;
 mod selftest;
 mod tracing;
+mod uring;
 mod util;
 
 /// The Prometheus text parser the end-to-end tests and xtask share.
@@ -87,6 +88,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(nvme::scenarios());
     all.extend(agent::scenarios());
     all.extend(tracing::scenarios());
+    all.extend(uring::scenarios());
     all.extend(modules::scenarios());
     all.extend(selftest::scenarios());
     all
