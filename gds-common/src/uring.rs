@@ -12,11 +12,6 @@ pub const URING_OPCODES: usize = 256;
 /// Words of an opcode bitmap ([`UringConfig::opcode_mask`], [`UringCpuStats::opcodes_seen`]).
 pub const OPCODE_WORDS: usize = URING_OPCODES / 64;
 
-/// Opcodes `gds_user::uring_opcode::name` names from its own table; it calls every opcode at
-/// or above `MAX_OPCODES - 1` `OTHER`. Only a label limit now: the statistics keep every
-/// opcode apart ([`URING_OPCODES`]).
-pub const MAX_OPCODES: usize = 64;
-
 /// `IORING_OP_URING_CMD` (include/uapi/linux/io_uring.h), stable since 5.19.
 pub const IORING_OP_URING_CMD: u8 = 46;
 
