@@ -3,12 +3,12 @@
 //! beyond (200) are each counted exactly under their own number, and `--opcode` selects any of
 //! the 256 exactly.
 //!
-//! Calls the library (`UringTracer`) directly: the agent's opcode labels are a separate
-//! concern. The tracer filters on this test's pid. Needs root (CAP_BPF + CAP_PERFMON).
+//! Calls the library (`UringTracer`) directly, filtered on this test's pid, and checks the
+//! agent's /metrics labels them apart too. Needs root (CAP_BPF + CAP_PERFMON).
 
 mod common;
 
-use common::{require_root, serial};
+use common::{Agent, require_root, serial};
 use gds_common::DropReason;
 use gds_user::trace::{AttachMode, TraceOptions, UringSnapshot, UringTracer};
 use io_uring::{IoUring, opcode, squeue};
@@ -50,12 +50,16 @@ fn submit(ops: &[u8]) -> Vec<i32> {
         .collect()
 }
 
+/// `enum io_uring_op` of the running kernel.
+fn io_uring_ops() -> Vec<(String, i64)> {
+    let btf = gds_user::btf::Btf::from_sys().expect("kernel BTF");
+    btf.enum_values("io_uring_op").expect("enum io_uring_op")
+}
+
 /// `IORING_OP_LAST` of the running kernel.
 fn op_last() -> u8 {
-    let btf = gds_user::btf::Btf::from_sys().expect("kernel BTF");
-    let values = btf.enum_values("io_uring_op").expect("enum io_uring_op");
-    let last = values
-        .iter()
+    let last = io_uring_ops()
+        .into_iter()
         .find(|(n, _)| n == "IORING_OP_LAST")
         .expect("IORING_OP_LAST")
         .1;
@@ -131,4 +135,38 @@ fn opcode_filter_is_exact_above_63() {
     let t = tracer(AttachMode::Auto, vec![200]);
     let res = submit(&[0, last - 1, last, 200, 255]);
     assert_only(&t.snapshot().unwrap(), &[(200, res[3])]);
+}
+
+/// The agent exports each under its own label: the kernel's name for the highest opcode it
+/// knows, `OP_<n>` for the others.
+#[test]
+fn agent_labels_each_opcode_apart() {
+    let _g = serial();
+    let last = op_last();
+    let top_name = io_uring_ops()
+        .into_iter()
+        .find(|(_, v)| *v == i64::from(last - 1))
+        .and_then(|(n, _)| n.strip_prefix("IORING_OP_").map(str::to_owned))
+        .expect("a name for IORING_OP_LAST - 1");
+    let agent = Agent::start(&["--pid", &std::process::id().to_string()]);
+    let res = submit(&[last - 1, last, 200]);
+    let m = agent.scrape();
+    let labels = [top_name, format!("OP_{last}"), "OP_200".to_owned()];
+    for (label, r) in labels.iter().zip(res) {
+        let l = [("opcode", label.as_str())];
+        assert_eq!(m.value("gds_uring_requests_total", &l), 1.0, "{label}");
+        assert_eq!(
+            m.value("gds_uring_request_errors_total", &l),
+            f64::from(u8::from(r < 0)),
+            "{label}: result {r}"
+        );
+    }
+    assert_eq!(
+        m.0.keys()
+            .filter(|k| k.starts_with("gds_uring_requests_total"))
+            .count(),
+        3,
+        "three opcodes: {:?}",
+        m.0.keys().collect::<Vec<_>>()
+    );
 }
