@@ -262,11 +262,14 @@ fn listen_on_port_zero_logs_the_port_it_bound() {
         .and_then(|r| r.split('/').next())
         .unwrap();
     let addr: std::net::SocketAddr = url.parse().unwrap();
+    let got = (addr.port() != 0).then(|| common::http_get(addr, "/metrics"));
+    // Stopped before any assertion: a failing check must not leave the agent running.
     // SAFETY: kill(2) on our own child.
-    let stop = || unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_ne!(addr.port(), 0, "the log names port 0: {serving}");
-    let got = common::http_get(addr, "/metrics");
-    stop();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    assert!(got.is_ok(), "nothing serves at the logged {addr}: {got:?}");
+    assert_ne!(addr.port(), 0, "the log names port 0: {serving}");
+    assert!(
+        got.as_ref().is_some_and(Result::is_ok),
+        "nothing serves at the logged {addr}: {got:?}"
+    );
 }
