@@ -44,6 +44,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -241,7 +242,10 @@ impl Btf {
         };
         for id in 1..btf.types.len() {
             let t = &btf.types[id];
-            if matches!(t.kind, KIND_STRUCT | KIND_UNION | KIND_TYPEDEF | KIND_ENUM) && t.name != 0
+            if matches!(
+                t.kind,
+                KIND_STRUCT | KIND_UNION | KIND_TYPEDEF | KIND_ENUM | KIND_FUNC
+            ) && t.name != 0
             {
                 let key = (t.kind, btf.str(t.name).to_owned());
                 btf.by_name.entry(key).or_insert(id as u32);
@@ -402,6 +406,19 @@ impl Btf {
                 .map(|(n, v)| (self.str(*n).to_owned(), *v))
                 .collect(),
         )
+    }
+
+    /// The BTF type id of kernel function `name` (what an fentry program attaches to).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.by_name.get(&(KIND_FUNC, name.to_owned())).copied()
+    }
+
+    /// The BTF type id of tracepoint `tp`'s `btf_trace_<tp>` typedef (what a BTF tracepoint
+    /// program attaches to).
+    pub fn tracepoint_id(&self, tp: &str) -> Option<u32> {
+        self.by_name
+            .get(&(KIND_TYPEDEF, format!("btf_trace_{tp}")))
+            .copied()
     }
 
     /// Whether the tracepoint exists in BTF.

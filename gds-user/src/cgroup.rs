@@ -48,7 +48,7 @@ pub fn parse_proc_cgroup(text: &str) -> CgroupInfo {
     }
     // On a hybrid host the unified hierarchy may be "/" while blkio holds the real path.
     let path = match (v2, blkio) {
-        (Some(v), Some(b)) if v == "/" => b,
+        (Some("/"), Some(b)) => b,
         (Some(v), _) => v,
         (None, Some(b)) => b,
         (None, None) => first.unwrap_or(""),

@@ -162,7 +162,7 @@ fn snapshot_decodes_and_agrees_with_metrics_under_load() {
                 (r.pid, r.opcode.as_str(), r.stage),
                 (pid, "READ", Stage::Queue)
             );
-            assert!(r.age_seconds > 0.0 && r.comm.len() > 0, "{r:?}");
+            assert!(r.age_seconds > 0.0 && !r.comm.is_empty(), "{r:?}");
         }
         if s.stalls.active.len() == 3 || Instant::now() > deadline {
             assert_eq!(s.stalls.active.len(), 3, "stalls: {:?}", s.stalls);

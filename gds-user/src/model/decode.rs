@@ -54,7 +54,7 @@ impl<'a> Decoder<'a> {
     /// were read, so no age is negative).
     pub fn request(&mut self, slot: &InflightSlot, now_ns: u64) -> Request {
         let e = &slot.entry;
-        let nvme = (e.nvme_setup_ns != 0).then(|| NvmeCommand {
+        let nvme = (e.nvme_setup_ns != 0).then_some(NvmeCommand {
             qid: e.nvme_qid,
             cid: e.nvme_cid,
             lba: e.nvme_lba,

@@ -45,6 +45,8 @@ pub struct KernelSection {
     pub config: BTreeMap<String, Fact<String>>,
     pub iommu: Iommu,
     pub capabilities: Fact<Capabilities>,
+    /// Which kinds of eBPF program load here (tried for real; live only).
+    pub bpf_hooks: Fact<super::bpf_hooks::BpfHooks>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -302,6 +304,15 @@ pub fn probe(root: &HostRoot) -> KernelSection {
         config_source,
         config,
         iommu: iommu(root),
+        bpf_hooks: match capabilities.known() {
+            _ if !live => Fact::unknown(NOT_LIVE),
+            Some(c) if c.cap_sys_admin || (c.cap_bpf && c.cap_perfmon) => {
+                Fact::from_result(super::bpf_hooks::probe())
+            }
+            _ => Fact::unknown(
+                "not tried: loading eBPF programs needs CAP_BPF and CAP_PERFMON (or root)",
+            ),
+        },
         capabilities,
     }
 }

@@ -8,6 +8,7 @@
 //! is a [`Fact::Unknown`] carrying the reason, never a panic or a silent default.
 
 pub mod bounded;
+pub mod bpf_hooks;
 pub mod cufile;
 pub mod gpu;
 pub mod kernel;

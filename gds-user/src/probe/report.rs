@@ -445,6 +445,16 @@ impl Report {
                 )
             }),
         );
+        row(
+            o,
+            "eBPF programs",
+            &show(&k.bpf_hooks, |h| {
+                format!(
+                    "BTF tracepoint {}, raw tracepoint {}, fentry {}, fexit {}",
+                    h.btf_tracepoint, h.raw_tracepoint, h.fentry, h.fexit
+                )
+            }),
+        );
 
         section(o, "Verdict");
         if self.verdicts.is_empty() {
