@@ -278,12 +278,12 @@ async fn scan_stalls(
                     layer = s.request.layer.label(),
                     disk = %s.request.disk,
                     stage = %s.stage_description,
-                    pid = s.request.pid,
-                    tid = s.request.tid,
-                    comm = %s.request.comm,
-                    ring = %s.request.ring,
-                    opcode = %s.request.opcode,
-                    user_data = s.request.user_data,
+                    pid = s.request.ctx.pid,
+                    tid = s.request.ctx.tid,
+                    comm = %s.request.ctx.comm,
+                    ring = %s.request.ctx.ring,
+                    opcode = %s.request.ctx.opcode,
+                    user_data = s.request.ctx.user_data,
                     nvme = s
                         .request
                         .nvme
@@ -296,10 +296,10 @@ async fn scan_stalls(
                 StallChange::Ended(s) => info!(
                     layer = s.request.layer.label(),
                     disk = %s.request.disk,
-                    pid = s.request.pid,
-                    comm = %s.request.comm,
-                    opcode = %s.request.opcode,
-                    user_data = s.request.user_data,
+                    pid = s.request.ctx.pid,
+                    comm = %s.request.ctx.comm,
+                    opcode = %s.request.ctx.opcode,
+                    user_data = s.request.ctx.user_data,
                     total_ms = (s.total_seconds.unwrap_or_default() * 1e3).round() as u64,
                     "stall ended"
                 ),
@@ -342,12 +342,12 @@ async fn read_events(
                 let ev = decoder.slow(&raw);
                 received.inc();
                 warn!(
-                    pid = ev.pid,
-                    tid = ev.tid,
-                    comm = %ev.comm,
-                    opcode = %ev.opcode,
-                    user_data = ev.user_data,
-                    ring = %ev.ring,
+                    pid = ev.ctx.pid,
+                    tid = ev.ctx.tid,
+                    comm = %ev.ctx.comm,
+                    opcode = %ev.ctx.opcode,
+                    user_data = ev.ctx.user_data,
+                    ring = %ev.ctx.ring,
                     latency_us = (ev.latency_seconds * 1e6).round() as u64,
                     res = ev.res,
                     nvme = ev.nvme.as_ref().map(describe_slow_nvme).unwrap_or_default(),

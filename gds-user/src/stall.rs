@@ -140,13 +140,15 @@ mod tests {
     fn req(req: u64, start_ns: u64) -> Request {
         Request {
             layer: Layer::Uring,
-            pid: 1,
-            tid: 1,
-            comm: "t".into(),
-            opcode: "READ".into(),
-            user_data: 7,
-            ring: "0x10".into(),
-            req: format!("{req:#x}"),
+            ctx: crate::model::Context {
+                pid: 1,
+                tid: 1,
+                comm: "t".into(),
+                opcode: "READ".into(),
+                user_data: 7,
+                ring: "0x10".into(),
+                req: format!("{req:#x}"),
+            },
             age_seconds: 0.0,
             stage: Stage::Queue,
             disk: "unknown".into(),
@@ -165,7 +167,7 @@ mod tests {
         );
         let c = d.scan(1_200, std::slice::from_ref(&r));
         assert!(
-            matches!(&c[..], [StallChange::Started(s)] if s.request.opcode == "READ" && s.request.user_data == 7)
+            matches!(&c[..], [StallChange::Started(s)] if s.request.ctx.opcode == "READ" && s.request.ctx.user_data == 7)
         );
         assert!(
             d.scan(5_000, std::slice::from_ref(&r)).is_empty(),

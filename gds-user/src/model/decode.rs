@@ -7,7 +7,7 @@ use gds_common::{InflightSlot, SlowUringEvent};
 
 use super::{
     labels,
-    request::{Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage},
+    request::{Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage},
 };
 use crate::trace::{DeviceMaps, UringTracer, monotonic_ns};
 
@@ -62,13 +62,15 @@ impl<'a> Decoder<'a> {
         });
         Request {
             layer: Layer::Uring,
-            pid: e.tgid,
-            tid: e.pid,
-            comm: self.comm(e.tgid),
-            opcode: labels::opcode(e.opcode),
-            user_data: e.user_data,
-            ring: format!("{:#x}", e.ring),
-            req: format!("{:#x}", slot.req),
+            ctx: Context {
+                pid: e.tgid,
+                tid: e.pid,
+                comm: self.comm(e.tgid),
+                opcode: labels::opcode(e.opcode),
+                user_data: e.user_data,
+                ring: format!("{:#x}", e.ring),
+                req: format!("{:#x}", slot.req),
+            },
             age_seconds: now_ns.saturating_sub(e.start_ns) as f64 / 1e9,
             stage: stage_of(e),
             disk: if nvme.is_some() {
@@ -99,15 +101,17 @@ impl<'a> Decoder<'a> {
             self.comm(e.tgid)
         };
         SlowEvent {
-            pid: e.tgid,
-            tid: e.pid,
-            comm,
-            opcode: labels::opcode(e.opcode),
-            user_data: e.user_data,
-            ring: format!("{:#x}", e.ring),
+            ctx: Context {
+                pid: e.tgid,
+                tid: e.pid,
+                comm,
+                opcode: labels::opcode(e.opcode),
+                user_data: e.user_data,
+                ring: format!("{:#x}", e.ring),
+                req: format!("{req:#x}"),
+            },
             latency_seconds: ev.latency_ns as f64 / 1e9,
             res: ev.res,
-            req: format!("{req:#x}"),
             key: RequestKey {
                 req,
                 start_ns: e.start_ns,

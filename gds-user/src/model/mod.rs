@@ -13,8 +13,8 @@ pub mod stats;
 
 pub use decode::{Decoder, inflight};
 pub use request::{
-    Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage, Stall, StallReport,
-    StallTotal,
+    Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage, Stall,
+    StallReport, StallTotal,
 };
 pub use stats::{Histogram, Stats};
 

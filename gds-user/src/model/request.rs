@@ -75,10 +75,10 @@ pub struct NvmeCommand {
     pub blocks: u32,
 }
 
-/// One request in flight, with its context (`/debug/inflight`, `/debug/snapshot`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    pub layer: Layer,
+/// Who issued a request and what it is: the context every view shows beside its timing
+/// (flattened into the JSON of requests, slow events and stalls).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Context {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
@@ -88,6 +88,14 @@ pub struct Request {
     pub ring: String,
     /// `struct io_kiocb *`, hex.
     pub req: String,
+}
+
+/// One request in flight, with its context (`/debug/inflight`, `/debug/snapshot`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub layer: Layer,
+    #[serde(flatten)]
+    pub ctx: Context,
     /// Seconds since submission, at the scan that saw it.
     pub age_seconds: f64,
     pub stage: Stage,
@@ -117,15 +125,10 @@ pub struct SlowNvme {
 /// A request slower than the slow threshold, as logged and served on `/debug/slow`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlowEvent {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub opcode: String,
-    pub user_data: u64,
-    pub ring: String,
+    #[serde(flatten)]
+    pub ctx: Context,
     pub latency_seconds: f64,
     pub res: i32,
-    pub req: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<SlowNvme>,
     #[serde(skip)]

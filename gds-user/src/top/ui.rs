@@ -108,10 +108,10 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             Row::new([
                 secs(Some(r.age_seconds)),
                 r.stage.label().to_string(),
-                r.pid.to_string(),
-                r.comm.clone(),
-                r.opcode.clone(),
-                format!("{:#x}", r.user_data),
+                r.ctx.pid.to_string(),
+                r.ctx.comm.clone(),
+                r.ctx.opcode.clone(),
+                format!("{:#x}", r.ctx.user_data),
             ])
         })
         .collect();
@@ -152,10 +152,10 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                     "ended".to_string()
                 },
                 secs(Some(s.total_seconds.unwrap_or(s.request.age_seconds))),
-                s.request.pid.to_string(),
-                s.request.comm.clone(),
-                s.request.opcode.clone(),
-                format!("{:#x}", s.request.user_data),
+                s.request.ctx.pid.to_string(),
+                s.request.ctx.comm.clone(),
+                s.request.ctx.opcode.clone(),
+                format!("{:#x}", s.request.ctx.user_data),
                 format!("{} {}", s.request.disk, s.request.stage.label()),
             ])
             .style(style)
