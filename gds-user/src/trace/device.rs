@@ -13,7 +13,7 @@ use gds_common::{
     NvmeRuntime,
 };
 
-use super::TraceError;
+use super::{TraceError, program, take_map};
 use crate::{
     btf::Btf,
     kmod::{Modules, Residence},
@@ -50,11 +50,7 @@ pub(crate) fn attach_btf(
     prog: &'static str,
     tp: &str,
 ) -> Result<(), TraceError> {
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut(prog)
-        .ok_or(TraceError::MissingProgram(prog))?
-        .try_into()
-        .map_err(|source| TraceError::Program { name: prog, source })?;
+    let p: &mut BtfTracePoint = program(ebpf, prog)?;
     p.load(tp, btf)
         .map_err(|source| TraceError::Program { name: prog, source })?;
     p.attach()
@@ -67,11 +63,7 @@ pub(crate) fn attach_btf(
 pub fn attach(ebpf: &mut Ebpf, btf: &Btf, aya_btf: &aya::Btf) -> Result<DeviceAttach, TraceError> {
     let mut a = DeviceAttach::default();
     for prog in NVME_PROGRAMS.map(|(p, _)| p) {
-        let p: &mut RawTracePoint = ebpf
-            .program_mut(prog)
-            .ok_or(TraceError::MissingProgram(prog))?
-            .try_into()
-            .map_err(|source| TraceError::Program { name: prog, source })?;
+        let p: &mut RawTracePoint = program(ebpf, prog)?;
         p.load()
             .map_err(|source| TraceError::Program { name: prog, source })?;
     }
@@ -124,14 +116,21 @@ pub struct NvmeLayer {
 /// nvme_core` fail with "in use". With no controller bound there is nothing to trace, so the
 /// programs let go and attach again when a controller appears.
 pub struct NvmeTracing {
-    /// vmlinux BTF has the NVMe tracepoints: the driver is built in and never goes away.
-    built_in: bool,
+    /// vmlinux BTF has the NVMe tracepoints: the driver is built in and never goes away. Then
+    /// also the status offset, read from the vmlinux BTF already parsed at start.
+    built_in: Option<Result<u32, String>>,
     runtime: Array<MapData, NvmeRuntime>,
     links: Vec<(&'static str, RawTracePointLinkId)>,
+    /// What the last refresh found (its `why` is what was logged last: a change is logged
+    /// once, not every scan).
     layer: NvmeLayer,
-    /// The last attach error, so a failing attach is logged once, not every scan.
-    last_error: Option<String>,
     modules: Modules,
+}
+
+/// Offset of `status` in `struct nvme_request` in `btf`.
+fn status_offset(btf: &Btf) -> Result<u32, String> {
+    btf.member_offset("nvme_request", &["status"])
+        .map_err(|e| e.to_string())
 }
 
 impl NvmeTracing {
@@ -140,16 +139,11 @@ impl NvmeTracing {
         vmlinux: &Btf,
         modules: Modules,
     ) -> Result<NvmeTracing, TraceError> {
-        let runtime = ebpf
-            .take_map(MAP_NVME_RUNTIME)
-            .ok_or(TraceError::MissingMap(MAP_NVME_RUNTIME))?;
-        let runtime = Array::try_from(runtime).map_err(|source| TraceError::Map {
-            name: MAP_NVME_RUNTIME,
-            source,
-        })?;
         Ok(NvmeTracing {
-            built_in: vmlinux.has_tracepoint("nvme_setup_cmd"),
-            runtime,
+            built_in: vmlinux
+                .has_tracepoint("nvme_setup_cmd")
+                .then(|| status_offset(vmlinux)),
+            runtime: take_map(ebpf, MAP_NVME_RUNTIME)?,
             links: Vec::new(),
             layer: NvmeLayer {
                 residence: Residence::Absent,
@@ -157,7 +151,6 @@ impl NvmeTracing {
                 status_decoded: false,
                 why: String::new(),
             },
-            last_error: None,
             modules,
         })
     }
@@ -167,36 +160,31 @@ impl NvmeTracing {
     }
 
     fn residence(&self) -> Residence {
-        if self.built_in {
-            Residence::BuiltIn
-        } else {
-            match self.modules.residence(NVME_CORE) {
-                // vmlinux has no NVMe tracepoints, so sysfs's "built in" (a parameters
-                // directory without initstate) cannot be the NVMe driver we could trace.
-                Residence::BuiltIn => Residence::Absent,
-                r => r,
-            }
+        if self.built_in.is_some() {
+            return Residence::BuiltIn;
+        }
+        match self.modules.residence(NVME_CORE) {
+            // vmlinux has no NVMe tracepoints, so sysfs's "built in" (a parameters directory
+            // without initstate) cannot be the NVMe driver we could trace.
+            Residence::BuiltIn => Residence::Absent,
+            r => r,
         }
     }
 
     /// Offset of `status` in `struct nvme_request`, from vmlinux (built in) or the module's
     /// split BTF; `Err` says why it is unknown.
     fn status_offset(&self, residence: Residence) -> Result<u32, String> {
-        let btf = match residence {
-            Residence::BuiltIn => Btf::from_sys().map_err(|e| e.to_string())?,
-            Residence::Module { btf: true } => {
-                Btf::from_sys_module(NVME_CORE).map_err(|e| e.to_string())?
-            }
-            _ => {
-                return Err(format!(
-                    "{NVME_CORE} has no BTF ({}/{NVME_CORE} is missing: the kernel lacks \
-                     CONFIG_DEBUG_INFO_BTF_MODULES)",
-                    crate::btf::MODULE_BTF_DIR
-                ));
-            }
-        };
-        btf.member_offset("nvme_request", &["status"])
-            .map_err(|e| e.to_string())
+        match (&self.built_in, residence) {
+            (Some(off), _) => off.clone(),
+            (None, Residence::Module { btf: true }) => Btf::from_sys_module(NVME_CORE)
+                .map_err(|e| e.to_string())
+                .and_then(|b| status_offset(&b)),
+            _ => Err(format!(
+                "{NVME_CORE} has no BTF ({}/{NVME_CORE} is missing: the kernel lacks \
+                 CONFIG_DEBUG_INFO_BTF_MODULES)",
+                crate::btf::MODULE_BTF_DIR
+            )),
+        }
     }
 
     /// Brings the attachment in line with the driver's presence. Returns what changed (one
@@ -210,70 +198,17 @@ impl NvmeTracing {
             Residence::Absent => false,
         };
         let attached = !self.links.is_empty();
-        if want && !attached {
-            let status = self.status_offset(residence);
-            let runtime = NvmeRuntime {
-                status_off: *status.as_ref().unwrap_or(&0),
-                _pad: 0,
-            };
-            if let Err(e) = self
-                .runtime
-                .set(0, runtime, 0)
-                .map_err(|e| e.to_string())
-                .and_then(|()| self.attach_all(ebpf))
-            {
+        let off = |why: String| NvmeLayer {
+            residence,
+            attached: false,
+            status_decoded: false,
+            why,
+        };
+        let next = match (want, attached) {
+            (true, false) => self.attach(ebpf, residence, controllers),
+            (false, true) => {
                 self.detach_all(ebpf);
-                let msg = format!(
-                    "NVMe tracing off: {NVME_CORE} is {} but attaching failed: {e}",
-                    residence.describe()
-                );
-                if self.last_error.as_deref() == Some(msg.as_str()) {
-                    return None;
-                }
-                self.last_error = Some(msg.clone());
-                self.layer = NvmeLayer {
-                    residence,
-                    attached: false,
-                    status_decoded: false,
-                    why: msg.clone(),
-                };
-                return Some(msg);
-            }
-            self.last_error = None;
-            let status_words = match &status {
-                Ok(off) => format!("NVMe status decoded (struct nvme_request.status at +{off})"),
-                Err(why) => format!("NVMe status not decoded, errors not split by status ({why})"),
-            };
-            let origin = match residence {
-                Residence::BuiltIn => "the NVMe driver is built in (vmlinux BTF)".to_string(),
-                _ => format!(
-                    "{NVME_CORE} is a {} ({controllers} controller(s) bound){}",
-                    residence.describe(),
-                    if self.layer.residence == Residence::Absent && !self.layer.why.is_empty() {
-                        ", loaded after the agent started"
-                    } else {
-                        ""
-                    }
-                ),
-            };
-            self.layer = NvmeLayer {
-                residence,
-                attached: true,
-                status_decoded: status.is_ok(),
-                why: format!(
-                    "NVMe tracing on: {origin}; raw tracepoints nvme_setup_cmd/nvme_complete_rq, \
-                     passthrough linked to io_uring by request->end_io_data; {status_words}"
-                ),
-            };
-            return Some(self.layer.why.clone());
-        }
-        if !want && attached {
-            self.detach_all(ebpf);
-            self.layer = NvmeLayer {
-                residence,
-                attached: false,
-                status_decoded: false,
-                why: match residence {
+                off(match residence {
                     Residence::Absent => format!(
                         "NVMe tracing paused: {NVME_CORE} was unloaded; attaching again when it \
                          is loaded"
@@ -283,12 +218,9 @@ impl NvmeTracing {
                          unloaded or device removed); detached so {NVME_CORE} can be unloaded, \
                          attaching again when a controller appears"
                     ),
-                },
-            };
-            return Some(self.layer.why.clone());
-        }
-        if !want {
-            let why = match residence {
+                })
+            }
+            (false, false) => off(match residence {
                 Residence::Absent => format!(
                     "NVMe tracing off: no NVMe driver built in or loaded ({NVME_CORE} absent); \
                      io_uring and block tracing continue, NVMe attaches when the module is loaded"
@@ -298,27 +230,73 @@ impl NvmeTracing {
                      attaching when one appears",
                     residence.describe()
                 ),
-            };
-            if why != self.layer.why {
-                self.layer = NvmeLayer {
-                    residence,
-                    attached: false,
-                    status_decoded: false,
-                    why: why.clone(),
-                };
-                return Some(why);
-            }
+            }),
+            (true, true) => return None,
+        };
+        if next == self.layer {
+            return None;
         }
-        None
+        self.layer = next;
+        Some(self.layer.why.clone())
+    }
+
+    /// Attaches the programs (status offset first); the layer as it is then.
+    fn attach(&mut self, ebpf: &mut Ebpf, residence: Residence, controllers: usize) -> NvmeLayer {
+        let status = self.status_offset(residence);
+        let runtime = NvmeRuntime {
+            status_off: *status.as_ref().unwrap_or(&0),
+            _pad: 0,
+        };
+        if let Err(e) = self
+            .runtime
+            .set(0, runtime, 0)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.attach_all(ebpf))
+        {
+            self.detach_all(ebpf);
+            return NvmeLayer {
+                residence,
+                attached: false,
+                status_decoded: false,
+                why: format!(
+                    "NVMe tracing off: {NVME_CORE} is {} but attaching failed: {e}",
+                    residence.describe()
+                ),
+            };
+        }
+        let status_words = match &status {
+            Ok(off) => format!("NVMe status decoded (struct nvme_request.status at +{off})"),
+            Err(why) => format!("NVMe status not decoded, errors not split by status ({why})"),
+        };
+        // After a refresh that found nvme_core absent (not the first one, whose `why` is
+        // still empty), the module was loaded while the agent ran.
+        let late = self.layer.residence == Residence::Absent && !self.layer.why.is_empty();
+        let origin = match residence {
+            Residence::BuiltIn => "the NVMe driver is built in (vmlinux BTF)".to_string(),
+            _ => format!(
+                "{NVME_CORE} is a {} ({controllers} controller(s) bound){}",
+                residence.describe(),
+                if late {
+                    ", loaded after the agent started"
+                } else {
+                    ""
+                }
+            ),
+        };
+        NvmeLayer {
+            residence,
+            attached: true,
+            status_decoded: status.is_ok(),
+            why: format!(
+                "NVMe tracing on: {origin}; raw tracepoints nvme_setup_cmd/nvme_complete_rq, \
+                 passthrough linked to io_uring by request->end_io_data; {status_words}"
+            ),
+        }
     }
 
     fn attach_all(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
         for (prog, tp) in NVME_PROGRAMS {
-            let p: &mut RawTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| format!("program {prog} missing from the object"))?
-                .try_into()
-                .map_err(|e| format!("{prog}: {e}"))?;
+            let p: &mut RawTracePoint = program(ebpf, prog).map_err(|e| e.to_string())?;
             let link = p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
             self.links.push((prog, link));
         }
@@ -327,10 +305,7 @@ impl NvmeTracing {
 
     fn detach_all(&mut self, ebpf: &mut Ebpf) {
         for (prog, link) in self.links.drain(..) {
-            if let Some(p) = ebpf
-                .program_mut(prog)
-                .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
-            {
+            if let Ok(p) = program::<RawTracePoint>(ebpf, prog) {
                 let _ = p.detach(link);
             }
         }
@@ -353,21 +328,9 @@ pub struct DeviceMaps {
 
 impl DeviceMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<DeviceMaps, TraceError> {
-        let hist = ebpf
-            .take_map(MAP_DEV_HIST)
-            .ok_or(TraceError::MissingMap(MAP_DEV_HIST))?;
-        let errors = ebpf
-            .take_map(MAP_NVME_ERRORS)
-            .ok_or(TraceError::MissingMap(MAP_NVME_ERRORS))?;
         Ok(DeviceMaps {
-            hist: PerCpuHashMap::try_from(hist).map_err(|source| TraceError::Map {
-                name: MAP_DEV_HIST,
-                source,
-            })?,
-            errors: PerCpuHashMap::try_from(errors).map_err(|source| TraceError::Map {
-                name: MAP_NVME_ERRORS,
-                source,
-            })?,
+            hist: take_map(ebpf, MAP_DEV_HIST)?,
+            errors: take_map(ebpf, MAP_NVME_ERRORS)?,
             names: Mutex::new(StdHashMap::new()),
         })
     }

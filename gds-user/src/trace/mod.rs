@@ -19,10 +19,33 @@ pub use uring::{
     FloorProbe, LayerMode, Layers, OpcodeStats, TraceOptions, UringSnapshot, UringTracer,
 };
 
-use aya::include_bytes_aligned;
+use aya::{Ebpf, include_bytes_aligned};
 
 /// The eBPF object built by build.rs (aya-build) from gds-ebpf.
 pub(crate) static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gds"));
+
+/// Program `name` of the loaded object, as its kind `T` (`BtfTracePoint`, `RawTracePoint`, …).
+pub(crate) fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, TraceError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(TraceError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| TraceError::Program { name, source })
+}
+
+/// Takes map `name` out of the loaded object, as its kind `M` (`HashMap`, `PerCpuArray`, …).
+pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, TraceError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(TraceError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| TraceError::Map { name, source })
+}
 
 /// Effective capabilities of this process (CapEff in /proc/self/status).
 pub fn effective_caps() -> u64 {

@@ -19,6 +19,7 @@ use super::{
     device::{self, DeviceAttach, DeviceMaps, NvmeLayer, NvmeTracing},
     inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
+    program, take_map,
 };
 use crate::{btf::Btf, tracefs};
 
@@ -250,11 +251,7 @@ impl UringTracer {
                     ("uring_failed_tp", "io_uring_req_failed"),
                     ("uring_complete_tp", "io_uring_complete"),
                 ] {
-                    let p: &mut TracePoint = ebpf
-                        .program_mut(prog)
-                        .ok_or(TraceError::MissingProgram(prog))?
-                        .try_into()
-                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                    let p: &mut TracePoint = program(&mut ebpf, prog)?;
                     p.load()
                         .map_err(|source| TraceError::Program { name: prog, source })?;
                     p.attach("io_uring", tp)
@@ -263,31 +260,13 @@ impl UringTracer {
             }
         }
 
-        let stats = ebpf
-            .take_map(MAP_URING_STATS)
-            .ok_or(TraceError::MissingMap(MAP_URING_STATS))?;
-        let stats = PerCpuArray::try_from(stats).map_err(|source| TraceError::Map {
-            name: MAP_URING_STATS,
-            source,
-        })?;
-        let opcodes = ebpf
-            .take_map(MAP_URING_OPCODES)
-            .ok_or(TraceError::MissingMap(MAP_URING_OPCODES))?;
-        let opcodes = PerCpuArray::try_from(opcodes).map_err(|source| TraceError::Map {
-            name: MAP_URING_OPCODES,
-            source,
-        })?;
+        let stats = take_map(&mut ebpf, MAP_URING_STATS)?;
+        let opcodes = take_map(&mut ebpf, MAP_URING_OPCODES)?;
         let Some(aya::maps::Map::Array(slot_map)) = ebpf.take_map(MAP_URING_SLOTS) else {
             return Err(TraceError::MissingMap(MAP_URING_SLOTS));
         };
         let slots = SlotTable::map(slot_map, opts.slots() as usize)?;
-        let hash = ebpf
-            .take_map(MAP_URING_INFLIGHT)
-            .ok_or(TraceError::MissingMap(MAP_URING_INFLIGHT))?;
-        let hash = HashMap::try_from(hash).map_err(|source| TraceError::Map {
-            name: MAP_URING_INFLIGHT,
-            source,
-        })?;
+        let hash = take_map(&mut ebpf, MAP_URING_INFLIGHT)?;
         for note in &devices_attached.notes {
             info!("{note}");
         }
@@ -370,16 +349,10 @@ impl UringTracer {
 
     /// Takes the event ring buffer (slow events); call once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, TraceError> {
-        let map = self
-            .ebpf
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take_map(MAP_EVENTS)
-            .ok_or(TraceError::MissingMap(MAP_EVENTS))?;
-        RingBuf::try_from(map).map_err(|source| TraceError::Map {
-            name: MAP_EVENTS,
-            source,
-        })
+        take_map(
+            self.ebpf.get_mut().unwrap_or_else(|p| p.into_inner()),
+            MAP_EVENTS,
+        )
     }
 
     /// Every request the kernel tracks as in flight now.
