@@ -6,9 +6,11 @@
 //! the struct is described by `/sys/kernel/btf/nvme_core`, not by vmlinux. The tracer and the
 //! probe both ask this module where a facility lives, so they say the same thing.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::bounded::HostRoot;
 
 /// Where a module's facility lives on this kernel. Serialized as its [`label`](Self::label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,17 +88,22 @@ pub struct ModuleInfo {
     pub parameters: BTreeMap<String, String>,
 }
 
-/// Reads module facts under `root` (`/` on the live host; the probe's `--root` otherwise).
+/// Reads module facts under a root (`/` on the live host; the probe's `--root` otherwise),
+/// through the probe's bounded reads.
 pub struct Modules {
-    root: PathBuf,
+    root: HostRoot,
 }
 
 /// Parameters read at most (a module with more is not a real module).
 const MAX_PARAMETERS: usize = 256;
+/// Controllers listed at most.
+const MAX_CONTROLLERS: usize = 1024;
 
 impl Modules {
-    pub fn new(root: impl Into<PathBuf>) -> Modules {
-        Modules { root: root.into() }
+    pub fn new(root: impl Into<std::path::PathBuf>) -> Modules {
+        Modules {
+            root: HostRoot::new(root),
+        }
     }
 
     /// The running host.
@@ -104,13 +111,8 @@ impl Modules {
         Modules::new("/")
     }
 
-    fn path(&self, host_path: &str) -> PathBuf {
-        self.root.join(host_path.trim_start_matches('/'))
-    }
-
     fn attr(&self, host_path: &str) -> Option<String> {
-        let text = std::fs::read_to_string(self.path(host_path)).ok()?;
-        Some(text.trim().to_owned())
+        self.root.read_attr(host_path).ok()
     }
 
     /// Where module `name` lives. A module sysfs directory with `initstate` is a loaded
@@ -118,11 +120,11 @@ impl Modules {
     pub fn residence(&self, name: &str) -> Residence {
         let name = canonical(name);
         let dir = format!("/sys/module/{name}");
-        if self.path(&format!("{dir}/initstate")).exists() {
+        if self.root.exists(&format!("{dir}/initstate")) {
             Residence::Module {
                 btf: self.has_btf(&name),
             }
-        } else if self.path(&dir).is_dir() {
+        } else if self.root.is_dir(&dir) {
             Residence::BuiltIn
         } else {
             Residence::Absent
@@ -131,26 +133,26 @@ impl Modules {
 
     /// Whether the kernel publishes BTF for module `name`.
     pub fn has_btf(&self, name: &str) -> bool {
-        self.path(&format!(
+        self.root.exists(&format!(
             "{}/{}",
             crate::btf::MODULE_BTF_DIR,
             canonical(name)
         ))
-        .is_file()
     }
 
     pub fn info(&self, name: &str) -> ModuleInfo {
         let name = canonical(name);
         let dir = format!("/sys/module/{name}");
-        let mut parameters = BTreeMap::new();
-        if let Ok(entries) = std::fs::read_dir(self.path(&format!("{dir}/parameters"))) {
-            for e in entries.flatten().take(MAX_PARAMETERS) {
-                let key = e.file_name().to_string_lossy().into_owned();
-                if let Some(v) = self.attr(&format!("{dir}/parameters/{key}")) {
-                    parameters.insert(key, v);
-                }
-            }
-        }
+        let parameters = self
+            .root
+            .list_dir(&format!("{dir}/parameters"), MAX_PARAMETERS)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|key| {
+                let v = self.attr(&format!("{dir}/parameters/{key}"))?;
+                Some((key, v))
+            })
+            .collect();
         ModuleInfo {
             residence: self.residence(&name),
             state: self.attr(&format!("{dir}/initstate")),
@@ -164,14 +166,11 @@ impl Modules {
         }
     }
 
-    /// Whether any NVMe controller (PCIe or fabrics) is bound now.
+    /// How many NVMe controllers (PCIe or fabrics) are bound now.
     pub fn nvme_controllers(&self) -> usize {
-        std::fs::read_dir(self.path("/sys/class/nvme"))
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("nvme"))
-                    .count()
-            })
+        self.root
+            .list_dir("/sys/class/nvme", MAX_CONTROLLERS)
+            .map(|d| d.iter().filter(|e| e.starts_with("nvme")).count())
             .unwrap_or(0)
     }
 }

@@ -8,6 +8,7 @@
 //! tracing. ARCHITECTURE.md has the layering, checked by `cargo xtask layering`.
 
 pub mod agent;
+pub mod bounded;
 pub mod btf;
 pub mod cgroup;
 pub mod client;

@@ -7,7 +7,8 @@
 //! capabilities) are skipped with a reason when the root is not `/`. A fact that cannot be read
 //! is a [`Fact::Unknown`] carrying the reason, never a panic or a silent default.
 
-pub mod bounded;
+/// Bounded reads of host files under a root (a foundation, shared with `kmod`).
+pub use crate::bounded;
 pub mod bpf_hooks;
 pub mod cufile;
 pub mod gpu;
