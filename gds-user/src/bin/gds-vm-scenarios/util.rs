@@ -8,11 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use gds_user::nvme::DmaBuffer;
 
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
+pub use gds_user::model::kernel_release;
 
 fn mix(mut x: u64) -> u64 {
     // splitmix64 finaliser: every 8-byte word differs with its position and the seed.
