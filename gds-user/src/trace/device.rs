@@ -376,7 +376,7 @@ impl DeviceMaps {
     }
 }
 
-pub fn disk_name(dev: u32) -> String {
+fn disk_name(dev: u32) -> String {
     if dev == 0 {
         return "unknown".into();
     }

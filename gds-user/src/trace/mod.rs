@@ -10,7 +10,7 @@ mod inflight;
 mod offsets;
 mod uring;
 
-pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NVME_CORE, NvmeLayer, disk_name};
+pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NvmeLayer};
 pub use error::TraceError;
 pub use events::raw_event;
 pub use inflight::{InflightRequest, monotonic_ns};
