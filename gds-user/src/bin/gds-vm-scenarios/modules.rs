@@ -78,15 +78,25 @@ fn unload() -> Result<()> {
     Ok(())
 }
 
-/// Loads every module of the list that is not loaded, in order, then waits for the
-/// namespaces' generic devices and for the kernel's own reads of them (partition scan) to end.
-fn load(c: &Ctx) -> Result<()> {
+/// Loads every module of the list that is not loaded, in order.
+fn insmod_all() -> Result<()> {
     let list = std::fs::read_to_string(MODULE_LIST)?;
     for m in list.split_whitespace() {
         if !loaded(m) {
             run("insmod", &[&format!("{MODULE_DIR}/{m}.ko")])?;
         }
     }
+    Ok(())
+}
+
+/// Loads the modules, then waits for every namespace's generic device.
+fn load(c: &Ctx) -> Result<()> {
+    insmod_all()?;
+    wait_namespaces(c)
+}
+
+/// Waits until the guest's namespaces (`gds.ngs=` of them) have their generic devices.
+fn wait_namespaces(c: &Ctx) -> Result<()> {
     let want = std::fs::read_to_string("/proc/cmdline")?
         .split_whitespace()
         .find_map(|a| a.strip_prefix("gds.ngs="))
@@ -108,7 +118,7 @@ fn load(c: &Ctx) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     c.detail(format!(
-        "modules loaded, {want} namespaces in {:.1} s",
+        "{want} namespaces in {:.1} s",
         start.elapsed().as_secs_f64()
     ));
     Ok(())
@@ -401,14 +411,9 @@ fn unload_under_load(c: &Ctx) -> Result<String> {
     );
 
     // Reload, and bring the hot-removed controller back.
-    let list = std::fs::read_to_string(MODULE_LIST)?;
-    for m in list.split_whitespace() {
-        if !loaded(m) {
-            run("insmod", &[&format!("{MODULE_DIR}/{m}.ko")])?;
-        }
-    }
+    insmod_all()?;
     std::fs::write("/sys/bus/pci/rescan", "1").context("PCI rescan")?;
-    load(c)?;
+    wait_namespaces(c)?;
     wait_attached(true, Duration::from_secs(5))?;
     let after = exact_reads(c, N, "after_reload")?;
     ensure!(
