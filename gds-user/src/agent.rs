@@ -12,7 +12,7 @@ use clap::Args;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
 
-pub use crate::http::DEFAULT_LISTEN;
+use crate::http::DEFAULT_LISTEN;
 use crate::{
     http::{self, AppState, RecentEvents},
     metrics,
