@@ -68,3 +68,5 @@ mod tests {
 
 pub mod device;
 pub use device::*;
+
+pub mod cufile;

@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod cufile;
 mod device;
 mod floor;
 mod maps;

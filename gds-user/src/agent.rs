@@ -129,9 +129,23 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let listener = http::bind(args.listen).await?;
     let mut tracer = UringTracer::start(&args.trace_options())?;
     let events = tracer.take_events()?;
-    let dropped = crate::privileges::drop_after_attach(|| tracer.snapshot().is_ok())?;
-    info!("programs attached; {dropped}");
     let tracer = Arc::new(tracer);
+    let cufile = CufileWatch::spawn(&tracer)?;
+    let dropped = crate::privileges::drop_after_attach(
+        || tracer.snapshot().is_ok(),
+        cufile
+            .as_ref()
+            .map(|c| (c.tid, crate::privileges::CUFILE_KEEP)),
+    )?;
+    info!("programs attached; {dropped}");
+    if let Some(c) = &cufile {
+        info!(
+            "cuFile: thread {} keeps what attaching uprobes needs (cap_perfmon, cap_sys_admin, \
+             cap_sys_ptrace, cap_checkpoint_restore, cap_dac_read_search, where held); no other \
+             thread does",
+            c.tid
+        );
+    }
 
     let registry = prometheus::Registry::new();
     registry
@@ -202,6 +216,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
             reader.abort();
             scanner.abort();
             devices.abort();
+            if let Some(c) = cufile {
+                c.stop();
+            }
             return match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.into()),
@@ -213,6 +230,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     reader.abort();
     scanner.abort();
     devices.abort();
+    if let Some(c) = cufile {
+        c.stop();
+    }
     let _ = reader.await;
     let _ = scanner.await;
     let _ = devices.await;
@@ -233,6 +253,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
 /// away finds the module let go; a readdir, a stat and one small sysfs read per traced disk
 /// per tick.
 const DEVICE_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often `/proc/*/maps` is read for libcufile: a `dlopen` is traced within this, and the
+/// issue's bound is 2 s.
+const CUFILE_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Attaches and detaches the NVMe programs as the driver is loaded and unloaded, logging each
 /// change.
@@ -245,6 +268,58 @@ async fn watch_devices(tracer: Arc<UringTracer>, interval: Duration) {
         if let Ok(Some(change)) = tokio::task::spawn_blocking(move || t.refresh_devices()).await {
             info!("{change}");
         }
+    }
+}
+
+/// The cuFile layer's own thread: every [`CUFILE_WATCH_INTERVAL`] it attaches to libcufile
+/// copies and their processes that appeared and detaches from those gone. A plain thread, not
+/// a task: it alone keeps the capabilities attaching needs (capabilities are per thread; see
+/// `privileges`), so it must never run anything else.
+struct CufileWatch {
+    tid: i32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl CufileWatch {
+    /// Starts the thread where the cuFile programs loaded; it drops to `CUFILE_KEEP` first.
+    fn spawn(tracer: &Arc<UringTracer>) -> Result<Option<CufileWatch>> {
+        if !tracer.layers().cufile.on {
+            return Ok(None);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (t, s) = (tracer.clone(), stop.clone());
+        let handle = std::thread::Builder::new()
+            .name("gds-cufile".into())
+            .spawn(move || {
+                let dropped = crate::privileges::drop_calling_thread_to(
+                    crate::privileges::CUFILE_KEEP,
+                );
+                let ok = dropped.is_ok();
+                let _ = tx.send(dropped);
+                if !ok {
+                    return;
+                }
+                while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                    for c in t.refresh_cufile() {
+                        info!("{c}");
+                    }
+                    std::thread::sleep(CUFILE_WATCH_INTERVAL);
+                }
+            })
+            .context("starting the cuFile thread")?;
+        let tid = rx
+            .recv()
+            .context("the cuFile thread exited before it started")?
+            .context("the cuFile thread could not drop its capabilities")?;
+        Ok(Some(CufileWatch { tid, stop, handle }))
+    }
+
+    /// Stops the thread and waits for it (it holds the tracer).
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.handle.join();
     }
 }
 

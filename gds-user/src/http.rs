@@ -167,7 +167,27 @@ async fn snapshot(State(s): State<AppState>) -> axum::response::Response {
     }
 }
 
-/// How each layer (io_uring, block, NVMe) is traced now and why.
+/// cuFile: libraries attached, processes and their files with the path their I/O took (and
+/// why compat), calls in flight.
+async fn cufile(State(s): State<AppState>) -> axum::response::Response {
+    let tracer = s.tracer.clone();
+    match tokio::task::spawn_blocking(move || model::cufile::CufileReport::collect(&tracer)).await
+    {
+        Ok(Ok(r)) => axum::Json(r).into_response(),
+        Ok(Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the cuFile maps failed: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cuFile task failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// How each layer (io_uring, block, NVMe, cuFile) is traced now and why.
 async fn layers(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(state.tracer.layers())
 }
@@ -175,7 +195,8 @@ async fn layers(State(state): State<AppState>) -> impl IntoResponse {
 async fn index() -> impl IntoResponse {
     "gds-agent: /metrics (Prometheus); JSON: /debug/inflight (requests in flight, oldest first), \
      /debug/stalls (active and recent stalls), /debug/slow (recent slow requests), \
-     /debug/layers (how each layer is traced and why), /debug/snapshot (all of it, as `top` \
+     /debug/layers (how each layer is traced and why), /debug/cufile (cuFile libraries, \
+     processes, files and the path their I/O took), /debug/snapshot (all of it, as `top` \
      reads it)\n"
 }
 
@@ -222,6 +243,7 @@ pub async fn serve(
         .route("/debug/inflight", get(inflight))
         .route("/debug/layers", get(layers))
         .route("/debug/snapshot", get(snapshot))
+        .route("/debug/cufile", get(cufile))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -269,3 +269,130 @@ mod tests {
         assert_eq!(nvme_status(0x0080), "LBA Out of Range");
     }
 }
+
+/// cuFile operation names (`gds_cufile_*{op}`), indexed by `CUFILE_OP_*`.
+pub const CUFILE_OPS: [&str; 13] = [
+    "read",
+    "write",
+    "read_async",
+    "write_async",
+    "batch_submit",
+    "batch_get_status",
+    "batch_cancel",
+    "handle_register",
+    "handle_deregister",
+    "buf_register",
+    "buf_deregister",
+    "driver_open",
+    "driver_close",
+];
+
+pub fn cufile_op(op: u32) -> &'static str {
+    CUFILE_OPS.get(op as usize).copied().unwrap_or("unknown")
+}
+
+/// Data path names (`gds_cufile_bytes_total{path}`), indexed by `PATH_*`.
+pub const CUFILE_PATHS: [&str; 4] = ["unknown", "compat", "nvfs", "p2pdma"];
+
+/// `CUfileOpError` (cufile.h, CUDA 12.x/13.x) names, the `error` label. Codes not in the table
+/// are `unknown` (bounded); code 1 of a read or write is its `-1` return: errno set.
+const CUFILE_ERRORS: &[(i32, &str)] = &[
+    (5001, "CU_FILE_DRIVER_NOT_INITIALIZED"),
+    (5002, "CU_FILE_DRIVER_INVALID_PROPS"),
+    (5003, "CU_FILE_DRIVER_UNSUPPORTED_LIMIT"),
+    (5004, "CU_FILE_DRIVER_VERSION_MISMATCH"),
+    (5005, "CU_FILE_DRIVER_VERSION_READ_ERROR"),
+    (5006, "CU_FILE_DRIVER_CLOSING"),
+    (5007, "CU_FILE_PLATFORM_NOT_SUPPORTED"),
+    (5008, "CU_FILE_IO_NOT_SUPPORTED"),
+    (5009, "CU_FILE_DEVICE_NOT_SUPPORTED"),
+    (5010, "CU_FILE_NVFS_DRIVER_ERROR"),
+    (5011, "CU_FILE_CUDA_DRIVER_ERROR"),
+    (5012, "CU_FILE_CUDA_POINTER_INVALID"),
+    (5013, "CU_FILE_CUDA_MEMORY_TYPE_INVALID"),
+    (5014, "CU_FILE_CUDA_POINTER_RANGE_ERROR"),
+    (5015, "CU_FILE_CUDA_CONTEXT_MISMATCH"),
+    (5016, "CU_FILE_INVALID_MAPPING_SIZE"),
+    (5017, "CU_FILE_INVALID_MAPPING_RANGE"),
+    (5018, "CU_FILE_INVALID_FILE_TYPE"),
+    (5019, "CU_FILE_INVALID_FILE_OPEN_FLAG"),
+    (5020, "CU_FILE_DIO_NOT_SET"),
+    (5022, "CU_FILE_INVALID_VALUE"),
+    (5023, "CU_FILE_MEMORY_ALREADY_REGISTERED"),
+    (5024, "CU_FILE_MEMORY_NOT_REGISTERED"),
+    (5025, "CU_FILE_PERMISSION_DENIED"),
+    (5026, "CU_FILE_DRIVER_ALREADY_OPEN"),
+    (5027, "CU_FILE_HANDLE_NOT_REGISTERED"),
+    (5028, "CU_FILE_HANDLE_ALREADY_REGISTERED"),
+    (5029, "CU_FILE_DEVICE_NOT_FOUND"),
+    (5030, "CU_FILE_INTERNAL_ERROR"),
+    (5031, "CU_FILE_GETNEWFD_FAILED"),
+    (5033, "CU_FILE_NVFS_SETUP_ERROR"),
+    (5034, "CU_FILE_IO_DISABLED"),
+    (5035, "CU_FILE_BATCH_SUBMIT_FAILED"),
+    (5036, "CU_FILE_GPU_MEMORY_PINNING_FAILED"),
+    (5037, "CU_FILE_BATCH_FULL"),
+    (5038, "CU_FILE_ASYNC_NOT_SUPPORTED"),
+    (5039, "CU_FILE_INTERNAL_BATCH_SETUP_ERROR"),
+    (5040, "CU_FILE_INTERNAL_BATCH_SUBMIT_ERROR"),
+    (5041, "CU_FILE_INTERNAL_BATCH_GETSTATUS_ERROR"),
+    (5042, "CU_FILE_INTERNAL_BATCH_CANCEL_ERROR"),
+    (5043, "CU_FILE_NOMEM_ERROR"),
+    (5044, "CU_FILE_IO_ERROR"),
+    (5045, "CU_FILE_INTERNAL_BUF_REGISTER_ERROR"),
+    (5046, "CU_FILE_HASH_OPR_ERROR"),
+    (5047, "CU_FILE_INVALID_CONTEXT_ERROR"),
+    (5048, "CU_FILE_NVFS_INTERNAL_DRIVER_ERROR"),
+    (5049, "CU_FILE_BATCH_NOCOMPAT_ERROR"),
+];
+
+/// The `error` label of cuFile error `code` from operation `op` (see `CufileErrKey`).
+pub fn cufile_error(op: u32, code: i32) -> &'static str {
+    use gds_common::cufile::{CUFILE_OP_READ, CUFILE_OP_WRITE};
+    if code == 1 && (op == CUFILE_OP_READ || op == CUFILE_OP_WRITE) {
+        return "errno";
+    }
+    CUFILE_ERRORS
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("unknown", |(_, n)| n)
+}
+
+/// Names of the cuFile layer's own counters (`CufileCount`): drops go to
+/// `gds_trace_dropped_total{reason}`, the rest to `gds_cufile_beneath_total{link}`.
+pub fn cufile_count(c: gds_common::cufile::CufileCount) -> (&'static str, bool) {
+    use gds_common::cufile::CufileCount::*;
+    match c {
+        CallTableFull => ("cufile_call_table_full", true),
+        ReturnUnmatched => ("cufile_return_unmatched", true),
+        FileTableFull => ("cufile_file_table_full", true),
+        ErrorTableFull => ("cufile_error_table_full", true),
+        HandleTableFull => ("cufile_handle_table_full", true),
+        StaleReplaced => ("cufile_stale_replaced", true),
+        BeneathTableFull => ("cufile_beneath_table_full", true),
+        Nested => ("nested", false),
+        BeneathLinked => ("linked", false),
+        BeneathUnlinked => ("unlinked", false),
+        NvfsIoctls => ("nvfs_ioctl", false),
+    }
+}
+
+#[cfg(test)]
+mod cufile_tests {
+    use super::*;
+    use gds_common::cufile::{CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_READ, CUFILE_OPS as N};
+
+    #[test]
+    fn every_op_has_a_name_and_errors_are_bounded() {
+        assert!(CUFILE_OPS.len() <= N);
+        assert_eq!(cufile_op(0), "read");
+        assert_eq!(cufile_op(99), "unknown");
+        assert_eq!(cufile_error(CUFILE_OP_READ, 1), "errno");
+        assert_eq!(cufile_error(CUFILE_OP_READ, 5027), "CU_FILE_HANDLE_NOT_REGISTERED");
+        assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 1), "unknown");
+        assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 123_456), "unknown");
+        let mut codes: Vec<i32> = CUFILE_ERRORS.iter().map(|(c, _)| *c).collect();
+        codes.dedup();
+        assert_eq!(codes.len(), CUFILE_ERRORS.len(), "sorted and unique");
+    }
+}

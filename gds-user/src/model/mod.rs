@@ -6,6 +6,7 @@
 //! Everything here is Serialize + Deserialize: the agent serves it and `top`/`stalls` read it
 //! back into the same types (`/debug/snapshot`), so no view parses another's output.
 
+pub mod cufile;
 pub mod decode;
 pub mod labels;
 pub mod request;
@@ -44,6 +45,9 @@ pub struct Snapshot {
     pub slow: Vec<SlowEvent>,
     /// How each layer is traced and why.
     pub layers: Layers,
+    /// cuFile libraries, processes and files, calls in flight.
+    #[serde(default)]
+    pub cufile: cufile::CufileReport,
 }
 
 impl Snapshot {
@@ -55,6 +59,7 @@ impl Snapshot {
         mut slow: Vec<SlowEvent>,
     ) -> Result<Snapshot, TraceError> {
         let stats = Stats::read(tracer)?;
+        let cufile = cufile::CufileReport::collect(tracer)?;
         let (mut inflight, taken_ns) = inflight(tracer);
         let inflight_total = inflight.len();
         inflight.truncate(SNAPSHOT_INFLIGHT);
@@ -70,6 +75,7 @@ impl Snapshot {
             stalls,
             slow,
             layers: tracer.layers(),
+            cufile,
         })
     }
 }

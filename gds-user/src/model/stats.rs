@@ -117,6 +117,9 @@ pub struct Stats {
     pub drops: Vec<DropRow>,
     /// Requests in the kernel's in-flight tables (inserted − removed).
     pub inflight: u64,
+    /// cuFile calls, over every process.
+    #[serde(default)]
+    pub cufile: super::cufile::CufileStats,
 }
 
 impl Stats {
@@ -196,6 +199,12 @@ impl Stats {
                 count,
             })
             .collect();
+        let libraries = tracer.cufile_libraries().0.len();
+        stats.cufile = super::cufile::CufileStats::decode(
+            &tracer.cufile_raw()?,
+            libraries,
+            &mut stats.drops,
+        );
         Ok(stats)
     }
 

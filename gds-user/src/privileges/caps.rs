@@ -4,9 +4,11 @@
 use std::fmt;
 
 pub const CAP_SETPCAP: u32 = 8;
+pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Names of capabilities 0..=40 (include/uapi/linux/capability.h).
 const CAP_NAMES: [&str; 41] = [

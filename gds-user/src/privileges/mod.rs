@@ -11,6 +11,16 @@
 //! experiment ([`drop_after_attach`] tries a map read with CAP_BPF out of the effective set)
 //! and CAP_BPF alone is kept there.
 //!
+//! The cuFile layer is the exception, because it attaches for as long as the agent runs
+//! (libraries and processes come and go). Its one thread ([`drop_calling_thread_to`], then
+//! exempted from [`drop_after_attach`]) keeps [`CUFILE_KEEP`]: CAP_PERFMON and CAP_SYS_ADMIN
+//! (uprobe perf events: the dev VM's 6.18 refuses them with CAP_PERFMON alone, EACCES),
+//! CAP_SYS_PTRACE (other processes' `/proc/PID/maps`), CAP_CHECKPOINT_RESTORE
+//! (`/proc/PID/map_files`, how a library in a container or a deleted one is reached) and
+//! CAP_DAC_READ_SEARCH (reading the library file). That thread does nothing else: it reads
+//! maps and ELF symbol tables and attaches; the HTTP server, the parsers of requests and every
+//! other thread hold nothing.
+//!
 //! Capabilities are per thread: the tokio workers were cloned while the process held
 //! everything, so dropping on the calling thread alone would leave them privileged. Every other
 //! thread is made to drop the same set from a signal handler (what libc does for setuid(2)),
@@ -27,7 +37,35 @@ use thiserror::Error;
 
 mod caps;
 
-pub use caps::{CAP_BPF, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CapSet, ThreadCaps, cap_line};
+pub use caps::{
+    CAP_BPF, CAP_CHECKPOINT_RESTORE, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CAP_SYS_PTRACE,
+    CapSet, ThreadCaps, cap_line,
+};
+
+/// What the cuFile thread keeps to attach after start (see the module documentation).
+pub const CUFILE_KEEP: CapSet = CapSet(
+    1u64 << CAP_PERFMON
+        | 1u64 << CAP_SYS_ADMIN
+        | 1u64 << CAP_SYS_PTRACE
+        | 1u64 << CAP_CHECKPOINT_RESTORE
+        | 1u64 << CAP_DAC_READ_SEARCH,
+);
+const CAP_DAC_READ_SEARCH: u32 = 2;
+
+/// Drops the calling thread alone to `keep` (what it holds of it), bounding set included where
+/// it may. For a thread that [`drop_after_attach`] then exempts. Returns its thread id.
+pub fn drop_calling_thread_to(keep: CapSet) -> Result<i32, PrivilegeError> {
+    let me = gettid();
+    let caps = ThreadCaps::read(me)?;
+    drop_this_thread(keep.0 & caps.permitted.0, caps.effective.has(CAP_SETPCAP)).map_err(
+        |(step, e)| PrivilegeError::Syscall {
+            step,
+            tid: me,
+            source: io::Error::from_raw_os_error(e),
+        },
+    )?;
+    Ok(me)
+}
 use caps::{capset, errno};
 
 impl ThreadCaps {
@@ -256,7 +294,11 @@ fn install_handler(signal: i32) -> Result<(), PrivilegeError> {
 }
 
 /// Makes every thread but the caller drop to the target set, then checks every thread.
-fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeError> {
+fn drop_other_threads(
+    keep: CapSet,
+    bounding: bool,
+    exempt: Option<(i32, CapSet)>,
+) -> Result<usize, PrivilegeError> {
     let signal = drop_signal();
     TARGET_KEEP.store(keep.0, Ordering::SeqCst);
     TARGET_BOUNDING.store(bounding, Ordering::SeqCst);
@@ -279,6 +321,21 @@ fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeEr
                 Err(e) => return Err(e),
             };
             threads += 1;
+            if let Some((t, allowed)) = exempt
+                && t == tid
+            {
+                let within = |c: CapSet| c.0 & !allowed.0 == 0;
+                if !within(caps.permitted) || !within(caps.effective) || !caps.ambient.is_empty()
+                {
+                    return Err(PrivilegeError::Kept {
+                        tid,
+                        effective: caps.effective,
+                        permitted: caps.permitted,
+                        expected: allowed,
+                    });
+                }
+                continue;
+            }
             if caps.permitted != keep || caps.effective != keep || !caps.ambient.is_empty() {
                 pending.push((tid, caps));
             }
@@ -338,7 +395,12 @@ fn drop_other_threads(keep: CapSet, bounding: bool) -> Result<usize, PrivilegeEr
 /// with CAP_BPF out of the effective set, and CAP_BPF is kept only if it then fails (kernels
 /// before 6.5 with `unprivileged_bpf_disabled`). The bounding set is dropped too when the
 /// process may (it holds CAP_SETPCAP, e.g. root); no_new_privs is set either way.
-pub fn drop_after_attach(still_works: impl Fn() -> bool) -> Result<Dropped, PrivilegeError> {
+/// `exempt`: a thread that dropped itself already ([`drop_calling_thread_to`]) to at most the
+/// set given; it is checked against that set instead.
+pub fn drop_after_attach(
+    still_works: impl Fn() -> bool,
+    exempt: Option<(i32, CapSet)>,
+) -> Result<Dropped, PrivilegeError> {
     let me = gettid();
     let syscall_err = |step: Step, e: i32| PrivilegeError::Syscall {
         step,
@@ -372,7 +434,7 @@ pub fn drop_after_attach(still_works: impl Fn() -> bool) -> Result<Dropped, Priv
     }
     let bounding = eff.has(CAP_SETPCAP);
     drop_this_thread(keep.0, bounding).map_err(|(step, e)| syscall_err(step, e))?;
-    let threads = drop_other_threads(keep, bounding)?;
+    let threads = drop_other_threads(keep, bounding, exempt)?;
     let after = ThreadCaps::read(me)?;
     Ok(Dropped {
         before,

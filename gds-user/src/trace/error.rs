@@ -48,6 +48,8 @@ pub enum TraceError {
     MissingProgram(&'static str),
     #[error("cannot map the in-flight table into memory: {0}")]
     Mmap(#[source] std::io::Error),
+    #[error("library {path}: {why}")]
+    Library { path: String, why: String },
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
 }

@@ -3,13 +3,17 @@
 //! [`UringTracer`] owns the loaded object: dropping it detaches every program (aya closes the
 //! links with the object), which is how the agent shuts down cleanly.
 
+mod cufile;
 mod device;
+mod elf;
 mod error;
 mod events;
 mod inflight;
 mod offsets;
+mod procmaps;
 mod uring;
 
+pub use cufile::{CufileRaw, LibraryFailure, LibraryInfo, SYMBOLS as CUFILE_SYMBOLS};
 pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NvmeLayer};
 pub use error::TraceError;
 pub use events::raw_event;

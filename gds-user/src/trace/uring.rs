@@ -16,6 +16,7 @@ use tracing::info;
 
 use super::{
     EBPF_OBJECT, InflightRequest, TraceError, check_tracing_caps,
+    cufile::{CufileMaps, CufileRaw, CufileTracing, LibraryFailure, LibraryInfo},
     device::{self, DeviceAttach, DeviceMaps, NvmeLayer, NvmeTracing},
     inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
@@ -136,7 +137,7 @@ impl UringSnapshot {
 }
 
 /// Whether one layer is traced and why.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct LayerMode {
     pub on: bool,
     pub why: String,
@@ -148,6 +149,9 @@ pub struct Layers {
     pub io_uring: LayerMode,
     pub block: LayerMode,
     pub nvme: NvmeLayer,
+    /// cuFile calls (uprobes on every libcufile in use).
+    #[serde(default)]
+    pub cufile: LayerMode,
 }
 
 /// Loaded and attached io_uring tracing programs.
@@ -163,6 +167,10 @@ pub struct UringTracer {
     devices_attached: DeviceAttach,
     /// None where the device programs cannot run at all (no BTF).
     nvme: Option<std::sync::Mutex<NvmeTracing>>,
+    /// None where uprobes cannot be loaded; locked with `ebpf` (attach) or alone (state).
+    cufile: Option<std::sync::Mutex<CufileTracing>>,
+    cufile_maps: std::sync::Mutex<CufileMaps>,
+    cufile_why: String,
 }
 
 impl UringTracer {
@@ -279,6 +287,18 @@ impl UringTracer {
             info!("block tracing on: block_rq_issue/block_rq_complete");
         }
         let devices = DeviceMaps::take(&mut ebpf)?;
+        let (cufile, cufile_why) = match CufileTracing::load(&mut ebpf) {
+            Ok(c) => (
+                Some(std::sync::Mutex::new(c)),
+                "uprobes on every libcufile mapped by a process (checked every 500 ms)".to_owned(),
+            ),
+            Err(e) => {
+                let why = format!("cuFile tracing off: the uprobe programs do not load ({e})");
+                tracing::warn!("{why}");
+                (None, why)
+            }
+        };
+        let cufile_maps = std::sync::Mutex::new(CufileMaps::take(&mut ebpf)?);
         Ok(UringTracer {
             ebpf: std::sync::Mutex::new(ebpf),
             stats,
@@ -289,7 +309,50 @@ impl UringTracer {
             devices,
             devices_attached,
             nvme: nvme.map(std::sync::Mutex::new),
+            cufile,
+            cufile_maps,
+            cufile_why,
         })
+    }
+
+    /// Attaches to libcufile copies and their processes that appeared, detaches from those
+    /// gone, and forgets what exited processes left in the maps. Returns the changes to log.
+    pub fn refresh_cufile(&self) -> Vec<String> {
+        let Some(cufile) = &self.cufile else {
+            return Vec::new();
+        };
+        let nvfs = crate::kmod::Modules::live().residence("nvidia_fs")
+            != crate::kmod::Residence::Absent;
+        let changes = {
+            let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+            cufile.refresh(&mut ebpf, nvfs)
+        };
+        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+        self.cufile_maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prune(&alive, super::monotonic_ns(), 60_000_000_000);
+        changes
+    }
+
+    /// The cuFile maps now.
+    pub fn cufile_raw(&self) -> Result<CufileRaw, TraceError> {
+        self.cufile_maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read()
+    }
+
+    /// The libcufile copies attached now, and those that could not be.
+    pub fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>) {
+        match &self.cufile {
+            Some(c) => {
+                let c = c.lock().unwrap_or_else(|p| p.into_inner());
+                (c.libraries(), c.failures())
+            }
+            None => (Vec::new(), Vec::new()),
+        }
     }
 
     /// Attaches or detaches the NVMe programs as the NVMe driver comes and goes (modules
@@ -330,6 +393,13 @@ impl UringTracer {
                 },
             },
             nvme,
+            cufile: LayerMode {
+                on: self.cufile.is_some(),
+                why: {
+                    let n = self.cufile_libraries().0.len();
+                    format!("{}; {n} libcufile file(s) attached now", self.cufile_why)
+                },
+            },
         }
     }
 

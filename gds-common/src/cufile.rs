@@ -1,0 +1,259 @@
+//! cuFile calls seen from outside the process: uprobes on libcufile's API and, beneath them,
+//! on the libc calls cuFile's compat path makes (`pread64`/`pwrite64`) and the nvidia-fs
+//! ioctls of its GDS path.
+//!
+//! Every uprobe carries its operation as the attach cookie (`bpf_get_attach_cookie`), so one
+//! entry and one return program serve every function of every library copy.
+
+use crate::HIST_BUCKETS;
+
+/// cuFile operations, the cookie of the API uprobes and the index of [`MAP_CUFILE_OPS`].
+/// Names and the symbols that map to each are in user space (`model::labels`, `trace::cufile`).
+pub const CUFILE_OP_READ: u32 = 0;
+pub const CUFILE_OP_WRITE: u32 = 1;
+pub const CUFILE_OP_READ_ASYNC: u32 = 2;
+pub const CUFILE_OP_WRITE_ASYNC: u32 = 3;
+pub const CUFILE_OP_BATCH_SUBMIT: u32 = 4;
+pub const CUFILE_OP_BATCH_GET_STATUS: u32 = 5;
+pub const CUFILE_OP_BATCH_CANCEL: u32 = 6;
+pub const CUFILE_OP_HANDLE_REGISTER: u32 = 7;
+pub const CUFILE_OP_HANDLE_DEREGISTER: u32 = 8;
+pub const CUFILE_OP_BUF_REGISTER: u32 = 9;
+pub const CUFILE_OP_BUF_DEREGISTER: u32 = 10;
+pub const CUFILE_OP_DRIVER_OPEN: u32 = 11;
+pub const CUFILE_OP_DRIVER_CLOSE: u32 = 12;
+/// Entries of [`MAP_CUFILE_OPS`] (a power of two above the last operation).
+pub const CUFILE_OPS: usize = 16;
+
+/// Cookies of the uprobes on libc, attached only in processes that map libcufile.
+pub const BENEATH_PREAD: u32 = 64;
+pub const BENEATH_PWRITE: u32 = 65;
+pub const BENEATH_IOCTL: u32 = 66;
+
+/// The data path a read or write took, index of [`CufileOpStats::path_bytes`].
+pub const PATH_UNKNOWN: usize = 0;
+/// POSIX I/O by cuFile's threads into host memory, then a copy (compatibility mode).
+pub const PATH_COMPAT: usize = 1;
+/// nvidia-fs: the I/O is an ioctl on `/dev/nvidia-fs*`.
+pub const PATH_NVFS: usize = 2;
+/// O_DIRECT I/O into peer (GPU BAR) memory. Not classified yet: see `trace::cufile`.
+pub const PATH_P2PDMA: usize = 3;
+pub const CUFILE_PATHS: usize = 4;
+
+/// nvidia-fs ioctl commands (`_IOW('t', n, int)`, nvidia-fs `nvfs-core.h`) that move data.
+pub const NVFS_IOCTL_READ: u32 = 0x4004_7402;
+pub const NVFS_IOCTL_WRITE: u32 = 0x4004_7404;
+pub const NVFS_IOCTL_BATCH_IO: u32 = 0x4004_7408;
+
+/// Whether ioctl `cmd` is one of nvidia-fs's data-moving commands (its GDS path).
+#[inline(always)]
+pub fn is_nvfs_io(cmd: u32) -> bool {
+    cmd == NVFS_IOCTL_READ || cmd == NVFS_IOCTL_WRITE || cmd == NVFS_IOCTL_BATCH_IO
+}
+
+/// Drop and bookkeeping counters in [`CufileCpuStats::counts`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CufileCount {
+    /// A call whose in-flight entry could not be stored: counted (`calls`), not timed.
+    CallTableFull = 0,
+    /// A return with no entry (the entry was refused, or the agent attached mid-call).
+    ReturnUnmatched = 1,
+    /// A per-process or per-file row could not be created: the call is still in the op totals.
+    FileTableFull = 2,
+    /// An error code that could not get its counter (the error is in the op's `errors`).
+    ErrorTableFull = 3,
+    /// A registered handle that could not be remembered (its I/O is not linked to a file).
+    HandleTableFull = 4,
+    /// A call found in flight on the thread at or below the new call's stack frame: its return
+    /// was lost (a C++ exception or longjmp through cuFile); replaced.
+    StaleReplaced = 5,
+    /// A cuFile function called from inside another traced one (counted once, as the outer).
+    Nested = 6,
+    /// `pread64`/`pwrite64` in a cuFile process linked to a cuFile call in flight on its file.
+    BeneathLinked = 7,
+    /// `pread64`/`pwrite64` in a cuFile process with no cuFile call in flight on the file (the
+    /// application's own I/O, or cuFile's asynchronous and batch I/O).
+    BeneathUnlinked = 8,
+    /// nvidia-fs data ioctls in cuFile processes.
+    NvfsIoctls = 9,
+    /// A libc call whose entry could not be stored (its return is not classified).
+    BeneathTableFull = 10,
+}
+pub const CUFILE_COUNTS: usize = 11;
+
+impl CufileCount {
+    pub const ALL: [CufileCount; CUFILE_COUNTS] = [
+        CufileCount::CallTableFull,
+        CufileCount::ReturnUnmatched,
+        CufileCount::FileTableFull,
+        CufileCount::ErrorTableFull,
+        CufileCount::HandleTableFull,
+        CufileCount::StaleReplaced,
+        CufileCount::Nested,
+        CufileCount::BeneathLinked,
+        CufileCount::BeneathUnlinked,
+        CufileCount::NvfsIoctls,
+        CufileCount::BeneathTableFull,
+    ];
+}
+
+/// Per-CPU counters not tied to an operation (`GDS_CUFILE_STATS`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CufileCpuStats {
+    pub counts: [u64; CUFILE_COUNTS],
+}
+
+/// Per-CPU statistics of one cuFile operation (`GDS_CUFILE_OPS`, indexed by `CUFILE_OP_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CufileOpStats {
+    /// Calls that returned (errors included); a call counts when it returns.
+    pub calls: u64,
+    pub errors: u64,
+    /// Log2 buckets of the call's duration in nanoseconds.
+    pub buckets: [u64; HIST_BUCKETS],
+    pub sum_ns: u64,
+    /// Bytes asked (size argument; for batch submits the sum over the submitted entries).
+    pub bytes_asked: u64,
+    /// Bytes the call returned as done (read and write), by [`PATH_UNKNOWN`] etc.
+    pub path_bytes: [u64; CUFILE_PATHS],
+    /// Calls that returned success, by path (read and write).
+    pub path_calls: [u64; CUFILE_PATHS],
+}
+
+/// Key of the error counters (`GDS_CUFILE_ERRORS`): operation and error code. For read and
+/// write the code is the negated return (`-1`: errno set; otherwise a `CUfileOpError`); for
+/// the other calls it is `CUfileError_t.err`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CufileErrKey {
+    pub op: u32,
+    pub code: i32,
+}
+
+/// A cuFile call between its entry and return, keyed by thread (`pid_tgid`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CufileCall {
+    pub start_ns: u64,
+    pub op: u32,
+    /// Calls of traced functions made from inside this one, not yet returned.
+    pub depth: u32,
+    pub size: u64,
+    pub offset: i64,
+    /// The `CUfileHandle_t` argument, or for `cuFileHandleRegister` the address it writes the
+    /// handle to.
+    pub handle: u64,
+    /// The file descriptor behind the handle (or, for registration, the one registered);
+    /// -1 when unknown.
+    pub fd: i32,
+    pub _pad: u32,
+    /// The file's [`CufileFileStats::compat_ios`] and the process's
+    /// [`CufileFileStats::nvfs_ios`] at entry: what grew during the call is what it caused.
+    pub compat_at_entry: u64,
+    pub nvfs_at_entry: u64,
+    /// The stack pointer at entry and the return address it pointed at. A traced call made
+    /// from inside this one has a lower stack pointer; one it tail-calls (`cuFileDriverClose`
+    /// jumps to `cuFileDriverClose_v2`) the same stack pointer but a return address the
+    /// uretprobe replaced. Anything else means this call's return was lost (stale).
+    pub sp: u64,
+    pub ret_addr: u64,
+}
+
+/// Key of the per-process and per-file rows (`GDS_CUFILE_FILES`). [`PROCESS_ROW`] as `fd` is
+/// the process's own row.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CufileFileKey {
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+pub const PROCESS_ROW: i32 = -1;
+
+/// Counters of one process or one of its files, updated atomically (several threads of one
+/// process share a row).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CufileFileStats {
+    pub calls: u64,
+    pub errors: u64,
+    pub time_ns: u64,
+    pub read_calls: u64,
+    pub write_calls: u64,
+    /// Bytes returned as done by read and write calls.
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub handle_registers: u64,
+    pub buf_registers: u64,
+    /// Libc reads and writes linked to a cuFile call on this file, and their bytes.
+    pub compat_ios: u64,
+    pub compat_bytes: u64,
+    /// nvidia-fs data ioctls (process row).
+    pub nvfs_ios: u64,
+    /// Read and write calls whose offset or size is not a multiple of 4 KiB.
+    pub unaligned: u64,
+    /// Synchronous read and write calls in flight on this file now.
+    pub active: u64,
+    /// Calls that returned success, by path.
+    pub path_calls: [u64; CUFILE_PATHS],
+    pub last_ns: u64,
+}
+
+/// Key of the registered handles (`GDS_CUFILE_HANDLES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CufileHandleKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub handle: u64,
+}
+
+/// A libc call beneath cuFile between entry and return, keyed by thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BeneathCall {
+    pub fd: i32,
+    pub kind: u32,
+    pub cmd: u32,
+    pub _pad: u32,
+}
+
+pub const MAP_CUFILE_STATS: &str = "GDS_CUFILE_STATS";
+pub const MAP_CUFILE_OPS: &str = "GDS_CUFILE_OPS";
+pub const MAP_CUFILE_ERRORS: &str = "GDS_CUFILE_ERRORS";
+pub const MAP_CUFILE_CALLS: &str = "GDS_CUFILE_CALLS";
+pub const MAP_CUFILE_FILES: &str = "GDS_CUFILE_FILES";
+pub const MAP_CUFILE_HANDLES: &str = "GDS_CUFILE_HANDLES";
+pub const MAP_CUFILE_BENEATH: &str = "GDS_CUFILE_BENEATH";
+
+/// Capacity of the in-flight calls, handles and beneath tables.
+pub const CUFILE_INFLIGHT_MAX: u32 = 16384;
+/// Capacity of the per-process and per-file rows; user space removes rows of exited processes.
+pub const CUFILE_FILES_MAX: u32 = 8192;
+
+/// Byte offsets in cuFile's ABI (`cufile.h`, CUDA 11.4 to 13: unchanged).
+pub mod abi {
+    /// `CUfileDescr_t.handle.fd` (after the `int type` and padding).
+    pub const DESCR_FD: u64 = 8;
+    /// `sizeof(CUfileIOParams_t)` and its `u.batch.size`.
+    pub const IO_PARAMS_SIZE: u64 = 64;
+    pub const IO_PARAMS_BATCH_SIZE: u64 = 32;
+    /// Batch entries whose sizes a submit sums (more are counted, their bytes not).
+    pub const BATCH_SUM_MAX: u32 = 64;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for CufileCpuStats {}
+    unsafe impl aya::Pod for CufileOpStats {}
+    unsafe impl aya::Pod for CufileErrKey {}
+    unsafe impl aya::Pod for CufileCall {}
+    unsafe impl aya::Pod for CufileFileKey {}
+    unsafe impl aya::Pod for CufileFileStats {}
+    unsafe impl aya::Pod for CufileHandleKey {}
+    unsafe impl aya::Pod for BeneathCall {}
+}

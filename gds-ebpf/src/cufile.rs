@@ -1,0 +1,476 @@
+//! cuFile calls (uprobes on libcufile's API) and the I/O beneath them (uprobes on libc's
+//! `pread64`/`pwrite64`/`ioctl` in the processes that map libcufile).
+//!
+//! One entry and one return program serve every function: the attach cookie is the operation
+//! (`CUFILE_OP_*`) or the libc call (`BENEATH_*`), so adding a function is a user-space table
+//! row. Calls are keyed by thread from entry to return; a call counts when it returns.
+//!
+//! The path a read or write took is what grew beneath it while it was in flight: nvidia-fs data
+//! ioctls in the process (GDS), or libc reads and writes on the call's file by any thread of
+//! the process (compat: cuFile hands the I/O to worker threads, so the thread is not the link;
+//! the file and the time window are). Each file row counts the linked I/O; a call snapshots
+//! the counters at entry and compares at return.
+//!
+//! Imports nothing of the io_uring or device programs: a separate layer with its own maps.
+
+use core::intrinsics::AtomicOrdering::Relaxed;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+use gds_common::{
+    HIST_BUCKETS, log2_bucket,
+    cufile::{
+        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, BeneathCall, CUFILE_FILES_MAX,
+        CUFILE_INFLIGHT_MAX, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER,
+        CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ,
+        CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS,
+        CufileCall, CufileCount, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats,
+        CufileHandleKey, CufileOpStats, PATH_COMPAT, PATH_NVFS, PATH_UNKNOWN, PROCESS_ROW, abi,
+        is_nvfs_io,
+    },
+};
+
+use crate::maps::index;
+
+#[map(name = "GDS_CUFILE_STATS")]
+static STATS: PerCpuArray<CufileCpuStats> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "GDS_CUFILE_OPS")]
+static OPS: PerCpuArray<CufileOpStats> = PerCpuArray::with_max_entries(CUFILE_OPS as u32, 0);
+
+#[map(name = "GDS_CUFILE_ERRORS")]
+static ERRORS: PerCpuHashMap<CufileErrKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
+
+#[map(name = "GDS_CUFILE_CALLS")]
+static CALLS: HashMap<u64, CufileCall> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
+
+#[map(name = "GDS_CUFILE_FILES")]
+static FILES: HashMap<CufileFileKey, CufileFileStats> =
+    HashMap::with_max_entries(CUFILE_FILES_MAX, 0);
+
+/// Registered handles → the file descriptor they were registered with.
+#[map(name = "GDS_CUFILE_HANDLES")]
+static HANDLES: HashMap<CufileHandleKey, i32> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
+
+#[map(name = "GDS_CUFILE_BENEATH")]
+static BENEATH: HashMap<u64, BeneathCall> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
+
+/// All-zero row in read-only data: inserted from here, so no stack copy.
+static ZERO_ROW: CufileFileStats = CufileFileStats {
+    calls: 0,
+    errors: 0,
+    time_ns: 0,
+    read_calls: 0,
+    write_calls: 0,
+    read_bytes: 0,
+    write_bytes: 0,
+    handle_registers: 0,
+    buf_registers: 0,
+    compat_ios: 0,
+    compat_bytes: 0,
+    nvfs_ios: 0,
+    unaligned: 0,
+    active: 0,
+    path_calls: [0; CUFILE_PATHS],
+    last_ns: 0,
+};
+
+/// `CufileCall::_pad` bit: the call raised its file's `active` count (lower it at return).
+const CALL_ACTIVE: u32 = 1;
+
+#[inline(always)]
+fn count(what: CufileCount) {
+    if let Some(s) = STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU map value pointer.
+        if let Some(c) = unsafe { (*s).counts.get_mut(what as usize) } {
+            *c += 1;
+        }
+    }
+}
+
+/// Atomic add into a shared (not per-CPU) map value.
+#[inline(always)]
+fn add(dst: *mut u64, v: u64) {
+    // SAFETY: `dst` points into a map value.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(dst, v) };
+}
+
+#[inline(always)]
+fn cookie<C: EbpfContext>(ctx: &C) -> u32 {
+    // SAFETY: the helper reads the link's cookie; 0 where none was set.
+    unsafe { bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
+}
+
+#[inline(always)]
+fn read_user<T: Default>(addr: u64) -> T {
+    // SAFETY: bpf_probe_read_user checks the address; a fault gives the default.
+    unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
+}
+
+/// The row of `(tgid, fd)`, created on first use. None when the table is full.
+#[inline(always)]
+fn row(tgid: u32, fd: i32) -> Option<*mut CufileFileStats> {
+    let key = CufileFileKey { tgid, fd };
+    if let Some(p) = FILES.get_ptr_mut(&key) {
+        return Some(p);
+    }
+    let _ = FILES.insert(&key, &ZERO_ROW, BPF_NOEXIST as u64);
+    let p = FILES.get_ptr_mut(&key);
+    if p.is_none() {
+        count(CufileCount::FileTableFull);
+    }
+    p
+}
+
+#[inline(always)]
+fn is_sync_io(op: u32) -> bool {
+    op == CUFILE_OP_READ || op == CUFILE_OP_WRITE
+}
+
+/// Entry of every traced libcufile function; the cookie is its `CUFILE_OP_*`.
+#[uprobe]
+pub fn cufile_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx);
+    0
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext) {
+    let op = cookie(ctx);
+    if op as usize >= CUFILE_OPS {
+        return;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: the context is the uprobe's pt_regs.
+    let sp = unsafe { (*ctx.regs).rsp };
+    let ret_addr = read_user::<u64>(sp);
+    if let Some(c) = CALLS.get_ptr_mut(&id) {
+        // SAFETY: map value pointer.
+        let c = unsafe { &mut *c };
+        if sp < c.sp || (sp == c.sp && ret_addr != c.ret_addr) {
+            c.depth += 1;
+            count(CufileCount::Nested);
+            return;
+        }
+        count(CufileCount::StaleReplaced);
+    }
+    let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+    let mut call = CufileCall {
+        // SAFETY: helper without arguments.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        op,
+        fd: -1,
+        sp,
+        ret_addr,
+        ..Default::default()
+    };
+    if op == CUFILE_OP_READ || op == CUFILE_OP_WRITE {
+        // cuFileRead(fh, buf, size, file_offset, buf_offset)
+        call.handle = arg(0);
+        call.size = arg(2);
+        call.offset = arg(3) as i64;
+    } else if op == CUFILE_OP_READ_ASYNC || op == CUFILE_OP_WRITE_ASYNC {
+        // cuFileReadAsync(fh, buf, size_t *size, off_t *file_offset, …): pointers, read now
+        // (the application may change them once the call returns).
+        call.handle = arg(0);
+        call.size = read_user::<u64>(arg(2));
+        call.offset = read_user::<i64>(arg(3));
+    } else if op == CUFILE_OP_BATCH_SUBMIT {
+        // cuFileBatchIOSubmit(batch, unsigned nr, CUfileIOParams_t *params, flags)
+        let nr = arg(1) as u32;
+        let params = arg(2);
+        let mut sum = 0u64;
+        let mut i = 0u32;
+        while i < abi::BATCH_SUM_MAX && i < nr {
+            sum += read_user::<u64>(
+                params + i as u64 * abi::IO_PARAMS_SIZE + abi::IO_PARAMS_BATCH_SIZE,
+            );
+            i += 1;
+        }
+        call.size = sum;
+    } else if op == CUFILE_OP_HANDLE_REGISTER {
+        // cuFileHandleRegister(CUfileHandle_t *fh, CUfileDescr_t *descr)
+        call.handle = arg(0);
+        call.fd = read_user::<i32>(arg(1) + abi::DESCR_FD);
+    } else if op == CUFILE_OP_HANDLE_DEREGISTER {
+        call.handle = arg(0);
+    }
+    if call.fd < 0 && call.handle != 0 && op != CUFILE_OP_HANDLE_REGISTER {
+        let key = CufileHandleKey {
+            tgid,
+            _pad: 0,
+            handle: call.handle,
+        };
+        // SAFETY: map value read.
+        if let Some(fd) = unsafe { HANDLES.get(&key) } {
+            call.fd = *fd;
+        }
+    }
+    if is_sync_io(op) && call.fd >= 0 {
+        if let Some(r) = row(tgid, call.fd) {
+            // SAFETY: map value pointer.
+            unsafe {
+                add(&raw mut (*r).active, 1);
+                call.compat_at_entry = core::ptr::read_volatile(&raw const (*r).compat_ios);
+            }
+            call._pad |= CALL_ACTIVE;
+        }
+        if let Some(p) = row(tgid, PROCESS_ROW) {
+            // SAFETY: map value pointer.
+            call.nvfs_at_entry = unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) };
+        }
+    }
+    if CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
+        count(CufileCount::CallTableFull);
+        if call._pad & CALL_ACTIVE != 0 {
+            if let Some(r) = row(tgid, call.fd) {
+                // SAFETY: map value pointer.
+                add(unsafe { &raw mut (*r).active }, u64::MAX);
+            }
+        }
+    }
+}
+
+/// Return of every traced libcufile function.
+#[uretprobe]
+pub fn cufile_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn exit(ctx: &RetProbeContext) {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    let Some(c) = CALLS.get_ptr_mut(&id) else {
+        count(CufileCount::ReturnUnmatched);
+        return;
+    };
+    // SAFETY: map value pointer; copied out before the entry is removed.
+    let call = unsafe {
+        if (*c).depth > 0 {
+            (*c).depth -= 1;
+            return;
+        }
+        *c
+    };
+    let _ = CALLS.remove(&id);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ns = now.saturating_sub(call.start_ns);
+    let rax: u64 = ctx.ret();
+    let op = call.op;
+
+    // Read and write return ssize_t: bytes, or -1 (errno) or -CUfileOpError. Deregistering a
+    // handle returns nothing. The rest return CUfileError_t { err, cu_err } in rax: err low.
+    let mut code: i32 = 0;
+    let mut done: u64 = 0;
+    if is_sync_io(op) {
+        let r = rax as i64;
+        if r < 0 {
+            code = r.wrapping_neg() as i32;
+        } else {
+            done = r as u64;
+        }
+    } else if op != CUFILE_OP_HANDLE_DEREGISTER {
+        code = rax as u32 as i32;
+    }
+
+    let mut path = PATH_UNKNOWN;
+    if is_sync_io(op) && code == 0 && call.fd >= 0 {
+        if let Some(p) = row(tgid, PROCESS_ROW) {
+            // SAFETY: map value pointer.
+            if unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) } != call.nvfs_at_entry
+            {
+                path = PATH_NVFS;
+            }
+        }
+        if path == PATH_UNKNOWN {
+            if let Some(r) = row(tgid, call.fd) {
+                // SAFETY: map value pointer.
+                if unsafe { core::ptr::read_volatile(&raw const (*r).compat_ios) }
+                    != call.compat_at_entry
+                {
+                    path = PATH_COMPAT;
+                }
+            }
+        }
+    }
+
+    if let Some(s) = index(op as u64, CUFILE_OPS).and_then(|i| OPS.get_ptr_mut(i as u32)) {
+        // SAFETY: per-CPU map value pointer.
+        let s = unsafe { &mut *s };
+        s.calls += 1;
+        s.sum_ns += ns;
+        if let Some(b) =
+            index(log2_bucket(ns) as u64, HIST_BUCKETS).and_then(|i| s.buckets.get_mut(i))
+        {
+            *b += 1;
+        }
+        s.bytes_asked += call.size;
+        if code != 0 {
+            s.errors += 1;
+        } else if is_sync_io(op) {
+            if let Some(b) = index(path as u64, CUFILE_PATHS).and_then(|i| s.path_bytes.get_mut(i))
+            {
+                *b += done;
+            }
+            if let Some(n) = index(path as u64, CUFILE_PATHS).and_then(|i| s.path_calls.get_mut(i))
+            {
+                *n += 1;
+            }
+        }
+    }
+    if code != 0 {
+        let key = CufileErrKey { op, code };
+        match ERRORS.get_ptr_mut(&key) {
+            // SAFETY: per-CPU map value pointer.
+            Some(n) => unsafe { *n += 1 },
+            None => {
+                if ERRORS.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+                    count(CufileCount::ErrorTableFull);
+                }
+            }
+        }
+    }
+
+    if op == CUFILE_OP_HANDLE_REGISTER && code == 0 && call.fd >= 0 {
+        let key = CufileHandleKey {
+            tgid,
+            _pad: 0,
+            handle: read_user::<u64>(call.handle),
+        };
+        if HANDLES.insert(&key, &call.fd, BPF_ANY as u64).is_err() {
+            count(CufileCount::HandleTableFull);
+        }
+    } else if op == CUFILE_OP_HANDLE_DEREGISTER {
+        let key = CufileHandleKey {
+            tgid,
+            _pad: 0,
+            handle: call.handle,
+        };
+        let _ = HANDLES.remove(&key);
+    }
+
+    let unaligned = ((call.offset as u64) | call.size) & 4095 != 0;
+    let update = |r: *mut CufileFileStats| {
+        // SAFETY: map value pointer.
+        unsafe {
+            add(&raw mut (*r).calls, 1);
+            add(&raw mut (*r).time_ns, ns);
+            if code != 0 {
+                add(&raw mut (*r).errors, 1);
+            }
+            if op == CUFILE_OP_HANDLE_REGISTER {
+                add(&raw mut (*r).handle_registers, 1);
+            } else if op == CUFILE_OP_BUF_REGISTER {
+                add(&raw mut (*r).buf_registers, 1);
+            } else if is_sync_io(op) {
+                if op == CUFILE_OP_READ {
+                    add(&raw mut (*r).read_calls, 1);
+                    add(&raw mut (*r).read_bytes, done);
+                } else {
+                    add(&raw mut (*r).write_calls, 1);
+                    add(&raw mut (*r).write_bytes, done);
+                }
+                if unaligned {
+                    add(&raw mut (*r).unaligned, 1);
+                }
+                if code == 0 {
+                    if let Some(n) =
+                        index(path as u64, CUFILE_PATHS).and_then(|i| (*r).path_calls.get_mut(i))
+                    {
+                        add(n, 1);
+                    }
+                }
+            }
+            core::ptr::write_volatile(&raw mut (*r).last_ns, now);
+        }
+    };
+    if let Some(p) = row(tgid, PROCESS_ROW) {
+        update(p);
+    }
+    if call.fd >= 0 {
+        if let Some(r) = row(tgid, call.fd) {
+            update(r);
+            if call._pad & CALL_ACTIVE != 0 {
+                // SAFETY: map value pointer.
+                add(unsafe { &raw mut (*r).active }, u64::MAX);
+            }
+        }
+    }
+}
+
+/// Entry of libc's `pread64`/`pwrite64`/`ioctl` in a process that maps libcufile (the
+/// cookie says which). Only nvidia-fs data ioctls are kept: the CUDA driver's own ioctls go
+/// through the same function and are none of this layer's business.
+#[uprobe]
+pub fn beneath_enter(ctx: ProbeContext) -> u32 {
+    let kind = cookie(&ctx);
+    let fd = ctx.arg::<u64>(0).unwrap_or(0) as i32;
+    let cmd = ctx.arg::<u64>(1).unwrap_or(0) as u32;
+    if kind == BENEATH_IOCTL && !is_nvfs_io(cmd) {
+        return 0;
+    }
+    if kind != BENEATH_PREAD && kind != BENEATH_PWRITE && kind != BENEATH_IOCTL {
+        return 0;
+    }
+    let b = BeneathCall {
+        fd,
+        kind,
+        cmd,
+        _pad: 0,
+    };
+    if BENEATH
+        .insert(&bpf_get_current_pid_tgid(), &b, BPF_ANY as u64)
+        .is_err()
+    {
+        count(CufileCount::BeneathTableFull);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn beneath_exit(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: map value read, copied.
+    let Some(b) = (unsafe { BENEATH.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = BENEATH.remove(&id);
+    let tgid = (id >> 32) as u32;
+    let ret: i64 = ctx.ret();
+    if b.kind == BENEATH_IOCTL {
+        count(CufileCount::NvfsIoctls);
+        if let Some(p) = row(tgid, PROCESS_ROW) {
+            // SAFETY: map value pointer.
+            add(unsafe { &raw mut (*p).nvfs_ios }, 1);
+        }
+        return 0;
+    }
+    let key = CufileFileKey { tgid, fd: b.fd };
+    if let Some(r) = FILES.get_ptr_mut(&key) {
+        // SAFETY: map value pointer.
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*r).active) != 0 {
+                add(&raw mut (*r).compat_ios, 1);
+                if ret > 0 {
+                    add(&raw mut (*r).compat_bytes, ret as u64);
+                }
+                count(CufileCount::BeneathLinked);
+                return 0;
+            }
+        }
+    }
+    count(CufileCount::BeneathUnlinked);
+    0
+}

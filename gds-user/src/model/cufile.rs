@@ -1,0 +1,385 @@
+//! cuFile calls, decoded: per operation (what `/metrics` exports), per process and per file
+//! with the path their I/O took and, for compat, why (`/debug/cufile`, `top`).
+
+use std::{collections::BTreeMap, path::Path};
+
+use gds_common::cufile::{
+    CUFILE_PATHS, CufileCount, CufileFileStats, PATH_COMPAT, PATH_NVFS, PROCESS_ROW,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{labels, stats::Histogram};
+use crate::trace::{CufileRaw, LibraryFailure, LibraryInfo};
+
+/// One cuFile operation's counters, over every process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CufileOpRow {
+    pub op: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub latency: Histogram,
+    pub bytes_asked: u64,
+    /// Bytes returned as done, by path (read and write only; every path listed).
+    pub bytes: Vec<PathCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathCount {
+    pub path: String,
+    pub bytes: u64,
+    pub calls: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CufileErrorRow {
+    pub op: String,
+    pub error: String,
+    pub count: u64,
+}
+
+/// The cuFile aggregates (part of [`super::Stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CufileStats {
+    /// Operations with any call, in operation order.
+    pub ops: Vec<CufileOpRow>,
+    pub errors: Vec<CufileErrorRow>,
+    /// libcufile files attached now.
+    pub libraries: usize,
+    /// Libc calls beneath cuFile, by link (`linked`, `unlinked`, `nvfs_ioctl`) and nested
+    /// calls (`nested`).
+    pub beneath: Vec<(String, u64)>,
+}
+
+impl CufileStats {
+    /// Names `raw`; `libraries` is the number of copies attached. Drops go to `drops`.
+    pub fn decode(
+        raw: &CufileRaw,
+        libraries: usize,
+        drops: &mut Vec<super::stats::DropRow>,
+    ) -> CufileStats {
+        let mut out = CufileStats {
+            libraries,
+            ..Default::default()
+        };
+        for (op, s) in raw.ops.iter().enumerate() {
+            if s.calls == 0 {
+                continue;
+            }
+            out.ops.push(CufileOpRow {
+                op: labels::cufile_op(op as u32).to_owned(),
+                calls: s.calls,
+                errors: s.errors,
+                latency: Histogram::new(&s.buckets, s.sum_ns),
+                bytes_asked: s.bytes_asked,
+                bytes: (0..CUFILE_PATHS)
+                    .map(|p| PathCount {
+                        path: labels::CUFILE_PATHS[p].to_owned(),
+                        bytes: s.path_bytes[p],
+                        calls: s.path_calls[p],
+                    })
+                    .collect(),
+            });
+        }
+        // Unknown codes share the `unknown` name: add them up.
+        let mut errors: BTreeMap<(u32, &str), u64> = BTreeMap::new();
+        for (k, n) in &raw.errors {
+            *errors
+                .entry((k.op, labels::cufile_error(k.op, k.code)))
+                .or_default() += n;
+        }
+        out.errors = errors
+            .into_iter()
+            .map(|((op, error), count)| CufileErrorRow {
+                op: labels::cufile_op(op).to_owned(),
+                error: error.to_owned(),
+                count,
+            })
+            .collect();
+        for c in CufileCount::ALL {
+            let (name, is_drop) = labels::cufile_count(c);
+            let count = raw.counts[c as usize];
+            if is_drop {
+                drops.push(super::stats::DropRow {
+                    reason: name.to_owned(),
+                    count,
+                });
+            } else {
+                out.beneath.push((name.to_owned(), count));
+            }
+        }
+        out
+    }
+}
+
+/// What a process's or file's cuFile calls did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CufileCounters {
+    pub calls: u64,
+    pub errors: u64,
+    pub time_ns: u64,
+    pub read_calls: u64,
+    pub write_calls: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub handle_registers: u64,
+    pub buf_registers: u64,
+    /// Libc reads and writes linked beneath, and their bytes.
+    pub compat_ios: u64,
+    pub compat_bytes: u64,
+    pub nvfs_ios: u64,
+    pub unaligned: u64,
+    /// Read and write calls that succeeded, by path name.
+    pub path_calls: BTreeMap<String, u64>,
+}
+
+impl CufileCounters {
+    fn from_raw(s: &CufileFileStats) -> CufileCounters {
+        CufileCounters {
+            calls: s.calls,
+            errors: s.errors,
+            time_ns: s.time_ns,
+            read_calls: s.read_calls,
+            write_calls: s.write_calls,
+            read_bytes: s.read_bytes,
+            write_bytes: s.write_bytes,
+            handle_registers: s.handle_registers,
+            buf_registers: s.buf_registers,
+            compat_ios: s.compat_ios,
+            compat_bytes: s.compat_bytes,
+            nvfs_ios: s.nvfs_ios,
+            unaligned: s.unaligned,
+            path_calls: (0..CUFILE_PATHS)
+                .filter(|p| s.path_calls[*p] > 0)
+                .map(|p| (labels::CUFILE_PATHS[p].to_owned(), s.path_calls[p]))
+                .collect(),
+        }
+    }
+
+    /// The path most of the successful reads and writes took, if any did.
+    pub fn main_path(&self) -> Option<&str> {
+        self.path_calls
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(p, _)| p.as_str())
+    }
+}
+
+/// One file a process used through cuFile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CufileFile {
+    pub fd: i32,
+    /// `/proc/PID/fd/FD` now (the fd may have been closed or reused since).
+    pub path: String,
+    pub counters: CufileCounters,
+    /// Calls in flight on the file now.
+    pub active: u64,
+    /// Why its I/O went compat, where it did.
+    pub compat_reason: Option<String>,
+}
+
+/// One process that called cuFile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CufileProcess {
+    pub pid: u32,
+    pub comm: String,
+    /// Its cgroup, Kubernetes pod and container, where known.
+    pub cgroup: Option<crate::cgroup::CgroupInfo>,
+    pub alive: bool,
+    pub counters: CufileCounters,
+    pub files: Vec<CufileFile>,
+}
+
+/// A cuFile call in flight now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CufileInflight {
+    pub pid: u32,
+    pub tid: u32,
+    pub op: String,
+    pub age_ns: u64,
+    pub size: u64,
+    pub fd: i32,
+}
+
+/// `/debug/cufile`: libraries, processes with their files, calls in flight.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CufileReport {
+    pub libraries: Vec<LibraryInfo>,
+    pub not_traced: Vec<LibraryFailure>,
+    pub processes: Vec<CufileProcess>,
+    pub inflight: Vec<CufileInflight>,
+    pub nvidia_fs_loaded: bool,
+}
+
+/// Host facts the compat reasons rest on.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFacts {
+    pub nvidia_fs_loaded: bool,
+}
+
+impl CufileReport {
+    /// Reads the tracer's cuFile maps and attachments now.
+    pub fn collect(tracer: &crate::trace::UringTracer) -> Result<CufileReport, crate::trace::TraceError> {
+        let raw = tracer.cufile_raw()?;
+        let (libraries, not_traced) = tracer.cufile_libraries();
+        let host = HostFacts {
+            nvidia_fs_loaded: crate::kmod::Modules::live().residence("nvidia_fs")
+                != crate::kmod::Residence::Absent,
+        };
+        Ok(CufileReport::decode(
+            &raw,
+            libraries,
+            not_traced,
+            host,
+            crate::trace::monotonic_ns(),
+        ))
+    }
+
+    pub fn decode(
+        raw: &CufileRaw,
+        libraries: Vec<LibraryInfo>,
+        not_traced: Vec<LibraryFailure>,
+        host: HostFacts,
+        now_ns: u64,
+    ) -> CufileReport {
+        let proc_root = Path::new("/proc");
+        let mut processes: BTreeMap<u32, CufileProcess> = BTreeMap::new();
+        for (k, _) in &raw.files {
+            processes.entry(k.tgid).or_insert_with(|| {
+                let dir = proc_root.join(k.tgid.to_string());
+                CufileProcess {
+                    pid: k.tgid,
+                    comm: std::fs::read_to_string(dir.join("comm"))
+                        .map(|s| s.trim().to_owned())
+                        .unwrap_or_default(),
+                    cgroup: crate::cgroup::of_pid(k.tgid),
+                    alive: dir.exists(),
+                    counters: CufileCounters::default(),
+                    files: Vec::new(),
+                }
+            });
+        }
+        for (k, s) in &raw.files {
+            let Some(p) = processes.get_mut(&k.tgid) else {
+                continue;
+            };
+            if k.fd == PROCESS_ROW {
+                p.counters = CufileCounters::from_raw(s);
+                continue;
+            }
+            let fd_dir = proc_root.join(k.tgid.to_string()).join("fd");
+            let counters = CufileCounters::from_raw(s);
+            let compat_reason = (counters.path_calls.contains_key(labels::CUFILE_PATHS[PATH_COMPAT])
+                || (counters.compat_ios > 0
+                    && !counters
+                        .path_calls
+                        .contains_key(labels::CUFILE_PATHS[PATH_NVFS])))
+            .then(|| compat_reason(proc_root, k.tgid, k.fd, &counters, host));
+            p.files.push(CufileFile {
+                fd: k.fd,
+                path: std::fs::read_link(fd_dir.join(k.fd.to_string()))
+                    .map(|l| l.display().to_string())
+                    .unwrap_or_else(|_| "(closed)".into()),
+                counters,
+                active: s.active,
+                compat_reason,
+            });
+        }
+        let inflight = raw
+            .calls
+            .iter()
+            .map(|(id, c)| CufileInflight {
+                pid: (id >> 32) as u32,
+                tid: *id as u32,
+                op: labels::cufile_op(c.op).to_owned(),
+                age_ns: now_ns.saturating_sub(c.start_ns),
+                size: c.size,
+                fd: c.fd,
+            })
+            .collect();
+        CufileReport {
+            libraries,
+            not_traced,
+            processes: processes.into_values().collect(),
+            inflight,
+            nvidia_fs_loaded: host.nvidia_fs_loaded,
+        }
+    }
+}
+
+/// Why cuFile used its compat path for file `fd` of process `pid`: the first of these that
+/// holds, in the order cuFile decides (documented in NVIDIA's GDS troubleshooting guide):
+/// compat forced by the environment, no nvidia-fs (and so no GDS path on this kernel), the file
+/// not opened with O_DIRECT, I/O not 4 KiB aligned.
+pub fn compat_reason(
+    proc_root: &Path,
+    pid: u32,
+    fd: i32,
+    c: &CufileCounters,
+    host: HostFacts,
+) -> String {
+    let dir = proc_root.join(pid.to_string());
+    let forced = std::fs::read(dir.join("environ")).ok().is_some_and(|env| {
+        env.split(|&b| b == 0).any(|kv| {
+            kv.strip_prefix(b"CUFILE_FORCE_COMPAT_MODE=")
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"true") || v == b"1")
+        })
+    });
+    if forced {
+        return "CUFILE_FORCE_COMPAT_MODE is set in the process's environment".into();
+    }
+    if !host.nvidia_fs_loaded {
+        return "nvidia-fs not loaded".into();
+    }
+    let flags = std::fs::read_to_string(dir.join("fdinfo").join(fd.to_string()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 8).ok())
+        });
+    if flags.is_some_and(|f| f & libc::O_DIRECT as u64 == 0) {
+        return "file not opened O_DIRECT".into();
+    }
+    if c.unaligned > 0 {
+        return format!("{} unaligned call(s) (offset or size not a multiple of 4 KiB)", c.unaligned);
+    }
+    "unknown (nvidia-fs is loaded, the file is O_DIRECT and the I/O aligned)".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake /proc: one process with an environment and one fd's flags.
+    fn fake_proc(env: &[u8], flags: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("7");
+        std::fs::create_dir_all(p.join("fdinfo")).unwrap();
+        std::fs::write(p.join("environ"), env).unwrap();
+        std::fs::write(p.join("fdinfo/5"), format!("pos:\t0\nflags:\t{flags}\n")).unwrap();
+        d
+    }
+
+    #[test]
+    fn compat_reasons_in_cufile_order() {
+        let c = CufileCounters::default();
+        let no_nvfs = HostFacts {
+            nvidia_fs_loaded: false,
+        };
+        let nvfs = HostFacts {
+            nvidia_fs_loaded: true,
+        };
+        let d = fake_proc(b"A=1\0CUFILE_FORCE_COMPAT_MODE=true\0", "0100002");
+        assert!(compat_reason(d.path(), 7, 5, &c, nvfs).starts_with("CUFILE_FORCE_COMPAT_MODE"));
+        let d = fake_proc(b"A=1\0", "0100002");
+        assert_eq!(compat_reason(d.path(), 7, 5, &c, no_nvfs), "nvidia-fs not loaded");
+        assert_eq!(compat_reason(d.path(), 7, 5, &c, nvfs), "file not opened O_DIRECT");
+        let d = fake_proc(b"", "0140002");
+        let unaligned = CufileCounters {
+            unaligned: 3,
+            ..Default::default()
+        };
+        assert!(compat_reason(d.path(), 7, 5, &unaligned, nvfs).starts_with("3 unaligned"));
+        assert!(compat_reason(d.path(), 7, 5, &c, nvfs).starts_with("unknown"));
+    }
+}

@@ -1,0 +1,145 @@
+//! Which processes map which library file, from `/proc/PID/maps`.
+//!
+//! A library is identified by its file (device and inode), not its path: one copy mapped by
+//! many processes is attached once; the same path in two containers may be two files; a file
+//! replaced on disk is a new inode while processes still map the old one. The kernel can
+//! reach any of them through `/proc/PID/map_files/START-END`, a link to the mapped file itself
+//! that works across mount namespaces (containers, private mounts) and for deleted files.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+/// A mapped file: `(device as in maps "maj:min" → maj << 20 | min, inode)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// One library mapped by one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub file: FileId,
+    /// The path as the process sees it (in its mount namespace), " (deleted)" removed.
+    pub path: String,
+    pub deleted: bool,
+    /// `/proc/PID/map_files/START-END` of its first mapping: how the kernel reaches the file.
+    pub via: PathBuf,
+}
+
+/// What one line of `/proc/PID/maps` maps, if it is a file whose name `matches`.
+fn parse_line(pid: u32, line: &str, matches: &dyn Fn(&str) -> bool) -> Option<Mapping> {
+    let mut f = line.splitn(6, ' ');
+    let range = f.next()?;
+    let _perms = f.next()?;
+    let _offset = f.next()?;
+    let dev = f.next()?;
+    let ino: u64 = f.next()?.parse().ok()?;
+    let path = f.next()?.trim_start();
+    if ino == 0 || !path.starts_with('/') {
+        return None;
+    }
+    let (path, deleted) = match path.strip_suffix(" (deleted)") {
+        Some(p) => (p, true),
+        None => (path, false),
+    };
+    let name = path.rsplit('/').next()?;
+    if !matches(name) {
+        return None;
+    }
+    let (maj, min) = dev.split_once(':')?;
+    let dev = (u64::from_str_radix(maj, 16).ok()? << 20) | u64::from_str_radix(min, 16).ok()?;
+    Some(Mapping {
+        file: FileId { dev, ino },
+        path: path.to_owned(),
+        deleted,
+        via: PathBuf::from(format!("/proc/{pid}/map_files/{range}")),
+    })
+}
+
+/// The distinct files whose name `matches` in one process's maps text.
+pub fn parse(pid: u32, maps: &str, matches: &dyn Fn(&str) -> bool) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for m in maps.lines().filter_map(|l| parse_line(pid, l, matches)) {
+        if !out.iter().any(|o| o.file == m.file) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// libcufile (`libcufile.so`, `.so.0`, `.so.1.15.1`), not its RDMA plugin.
+pub fn is_libcufile(name: &str) -> bool {
+    name.starts_with("libcufile.so")
+}
+
+/// glibc's libc (`libc.so.6`; `libc-2.31.so` on older distributions).
+pub fn is_libc(name: &str) -> bool {
+    name == "libc.so.6" || (name.starts_with("libc-") && name.ends_with(".so"))
+}
+
+/// Every process under `proc` (normally `/proc`) that maps a library `matches`, with the
+/// files it maps whose name `also` (libc, for the probes beneath). Processes that vanish while
+/// being read are skipped.
+pub fn scan(
+    proc: &Path,
+    matches: &dyn Fn(&str) -> bool,
+    also: &dyn Fn(&str) -> bool,
+) -> BTreeMap<u32, (Vec<Mapping>, Vec<Mapping>)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(proc) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(maps) = std::fs::read_to_string(e.path().join("maps")) else {
+            continue;
+        };
+        // A cheap test first: most processes map no libcufile.
+        if !maps.contains("/libcufile.so") {
+            continue;
+        }
+        let libs = parse(pid, &maps, matches);
+        if libs.is_empty() {
+            continue;
+        }
+        out.insert(pid, (libs, parse(pid, &maps, also)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1234 /usr/bin/python3.12
+7f10a0000000-7f10a0020000 r--p 00000000 fd:01 5555 /opt/venv/nvidia/cu13/lib/libcufile.so.0
+7f10a0020000-7f10a0300000 r-xp 00020000 fd:01 5555 /opt/venv/nvidia/cu13/lib/libcufile.so.0
+7f10a1000000-7f10a1100000 r-xp 00000000 fd:01 5556 /opt/venv/nvidia/cu13/lib/libcufile_rdma.so.1
+7f10a2000000-7f10a2200000 r-xp 00000000 00:2a 77 /tmp/x/libcufile.so.1.15.1 (deleted)
+7f10a3000000-7f10a3200000 r-xp 00000000 103:02 4242 /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn maps_lines_give_files_once_with_their_link() {
+        let libs = parse(42, MAPS, &is_libcufile);
+        assert_eq!(libs.len(), 2, "{libs:?}");
+        assert_eq!(libs[0].file, FileId { dev: (0xfd << 20) | 1, ino: 5555 });
+        assert_eq!(
+            libs[0].via,
+            Path::new("/proc/42/map_files/7f10a0000000-7f10a0020000")
+        );
+        assert!(!libs[0].deleted);
+        assert_eq!(libs[1].path, "/tmp/x/libcufile.so.1.15.1");
+        assert!(libs[1].deleted);
+        let libc = parse(42, MAPS, &is_libc);
+        assert_eq!(libc.len(), 1);
+        assert_eq!(libc[0].file.dev, (0x103 << 20) | 2);
+    }
+}
