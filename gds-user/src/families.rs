@@ -211,6 +211,53 @@ pub const PIPELINE_DURATION: Family = family(
     "Per-I/O time from submission to data at the destination, by route.",
 );
 
+pub const CUFILE_CALLS: Family = family(
+    "gds_cufile_calls_total",
+    Counter,
+    &["op"],
+    "cuFile API calls that returned (errors included), every process, by operation.",
+);
+pub const CUFILE_DURATION: Family = family(
+    "gds_cufile_call_duration_seconds",
+    Histogram,
+    &["op"],
+    "Duration of cuFile API calls, entry to return, by operation.",
+);
+pub const CUFILE_ERRORS: Family = family(
+    "gds_cufile_errors_total",
+    Counter,
+    &["op", "error"],
+    "cuFile calls that failed, by operation and CUfileOpError name (errno: a read or write \
+     returned -1).",
+);
+pub const CUFILE_BYTES: Family = family(
+    "gds_cufile_bytes_total",
+    Counter,
+    &["op", "path"],
+    "Bytes cuFileRead/cuFileWrite returned as done, by the data path the I/O beneath them took \
+     (compat, nvfs, p2pdma, unknown).",
+);
+pub const CUFILE_REQUESTED: Family = family(
+    "gds_cufile_requested_bytes_total",
+    Counter,
+    &["op"],
+    "Bytes asked of cuFile (size arguments; batch submits summed), by operation.",
+);
+pub const CUFILE_LIBRARIES: Family = family(
+    "gds_cufile_libraries",
+    Gauge,
+    &[],
+    "libcufile files (copies, by inode) mapped by some process and traced now.",
+);
+pub const CUFILE_BENEATH: Family = family(
+    "gds_cufile_beneath_calls_total",
+    Counter,
+    &["link"],
+    "Calls beneath cuFile in its processes: libc reads/writes linked to a cuFile call on their \
+     file (linked) or not (unlinked), nvidia-fs data ioctls (nvfs_ioctl), traced cuFile calls \
+     made inside another (nested).",
+);
+
 /// Every family with a fixed name, agent first, then the data path's (`read`/`bench
 /// --metrics-listen`).
 pub const ALL: &[Family] = &[
@@ -234,6 +281,13 @@ pub const ALL: &[Family] = &[
     TRACEFS_AVAILABLE,
     CAPABILITY_INFO,
     NVIDIA_FS_UP,
+    CUFILE_CALLS,
+    CUFILE_DURATION,
+    CUFILE_ERRORS,
+    CUFILE_BYTES,
+    CUFILE_REQUESTED,
+    CUFILE_LIBRARIES,
+    CUFILE_BENEATH,
     PIPELINE_BYTES,
     PIPELINE_DURATION,
 ];

@@ -26,7 +26,7 @@ pub struct TraceCollector {
 }
 
 /// The families [`TraceCollector`] exports.
-const TRACE_FAMILIES: [Family; 11] = [
+const TRACE_FAMILIES: [Family; 18] = [
     f::URING_REQUESTS,
     f::URING_DURATION,
     f::URING_ERRORS,
@@ -38,6 +38,13 @@ const TRACE_FAMILIES: [Family; 11] = [
     f::STAGE_DURATION,
     f::NVME_ERRORS,
     f::BLOCK_DURATION,
+    f::CUFILE_CALLS,
+    f::CUFILE_DURATION,
+    f::CUFILE_ERRORS,
+    f::CUFILE_BYTES,
+    f::CUFILE_REQUESTED,
+    f::CUFILE_LIBRARIES,
+    f::CUFILE_BENEATH,
 ];
 
 impl TraceCollector {
@@ -102,6 +109,32 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
             )
         })
         .collect();
+    let c = &s.cufile;
+    let (mut cf_calls, mut cf_hist, mut cf_bytes, mut cf_asked) = (vec![], vec![], vec![], vec![]);
+    for o in &c.ops {
+        let l = || labels(&[("op", &o.op)]);
+        cf_calls.push(counter(l(), o.calls as f64));
+        cf_hist.push(log2_histogram(l(), &o.latency.buckets, o.latency.sum_ns));
+        cf_asked.push(counter(l(), o.bytes_asked as f64));
+        if o.op == "read" || o.op == "write" {
+            for p in &o.bytes {
+                cf_bytes.push(counter(
+                    labels(&[("op", &o.op), ("path", &p.path)]),
+                    p.bytes as f64,
+                ));
+            }
+        }
+    }
+    let cf_errors = c
+        .errors
+        .iter()
+        .map(|e| counter(labels(&[("op", &e.op), ("error", &e.error)]), e.count as f64))
+        .collect();
+    let cf_beneath = c
+        .beneath
+        .iter()
+        .map(|(link, n)| counter(labels(&[("link", link)]), *n as f64))
+        .collect();
     [
         (f::URING_REQUESTS, requests),
         (f::URING_DURATION, durations),
@@ -114,6 +147,16 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         (f::STAGE_DURATION, stages),
         (f::NVME_ERRORS, nvme_errors),
         (f::BLOCK_DURATION, block),
+        (f::CUFILE_CALLS, cf_calls),
+        (f::CUFILE_DURATION, cf_hist),
+        (f::CUFILE_ERRORS, cf_errors),
+        (f::CUFILE_BYTES, cf_bytes),
+        (f::CUFILE_REQUESTED, cf_asked),
+        (
+            f::CUFILE_LIBRARIES,
+            vec![gauge(vec![], c.libraries as f64)],
+        ),
+        (f::CUFILE_BENEATH, cf_beneath),
     ]
     .into_iter()
     .filter(|(_, m)| !m.is_empty())

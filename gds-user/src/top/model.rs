@@ -160,7 +160,9 @@ mod tests {
                     status_decoded: false,
                     why: String::new(),
                 },
+                cufile: Default::default(),
             },
+            cufile: Default::default(),
         }
     }
 

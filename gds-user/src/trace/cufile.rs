@@ -170,17 +170,21 @@ impl CufileTracing {
             .filter(|f| !users.contains_key(f))
             .copied()
             .collect();
+        let mut released = Vec::new();
         for f in gone {
             if let Some(lib) = self.libs.remove(&f) {
                 changes.push(format!(
                     "cuFile: detached from {} (inode {}): no process maps it any more",
                     lib.mapping.path, f.ino
                 ));
+                released.extend(lib._links);
             }
         }
         self.failed.retain(|f, _| users.contains_key(f));
         for (file, (mapping, pids)) in users {
             if let Some(lib) = self.libs.get_mut(&file) {
+                // Deleted since (replaced on disk), or now seen under another path.
+                lib.mapping = mapping;
                 lib.pids = pids;
                 continue;
             }
@@ -231,8 +235,12 @@ impl CufileTracing {
         }
 
         // Processes: libc probes for each process that maps libcufile.
-        self.procs
-            .retain(|pid, p| seen.contains_key(pid) && p.nvfs == nvfs_loaded);
+        let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|(pid, p)| seen.contains_key(pid) && p.nvfs == nvfs_loaded);
+        self.procs = keep;
+        released.extend(gone.into_values().flat_map(|p| p._links));
+        release(released);
         for (pid, (_, libcs)) in &seen {
             if self.procs.contains_key(pid) {
                 continue;
@@ -288,6 +296,41 @@ impl CufileTracing {
     /// Libraries that could not be attached.
     pub fn failures(&self) -> Vec<LibraryFailure> {
         self.failed.values().cloned().collect()
+    }
+}
+
+/// Detaches `links` on a thread of their own, each closed concurrently: closing a uprobe perf
+/// event waits for an RCU grace period (~250 ms here), so 28 links of one library closed in a
+/// row took 7 s, during which no new library would be attached.
+fn release(links: Vec<UProbeLink>) {
+    if links.is_empty() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("gds-cufile-detach".into())
+        .spawn(move || drop_concurrently(links));
+}
+
+/// Drops every link at once (one thread each) and returns when all are closed.
+fn drop_concurrently(links: Vec<UProbeLink>) {
+    std::thread::scope(|s| {
+        for l in links {
+            s.spawn(move || drop(l));
+        }
+    });
+}
+
+impl Drop for CufileTracing {
+    /// At shutdown too: one grace period for all, not one per link.
+    fn drop(&mut self) {
+        let mut links: Vec<UProbeLink> = Vec::new();
+        for (_, lib) in std::mem::take(&mut self.libs) {
+            links.extend(lib._links);
+        }
+        for (_, p) in std::mem::take(&mut self.procs) {
+            links.extend(p._links);
+        }
+        drop_concurrently(links);
     }
 }
 

@@ -1,0 +1,302 @@
+//! cuFile seen from outside: the real libcufile from PyPI (`nvidia-cufile`, installed by
+//! `cargo xtask setup` under `target/pypi`), loaded with dlopen by a Python process after the
+//! agent started, is found and every call is counted exactly, per operation and per error,
+//! within 2 s; a copy visible only inside a private mount namespace is found too; a library
+//! file replaced on disk under a running agent is followed (the old inode detached when its
+//! last process exits, the new one attached, a process still mapping the deleted one traced).
+//!
+//! Only calls that return at once without a GPU are made (null handles: -1; driver calls:
+//! CUfileOpError codes). One test, so its processes are the only cuFile users the agent's
+//! global counters see. Needs root.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Metrics, require_root, unshare_private};
+use gds_user::model::{cufile::CufileReport, labels};
+
+/// Where `cargo xtask setup` puts the wheel's library.
+fn libcufile() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GDS_LIBCUFILE") {
+        return Some(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0");
+    p.exists().then_some(p)
+}
+
+/// The Python cuFile application (`fixtures/cufile_caller.py`), driven line by line.
+struct App {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl App {
+    /// `python3 cufile_caller.py`, after `wrapper` (which must exec it).
+    fn spawn(wrapper: &[String]) -> App {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cufile_caller.py");
+        let mut argv: Vec<String> = wrapper.to_vec();
+        argv.extend(["python3".into(), script.display().to_string()]);
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            // cuFile writes cufile.log into its working directory.
+            .current_dir(std::env::temp_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        App {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        assert!(!answer.is_empty(), "cufile_caller exited on `{line}`");
+        answer.trim().to_owned()
+    }
+
+    /// dlopen; returns the process id.
+    fn load(&mut self, lib: &Path) -> u32 {
+        let a = self.cmd(&format!("load {}", lib.display()));
+        a.strip_prefix("loaded ").unwrap().parse().unwrap()
+    }
+
+    /// Calls `name` `n` times; returns the last result.
+    fn call(&mut self, name: &str, n: u32) -> i64 {
+        let a = self.cmd(&format!("call {name} {n}"));
+        a.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    fn exit(mut self) {
+        let t = Instant::now();
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.wait();
+        eprintln!("exit took {:?}", t.elapsed());
+    }
+}
+
+fn report(agent: &Agent) -> CufileReport {
+    serde_json::from_str(&agent.get("/debug/cufile")).expect("/debug/cufile is a CufileReport")
+}
+
+/// Waits up to `limit` for `ok`; returns how long it took.
+fn within(limit: Duration, what: &str, agent: &Agent, mut ok: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < limit,
+            "{what}: not within {limit:?}\n/debug/cufile: {}\nagent log:\n{}",
+            agent.get("/debug/cufile"),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// The inode of the library file `pid` maps.
+fn attached(agent: &Agent, pid: u32) -> Option<u64> {
+    report(agent)
+        .libraries
+        .iter()
+        .find(|l| l.pids.contains(&pid))
+        .map(|l| l.inode)
+}
+
+/// `name{labels}` now minus before.
+fn delta(before: &Metrics, now: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    now.value(name, labels) - before.value(name, labels)
+}
+
+/// The `error` label a result the application saw must have (read/write: -1 is errno).
+fn error_name(op: u32, result: i64) -> &'static str {
+    let code = if result < 0 { (-result) as i32 } else { result as u32 as i32 };
+    labels::cufile_error(op, code)
+}
+
+#[test]
+fn cufile_calls_counted_exactly_wherever_the_library_is() {
+    require_root();
+    let Some(lib) = libcufile() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libcufile from PyPI is missing under target/pypi: `cargo xtask setup` installs it"
+        );
+        eprintln!("SKIPPED: no libcufile (run `cargo xtask setup`, or set GDS_LIBCUFILE)");
+        return;
+    };
+    let agent = Agent::start(&[]);
+
+    // 1. dlopen after the agent started; every call counted exactly.
+    let mut app = App::spawn(&[]);
+    let pid = app.load(&lib);
+    let took = within(Duration::from_secs(2), "library attached", &agent, || {
+        attached(&agent, pid).is_some()
+    });
+    eprintln!("attached {took:?} after dlopen");
+    let before = agent.scrape();
+    use gds_common::cufile::*;
+    let plan: [(&str, u32, u32, &str); 9] = [
+        ("cuFileRead", 3, CUFILE_OP_READ, "read"),
+        ("cuFileWrite", 5, CUFILE_OP_WRITE, "write"),
+        ("cuFileDriverClose_v2", 2, CUFILE_OP_DRIVER_CLOSE, "driver_close"),
+        // Jumps to cuFileDriverClose_v2: one call, not two (the inner one is `nested`).
+        ("cuFileDriverClose", 1, CUFILE_OP_DRIVER_CLOSE, "driver_close"),
+        ("cuFileBatchIOSubmit", 2, CUFILE_OP_BATCH_SUBMIT, "batch_submit"),
+        ("cuFileBatchIOGetStatus", 1, CUFILE_OP_BATCH_GET_STATUS, "batch_get_status"),
+        ("cuFileBatchIOCancel", 1, CUFILE_OP_BATCH_CANCEL, "batch_cancel"),
+        ("cuFileBufDeregister", 2, CUFILE_OP_BUF_DEREGISTER, "buf_deregister"),
+        ("cuFileHandleDeregister", 4, CUFILE_OP_HANDLE_DEREGISTER, "handle_deregister"),
+    ];
+    let mut expected_calls = std::collections::BTreeMap::<&str, f64>::new();
+    let mut expected_errors = std::collections::BTreeMap::<(&str, &str), f64>::new();
+    let t_calls = Instant::now();
+    for (name, n, op, label) in plan {
+        let r = app.call(name, n);
+        *expected_calls.entry(label).or_default() += f64::from(n);
+        if op != CUFILE_OP_HANDLE_DEREGISTER && r != 0 {
+            *expected_errors
+                .entry((label, error_name(op, r)))
+                .or_default() += f64::from(n);
+        }
+    }
+    assert_eq!(
+        expected_errors.get(&("driver_close", "CU_FILE_DRIVER_NOT_INITIALIZED")),
+        Some(&3.0),
+        "cuFileDriverClose without a driver returns 5001: {expected_errors:?}"
+    );
+    assert_eq!(expected_errors.get(&("read", "errno")), Some(&3.0));
+    app.cmd("pread 7");
+    let count_ok = |m: &Metrics| {
+        expected_calls.iter().all(|(op, n)| {
+            delta(&before, m, "gds_cufile_calls_total", &[("op", op)]) == *n
+        })
+    };
+    let mut now = agent.scrape();
+    within(Duration::from_secs(2), "calls counted", &agent, || {
+        now = agent.scrape();
+        count_ok(&now)
+    });
+    eprintln!("counted within {:?} of the first call", t_calls.elapsed());
+    for ((op, error), n) in &expected_errors {
+        assert_eq!(
+            delta(&before, &now, "gds_cufile_errors_total", &[("op", op), ("error", error)]),
+            *n,
+            "errors {op}/{error}"
+        );
+    }
+    assert_eq!(
+        delta(&before, &now, "gds_cufile_requested_bytes_total", &[("op", "read")]),
+        3.0 * 4096.0
+    );
+    assert_eq!(
+        delta(&before, &now, "gds_cufile_requested_bytes_total", &[("op", "write")]),
+        5.0 * 4096.0
+    );
+    assert_eq!(
+        delta(&before, &now, "gds_cufile_beneath_calls_total", &[("link", "unlinked")]),
+        7.0,
+        "7 preads from 3 threads of a cuFile process, no cuFile call on their file"
+    );
+    assert_eq!(
+        delta(&before, &now, "gds_cufile_beneath_calls_total", &[("link", "nested")]),
+        1.0
+    );
+    for (k, v) in &now.0 {
+        if k.starts_with("gds_trace_dropped_total{reason=\"cufile") {
+            assert_eq!(*v, 0.0, "{k}");
+        }
+    }
+    eprintln!("checked at {:?}", t_calls.elapsed());
+    let r = report(&agent);
+    let p = r.processes.iter().find(|p| p.pid == pid).expect("the process on /debug/cufile");
+    assert_eq!(p.counters.calls, 21, "{p:?}");
+    assert_eq!(p.counters.read_calls, 3);
+    assert_eq!(p.counters.write_calls, 5);
+    assert_eq!(p.comm, "python3");
+    assert!(now.value("gds_cufile_libraries", &[]) >= 1.0);
+    app.exit();
+
+    // 2. A copy only a private mount namespace sees.
+    let private = tempfile::tempdir().unwrap();
+    let dir = private.path().display().to_string();
+    let setup = format!(
+        "mount -t tmpfs gds-private {dir} && cp {} {dir}/libcufile.so.0",
+        lib.display()
+    );
+    let mut hidden = App::spawn(&unshare_private(&setup));
+    let hidden_lib = private.path().join("libcufile.so.0");
+    let hpid = hidden.load(&hidden_lib);
+    assert!(!hidden_lib.exists(), "the copy must be invisible outside the namespace");
+    within(Duration::from_secs(2), "private copy attached", &agent, || {
+        attached(&agent, hpid).is_some()
+    });
+    let before = agent.scrape();
+    hidden.call("cuFileRead", 4);
+    within(Duration::from_secs(2), "private copy's calls", &agent, || {
+        delta(&before, &agent.scrape(), "gds_cufile_calls_total", &[("op", "read")]) == 4.0
+    });
+    hidden.exit();
+
+    // 3. The file replaced on disk under a running agent.
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("libcufile.so.0");
+    let install = |p: &Path| {
+        let tmp = d.path().join("libcufile.so.0.new");
+        std::fs::copy(&lib, &tmp).unwrap();
+        std::fs::rename(&tmp, p).unwrap();
+        std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap()
+    };
+    let ino1 = install(&path);
+    let mut a = App::spawn(&[]);
+    let apid = a.load(&path);
+    within(Duration::from_secs(2), "first file attached", &agent, || {
+        attached(&agent, apid) == Some(ino1)
+    });
+    a.exit();
+    within(Duration::from_secs(2), "first file detached after its last process", &agent, || {
+        !report(&agent).libraries.iter().any(|l| l.inode == ino1)
+    });
+    assert!(agent.log().contains("no process maps it any more"));
+    let ino2 = install(&path);
+    assert_ne!(ino1, ino2);
+    let mut b = App::spawn(&[]);
+    let bpid = b.load(&path);
+    within(Duration::from_secs(2), "replacement attached", &agent, || {
+        attached(&agent, bpid) == Some(ino2)
+    });
+    // Replace again while b runs: b keeps the deleted inode, c loads the new one.
+    let ino3 = install(&path);
+    let mut c = App::spawn(&[]);
+    let cpid = c.load(&path);
+    within(Duration::from_secs(2), "second replacement attached", &agent, || {
+        attached(&agent, cpid) == Some(ino3)
+    });
+    let before = agent.scrape();
+    b.call("cuFileWrite", 2);
+    c.call("cuFileWrite", 3);
+    within(Duration::from_secs(2), "both copies' calls", &agent, || {
+        delta(&before, &agent.scrape(), "gds_cufile_calls_total", &[("op", "write")]) == 5.0
+    });
+    let r = report(&agent);
+    let old = r.libraries.iter().find(|l| l.inode == ino2).expect("deleted copy still traced");
+    assert!(old.deleted, "{old:?}");
+    b.exit();
+    c.exit();
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+}
