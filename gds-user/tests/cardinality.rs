@@ -22,8 +22,9 @@ const PARALLEL: usize = 32;
 /// Families whose series depend on host block/NVMe activity (a disk this test does not touch
 /// may appear meanwhile); their new series must still carry only device labels.
 const DEVICE_FAMILIES: [&str; 3] = ["gds_block_", "gds_nvme_", "gds_request_stage_"];
-/// Labels a series may carry at all: none of them can take a value per process.
-const BOUNDED_LABELS: [&str; 17] = [
+/// Labels a series may carry at all: none of them can take a value per process. (`error`: a
+/// fixed table of CUfileOpError names plus `errno`/`unknown`; `link`: four words.)
+const BOUNDED_LABELS: [&str; 19] = [
     "opcode",
     "reason",
     "layer",
@@ -41,6 +42,8 @@ const BOUNDED_LABELS: [&str; 17] = [
     "nvidia_fs",
     "cufile",
     "p2pdma",
+    "error",
+    "link",
 ];
 
 /// In the forked child: rename, one NOP through a fresh ring, exit. Never returns; never

@@ -143,6 +143,39 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The real libcufile the cuFile tests trace: NVIDIA's `nvidia-cufile` wheel from PyPI (a
+/// package registry, reachable from CI), unpacked under `target/pypi/nvidia-cufile`. Pinned:
+/// the tests count the error codes this version returns without a GPU.
+pub const LIBCUFILE_WHEEL: &str = "nvidia-cufile==1.20.0.107";
+
+pub fn libcufile_dir() -> PathBuf {
+    target_dir().join("pypi/nvidia-cufile")
+}
+
+fn ensure_libcufile() -> Result<()> {
+    let dir = libcufile_dir();
+    if dir.join("nvidia/cu13/lib/libcufile.so.0").exists() {
+        return Ok(());
+    }
+    step(&format!("downloading {LIBCUFILE_WHEEL} from PyPI (the cuFile tests' libcufile)"));
+    let wheels = target_dir().join("pypi/wheel");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d"])
+        .arg(&wheels)
+        .arg(LIBCUFILE_WHEEL))?;
+    // A wheel is a zip; python3 is there (pip ran), unzip may not be.
+    run(Command::new("python3")
+        .args([
+            "-c",
+            "import sys, glob, zipfile; \
+             zipfile.ZipFile(sorted(glob.glob(sys.argv[1] + '/nvidia_cufile-*.whl'))[-1])\
+             .extractall(sys.argv[2])",
+        ])
+        .arg(&wheels)
+        .arg(&dir))?;
+    Ok(())
+}
+
 pub fn ensure_prerequisites() -> Result<()> {
     // nightly toolchain and rust-src
     let installed = output(Command::new("rustup").args([
@@ -197,5 +230,6 @@ pub fn ensure_prerequisites() -> Result<()> {
 
     // Test and tracing tools (wrk: the HTTP load of `cargo xtask load`)
     apt_install(&["fio", "bpftool", "tmux", "wrk"])?;
+    ensure_libcufile()?;
     Ok(())
 }

@@ -54,7 +54,11 @@ pub fn run(args: TestArgs) -> Result<()> {
     let mut nextest = setup::cargo();
     nextest
         .args(["nextest", "run", "--no-fail-fast"])
-        .args(&args.nextest_args);
+        .args(&args.nextest_args)
+        .env(
+            "GDS_LIBCUFILE",
+            setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0"),
+        );
     if let Err(e) = setup::run(&mut nextest) {
         failures.push(format!("host tests: {e:#}"));
     }
