@@ -228,6 +228,7 @@ pub const MAP_CUFILE_CALLS: &str = "GDS_CUFILE_CALLS";
 pub const MAP_CUFILE_FILES: &str = "GDS_CUFILE_FILES";
 pub const MAP_CUFILE_HANDLES: &str = "GDS_CUFILE_HANDLES";
 pub const MAP_CUFILE_BENEATH: &str = "GDS_CUFILE_BENEATH";
+pub const MAP_CUFILE_DLOPEN: &str = "GDS_CUFILE_DLOPEN";
 
 /// Capacity of the in-flight calls, handles and beneath tables.
 pub const CUFILE_INFLIGHT_MAX: u32 = 16384;

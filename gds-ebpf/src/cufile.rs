@@ -22,7 +22,7 @@ use aya_ebpf::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use gds_common::{
@@ -62,6 +62,10 @@ static HANDLES: HashMap<CufileHandleKey, i32> = HashMap::with_max_entries(CUFILE
 
 #[map(name = "GDS_CUFILE_BENEATH")]
 static BENEATH: HashMap<u64, BeneathCall> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
+
+/// Process ids that just loaded or unloaded a library (see [`dl_notify`]).
+#[map(name = "GDS_CUFILE_DLOPEN")]
+static DLOPEN: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 /// All-zero row in read-only data: inserted from here, so no stack copy.
 static ZERO_ROW: CufileFileStats = CufileFileStats {
@@ -472,5 +476,17 @@ pub fn beneath_exit(ctx: RetProbeContext) -> u32 {
         }
     }
     count(CufileCount::BeneathUnlinked);
+    0
+}
+
+/// `_dl_debug_state` in ld.so: the dynamic loader calls it (the debugger interface, `r_brk`)
+/// before and after it maps or unmaps libraries, in every process. Tells user space which
+/// process to look at now, so a library loaded with dlopen is attached in milliseconds rather
+/// than at the next periodic scan. A full ring buffer loses only the hurry: the scan still
+/// comes.
+#[uprobe]
+pub fn dl_notify(_ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = DLOPEN.output::<u32>(&tgid, 0);
     0
 }

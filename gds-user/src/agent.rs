@@ -301,11 +301,29 @@ impl CufileWatch {
                 if !ok {
                     return;
                 }
+                let mut notify = t.take_cufile_notify();
+                let mut next_scan = std::time::Instant::now();
                 while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                    for c in t.refresh_cufile() {
-                        info!("{c}");
+                    let now = std::time::Instant::now();
+                    if now >= next_scan {
+                        for c in t.refresh_cufile() {
+                            info!("{c}");
+                        }
+                        next_scan = now + CUFILE_WATCH_INTERVAL;
                     }
-                    std::thread::sleep(CUFILE_WATCH_INTERVAL);
+                    let wait = next_scan.saturating_duration_since(std::time::Instant::now());
+                    let pids = match notify.as_mut() {
+                        Some(rb) => wait_loaded(rb, wait),
+                        None => {
+                            std::thread::sleep(wait);
+                            Vec::new()
+                        }
+                    };
+                    if !pids.is_empty() {
+                        for c in t.refresh_cufile_pids(&pids) {
+                            info!("{c}");
+                        }
+                    }
                 }
             })
             .context("starting the cuFile thread")?;
@@ -316,11 +334,38 @@ impl CufileWatch {
         Ok(Some(CufileWatch { tid, stop, handle }))
     }
 
-    /// Stops the thread and waits for it (it holds the tracer).
+    /// Stops the thread and waits for it (it holds the tracer; it wakes within
+    /// [`CUFILE_WATCH_INTERVAL`]).
     fn stop(self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.handle.join();
     }
+}
+
+/// Waits up to `wait` for the loader's notifications; returns the distinct process ids.
+fn wait_loaded(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    wait: Duration,
+) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: rb.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+    let mut pids = Vec::new();
+    while let Some(item) = rb.next() {
+        if let Ok(b) = <[u8; 4]>::try_from(&item[..]) {
+            let pid = u32::from_ne_bytes(b);
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
 }
 
 /// Scans the in-flight tables every `interval`, logging each stall when it starts and ends.

@@ -82,7 +82,13 @@ const BENEATH: &[(&str, u32)] = &[
     ("ioctl", BENEATH_IOCTL),
 ];
 
-const PROGRAMS: [&str; 4] = ["cufile_enter", "cufile_exit", "beneath_enter", "beneath_exit"];
+const PROGRAMS: [&str; 5] = [
+    "cufile_enter",
+    "cufile_exit",
+    "beneath_enter",
+    "beneath_exit",
+    "dl_notify",
+];
 
 /// One libcufile file, attached.
 struct AttachedLib {
@@ -129,6 +135,8 @@ pub struct CufileTracing {
     libs: BTreeMap<FileId, AttachedLib>,
     procs: BTreeMap<u32, TracedProcess>,
     failed: BTreeMap<FileId, LibraryFailure>,
+    /// Dynamic loaders with the `dl_notify` probe (empty: it could not be attached).
+    loaders: BTreeMap<FileId, Vec<UProbeLink>>,
 }
 
 impl CufileTracing {
@@ -144,18 +152,73 @@ impl CufileTracing {
             libs: BTreeMap::new(),
             procs: BTreeMap::new(),
             failed: BTreeMap::new(),
+            loaders: BTreeMap::new(),
         })
     }
 
-    /// Attaches to libraries and processes that appeared since the last call and detaches from
-    /// those gone. Returns what changed, to log.
+    /// Reads every process's maps: attaches to libraries, processes and loaders that appeared
+    /// since the last call and detaches from those gone. Returns what changed, to log.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, nvfs_loaded: bool) -> Vec<String> {
+        let seen = procmaps::scan(&self.proc_root, None);
+        self.apply(ebpf, seen, nvfs_loaded, true)
+    }
+
+    /// Reads the maps of `pids` only (the loader said they loaded something): attaches what is
+    /// new there, detaches nothing (that is [`Self::refresh`]'s job).
+    pub fn refresh_pids(&mut self, ebpf: &mut Ebpf, nvfs_loaded: bool, pids: &[u32]) -> Vec<String> {
+        let seen = procmaps::scan(&self.proc_root, Some(pids));
+        self.apply(ebpf, seen, nvfs_loaded, false)
+    }
+
+    fn apply(
+        &mut self,
+        ebpf: &mut Ebpf,
+        seen: procmaps::Scan,
+        nvfs_loaded: bool,
+        full: bool,
+    ) -> Vec<String> {
         let mut changes = Vec::new();
-        let seen = procmaps::scan(&self.proc_root, &procmaps::is_libcufile, &procmaps::is_libc);
+        let mut released = Vec::new();
+
+        // Loaders: a uprobe on each ld.so's `_dl_debug_state` says when a process loads.
+        if full {
+            let gone: Vec<FileId> = self
+                .loaders
+                .keys()
+                .filter(|f| !seen.loaders.contains_key(f))
+                .copied()
+                .collect();
+            for f in gone {
+                released.extend(self.loaders.remove(&f).unwrap_or_default());
+            }
+        }
+        for (file, m) in &seen.loaders {
+            if self.loaders.contains_key(file) {
+                continue;
+            }
+            match attach_loader(ebpf, m) {
+                Ok(links) => {
+                    self.loaders.insert(*file, links);
+                }
+                Err(e) if !m.via.exists() => {
+                    // Its process exited meanwhile: another one will show it again.
+                    let _ = e;
+                }
+                Err(e) => {
+                    changes.push(format!(
+                        "cuFile: no dlopen notification from {} ({}): libraries it loads are \
+                         found by the periodic scan only",
+                        m.path,
+                        with_causes(&e)
+                    ));
+                    self.loaders.insert(*file, Vec::new());
+                }
+            }
+        }
 
         // Libraries: attach new files, keep the set of processes of each.
         let mut users: BTreeMap<FileId, (Mapping, BTreeSet<u32>)> = BTreeMap::new();
-        for (pid, (libs, _)) in &seen {
+        for (pid, (libs, _)) in &seen.users {
             for m in libs {
                 users
                     .entry(m.file)
@@ -164,28 +227,33 @@ impl CufileTracing {
                     .insert(*pid);
             }
         }
-        let gone: Vec<FileId> = self
-            .libs
-            .keys()
-            .filter(|f| !users.contains_key(f))
-            .copied()
-            .collect();
-        let mut released = Vec::new();
-        for f in gone {
-            if let Some(lib) = self.libs.remove(&f) {
-                changes.push(format!(
-                    "cuFile: detached from {} (inode {}): no process maps it any more",
-                    lib.mapping.path, f.ino
-                ));
-                released.extend(lib._links);
+        if full {
+            let gone: Vec<FileId> = self
+                .libs
+                .keys()
+                .filter(|f| !users.contains_key(f))
+                .copied()
+                .collect();
+            for f in gone {
+                if let Some(lib) = self.libs.remove(&f) {
+                    changes.push(format!(
+                        "cuFile: detached from {} (inode {}): no process maps it any more",
+                        lib.mapping.path, f.ino
+                    ));
+                    released.extend(lib._links);
+                }
             }
+            self.failed.retain(|f, _| users.contains_key(f));
         }
-        self.failed.retain(|f, _| users.contains_key(f));
         for (file, (mapping, pids)) in users {
             if let Some(lib) = self.libs.get_mut(&file) {
                 // Deleted since (replaced on disk), or now seen under another path.
                 lib.mapping = mapping;
-                lib.pids = pids;
+                if full {
+                    lib.pids = pids;
+                } else {
+                    lib.pids.extend(pids);
+                }
                 continue;
             }
             if self.failed.contains_key(&file) {
@@ -217,6 +285,9 @@ impl CufileTracing {
                         },
                     );
                 }
+                // The process exited while being attached to: not the library's fault; the
+                // next process that maps it is tried again.
+                Err(_) if !mapping.via.exists() => {}
                 Err(e) => {
                     let e = with_causes(&e);
                     changes.push(format!(
@@ -235,19 +306,22 @@ impl CufileTracing {
         }
 
         // Processes: libc probes for each process that maps libcufile.
-        let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.procs)
-            .into_iter()
-            .partition(|(pid, p)| seen.contains_key(pid) && p.nvfs == nvfs_loaded);
-        self.procs = keep;
-        released.extend(gone.into_values().flat_map(|p| p._links));
+        if full {
+            let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.procs)
+                .into_iter()
+                .partition(|(pid, p)| seen.users.contains_key(pid) && p.nvfs == nvfs_loaded);
+            self.procs = keep;
+            released.extend(gone.into_values().flat_map(|p| p._links));
+        }
         release(released);
-        for (pid, (_, libcs)) in &seen {
+        for (pid, (_, libcs)) in &seen.users {
             if self.procs.contains_key(pid) {
                 continue;
             }
             let links = match libcs.first() {
                 Some(m) => match attach_beneath(ebpf, *pid, m, nvfs_loaded) {
                     Ok(links) => links,
+                    Err(_) if !m.via.exists() => continue,
                     Err(e) => {
                         changes.push(format!(
                             "cuFile: pid {pid}: no probes on its libc ({}): {}; its calls are \
@@ -330,6 +404,9 @@ impl Drop for CufileTracing {
         for (_, p) in std::mem::take(&mut self.procs) {
             links.extend(p._links);
         }
+        for (_, l) in std::mem::take(&mut self.loaders) {
+            links.extend(l);
+        }
         drop_concurrently(links);
     }
 }
@@ -380,6 +457,29 @@ fn attach_library(
         }
     }
     Ok((symbols, links))
+}
+
+/// Attaches `dl_notify` to the loader's `_dl_debug_state` (glibc's debugger hook, exported as
+/// `GLIBC_PRIVATE`; musl's loader has none).
+fn attach_loader(ebpf: &mut Ebpf, m: &Mapping) -> Result<Vec<UProbeLink>, TraceError> {
+    let symbols = elf::symbols(&m.via, &["_dl_debug_state"]).map_err(|e| TraceError::Library {
+        path: m.path.clone(),
+        why: e.to_string(),
+    })?;
+    let Some((_, offset)) = symbols.found.first() else {
+        return Err(TraceError::Library {
+            path: m.path.clone(),
+            why: "it does not export _dl_debug_state".into(),
+        });
+    };
+    Ok(vec![attach_one(
+        ebpf,
+        "dl_notify",
+        *offset,
+        0,
+        &m.via,
+        UProbeScope::AllProcesses,
+    )?])
 }
 
 /// Attaches the libc probes beneath cuFile in process `pid` only.

@@ -80,34 +80,49 @@ pub fn is_libc(name: &str) -> bool {
     name == "libc.so.6" || (name.starts_with("libc-") && name.ends_with(".so"))
 }
 
-/// Every process under `proc` (normally `/proc`) that maps a library `matches`, with the
-/// files it maps whose name `also` (libc, for the probes beneath). Processes that vanish while
-/// being read are skipped.
-pub fn scan(
-    proc: &Path,
-    matches: &dyn Fn(&str) -> bool,
-    also: &dyn Fn(&str) -> bool,
-) -> BTreeMap<u32, (Vec<Mapping>, Vec<Mapping>)> {
-    let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir(proc) else {
-        return out;
+/// The dynamic loader (`ld-linux-x86-64.so.2`, `ld-linux-aarch64.so.1`, musl's `ld-musl-*`).
+pub fn is_loader(name: &str) -> bool {
+    name.starts_with("ld-linux") || name.starts_with("ld-musl")
+}
+
+/// What one read of `/proc` found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Processes that map libcufile: its files, and their libc.
+    pub users: BTreeMap<u32, (Vec<Mapping>, Vec<Mapping>)>,
+    /// Every dynamic loader file mapped by any process read.
+    pub loaders: BTreeMap<FileId, Mapping>,
+}
+
+/// Reads the maps of `pids`, or of every process under `proc` (normally `/proc`). Processes
+/// that vanish while being read are skipped.
+pub fn scan(proc: &Path, pids: Option<&[u32]>) -> Scan {
+    let mut out = Scan::default();
+    let all: Vec<u32> = match pids {
+        Some(p) => p.to_vec(),
+        None => match std::fs::read_dir(proc) {
+            Ok(dir) => dir
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect(),
+            Err(_) => return out,
+        },
     };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+    for pid in all {
+        let Ok(maps) = std::fs::read_to_string(proc.join(pid.to_string()).join("maps")) else {
             continue;
         };
-        let Ok(maps) = std::fs::read_to_string(e.path().join("maps")) else {
-            continue;
-        };
+        for m in parse(pid, &maps, &is_loader) {
+            out.loaders.entry(m.file).or_insert(m);
+        }
         // A cheap test first: most processes map no libcufile.
         if !maps.contains("/libcufile.so") {
             continue;
         }
-        let libs = parse(pid, &maps, matches);
-        if libs.is_empty() {
-            continue;
+        let libs = parse(pid, &maps, &is_libcufile);
+        if !libs.is_empty() {
+            out.users.insert(pid, (libs, parse(pid, &maps, &is_libc)));
         }
-        out.insert(pid, (libs, parse(pid, &maps, also)));
     }
     out
 }

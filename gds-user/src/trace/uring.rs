@@ -171,6 +171,8 @@ pub struct UringTracer {
     cufile: Option<std::sync::Mutex<CufileTracing>>,
     cufile_maps: std::sync::Mutex<CufileMaps>,
     cufile_why: String,
+    /// The loader's dlopen notifications, taken by the cuFile thread.
+    cufile_notify: std::sync::Mutex<Option<RingBuf<MapData>>>,
 }
 
 impl UringTracer {
@@ -299,6 +301,10 @@ impl UringTracer {
             }
         };
         let cufile_maps = std::sync::Mutex::new(CufileMaps::take(&mut ebpf)?);
+        let cufile_notify = std::sync::Mutex::new(Some(take_map(
+            &mut ebpf,
+            gds_common::cufile::MAP_CUFILE_DLOPEN,
+        )?));
         Ok(UringTracer {
             ebpf: std::sync::Mutex::new(ebpf),
             stats,
@@ -312,6 +318,7 @@ impl UringTracer {
             cufile,
             cufile_maps,
             cufile_why,
+            cufile_notify,
         })
     }
 
@@ -334,6 +341,27 @@ impl UringTracer {
             .unwrap_or_else(|p| p.into_inner())
             .prune(&alive, super::monotonic_ns(), 60_000_000_000);
         changes
+    }
+
+    /// Like [`Self::refresh_cufile`] for `pids` only, which just loaded a library; detaches
+    /// nothing.
+    pub fn refresh_cufile_pids(&self, pids: &[u32]) -> Vec<String> {
+        let Some(cufile) = &self.cufile else {
+            return Vec::new();
+        };
+        let nvfs = crate::kmod::Modules::live().residence("nvidia_fs")
+            != crate::kmod::Residence::Absent;
+        let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        cufile.refresh_pids(&mut ebpf, nvfs, pids)
+    }
+
+    /// The ring buffer of process ids the dynamic loader just loaded a library into (once).
+    pub fn take_cufile_notify(&self) -> Option<RingBuf<MapData>> {
+        self.cufile_notify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// The cuFile maps now.
