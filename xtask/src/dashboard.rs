@@ -698,6 +698,83 @@ pub fn render() -> Value {
         vec![q(format!("max by (instance) (gds_stall_scan_duration_seconds{{{I}}})"), "{{instance}}")],
     ));
 
+    l.row("cuFile: every process's calls and the path they really took");
+    l.add(4, 8, stat(
+        "Compat share of cuFile bytes",
+        "Share of the bytes cuFileRead/cuFileWrite moved through cuFile's compat path (POSIX I/O \
+         by cuFile's threads, then a copy), seen beneath the calls. 1 = every byte fell back. \
+         /debug/cufile on the agent names the process, the file and the reason.",
+        "percentunit",
+        Some(0.5),
+        q(
+            format!(
+                "sum(rate(gds_cufile_bytes_total{{{I},path=\"compat\"}}[{RI}])) / \
+                 sum(rate(gds_cufile_bytes_total{{{I}}}[{RI}]))"
+            ),
+            "compat",
+        ),
+    ));
+    l.add(4, 8, stat(
+        "libcufile copies traced",
+        "libcufile files (by inode: system CUDA, Python wheels, containers) mapped by some \
+         process and traced now.",
+        "short",
+        None,
+        q(format!("sum(gds_cufile_libraries{{{I}}})"), "copies"),
+    ));
+    l.add(
+        8,
+        8,
+        stacked(timeseries(
+            "cuFile bytes by path",
+            "Bytes cuFileRead/cuFileWrite returned, by the path the I/O beneath them took: \
+             nvfs (nvidia-fs, GDS proper), compat (fallback), p2pdma, unknown (nothing seen beneath).",
+            "Bps",
+            vec![q(
+                format!("sum by (op, path) (rate(gds_cufile_bytes_total{{{I}}}[{RI}]))"),
+                "{{op}} {{path}}",
+            )],
+        )),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "cuFile calls per second",
+            "cuFile API calls that returned, by operation. handle_register or buf_register \
+             near the read rate means the application registers per I/O (churn).",
+            "ops",
+            vec![q(
+                format!("sum by (op) (rate(gds_cufile_calls_total{{{I}}}[{RI}]))"),
+                "{{op}}",
+            )],
+        ),
+    );
+    l.add(
+        12,
+        8,
+        timeseries(
+            "cuFile call latency p50 / p99 / p99.9",
+            "Duration of cuFile calls, entry to return, by operation.",
+            "s",
+            quantiles("gds_cufile_call_duration_seconds", I, "op"),
+        ),
+    );
+    l.add(
+        12,
+        8,
+        timeseries(
+            "cuFile errors",
+            "Failed cuFile calls by operation and CUfileOpError name (errno: a read or write \
+             returned -1).",
+            "ops",
+            vec![q(
+                format!("sum by (op, error) (rate(gds_cufile_errors_total{{{I}}}[{RI}]))"),
+                "{{op}} {{error}}",
+            )],
+        ),
+    );
+
     l.row("Data path");
     l.add(
         8,

@@ -80,6 +80,15 @@ pub const MAY_BE_EMPTY: &[&str] = &[
     "gds_nvidia_fs_batches_n_total",
     "gds_nvidia_fs_bar1_map_err_total",
     "gds_nvidia_fs_gpu_registered_mib",
+    // cuFile (trace/cufile.rs): exported once a process calls libcufile; the check runs one
+    // (`cufile_workload`) where `cargo xtask setup` installed the PyPI library.
+    "gds_cufile_calls_total",
+    "gds_cufile_call_duration_seconds",
+    "gds_cufile_errors_total",
+    "gds_cufile_bytes_total",
+    "gds_cufile_requested_bytes_total",
+    "gds_cufile_libraries",
+    "gds_cufile_beneath_calls_total",
 ];
 
 /// Template variables as Grafana substitutes them with "All" selected.
@@ -421,7 +430,13 @@ fn check_live_in(
 
     let workload_for = Duration::from_secs(8);
     let mut fio = start_fio(dir, workload_for.as_secs())?;
+    let cufile = cufile_workload(root, dir)?;
     let counts = uring_workload(dir, workload_for, Duration::from_millis(2500))?;
+    if let Some(mut c) = cufile {
+        let status = c.wait()?;
+        ensure!(status.success(), "the cuFile workload failed: {status}");
+        step("cuFile workload done: PyPI libcufile loaded, read/write/driver/deregister calls");
+    }
     let fio_status = fio.child.wait()?;
     ensure!(
         fio_status.success(),
@@ -852,6 +867,37 @@ struct WorkloadCounts {
 
 /// io_uring `SOCKET_URING_OP_SIOCINQ` (include/uapi/linux/io_uring.h): bytes queued on a socket.
 const SOCKET_URING_OP_SIOCINQ: u32 = 0;
+/// A Python process that loads the real libcufile (PyPI, `cargo xtask setup`) after the agent
+/// started and calls what returns at once without a GPU: failing reads and writes, driver
+/// closes, deregistrations, preads beneath. The cuFile panels and alerts then have data (not
+/// the bytes by path: no read succeeds without a GPU). None where the library is not installed.
+fn cufile_workload(root: &Path, dir: &Path) -> Result<Option<std::process::Child>> {
+    let lib = setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0");
+    if !lib.exists() {
+        step("no libcufile under target/pypi (`cargo xtask setup`): no cuFile workload");
+        return Ok(None);
+    }
+    let script = format!(
+        "load {}\nsleep 1\ncall cuFileRead 40\ncall cuFileWrite 20\ncall cuFileDriverClose 2\n\
+         call cuFileHandleDeregister 30\ncall cuFileBufDeregister 10\npread 12\nsleep 1\nexit\n",
+        lib.display()
+    );
+    let mut child = Command::new("python3")
+        .arg(root.join("gds-user/tests/fixtures/cufile_caller.py"))
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting python3 for the cuFile workload")?;
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .context("cuFile workload stdin")?
+        .write_all(script.as_bytes())?;
+    Ok(Some(child))
+}
+
 const HELD: u64 = u64::MAX;
 
 /// Requests of every kind the issue-2 metrics count, from this process: NOPs, file reads,
