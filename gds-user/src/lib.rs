@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod bounded;
 pub mod btf;
+pub mod canary;
 pub mod cgroup;
 pub mod client;
 pub mod config;

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
         }
         Some(Command::Top(args)) => gds_user::top::run(args),
         Some(Command::Stalls(args)) => gds_user::top::stalls::run(args),
-        Some(Command::Probe(args)) => gds_user::probe::run(args),
+        Some(Command::Probe(args)) => match &args.canary {
+            Some(file) => gds_user::canary::run(file, args.gpu, args.json),
+            None => gds_user::probe::run(args),
+        },
         Some(Command::Read(args)) => gds_user::datapath::cli::read(args),
         Some(Command::Bench(args)) => gds_user::datapath::bench::bench(args),
     };

@@ -300,3 +300,24 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     let (status, log) = agent.stop();
     assert!(status.success(), "{log}");
 }
+
+/// `probe --canary` on a host without a GPU (CI) fails with the reason, before any cuFile call;
+/// its real run is on the GPU machine (the README's cuFile section).
+#[test]
+fn canary_without_a_gpu_says_why() {
+    require_root();
+    if Path::new("/dev/nvidiactl").exists() {
+        eprintln!("SKIPPED: this host has a GPU (the canary's real run is a GPU-host check)");
+        return;
+    }
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), vec![7u8; 1 << 20]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        .args(["probe", "--canary"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("opening GPU 0: no usable GPU"), "{err}");
+}

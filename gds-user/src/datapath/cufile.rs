@@ -206,6 +206,18 @@ fn missing_udev_properties(source: &Source) -> Option<String> {
     ))
 }
 
+impl Handle {
+    /// One synchronous `cuFileRead` of `len` bytes at `offset` into the start of `dst`; the
+    /// bytes read.
+    pub fn read(&self, dst: &DeviceBuffer, len: usize, offset: u64) -> Result<usize> {
+        let len = len.min(dst.len);
+        // SAFETY: the device range [dst.ptr, dst.ptr + len) is inside dst's allocation.
+        let n = unsafe { cf::read(self.fh, dst.ptr as *mut _, len, offset as i64, 0) }
+            .map_err(|e| err("cuFileRead", e))?;
+        Ok(n as usize)
+    }
+}
+
 impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: registered in `register`, no I/O outstanding (reads are synchronous).

@@ -1,115 +1,14 @@
-//! cuFile calls, decoded: per operation (what `/metrics` exports), per process and per file
-//! with the path their I/O took and, for compat, why (`/debug/cufile`, `top`).
+//! cuFile calls per process and per file, with the path their I/O took and, for compat, why
+//! (`/debug/cufile`, `top`). The per-operation aggregates `/metrics` exports are
+//! `stats::CufileStats`.
 
 use std::{collections::BTreeMap, path::Path};
 
-use gds_common::cufile::{
-    CUFILE_PATHS, CufileCount, CufileFileStats, PATH_COMPAT, PATH_NVFS, PROCESS_ROW,
-};
+use gds_common::cufile::{CUFILE_PATHS, CufileFileStats, PATH_COMPAT, PATH_NVFS, PROCESS_ROW};
 use serde::{Deserialize, Serialize};
 
-use super::{labels, stats::Histogram};
+use super::labels;
 use crate::trace::{CufileRaw, LibraryFailure, LibraryInfo};
-
-/// One cuFile operation's counters, over every process.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CufileOpRow {
-    pub op: String,
-    pub calls: u64,
-    pub errors: u64,
-    pub latency: Histogram,
-    pub bytes_asked: u64,
-    /// Bytes returned as done, by path (read and write only; every path listed).
-    pub bytes: Vec<PathCount>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PathCount {
-    pub path: String,
-    pub bytes: u64,
-    pub calls: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CufileErrorRow {
-    pub op: String,
-    pub error: String,
-    pub count: u64,
-}
-
-/// The cuFile aggregates (part of [`super::Stats`]).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CufileStats {
-    /// Operations with any call, in operation order.
-    pub ops: Vec<CufileOpRow>,
-    pub errors: Vec<CufileErrorRow>,
-    /// libcufile files attached now.
-    pub libraries: usize,
-    /// Libc calls beneath cuFile, by link (`linked`, `unlinked`, `nvfs_ioctl`) and nested
-    /// calls (`nested`).
-    pub beneath: Vec<(String, u64)>,
-}
-
-impl CufileStats {
-    /// Names `raw`; `libraries` is the number of copies attached. Drops go to `drops`.
-    pub fn decode(
-        raw: &CufileRaw,
-        libraries: usize,
-        drops: &mut Vec<super::stats::DropRow>,
-    ) -> CufileStats {
-        let mut out = CufileStats {
-            libraries,
-            ..Default::default()
-        };
-        for (op, s) in raw.ops.iter().enumerate() {
-            if s.calls == 0 {
-                continue;
-            }
-            out.ops.push(CufileOpRow {
-                op: labels::cufile_op(op as u32).to_owned(),
-                calls: s.calls,
-                errors: s.errors,
-                latency: Histogram::new(&s.buckets, s.sum_ns),
-                bytes_asked: s.bytes_asked,
-                bytes: (0..CUFILE_PATHS)
-                    .map(|p| PathCount {
-                        path: labels::CUFILE_PATHS[p].to_owned(),
-                        bytes: s.path_bytes[p],
-                        calls: s.path_calls[p],
-                    })
-                    .collect(),
-            });
-        }
-        // Unknown codes share the `unknown` name: add them up.
-        let mut errors: BTreeMap<(u32, &str), u64> = BTreeMap::new();
-        for (k, n) in &raw.errors {
-            *errors
-                .entry((k.op, labels::cufile_error(k.op, k.code)))
-                .or_default() += n;
-        }
-        out.errors = errors
-            .into_iter()
-            .map(|((op, error), count)| CufileErrorRow {
-                op: labels::cufile_op(op).to_owned(),
-                error: error.to_owned(),
-                count,
-            })
-            .collect();
-        for c in CufileCount::ALL {
-            let (name, is_drop) = labels::cufile_count(c);
-            let count = raw.counts[c as usize];
-            if is_drop {
-                drops.push(super::stats::DropRow {
-                    reason: name.to_owned(),
-                    count,
-                });
-            } else {
-                out.beneath.push((name.to_owned(), count));
-            }
-        }
-        out
-    }
-}
 
 /// What a process's or file's cuFile calls did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

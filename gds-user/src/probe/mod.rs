@@ -85,6 +85,13 @@ pub struct ProbeArgs {
     /// Print the report as JSON (schema: docs/probe-schema.md) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the report: one real cuFile read of FILE into GPU `--gpu`, traced, with the
+    /// path it took next to the path the probe predicts (root; exit status 1 when they differ).
+    #[arg(long, value_name = "FILE")]
+    pub canary: Option<PathBuf>,
+    /// The GPU the canary reads into.
+    #[arg(long, default_value_t = 0, requires = "canary")]
+    pub gpu: u32,
 }
 
 /// Runs the probe and prints the report.

@@ -1,0 +1,176 @@
+//! `gds-agent probe --canary FILE`: one real cuFile read of FILE, with the path it took as the
+//! tracer saw it beneath the call, next to the path the probe predicts from the host's
+//! configuration. Agreement confirms the verdict; disagreement is the finding (e.g. cuFile
+//! silently in compat mode on a host whose probe says GDS).
+//!
+//! The read is made by this process through the data path's cuFile binding (libcufile loaded
+//! at run time, as applications do); this process traces itself with the same programs the
+//! agent uses, attached to its own libcufile right after it is loaded.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    bounded::HostRoot,
+    datapath::{
+        cuda::Gpu,
+        cufile::{Driver, Handle, Mode},
+        source::{Direct, Source},
+    },
+    model::labels,
+    probe::{DataPath, GdsMode, Report},
+    trace::{TraceOptions, UringTracer},
+};
+
+/// What the canary read and what each side says.
+#[derive(Debug, Serialize)]
+pub struct CanaryReport {
+    pub file: String,
+    pub gpu: u32,
+    pub bytes_read: u64,
+    pub read_ms: f64,
+    /// `nvfs`, `p2pdma` or `compat`, from `gds-agent probe`'s verdict for the GPU.
+    pub predicted: String,
+    pub predicted_why: String,
+    /// The path the tracer classified the read as (`nvfs`, `compat`, `unknown`).
+    pub traced: String,
+    pub traced_detail: String,
+    pub agree: bool,
+}
+
+/// Reads at most this much (a canary, not a benchmark).
+const CANARY_BYTES: u64 = 16 << 20;
+
+/// The prediction for GPU `gpu`: the gds path's mode where the probe says it is possible, else
+/// compat with the first reason gds is blocked.
+fn predict(gpu: u32) -> (String, String) {
+    let report = Report::collect(&HostRoot::new("/"));
+    let Some(v) = report.verdicts.iter().find(|v| v.gpu == gpu) else {
+        return ("compat".into(), format!("the probe found no GPU {gpu}"));
+    };
+    match v.gds_mode {
+        Some(GdsMode::NvidiaFs) => ("nvfs".into(), "nvidia-fs is loaded and usable".into()),
+        Some(GdsMode::P2pdma) => ("p2pdma".into(), "the kernel's P2PDMA is configured".into()),
+        None => (
+            "compat".into(),
+            v.blocked
+                .iter()
+                .find(|b| b.path == DataPath::Gds)
+                .map_or_else(|| "no GDS path".into(), |b| b.reason.clone()),
+        ),
+    }
+}
+
+pub fn run(file: &std::path::Path, gpu_ordinal: u32, json: bool) -> Result<()> {
+    let (predicted, predicted_why) = predict(gpu_ordinal);
+    let me = std::process::id();
+    let tracer = UringTracer::start(&TraceOptions {
+        pid: Some(me),
+        ..Default::default()
+    })
+    .context("the canary traces itself with the agent's programs")?;
+    if !tracer.layers().cufile.on {
+        bail!("cuFile tracing is off here: {}", tracer.layers().cufile.why);
+    }
+    let gpu = Gpu::open(gpu_ordinal).with_context(|| format!("opening GPU {gpu_ordinal}"))?;
+    // Loads libcufile (dlopen) and opens the driver as configured: neither forced into compat
+    // mode nor refused it, so cuFile takes the path it would take for any application.
+    let driver = Driver::open(&gpu, Mode::Gds)?;
+    for change in tracer.refresh_cufile_pids(&[me]) {
+        tracing::info!("{change}");
+    }
+    let attached = tracer
+        .cufile_libraries()
+        .0
+        .iter()
+        .any(|l| l.pids.contains(&me));
+    if !attached {
+        bail!(
+            "the canary could not trace its own libcufile: {:?}",
+            tracer.cufile_libraries().1
+        );
+    }
+    let source = Source::open(file, Direct::Auto)?;
+    let len = CANARY_BYTES.min(source.size);
+    let len = len - len % source.align.max(1);
+    if len == 0 {
+        bail!("{} is too small for a canary read", file.display());
+    }
+    let handle = Handle::register(&driver, &source)?;
+    let dst = gpu.alloc(len as usize)?;
+    let t = Instant::now();
+    let n = handle.read(&dst, len as usize, 0)?;
+    let read_ms = t.elapsed().as_secs_f64() * 1e3;
+    let raw = tracer.cufile_raw()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&source.file);
+    let row = raw
+        .files
+        .iter()
+        .find(|(k, _)| k.tgid == me && k.fd == fd)
+        .map(|(_, s)| *s);
+    let (traced, traced_detail) = match row {
+        None => ("unknown".to_owned(), "the tracer saw no call on the file".to_owned()),
+        Some(s) => {
+            let path = (0..s.path_calls.len())
+                .filter(|p| s.path_calls[*p] > 0)
+                .max_by_key(|p| s.path_calls[*p])
+                .map_or("unknown", |p| labels::CUFILE_PATHS[p]);
+            (
+                path.to_owned(),
+                format!(
+                    "{} read call(s), {} I/O(s) beneath linked ({} bytes), {} nvidia-fs ioctl(s)",
+                    s.read_calls,
+                    s.compat_ios,
+                    s.compat_bytes,
+                    raw.files
+                        .iter()
+                        .find(|(k, _)| k.tgid == me && k.fd == gds_common::cufile::PROCESS_ROW)
+                        .map_or(0, |(_, p)| p.nvfs_ios)
+                ),
+            )
+        }
+    };
+    drop(handle);
+    drop(driver);
+    let report = CanaryReport {
+        file: file.display().to_string(),
+        gpu: gpu_ordinal,
+        bytes_read: n as u64,
+        read_ms,
+        agree: traced == predicted,
+        predicted,
+        predicted_why,
+        traced,
+        traced_detail,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "canary: {} bytes of {} into GPU {} in {:.1} ms\n  predicted: {} ({})\n  traced:    {} ({})\n  {}",
+            report.bytes_read,
+            report.file,
+            report.gpu,
+            report.read_ms,
+            report.predicted,
+            report.predicted_why,
+            report.traced,
+            report.traced_detail,
+            if report.agree {
+                "agree"
+            } else {
+                "DISAGREE: cuFile did not take the path the configuration predicts"
+            }
+        );
+    }
+    if !report.agree {
+        bail!(
+            "the canary read went {} where the probe predicts {}",
+            report.traced,
+            report.predicted
+        );
+    }
+    Ok(())
+}
