@@ -309,6 +309,7 @@ impl CufileWatch {
                         for c in t.refresh_cufile() {
                             info!("{c}");
                         }
+                        tracing::debug!(took = ?now.elapsed(), "cuFile: periodic scan");
                         next_scan = now + CUFILE_WATCH_INTERVAL;
                     }
                     let wait = next_scan.saturating_duration_since(std::time::Instant::now());
@@ -320,6 +321,7 @@ impl CufileWatch {
                         }
                     };
                     if !pids.is_empty() {
+                        tracing::debug!(?pids, "cuFile: the loader notified");
                         for c in t.refresh_cufile_pids(&pids) {
                             info!("{c}");
                         }

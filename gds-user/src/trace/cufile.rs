@@ -90,6 +90,14 @@ const PROGRAMS: [&str; 5] = [
     "dl_notify",
 ];
 
+/// How long a library stays attached after its last process exited, and how often links of
+/// exited processes are closed. Closing a uprobe takes the kernel's `dup_mmap_sem` for writing
+/// and waits for an RCU grace period per probe, during which every other uprobe attach (and
+/// every fork on the host) waits: 28 probes of one library closed when a short process exits
+/// held up the next process's attach by 1.4 s here. Lingering makes a job that restarts, or a
+/// loop of short processes, reuse the probes; closing in batches pays the waits together.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One libcufile file, attached.
 struct AttachedLib {
     /// The path the first process seen mapping it had, and whether it was deleted.
@@ -97,6 +105,8 @@ struct AttachedLib {
     pids: BTreeSet<u32>,
     symbols: LibSymbols,
     since: std::time::SystemTime,
+    /// When its last process was seen gone (detached [`LINGER`] later).
+    idle_since: Option<std::time::Instant>,
     _links: Vec<UProbeLink>,
 }
 
@@ -137,6 +147,9 @@ pub struct CufileTracing {
     failed: BTreeMap<FileId, LibraryFailure>,
     /// Dynamic loaders with the `dl_notify` probe (empty: it could not be attached).
     loaders: BTreeMap<FileId, Vec<UProbeLink>>,
+    /// Links to close in the next batch, and when the last batch was closed.
+    pending_release: Vec<UProbeLink>,
+    last_release: std::time::Instant,
 }
 
 impl CufileTracing {
@@ -153,6 +166,8 @@ impl CufileTracing {
             procs: BTreeMap::new(),
             failed: BTreeMap::new(),
             loaders: BTreeMap::new(),
+            pending_release: Vec::new(),
+            last_release: std::time::Instant::now(),
         })
     }
 
@@ -167,6 +182,7 @@ impl CufileTracing {
     /// new there, detaches nothing (that is [`Self::refresh`]'s job).
     pub fn refresh_pids(&mut self, ebpf: &mut Ebpf, nvfs_loaded: bool, pids: &[u32]) -> Vec<String> {
         let seen = procmaps::scan(&self.proc_root, Some(pids));
+        tracing::debug!(?pids, users = seen.users.len(), "cuFile: scanned after the loader's notification");
         self.apply(ebpf, seen, nvfs_loaded, false)
     }
 
@@ -228,17 +244,24 @@ impl CufileTracing {
             }
         }
         if full {
-            let gone: Vec<FileId> = self
-                .libs
-                .keys()
-                .filter(|f| !users.contains_key(f))
-                .copied()
-                .collect();
+            let now = std::time::Instant::now();
+            let mut gone = Vec::new();
+            for (f, lib) in &mut self.libs {
+                if users.contains_key(f) {
+                    lib.idle_since = None;
+                    continue;
+                }
+                lib.pids.clear();
+                let since = *lib.idle_since.get_or_insert(now);
+                if now.duration_since(since) >= LINGER {
+                    gone.push(*f);
+                }
+            }
             for f in gone {
                 if let Some(lib) = self.libs.remove(&f) {
                     changes.push(format!(
-                        "cuFile: detached from {} (inode {}): no process maps it any more",
-                        lib.mapping.path, f.ino
+                        "cuFile: detached from {} (inode {}): no process has mapped it for {:?}",
+                        lib.mapping.path, f.ino, LINGER
                     ));
                     released.extend(lib._links);
                 }
@@ -249,6 +272,7 @@ impl CufileTracing {
             if let Some(lib) = self.libs.get_mut(&file) {
                 // Deleted since (replaced on disk), or now seen under another path.
                 lib.mapping = mapping;
+                lib.idle_since = None;
                 if full {
                     lib.pids = pids;
                 } else {
@@ -281,6 +305,7 @@ impl CufileTracing {
                             pids,
                             symbols,
                             since: std::time::SystemTime::now(),
+                            idle_since: None,
                             _links: links,
                         },
                     );
@@ -313,7 +338,11 @@ impl CufileTracing {
             self.procs = keep;
             released.extend(gone.into_values().flat_map(|p| p._links));
         }
-        release(released);
+        self.pending_release.extend(released);
+        if full && self.last_release.elapsed() >= LINGER {
+            release(std::mem::take(&mut self.pending_release));
+            self.last_release = std::time::Instant::now();
+        }
         for (pid, (_, libcs)) in &seen.users {
             if self.procs.contains_key(pid) {
                 continue;
@@ -407,6 +436,7 @@ impl Drop for CufileTracing {
         for (_, l) in std::mem::take(&mut self.loaders) {
             links.extend(l);
         }
+        links.append(&mut self.pending_release);
         drop_concurrently(links);
     }
 }
