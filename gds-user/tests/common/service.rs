@@ -136,14 +136,16 @@ impl Service {
     }
 
     /// SIGTERM (the agent detaches its programs, Prometheus closes its TSDB), SIGKILL after
-    /// 10 s; the exit status.
+    /// 30 s; the exit status. Long because an agent that attached to a libcufile (any test's
+    /// agent sees the cuFile test's processes) closes 28 uprobes per library at ~90 ms each on
+    /// the 2-CPU VM (the kernel serializes them).
     pub fn terminate(&mut self) -> ExitStatus {
         if let Ok(Some(status)) = self.child.try_wait() {
             return status;
         }
         // SAFETY: kill(2) on our own child, which has not been reaped.
         unsafe { kill(self.child.id() as i32, SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
