@@ -77,10 +77,8 @@ pub enum CufileCount {
     BeneathUnlinked = 8,
     /// nvidia-fs data ioctls in cuFile processes.
     NvfsIoctls = 9,
-    /// A libc call whose entry could not be stored (its return is not classified).
-    BeneathTableFull = 10,
 }
-pub const CUFILE_COUNTS: usize = 11;
+pub const CUFILE_COUNTS: usize = 10;
 
 impl CufileCount {
     pub const ALL: [CufileCount; CUFILE_COUNTS] = [
@@ -94,7 +92,6 @@ impl CufileCount {
         CufileCount::BeneathLinked,
         CufileCount::BeneathUnlinked,
         CufileCount::NvfsIoctls,
-        CufileCount::BeneathTableFull,
     ];
 }
 
@@ -188,7 +185,7 @@ pub struct CufileFileStats {
     pub write_bytes: u64,
     pub handle_registers: u64,
     pub buf_registers: u64,
-    /// Libc reads and writes linked to a cuFile call on this file, and their bytes.
+    /// Libc reads and writes linked to a cuFile call on this file, and the bytes they asked.
     pub compat_ios: u64,
     pub compat_bytes: u64,
     /// nvidia-fs data ioctls (process row).
@@ -211,26 +208,15 @@ pub struct CufileHandleKey {
     pub handle: u64,
 }
 
-/// A libc call beneath cuFile between entry and return, keyed by thread.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BeneathCall {
-    pub fd: i32,
-    pub kind: u32,
-    pub cmd: u32,
-    pub _pad: u32,
-}
-
 pub const MAP_CUFILE_STATS: &str = "GDS_CUFILE_STATS";
 pub const MAP_CUFILE_OPS: &str = "GDS_CUFILE_OPS";
 pub const MAP_CUFILE_ERRORS: &str = "GDS_CUFILE_ERRORS";
 pub const MAP_CUFILE_CALLS: &str = "GDS_CUFILE_CALLS";
 pub const MAP_CUFILE_FILES: &str = "GDS_CUFILE_FILES";
 pub const MAP_CUFILE_HANDLES: &str = "GDS_CUFILE_HANDLES";
-pub const MAP_CUFILE_BENEATH: &str = "GDS_CUFILE_BENEATH";
 pub const MAP_CUFILE_DLOPEN: &str = "GDS_CUFILE_DLOPEN";
 
-/// Capacity of the in-flight calls, handles and beneath tables.
+/// Capacity of the in-flight calls and handles tables.
 pub const CUFILE_INFLIGHT_MAX: u32 = 16384;
 /// Capacity of the per-process and per-file rows; user space removes rows of exited processes.
 pub const CUFILE_FILES_MAX: u32 = 8192;
@@ -256,5 +242,4 @@ mod pod {
     unsafe impl aya::Pod for CufileFileKey {}
     unsafe impl aya::Pod for CufileFileStats {}
     unsafe impl aya::Pod for CufileHandleKey {}
-    unsafe impl aya::Pod for BeneathCall {}
 }

@@ -28,7 +28,7 @@ use aya_ebpf::{
 use gds_common::{
     HIST_BUCKETS, log2_bucket,
     cufile::{
-        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, BeneathCall, CUFILE_FILES_MAX,
+        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_FILES_MAX,
         CUFILE_INFLIGHT_MAX, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER,
         CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ,
         CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS,
@@ -59,9 +59,6 @@ static FILES: HashMap<CufileFileKey, CufileFileStats> =
 /// Registered handles → the file descriptor they were registered with.
 #[map(name = "GDS_CUFILE_HANDLES")]
 static HANDLES: HashMap<CufileHandleKey, i32> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
-
-#[map(name = "GDS_CUFILE_BENEATH")]
-static BENEATH: HashMap<u64, BeneathCall> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
 
 /// Process ids that just loaded or unloaded a library (see [`dl_notify`]).
 #[map(name = "GDS_CUFILE_DLOPEN")]
@@ -415,45 +412,20 @@ fn exit(ctx: &RetProbeContext) {
 }
 
 /// Entry of libc's `pread64`/`pwrite64`/`ioctl` in a process that maps libcufile (the
-/// cookie says which). Only nvidia-fs data ioctls are kept: the CUDA driver's own ioctls go
-/// through the same function and are none of this layer's business.
+/// cookie says which). Linked at entry, with the bytes asked: a uretprobe here would add a
+/// third trap to every call of the application's (`pread64` starts with a RIP-relative compare
+/// that the kernel single-steps out of line: two traps already), and the link needs only that
+/// the call happened on a file with a cuFile call in flight. Only nvidia-fs data ioctls count:
+/// the CUDA driver's own ioctls go through the same function.
 #[uprobe]
 pub fn beneath_enter(ctx: ProbeContext) -> u32 {
     let kind = cookie(&ctx);
     let fd = ctx.arg::<u64>(0).unwrap_or(0) as i32;
-    let cmd = ctx.arg::<u64>(1).unwrap_or(0) as u32;
-    if kind == BENEATH_IOCTL && !is_nvfs_io(cmd) {
-        return 0;
-    }
-    if kind != BENEATH_PREAD && kind != BENEATH_PWRITE && kind != BENEATH_IOCTL {
-        return 0;
-    }
-    let b = BeneathCall {
-        fd,
-        kind,
-        cmd,
-        _pad: 0,
-    };
-    if BENEATH
-        .insert(&bpf_get_current_pid_tgid(), &b, BPF_ANY as u64)
-        .is_err()
-    {
-        count(CufileCount::BeneathTableFull);
-    }
-    0
-}
-
-#[uretprobe]
-pub fn beneath_exit(ctx: RetProbeContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: map value read, copied.
-    let Some(b) = (unsafe { BENEATH.get(&id) }).copied() else {
-        return 0;
-    };
-    let _ = BENEATH.remove(&id);
-    let tgid = (id >> 32) as u32;
-    let ret: i64 = ctx.ret();
-    if b.kind == BENEATH_IOCTL {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if kind == BENEATH_IOCTL {
+        if !is_nvfs_io(ctx.arg::<u64>(1).unwrap_or(0) as u32) {
+            return 0;
+        }
         count(CufileCount::NvfsIoctls);
         if let Some(p) = row(tgid, PROCESS_ROW) {
             // SAFETY: map value pointer.
@@ -461,15 +433,17 @@ pub fn beneath_exit(ctx: RetProbeContext) -> u32 {
         }
         return 0;
     }
-    let key = CufileFileKey { tgid, fd: b.fd };
+    if kind != BENEATH_PREAD && kind != BENEATH_PWRITE {
+        return 0;
+    }
+    let asked = ctx.arg::<u64>(2).unwrap_or(0);
+    let key = CufileFileKey { tgid, fd };
     if let Some(r) = FILES.get_ptr_mut(&key) {
         // SAFETY: map value pointer.
         unsafe {
             if core::ptr::read_volatile(&raw const (*r).active) != 0 {
                 add(&raw mut (*r).compat_ios, 1);
-                if ret > 0 {
-                    add(&raw mut (*r).compat_bytes, ret as u64);
-                }
+                add(&raw mut (*r).compat_bytes, asked);
                 count(CufileCount::BeneathLinked);
                 return 0;
             }

@@ -57,7 +57,8 @@ enum Command {
     Test(test::TestArgs),
     /// Boot kernels 6.1 and 6.12 in QEMU with emulated NVMe and run the guest scenarios.
     VmTest(vm::VmTestArgs),
-    /// Tracing overhead benchmark: io_uring NOPs and cached 4 KiB reads, agent attached vs not.
+    /// Tracing overhead benchmarks: io_uring NOPs and cached 4 KiB reads, agent attached vs not;
+    /// cuFile calls and the preads beneath them, traced vs not.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -105,7 +106,15 @@ fn main() -> Result<()> {
                 "trace_overhead",
                 "--",
             ])
-            .args(args);
+            .args(&args);
+            setup::run(&mut cmd)?;
+            // cuFile: uprobes on the real libcufile (PyPI), per call.
+            let mut cmd = setup::cargo();
+            cmd.args(["bench", "--package", "gds-user", "--bench", "cufile_overhead"])
+                .env(
+                    "GDS_LIBCUFILE",
+                    setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0"),
+                );
             setup::run(&mut cmd)
         }
     }

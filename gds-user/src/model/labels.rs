@@ -369,7 +369,6 @@ pub fn cufile_count(c: gds_common::cufile::CufileCount) -> (&'static str, bool) 
         ErrorTableFull => ("cufile_error_table_full", true),
         HandleTableFull => ("cufile_handle_table_full", true),
         StaleReplaced => ("cufile_stale_replaced", true),
-        BeneathTableFull => ("cufile_beneath_table_full", true),
         Nested => ("nested", false),
         BeneathLinked => ("linked", false),
         BeneathUnlinked => ("unlinked", false),

@@ -37,13 +37,13 @@ use aya::{
     },
 };
 use gds_common::cufile::{
-    BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, BeneathCall, CUFILE_COUNTS, CUFILE_OP_BATCH_CANCEL,
+    BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_COUNTS, CUFILE_OP_BATCH_CANCEL,
     CUFILE_OP_BATCH_GET_STATUS, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_DEREGISTER,
     CUFILE_OP_BUF_REGISTER, CUFILE_OP_DRIVER_CLOSE, CUFILE_OP_DRIVER_OPEN,
     CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC,
     CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCpuStats,
     CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats,
-    MAP_CUFILE_BENEATH, MAP_CUFILE_CALLS, MAP_CUFILE_ERRORS, MAP_CUFILE_FILES, MAP_CUFILE_HANDLES,
+    MAP_CUFILE_CALLS, MAP_CUFILE_ERRORS, MAP_CUFILE_FILES, MAP_CUFILE_HANDLES,
     MAP_CUFILE_OPS, MAP_CUFILE_STATS,
 };
 use gds_common::HIST_BUCKETS;
@@ -82,13 +82,7 @@ const BENEATH: &[(&str, u32)] = &[
     ("ioctl", BENEATH_IOCTL),
 ];
 
-const PROGRAMS: [&str; 5] = [
-    "cufile_enter",
-    "cufile_exit",
-    "beneath_enter",
-    "beneath_exit",
-    "dl_notify",
-];
+const PROGRAMS: [&str; 4] = ["cufile_enter", "cufile_exit", "beneath_enter", "dl_notify"];
 
 /// How long a library stays attached after its last process exited, and how often links of
 /// exited processes are closed. Closing a uprobe takes the kernel's `dup_mmap_sem` for writing
@@ -542,9 +536,14 @@ fn attach_beneath(
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, k)| *k);
-        for prog in ["beneath_enter", "beneath_exit"] {
-            links.push(attach_one(ebpf, prog, *offset, kind, &libc.via, scope)?);
-        }
+        links.push(attach_one(
+            ebpf,
+            "beneath_enter",
+            *offset,
+            kind,
+            &libc.via,
+            scope,
+        )?);
     }
     Ok(links)
 }
@@ -577,7 +576,6 @@ pub struct CufileMaps {
     calls: HashMap<MapData, u64, CufileCall>,
     files: HashMap<MapData, CufileFileKey, CufileFileStats>,
     handles: HashMap<MapData, CufileHandleKey, i32>,
-    beneath: HashMap<MapData, u64, BeneathCall>,
 }
 
 /// The cuFile maps' contents at one instant, summed over CPUs, not yet named.
@@ -611,7 +609,6 @@ impl CufileMaps {
             calls: take_map(ebpf, MAP_CUFILE_CALLS)?,
             files: take_map(ebpf, MAP_CUFILE_FILES)?,
             handles: take_map(ebpf, MAP_CUFILE_HANDLES)?,
-            beneath: take_map(ebpf, MAP_CUFILE_BENEATH)?,
         })
     }
 
@@ -686,10 +683,6 @@ impl CufileMaps {
         let stale: Vec<u64> = self.calls.keys().filter_map(Result::ok).filter(|id| thread_gone(*id)).collect();
         for id in stale {
             let _ = self.calls.remove(&id);
-        }
-        let stale: Vec<u64> = self.beneath.keys().filter_map(Result::ok).filter(|id| thread_gone(*id)).collect();
-        for id in stale {
-            let _ = self.beneath.remove(&id);
         }
     }
 }
