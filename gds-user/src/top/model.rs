@@ -16,11 +16,29 @@ pub struct RateRow {
     pub errors_per_s: f64,
 }
 
+/// A process's cuFile activity over the interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CufileProcRow {
+    pub pid: u32,
+    pub comm: String,
+    pub calls_per_s: f64,
+    /// Bytes read and written (returned by cuFileRead/cuFileWrite) per second.
+    pub bytes_per_s: f64,
+    /// Share of its successful reads and writes that went compat, since it started.
+    pub compat_share: Option<f64>,
+    /// The path most of its reads and writes took, and why compat where known.
+    pub path: String,
+    pub reason: String,
+}
+
 /// Everything the screen shows.
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub opcodes: Vec<RateRow>,
     pub disks: Vec<RateRow>,
+    /// cuFile per operation (calls/s, p50/p99, errors/s) and per process.
+    pub cufile_ops: Vec<RateRow>,
+    pub cufile_procs: Vec<CufileProcRow>,
     pub total_iops: f64,
     pub inflight_total: u64,
     pub drops: u64,
@@ -78,6 +96,55 @@ fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
     m
 }
 
+fn by_cufile_op(s: &Snapshot) -> BTreeMap<String, Totals> {
+    s.stats
+        .cufile
+        .ops
+        .iter()
+        .map(|o| {
+            let t = Totals {
+                count: o.calls,
+                errors: o.errors,
+                latency: o.latency.clone(),
+            };
+            (o.op.clone(), t)
+        })
+        .collect()
+}
+
+/// Per process, from the two snapshots' counters (a process new in `cur` counts from zero).
+fn cufile_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<CufileProcRow> {
+    let mut rows: Vec<CufileProcRow> = cur
+        .cufile
+        .processes
+        .iter()
+        .map(|p| {
+            let before = prev.cufile.processes.iter().find(|q| q.pid == p.pid);
+            let c = &p.counters;
+            let (calls0, bytes0) = before.map_or((0, 0), |b| {
+                (b.counters.calls, b.counters.read_bytes + b.counters.write_bytes)
+            });
+            let ok: u64 = c.path_calls.values().sum();
+            let compat = c.path_calls.get("compat").copied().unwrap_or(0);
+            CufileProcRow {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                calls_per_s: c.calls.saturating_sub(calls0) as f64 / dt,
+                bytes_per_s: (c.read_bytes + c.write_bytes).saturating_sub(bytes0) as f64 / dt,
+                compat_share: (ok > 0).then(|| compat as f64 / ok as f64),
+                path: c.main_path().unwrap_or("-").to_owned(),
+                reason: p
+                    .files
+                    .iter()
+                    .find_map(|f| f.compat_reason.clone())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.bytes_per_s.total_cmp(&a.bytes_per_s).then(a.pid.cmp(&b.pid)));
+    rows
+}
+
 fn rates(prev: &BTreeMap<String, Totals>, cur: &BTreeMap<String, Totals>, dt: f64) -> Vec<RateRow> {
     let mut rows: Vec<RateRow> = cur
         .iter()
@@ -102,12 +169,16 @@ impl View {
         let dt = (cur.taken_ns.saturating_sub(prev.taken_ns) as f64 / 1e9).max(1e-3);
         let opcodes = rates(&by_opcode(prev), &by_opcode(cur), dt);
         let disks = rates(&by_disk(prev), &by_disk(cur), dt);
+        let cufile_ops = rates(&by_cufile_op(prev), &by_cufile_op(cur), dt);
+        let cufile_procs = cufile_procs(prev, cur, dt);
         let mut ended = cur.stalls.ended.clone();
         ended.reverse();
         View {
             total_iops: opcodes.iter().map(|r| r.iops).sum(),
             opcodes,
             disks,
+            cufile_ops,
+            cufile_procs,
             inflight_total: cur.stats.inflight,
             drops: cur.stats.dropped(),
             inflight: cur.inflight.clone(),
@@ -189,5 +260,60 @@ mod tests {
         let a = snapshot(0, 5, 0, 5, 0);
         let v = View::compute(&a, &a);
         assert_eq!(v.opcodes[0].p50, None);
+    }
+
+    #[test]
+    fn cufile_rows_per_op_and_per_process() {
+        use crate::model::cufile::{CufileCounters, CufileFile, CufileProcess};
+        use crate::model::stats::CufileOpRow;
+        let with = |taken_ns: u64, calls: u64, bytes: u64| {
+            let mut s = snapshot(taken_ns, 0, 0, 0, 0);
+            let mut buckets = vec![0u64; HIST_BUCKETS];
+            buckets[24] = calls;
+            s.stats.cufile.ops.push(CufileOpRow {
+                op: "read".into(),
+                calls,
+                errors: 0,
+                latency: Histogram::new(&buckets, 0),
+                bytes_asked: bytes,
+                bytes: vec![],
+            });
+            let counters = CufileCounters {
+                calls,
+                read_calls: calls,
+                read_bytes: bytes,
+                path_calls: [("compat".to_owned(), calls)].into(),
+                ..Default::default()
+            };
+            s.cufile.processes.push(CufileProcess {
+                pid: 42,
+                comm: "python3".into(),
+                cgroup: None,
+                alive: true,
+                counters: counters.clone(),
+                files: vec![CufileFile {
+                    fd: 3,
+                    path: "/data/x".into(),
+                    counters,
+                    active: 0,
+                    compat_reason: Some("nvidia-fs not loaded".into()),
+                }],
+            });
+            s
+        };
+        // 2 s apart: 100 more reads of 16 MiB each.
+        let a = with(1_000_000_000, 10, 10 << 24);
+        let b = with(3_000_000_000, 110, 110 << 24);
+        let v = View::compute(&a, &b);
+        assert_eq!(v.cufile_ops.len(), 1);
+        assert_eq!(v.cufile_ops[0].key, "read");
+        assert_eq!(v.cufile_ops[0].iops, 50.0);
+        assert_eq!(v.cufile_ops[0].p99, Some((1u64 << 25) as f64 / 1e9));
+        let p = &v.cufile_procs[0];
+        assert_eq!((p.pid, p.calls_per_s), (42, 50.0));
+        assert_eq!(p.bytes_per_s, (100u64 << 24) as f64 / 2.0);
+        assert_eq!(p.compat_share, Some(1.0));
+        assert_eq!(p.path, "compat");
+        assert_eq!(p.reason, "nvidia-fs not loaded");
     }
 }

@@ -8,7 +8,7 @@ use ratatui::{
     widgets::{Block, Borders, Row, Table},
 };
 
-use super::model::{RateRow, View};
+use super::model::{CufileProcRow, RateRow, View};
 
 fn secs(s: Option<f64>) -> String {
     match s {
@@ -62,14 +62,54 @@ fn rate_table<'a>(title: &'a str, rows: &[RateRow], first: &'a str) -> Table<'a>
     .block(Block::default().borders(Borders::ALL).title(title))
 }
 
+fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
+    let header = Row::new(["PID", "COMM", "CALLS/s", "GB/s", "COMPAT", "PATH", "WHY COMPAT"])
+        .style(bold());
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            Row::new([
+                r.pid.to_string(),
+                r.comm.clone(),
+                rate(r.calls_per_s),
+                format!("{:.2}", r.bytes_per_s / 1e9),
+                r.compat_share
+                    .map_or("-".into(), |s| format!("{:.0}%", s * 100.0)),
+                r.path.clone(),
+                r.reason.clone(),
+            ])
+        })
+        .collect();
+    Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(16),
+            Constraint::Length(8),
+            Constraint::Length(7),
+            Constraint::Length(7),
+            Constraint::Length(8),
+            Constraint::Min(10),
+        ],
+    )
+    .header(header)
+    .block(
+        Block::default()
+            .borders(Borders::ALL)
+            .title("cuFile by process (path the I/O beneath took)"),
+    )
+}
+
 /// Draws the whole screen. `status` is the header's right side (agent address or an error).
 pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     let has_disks = !view.disks.is_empty();
+    let has_cufile = !view.cufile_ops.is_empty() || !view.cufile_procs.is_empty();
     let chunks = Layout::vertical([
         Constraint::Length(1),
         Constraint::Percentage(if has_disks { 25 } else { 34 }),
         Constraint::Percentage(if has_disks { 20 } else { 0 }),
-        Constraint::Percentage(33),
+        Constraint::Percentage(if has_cufile { 22 } else { 0 }),
+        Constraint::Percentage(if has_cufile { 22 } else { 33 }),
         Constraint::Min(4),
     ])
     .split(f.area());
@@ -99,6 +139,12 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     );
     if has_disks {
         f.render_widget(rate_table("NVMe by disk", &view.disks, "DISK"), chunks[2]);
+    }
+    if has_cufile {
+        let halves = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)])
+            .split(chunks[3]);
+        f.render_widget(rate_table("cuFile by op", &view.cufile_ops, "OP"), halves[0]);
+        f.render_widget(cufile_table(&view.cufile_procs), halves[1]);
     }
 
     let rows: Vec<Row> = view
@@ -131,7 +177,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                     .borders(Borders::ALL)
                     .title("slowest in flight"),
             ),
-        chunks[3],
+        chunks[4],
     );
 
     let stall_rows: Vec<Row> = view
@@ -187,6 +233,6 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             .style(bold()),
         )
         .block(Block::default().borders(Borders::ALL).title("stalls")),
-        chunks[4],
+        chunks[5],
     );
 }
