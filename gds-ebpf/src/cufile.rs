@@ -26,16 +26,16 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use gds_common::{
-    HIST_BUCKETS, log2_bucket,
+    HIST_BUCKETS,
     cufile::{
-        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_FILES_MAX,
-        CUFILE_INFLIGHT_MAX, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER,
-        CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ,
-        CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS,
-        CufileCall, CufileCount, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats,
-        CufileHandleKey, CufileOpStats, PATH_COMPAT, PATH_NVFS, PATH_UNKNOWN, PROCESS_ROW, abi,
-        is_nvfs_io,
+        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX,
+        CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER, CUFILE_OP_HANDLE_DEREGISTER,
+        CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE,
+        CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCount, CufileCpuStats,
+        CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats, PATH_COMPAT,
+        PATH_NVFS, PATH_UNKNOWN, PROCESS_ROW, abi, is_nvfs_io,
     },
+    log2_bucket,
 };
 
 use crate::maps::index;
@@ -290,8 +290,7 @@ fn exit(ctx: &RetProbeContext) {
     if is_sync_io(op) && code == 0 && call.fd >= 0 {
         if let Some(p) = row(tgid, PROCESS_ROW) {
             // SAFETY: map value pointer.
-            if unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) } != call.nvfs_at_entry
-            {
+            if unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) } != call.nvfs_at_entry {
                 path = PATH_NVFS;
             }
         }

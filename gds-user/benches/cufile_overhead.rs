@@ -47,12 +47,17 @@ fn main() {
         eprintln!("cufile_overhead: needs root to attach uprobes; skipped");
         return;
     }
-    let lib = std::env::var_os("GDS_LIBCUFILE").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0")
-    });
+    let lib = std::env::var_os("GDS_LIBCUFILE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0")
+        });
     if !lib.exists() {
-        eprintln!("cufile_overhead: no libcufile at {} (`cargo xtask setup`); skipped", lib.display());
+        eprintln!(
+            "cufile_overhead: no libcufile at {} (`cargo xtask setup`); skipped",
+            lib.display()
+        );
         return;
     }
     // SAFETY: loading NVIDIA's library runs its constructors, which need nothing of us.
@@ -88,7 +93,11 @@ fn main() {
     tracer.refresh_cufile_pids(&[std::process::id()]);
     let attach = t.elapsed();
     assert!(
-        tracer.cufile_libraries().0.iter().any(|l| l.pids.contains(&std::process::id())),
+        tracer
+            .cufile_libraries()
+            .0
+            .iter()
+            .any(|l| l.pids.contains(&std::process::id())),
         "libcufile not attached"
     );
     let traced = (per_call(&mut api), per_call(&mut pread));
@@ -100,10 +109,23 @@ fn main() {
     let untraced2 = (per_call(&mut api), per_call(&mut pread));
 
     println!("\ncuFile tracing cost per call (median of {ROUNDS} rounds of {ROUND_TIME:?})");
-    println!("{:<34} {:>10} {:>10} {:>10} {:>9} {:>8}", "", "untraced", "traced", "untraced", "added", "ratio");
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "", "untraced", "traced", "untraced", "added", "ratio"
+    );
     for (name, a, b, c) in [
-        ("cuFileRead (null handle) ns", untraced.0, traced.0, untraced2.0),
-        ("pread64 4 KiB, page cache ns", untraced.1, traced.1, untraced2.1),
+        (
+            "cuFileRead (null handle) ns",
+            untraced.0,
+            traced.0,
+            untraced2.0,
+        ),
+        (
+            "pread64 4 KiB, page cache ns",
+            untraced.1,
+            traced.1,
+            untraced2.1,
+        ),
     ] {
         let base = (a + c) / 2.0;
         println!(

@@ -293,9 +293,8 @@ impl CufileWatch {
         let handle = std::thread::Builder::new()
             .name("gds-cufile".into())
             .spawn(move || {
-                let dropped = crate::privileges::drop_calling_thread_to(
-                    crate::privileges::CUFILE_KEEP,
-                );
+                let dropped =
+                    crate::privileges::drop_calling_thread_to(crate::privileges::CUFILE_KEEP);
                 let ok = dropped.is_ok();
                 let _ = tx.send(dropped);
                 if !ok {
@@ -345,10 +344,7 @@ impl CufileWatch {
 }
 
 /// Waits up to `wait` for the loader's notifications; returns the distinct process ids.
-fn wait_loaded(
-    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    wait: Duration,
-) -> Vec<u32> {
+fn wait_loaded(rb: &mut aya::maps::RingBuf<aya::maps::MapData>, wait: Duration) -> Vec<u32> {
     use std::os::fd::AsRawFd;
     let mut pfd = libc::pollfd {
         fd: rb.as_raw_fd(),

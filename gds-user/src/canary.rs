@@ -111,7 +111,10 @@ pub fn run(file: &std::path::Path, gpu_ordinal: u32, json: bool) -> Result<()> {
         .find(|(k, _)| k.tgid == me && k.fd == fd)
         .map(|(_, s)| *s);
     let (traced, traced_detail) = match row {
-        None => ("unknown".to_owned(), "the tracer saw no call on the file".to_owned()),
+        None => (
+            "unknown".to_owned(),
+            "the tracer saw no call on the file".to_owned(),
+        ),
         Some(s) => {
             let path = (0..s.path_calls.len())
                 .filter(|p| s.path_calls[*p] > 0)

@@ -152,38 +152,34 @@ async fn snapshot(State(s): State<AppState>) -> axum::response::Response {
     let stalls = s.stalls.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let slow = s.slow.list();
     let tracer = s.tracer.clone();
-    match tokio::task::spawn_blocking(move || Snapshot::collect(&tracer, stalls, slow)).await {
-        Ok(Ok(snap)) => axum::Json(snap).into_response(),
-        Ok(Err(e)) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the tracer's maps failed: {e}\n"),
-        )
-            .into_response(),
-        Err(e) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("snapshot task failed: {e}\n"),
-        )
-            .into_response(),
-    }
+    blocking_json("the tracer's maps", move || {
+        Snapshot::collect(&tracer, stalls, slow)
+    })
+    .await
 }
 
 /// cuFile: libraries attached, processes and their files with the path their I/O took (and
 /// why compat), calls in flight.
 async fn cufile(State(s): State<AppState>) -> axum::response::Response {
     let tracer = s.tracer.clone();
-    match tokio::task::spawn_blocking(move || model::cufile::CufileReport::collect(&tracer)).await
-    {
-        Ok(Ok(r)) => axum::Json(r).into_response(),
-        Ok(Err(e)) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the cuFile maps failed: {e}\n"),
-        )
-            .into_response(),
-        Err(e) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cuFile task failed: {e}\n"),
-        )
-            .into_response(),
+    blocking_json("the cuFile maps", move || {
+        model::cufile::CufileReport::collect(&tracer)
+    })
+    .await
+}
+
+/// Runs `read` (map reads are syscalls) off the async workers; its value as JSON, or a 500
+/// that says what failed.
+async fn blocking_json<T: serde::Serialize + Send + 'static>(
+    what: &'static str,
+    read: impl FnOnce() -> Result<T, crate::trace::TraceError> + Send + 'static,
+) -> axum::response::Response {
+    let error =
+        |text: String| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, text).into_response();
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => error(format!("reading {what} failed: {e}\n")),
+        Err(e) => error(format!("the task reading {what} failed: {e}\n")),
     }
 }
 

@@ -128,7 +128,12 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
     let cf_errors = c
         .errors
         .iter()
-        .map(|e| counter(labels(&[("op", &e.op), ("error", &e.error)]), e.count as f64))
+        .map(|e| {
+            counter(
+                labels(&[("op", &e.op), ("error", &e.error)]),
+                e.count as f64,
+            )
+        })
         .collect();
     let cf_beneath = c
         .beneath
@@ -152,10 +157,7 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         (f::CUFILE_ERRORS, cf_errors),
         (f::CUFILE_BYTES, cf_bytes),
         (f::CUFILE_REQUESTED, cf_asked),
-        (
-            f::CUFILE_LIBRARIES,
-            vec![gauge(vec![], c.libraries as f64)],
-        ),
+        (f::CUFILE_LIBRARIES, vec![gauge(vec![], c.libraries as f64)]),
         (f::CUFILE_BENEATH, cf_beneath),
     ]
     .into_iter()

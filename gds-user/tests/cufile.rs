@@ -124,7 +124,11 @@ fn delta(before: &Metrics, now: &Metrics, name: &str, labels: &[(&str, &str)]) -
 
 /// The `error` label a result the application saw must have (read/write: -1 is errno).
 fn error_name(op: u32, result: i64) -> &'static str {
-    let code = if result < 0 { (-result) as i32 } else { result as u32 as i32 };
+    let code = if result < 0 {
+        (-result) as i32
+    } else {
+        result as u32 as i32
+    };
     labels::cufile_error(op, code)
 }
 
@@ -153,14 +157,49 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     let plan: [(&str, u32, u32, &str); 9] = [
         ("cuFileRead", 3, CUFILE_OP_READ, "read"),
         ("cuFileWrite", 5, CUFILE_OP_WRITE, "write"),
-        ("cuFileDriverClose_v2", 2, CUFILE_OP_DRIVER_CLOSE, "driver_close"),
+        (
+            "cuFileDriverClose_v2",
+            2,
+            CUFILE_OP_DRIVER_CLOSE,
+            "driver_close",
+        ),
         // Jumps to cuFileDriverClose_v2: one call, not two (the inner one is `nested`).
-        ("cuFileDriverClose", 1, CUFILE_OP_DRIVER_CLOSE, "driver_close"),
-        ("cuFileBatchIOSubmit", 2, CUFILE_OP_BATCH_SUBMIT, "batch_submit"),
-        ("cuFileBatchIOGetStatus", 1, CUFILE_OP_BATCH_GET_STATUS, "batch_get_status"),
-        ("cuFileBatchIOCancel", 1, CUFILE_OP_BATCH_CANCEL, "batch_cancel"),
-        ("cuFileBufDeregister", 2, CUFILE_OP_BUF_DEREGISTER, "buf_deregister"),
-        ("cuFileHandleDeregister", 4, CUFILE_OP_HANDLE_DEREGISTER, "handle_deregister"),
+        (
+            "cuFileDriverClose",
+            1,
+            CUFILE_OP_DRIVER_CLOSE,
+            "driver_close",
+        ),
+        (
+            "cuFileBatchIOSubmit",
+            2,
+            CUFILE_OP_BATCH_SUBMIT,
+            "batch_submit",
+        ),
+        (
+            "cuFileBatchIOGetStatus",
+            1,
+            CUFILE_OP_BATCH_GET_STATUS,
+            "batch_get_status",
+        ),
+        (
+            "cuFileBatchIOCancel",
+            1,
+            CUFILE_OP_BATCH_CANCEL,
+            "batch_cancel",
+        ),
+        (
+            "cuFileBufDeregister",
+            2,
+            CUFILE_OP_BUF_DEREGISTER,
+            "buf_deregister",
+        ),
+        (
+            "cuFileHandleDeregister",
+            4,
+            CUFILE_OP_HANDLE_DEREGISTER,
+            "handle_deregister",
+        ),
     ];
     let mut expected_calls = std::collections::BTreeMap::<&str, f64>::new();
     let mut expected_errors = std::collections::BTreeMap::<(&str, &str), f64>::new();
@@ -182,9 +221,9 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     assert_eq!(expected_errors.get(&("read", "errno")), Some(&3.0));
     app.cmd("pread 7");
     let count_ok = |m: &Metrics| {
-        expected_calls.iter().all(|(op, n)| {
-            delta(&before, m, "gds_cufile_calls_total", &[("op", op)]) == *n
-        })
+        expected_calls
+            .iter()
+            .all(|(op, n)| delta(&before, m, "gds_cufile_calls_total", &[("op", op)]) == *n)
     };
     let mut now = agent.scrape();
     within(Duration::from_secs(2), "calls counted", &agent, || {
@@ -194,26 +233,51 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     eprintln!("counted within {:?} of the first call", t_calls.elapsed());
     for ((op, error), n) in &expected_errors {
         assert_eq!(
-            delta(&before, &now, "gds_cufile_errors_total", &[("op", op), ("error", error)]),
+            delta(
+                &before,
+                &now,
+                "gds_cufile_errors_total",
+                &[("op", op), ("error", error)]
+            ),
             *n,
             "errors {op}/{error}"
         );
     }
     assert_eq!(
-        delta(&before, &now, "gds_cufile_requested_bytes_total", &[("op", "read")]),
+        delta(
+            &before,
+            &now,
+            "gds_cufile_requested_bytes_total",
+            &[("op", "read")]
+        ),
         3.0 * 4096.0
     );
     assert_eq!(
-        delta(&before, &now, "gds_cufile_requested_bytes_total", &[("op", "write")]),
+        delta(
+            &before,
+            &now,
+            "gds_cufile_requested_bytes_total",
+            &[("op", "write")]
+        ),
         5.0 * 4096.0
     );
     assert_eq!(
-        delta(&before, &now, "gds_cufile_beneath_calls_total", &[("link", "unlinked")]),
+        delta(
+            &before,
+            &now,
+            "gds_cufile_beneath_calls_total",
+            &[("link", "unlinked")]
+        ),
         7.0,
         "7 preads from 3 threads of a cuFile process, no cuFile call on their file"
     );
     assert_eq!(
-        delta(&before, &now, "gds_cufile_beneath_calls_total", &[("link", "nested")]),
+        delta(
+            &before,
+            &now,
+            "gds_cufile_beneath_calls_total",
+            &[("link", "nested")]
+        ),
         1.0
     );
     for (k, v) in &now.0 {
@@ -223,7 +287,11 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     }
     eprintln!("checked at {:?}", t_calls.elapsed());
     let r = report(&agent);
-    let p = r.processes.iter().find(|p| p.pid == pid).expect("the process on /debug/cufile");
+    let p = r
+        .processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("the process on /debug/cufile");
     assert_eq!(p.counters.calls, 21, "{p:?}");
     assert_eq!(p.counters.read_calls, 3);
     assert_eq!(p.counters.write_calls, 5);
@@ -241,15 +309,31 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     let mut hidden = App::spawn(&unshare_private(&setup));
     let hidden_lib = private.path().join("libcufile.so.0");
     let hpid = hidden.load(&hidden_lib);
-    assert!(!hidden_lib.exists(), "the copy must be invisible outside the namespace");
-    within(Duration::from_secs(2), "private copy attached", &agent, || {
-        attached(&agent, hpid).is_some()
-    });
+    assert!(
+        !hidden_lib.exists(),
+        "the copy must be invisible outside the namespace"
+    );
+    within(
+        Duration::from_secs(2),
+        "private copy attached",
+        &agent,
+        || attached(&agent, hpid).is_some(),
+    );
     let before = agent.scrape();
     hidden.call("cuFileRead", 4);
-    within(Duration::from_secs(2), "private copy's calls", &agent, || {
-        delta(&before, &agent.scrape(), "gds_cufile_calls_total", &[("op", "read")]) == 4.0
-    });
+    within(
+        Duration::from_secs(2),
+        "private copy's calls",
+        &agent,
+        || {
+            delta(
+                &before,
+                &agent.scrape(),
+                "gds_cufile_calls_total",
+                &[("op", "read")],
+            ) == 4.0
+        },
+    );
     hidden.exit();
 
     // 3. The file replaced on disk under a running agent.
@@ -259,56 +343,83 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
         let tmp = d.path().join("libcufile.so.0.new");
         std::fs::copy(&lib, &tmp).unwrap();
         std::fs::rename(&tmp, p).unwrap();
-        std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap()
+        std::fs::metadata(p)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap()
     };
     let ino1 = install(&path);
     let mut a = App::spawn(&[]);
     let apid = a.load(&path);
-    within(Duration::from_secs(2), "first file attached", &agent, || {
-        attached(&agent, apid) == Some(ino1)
-    });
+    within(
+        Duration::from_secs(2),
+        "first file attached",
+        &agent,
+        || attached(&agent, apid) == Some(ino1),
+    );
     a.exit();
     // Kept attached for LINGER after its last process (a restarting job reuses the probes).
     let linger = gds_user::trace::CUFILE_LINGER;
-    within(linger + Duration::from_secs(2), "first file detached after its last process", &agent, || {
-        !report(&agent).libraries.iter().any(|l| l.inode == ino1)
-    });
+    within(
+        linger + Duration::from_secs(2),
+        "first file detached after its last process",
+        &agent,
+        || !report(&agent).libraries.iter().any(|l| l.inode == ino1),
+    );
     assert!(agent.log().contains("no process has mapped it for"));
     let ino2 = install(&path);
     assert_ne!(ino1, ino2);
     let mut b = App::spawn(&[]);
     let bpid = b.load(&path);
-    within(Duration::from_secs(2), "replacement attached", &agent, || {
-        attached(&agent, bpid) == Some(ino2)
-    });
+    within(
+        Duration::from_secs(2),
+        "replacement attached",
+        &agent,
+        || attached(&agent, bpid) == Some(ino2),
+    );
     // Replace again while b runs: b keeps the deleted inode, c loads the new one.
     let ino3 = install(&path);
     let mut c = App::spawn(&[]);
     let cpid = c.load(&path);
-    within(Duration::from_secs(2), "second replacement attached", &agent, || {
-        attached(&agent, cpid) == Some(ino3)
-    });
+    within(
+        Duration::from_secs(2),
+        "second replacement attached",
+        &agent,
+        || attached(&agent, cpid) == Some(ino3),
+    );
     let before = agent.scrape();
     b.call("cuFileWrite", 2);
     c.call("cuFileWrite", 3);
     within(Duration::from_secs(2), "both copies' calls", &agent, || {
-        delta(&before, &agent.scrape(), "gds_cufile_calls_total", &[("op", "write")]) == 5.0
+        delta(
+            &before,
+            &agent.scrape(),
+            "gds_cufile_calls_total",
+            &[("op", "write")],
+        ) == 5.0
     });
     // The periodic scan (every 500 ms) notices the file b maps is gone from the directory.
-    within(Duration::from_secs(2), "b's copy listed as deleted", &agent, || {
-        report(&agent)
-            .libraries
-            .iter()
-            .any(|l| l.inode == ino2 && l.deleted && l.pids.contains(&bpid))
-    });
+    within(
+        Duration::from_secs(2),
+        "b's copy listed as deleted",
+        &agent,
+        || {
+            report(&agent)
+                .libraries
+                .iter()
+                .any(|l| l.inode == ino2 && l.deleted && l.pids.contains(&bpid))
+        },
+    );
     b.exit();
     c.exit();
     // Closing a uprobe costs ~90 ms of kernel time here (event_mutex and an RCU grace period
     // per probe, serialized): let the lingering copies detach before SIGTERM, so the clean
     // shutdown checked here is not a race against 100+ probes closing.
-    within(Duration::from_secs(30), "every copy detached", &agent, || {
-        report(&agent).libraries.is_empty()
-    });
+    within(
+        Duration::from_secs(30),
+        "every copy detached",
+        &agent,
+        || report(&agent).libraries.is_empty(),
+    );
     let (status, log) = agent.stop();
     assert!(status.success(), "{log}");
 }

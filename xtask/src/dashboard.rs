@@ -714,14 +714,18 @@ pub fn render() -> Value {
             "compat",
         ),
     ));
-    l.add(4, 8, stat(
-        "libcufile copies traced",
-        "libcufile files (by inode: system CUDA, Python wheels, containers) mapped by some \
+    l.add(
+        4,
+        8,
+        stat(
+            "libcufile copies traced",
+            "libcufile files (by inode: system CUDA, Python wheels, containers) mapped by some \
          process and traced now.",
-        "short",
-        None,
-        q(format!("sum(gds_cufile_libraries{{{I}}})"), "copies"),
-    ));
+            "short",
+            None,
+            q(format!("sum(gds_cufile_libraries{{{I}}})"), "copies"),
+        ),
+    );
     l.add(
         8,
         8,

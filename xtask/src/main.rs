@@ -110,11 +110,17 @@ fn main() -> Result<()> {
             setup::run(&mut cmd)?;
             // cuFile: uprobes on the real libcufile (PyPI), per call.
             let mut cmd = setup::cargo();
-            cmd.args(["bench", "--package", "gds-user", "--bench", "cufile_overhead"])
-                .env(
-                    "GDS_LIBCUFILE",
-                    setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0"),
-                );
+            cmd.args([
+                "bench",
+                "--package",
+                "gds-user",
+                "--bench",
+                "cufile_overhead",
+            ])
+            .env(
+                "GDS_LIBCUFILE",
+                setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0"),
+            );
             setup::run(&mut cmd)
         }
     }

@@ -157,10 +157,20 @@ fn ensure_libcufile() -> Result<()> {
     if dir.join("nvidia/cu13/lib/libcufile.so.0").exists() {
         return Ok(());
     }
-    step(&format!("downloading {LIBCUFILE_WHEEL} from PyPI (the cuFile tests' libcufile)"));
+    step(&format!(
+        "downloading {LIBCUFILE_WHEEL} from PyPI (the cuFile tests' libcufile)"
+    ));
     let wheels = target_dir().join("pypi/wheel");
     run(Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+        ])
         .arg(&wheels)
         .arg(LIBCUFILE_WHEEL))?;
     // A wheel is a zip; python3 is there (pip ran), unzip may not be.

@@ -117,7 +117,9 @@ pub struct HostFacts {
 
 impl CufileReport {
     /// Reads the tracer's cuFile maps and attachments now.
-    pub fn collect(tracer: &crate::trace::UringTracer) -> Result<CufileReport, crate::trace::TraceError> {
+    pub fn collect(
+        tracer: &crate::trace::UringTracer,
+    ) -> Result<CufileReport, crate::trace::TraceError> {
         let raw = tracer.cufile_raw()?;
         let (libraries, not_traced) = tracer.cufile_libraries();
         let host = HostFacts {
@@ -167,7 +169,9 @@ impl CufileReport {
             }
             let fd_dir = proc_root.join(k.tgid.to_string()).join("fd");
             let counters = CufileCounters::from_raw(s);
-            let compat_reason = (counters.path_calls.contains_key(labels::CUFILE_PATHS[PATH_COMPAT])
+            let compat_reason = (counters
+                .path_calls
+                .contains_key(labels::CUFILE_PATHS[PATH_COMPAT])
                 || (counters.compat_ios > 0
                     && !counters
                         .path_calls
@@ -240,7 +244,10 @@ pub fn compat_reason(
         return "file not opened O_DIRECT".into();
     }
     if c.unaligned > 0 {
-        return format!("{} unaligned call(s) (offset or size not a multiple of 4 KiB)", c.unaligned);
+        return format!(
+            "{} unaligned call(s) (offset or size not a multiple of 4 KiB)",
+            c.unaligned
+        );
     }
     "unknown (nvidia-fs is loaded, the file is O_DIRECT and the I/O aligned)".into()
 }
@@ -271,8 +278,14 @@ mod tests {
         let d = fake_proc(b"A=1\0CUFILE_FORCE_COMPAT_MODE=true\0", "0100002");
         assert!(compat_reason(d.path(), 7, 5, &c, nvfs).starts_with("CUFILE_FORCE_COMPAT_MODE"));
         let d = fake_proc(b"A=1\0", "0100002");
-        assert_eq!(compat_reason(d.path(), 7, 5, &c, no_nvfs), "nvidia-fs not loaded");
-        assert_eq!(compat_reason(d.path(), 7, 5, &c, nvfs), "file not opened O_DIRECT");
+        assert_eq!(
+            compat_reason(d.path(), 7, 5, &c, no_nvfs),
+            "nvidia-fs not loaded"
+        );
+        assert_eq!(
+            compat_reason(d.path(), 7, 5, &c, nvfs),
+            "file not opened O_DIRECT"
+        );
         let d = fake_proc(b"", "0140002");
         let unaligned = CufileCounters {
             unaligned: 3,

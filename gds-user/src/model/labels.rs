@@ -387,7 +387,10 @@ mod cufile_tests {
         assert_eq!(cufile_op(0), "read");
         assert_eq!(cufile_op(99), "unknown");
         assert_eq!(cufile_error(CUFILE_OP_READ, 1), "errno");
-        assert_eq!(cufile_error(CUFILE_OP_READ, 5027), "CU_FILE_HANDLE_NOT_REGISTERED");
+        assert_eq!(
+            cufile_error(CUFILE_OP_READ, 5027),
+            "CU_FILE_HANDLE_NOT_REGISTERED"
+        );
         assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 1), "unknown");
         assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 123_456), "unknown");
         let mut codes: Vec<i32> = CUFILE_ERRORS.iter().map(|(c, _)| *c).collect();

@@ -147,11 +147,7 @@ pub struct CufileStats {
 
 impl CufileStats {
     /// Names `raw`; `libraries` is the number of copies attached. Drops go to `drops`.
-    pub fn decode(
-        raw: &CufileRaw,
-        libraries: usize,
-        drops: &mut Vec<DropRow>,
-    ) -> CufileStats {
+    pub fn decode(raw: &CufileRaw, libraries: usize, drops: &mut Vec<DropRow>) -> CufileStats {
         let mut out = CufileStats {
             libraries,
             ..Default::default()
@@ -302,11 +298,7 @@ impl Stats {
             })
             .collect();
         let libraries = tracer.cufile_libraries().0.len();
-        stats.cufile = CufileStats::decode(
-            &tracer.cufile_raw()?,
-            libraries,
-            &mut stats.drops,
-        );
+        stats.cufile = CufileStats::decode(&tracer.cufile_raw()?, libraries, &mut stats.drops);
         Ok(stats)
     }
 

@@ -325,8 +325,7 @@ fn drop_other_threads(
                 && t == tid
             {
                 let within = |c: CapSet| c.0 & !allowed.0 == 0;
-                if !within(caps.permitted) || !within(caps.effective) || !caps.ambient.is_empty()
-                {
+                if !within(caps.permitted) || !within(caps.effective) || !caps.ambient.is_empty() {
                     return Err(PrivilegeError::Kept {
                         tid,
                         effective: caps.effective,

@@ -68,19 +68,28 @@ fn add(h: &mut Histogram, other: &Histogram) {
     h.sum_ns += other.sum_ns;
 }
 
+/// Rows keyed by name, from (name, count, errors, latency) of one snapshot.
+fn totals<'a>(
+    rows: impl Iterator<Item = (&'a String, u64, u64, &'a Histogram)>,
+) -> BTreeMap<String, Totals> {
+    rows.map(|(key, count, errors, latency)| {
+        let t = Totals {
+            count,
+            errors,
+            latency: latency.clone(),
+        };
+        (key.clone(), t)
+    })
+    .collect()
+}
+
 fn by_opcode(s: &Snapshot) -> BTreeMap<String, Totals> {
-    s.stats
-        .opcodes
-        .iter()
-        .map(|o| {
-            let t = Totals {
-                count: o.submitted,
-                errors: o.errors,
-                latency: o.latency.clone(),
-            };
-            (o.opcode.clone(), t)
-        })
-        .collect()
+    totals(
+        s.stats
+            .opcodes
+            .iter()
+            .map(|o| (&o.opcode, o.submitted, o.errors, &o.latency)),
+    )
 }
 
 fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
@@ -97,19 +106,13 @@ fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
 }
 
 fn by_cufile_op(s: &Snapshot) -> BTreeMap<String, Totals> {
-    s.stats
-        .cufile
-        .ops
-        .iter()
-        .map(|o| {
-            let t = Totals {
-                count: o.calls,
-                errors: o.errors,
-                latency: o.latency.clone(),
-            };
-            (o.op.clone(), t)
-        })
-        .collect()
+    totals(
+        s.stats
+            .cufile
+            .ops
+            .iter()
+            .map(|o| (&o.op, o.calls, o.errors, &o.latency)),
+    )
 }
 
 /// Per process, from the two snapshots' counters (a process new in `cur` counts from zero).
@@ -122,7 +125,10 @@ fn cufile_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<CufileProcRow> 
             let before = prev.cufile.processes.iter().find(|q| q.pid == p.pid);
             let c = &p.counters;
             let (calls0, bytes0) = before.map_or((0, 0), |b| {
-                (b.counters.calls, b.counters.read_bytes + b.counters.write_bytes)
+                (
+                    b.counters.calls,
+                    b.counters.read_bytes + b.counters.write_bytes,
+                )
             });
             let ok: u64 = c.path_calls.values().sum();
             let compat = c.path_calls.get("compat").copied().unwrap_or(0);
@@ -141,7 +147,11 @@ fn cufile_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<CufileProcRow> 
             }
         })
         .collect();
-    rows.sort_by(|a, b| b.bytes_per_s.total_cmp(&a.bytes_per_s).then(a.pid.cmp(&b.pid)));
+    rows.sort_by(|a, b| {
+        b.bytes_per_s
+            .total_cmp(&a.bytes_per_s)
+            .then(a.pid.cmp(&b.pid))
+    });
     rows
 }
 

@@ -63,8 +63,16 @@ fn rate_table<'a>(title: &'a str, rows: &[RateRow], first: &'a str) -> Table<'a>
 }
 
 fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
-    let header = Row::new(["PID", "COMM", "CALLS/s", "GB/s", "COMPAT", "PATH", "WHY COMPAT"])
-        .style(bold());
+    let header = Row::new([
+        "PID",
+        "COMM",
+        "CALLS/s",
+        "GB/s",
+        "COMPAT",
+        "PATH",
+        "WHY COMPAT",
+    ])
+    .style(bold());
     let rows: Vec<Row> = rows
         .iter()
         .map(|r| {
@@ -143,7 +151,10 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     if has_cufile {
         let halves = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)])
             .split(chunks[3]);
-        f.render_widget(rate_table("cuFile by op", &view.cufile_ops, "OP"), halves[0]);
+        f.render_widget(
+            rate_table("cuFile by op", &view.cufile_ops, "OP"),
+            halves[0],
+        );
         f.render_widget(cufile_table(&view.cufile_procs), halves[1]);
     }
 

@@ -36,17 +36,16 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
+use gds_common::HIST_BUCKETS;
 use gds_common::cufile::{
     BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_COUNTS, CUFILE_OP_BATCH_CANCEL,
     CUFILE_OP_BATCH_GET_STATUS, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_DEREGISTER,
     CUFILE_OP_BUF_REGISTER, CUFILE_OP_DRIVER_CLOSE, CUFILE_OP_DRIVER_OPEN,
     CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC,
     CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCpuStats,
-    CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats,
-    MAP_CUFILE_CALLS, MAP_CUFILE_ERRORS, MAP_CUFILE_FILES, MAP_CUFILE_HANDLES,
-    MAP_CUFILE_OPS, MAP_CUFILE_STATS,
+    CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS,
+    MAP_CUFILE_ERRORS, MAP_CUFILE_FILES, MAP_CUFILE_HANDLES, MAP_CUFILE_OPS, MAP_CUFILE_STATS,
 };
-use gds_common::HIST_BUCKETS;
 
 use super::{
     TraceError,
@@ -174,9 +173,18 @@ impl CufileTracing {
 
     /// Reads the maps of `pids` only (the loader said they loaded something): attaches what is
     /// new there, detaches nothing (that is [`Self::refresh`]'s job).
-    pub fn refresh_pids(&mut self, ebpf: &mut Ebpf, nvfs_loaded: bool, pids: &[u32]) -> Vec<String> {
+    pub fn refresh_pids(
+        &mut self,
+        ebpf: &mut Ebpf,
+        nvfs_loaded: bool,
+        pids: &[u32],
+    ) -> Vec<String> {
         let seen = procmaps::scan(&self.proc_root, Some(pids));
-        tracing::debug!(?pids, users = seen.users.len(), "cuFile: scanned after the loader's notification");
+        tracing::debug!(
+            ?pids,
+            users = seen.users.len(),
+            "cuFile: scanned after the loader's notification"
+        );
         self.apply(ebpf, seen, nvfs_loaded, false)
     }
 
@@ -285,7 +293,10 @@ impl CufileTracing {
                         mapping.path,
                         if mapping.deleted { " (deleted)" } else { "" },
                         file.ino,
-                        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                        pids.iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
                         if symbols.missing.is_empty() {
                             String::new()
                         } else {
@@ -378,7 +389,12 @@ impl CufileTracing {
                 dev: f.dev,
                 inode: f.ino,
                 pids: l.pids.iter().copied().collect(),
-                functions: l.symbols.found.iter().map(|(n, _)| (*n).to_owned()).collect(),
+                functions: l
+                    .symbols
+                    .found
+                    .iter()
+                    .map(|(n, _)| (*n).to_owned())
+                    .collect(),
                 missing: l.symbols.missing.iter().map(|n| (*n).to_owned()).collect(),
                 usdt_notes: l.symbols.usdt_notes,
                 usdt_providers: l.symbols.usdt_providers.iter().cloned().collect(),
@@ -524,12 +540,11 @@ fn attach_beneath(
         path: libc.path.clone(),
         why: e.to_string(),
     })?;
-    let scope = UProbeScope::OneProcess(
-        std::num::NonZeroU32::new(pid).ok_or(TraceError::Library {
+    let scope =
+        UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or(TraceError::Library {
             path: libc.path.clone(),
             why: "pid 0".into(),
-        })?,
-    );
+        })?);
     let mut links = Vec::new();
     for (name, offset) in &symbols.found {
         let kind = BENEATH
@@ -616,14 +631,24 @@ impl CufileMaps {
     pub fn read(&self) -> Result<CufileRaw, TraceError> {
         let map_err = |name| move |source| TraceError::Map { name, source };
         let mut raw = CufileRaw::default();
-        for cpu in self.stats.get(&0, 0).map_err(map_err(MAP_CUFILE_STATS))?.iter() {
+        for cpu in self
+            .stats
+            .get(&0, 0)
+            .map_err(map_err(MAP_CUFILE_STATS))?
+            .iter()
+        {
             for (t, c) in raw.counts.iter_mut().zip(cpu.counts) {
                 *t += c;
             }
         }
         for op in 0..CUFILE_OPS as u32 {
             let mut sum = ZERO_OP;
-            for cpu in self.ops.get(&op, 0).map_err(map_err(MAP_CUFILE_OPS))?.iter() {
+            for cpu in self
+                .ops
+                .get(&op, 0)
+                .map_err(map_err(MAP_CUFILE_OPS))?
+                .iter()
+            {
                 sum.calls += cpu.calls;
                 sum.errors += cpu.errors;
                 sum.sum_ns += cpu.sum_ns;
@@ -680,7 +705,12 @@ impl CufileMaps {
             let (tgid, tid) = ((id >> 32) as u32, id as u32);
             !alive(tgid) || !Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
         };
-        let stale: Vec<u64> = self.calls.keys().filter_map(Result::ok).filter(|id| thread_gone(*id)).collect();
+        let stale: Vec<u64> = self
+            .calls
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| thread_gone(*id))
+            .collect();
         for id in stale {
             let _ = self.calls.remove(&id);
         }

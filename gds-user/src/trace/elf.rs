@@ -54,9 +54,7 @@ fn parse(data: &[u8], wanted: &[&'static str]) -> Result<LibSymbols, object::Err
     let mut out = LibSymbols::default();
     for &name in wanted {
         let sym = file.dynamic_symbols().find(|s| {
-            s.is_definition()
-                && s.name()
-                    .is_ok_and(|n| n.split('@').next() == Some(name))
+            s.is_definition() && s.name().is_ok_and(|n| n.split('@').next() == Some(name))
         });
         let offset = sym.and_then(|s| {
             let section = file.section_by_index(s.section_index()?).ok()?;
@@ -126,7 +124,10 @@ mod tests {
         let (name, off) = s.found[0];
         assert_eq!(name, "pread64");
         let len = std::fs::metadata(libc).unwrap().len();
-        assert!(off > 0 && off < len, "offset {off:#x} outside the file ({len} bytes)");
+        assert!(
+            off > 0 && off < len,
+            "offset {off:#x} outside the file ({len} bytes)"
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ mod offsets;
 mod procmaps;
 mod uring;
 
-pub use cufile::{CufileRaw, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo, SYMBOLS as CUFILE_SYMBOLS};
+pub use cufile::{
+    CufileRaw, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo, SYMBOLS as CUFILE_SYMBOLS,
+};
 pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NvmeLayer};
 pub use error::TraceError;
 pub use events::raw_event;

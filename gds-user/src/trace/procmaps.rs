@@ -145,7 +145,13 @@ mod tests {
     fn maps_lines_give_files_once_with_their_link() {
         let libs = parse(42, MAPS, &is_libcufile);
         assert_eq!(libs.len(), 2, "{libs:?}");
-        assert_eq!(libs[0].file, FileId { dev: (0xfd << 20) | 1, ino: 5555 });
+        assert_eq!(
+            libs[0].file,
+            FileId {
+                dev: (0xfd << 20) | 1,
+                ino: 5555
+            }
+        );
         assert_eq!(
             libs[0].via,
             Path::new("/proc/42/map_files/7f10a0000000-7f10a0020000")

@@ -328,8 +328,8 @@ impl UringTracer {
         let Some(cufile) = &self.cufile else {
             return Vec::new();
         };
-        let nvfs = crate::kmod::Modules::live().residence("nvidia_fs")
-            != crate::kmod::Residence::Absent;
+        let nvfs =
+            crate::kmod::Modules::live().residence("nvidia_fs") != crate::kmod::Residence::Absent;
         let changes = {
             let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
             let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
@@ -349,8 +349,8 @@ impl UringTracer {
         let Some(cufile) = &self.cufile else {
             return Vec::new();
         };
-        let nvfs = crate::kmod::Modules::live().residence("nvidia_fs")
-            != crate::kmod::Residence::Absent;
+        let nvfs =
+            crate::kmod::Modules::live().residence("nvidia_fs") != crate::kmod::Residence::Absent;
         let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         cufile.refresh_pids(&mut ebpf, nvfs, pids)
