@@ -243,3 +243,25 @@ mod pod {
     unsafe impl aya::Pod for CufileFileStats {}
     unsafe impl aya::Pod for CufileHandleKey {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// nvidia-fs cannot run on the test machines: its classification rests on these codes,
+    /// `_IOW('t', n, int)` of nvidia-fs's `nvfs-core.h`, checked here against the encoding.
+    #[test]
+    fn nvfs_data_ioctls_and_nothing_else() {
+        let iow = |nr: u32| (1u32 << 30) | (4 << 16) | ((b't' as u32) << 8) | nr;
+        assert_eq!(NVFS_IOCTL_READ, iow(2));
+        assert_eq!(NVFS_IOCTL_WRITE, iow(4));
+        assert_eq!(NVFS_IOCTL_BATCH_IO, iow(8));
+        for io in [NVFS_IOCTL_READ, NVFS_IOCTL_WRITE, NVFS_IOCTL_BATCH_IO] {
+            assert!(is_nvfs_io(io));
+        }
+        // MAP (buffer registration), a CUDA driver ioctl seen under torch, and TCGETS.
+        for other in [iow(3), 0xc020_462a, 0x5401] {
+            assert!(!is_nvfs_io(other), "{other:#x}");
+        }
+    }
+}
