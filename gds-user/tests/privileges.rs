@@ -46,16 +46,21 @@ fn wrapped(wrapper: &[String], agent_args: &[&str]) -> Agent {
     Agent::spawn(dir, wrapper, &bin, agent_args)
 }
 
-/// Every thread's capability sets, by tid.
-fn thread_caps(pid: u32) -> Vec<(String, ThreadCaps)> {
+/// Every thread's capability sets, by tid, with the thread's name.
+fn thread_caps(pid: u32) -> Vec<(String, String, ThreadCaps)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         if let Some(caps) = ThreadCaps::parse_status(&status) {
-            out.push((t.file_name().to_string_lossy().into_owned(), caps));
+            out.push((
+                t.file_name().to_string_lossy().into_owned(),
+                comm.trim_end().to_owned(),
+                caps,
+            ));
         }
     }
     assert!(!out.is_empty(), "no threads of {pid}");
@@ -71,9 +76,30 @@ fn status_field(pid: u32, key: &str) -> String {
 }
 
 /// Asserts every thread of the agent holds nothing (effective, permitted, inheritable,
-/// ambient) and has exactly `bounding` as its bounding set.
+/// ambient) and has exactly `bounding` as its bounding set, but the cuFile thread
+/// (`gds-cufile`), which holds at most `CUFILE_KEEP` (what attaching uprobes needs).
 fn assert_dropped(pid: u32, bounding: u64) {
-    for (tid, c) in thread_caps(pid) {
+    let keep = gds_user::privileges::CUFILE_KEEP.0;
+    let threads = thread_caps(pid);
+    assert_eq!(
+        threads.iter().filter(|(_, comm, _)| comm == "gds-cufile").count(),
+        1,
+        "one cuFile thread: {threads:?}"
+    );
+    for (tid, comm, c) in threads {
+        if comm == "gds-cufile" {
+            assert_eq!(c.effective.0 & !keep, 0, "cuFile thread {tid} CapEff: {c:?}");
+            assert_eq!(c.permitted.0 & !keep, 0, "cuFile thread {tid} CapPrm: {c:?}");
+            assert_eq!(c.inheritable.0, 0, "cuFile thread {tid} CapInh: {c:?}");
+            assert_eq!(c.ambient.0, 0, "cuFile thread {tid} CapAmb: {c:?}");
+            // It drops its bounding set to what it keeps where it may (root), else leaves it.
+            if bounding == 0 {
+                assert_eq!(c.bounding.0 & !keep, 0, "cuFile thread {tid} CapBnd: {c:?}");
+            } else {
+                assert_eq!(c.bounding.0, bounding, "cuFile thread {tid} CapBnd: {c:?}");
+            }
+            continue;
+        }
         assert_eq!(c.effective.0, 0, "thread {tid} CapEff: {c:?}");
         assert_eq!(c.permitted.0, 0, "thread {tid} CapPrm: {c:?}");
         assert_eq!(c.inheritable.0, 0, "thread {tid} CapInh: {c:?}");
