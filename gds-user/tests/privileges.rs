@@ -82,14 +82,25 @@ fn assert_dropped(pid: u32, bounding: u64) {
     let keep = gds_user::privileges::CUFILE_KEEP.0;
     let threads = thread_caps(pid);
     assert_eq!(
-        threads.iter().filter(|(_, comm, _)| comm == "gds-cufile").count(),
+        threads
+            .iter()
+            .filter(|(_, comm, _)| comm == "gds-cufile")
+            .count(),
         1,
         "one cuFile thread: {threads:?}"
     );
     for (tid, comm, c) in threads {
         if comm == "gds-cufile" {
-            assert_eq!(c.effective.0 & !keep, 0, "cuFile thread {tid} CapEff: {c:?}");
-            assert_eq!(c.permitted.0 & !keep, 0, "cuFile thread {tid} CapPrm: {c:?}");
+            assert_eq!(
+                c.effective.0 & !keep,
+                0,
+                "cuFile thread {tid} CapEff: {c:?}"
+            );
+            assert_eq!(
+                c.permitted.0 & !keep,
+                0,
+                "cuFile thread {tid} CapPrm: {c:?}"
+            );
             assert_eq!(c.inheritable.0, 0, "cuFile thread {tid} CapInh: {c:?}");
             assert_eq!(c.ambient.0, 0, "cuFile thread {tid} CapAmb: {c:?}");
             // It drops its bounding set to what it keeps where it may (root), else leaves it.

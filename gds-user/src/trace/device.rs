@@ -125,6 +125,9 @@ pub struct NvmeTracing {
     /// once, not every scan).
     layer: NvmeLayer,
     modules: Modules,
+    /// A refresh after the first found `nvme_core` absent: any later attach is of a module
+    /// loaded while the agent ran (also when it first came with no controller bound).
+    seen_absent: bool,
 }
 
 /// Offset of `status` in `struct nvme_request` in `btf`.
@@ -152,6 +155,7 @@ impl NvmeTracing {
                 why: String::new(),
             },
             modules,
+            seen_absent: false,
         })
     }
 
@@ -191,6 +195,10 @@ impl NvmeTracing {
     /// line to log), or `None`.
     pub fn refresh(&mut self, ebpf: &mut Ebpf) -> Option<String> {
         let residence = self.residence();
+        // The first refresh (at start) leaves `why` empty until it is set below.
+        if residence == Residence::Absent && !self.layer.why.is_empty() {
+            self.seen_absent = true;
+        }
         let controllers = self.modules.nvme_controllers();
         let want = match residence {
             Residence::BuiltIn => true,
@@ -268,9 +276,10 @@ impl NvmeTracing {
             Ok(off) => format!("NVMe status decoded (struct nvme_request.status at +{off})"),
             Err(why) => format!("NVMe status not decoded, errors not split by status ({why})"),
         };
-        // After a refresh that found nvme_core absent (not the first one, whose `why` is
-        // still empty), the module was loaded while the agent ran.
-        let late = self.layer.residence == Residence::Absent && !self.layer.why.is_empty();
+        // nvme_core was absent at start (or since) and is here now: loaded while the agent ran,
+        // whether the controllers came with it or a moment later.
+        let late = self.seen_absent
+            || (self.layer.residence == Residence::Absent && !self.layer.why.is_empty());
         let origin = match residence {
             Residence::BuiltIn => "the NVMe driver is built in (vmlinux BTF)".to_string(),
             _ => format!(
