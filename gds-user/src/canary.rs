@@ -19,7 +19,7 @@ use crate::{
         cufile::{Driver, Handle, Mode},
         source::{Direct, Source},
     },
-    model::labels,
+    model::cufile::CufileReport,
     probe::{DataPath, GdsMode, Report},
     trace::{TraceOptions, UringTracer},
 };
@@ -103,34 +103,25 @@ pub fn run(file: &std::path::Path, gpu_ordinal: u32, json: bool) -> Result<()> {
     let t = Instant::now();
     let n = handle.read(&dst, len as usize, 0)?;
     let read_ms = t.elapsed().as_secs_f64() * 1e3;
-    let raw = tracer.cufile_raw()?;
+    // The model's view of this process: the same decoding `/debug/cufile` serves.
+    let report = CufileReport::collect(&tracer)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&source.file);
-    let row = raw
-        .files
-        .iter()
-        .find(|(k, _)| k.tgid == me && k.fd == fd)
-        .map(|(_, s)| *s);
-    let (traced, traced_detail) = match row {
+    let me_row = report.processes.iter().find(|p| p.pid == me);
+    let (traced, traced_detail) = match me_row.and_then(|p| p.files.iter().find(|f| f.fd == fd)) {
         None => (
             "unknown".to_owned(),
             "the tracer saw no call on the file".to_owned(),
         ),
-        Some(s) => {
-            let path = (0..s.path_calls.len())
-                .filter(|p| s.path_calls[*p] > 0)
-                .max_by_key(|p| s.path_calls[*p])
-                .map_or("unknown", |p| labels::CUFILE_PATHS[p]);
+        Some(f) => {
+            let c = &f.counters;
             (
-                path.to_owned(),
+                c.main_path().unwrap_or("unknown").to_owned(),
                 format!(
                     "{} read call(s), {} I/O(s) beneath linked ({} bytes), {} nvidia-fs ioctl(s)",
-                    s.read_calls,
-                    s.compat_ios,
-                    s.compat_bytes,
-                    raw.files
-                        .iter()
-                        .find(|(k, _)| k.tgid == me && k.fd == gds_common::cufile::PROCESS_ROW)
-                        .map_or(0, |(_, p)| p.nvfs_ios)
+                    c.read_calls,
+                    c.compat_ios,
+                    c.compat_bytes,
+                    me_row.map_or(0, |p| p.counters.nvfs_ios)
                 ),
             )
         }

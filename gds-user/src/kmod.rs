@@ -131,6 +131,11 @@ impl Modules {
         }
     }
 
+    /// Whether module `name` is loaded or built in.
+    pub fn present(&self, name: &str) -> bool {
+        self.residence(name) != Residence::Absent
+    }
+
     /// Whether the kernel publishes BTF for module `name`.
     pub fn has_btf(&self, name: &str) -> bool {
         self.root.exists(&format!(

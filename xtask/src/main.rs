@@ -97,30 +97,22 @@ fn main() -> Result<()> {
         Command::Layering(args) => layering::run(args),
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
+            // io_uring (trace_overhead, which takes the extra arguments), then cuFile uprobes on
+            // the real libcufile from PyPI, per call (cufile_overhead ignores them).
             let mut cmd = setup::cargo();
-            cmd.args([
-                "bench",
-                "--package",
-                "gds-user",
-                "--bench",
-                "trace_overhead",
-                "--",
-            ])
-            .args(&args);
-            setup::run(&mut cmd)?;
-            // cuFile: uprobes on the real libcufile (PyPI), per call.
-            let mut cmd = setup::cargo();
-            cmd.args([
-                "bench",
-                "--package",
-                "gds-user",
-                "--bench",
-                "cufile_overhead",
-            ])
-            .env(
-                "GDS_LIBCUFILE",
-                setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0"),
-            );
+            cmd.args(["bench", "--package", "gds-user"])
+                .args([
+                    "--bench",
+                    "trace_overhead",
+                    "--bench",
+                    "cufile_overhead",
+                    "--",
+                ])
+                .args(&args)
+                .env(
+                    "GDS_LIBCUFILE",
+                    setup::libcufile_dir().join("nvidia/cu13/lib/libcufile.so.0"),
+                );
             setup::run(&mut cmd)
         }
     }

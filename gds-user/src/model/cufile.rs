@@ -123,8 +123,7 @@ impl CufileReport {
         let raw = tracer.cufile_raw()?;
         let (libraries, not_traced) = tracer.cufile_libraries();
         let host = HostFacts {
-            nvidia_fs_loaded: crate::kmod::Modules::live().residence("nvidia_fs")
-                != crate::kmod::Residence::Absent,
+            nvidia_fs_loaded: crate::kmod::Modules::live().present("nvidia_fs"),
         };
         Ok(CufileReport::decode(
             &raw,
@@ -149,9 +148,7 @@ impl CufileReport {
                 let dir = proc_root.join(k.tgid.to_string());
                 CufileProcess {
                     pid: k.tgid,
-                    comm: std::fs::read_to_string(dir.join("comm"))
-                        .map(|s| s.trim().to_owned())
-                        .unwrap_or_default(),
+                    comm: super::decode::proc_comm(k.tgid),
                     cgroup: crate::cgroup::of_pid(k.tgid),
                     alive: dir.exists(),
                     counters: CufileCounters::default(),

@@ -12,7 +12,7 @@ use super::{
 use crate::trace::{DeviceMaps, UringTracer, monotonic_ns};
 
 /// `/proc/PID/comm`, or `?` when the process is gone.
-fn proc_comm(tgid: u32) -> String {
+pub(crate) fn proc_comm(tgid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{tgid}/comm"))
         .map(|s| s.trim_end().to_owned())
         .unwrap_or_else(|_| "?".into())

@@ -325,16 +325,7 @@ impl UringTracer {
     /// Attaches to libcufile copies and their processes that appeared, detaches from those
     /// gone, and forgets what exited processes left in the maps. Returns the changes to log.
     pub fn refresh_cufile(&self) -> Vec<String> {
-        let Some(cufile) = &self.cufile else {
-            return Vec::new();
-        };
-        let nvfs =
-            crate::kmod::Modules::live().residence("nvidia_fs") != crate::kmod::Residence::Absent;
-        let changes = {
-            let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
-            let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-            cufile.refresh(&mut ebpf, nvfs)
-        };
+        let changes = self.cufile_attach(None);
         let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
         self.cufile_maps
             .lock()
@@ -346,14 +337,22 @@ impl UringTracer {
     /// Like [`Self::refresh_cufile`] for `pids` only, which just loaded a library; detaches
     /// nothing.
     pub fn refresh_cufile_pids(&self, pids: &[u32]) -> Vec<String> {
+        self.cufile_attach(Some(pids))
+    }
+
+    /// A full refresh (`None`) or one of `pids`, under both locks (attaching needs the
+    /// loaded programs).
+    fn cufile_attach(&self, pids: Option<&[u32]>) -> Vec<String> {
         let Some(cufile) = &self.cufile else {
             return Vec::new();
         };
-        let nvfs =
-            crate::kmod::Modules::live().residence("nvidia_fs") != crate::kmod::Residence::Absent;
+        let nvfs = crate::kmod::Modules::live().present("nvidia_fs");
         let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        cufile.refresh_pids(&mut ebpf, nvfs, pids)
+        match pids {
+            None => cufile.refresh(&mut ebpf, nvfs),
+            Some(pids) => cufile.refresh_pids(&mut ebpf, nvfs, pids),
+        }
     }
 
     /// The ring buffer of process ids the dynamic loader just loaded a library into (once).
