@@ -36,7 +36,8 @@ pub const PATH_UNKNOWN: usize = 0;
 pub const PATH_COMPAT: usize = 1;
 /// nvidia-fs: the I/O is an ioctl on `/dev/nvidia-fs*`.
 pub const PATH_NVFS: usize = 2;
-/// O_DIRECT I/O into peer (GPU BAR) memory. Not classified yet: see `trace::cufile`.
+/// O_DIRECT I/O into peer (GPU BAR) memory: the process issued block requests whose pages are
+/// P2PDMA pages while the call was in flight (`MAP_PEER_IO`).
 pub const PATH_P2PDMA: usize = 3;
 pub const CUFILE_PATHS: usize = 4;
 
@@ -151,6 +152,8 @@ pub struct CufileCall {
     /// [`CufileFileStats::nvfs_ios`] at entry: what grew during the call is what it caused.
     pub compat_at_entry: u64,
     pub nvfs_at_entry: u64,
+    /// The process's block requests into P2PDMA memory (`MAP_PEER_IO`) at entry.
+    pub peer_at_entry: u64,
     /// The stack pointer at entry and the return address it pointed at. A traced call made
     /// from inside this one has a lower stack pointer; one it tail-calls (`cuFileDriverClose`
     /// jumps to `cuFileDriverClose_v2`) the same stack pointer but a return address the

@@ -35,6 +35,13 @@ pub struct DevHistKey {
 }
 
 pub const FLAG_ADMIN: u16 = 1;
+/// [`KIND_BLOCK`]: the request's data buffer is PCI peer memory (P2PDMA pages: a GPU's or
+/// another device's BAR mapped into the process), not host memory.
+pub const FLAG_P2PDMA: u16 = 2;
+
+/// What a block request's data buffer is ([`BlockInflight::memory`]).
+pub const MEMORY_HOST: u8 = 0;
+pub const MEMORY_P2PDMA: u8 = 1;
 
 /// A log2 latency histogram with count and sum (nanoseconds).
 #[repr(C)]
@@ -83,7 +90,9 @@ pub struct BlockInflight {
     pub issue_ns: u64,
     pub dev: DevId,
     pub op: u8,
-    pub _pad: [u8; 3],
+    /// [`MEMORY_HOST`] or [`MEMORY_P2PDMA`] (the first page of the request's data).
+    pub memory: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Offsets for the NVMe and block programs (`GDS_DEV_CONFIG`), from BTF.
@@ -101,6 +110,36 @@ pub struct DevConfig {
     pub hctx_queue_num: u32,
     /// `sizeof(struct request)`: the NVMe driver's `struct nvme_request` follows it.
     pub rq_size: u32,
+    /// Telling P2PDMA pages from host pages (see [`PeerCheck`]); all zero when the kernel has
+    /// no P2PDMA, so the block programs read nothing more.
+    pub peer: PeerCheck,
+}
+
+/// What the block program needs to do the kernel's `is_pci_p2pdma_page()` on the first page of
+/// a request: `rq->bio->bi_io_vec[bi_iter.bi_idx].bv_page`, then
+/// `page_zonenum(page) == ZONE_DEVICE && page->pgmap->type == MEMORY_DEVICE_PCI_P2PDMA`.
+/// Offsets from BTF; the zone's place in `page->flags` from the sizes BTF gives (see
+/// `trace::device::peer_check`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCheck {
+    /// 1 when the check runs (the kernel has CONFIG_PCI_P2PDMA and every offset resolved).
+    pub enabled: u32,
+    pub rq_bio: u32,
+    pub bio_io_vec: u32,
+    /// `bio->bi_iter.bi_idx`.
+    pub bio_idx: u32,
+    /// `sizeof(struct bio_vec)`; `bv_page` is its first member.
+    pub bvec_size: u32,
+    pub page_pgmap: u32,
+    pub pgmap_type: u32,
+    /// `MEMORY_DEVICE_PCI_P2PDMA` of `enum memory_type`.
+    pub p2pdma_type: u32,
+    /// `ZONES_PGSHIFT` and `ZONES_MASK`: `page_zonenum(page) = (flags >> shift) & mask`.
+    pub zone_shift: u32,
+    pub zone_mask: u32,
+    /// `ZONE_DEVICE` of `enum zone_type`.
+    pub zone_device: u32,
     pub _pad: u32,
 }
 
@@ -117,7 +156,20 @@ impl DevConfig {
         disk_first_minor: 0,
         hctx_queue_num: 0,
         rq_size: 0,
-        _pad: 0,
+        peer: PeerCheck {
+            enabled: 0,
+            rq_bio: 0,
+            bio_io_vec: 0,
+            bio_idx: 0,
+            bvec_size: 0,
+            page_pgmap: 0,
+            pgmap_type: 0,
+            p2pdma_type: 0,
+            zone_shift: 0,
+            zone_mask: 0,
+            zone_device: 0,
+            _pad: 0,
+        },
     };
 }
 
@@ -140,6 +192,11 @@ pub const MAP_DEV_HIST: &str = "GDS_DEV_HIST";
 pub const MAP_NVME_ERRORS: &str = "GDS_NVME_ERRORS";
 pub const MAP_NVME_INFLIGHT: &str = "GDS_NVME_INFLIGHT";
 pub const MAP_BLOCK_INFLIGHT: &str = "GDS_BLOCK_INFLIGHT";
+/// Block requests into P2PDMA memory per process (`tgid` → count), an LRU hash: written by the
+/// block program when the issuing task's request is peer memory, read by the cuFile programs
+/// (a read that caused such I/O took the `p2pdma` path) and by user space.
+pub const MAP_PEER_IO: &str = "GDS_PEER_IO";
+pub const PEER_IO_MAX: u32 = 4096;
 
 #[cfg(feature = "user")]
 mod pod {

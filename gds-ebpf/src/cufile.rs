@@ -6,10 +6,12 @@
 //! row. Calls are keyed by thread from entry to return; a call counts when it returns.
 //!
 //! The path a read or write took is what grew beneath it while it was in flight: nvidia-fs data
-//! ioctls in the process (GDS), or libc reads and writes on the call's file by any thread of
-//! the process (compat: cuFile hands the I/O to worker threads, so the thread is not the link;
-//! the file and the time window are). Each file row counts the linked I/O; a call snapshots
-//! the counters at entry and compares at return.
+//! ioctls in the process (GDS), block requests into P2PDMA memory issued by the process
+//! (P2PDMA: the block program counts them in the shared `PEER_IO`), or libc reads and writes on
+//! the call's file by any thread of the process (compat: cuFile hands the I/O to worker
+//! threads, so the thread is not the link; the file and the time window are). Each file row
+//! counts the linked I/O; a call snapshots the counters at entry and compares at return. The
+//! order matters: a P2PDMA read is a `pread` too, so peer memory is asked before compat.
 //!
 //! Imports nothing of the io_uring or device programs: a separate layer with its own maps.
 
@@ -33,12 +35,12 @@ use gds_common::{
         CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE,
         CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCount, CufileCpuStats,
         CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats, PATH_COMPAT,
-        PATH_NVFS, PATH_UNKNOWN, PROCESS_ROW, abi, is_nvfs_io,
+        PATH_NVFS, PATH_P2PDMA, PATH_UNKNOWN, PROCESS_ROW, abi, is_nvfs_io,
     },
     log2_bucket,
 };
 
-use crate::maps::index;
+use crate::maps::{index, peer_ios};
 
 #[map(name = "GDS_CUFILE_STATS")]
 static STATS: PerCpuArray<CufileCpuStats> = PerCpuArray::with_max_entries(1, 0);
@@ -229,6 +231,7 @@ fn enter(ctx: &ProbeContext) {
             // SAFETY: map value pointer.
             call.nvfs_at_entry = unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) };
         }
+        call.peer_at_entry = peer_ios(tgid);
     }
     if CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
         count(CufileCount::CallTableFull);
@@ -293,6 +296,9 @@ fn exit(ctx: &RetProbeContext) {
             if unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) } != call.nvfs_at_entry {
                 path = PATH_NVFS;
             }
+        }
+        if path == PATH_UNKNOWN && peer_ios(tgid) != call.peer_at_entry {
+            path = PATH_P2PDMA;
         }
         if path == PATH_UNKNOWN {
             if let Some(r) = row(tgid, call.fd) {

@@ -20,20 +20,23 @@
 //! This module imports only [`crate::maps`] (the io_uring in-flight entries and statistics it
 //! writes into), never `uring`: `uring` calls [`record_stages`] here, so imports go one way.
 
+use core::intrinsics::AtomicOrdering::Relaxed;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
     BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight, DevConfig, DevHist, DevHistKey, DropReason,
-    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
-    KIND_STAGE_QUEUE, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, log2_bucket,
+    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
+    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST, MEMORY_P2PDMA, NvmeErrKey, NvmeInflight,
+    NvmeRuntime, Scratch, log2_bucket,
 };
 
-use crate::maps::{as_scalar, entry_mut, index, stats};
+use crate::maps::{PEER_IO, as_scalar, entry_mut, index, stats};
 
 #[unsafe(no_mangle)]
 static GDS_DEV_CONFIG: DevConfig = DevConfig::DEFAULT;
@@ -60,6 +63,9 @@ static ZERO_HIST: DevHist = DevHist::ZERO;
 macro_rules! dconf {
     ($field:ident) => {
         unsafe { core::ptr::read_volatile(&GDS_DEV_CONFIG.$field) }
+    };
+    ($a:ident . $b:ident) => {
+        unsafe { core::ptr::read_volatile(&GDS_DEV_CONFIG.$a.$b) }
     };
 }
 
@@ -253,16 +259,65 @@ pub fn nvme_complete(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The kernel's `is_pci_p2pdma_page()` on the first page of `rq`'s data:
+/// `page_zonenum(page) == ZONE_DEVICE && page->pgmap->type == MEMORY_DEVICE_PCI_P2PDMA`.
+/// Why the first page only: a buffer is one mapping, host or peer, and a bio whose pages
+/// come from two would be one of each; the block layer never merges a P2PDMA page into a
+/// host page's segment anyway. The zone comes first: only a ZONE_DEVICE page has `pgmap`
+/// where it is read (for other pages that word is an LRU link).
+#[inline(always)]
+fn is_peer_memory(rq: u64) -> bool {
+    let bio: u64 = rd(rq + dconf!(peer.rq_bio) as u64);
+    if bio == 0 {
+        return false;
+    }
+    let vecs: u64 = rd(bio + dconf!(peer.bio_io_vec) as u64);
+    let idx: u32 = rd(bio + dconf!(peer.bio_idx) as u64);
+    let page: u64 = rd(vecs + idx as u64 * dconf!(peer.bvec_size) as u64);
+    if page == 0 {
+        return false;
+    }
+    let flags: u64 = rd(page);
+    let zone = (flags >> (dconf!(peer.zone_shift) & 63)) & dconf!(peer.zone_mask) as u64;
+    if zone != dconf!(peer.zone_device) as u64 {
+        return false;
+    }
+    let pgmap: u64 = rd(page + dconf!(peer.page_pgmap) as u64);
+    pgmap != 0 && rd::<u32>(pgmap + dconf!(peer.pgmap_type) as u64) == dconf!(peer.p2pdma_type)
+}
+
+/// Counts a P2PDMA request for the process issuing it (the submitter for synchronous
+/// O_DIRECT: the block layer issues a plugged request in the task that made it).
+#[inline(always)]
+fn count_peer_io() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match PEER_IO.get_ptr_mut(&tgid) {
+        // SAFETY: map value pointer; threads of one process share it.
+        Some(p) => unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(p, 1);
+        },
+        None => {
+            let _ = PEER_IO.insert(&tgid, &1, BPF_NOEXIST as u64);
+        }
+    }
+}
+
 /// `block_rq_issue(struct request *rq)` (5.11+).
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
     let rq = as_scalar(s, Scratch::BlockIssue, ctx.arg(0));
+    let mut memory = MEMORY_HOST;
+    if dconf!(peer.enabled) != 0 && is_peer_memory(rq) {
+        memory = MEMORY_P2PDMA;
+        count_peer_io();
+    }
     let v = BlockInflight {
         issue_ns: unsafe { bpf_ktime_get_ns() },
         dev: dev_of(rq),
         op: rd::<u32>(rq + dconf!(rq_cmd_flags) as u64) as u8,
-        _pad: [0; 3],
+        memory,
+        _pad: [0; 2],
     };
     if BLOCK_INFLIGHT.insert(&rq, &v, BPF_ANY as u64).is_err() {
         count_drop(DropReason::BlockInflightFull);
@@ -288,7 +343,11 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
             dev: v.dev,
             kind: KIND_BLOCK,
             code: v.op,
-            flags: 0,
+            flags: if v.memory == MEMORY_P2PDMA {
+                FLAG_P2PDMA
+            } else {
+                0
+            },
         },
         now.saturating_sub(v.issue_ns),
     );

@@ -5,14 +5,17 @@
 //! request into stages) and both → `maps`; `device` never imports `uring`. The NVMe programs
 //! stamp times into the io_uring in-flight entries and count their drops in the io_uring
 //! statistics, which is why those live here and not in `uring`.
+//!
+//! Also the one map the block program and the cuFile programs share, [`PEER_IO`]: the block
+//! layer is where peer memory is seen, the cuFile return is where it names the path.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use gds_common::{
     DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS, OpcodeCpuStats,
-    Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
+    PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
 };
 
 #[unsafe(no_mangle)]
@@ -52,6 +55,21 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map(name = "GDS_URING_INFLIGHT")]
 pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =
     HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+
+/// Block requests into P2PDMA memory per process (`tgid` → count). LRU: a process that stops
+/// doing such I/O ages out; only P2PDMA requests write here, so host I/O never costs a lookup.
+#[map(name = "GDS_PEER_IO")]
+pub(crate) static PEER_IO: LruHashMap<u32, u64> = LruHashMap::with_max_entries(PEER_IO_MAX, 0);
+
+/// The process's count in [`PEER_IO`] (0 when it has none).
+#[inline(always)]
+pub(crate) fn peer_ios(tgid: u32) -> u64 {
+    match PEER_IO.get_ptr(&tgid) {
+        // SAFETY: map value pointer; a plain load (another CPU may be adding).
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 0,
+    }
+}
 
 #[inline(always)]
 pub(crate) fn stats() -> Option<&'static mut UringCpuStats> {

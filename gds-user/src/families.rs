@@ -133,8 +133,9 @@ pub const NVME_ERRORS: Family = family(
 pub const BLOCK_DURATION: Family = family(
     "gds_block_request_duration_seconds",
     Histogram,
-    &["disk", "op"],
-    "Block request latency (issue to completion), by disk and operation.",
+    &["disk", "op", "memory"],
+    "Block request latency (issue to completion), by disk, operation and what the data buffer \
+     is: host memory or PCI peer memory (p2pdma).",
 );
 pub const STALLED_REQUESTS: Family = family(
     "gds_stalled_requests",

@@ -103,7 +103,7 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         .iter()
         .map(|b| {
             log2_histogram(
-                labels(&[("disk", &b.disk), ("op", &b.op)]),
+                labels(&[("disk", &b.disk), ("op", &b.op), ("memory", &b.memory)]),
                 &b.latency.buckets,
                 b.latency.sum_ns,
             )

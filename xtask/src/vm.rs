@@ -24,16 +24,18 @@ use crate::setup::target_dir;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-pub use kernel::GuestKernel;
+pub use kernel::{GuestKernel, P2PDMA_SERIES};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmTestArgs {
     /// Debian kernels to boot, comma-separated: `6.1`, `6.12` (cloud images, NVMe built in),
-    /// `6.1-generic`, `6.12-generic` (NVMe as modules, loaded by the guest's init).
+    /// `6.1-generic`, `6.12-generic` (NVMe as modules, loaded by the guest's init),
+    /// `6.12-p2pdma` (the local CONFIG_PCI_P2PDMA kernel with a peer controller: runs the
+    /// `p2pdma.*` scenarios only; skipped with a note when its image is missing).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "6.1,6.12,6.1-generic,6.12-generic"
+        default_value = "6.1,6.12,6.1-generic,6.12-generic,6.12-p2pdma"
     )]
     pub kernels: Vec<String>,
     /// Only these guest scenarios (comma-separated names; `prefix*` matches a prefix).
@@ -56,7 +58,7 @@ pub struct VmTestArgs {
 impl Default for VmTestArgs {
     fn default() -> Self {
         Self {
-            kernels: ["6.1", "6.12", "6.1-generic", "6.12-generic"]
+            kernels: ["6.1", "6.12", "6.1-generic", "6.12-generic", P2PDMA_SERIES]
                 .map(String::from)
                 .to_vec(),
             only: None,
@@ -84,6 +86,9 @@ pub struct GuestController {
     /// QEMU block throttling (`throttling.iops-total`) on every namespace's drive. QEMU lets a
     /// burst of about iops/10 requests through unthrottled before the limit applies.
     pub iops_limit: Option<u32>,
+    /// A controller memory buffer of this many MiB, which a P2PDMA kernel publishes as
+    /// p2pmem: the peer memory of the `p2pdma.*` scenarios (stand-in for a GPU's BAR1).
+    pub cmb_mib: Option<u32>,
 }
 
 /// The NVMe side of a guest.
@@ -92,6 +97,10 @@ pub struct GuestMachine {
     pub controllers: Vec<GuestController>,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// QEMU `-cpu` model under emulation (default `max`).
+    pub cpu: &'static str,
+    /// Scenarios this machine runs when none are asked for (`--only`); None: all.
+    pub default_only: Option<&'static str>,
 }
 
 impl GuestMachine {
@@ -115,6 +124,7 @@ impl GuestMachine {
                         },
                     ],
                     iops_limit: None,
+                    cmb_mib: None,
                 },
                 GuestController {
                     serial: "gds-slow".into(),
@@ -124,10 +134,43 @@ impl GuestMachine {
                         lba_size: 512,
                     }],
                     iops_limit: Some(50),
+                    cmb_mib: None,
                 },
             ],
             memory_mib: 1536,
             cpus: 2,
+            cpu: "max",
+            default_only: None,
+        }
+    }
+
+    /// For [`P2PDMA_SERIES`]: `gds-main` plus `gds-peer`, whose 16 MiB controller memory
+    /// buffer the kernel publishes as p2pmem. `-cpu EPYC`: the kernel allows P2P DMA through
+    /// a host bridge only on AMD Zen (family 0x17 on) or whitelisted Intel bridges.
+    pub fn p2pdma() -> Self {
+        let mut m = Self::standard();
+        m.controllers.truncate(1);
+        m.controllers.push(GuestController {
+            serial: "gds-peer".into(),
+            namespaces: vec![GuestNamespace {
+                nsid: 1,
+                size_mib: 16,
+                lba_size: 512,
+            }],
+            iops_limit: None,
+            cmb_mib: Some(16),
+        });
+        m.cpu = "EPYC";
+        m.default_only = Some("p2pdma*");
+        m
+    }
+
+    /// The machine a kernel series boots with.
+    pub fn for_series(series: &str) -> Self {
+        if series == P2PDMA_SERIES {
+            Self::p2pdma()
+        } else {
+            Self::standard()
         }
     }
 
@@ -140,7 +183,11 @@ impl GuestMachine {
         let mut args = Vec::new();
         for (ci, c) in self.controllers.iter().enumerate() {
             args.push("-device".into());
-            args.push(format!("nvme,id=nvme{ci},serial={}", c.serial));
+            let cmb = c
+                .cmb_mib
+                .map(|n| format!(",cmb_size_mb={n}"))
+                .unwrap_or_default();
+            args.push(format!("nvme,id=nvme{ci},serial={}{cmb}", c.serial));
             for ns in &c.namespaces {
                 let img = dir.join(format!("{}-ns{}.img", c.serial, ns.nsid));
                 let f = std::fs::File::create(&img)?;
@@ -285,7 +332,7 @@ pub fn boot(
         machine.namespace_count(),
         attempt
     );
-    if let Some(o) = only {
+    if let Some(o) = only.or(machine.default_only) {
         append.push_str(&format!(" gds.only={o}"));
     }
     // After a boot that died (`boot_again`): the scenarios that reported are not run again.
@@ -307,7 +354,7 @@ pub fn boot(
     if std::env::var_os("GDS_VM_KVM").is_some() {
         cmd.args(["-enable-kvm", "-cpu", "host"]);
     } else {
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", machine.cpu]);
     }
     cmd.arg("-kernel")
         .arg(&kernel.vmlinuz)
@@ -577,15 +624,20 @@ pub fn vm_test(args: &VmTestArgs) -> Result<Vec<BootReport>> {
     ensure_tools()?;
     let vm_dir = target_dir().join("vm");
     std::fs::create_dir_all(&vm_dir)?;
-    let kernels = args
-        .kernels
-        .iter()
-        .map(|s| kernel::fetch(s, &vm_dir.join("kernels")))
-        .collect::<Result<Vec<_>>>()?;
+    let mut kernels = Vec::new();
+    for s in &args.kernels {
+        if s == P2PDMA_SERIES && !kernel::p2pdma_image().is_file() {
+            eprintln!(
+                "xtask vm: SKIP {s}: no P2PDMA kernel at {} (set GDS_P2PDMA_KERNEL)",
+                kernel::p2pdma_image().display()
+            );
+            continue;
+        }
+        kernels.push(kernel::fetch(s, &vm_dir.join("kernels"))?);
+    }
     let bins = guest_binaries(args)?;
     let initrd = vm_dir.join("initramfs.cpio");
     initramfs::build(&vm_dir, &bins, &initrd)?;
-    let machine = GuestMachine::standard();
     let mut reports = Vec::new();
     let plan = BootPlan {
         only: args.only.as_deref(),
@@ -595,6 +647,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<Vec<BootReport>> {
         boot_timeout: Duration::from_secs(args.boot_timeout_s),
     };
     for k in &kernels {
+        let machine = GuestMachine::for_series(&k.series);
         // A generic kernel's guest gets its NVMe modules appended to the common image.
         let initrd = if k.modules.is_empty() {
             initrd.clone()

@@ -4,7 +4,9 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use gds_common::cufile::{CUFILE_PATHS, CufileFileStats, PATH_COMPAT, PATH_NVFS, PROCESS_ROW};
+use gds_common::cufile::{
+    CUFILE_PATHS, CufileFileStats, PATH_COMPAT, PATH_NVFS, PATH_P2PDMA, PROCESS_ROW,
+};
 use serde::{Deserialize, Serialize};
 
 use super::labels;
@@ -85,6 +87,10 @@ pub struct CufileProcess {
     pub cgroup: Option<crate::cgroup::CgroupInfo>,
     pub alive: bool,
     pub counters: CufileCounters,
+    /// Block requests into PCI peer (P2PDMA) memory the process issued, cuFile's or not: what
+    /// makes a read `p2pdma`.
+    #[serde(default)]
+    pub peer_ios: u64,
     pub files: Vec<CufileFile>,
 }
 
@@ -99,6 +105,14 @@ pub struct CufileInflight {
     pub fd: i32,
 }
 
+/// A process that issued block requests into PCI peer (P2PDMA) memory, cuFile's or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerIoProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub requests: u64,
+}
+
 /// `/debug/cufile`: libraries, processes with their files, calls in flight.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CufileReport {
@@ -107,12 +121,19 @@ pub struct CufileReport {
     pub processes: Vec<CufileProcess>,
     pub inflight: Vec<CufileInflight>,
     pub nvidia_fs_loaded: bool,
+    /// Every process the block layer saw reading or writing peer memory: what a `p2pdma` path
+    /// rests on, listed also for processes that never called cuFile (an application doing
+    /// P2PDMA itself, or a cuFile the agent has not attached yet).
+    #[serde(default)]
+    pub peer_io: Vec<PeerIoProcess>,
 }
 
 /// Host facts the compat reasons rest on.
 #[derive(Debug, Clone, Copy)]
 pub struct HostFacts {
     pub nvidia_fs_loaded: bool,
+    /// The kernel has CONFIG_PCI_P2PDMA: cuFile's P2PDMA mode (no nvidia-fs) is possible.
+    pub p2pdma_kernel: bool,
 }
 
 impl CufileReport {
@@ -124,14 +145,31 @@ impl CufileReport {
         let (libraries, not_traced) = tracer.cufile_libraries();
         let host = HostFacts {
             nvidia_fs_loaded: crate::kmod::Modules::live().present("nvidia_fs"),
+            p2pdma_kernel: !matches!(
+                tracer.peer_memory(),
+                crate::trace::PeerMemory::Impossible(_)
+            ),
         };
-        Ok(CufileReport::decode(
+        let mut report = CufileReport::decode(
             &raw,
             libraries,
             not_traced,
             host,
             crate::trace::monotonic_ns(),
-        ))
+        );
+        let peer: BTreeMap<u32, u64> = tracer.peer_io().into_iter().collect();
+        for p in &mut report.processes {
+            p.peer_ios = peer.get(&p.pid).copied().unwrap_or(0);
+        }
+        report.peer_io = peer
+            .into_iter()
+            .map(|(pid, requests)| PeerIoProcess {
+                pid,
+                comm: super::decode::proc_comm(pid),
+                requests,
+            })
+            .collect();
+        Ok(report)
     }
 
     pub fn decode(
@@ -152,6 +190,7 @@ impl CufileReport {
                     cgroup: crate::cgroup::of_pid(k.tgid),
                     alive: dir.exists(),
                     counters: CufileCounters::default(),
+                    peer_ios: 0,
                     files: Vec::new(),
                 }
             });
@@ -166,13 +205,11 @@ impl CufileReport {
             }
             let fd_dir = proc_root.join(k.tgid.to_string()).join("fd");
             let counters = CufileCounters::from_raw(s);
-            let compat_reason = (counters
-                .path_calls
-                .contains_key(labels::CUFILE_PATHS[PATH_COMPAT])
-                || (counters.compat_ios > 0
-                    && !counters
-                        .path_calls
-                        .contains_key(labels::CUFILE_PATHS[PATH_NVFS])))
+            // A P2PDMA read makes its `pread` too: linked I/O alone says compat only when no
+            // call took another path.
+            let took = |path: usize| counters.path_calls.contains_key(labels::CUFILE_PATHS[path]);
+            let compat_reason = (took(PATH_COMPAT)
+                || (counters.compat_ios > 0 && !took(PATH_NVFS) && !took(PATH_P2PDMA)))
             .then(|| compat_reason(proc_root, k.tgid, k.fd, &counters, host));
             p.files.push(CufileFile {
                 fd: k.fd,
@@ -202,14 +239,16 @@ impl CufileReport {
             processes: processes.into_values().collect(),
             inflight,
             nvidia_fs_loaded: host.nvidia_fs_loaded,
+            peer_io: Vec::new(),
         }
     }
 }
 
 /// Why cuFile used its compat path for file `fd` of process `pid`: the first of these that
 /// holds, in the order cuFile decides (documented in NVIDIA's GDS troubleshooting guide):
-/// compat forced by the environment, no nvidia-fs (and so no GDS path on this kernel), the file
-/// not opened with O_DIRECT, I/O not 4 KiB aligned.
+/// compat forced by the environment, no nvidia-fs on a kernel without P2PDMA (so no GPU-direct
+/// path at all), the file not opened with O_DIRECT, I/O not 4 KiB aligned, and on a P2PDMA
+/// kernel without nvidia-fs, P2PDMA not configured for cuFile.
 pub fn compat_reason(
     proc_root: &Path,
     pid: u32,
@@ -227,7 +266,7 @@ pub fn compat_reason(
     if forced {
         return "CUFILE_FORCE_COMPAT_MODE is set in the process's environment".into();
     }
-    if !host.nvidia_fs_loaded {
+    if !host.nvidia_fs_loaded && !host.p2pdma_kernel {
         return "nvidia-fs not loaded".into();
     }
     let flags = std::fs::read_to_string(dir.join("fdinfo").join(fd.to_string()))
@@ -245,6 +284,11 @@ pub fn compat_reason(
             "{} unaligned call(s) (offset or size not a multiple of 4 KiB)",
             c.unaligned
         );
+    }
+    if !host.nvidia_fs_loaded {
+        return "nvidia-fs not loaded and P2PDMA not configured (the kernel has P2PDMA: cuFile \
+                needs `use_pci_p2pdma` in cufile.json and the GPU's BAR published as peer memory)"
+            .into();
     }
     "unknown (nvidia-fs is loaded, the file is O_DIRECT and the I/O aligned)".into()
 }
@@ -268,9 +312,15 @@ mod tests {
         let c = CufileCounters::default();
         let no_nvfs = HostFacts {
             nvidia_fs_loaded: false,
+            p2pdma_kernel: false,
         };
         let nvfs = HostFacts {
             nvidia_fs_loaded: true,
+            p2pdma_kernel: false,
+        };
+        let p2p_only = HostFacts {
+            nvidia_fs_loaded: false,
+            p2pdma_kernel: true,
         };
         let d = fake_proc(b"A=1\0CUFILE_FORCE_COMPAT_MODE=true\0", "0100002");
         assert!(compat_reason(d.path(), 7, 5, &c, nvfs).starts_with("CUFILE_FORCE_COMPAT_MODE"));
@@ -290,5 +340,17 @@ mod tests {
         };
         assert!(compat_reason(d.path(), 7, 5, &unaligned, nvfs).starts_with("3 unaligned"));
         assert!(compat_reason(d.path(), 7, 5, &c, nvfs).starts_with("unknown"));
+        // No nvidia-fs on a P2PDMA kernel: O_DIRECT and alignment still come first, then
+        // P2PDMA not configured for cuFile.
+        assert!(compat_reason(d.path(), 7, 5, &unaligned, p2p_only).starts_with("3 unaligned"));
+        assert!(
+            compat_reason(d.path(), 7, 5, &c, p2p_only)
+                .starts_with("nvidia-fs not loaded and P2PDMA not configured")
+        );
+        let d = fake_proc(b"", "0100002");
+        assert_eq!(
+            compat_reason(d.path(), 7, 5, &c, p2p_only),
+            "file not opened O_DIRECT"
+        );
     }
 }

@@ -201,6 +201,17 @@ pub fn block_op(op: u8) -> &'static str {
     }
 }
 
+/// What a block request's data buffer is (the `memory` label): `p2pdma` when the kernel saw
+/// P2PDMA pages; otherwise `host` where it looked (or where the kernel cannot have peer
+/// memory), `unknown` where it could not look.
+pub fn block_memory(p2pdma: bool, unflagged_is_host: bool) -> &'static str {
+    match (p2pdma, unflagged_is_host) {
+        (true, _) => "p2pdma",
+        (false, true) => "host",
+        (false, false) => "unknown",
+    }
+}
+
 /// The label of a drop reason.
 pub fn drop_reason(r: DropReason) -> &'static str {
     r.label()

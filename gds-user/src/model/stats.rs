@@ -2,8 +2,8 @@
 //! what `top` computes rates from (through `/debug/snapshot`).
 
 use gds_common::{
-    DropReason, FLAG_ADMIN, HIST_BUCKETS, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
-    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE,
+    DropReason, FLAG_ADMIN, FLAG_P2PDMA, HIST_BUCKETS, KIND_BLOCK, KIND_NVME_CMD,
+    KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +88,9 @@ pub struct StageRow {
 pub struct BlockRow {
     pub disk: String,
     pub op: String,
+    /// `host`, `p2pdma` (peer memory) or `unknown` (`labels::block_memory`).
+    #[serde(default)]
+    pub memory: String,
     pub latency: Histogram,
 }
 
@@ -249,6 +252,7 @@ impl Stats {
             .collect();
         let maps = tracer.devices();
         let dev = maps.snapshot();
+        let peer_known = tracer.peer_memory().unflagged_is_host();
         for (k, h) in &dev.hists {
             let disk = maps.disk_name(k.dev);
             let latency = Histogram {
@@ -276,6 +280,7 @@ impl Stats {
                 (KIND_BLOCK, _) => stats.block.push(BlockRow {
                     disk,
                     op: labels::block_op(k.code).to_owned(),
+                    memory: labels::block_memory(k.flags & FLAG_P2PDMA != 0, peer_known).to_owned(),
                     latency,
                 }),
                 _ => {}

@@ -301,6 +301,7 @@ mod tests {
                 cgroup: None,
                 alive: true,
                 counters: counters.clone(),
+                peer_ios: 0,
                 files: vec![CufileFile {
                     fd: 3,
                     path: "/data/x".into(),

@@ -13,7 +13,7 @@ use gds_common::{
     NvmeRuntime,
 };
 
-use super::{TraceError, program, take_map};
+use super::{TraceError, peer::PeerMemory, program, take_map};
 use crate::{
     btf::Btf,
     kmod::{Modules, Residence},
@@ -27,8 +27,9 @@ pub struct DeviceAttach {
 }
 
 /// Offsets for the NVMe/block programs from vmlinux BTF (the block layer is always built in;
-/// `struct nvme_request` is resolved separately, when the NVMe programs attach).
-pub fn resolve(btf: &Btf) -> Result<DevConfig, crate::btf::BtfError> {
+/// `struct nvme_request` is resolved separately, when the NVMe programs attach), and whether
+/// the block program tells peer memory apart (`trace::peer`).
+pub fn resolve(btf: &Btf) -> Result<(DevConfig, PeerMemory), crate::btf::BtfError> {
     let mut c = DevConfig::DEFAULT;
     c.rq_q = btf.member_offset("request", &["q"])?;
     c.rq_cmd_flags = btf.member_offset("request", &["cmd_flags"])?;
@@ -40,7 +41,9 @@ pub fn resolve(btf: &Btf) -> Result<DevConfig, crate::btf::BtfError> {
     c.disk_first_minor = btf.member_offset("gendisk", &["first_minor"])?;
     c.hctx_queue_num = btf.member_offset("blk_mq_hw_ctx", &["queue_num"])?;
     c.rq_size = btf.struct_size("request")?;
-    Ok(c)
+    let (peer, memory) = super::peer::resolve(btf);
+    c.peer = peer;
+    Ok((c, memory))
 }
 
 /// Loads program `prog` of the object for BTF tracepoint `tp` and attaches it.

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod inflight;
 mod offsets;
+mod peer;
 mod procmaps;
 mod uring;
 
@@ -21,6 +22,7 @@ pub use error::TraceError;
 pub use events::raw_event;
 pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
+pub use peer::{PeerMemory, zone_bits};
 pub use uring::{
     FloorProbe, LayerMode, Layers, OpcodeStats, TraceOptions, UringSnapshot, UringTracer,
 };

@@ -20,6 +20,7 @@ use super::{
     device::{self, DeviceAttach, DeviceMaps, NvmeLayer, NvmeTracing},
     inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
+    peer::{PeerIo, PeerMemory},
     program, take_map,
 };
 use crate::{btf::Btf, tracefs};
@@ -165,6 +166,9 @@ pub struct UringTracer {
     attach: ResolvedAttach,
     devices: DeviceMaps,
     devices_attached: DeviceAttach,
+    /// Whether block requests into peer memory are told apart, and the per-process counts.
+    peer: PeerMemory,
+    peer_io: PeerIo,
     /// None where the device programs cannot run at all (no BTF).
     nvme: Option<std::sync::Mutex<NvmeTracing>>,
     /// None where uprobes cannot be loaded; locked with `ebpf` (attach) or alone (state).
@@ -208,7 +212,10 @@ impl UringTracer {
             _ => None,
         };
         let device_possible = dev_config.is_some();
-        let dev_config = dev_config.unwrap_or(DevConfig::DEFAULT);
+        let (dev_config, peer) = dev_config.unwrap_or((
+            DevConfig::DEFAULT,
+            PeerMemory::Unknown("block tracing is off".into()),
+        ));
 
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
@@ -286,9 +293,13 @@ impl UringTracer {
             info!("{change}");
         }
         if devices_attached.block {
-            info!("block tracing on: block_rq_issue/block_rq_complete");
+            info!(
+                "block tracing on: block_rq_issue/block_rq_complete; peer memory: {}",
+                peer.why()
+            );
         }
         let devices = DeviceMaps::take(&mut ebpf)?;
+        let peer_io = PeerIo::take(&mut ebpf)?;
         let (cufile, cufile_why) = match CufileTracing::load(&mut ebpf) {
             Ok(c) => (
                 Some(std::sync::Mutex::new(c)),
@@ -314,6 +325,8 @@ impl UringTracer {
             attach,
             devices,
             devices_attached,
+            peer,
+            peer_io,
             nvme: nvme.map(std::sync::Mutex::new),
             cufile,
             cufile_maps,
@@ -414,7 +427,10 @@ impl UringTracer {
             block: LayerMode {
                 on: self.devices_attached.block,
                 why: if self.devices_attached.block {
-                    "BTF tracepoints block_rq_issue/block_rq_complete".into()
+                    format!(
+                        "BTF tracepoints block_rq_issue/block_rq_complete; peer memory: {}",
+                        self.peer.why()
+                    )
                 } else {
                     self.devices_attached.notes.join("; ")
                 },
@@ -432,6 +448,16 @@ impl UringTracer {
 
     pub fn attach(&self) -> &ResolvedAttach {
         &self.attach
+    }
+
+    /// Whether block requests into peer (P2PDMA) memory are told apart here, and why.
+    pub fn peer_memory(&self) -> &PeerMemory {
+        &self.peer
+    }
+
+    /// Block requests into peer memory per process id, as the kernel counted them.
+    pub fn peer_io(&self) -> Vec<(u32, u64)> {
+        self.peer_io.read()
     }
 
     /// Per-disk NVMe/block statistics and disk names.

@@ -88,8 +88,37 @@ fn newest_first(names: &mut [String]) {
     names.sort_by_key(|n| std::cmp::Reverse(key(n)));
 }
 
-/// The newest cloud kernel of `series`, downloaded and unpacked under `cache` once.
+/// The series of the P2PDMA kernel (`shared/kernels/bzImage-6.12-p2pdma`): Debian's 6.12
+/// source and cloud config plus CONFIG_PCI_P2PDMA, which no Debian kernel has. Not fetched:
+/// it is built once (`shared/kernels/build.sh`, an hour) and read from there.
+pub const P2PDMA_SERIES: &str = "6.12-p2pdma";
+
+/// The P2PDMA kernel's image: `GDS_P2PDMA_KERNEL`, else `shared/kernels` beside the checkout.
+pub fn p2pdma_image() -> PathBuf {
+    std::env::var_os("GDS_P2PDMA_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::setup::root().join("../shared/kernels/bzImage-6.12-p2pdma"))
+}
+
+/// The newest cloud kernel of `series`, downloaded and unpacked under `cache` once; for
+/// [`P2PDMA_SERIES`], the local image.
 pub fn fetch(series: &str, cache: &Path) -> Result<GuestKernel> {
+    if series == P2PDMA_SERIES {
+        let vmlinuz = p2pdma_image();
+        if !vmlinuz.is_file() {
+            bail!(
+                "no P2PDMA kernel at {} (set GDS_P2PDMA_KERNEL, or build it with \
+                 shared/kernels/build.sh)",
+                vmlinuz.display()
+            );
+        }
+        return Ok(GuestKernel {
+            series: series.to_string(),
+            package: "bzImage-6.12-p2pdma (Debian 6.12 + CONFIG_PCI_P2PDMA)".into(),
+            vmlinuz,
+            modules: Vec::new(),
+        });
+    }
     let dir = cache.join(series);
     let vmlinuz = dir.join("vmlinuz");
     let package_file = dir.join("PACKAGE");

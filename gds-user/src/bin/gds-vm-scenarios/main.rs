@@ -18,6 +18,7 @@
 mod agent;
 mod modules;
 mod nvme;
+mod p2pdma;
 mod selftest;
 mod tracing;
 mod uring;
@@ -38,7 +39,9 @@ pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
     pub timeout: Duration,
-    /// Runs only when named exactly in `--only` (self-tests of the runner).
+    /// Runs only when named in `--only`, exactly or by its group (`p2pdma*` for
+    /// `p2pdma.block-memory`): self-tests of the runner, and scenarios that need a machine
+    /// only one guest has (the P2PDMA guest's peer controller).
     pub explicit: bool,
     /// Returns a one-line summary on success.
     pub run: fn(&Ctx) -> Result<String>,
@@ -90,6 +93,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(tracing::scenarios());
     all.extend(uring::scenarios());
     all.extend(modules::scenarios());
+    all.extend(p2pdma::scenarios());
     all.extend(selftest::scenarios());
     all
 }
@@ -154,7 +158,14 @@ fn main() -> ExitCode {
 fn matches(s: &Scenario, only: Option<&[String]>) -> bool {
     let name = s.name;
     if s.explicit {
-        return only.is_some_and(|list| list.iter().any(|p| p == name));
+        let group = name.split('.').next().unwrap_or(name);
+        return only.is_some_and(|list| {
+            list.iter().any(|p| {
+                p == name
+                    || p.strip_suffix('*')
+                        .is_some_and(|pre| pre.trim_end_matches('.') == group)
+            })
+        });
     }
     match only {
         None => true,
