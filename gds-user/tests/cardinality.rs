@@ -23,8 +23,9 @@ const PARALLEL: usize = 32;
 /// may appear meanwhile); their new series must still carry only device labels.
 const DEVICE_FAMILIES: [&str; 3] = ["gds_block_", "gds_nvme_", "gds_request_stage_"];
 /// Labels a series may carry at all: none of them can take a value per process. (`error`: a
-/// fixed table of CUfileOpError names plus `errno`/`unknown`; `link`: four words.)
-const BOUNDED_LABELS: [&str; 19] = [
+/// fixed table of CUfileOpError names plus `errno`/`unknown`; `link`: four words; `memory`:
+/// `host`, `p2pdma`, `unknown`.)
+const BOUNDED_LABELS: [&str; 20] = [
     "opcode",
     "reason",
     "layer",
@@ -44,6 +45,7 @@ const BOUNDED_LABELS: [&str; 19] = [
     "p2pdma",
     "error",
     "link",
+    "memory",
 ];
 
 /// In the forked child: rename, one NOP through a fresh ring, exit. Never returns; never
