@@ -291,7 +291,23 @@ pub fn guest_binaries(args: &VmTestArgs) -> Result<Vec<(PathBuf, String)>> {
         bins.push((p, name.to_string()));
     }
     bins.push((PathBuf::from("/usr/bin/fio"), "fio".to_string()));
+    bins.push((standin_libcufile()?, "libcufile.so.0".to_string()));
     Ok(bins)
+}
+
+/// Builds the P2PDMA guest's stand-in libcufile (`gds-user/tests/fixtures/libcufile_standin.c`,
+/// which says why it exists) with the host's C compiler, the one Rust links with.
+fn standin_libcufile() -> Result<PathBuf> {
+    let src = crate::setup::root().join("gds-user/tests/fixtures/libcufile_standin.c");
+    let out = target_dir().join("vm").join("libcufile.so.0");
+    std::fs::create_dir_all(out.parent().expect("under target"))?;
+    crate::setup::run(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
+            .arg(&out)
+            .arg(&src),
+    )?;
+    Ok(out)
 }
 
 /// What one boot of a guest runs.

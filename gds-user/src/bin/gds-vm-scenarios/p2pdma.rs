@@ -7,8 +7,10 @@
 //! mode uses. These scenarios are explicit: they run only where the machine has the peer
 //! controller, which `xtask` asks for with `gds.only=p2pdma*`.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use gds_user::datapath::p2p::{P2pMem, providers};
@@ -20,21 +22,28 @@ use crate::tracing::{json, metrics, wait_metrics};
 use crate::{Ctx, Scenario};
 
 pub fn scenarios() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "p2pdma.block-memory",
-        about: "O_DIRECT and passthrough reads into p2pmem count as memory=\"p2pdma\", reads into \
-                host memory as \"host\"; the reading process is named",
-        timeout: std::time::Duration::from_secs(240),
-        explicit: true,
-        run: block_memory,
-    }]
+    vec![
+        Scenario {
+            name: "p2pdma.block-memory",
+            about: "O_DIRECT and passthrough reads into p2pmem count as memory=\"p2pdma\", reads \
+                    into host memory as \"host\"; the reading process is named",
+            timeout: Duration::from_secs(240),
+            explicit: true,
+            run: block_memory,
+        },
+        Scenario {
+            name: "p2pdma.cufile-path",
+            about: "cuFileRead into p2pmem takes path p2pdma, into host memory compat (stand-in \
+                    libcufile: O_DIRECT pread beneath)",
+            timeout: Duration::from_secs(240),
+            explicit: true,
+            run: cufile_path,
+        },
+    ]
 }
 
-fn block_memory(c: &Ctx) -> Result<String> {
-    const PEER: u64 = 64;
-    const HOST: u64 = 40;
-    const PASSTHROUGH: u64 = 16;
-    const BLOCK: usize = 4096;
+/// The first published p2pmem provider, mapped (1 MiB).
+fn peer_memory(c: &Ctx) -> Result<P2pMem> {
     let provider = providers(Path::new("/sys/bus/pci/devices"))
         .into_iter()
         .find(|p| p.published)
@@ -43,10 +52,179 @@ fn block_memory(c: &Ctx) -> Result<String> {
         "p2pmem provider {} ({} bytes)",
         provider.pci, provider.size
     ));
+    Ok(P2pMem::map(&provider.dir, 1 << 20)?)
+}
+
+/// Stand-in libcufile (`gds-user/tests/fixtures/libcufile_standin.c`: why it exists).
+const STANDIN: &str = "/bin/libcufile.so.0";
+
+#[repr(C)]
+struct Descr {
+    ty: i32,
+    _pad: i32,
+    fd: i32,
+    _rest: [u8; 52],
+}
+
+type Register = unsafe extern "C" fn(*mut usize, *const Descr) -> u64;
+type Read = unsafe extern "C" fn(usize, *mut u8, usize, i64, i64) -> isize;
+
+/// `name` from the library `lib` (a dlopen handle).
+fn symbol<T: Copy>(lib: *mut libc::c_void, name: &str) -> Result<T> {
+    let cname = std::ffi::CString::new(name)?;
+    // SAFETY: a valid handle and a C string; the symbol's type is the caller's.
+    let p = unsafe { libc::dlsym(lib, cname.as_ptr()) };
+    ensure!(!p.is_null(), "{STANDIN} has no {name}");
+    // SAFETY: T is a function pointer type of the symbol's signature.
+    Ok(unsafe { std::mem::transmute_copy(&p) })
+}
+
+fn cufile_path(c: &Ctx) -> Result<String> {
+    const PEER: u64 = 24;
+    const HOST: u64 = 16;
+    const BLOCK: usize = 4096;
+    let ns = find_ns(MAIN_SERIAL, 1)?;
+    let peer = peer_memory(c)?;
+    let slots = (peer.len() / BLOCK) as u64;
+    let _agent = Agent::start(c, &[])?;
+    let me = std::process::id() as u64;
+    let m0 = metrics()?;
+
+    let path = std::ffi::CString::new(STANDIN)?;
+    // SAFETY: dlopen of a plain shared library; never closed (the process ends first).
+    let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
+    ensure!(!lib.is_null(), "dlopen {STANDIN} failed");
+    let register: Register = symbol(lib, "cuFileHandleRegister")?;
+    let read: Read = symbol(lib, "cuFileRead")?;
+    // The agent attaches within milliseconds of the dlopen (the loader's notification).
+    let start = Instant::now();
+    loop {
+        let r = json("/debug/cufile")?;
+        let attached = r["libraries"].as_array().into_iter().flatten().any(|l| {
+            l["pids"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(me)))
+        });
+        if attached {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(2),
+            "stand-in libcufile not attached 2 s after dlopen: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.detail(format!("attached {:?} after dlopen", start.elapsed()));
+
+    let f = crate::util::open_direct(&ns.blk, false)?;
+    let descr = Descr {
+        ty: 1,
+        _pad: 0,
+        fd: f.as_raw_fd(),
+        _rest: [0; 52],
+    };
+    let mut fh = 0usize;
+    // SAFETY: cuFile's signature; both pointers live across the call.
+    let err = unsafe { register(&mut fh, &descr) };
+    ensure!(err as u32 == 0, "cuFileHandleRegister: {err:#x}");
+    for i in 0..PEER {
+        let off = ((i % slots) as usize * BLOCK) as i64;
+        // SAFETY: buffer + offset lies inside the mapping, which outlives the call.
+        let n = unsafe {
+            read(
+                fh,
+                peer.as_mut_ptr(),
+                BLOCK,
+                (6 << 20) + (i * BLOCK as u64) as i64,
+                off,
+            )
+        };
+        ensure!(
+            n == BLOCK as isize,
+            "cuFileRead {i} into p2pmem returned {n}"
+        );
+    }
+    let mut host = DmaBuffer::new(BLOCK);
+    for i in 0..HOST {
+        // SAFETY: host is BLOCK bytes and outlives the call.
+        let n = unsafe {
+            read(
+                fh,
+                host.as_mut_ptr(),
+                BLOCK,
+                (6 << 20) + (i * BLOCK as u64) as i64,
+                0,
+            )
+        };
+        ensure!(n == BLOCK as isize, "cuFileRead {i} into host returned {n}");
+    }
+
+    let bytes = |m: &str, path: &str| {
+        counter(
+            m,
+            "gds_cufile_bytes_total",
+            &["op=\"read\"", &format!("path=\"{path}\"")],
+        )
+    };
+    let (p0, h0) = (bytes(&m0, "p2pdma"), bytes(&m0, "compat"));
+    let want_p = (PEER * BLOCK as u64) as f64;
+    let want_h = (HOST * BLOCK as u64) as f64;
+    let m = wait_metrics("cuFile reads counted by path", |m| {
+        bytes(m, "p2pdma") - p0 >= want_p && bytes(m, "compat") - h0 >= want_h
+    })?;
+    let (dp, dh) = (bytes(&m, "p2pdma") - p0, bytes(&m, "compat") - h0);
+    for l in m
+        .lines()
+        .filter(|l| l.starts_with("gds_cufile_bytes_total"))
+    {
+        c.detail(l);
+    }
+    ensure!(
+        dp == want_p && dh == want_h,
+        "{PEER} cuFileRead into p2pmem, {HOST} into host memory -> p2pdma +{dp} B, compat +{dh} B"
+    );
+    let r = json("/debug/cufile")?;
+    let proc_row = r["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pid"].as_u64() == Some(me))
+        .cloned()
+        .with_context(|| format!("/debug/cufile has no process {me}: {r}"))?;
+    let file = proc_row["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["fd"].as_i64() == Some(f.as_raw_fd() as i64))
+        .cloned()
+        .with_context(|| format!("process {me} has no row for fd {}", f.as_raw_fd()))?;
+    c.detail(format!("file row: {file}"));
+    let calls = &file["counters"]["path_calls"];
+    ensure!(
+        calls["p2pdma"].as_u64() == Some(PEER) && calls["compat"].as_u64() == Some(HOST),
+        "file row path_calls {calls}, want p2pdma {PEER} compat {HOST}"
+    );
+    ensure!(
+        proc_row["peer_ios"].as_u64() == Some(PEER),
+        "process peer_ios {}, want {PEER}",
+        proc_row["peer_ios"]
+    );
+    Ok(format!(
+        "{PEER} cuFileRead into p2pmem -> path p2pdma {dp} B; {HOST} into host memory -> compat \
+         {dh} B; file row p2pdma {PEER} compat {HOST}; reason {}",
+        file["compat_reason"]
+    ))
+}
+
+fn block_memory(c: &Ctx) -> Result<String> {
+    const PEER: u64 = 64;
+    const HOST: u64 = 40;
+    const PASSTHROUGH: u64 = 16;
+    const BLOCK: usize = 4096;
     let ns = find_ns(MAIN_SERIAL, 1)?;
     let g = namespace_geometry(Path::new(&ns.ng))?;
     let disk = ns.blk.trim_start_matches("/dev/").to_owned();
-    let peer = P2pMem::map(&provider.dir, 1 << 20)?;
+    let peer = peer_memory(c)?;
     let slots = (peer.len() / BLOCK) as u64;
 
     let _agent = Agent::start(c, &[])?;
