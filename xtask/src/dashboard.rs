@@ -755,7 +755,7 @@ pub fn render() -> Value {
         ),
     );
     l.add(
-        12,
+        8,
         8,
         timeseries(
             "cuFile call latency p50 / p99 / p99.9",
@@ -765,7 +765,7 @@ pub fn render() -> Value {
         ),
     );
     l.add(
-        12,
+        8,
         8,
         timeseries(
             "cuFile errors",
@@ -775,6 +775,23 @@ pub fn render() -> Value {
             vec![q(
                 format!("sum by (op, error) (rate(gds_cufile_errors_total{{{I}}}[{RI}]))"),
                 "{{op}} {{error}}",
+            )],
+        ),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "Block requests into peer memory (P2PDMA)",
+            "Block requests whose data pages are PCI peer memory (GPU BAR1, p2pmem), by disk and \
+             op: the I/O under cuFile's p2pdma path, and any other P2PDMA reader. Empty on kernels \
+             without CONFIG_PCI_P2PDMA. /debug/cufile lists the processes (peer_io).",
+            "ops",
+            vec![q(
+                format!(
+                    "sum by (disk, op) (rate(gds_block_request_duration_seconds_count{{{I},memory=\"p2pdma\"}}[{RI}]))"
+                ),
+                "{{disk}} {{op}}",
             )],
         ),
     );

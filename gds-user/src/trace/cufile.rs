@@ -20,8 +20,9 @@
 //!   counted and their providers listed (`/debug/cufile`), not attached: the API probes and the
 //!   calls beneath answer the path question on both architectures.
 //!
-//! Not classified: `p2pdma` (O_DIRECT I/O into GPU BAR memory, CUDA 12.8+) looks like compat
-//! from libc; telling them apart needs the buffer's memory type (see the note in the README).
+//! `p2pdma` (O_DIRECT I/O into GPU BAR memory, CUDA 12.8+) looks like compat from libc: what
+//! tells it apart is the memory type of the buffer, which the block program checks
+//! (`trace::peer`) and counts per process for the cuFile return to read.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
