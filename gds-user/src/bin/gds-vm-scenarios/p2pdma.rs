@@ -127,36 +127,23 @@ fn cufile_path(c: &Ctx) -> Result<String> {
     // SAFETY: cuFile's signature; both pointers live across the call.
     let err = unsafe { register(&mut fh, &descr) };
     ensure!(err as u32 == 0, "cuFileHandleRegister: {err:#x}");
-    for i in 0..PEER {
-        let off = ((i % slots) as usize * BLOCK) as i64;
-        // SAFETY: buffer + offset lies inside the mapping, which outlives the call.
-        let n = unsafe {
-            read(
-                fh,
-                peer.as_mut_ptr(),
-                BLOCK,
-                (6 << 20) + (i * BLOCK as u64) as i64,
-                off,
-            )
-        };
-        ensure!(
-            n == BLOCK as isize,
-            "cuFileRead {i} into p2pmem returned {n}"
-        );
-    }
     let mut host = DmaBuffer::new(BLOCK);
-    for i in 0..HOST {
-        // SAFETY: host is BLOCK bytes and outlives the call.
-        let n = unsafe {
-            read(
-                fh,
-                host.as_mut_ptr(),
-                BLOCK,
-                (6 << 20) + (i * BLOCK as u64) as i64,
-                0,
-            )
-        };
-        ensure!(n == BLOCK as isize, "cuFileRead {i} into host returned {n}");
+    // (buffer, its slots of BLOCK bytes, calls, what it is)
+    let targets = [
+        (peer.as_mut_ptr(), slots, PEER, "p2pmem"),
+        (host.as_mut_ptr(), 1, HOST, "host memory"),
+    ];
+    for (buf, slots, calls, what) in targets {
+        for i in 0..calls {
+            let buf_off = ((i % slots) as usize * BLOCK) as i64;
+            let file_off = (6 << 20) + (i * BLOCK as u64) as i64;
+            // SAFETY: buf + buf_off + BLOCK lies inside the buffer, which outlives the call.
+            let n = unsafe { read(fh, buf, BLOCK, file_off, buf_off) };
+            ensure!(
+                n == BLOCK as isize,
+                "cuFileRead {i} into {what} returned {n}"
+            );
+        }
     }
 
     let bytes = |m: &str, path: &str| {
