@@ -1,5 +1,6 @@
-//! NVMe commands and block requests: per-disk latency, NVMe errors, and the link between an
-//! io_uring URING_CMD request and the NVMe command it became.
+//! NVMe commands and block requests: per-disk latency, NVMe errors, the link between an
+//! io_uring URING_CMD request and the NVMe command it became, and whether a block request's
+//! data is PCI peer memory (P2PDMA), counted per issuing process for the cuFile programs.
 //!
 //! For passthrough from io_uring, `request->end_io_data` is the `struct io_uring_cmd`, which
 //! sits at the start of the `struct io_kiocb` the io_uring programs key on: so the NVMe
@@ -261,10 +262,11 @@ pub fn nvme_complete(ctx: RawTracePointContext) -> i32 {
 
 /// The kernel's `is_pci_p2pdma_page()` on the first page of `rq`'s data:
 /// `page_zonenum(page) == ZONE_DEVICE && page->pgmap->type == MEMORY_DEVICE_PCI_P2PDMA`.
-/// Why the first page only: a buffer is one mapping, host or peer, and a bio whose pages
-/// come from two would be one of each; the block layer never merges a P2PDMA page into a
-/// host page's segment anyway. The zone comes first: only a ZONE_DEVICE page has `pgmap`
-/// where it is read (for other pages that word is an LRU link).
+/// Why the first page only: a request's pages come from one I/O buffer, and a buffer is one
+/// mapping, host or peer (the block layer does not even merge pages of different page maps
+/// into one segment). The zone comes first: only a ZONE_DEVICE page has `pgmap` where it is
+/// read (for other pages that word is an LRU link). Runs only where user space enabled it
+/// (CONFIG_PCI_P2PDMA): elsewhere the read-only config makes it dead code the verifier drops.
 #[inline(always)]
 fn is_peer_memory(rq: u64) -> bool {
     let bio: u64 = rd(rq + dconf!(peer.rq_bio) as u64);

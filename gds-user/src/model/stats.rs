@@ -252,7 +252,7 @@ impl Stats {
             .collect();
         let maps = tracer.devices();
         let dev = maps.snapshot();
-        let peer_known = tracer.peer_memory().unflagged_is_host();
+        let unflagged_is_host = tracer.peer_memory().unflagged_is_host();
         for (k, h) in &dev.hists {
             let disk = maps.disk_name(k.dev);
             let latency = Histogram {
@@ -280,7 +280,8 @@ impl Stats {
                 (KIND_BLOCK, _) => stats.block.push(BlockRow {
                     disk,
                     op: labels::block_op(k.code).to_owned(),
-                    memory: labels::block_memory(k.flags & FLAG_P2PDMA != 0, peer_known).to_owned(),
+                    memory: labels::block_memory(k.flags & FLAG_P2PDMA != 0, unflagged_is_host)
+                        .to_owned(),
                     latency,
                 }),
                 _ => {}

@@ -10,6 +10,8 @@
 //! kernel's configuration file: a container or initramfs often has no `/boot/config-*`, and
 //! BTF is what the rest of the tracer already trusts.
 
+use std::sync::Mutex;
+
 use aya::maps::{HashMap, MapData};
 use gds_common::{MAP_PEER_IO, PeerCheck};
 
@@ -154,21 +156,40 @@ fn check(btf: &Btf) -> Result<PeerCheck, String> {
 /// Block requests into peer memory per process, as the kernel counts them.
 pub struct PeerIo {
     /// An LRU hash in the kernel; aya reads it as a hash map.
-    map: HashMap<MapData, u32, u64>,
+    map: Mutex<HashMap<MapData, u32, u64>>,
 }
 
 impl PeerIo {
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<PeerIo, TraceError> {
         Ok(PeerIo {
-            map: take_map(ebpf, MAP_PEER_IO)?,
+            map: Mutex::new(take_map(ebpf, MAP_PEER_IO)?),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u32, u64>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// (process id, requests) for every process that issued any, by process id.
     pub fn read(&self) -> Vec<(u32, u64)> {
-        let mut v: Vec<(u32, u64)> = self.map.iter().flatten().collect();
+        let mut v: Vec<(u32, u64)> = self.lock().iter().flatten().collect();
         v.sort_unstable();
         v
+    }
+
+    /// Forgets processes that exited, so a reused process id starts from zero. (A cuFile
+    /// call compares the count at its entry and return, so no call is misclassified either
+    /// way; this is for the listing.)
+    pub fn prune(&self, alive: &dyn Fn(u32) -> bool) {
+        let mut map = self.lock();
+        let dead: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|pid| !alive(*pid))
+            .collect();
+        for pid in dead {
+            let _ = map.remove(&pid);
+        }
     }
 }
 

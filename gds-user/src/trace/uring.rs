@@ -344,6 +344,7 @@ impl UringTracer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .prune(&alive, super::monotonic_ns(), 60_000_000_000);
+        self.peer_io.prune(&alive);
         changes
     }
 
