@@ -193,6 +193,11 @@ pub struct CufileFileStats {
     pub compat_bytes: u64,
     /// nvidia-fs data ioctls (process row).
     pub nvfs_ios: u64,
+    /// Libc reads and writes with no cuFile call in flight on their file, and the bytes they
+    /// asked (process row): POSIX I/O of a cuFile process outside cuFile, e.g. KvikIO's reads
+    /// below its GDS threshold, which never reach cuFile.
+    pub outside_ios: u64,
+    pub outside_bytes: u64,
     /// Read and write calls whose offset or size is not a multiple of 4 KiB.
     pub unaligned: u64,
     /// Synchronous read and write calls in flight on this file now.

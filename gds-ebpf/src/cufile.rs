@@ -80,6 +80,8 @@ static ZERO_ROW: CufileFileStats = CufileFileStats {
     compat_ios: 0,
     compat_bytes: 0,
     nvfs_ios: 0,
+    outside_ios: 0,
+    outside_bytes: 0,
     unaligned: 0,
     active: 0,
     path_calls: [0; CUFILE_PATHS],
@@ -455,6 +457,13 @@ pub fn beneath_enter(ctx: ProbeContext) -> u32 {
         }
     }
     count(CufileCount::BeneathUnlinked);
+    if let Some(p) = row(tgid, PROCESS_ROW) {
+        // SAFETY: map value pointer.
+        unsafe {
+            add(&raw mut (*p).outside_ios, 1);
+            add(&raw mut (*p).outside_bytes, asked);
+        }
+    }
     0
 }
 

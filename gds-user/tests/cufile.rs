@@ -295,6 +295,17 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     assert_eq!(p.counters.calls, 21, "{p:?}");
     assert_eq!(p.counters.read_calls, 3);
     assert_eq!(p.counters.write_calls, 5);
+    assert_eq!(
+        p.counters.outside_ios, 7,
+        "the 7 preads, on the process: {p:?}"
+    );
+    assert_eq!(p.counters.outside_bytes, 7 * 64);
+    assert!(
+        p.outside_cufile
+            .as_deref()
+            .is_some_and(|w| w.starts_with("7 read(s)/write(s), 448 bytes asked")),
+        "{p:?}"
+    );
     assert_eq!(p.comm, "python3");
     assert!(now.value("gds_cufile_libraries", &[]) >= 1.0);
     app.exit();

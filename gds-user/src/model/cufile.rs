@@ -28,6 +28,12 @@ pub struct CufileCounters {
     pub compat_ios: u64,
     pub compat_bytes: u64,
     pub nvfs_ios: u64,
+    /// Process only: libc reads and writes with no cuFile call in flight on their file, and
+    /// their bytes (POSIX I/O outside cuFile; see [`CufileProcess::outside_cufile`]).
+    #[serde(default)]
+    pub outside_ios: u64,
+    #[serde(default)]
+    pub outside_bytes: u64,
     pub unaligned: u64,
     /// Read and write calls that succeeded, by path name.
     pub path_calls: BTreeMap<String, u64>,
@@ -48,6 +54,8 @@ impl CufileCounters {
             compat_ios: s.compat_ios,
             compat_bytes: s.compat_bytes,
             nvfs_ios: s.nvfs_ios,
+            outside_ios: s.outside_ios,
+            outside_bytes: s.outside_bytes,
             unaligned: s.unaligned,
             path_calls: (0..CUFILE_PATHS)
                 .filter(|p| s.path_calls[*p] > 0)
@@ -91,6 +99,10 @@ pub struct CufileProcess {
     /// makes a read `p2pdma`.
     #[serde(default)]
     pub peer_ios: u64,
+    /// Why the process did POSIX reads and writes outside cuFile, where it did: that I/O never
+    /// went GPU-direct and no cuFile call saw it.
+    #[serde(default)]
+    pub outside_cufile: Option<String>,
     pub files: Vec<CufileFile>,
 }
 
@@ -191,6 +203,7 @@ impl CufileReport {
                     alive: dir.exists(),
                     counters: CufileCounters::default(),
                     peer_ios: 0,
+                    outside_cufile: None,
                     files: Vec::new(),
                 }
             });
@@ -201,6 +214,7 @@ impl CufileReport {
             };
             if k.fd == PROCESS_ROW {
                 p.counters = CufileCounters::from_raw(s);
+                p.outside_cufile = outside_cufile(proc_root, k.tgid, &p.counters);
                 continue;
             }
             let fd_dir = proc_root.join(k.tgid.to_string()).join("fd");
@@ -242,6 +256,33 @@ impl CufileReport {
             peer_io: Vec::new(),
         }
     }
+}
+
+/// What to say of process `pid`'s POSIX reads and writes outside cuFile calls, if it made
+/// any. KvikIO, the common caller, sends reads and writes below `KVIKIO_GDS_THRESHOLD` (1 MiB
+/// unless set) straight to POSIX without calling cuFile, so from inside the application they
+/// look like cuFile I/O that fell back; the environment says which threshold was in force.
+pub fn outside_cufile(proc_root: &Path, pid: u32, c: &CufileCounters) -> Option<String> {
+    if c.outside_ios == 0 {
+        return None;
+    }
+    let threshold = std::fs::read(proc_root.join(pid.to_string()).join("environ"))
+        .ok()
+        .and_then(|env| {
+            env.split(|&b| b == 0).find_map(|kv| {
+                kv.strip_prefix(b"KVIKIO_GDS_THRESHOLD=")
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        });
+    let why = match threshold {
+        Some(t) => format!("KVIKIO_GDS_THRESHOLD={t} is set: KvikIO reads and writes below it bypass cuFile"),
+        None => "e.g. KvikIO sends reads and writes below KVIKIO_GDS_THRESHOLD (1 MiB unless set) to POSIX without cuFile".into(),
+    };
+    Some(format!(
+        "{} read(s)/write(s), {} bytes asked, with no cuFile call in flight on their file: POSIX \
+         I/O that never went GPU-direct ({why})",
+        c.outside_ios, c.outside_bytes
+    ))
 }
 
 /// Why cuFile used its compat path for file `fd` of process `pid`: the first of these that
@@ -305,6 +346,27 @@ mod tests {
         std::fs::write(p.join("environ"), env).unwrap();
         std::fs::write(p.join("fdinfo/5"), format!("pos:\t0\nflags:\t{flags}\n")).unwrap();
         d
+    }
+
+    #[test]
+    fn io_outside_cufile_names_the_threshold() {
+        let none = CufileCounters::default();
+        let d = fake_proc(b"A=1\0", "0100002");
+        assert_eq!(outside_cufile(d.path(), 7, &none), None);
+        let some = CufileCounters {
+            outside_ios: 7,
+            outside_bytes: 448,
+            ..Default::default()
+        };
+        let text = outside_cufile(d.path(), 7, &some).unwrap();
+        assert!(
+            text.starts_with("7 read(s)/write(s), 448 bytes asked"),
+            "{text}"
+        );
+        assert!(text.contains("1 MiB unless set"), "{text}");
+        let d = fake_proc(b"KVIKIO_GDS_THRESHOLD=65536\0", "0100002");
+        let text = outside_cufile(d.path(), 7, &some).unwrap();
+        assert!(text.contains("KVIKIO_GDS_THRESHOLD=65536 is set"), "{text}");
     }
 
     #[test]

@@ -302,6 +302,7 @@ mod tests {
                 alive: true,
                 counters: counters.clone(),
                 peer_ios: 0,
+                outside_cufile: None,
                 files: vec![CufileFile {
                     fd: 3,
                     path: "/data/x".into(),

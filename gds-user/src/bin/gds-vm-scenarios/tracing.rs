@@ -24,7 +24,7 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         s(
             "trace.block-reads",
-            "block-layer reads of /dev/nvmeXnY show in NVMe and block metrics, not as URING_CMD",
+            "block-layer reads of /dev/nvmeXnY show in NVMe and block metrics (memory host), not as URING_CMD",
             180,
             block_reads,
         ),
@@ -245,11 +245,16 @@ fn block_reads(c: &Ctx) -> Result<String> {
             &[&format!("disk=\"{disk}\""), "opcode=\"read\""],
         )
     };
+    // Debian kernels have no CONFIG_PCI_P2PDMA: every request is host memory, said so.
     let block = |m: &str| {
         counter(
             m,
             "gds_block_request_duration_seconds_count",
-            &[&format!("disk=\"{disk}\""), "op=\"read\""],
+            &[
+                &format!("disk=\"{disk}\""),
+                "op=\"read\"",
+                "memory=\"host\"",
+            ],
         )
     };
     let uring_cmd = |m: &str| counter(m, "gds_uring_requests_total", &["opcode=\"URING_CMD\""]);
