@@ -119,9 +119,9 @@ pub struct DevConfig {
 /// a request: `rq->bio->bi_io_vec[bi_iter.bi_idx].bv_page`, then
 /// `page_zonenum(page) == ZONE_DEVICE && page->pgmap->type == MEMORY_DEVICE_PCI_P2PDMA`.
 /// Offsets from BTF; the zone's place in `page->flags` from the sizes BTF gives (see
-/// `trace::device::peer_check`).
+/// `trace::peer`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCheck {
     /// 1 when the check runs (the kernel has CONFIG_PCI_P2PDMA and every offset resolved).
     pub enabled: u32,
@@ -156,20 +156,25 @@ impl DevConfig {
         disk_first_minor: 0,
         hctx_queue_num: 0,
         rq_size: 0,
-        peer: PeerCheck {
-            enabled: 0,
-            rq_bio: 0,
-            bio_io_vec: 0,
-            bio_idx: 0,
-            bvec_size: 0,
-            page_pgmap: 0,
-            pgmap_type: 0,
-            p2pdma_type: 0,
-            zone_shift: 0,
-            zone_mask: 0,
-            zone_device: 0,
-            _pad: 0,
-        },
+        peer: PeerCheck::OFF,
+    };
+}
+
+impl PeerCheck {
+    /// The check off: the block program reads nothing more.
+    pub const OFF: PeerCheck = PeerCheck {
+        enabled: 0,
+        rq_bio: 0,
+        bio_io_vec: 0,
+        bio_idx: 0,
+        bvec_size: 0,
+        page_pgmap: 0,
+        pgmap_type: 0,
+        p2pdma_type: 0,
+        zone_shift: 0,
+        zone_mask: 0,
+        zone_device: 0,
+        _pad: 0,
     };
 }
 

@@ -642,11 +642,10 @@ pub fn vm_test(args: &VmTestArgs) -> Result<Vec<BootReport>> {
     std::fs::create_dir_all(&vm_dir)?;
     let mut kernels = Vec::new();
     for s in &args.kernels {
-        if s == P2PDMA_SERIES && !kernel::p2pdma_image().is_file() {
-            eprintln!(
-                "xtask vm: SKIP {s}: no P2PDMA kernel at {} (set GDS_P2PDMA_KERNEL)",
-                kernel::p2pdma_image().display()
-            );
+        if s == P2PDMA_SERIES
+            && let Some(why) = kernel::p2pdma_missing()
+        {
+            eprintln!("xtask vm: SKIP {s}: {why}");
             continue;
         }
         kernels.push(kernel::fetch(s, &vm_dir.join("kernels"))?);

@@ -258,6 +258,19 @@ impl CufileReport {
     }
 }
 
+/// Process `pid`'s environment as `/proc/PID/environ` has it (empty when unreadable).
+fn environ(proc_root: &Path, pid: u32) -> Vec<u8> {
+    std::fs::read(proc_root.join(pid.to_string()).join("environ")).unwrap_or_default()
+}
+
+/// The values of variable `name` in an environment block, in order.
+fn env_values<'a>(env: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    env.split(|&b| b == 0).filter_map(move |kv| {
+        kv.strip_prefix(name.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+    })
+}
+
 /// What to say of process `pid`'s POSIX reads and writes outside cuFile calls, if it made
 /// any. KvikIO, the common caller, sends reads and writes below `KVIKIO_GDS_THRESHOLD` (1 MiB
 /// unless set) straight to POSIX without calling cuFile, so from inside the application they
@@ -266,14 +279,10 @@ pub fn outside_cufile(proc_root: &Path, pid: u32, c: &CufileCounters) -> Option<
     if c.outside_ios == 0 {
         return None;
     }
-    let threshold = std::fs::read(proc_root.join(pid.to_string()).join("environ"))
-        .ok()
-        .and_then(|env| {
-            env.split(|&b| b == 0).find_map(|kv| {
-                kv.strip_prefix(b"KVIKIO_GDS_THRESHOLD=")
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-        });
+    let env = environ(proc_root, pid);
+    let threshold = env_values(&env, "KVIKIO_GDS_THRESHOLD")
+        .next()
+        .map(|v| String::from_utf8_lossy(v).into_owned());
     let why = match threshold {
         Some(t) => format!("KVIKIO_GDS_THRESHOLD={t} is set: KvikIO reads and writes below it bypass cuFile"),
         None => "e.g. KvikIO sends reads and writes below KVIKIO_GDS_THRESHOLD (1 MiB unless set) to POSIX without cuFile".into(),
@@ -298,12 +307,8 @@ pub fn compat_reason(
     host: HostFacts,
 ) -> String {
     let dir = proc_root.join(pid.to_string());
-    let forced = std::fs::read(dir.join("environ")).ok().is_some_and(|env| {
-        env.split(|&b| b == 0).any(|kv| {
-            kv.strip_prefix(b"CUFILE_FORCE_COMPAT_MODE=")
-                .is_some_and(|v| v.eq_ignore_ascii_case(b"true") || v == b"1")
-        })
-    });
+    let forced = env_values(&environ(proc_root, pid), "CUFILE_FORCE_COMPAT_MODE")
+        .any(|v| v.eq_ignore_ascii_case(b"true") || v == b"1");
     if forced {
         return "CUFILE_FORCE_COMPAT_MODE is set in the process's environment".into();
     }

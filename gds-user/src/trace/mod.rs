@@ -22,7 +22,7 @@ pub use error::TraceError;
 pub use events::raw_event;
 pub use inflight::{InflightRequest, monotonic_ns};
 pub use offsets::{AttachMode, ResolvedAttach};
-pub use peer::{PeerMemory, zone_bits};
+pub use peer::PeerMemory;
 pub use uring::{
     FloorProbe, LayerMode, Layers, OpcodeStats, TraceOptions, UringSnapshot, UringTracer,
 };

@@ -84,7 +84,7 @@ pub fn resolve(btf: &Btf) -> (PeerCheck, PeerMemory) {
     // CONFIG_PCI_P2PDMA: without it no peer page reaches the block layer.
     if !btf.has_struct("pci_p2pdma") {
         return (
-            PeerCheck::default(),
+            PeerCheck::OFF,
             PeerMemory::Impossible(
                 "the kernel has no CONFIG_PCI_P2PDMA: every block request is host memory".into(),
             ),
@@ -99,7 +99,7 @@ pub fn resolve(btf: &Btf) -> (PeerCheck, PeerMemory) {
             )),
         ),
         Err(e) => (
-            PeerCheck::default(),
+            PeerCheck::OFF,
             PeerMemory::Unknown(format!(
                 "the kernel has P2PDMA but peer memory cannot be told apart: {e}"
             )),
@@ -107,10 +107,9 @@ pub fn resolve(btf: &Btf) -> (PeerCheck, PeerMemory) {
     }
 }
 
-fn check(btf: &Btf) -> Result<PeerCheck, String> {
-    let off = |s: &str, p: &[&str]| btf.member_offset(s, p).map_err(|e| e.to_string());
+/// `(ZONES_PGSHIFT, ZONES_MASK)` of the kernel `btf` describes (see [`zone_bits`]).
+fn zone_layout(btf: &Btf) -> Result<(u32, u32), String> {
     let max_nr_zones = enum_value(btf, "zone_type", "__MAX_NR_ZONES")?;
-    let zone_device = enum_value(btf, "zone_type", "ZONE_DEVICE")?;
     let nr_pageflags = enum_value(btf, "pageflags", "__NR_PAGEFLAGS")?;
     // MAX_ZONES_PER_ZONELIST = MAX_NUMNODES * MAX_NR_ZONES, and `struct zonelist` holds one
     // more `struct zoneref` than that: the one place BTF spells out NODES_SHIFT.
@@ -121,18 +120,18 @@ fn check(btf: &Btf) -> Result<PeerCheck, String> {
             "struct zonelist ({zonelist} B) is not whole zonerefs ({zoneref} B)"
         ));
     }
-    let per_list = zonelist / zoneref - 1;
-    let max_numnodes = per_list / max_nr_zones as u32;
-    let (zone_shift, zone_mask) = zone_bits(
-        max_nr_zones as u32,
-        nr_pageflags as u32,
-        max_numnodes,
-    )
-    .ok_or_else(|| {
+    let max_numnodes = (zonelist / zoneref - 1) / max_nr_zones as u32;
+    zone_bits(max_nr_zones as u32, nr_pageflags as u32, max_numnodes).ok_or_else(|| {
         format!(
             "no zone field for {max_nr_zones} zones, {nr_pageflags} page flags, {max_numnodes} nodes"
         )
-    })?;
+    })
+}
+
+fn check(btf: &Btf) -> Result<PeerCheck, String> {
+    let off = |s: &str, p: &[&str]| btf.member_offset(s, p).map_err(|e| e.to_string());
+    let zone_device = enum_value(btf, "zone_type", "ZONE_DEVICE")?;
+    let (zone_shift, zone_mask) = zone_layout(btf)?;
     let bvec_page = off("bio_vec", &["bv_page"])?;
     if bvec_page != 0 {
         return Err(format!("bio_vec.bv_page at {bvec_page}, not 0"));
@@ -227,12 +226,8 @@ mod tests {
             PeerMemory::Impossible(_) | PeerMemory::Unknown(_) => assert_eq!(c.enabled, 0),
         }
         // This kernel's zone field, whichever mode: the computation must accept it.
-        let zones = btf.enum_values("zone_type").unwrap();
-        let max = zones.iter().find(|(n, _)| n == "__MAX_NR_ZONES").unwrap().1;
-        let list = btf.struct_size("zonelist").unwrap();
-        let zref = btf.struct_size("zoneref").unwrap();
-        let nodes = (list / zref - 1) / max as u32;
-        assert!(nodes.is_power_of_two(), "MAX_NUMNODES {nodes}");
-        eprintln!("{mode:?}; MAX_NUMNODES {nodes}, {max} zones");
+        let layout = zone_layout(&btf);
+        assert!(layout.is_ok(), "{layout:?}");
+        eprintln!("{mode:?}; zone field (shift, mask) {layout:?}");
     }
 }

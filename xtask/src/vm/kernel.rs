@@ -94,28 +94,35 @@ fn newest_first(names: &mut [String]) {
 pub const P2PDMA_SERIES: &str = "6.12-p2pdma";
 
 /// The P2PDMA kernel's image: `GDS_P2PDMA_KERNEL`, else `shared/kernels` beside the checkout.
-pub fn p2pdma_image() -> PathBuf {
+fn p2pdma_image() -> PathBuf {
     std::env::var_os("GDS_P2PDMA_KERNEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::setup::root().join("../shared/kernels/bzImage-6.12-p2pdma"))
+}
+
+/// Why the P2PDMA kernel cannot boot here (its image is missing), or None.
+pub fn p2pdma_missing() -> Option<String> {
+    let image = p2pdma_image();
+    (!image.is_file()).then(|| {
+        format!(
+            "no P2PDMA kernel at {} (set GDS_P2PDMA_KERNEL, or build it with \
+             shared/kernels/build.sh)",
+            image.display()
+        )
+    })
 }
 
 /// The newest cloud kernel of `series`, downloaded and unpacked under `cache` once; for
 /// [`P2PDMA_SERIES`], the local image.
 pub fn fetch(series: &str, cache: &Path) -> Result<GuestKernel> {
     if series == P2PDMA_SERIES {
-        let vmlinuz = p2pdma_image();
-        if !vmlinuz.is_file() {
-            bail!(
-                "no P2PDMA kernel at {} (set GDS_P2PDMA_KERNEL, or build it with \
-                 shared/kernels/build.sh)",
-                vmlinuz.display()
-            );
+        if let Some(why) = p2pdma_missing() {
+            bail!("{why}");
         }
         return Ok(GuestKernel {
             series: series.to_string(),
             package: "bzImage-6.12-p2pdma (Debian 6.12 + CONFIG_PCI_P2PDMA)".into(),
-            vmlinuz,
+            vmlinuz: p2pdma_image(),
             modules: Vec::new(),
         });
     }
