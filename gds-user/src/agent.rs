@@ -141,7 +141,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     if let Some(c) = &cufile {
         info!(
             "cuFile: thread {} keeps what attaching uprobes needs (cap_perfmon, cap_sys_admin, \
-             cap_sys_ptrace, cap_checkpoint_restore, cap_dac_read_search, where held); no other \
+             cap_sys_ptrace, cap_checkpoint_restore, cap_dac_read_search, cap_lease, where held); no other \
              thread does",
             c.tid
         );
@@ -301,6 +301,7 @@ impl CufileWatch {
                     return;
                 }
                 let mut notify = t.take_cufile_notify();
+                let watch = t.cufile_thread_fds();
                 let mut next_scan = std::time::Instant::now();
                 while !s.load(std::sync::atomic::Ordering::SeqCst) {
                     let now = std::time::Instant::now();
@@ -312,13 +313,11 @@ impl CufileWatch {
                         next_scan = now + CUFILE_WATCH_INTERVAL;
                     }
                     let wait = next_scan.saturating_duration_since(std::time::Instant::now());
-                    let pids = match notify.as_mut() {
-                        Some(rb) => wait_loaded(rb, wait),
-                        None => {
-                            std::thread::sleep(wait);
-                            Vec::new()
-                        }
-                    };
+                    let (pids, changed) = wait_loaded(notify.as_mut(), &watch, wait);
+                    // First: a changed file's probes must go before anything maps it.
+                    if changed {
+                        t.cufile_files_changed();
+                    }
                     if !pids.is_empty() {
                         tracing::debug!(?pids, "cuFile: the loader notified");
                         for c in t.refresh_cufile_pids(&pids) {
@@ -343,27 +342,40 @@ impl CufileWatch {
     }
 }
 
-/// Waits up to `wait` for the loader's notifications; returns the distinct process ids.
-fn wait_loaded(rb: &mut aya::maps::RingBuf<aya::maps::MapData>, wait: Duration) -> Vec<u32> {
+/// Waits up to `wait` for the loader's notifications or a change of a watched file; returns
+/// the distinct process ids notified and whether a watched file changed.
+fn wait_loaded(
+    rb: Option<&mut aya::maps::RingBuf<aya::maps::MapData>>,
+    watch: &[std::os::fd::RawFd],
+    wait: Duration,
+) -> (Vec<u32>, bool) {
     use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: rb.as_raw_fd(),
+    let pfd = |fd| libc::pollfd {
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
+    // A negative descriptor is ignored by poll.
+    let mut fds: Vec<libc::pollfd> = std::iter::once(rb.as_ref().map_or(-1, |r| r.as_raw_fd()))
+        .chain(watch.iter().copied())
+        .map(pfd)
+        .collect();
     let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+    // SAFETY: valid pollfds, as many as passed.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    let changed = fds[1..].iter().any(|f| f.revents & libc::POLLIN != 0);
     let mut pids = Vec::new();
-    while let Some(item) = rb.next() {
-        if let Ok(b) = <[u8; 4]>::try_from(&item[..]) {
-            let pid = u32::from_ne_bytes(b);
-            if !pids.contains(&pid) {
-                pids.push(pid);
+    if let Some(rb) = rb {
+        while let Some(item) = rb.next() {
+            if let Ok(b) = <[u8; 4]>::try_from(&item[..]) {
+                let pid = u32::from_ne_bytes(b);
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
             }
         }
     }
-    pids
+    (pids, changed)
 }
 
 /// Scans the in-flight tables every `interval`, logging each stall when it starts and ends.

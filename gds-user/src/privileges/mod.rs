@@ -17,7 +17,8 @@
 //! (uprobe perf events: the dev VM's 6.18 refuses them with CAP_PERFMON alone, EACCES),
 //! CAP_SYS_PTRACE (other processes' `/proc/PID/maps`), CAP_CHECKPOINT_RESTORE
 //! (`/proc/PID/map_files`, how a library in a container or a deleted one is reached) and
-//! CAP_DAC_READ_SEARCH (reading the library file). That thread does nothing else: it reads
+//! CAP_DAC_READ_SEARCH (reading the library file) and CAP_LEASE (a read lease on a library of
+//! another owner: a writer waits until its probes are gone, see `trace::lease`). That thread does nothing else: it reads
 //! maps and ELF symbol tables and attaches; the HTTP server, the parsers of requests and every
 //! other thread hold nothing.
 //!
@@ -48,9 +49,12 @@ pub const CUFILE_KEEP: CapSet = CapSet(
         | 1u64 << CAP_SYS_ADMIN
         | 1u64 << CAP_SYS_PTRACE
         | 1u64 << CAP_CHECKPOINT_RESTORE
-        | 1u64 << CAP_DAC_READ_SEARCH,
+        | 1u64 << CAP_DAC_READ_SEARCH
+        | 1u64 << CAP_LEASE,
 );
 const CAP_DAC_READ_SEARCH: u32 = 2;
+/// Read leases on library files of other owners (`trace::lease`).
+const CAP_LEASE: u32 = 28;
 
 /// Drops the calling thread alone to `keep` (what it holds of it), bounding set included where
 /// it may. For a thread that [`drop_after_attach`] then exempts. Returns its thread id.

@@ -2,13 +2,12 @@
 //! beneath it in the processes that use it.
 //!
 //! - **Finding libraries.** Every [`CufileTracing::refresh`] (the agent calls it every
-//!   500 ms, so a library loaded with `dlopen` is traced within a second) reads
+//!   500 ms; a `dlopen` is seen sooner through the loader's notification) reads
 //!   `/proc/*/maps` and keeps the processes that map a `libcufile.so*`: system CUDA, Python
 //!   wheels, containers and private mount namespaces alike, since the kernel reaches each file
 //!   through `/proc/PID/map_files` (see [`super::procmaps`]). Each file (device, inode) is
-//!   attached once, for every process that maps it; it is detached when no process maps it
-//!   any more, which is also how a library replaced on disk is handled: the old inode goes
-//!   with its last user, the new one is attached when first mapped.
+//!   opened once and attached once, through the agent's own descriptor, for every process that
+//!   maps it; it is detached [`LINGER`] after no process maps it any more.
 //! - **The API.** One uprobe and one uretprobe per function in [`SYMBOLS`], the operation as
 //!   the cookie. Functions a copy does not export are listed as missing, not an error.
 //! - **Beneath.** In each process that maps libcufile, uprobes on its libc's `pread64` and
@@ -20,13 +19,39 @@
 //!   counted and their providers listed (`/debug/cufile`), not attached: the API probes and the
 //!   calls beneath answer the path question on both architectures.
 //!
+//! **Never harm a watched program.** A uprobe is a breakpoint at a file offset in every process
+//! that maps the file, now and later; at a wrong offset it crashes the program or corrupts what
+//! it computes. So:
+//! - every file attached to for all processes (libcufile copies, dynamic loaders) is watched
+//!   ([`super::filewatch`]): a rewrite in place detaches it at once, before the writer is
+//!   done, and a copy that changes while mapped is not traced again until its processes are
+//!   gone (they run the new bytes at old addresses anyway, and say why in `not_traced`); the
+//!   periodic scan also compares size and times, for writes through shared mappings;
+//! - links are closed concurrently ([`super::release`]) and "detached" is logged once they
+//!   are closed, not when they were handed over;
+//! - probes scoped to one process (libc beneath cuFile) cannot fire in another one, and after
+//!   the process exits in none: they are closed in the background;
+//! - a library file is read only as [`super::elf`] allows (regular file, size cap, by offset)
+//!   and never under a lock that the HTTP server or the other tracing threads take: only the
+//!   perf-event and link syscalls run under the object lock.
+//!
+//! **Bounded.** Any local user can map files with these names: copies attached
+//! ([`LIBRARIES_MAX`]), loaders ([`LOADERS_MAX`]), processes probed ([`PROCESSES_MAX`]), files
+//! remembered as not traceable ([`FAILURES_MAX`]), log lines ([`LOG_BURST`] per minute) and the
+//! time spent on loader notifications ([`NOTIFY_SHARE`]) are bounded; what a bound refused is
+//! counted in [`Limits`] (`/debug/layers`, `/debug/cufile`) and logged at WARN once per kind.
+//!
 //! `p2pdma` (O_DIRECT I/O into GPU BAR memory, CUDA 12.8+) looks like compat from libc: what
 //! tells it apart is the memory type of the buffer, which the block program checks
 //! (`trace::peer`) and counts per process for the cuFile return to read.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::{
@@ -51,8 +76,12 @@ use gds_common::cufile::{
 use super::{
     TraceError,
     elf::{self, LibSymbols},
+    filewatch::FileWatch,
+    lease::Leases,
     procmaps::{self, FileId, Mapping},
-    program, take_map,
+    program,
+    release::Releaser,
+    take_map,
 };
 
 /// The traced functions and their operation. `cuFileDriverClose_v2` (CUDA 12.2+) and
@@ -84,13 +113,68 @@ const BENEATH: &[(&str, u32)] = &[
 
 const PROGRAMS: [&str; 4] = ["cufile_enter", "cufile_exit", "beneath_enter", "dl_notify"];
 
-/// How long a library stays attached after its last process exited, and how often links of
-/// exited processes are closed. Closing a uprobe takes the kernel's `dup_mmap_sem` for writing
-/// and waits for an RCU grace period per probe, during which every other uprobe attach (and
-/// every fork on the host) waits: 28 probes of one library closed when a short process exits
-/// held up the next process's attach by 1.4 s here. Lingering makes a job that restarts, or a
-/// loop of short processes, reuse the probes; closing in batches pays the waits together.
-pub const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a library stays attached after its last process exited. Closing a uprobe takes the
+/// kernel's `dup_mmap_sem` for writing and waits for an RCU grace period, during which every
+/// other uprobe attach (and every fork on the host) waits: lingering makes a job that
+/// restarts, or a loop of short processes, reuse the probes. Safe because the file is watched
+/// meanwhile (see the module documentation).
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// Most libcufile copies attached at once (28 probes and file descriptors each). A host runs
+/// a handful (system CUDA, a wheel per Python environment, one per container image); 50 copies
+/// in one process were tried.
+pub const LIBRARIES_MAX: usize = 64;
+/// Most dynamic loaders with the dlopen notification (one probe each): one per distribution
+/// image in use.
+pub const LOADERS_MAX: usize = 64;
+/// Most processes with libc probes beneath cuFile (2–3 probes and descriptors each).
+pub const PROCESSES_MAX: usize = 2048;
+/// Most files remembered as not traceable (listed in `not_traced`).
+pub const FAILURES_MAX: usize = 64;
+/// Log lines about files that cannot be traced, per minute; the rest are counted.
+pub const LOG_BURST: u32 = 16;
+/// Share of one core the loader's notifications may take (re-reading the notifying
+/// processes' maps); past it, notifications wait for the periodic scan. An unprivileged
+/// `dlopen`/`dlclose` loop held the cuFile thread at 83 % of a core without it.
+pub const NOTIFY_SHARE: f64 = 0.2;
+/// How long closing links may hold up shutdown (systemd's stop timeout in the shipped unit is
+/// 20 s).
+const SHUTDOWN_CLOSE: Duration = Duration::from_secs(15);
+
+/// What a file looked like when attached: size, modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp(u64, i64, i64, i64, i64);
+
+impl Stamp {
+    fn of(file: &File) -> Option<Stamp> {
+        let m = file.metadata().ok()?;
+        Some(Stamp(
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ))
+    }
+}
+
+/// A file the agent holds open and attached to for every process that maps it.
+struct Held {
+    file: File,
+    stamp: Option<Stamp>,
+    links: Vec<UProbeLink>,
+}
+
+impl Held {
+    /// `/proc/self/fd/N`: the inode itself, for the kernel's uprobe path lookup.
+    fn target(file: &File) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    }
+
+    fn changed(&self) -> bool {
+        Stamp::of(&self.file) != self.stamp
+    }
+}
 
 /// One libcufile file, attached.
 struct AttachedLib {
@@ -98,16 +182,16 @@ struct AttachedLib {
     mapping: Mapping,
     pids: BTreeSet<u32>,
     symbols: LibSymbols,
-    since: std::time::SystemTime,
+    since: SystemTime,
     /// When its last process was seen gone (detached [`LINGER`] later).
-    idle_since: Option<std::time::Instant>,
-    _links: Vec<UProbeLink>,
+    idle_since: Option<Instant>,
+    held: Held,
 }
 
 /// One process that maps libcufile, with its libc probes.
 struct TracedProcess {
     nvfs: bool,
-    _links: Vec<UProbeLink>,
+    links: Vec<UProbeLink>,
 }
 
 /// A libcufile copy, as `/debug/cufile` lists it.
@@ -125,62 +209,334 @@ pub struct LibraryInfo {
     pub attached_unix_s: u64,
 }
 
-/// A library that could not be attached, and why (tried again only if it changes).
+/// A library that could not be attached, and why (tried again once no process maps it).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LibraryFailure {
     pub path: String,
     pub error: String,
 }
 
-/// The cuFile layer's programs and what they are attached to. Lives under the tracer's object
-/// lock: attaching needs the loaded programs.
+/// What the bounds of the cuFile layer refused since start (see the module documentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Copies not attached: [`LIBRARIES_MAX`] were attached.
+    pub libraries: u64,
+    /// Loaders without the dlopen notification: [`LOADERS_MAX`] had it.
+    pub loaders: u64,
+    /// Processes whose I/O beneath cuFile is not classified: [`PROCESSES_MAX`] were probed.
+    pub processes: u64,
+    /// Files not traceable and not listed: [`FAILURES_MAX`] were listed.
+    pub failures_unlisted: u64,
+    /// Process maps read in part ([`procmaps::MAPS_MAX`]).
+    pub maps_truncated: u64,
+    /// Loader notifications left to the periodic scan ([`NOTIFY_SHARE`]).
+    pub notifications_deferred: u64,
+    /// Attaches refused for want of file descriptors (RLIMIT_NOFILE).
+    pub fd_limit: u64,
+    /// Copies detached because they changed on disk.
+    pub changed_on_disk: u64,
+    /// Files held without a read lease (not protected before a writer starts).
+    pub unleased: u64,
+}
+
+impl Limits {
+    /// One line for `/debug/layers`, empty when nothing was refused.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            (self.libraries, "copies not attached (limit)"),
+            (self.loaders, "loaders without notification (limit)"),
+            (self.processes, "processes not probed (limit)"),
+            (self.failures_unlisted, "untraceable files not listed"),
+            (self.maps_truncated, "maps read in part"),
+            (self.notifications_deferred, "notifications deferred"),
+            (self.fd_limit, "attaches refused: file descriptor limit"),
+            (self.changed_on_disk, "copies detached: changed on disk"),
+            (self.unleased, "files without a read lease"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        parts.join(", ")
+    }
+}
+
+/// What readers (HTTP, `/debug/layers`) see of the cuFile layer: published by the cuFile
+/// thread after each change, so that no reader ever waits on its file reads or attaches.
+#[derive(Debug, Clone, Default)]
+pub struct CufileView {
+    pub libraries: Vec<LibraryInfo>,
+    pub failures: Vec<LibraryFailure>,
+    pub limits: Limits,
+}
+
+/// Which processes the cuFile layer attaches for (`--pid`, `--comm`).
+#[derive(Debug, Clone, Default)]
+pub struct ProcessFilter {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl ProcessFilter {
+    fn accepts(&self, proc_root: &Path, pid: u32) -> bool {
+        if self.pid.is_some_and(|p| p != pid) {
+            return false;
+        }
+        match &self.comm {
+            None => true,
+            Some(c) => std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
+                .is_ok_and(|s| s.trim_end_matches('\n') == c),
+        }
+    }
+}
+
+/// The cuFile layer's programs and what they are attached to. Owned by the cuFile thread
+/// (behind a lock only it and shutdown take); the object lock is taken only around attach
+/// syscalls.
 pub struct CufileTracing {
     proc_root: PathBuf,
+    filter: ProcessFilter,
     libs: BTreeMap<FileId, AttachedLib>,
     procs: BTreeMap<u32, TracedProcess>,
     failed: BTreeMap<FileId, LibraryFailure>,
-    /// Dynamic loaders with the `dl_notify` probe (empty: it could not be attached).
-    loaders: BTreeMap<FileId, Vec<UProbeLink>>,
-    /// Links to close in the next batch, and when the last batch was closed.
-    pending_release: Vec<UProbeLink>,
-    last_release: std::time::Instant,
+    /// Dynamic loaders with the `dl_notify` probe (`None`: it could not be attached).
+    loaders: BTreeMap<FileId, Option<Held>>,
+    watch: Option<FileWatch>,
+    /// Read leases on held files, for the cuFile thread (made by [`Self::thread_fds`]).
+    leases: Option<Leases>,
+    releaser: Releaser,
+    /// Files whose links are being closed: not attached again until they are (the new probes
+    /// would count every call twice meanwhile).
+    closing: std::sync::Arc<Mutex<BTreeSet<FileId>>>,
+    limits: Limits,
+    /// Log lines about untraceable files in the current minute, and when it began.
+    logged: (u32, Instant),
+    /// Time spent on notifications in the current second, and when it began.
+    notify_spent: (Duration, Instant),
 }
 
 impl CufileTracing {
     /// Loads the four uprobe programs (attached later, per library and process).
-    pub fn load(ebpf: &mut Ebpf) -> Result<CufileTracing, TraceError> {
+    pub fn load(ebpf: &mut Ebpf, filter: ProcessFilter) -> Result<CufileTracing, TraceError> {
         for name in PROGRAMS {
             let p: &mut UProbe = program(ebpf, name)?;
             p.load()
                 .map_err(|source| TraceError::Program { name, source })?;
         }
+        let watch = match FileWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "cuFile: no inotify ({e}): a library rewritten in place is seen by the \
+                     periodic scan only"
+                );
+                None
+            }
+        };
         Ok(CufileTracing {
             proc_root: PathBuf::from("/proc"),
+            filter,
             libs: BTreeMap::new(),
             procs: BTreeMap::new(),
             failed: BTreeMap::new(),
             loaders: BTreeMap::new(),
-            pending_release: Vec::new(),
-            last_release: std::time::Instant::now(),
+            watch,
+            leases: None,
+            releaser: Releaser::default(),
+            closing: Default::default(),
+            limits: Limits::default(),
+            logged: (0, Instant::now()),
+            notify_spent: (Duration::ZERO, Instant::now()),
         })
+    }
+
+    /// On the cuFile thread, before its first refresh: makes the thread the receiver of lease
+    /// breaks and returns the descriptors it must `poll`; readable ones mean
+    /// [`Self::files_changed`] must run at once.
+    pub fn thread_fds(&mut self) -> Vec<std::os::fd::RawFd> {
+        if self.leases.is_none() {
+            match Leases::for_this_thread() {
+                Ok(l) => self.leases = Some(l),
+                Err(e) => tracing::warn!(
+                    "cuFile: no lease-break signal ({e}): a library rewritten in place is seen \
+                     by inotify only, after the writer started"
+                ),
+            }
+        }
+        self.watch
+            .as_ref()
+            .map(FileWatch::raw_fd)
+            .into_iter()
+            .chain(self.leases.as_ref().map(Leases::raw_fd))
+            .collect()
+    }
+
+    /// Takes the read lease on a newly held file; where it cannot be taken, says so once.
+    fn protect(&mut self, held: &Held, path: &str) {
+        let Some(l) = &self.leases else { return };
+        if let Err(e) = l.take(&held.file) {
+            if self.limits.unleased == 0 {
+                tracing::warn!(
+                    "cuFile: no read lease on {path} ({e}; its file system may not support \
+                     leases): a rewrite in place is seen by inotify, after the writer started, \
+                     so a program started right after it may meet old probes"
+                );
+            }
+            self.limits.unleased += 1;
+        }
+    }
+
+    /// What readers see (see [`CufileView`]).
+    pub fn view(&self) -> CufileView {
+        CufileView {
+            libraries: self.libraries(),
+            failures: self.failed.values().cloned().collect(),
+            limits: self.limits.clone(),
+        }
+    }
+
+    /// Detaches every watched file that changed on disk (logged at WARN).
+    pub fn files_changed(&mut self) {
+        let c = self.watch.as_mut().map(FileWatch::changes).unwrap_or_default();
+        let mut ids: Vec<FileId> = if c.overflow {
+            // Any of them: compare each with what it was.
+            self.held_files().filter(|(_, h)| h.changed()).map(|(f, _)| f).collect()
+        } else {
+            c.files
+        };
+        // Writers waiting for their lease to be let go.
+        let broken = self.leases.as_ref().map(Leases::broken).unwrap_or_default();
+        for fd in broken {
+            if let Some((f, _)) = self.held_files().find(|(_, h)| h.file.as_raw_fd() == fd)
+                && !ids.contains(&f)
+            {
+                ids.push(f);
+            }
+        }
+        self.detach_changed(&ids);
+    }
+
+    fn held_files(&self) -> impl Iterator<Item = (FileId, &Held)> {
+        self.libs
+            .iter()
+            .map(|(f, l)| (*f, &l.held))
+            .chain(
+                self.loaders
+                    .iter()
+                    .filter_map(|(f, h)| h.as_ref().map(|h| (*f, h))),
+            )
+    }
+
+    /// Detaches `ids` at once. Their links are closed on the pool and their files closed
+    /// after them, so a writer waiting for the file's lease goes on only once no probe is left.
+    /// A library still mapped is not traced again until its processes are gone.
+    fn detach_changed(&mut self, ids: &[FileId]) {
+        for id in ids {
+            let (held, path, pids) = if let Some(lib) = self.libs.remove(id) {
+                (lib.held, lib.mapping.path, lib.pids)
+            } else if let Some(Some(h)) = self.loaders.remove(id) {
+                (h, format!("loader inode {}", id.ino), BTreeSet::new())
+            } else {
+                continue;
+            };
+            self.limits.changed_on_disk += 1;
+            let alive: Vec<String> = pids
+                .iter()
+                .filter(|p| self.proc_root.join(p.to_string()).exists())
+                .map(u32::to_string)
+                .collect();
+            let still = if alive.is_empty() {
+                String::new()
+            } else {
+                let p = alive.join(",");
+                self.fail(
+                    *id,
+                    path.clone(),
+                    format!(
+                        "changed on disk while mapped by pid {p}: not traced until they exit \
+                         (they now run the new bytes at the old addresses)"
+                    ),
+                );
+                format!("; still mapped by pid {p}: not traced again until they exit")
+            };
+            tracing::warn!(
+                "cuFile: {path} (inode {}) is being changed on disk: detaching its {} uprobes \
+                 (a writer waits until they are gone){still}",
+                id.ino,
+                held.links.len()
+            );
+            self.release(*id, held, move |n, took| {
+                tracing::warn!(
+                    "cuFile: {path}: its {n} uprobes are closed ({took:?}); the writer goes on"
+                );
+            });
+        }
+    }
+
+    /// Closes `held`'s links on the pool, then the file (ending its lease and watch), then runs
+    /// `done` with how many links and how long; `file` is not attached again meanwhile.
+    fn release(
+        &mut self,
+        file: FileId,
+        held: Held,
+        done: impl FnOnce(usize, Duration) + Send + 'static,
+    ) {
+        if let Some(w) = self.watch.as_mut() {
+            w.remove(file);
+        }
+        let Held { file: f, links, .. } = held;
+        let n = links.len();
+        let closing = self.closing.clone();
+        closing.lock().unwrap_or_else(|p| p.into_inner()).insert(file);
+        self.releaser.close_then(links, move |took| {
+            drop(f);
+            closing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&file);
+            done(n, took);
+        });
     }
 
     /// Reads every process's maps: attaches to libraries, processes and loaders that appeared
     /// since the last call and detaches from those gone. Returns what changed, to log.
-    pub fn refresh(&mut self, ebpf: &mut Ebpf, nvfs_loaded: bool) -> Vec<String> {
+    pub fn refresh(&mut self, ebpf: &Mutex<Ebpf>, nvfs_loaded: bool) -> Vec<String> {
+        // Writes the watch cannot see (through a shared mapping), or a missed event.
+        let changed: Vec<FileId> =
+            self.held_files().filter(|(_, h)| h.changed()).map(|(f, _)| f).collect();
+        self.detach_changed(&changed);
         let seen = procmaps::scan(&self.proc_root, None);
         self.apply(ebpf, seen, nvfs_loaded, true)
     }
 
     /// Reads the maps of `pids` only (the loader said they loaded something): attaches what is
-    /// new there, detaches nothing (that is [`Self::refresh`]'s job).
+    /// new there, detaches nothing (that is [`Self::refresh`]'s job). Spends at most
+    /// [`NOTIFY_SHARE`] of the thread's time; past it, returns at once (the periodic scan
+    /// comes).
     pub fn refresh_pids(
         &mut self,
-        ebpf: &mut Ebpf,
+        ebpf: &Mutex<Ebpf>,
         nvfs_loaded: bool,
         pids: &[u32],
     ) -> Vec<String> {
+        let now = Instant::now();
+        if now.duration_since(self.notify_spent.1) >= Duration::from_secs(1) {
+            self.notify_spent = (Duration::ZERO, now);
+        }
+        if self.notify_spent.0 >= Duration::from_secs(1).mul_f64(NOTIFY_SHARE) {
+            if self.limits.notifications_deferred == 0 {
+                tracing::warn!(
+                    "cuFile: the loader's notifications take over {:.0} % of the cuFile \
+                     thread (a dlopen storm?): the rest wait for the periodic scan",
+                    NOTIFY_SHARE * 100.0
+                );
+            }
+            self.limits.notifications_deferred += pids.len() as u64;
+            return Vec::new();
+        }
         let seen = procmaps::scan(&self.proc_root, Some(pids));
+        // What a storm costs is reading maps; attaching what they show is the work itself.
+        self.notify_spent.0 += now.elapsed();
         tracing::debug!(
             ?pids,
             users = seen.users.len(),
@@ -189,15 +545,74 @@ impl CufileTracing {
         self.apply(ebpf, seen, nvfs_loaded, false)
     }
 
+    fn is_closing(&self, file: FileId) -> bool {
+        self.closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&file)
+    }
+
+    /// Remembers that `file` cannot be traced (bounded; logged within [`LOG_BURST`]).
+    fn fail(&mut self, file: FileId, path: String, error: String) {
+        let now = Instant::now();
+        if now.duration_since(self.logged.1) >= Duration::from_secs(60) {
+            self.logged = (0, now);
+        }
+        if self.logged.0 < LOG_BURST {
+            tracing::warn!("cuFile: cannot trace {path} (inode {}): {error}", file.ino);
+        } else if self.logged.0 == LOG_BURST {
+            tracing::warn!(
+                "cuFile: more files cannot be traced; not logged for a minute (counted, and \
+                 listed on /debug/cufile up to {FAILURES_MAX})"
+            );
+        }
+        self.logged.0 = self.logged.0.saturating_add(1);
+        if self.failed.len() >= FAILURES_MAX && !self.failed.contains_key(&file) {
+            self.limits.failures_unlisted += 1;
+            return;
+        }
+        self.failed.insert(file, LibraryFailure { path, error });
+    }
+
+    /// Counts an attach error that hit the file descriptor limit, with a WARN the first time.
+    fn note_fd_limit(&mut self, e: &TraceError) {
+        if is_fd_limit(e) {
+            if self.limits.fd_limit == 0 {
+                tracing::warn!(
+                    "cuFile: file descriptor limit reached ({}): uprobes not attached; raise \
+                     LimitNOFILE (each libcufile copy takes 28 descriptors, each process 2–3)",
+                    fd_limit_text()
+                );
+            }
+            self.limits.fd_limit += 1;
+        }
+    }
+
     fn apply(
         &mut self,
-        ebpf: &mut Ebpf,
+        ebpf: &Mutex<Ebpf>,
         seen: procmaps::Scan,
         nvfs_loaded: bool,
         full: bool,
     ) -> Vec<String> {
         let mut changes = Vec::new();
-        let mut released = Vec::new();
+        if !seen.truncated.is_empty() {
+            if self.limits.maps_truncated == 0 {
+                tracing::warn!(
+                    "cuFile: pid {:?} has over {} bytes of maps: read in part",
+                    seen.truncated,
+                    procmaps::MAPS_MAX
+                );
+            }
+            self.limits.maps_truncated += seen.truncated.len() as u64;
+        }
+
+        // Processes that map libcufile, as the filter (`--pid`, `--comm`) allows.
+        let users: BTreeMap<u32, (Vec<Mapping>, Vec<Mapping>)> = seen
+            .users
+            .into_iter()
+            .filter(|(pid, _)| self.filter.accepts(&self.proc_root, *pid))
+            .collect();
 
         // Loaders: a uprobe on each ld.so's `_dl_debug_state` says when a process loads.
         if full {
@@ -208,38 +623,62 @@ impl CufileTracing {
                 .copied()
                 .collect();
             for f in gone {
-                released.extend(self.loaders.remove(&f).unwrap_or_default());
+                if let Some(Some(h)) = self.loaders.remove(&f) {
+                    self.release(f, h, |_, _| {});
+                }
             }
         }
         for (file, m) in &seen.loaders {
-            if self.loaders.contains_key(file) {
+            if self.loaders.contains_key(file) || self.is_closing(*file) {
                 continue;
             }
-            match attach_loader(ebpf, m) {
-                Ok(links) => {
-                    self.loaders.insert(*file, links);
+            if self.loaders.len() >= LOADERS_MAX {
+                if self.limits.loaders == 0 {
+                    tracing::warn!(
+                        "cuFile: {LOADERS_MAX} dynamic loaders have the dlopen notification; \
+                         {} and any further ones have not (libraries they load are found by \
+                         the periodic scan)",
+                        m.path
+                    );
                 }
-                Err(e) if !m.via.exists() => {
+                self.limits.loaders += 1;
+                continue;
+            }
+            match attach_loader(ebpf, &self.releaser, m) {
+                Ok(held) => {
+                    self.protect(&held, &m.path);
+                    if let Some(w) = self.watch.as_mut()
+                        && let Err(e) = w.add(&held.file, *file)
+                    {
+                        // Not watched: not attached (it could change unseen).
+                        tracing::warn!("cuFile: cannot watch loader {} ({e}): not attached", m.path);
+                        self.release(*file, held, |_, _| {});
+                        self.loaders.insert(*file, None);
+                        continue;
+                    }
+                    self.loaders.insert(*file, Some(held));
+                }
+                Err(_) if !m.via.exists() => {
                     // Its process exited meanwhile: another one will show it again.
-                    let _ = e;
                 }
                 Err(e) => {
+                    self.note_fd_limit(&e);
                     changes.push(format!(
                         "cuFile: no dlopen notification from {} ({}): libraries it loads are \
                          found by the periodic scan only",
                         m.path,
                         with_causes(&e)
                     ));
-                    self.loaders.insert(*file, Vec::new());
+                    self.loaders.insert(*file, None);
                 }
             }
         }
 
         // Libraries: attach new files, keep the set of processes of each.
-        let mut users: BTreeMap<FileId, (Mapping, BTreeSet<u32>)> = BTreeMap::new();
-        for (pid, (libs, _)) in &seen.users {
+        let mut lib_users: BTreeMap<FileId, (Mapping, BTreeSet<u32>)> = BTreeMap::new();
+        for (pid, (libs, _)) in &users {
             for m in libs {
-                users
+                lib_users
                     .entry(m.file)
                     .or_insert_with(|| (m.clone(), BTreeSet::new()))
                     .1
@@ -247,10 +686,10 @@ impl CufileTracing {
             }
         }
         if full {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             let mut gone = Vec::new();
             for (f, lib) in &mut self.libs {
-                if users.contains_key(f) {
+                if lib_users.contains_key(f) {
                     lib.idle_since = None;
                     continue;
                 }
@@ -262,16 +701,21 @@ impl CufileTracing {
             }
             for f in gone {
                 if let Some(lib) = self.libs.remove(&f) {
-                    changes.push(format!(
-                        "cuFile: detached from {} (inode {}): no process has mapped it for {:?}",
-                        lib.mapping.path, f.ino, LINGER
-                    ));
-                    released.extend(lib._links);
+                    let path = lib.mapping.path;
+                    // Logged once true: the links closed (the kernel closes them one at a
+                    // time, host-wide, so this takes seconds).
+                    self.release(f, lib.held, move |n, took| {
+                        tracing::info!(
+                            "cuFile: detached from {path} (inode {}): no process has mapped it \
+                             for {LINGER:?}; its {n} uprobes closed in {took:?}",
+                            f.ino
+                        );
+                    });
                 }
             }
-            self.failed.retain(|f, _| users.contains_key(f));
+            self.failed.retain(|f, _| lib_users.contains_key(f));
         }
-        for (file, (mapping, pids)) in users {
+        for (file, (mapping, pids)) in lib_users {
             if let Some(lib) = self.libs.get_mut(&file) {
                 // Deleted since (replaced on disk), or now seen under another path.
                 lib.mapping = mapping;
@@ -283,14 +727,38 @@ impl CufileTracing {
                 }
                 continue;
             }
-            if self.failed.contains_key(&file) {
+            if self.failed.contains_key(&file) || self.is_closing(file) {
                 continue;
             }
-            match attach_library(ebpf, &mapping) {
-                Ok((symbols, links)) => {
+            if self.libs.len() >= LIBRARIES_MAX {
+                self.limits.libraries += 1;
+                self.fail(
+                    file,
+                    mapping.path,
+                    format!(
+                        "{LIBRARIES_MAX} libcufile copies are attached already (the limit): not \
+                         traced until one is detached"
+                    ),
+                );
+                continue;
+            }
+            match attach_library(ebpf, &self.releaser, &mapping) {
+                Ok((symbols, held)) => {
+                    self.protect(&held, &mapping.path);
+                    if let Some(w) = self.watch.as_mut()
+                        && let Err(e) = w.add(&held.file, file)
+                    {
+                        self.release(file, held, |_, _| {});
+                        self.fail(
+                            file,
+                            mapping.path,
+                            format!("cannot watch it for changes ({e}): not attached"),
+                        );
+                        continue;
+                    }
                     changes.push(format!(
                         "cuFile: attached {} uprobes to {}{} (inode {}, used by pid {}){}",
-                        symbols.found.len(),
+                        held.links.len(),
                         mapping.path,
                         if mapping.deleted { " (deleted)" } else { "" },
                         file.ino,
@@ -310,9 +778,9 @@ impl CufileTracing {
                             mapping,
                             pids,
                             symbols,
-                            since: std::time::SystemTime::now(),
+                            since: SystemTime::now(),
                             idle_since: None,
-                            _links: links,
+                            held,
                         },
                     );
                 }
@@ -320,18 +788,8 @@ impl CufileTracing {
                 // next process that maps it is tried again.
                 Err(_) if !mapping.via.exists() => {}
                 Err(e) => {
-                    let e = with_causes(&e);
-                    changes.push(format!(
-                        "cuFile: cannot trace {} (inode {}): {e}",
-                        mapping.path, file.ino
-                    ));
-                    self.failed.insert(
-                        file,
-                        LibraryFailure {
-                            path: mapping.path,
-                            error: e,
-                        },
-                    );
+                    self.note_fd_limit(&e);
+                    self.fail(file, mapping.path, with_causes(&e));
                 }
             }
         }
@@ -340,24 +798,33 @@ impl CufileTracing {
         if full {
             let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.procs)
                 .into_iter()
-                .partition(|(pid, p)| seen.users.contains_key(pid) && p.nvfs == nvfs_loaded);
+                .partition(|(pid, p)| users.contains_key(pid) && p.nvfs == nvfs_loaded);
             self.procs = keep;
-            released.extend(gone.into_values().flat_map(|p| p._links));
+            // Scoped to their process: harmless once it exited, closed in the background.
+            self.releaser
+                .close_later(gone.into_values().flat_map(|p| p.links).collect());
         }
-        self.pending_release.extend(released);
-        if full && self.last_release.elapsed() >= LINGER {
-            release(std::mem::take(&mut self.pending_release));
-            self.last_release = std::time::Instant::now();
-        }
-        for (pid, (_, libcs)) in &seen.users {
+        for (pid, (_, libcs)) in &users {
             if self.procs.contains_key(pid) {
                 continue;
             }
+            if self.procs.len() >= PROCESSES_MAX {
+                if self.limits.processes == 0 {
+                    tracing::warn!(
+                        "cuFile: {PROCESSES_MAX} processes have libc probes (the limit): the \
+                         cuFile calls of pid {pid} and later ones are counted, their path is \
+                         not classified"
+                    );
+                }
+                self.limits.processes += 1;
+                continue;
+            }
             let links = match libcs.first() {
-                Some(m) => match attach_beneath(ebpf, *pid, m, nvfs_loaded) {
+                Some(m) => match attach_beneath(ebpf, &self.releaser, *pid, m, nvfs_loaded) {
                     Ok(links) => links,
                     Err(_) if !m.via.exists() => continue,
                     Err(e) => {
+                        self.note_fd_limit(&e);
                         changes.push(format!(
                             "cuFile: pid {pid}: no probes on its libc ({}): {}; its calls are \
                              counted, their path is not classified",
@@ -373,7 +840,7 @@ impl CufileTracing {
                 *pid,
                 TracedProcess {
                     nvfs: nvfs_loaded,
-                    _links: links,
+                    links,
                 },
             );
         }
@@ -381,7 +848,7 @@ impl CufileTracing {
     }
 
     /// The libraries attached now.
-    pub fn libraries(&self) -> Vec<LibraryInfo> {
+    fn libraries(&self) -> Vec<LibraryInfo> {
         self.libs
             .iter()
             .map(|(f, l)| LibraryInfo {
@@ -406,51 +873,34 @@ impl CufileTracing {
             })
             .collect()
     }
-
-    /// Libraries that could not be attached.
-    pub fn failures(&self) -> Vec<LibraryFailure> {
-        self.failed.values().cloned().collect()
-    }
-}
-
-/// Detaches `links` on a thread of their own, each closed concurrently: closing a uprobe perf
-/// event waits for an RCU grace period (~250 ms here), so 28 links of one library closed in a
-/// row took 7 s, during which no new library would be attached.
-fn release(links: Vec<UProbeLink>) {
-    if links.is_empty() {
-        return;
-    }
-    let _ = std::thread::Builder::new()
-        .name("gds-cufile-detach".into())
-        .spawn(move || drop_concurrently(links));
-}
-
-/// Drops every link at once (one thread each) and returns when all are closed.
-fn drop_concurrently(links: Vec<UProbeLink>) {
-    std::thread::scope(|s| {
-        for l in links {
-            s.spawn(move || drop(l));
-        }
-    });
 }
 
 impl Drop for CufileTracing {
-    /// At shutdown too: one grace period for all, not one per link.
+    /// At shutdown: every link closed, within [`SHUTDOWN_CLOSE`]; the files (and their leases)
+    /// only after.
     fn drop(&mut self) {
         let mut links: Vec<UProbeLink> = Vec::new();
+        let mut files: Vec<File> = Vec::new();
+        let mut take = |h: Held| {
+            links.extend(h.links);
+            files.push(h.file);
+        };
         for (_, lib) in std::mem::take(&mut self.libs) {
-            links.extend(lib._links);
+            take(lib.held);
+        }
+        for (_, h) in std::mem::take(&mut self.loaders) {
+            h.into_iter().for_each(&mut take);
         }
         for (_, p) in std::mem::take(&mut self.procs) {
-            links.extend(p._links);
+            links.extend(p.links);
         }
-        for (_, l) in std::mem::take(&mut self.loaders) {
-            links.extend(l);
-        }
-        links.append(&mut self.pending_release);
-        let (n, t) = (links.len(), std::time::Instant::now());
-        drop_concurrently(links);
-        tracing::info!("cuFile: closed {n} uprobe links in {:?}", t.elapsed());
+        let n = links.len();
+        let took = self.releaser.close(links, SHUTDOWN_CLOSE);
+        drop(files);
+        tracing::info!(
+            "cuFile: closed {n} uprobe links in {took:?} ({} closing threads)",
+            self.releaser.threads()
+        );
     }
 }
 
@@ -466,68 +916,109 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Attaches entry and return probes to each function of [`SYMBOLS`] that `m` exports.
-fn attach_library(
-    ebpf: &mut Ebpf,
-    m: &Mapping,
-) -> Result<(LibSymbols, Vec<UProbeLink>), TraceError> {
-    let wanted: Vec<&'static str> = SYMBOLS.iter().map(|(n, _)| *n).collect();
-    let symbols = elf::symbols(&m.via, &wanted).map_err(|e| TraceError::Library {
+/// Whether `e` or one of its sources is EMFILE/ENFILE.
+fn is_fd_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    with_causes(e).contains("os error 24")
+}
+
+/// "RLIMIT_NOFILE soft N, hard M".
+fn fd_limit_text() -> String {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    format!("RLIMIT_NOFILE soft {}, hard {}", r.rlim_cur, r.rlim_max)
+}
+
+/// Opens the file behind `m` ([`elf::open`]'s checks) and reads `wanted` from it: no lock held.
+fn open_and_read(m: &Mapping, wanted: &[&'static str]) -> Result<(File, LibSymbols), TraceError> {
+    let lib_err = |e: elf::ElfError| TraceError::Library {
         path: m.path.clone(),
         why: e.to_string(),
-    })?;
+    };
+    let file = elf::open(&m.via).map_err(lib_err)?;
+    let symbols = elf::read_symbols(&file, &m.path, wanted).map_err(lib_err)?;
+    Ok((file, symbols))
+}
+
+/// Attaches entry and return probes to each function of [`SYMBOLS`] that `m` exports.
+fn attach_library(
+    ebpf: &Mutex<Ebpf>,
+    releaser: &Releaser,
+    m: &Mapping,
+) -> Result<(LibSymbols, Held), TraceError> {
+    let wanted: Vec<&'static str> = SYMBOLS.iter().map(|(n, _)| *n).collect();
+    let (file, symbols) = open_and_read(m, &wanted)?;
     if symbols.found.is_empty() {
         return Err(TraceError::Library {
             path: m.path.clone(),
             why: "it exports none of the cuFile functions gds traces".into(),
         });
     }
+    let stamp = Stamp::of(&file);
+    let target = Held::target(&file);
     let mut links = Vec::new();
+    let mut ebpf = ebpf.lock().unwrap_or_else(|p| p.into_inner());
     for (name, offset) in &symbols.found {
         let op = SYMBOLS
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, op)| *op);
         for prog in ["cufile_enter", "cufile_exit"] {
-            links.push(attach_one(
-                ebpf,
-                prog,
-                *offset,
-                op,
-                &m.via,
-                UProbeScope::AllProcesses,
-            )?);
+            match attach_one(&mut ebpf, prog, *offset, op, &target, UProbeScope::AllProcesses) {
+                Ok(l) => links.push(l),
+                Err(e) => {
+                    // A library is attached whole or not at all.
+                    releaser.close_later(links);
+                    return Err(e);
+                }
+            }
         }
     }
-    Ok((symbols, links))
+    Ok((symbols, Held { file, stamp, links }))
 }
 
 /// Attaches `dl_notify` to the loader's `_dl_debug_state` (glibc's debugger hook, exported as
 /// `GLIBC_PRIVATE`; musl's loader has none).
-fn attach_loader(ebpf: &mut Ebpf, m: &Mapping) -> Result<Vec<UProbeLink>, TraceError> {
-    let symbols = elf::symbols(&m.via, &["_dl_debug_state"]).map_err(|e| TraceError::Library {
-        path: m.path.clone(),
-        why: e.to_string(),
-    })?;
+fn attach_loader(ebpf: &Mutex<Ebpf>, _releaser: &Releaser, m: &Mapping) -> Result<Held, TraceError> {
+    let (file, symbols) = open_and_read(m, &["_dl_debug_state"])?;
     let Some((_, offset)) = symbols.found.first() else {
         return Err(TraceError::Library {
             path: m.path.clone(),
             why: "it does not export _dl_debug_state".into(),
         });
     };
-    Ok(vec![attach_one(
-        ebpf,
+    let stamp = Stamp::of(&file);
+    let link = attach_one(
+        &mut ebpf.lock().unwrap_or_else(|p| p.into_inner()),
         "dl_notify",
         *offset,
         0,
-        &m.via,
+        &Held::target(&file),
         UProbeScope::AllProcesses,
-    )?])
+    )?;
+    Ok(Held {
+        file,
+        stamp,
+        links: vec![link],
+    })
 }
 
 /// Attaches the libc probes beneath cuFile in process `pid` only.
 fn attach_beneath(
-    ebpf: &mut Ebpf,
+    ebpf: &Mutex<Ebpf>,
+    releaser: &Releaser,
     pid: u32,
     libc: &Mapping,
     nvfs_loaded: bool,
@@ -537,29 +1028,27 @@ fn attach_beneath(
         .filter(|(_, k)| nvfs_loaded || *k != BENEATH_IOCTL)
         .map(|(n, _)| *n)
         .collect();
-    let symbols = elf::symbols(&libc.via, &wanted).map_err(|e| TraceError::Library {
-        path: libc.path.clone(),
-        why: e.to_string(),
-    })?;
+    let (file, symbols) = open_and_read(libc, &wanted)?;
     let scope =
         UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or(TraceError::Library {
             path: libc.path.clone(),
             why: "pid 0".into(),
         })?);
+    let target = Held::target(&file);
     let mut links = Vec::new();
+    let mut ebpf = ebpf.lock().unwrap_or_else(|p| p.into_inner());
     for (name, offset) in &symbols.found {
         let kind = BENEATH
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, k)| *k);
-        links.push(attach_one(
-            ebpf,
-            "beneath_enter",
-            *offset,
-            kind,
-            &libc.via,
-            scope,
-        )?);
+        match attach_one(&mut ebpf, "beneath_enter", *offset, kind, &target, scope) {
+            Ok(l) => links.push(l),
+            Err(e) => {
+                releaser.close_later(links);
+                return Err(e);
+            }
+        }
     }
     Ok(links)
 }

@@ -105,6 +105,7 @@ pub fn open(path: &Path) -> Result<File, ElfError> {
 
 /// Looks `wanted` up in the dynamic symbol table of the ELF file at `path` (see [`open`] and
 /// [`read_symbols`]).
+#[cfg(test)]
 pub fn symbols(path: &Path, wanted: &[&'static str]) -> Result<LibSymbols, ElfError> {
     read_symbols(&open(path)?, &path.display().to_string(), wanted)
 }

@@ -8,14 +8,17 @@ mod device;
 mod elf;
 mod error;
 mod events;
+mod filewatch;
 mod inflight;
+mod lease;
 mod offsets;
 mod peer;
 mod procmaps;
+mod release;
 mod uring;
 
 pub use cufile::{
-    CufileRaw, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo, SYMBOLS as CUFILE_SYMBOLS,
+    CufileRaw, CufileView, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo, Limits as CufileLimits, ProcessFilter, SYMBOLS as CUFILE_SYMBOLS,
 };
 pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NvmeLayer};
 pub use error::TraceError;

@@ -16,7 +16,9 @@ use tracing::info;
 
 use super::{
     EBPF_OBJECT, InflightRequest, TraceError, check_tracing_caps,
-    cufile::{CufileMaps, CufileRaw, CufileTracing, LibraryFailure, LibraryInfo},
+    cufile::{
+        CufileMaps, CufileRaw, CufileTracing, CufileView, LibraryFailure, LibraryInfo, ProcessFilter,
+    },
     device::{self, DeviceAttach, DeviceMaps, NvmeLayer, NvmeTracing},
     inflight::{self, SlotTable},
     offsets::{self, AttachMode, ResolvedAttach},
@@ -171,8 +173,10 @@ pub struct UringTracer {
     peer_io: PeerIo,
     /// None where the device programs cannot run at all (no BTF).
     nvme: Option<std::sync::Mutex<NvmeTracing>>,
-    /// None where uprobes cannot be loaded; locked with `ebpf` (attach) or alone (state).
+    /// None where uprobes cannot be loaded. Locked by the cuFile thread (and at shutdown)
+    /// only: readers read `cufile_view`, so none waits on its file reads and attaches.
     cufile: Option<std::sync::Mutex<CufileTracing>>,
+    cufile_view: std::sync::Mutex<CufileView>,
     cufile_maps: std::sync::Mutex<CufileMaps>,
     cufile_why: String,
     /// The loader's dlopen notifications, taken by the cuFile thread.
@@ -300,7 +304,11 @@ impl UringTracer {
         }
         let devices = DeviceMaps::take(&mut ebpf)?;
         let peer_io = PeerIo::take(&mut ebpf)?;
-        let (cufile, cufile_why) = match CufileTracing::load(&mut ebpf) {
+        let filter = ProcessFilter {
+            pid: opts.pid,
+            comm: opts.comm.clone(),
+        };
+        let (cufile, cufile_why) = match CufileTracing::load(&mut ebpf, filter) {
             Ok(c) => (
                 Some(std::sync::Mutex::new(c)),
                 "uprobes on every libcufile mapped by a process (checked every 500 ms)".to_owned(),
@@ -329,6 +337,7 @@ impl UringTracer {
             peer_io,
             nvme: nvme.map(std::sync::Mutex::new),
             cufile,
+            cufile_view: Default::default(),
             cufile_maps,
             cufile_why,
             cufile_notify,
@@ -354,19 +363,48 @@ impl UringTracer {
         self.cufile_attach(Some(pids))
     }
 
-    /// A full refresh (`None`) or one of `pids`, under both locks (attaching needs the
-    /// loaded programs).
+    /// A full refresh (`None`) or one of `pids`; the object lock is taken only around the
+    /// attach syscalls. Publishes what readers see.
     fn cufile_attach(&self, pids: Option<&[u32]>) -> Vec<String> {
         let Some(cufile) = &self.cufile else {
             return Vec::new();
         };
         let nvfs = crate::kmod::Modules::live().present("nvidia_fs");
         let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        match pids {
-            None => cufile.refresh(&mut ebpf, nvfs),
-            Some(pids) => cufile.refresh_pids(&mut ebpf, nvfs, pids),
+        let changes = match pids {
+            None => cufile.refresh(&self.ebpf, nvfs),
+            Some(pids) => cufile.refresh_pids(&self.ebpf, nvfs, pids),
+        };
+        *self.cufile_view.lock().unwrap_or_else(|p| p.into_inner()) = cufile.view();
+        changes
+    }
+
+    /// On the cuFile thread, once before its loop: the descriptors it must `poll` (a watched
+    /// file changes, a writer waits for a lease); when one is readable, call
+    /// [`Self::cufile_files_changed`] at once.
+    pub fn cufile_thread_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match &self.cufile {
+            Some(c) => c.lock().unwrap_or_else(|p| p.into_inner()).thread_fds(),
+            None => Vec::new(),
         }
+    }
+
+    /// Detaches from every watched file that changed on disk (logged at WARN).
+    pub fn cufile_files_changed(&self) {
+        if let Some(c) = &self.cufile {
+            let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+            c.files_changed();
+            *self.cufile_view.lock().unwrap_or_else(|p| p.into_inner()) = c.view();
+        }
+    }
+
+    /// The cuFile layer as readers see it: libraries attached, those that cannot be, and what
+    /// its bounds refused.
+    pub fn cufile_view(&self) -> CufileView {
+        self.cufile_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The ring buffer of process ids the dynamic loader just loaded a library into (once).
@@ -387,13 +425,8 @@ impl UringTracer {
 
     /// The libcufile copies attached now, and those that could not be.
     pub fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>) {
-        match &self.cufile {
-            Some(c) => {
-                let c = c.lock().unwrap_or_else(|p| p.into_inner());
-                (c.libraries(), c.failures())
-            }
-            None => (Vec::new(), Vec::new()),
-        }
+        let v = self.cufile_view();
+        (v.libraries, v.failures)
     }
 
     /// Attaches or detaches the NVMe programs as the NVMe driver comes and goes (modules
@@ -440,8 +473,18 @@ impl UringTracer {
             cufile: LayerMode {
                 on: self.cufile.is_some(),
                 why: {
-                    let n = self.cufile_libraries().0.len();
-                    format!("{}; {n} libcufile file(s) attached now", self.cufile_why)
+                    let v = self.cufile_view();
+                    let limits = v.limits.summary();
+                    format!(
+                        "{}; {} libcufile file(s) attached now{}",
+                        self.cufile_why,
+                        v.libraries.len(),
+                        if limits.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; refused by its bounds: {limits}")
+                        }
+                    )
                 },
             },
         }
