@@ -1,0 +1,254 @@
+//! The cuFile layer watches other people's programs as root: it must never harm one, and no
+//! unprivileged process may make it do unbounded work (docs/RELIABILITY.md, "cuFile layer").
+//!
+//! - A library rewritten in place right after its last user exited: the next program that maps
+//!   it runs correctly, 20 times of 20 (a uprobe left at an old offset makes the kernel run the
+//!   old file's instruction there: `fixtures/libcufile_rewrite.c` says how that shows).
+//! - An 8 GiB sparse file named `libcufile.so.0`, and a 3 GiB one named like the dynamic
+//!   loader, mapped by `nobody`: the agent's RSS grows by less than 5 MiB and `/metrics`
+//!   answers within 1 s throughout.
+//!
+//! Needs root, python3 and cc.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, require_root, setpriv_nobody};
+use gds_user::model::cufile::CufileReport;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// `cc` builds of `fixtures/libcufile_rewrite.c`: (old, new).
+fn build_rewrite_libs(dir: &Path) -> (PathBuf, PathBuf) {
+    let src = fixture("libcufile_rewrite.c");
+    let build = |out: &str, old: bool| {
+        let path = dir.join(out);
+        let mut cc = Command::new("cc");
+        cc.args(["-O1", "-shared", "-fPIC", "-fcf-protection=none", "-o"])
+            .arg(&path)
+            .arg(&src);
+        if old {
+            cc.arg("-DOLD");
+        }
+        let st = cc.status().expect("cc (the C compiler) for the fixture library");
+        assert!(st.success(), "cc failed for {out}");
+        path
+    };
+    (build("old.so", true), build("new.so", false))
+}
+
+/// `fixtures/cufile_caller.py`, driven line by line (`load`, `call`, `exit`).
+struct Caller {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Caller {
+    fn spawn() -> Caller {
+        let mut child = Command::new("python3")
+            .arg(fixture("cufile_caller.py"))
+            .current_dir(std::env::temp_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        Caller {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        assert!(!answer.is_empty(), "cufile_caller exited on `{line}`");
+        answer.trim().to_owned()
+    }
+
+    fn exit(mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.wait();
+    }
+}
+
+fn report(agent: &Agent) -> CufileReport {
+    serde_json::from_str(&agent.get("/debug/cufile")).expect("/debug/cufile is a CufileReport")
+}
+
+/// Rounds of: a process maps the old build and calls it (the agent attaches), exits; the file
+/// is rewritten in place at once (same inode: `open(O_TRUNC)` and write, as `cat new > old`,
+/// `cp` and `rsync --inplace` do); a new program maps it and checks every result.
+#[test]
+fn library_rewritten_in_place_never_meets_old_probes() {
+    require_root();
+    const ROUNDS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = build_rewrite_libs(dir.path());
+    let new_bytes = std::fs::read(&new).unwrap();
+    let agent = Agent::start(&[]);
+    let mut failed = Vec::new();
+    let mut writer_waits = Vec::new();
+    for round in 0..ROUNDS {
+        // A new inode each round, as a job that installs its library afresh.
+        let lib = dir.path().join(format!("r{round}")).join("libcufile.so.0");
+        std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+        std::fs::copy(&old, &lib).unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&lib).unwrap());
+        let mut a = Caller::spawn();
+        let answer = a.cmd(&format!("load {}", lib.display()));
+        let pid: u32 = answer.strip_prefix("loaded ").unwrap().parse().unwrap();
+        let t = Instant::now();
+        while !report(&agent)
+            .libraries
+            .iter()
+            .any(|l| l.inode == ino && l.pids.contains(&pid))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "round {round}: the old build was not attached within 10 s\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a.cmd("call cuFileRead 3");
+        a.exit();
+        // Rewritten in place right after the last user exited (the probes linger 5 s).
+        let t = Instant::now();
+        std::fs::write(&lib, &new_bytes).unwrap();
+        writer_waits.push(t.elapsed());
+        let out = Command::new("python3")
+            .arg(fixture("rewrite_check.py"))
+            .arg(&lib)
+            .output()
+            .expect("python3");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() || said != "ok" {
+            failed.push(format!(
+                "round {round}: {} {said} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    let log = agent.log();
+    assert!(
+        failed.is_empty(),
+        "{} of {ROUNDS} programs met old probes:\n{}\nagent log:\n{log}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(
+        log.contains("is being changed on disk"),
+        "the rewrite was never seen:\n{log}"
+    );
+    writer_waits.sort();
+    eprintln!(
+        "{ROUNDS} of {ROUNDS} ran correctly; the writer waited for the detach: median {:?}, max {:?}",
+        writer_waits[ROUNDS / 2],
+        writer_waits[ROUNDS - 1]
+    );
+}
+
+/// The agent's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Huge sparse files named like libcufile and like the loader, mapped by `nobody`: refused
+/// from their size, without reading them and without holding up the HTTP server.
+#[test]
+fn huge_files_named_like_libraries_cost_nothing() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let files = [
+        ("libcufile.so.0", 8u64 << 30),
+        ("ld-linux-x86-64.so.2", 3u64 << 30),
+    ];
+    for (name, size) in files {
+        let f = std::fs::File::create(dir.path().join(name)).unwrap();
+        // ELF magic first, then a hole: every byte the agent would read costs it memory.
+        std::os::unix::fs::FileExt::write_all_at(&f, b"\x7fELF\x02\x01\x01", 0).unwrap();
+        f.set_len(size).unwrap();
+        std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+    }
+    let agent = Agent::start(&[]);
+    // Settled: the first scans done, the allocator warm.
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..5 {
+        agent.get("/metrics");
+    }
+    let before = rss_kib(agent.pid());
+    // nobody maps both (read-only, private) and waits.
+    let script = format!(
+        "import mmap, os, sys, time\n\
+         ms = []\n\
+         for n in ['libcufile.so.0', 'ld-linux-x86-64.so.2']:\n\
+         \x20   f = os.open(os.path.join('{}', n), os.O_RDONLY)\n\
+         \x20   ms.append(mmap.mmap(f, os.fstat(f).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ))\n\
+         print('mapped', flush=True)\n\
+         time.sleep(30)\n",
+        dir.path().display()
+    );
+    let mut argv = setpriv_nobody("");
+    // Debian's python: a python3 under /root (pyenv) is not reachable by nobody.
+    argv.extend(["/usr/bin/python3".into(), "-c".into(), script]);
+    let mut nobody = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv python3");
+    let mut line = String::new();
+    BufReader::new(nobody.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "mapped");
+    // 4 s: eight periodic scans, and the loader's notifications.
+    let t = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut peak = before;
+    while t.elapsed() < Duration::from_secs(4) {
+        let s = Instant::now();
+        agent.get("/metrics");
+        slowest = slowest.max(s.elapsed());
+        peak = peak.max(rss_kib(agent.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = report(&agent).not_traced;
+    let _ = nobody.kill();
+    let _ = nobody.wait();
+    let grew = peak.saturating_sub(before);
+    eprintln!("agent RSS {before} KiB → peak {peak} KiB (+{grew} KiB); slowest /metrics {slowest:?}");
+    assert!(
+        grew < 5 * 1024,
+        "the agent grew by {grew} KiB mapping-by-nobody of huge files\n{}",
+        agent.log()
+    );
+    assert!(slowest < Duration::from_secs(1), "/metrics took {slowest:?}");
+    assert!(
+        refused
+            .iter()
+            .any(|f| f.path.ends_with("libcufile.so.0") && f.error.contains("limit")),
+        "the 8 GiB libcufile.so.0 is not listed as refused for its size: {refused:?}"
+    );
+}
