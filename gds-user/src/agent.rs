@@ -60,6 +60,12 @@ pub struct RunArgs {
     /// How to attach to io_uring tracepoints.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
+    /// Users besides root whose cuFile calls are trusted (user names or uids, comma-separated;
+    /// at most 16): they feed the `user="trusted"` series the alerts read and the tables
+    /// reserved for them. Every other user's calls are counted apart (`user="other"`).
+    #[arg(long, value_delimiter = ',', value_name = "USER",
+          value_parser = crate::config::users::parse)]
+    pub cufile_users: Vec<u32>,
 }
 
 impl RunArgs {
@@ -83,6 +89,7 @@ impl RunArgs {
             slow_threshold: self.slow_threshold,
             max_inflight: self.max_inflight,
             attach: self.attach,
+            cufile_users: self.cufile_users.clone(),
         }
     }
 }

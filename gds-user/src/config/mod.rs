@@ -13,6 +13,7 @@
 //! and its errors name the file, the line and the key.
 
 pub mod file;
+pub mod users;
 
 use std::{
     ffi::{OsStr, OsString},

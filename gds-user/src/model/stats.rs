@@ -7,7 +7,7 @@ use gds_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use gds_common::cufile::{CUFILE_PATHS, CufileCount};
+use gds_common::cufile::{CUFILE_OPS, CUFILE_PATHS, CufileCount, USER_OTHER, USER_TRUSTED};
 
 use super::{labels, request::Stage};
 use crate::trace::{CufileRaw, TraceError, UringTracer};
@@ -109,10 +109,13 @@ pub struct DropRow {
     pub count: u64,
 }
 
-/// One cuFile operation's counters, over every process.
+/// One cuFile operation's counters, over every process of one user share.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CufileOpRow {
     pub op: String,
+    /// `trusted` (root and `--cufile-users`) or `other`: see `labels::CUFILE_USERS`.
+    #[serde(default = "trusted")]
+    pub user: String,
     pub calls: u64,
     pub errors: u64,
     pub latency: Histogram,
@@ -131,14 +134,22 @@ pub struct PathCount {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CufileErrorRow {
     pub op: String,
+    #[serde(default = "trusted")]
+    pub user: String,
     pub error: String,
     pub count: u64,
+}
+
+/// Rows from agents before the user split were all of every user; named trusted, as the
+/// alerts then read them.
+fn trusted() -> String {
+    labels::CUFILE_USERS[USER_TRUSTED].to_owned()
 }
 
 /// The cuFile aggregates (part of [`super::Stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CufileStats {
-    /// Operations with any call, in operation order.
+    /// Operations with any call, in operation order, trusted users' first.
     pub ops: Vec<CufileOpRow>,
     pub errors: Vec<CufileErrorRow>,
     /// libcufile files attached now.
@@ -155,12 +166,14 @@ impl CufileStats {
             libraries,
             ..Default::default()
         };
-        for (op, s) in raw.ops.iter().enumerate() {
+        for (entry, s) in raw.ops.iter().enumerate() {
             if s.calls == 0 {
                 continue;
             }
+            let (op, user) = (entry % CUFILE_OPS, entry / CUFILE_OPS);
             out.ops.push(CufileOpRow {
                 op: labels::cufile_op(op as u32).to_owned(),
+                user: labels::cufile_user(user).to_owned(),
                 calls: s.calls,
                 errors: s.errors,
                 latency: Histogram::new(&s.buckets, s.sum_ns),
@@ -175,16 +188,19 @@ impl CufileStats {
             });
         }
         // Unknown codes share the `unknown` name: add them up.
-        let mut errors: std::collections::BTreeMap<(u32, &str), u64> = Default::default();
-        for (k, n) in &raw.errors {
-            *errors
-                .entry((k.op, labels::cufile_error(k.op, k.code)))
-                .or_default() += n;
+        let mut errors: std::collections::BTreeMap<(usize, u32, &str), u64> = Default::default();
+        for (user, rows) in [(USER_TRUSTED, &raw.errors), (USER_OTHER, &raw.errors_other)] {
+            for (k, n) in rows {
+                *errors
+                    .entry((user, k.op, labels::cufile_error(k.op, k.code)))
+                    .or_default() += n;
+            }
         }
         out.errors = errors
             .into_iter()
-            .map(|((op, error), count)| CufileErrorRow {
+            .map(|((user, op, error), count)| CufileErrorRow {
                 op: labels::cufile_op(op).to_owned(),
+                user: labels::cufile_user(user).to_owned(),
                 error: error.to_owned(),
                 count,
             })

@@ -105,14 +105,16 @@ fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
     m
 }
 
+/// Per operation, over both user shares (trusted and other).
 fn by_cufile_op(s: &Snapshot) -> BTreeMap<String, Totals> {
-    totals(
-        s.stats
-            .cufile
-            .ops
-            .iter()
-            .map(|o| (&o.op, o.calls, o.errors, &o.latency)),
-    )
+    let mut m: BTreeMap<String, Totals> = BTreeMap::new();
+    for o in &s.stats.cufile.ops {
+        let t = m.entry(o.op.clone()).or_default();
+        t.count += o.calls;
+        t.errors += o.errors;
+        add(&mut t.latency, &o.latency);
+    }
+    m
 }
 
 /// Per process, from the two snapshots' counters (a process new in `cur` counts from zero).

@@ -43,9 +43,11 @@ use gds_common::cufile::{
     CUFILE_OP_BATCH_GET_STATUS, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_DEREGISTER,
     CUFILE_OP_BUF_REGISTER, CUFILE_OP_DRIVER_CLOSE, CUFILE_OP_DRIVER_OPEN,
     CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC,
-    CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCpuStats,
-    CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS,
-    MAP_CUFILE_ERRORS, MAP_CUFILE_FILES, MAP_CUFILE_HANDLES, MAP_CUFILE_OPS, MAP_CUFILE_STATS,
+    CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CUFILE_USERS, CufileCall,
+    CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats,
+    MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER, MAP_CUFILE_ERRORS, MAP_CUFILE_ERRORS_OTHER,
+    MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER, MAP_CUFILE_HANDLES, MAP_CUFILE_HANDLES_OTHER,
+    MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER, USER_TRUSTED,
 };
 
 use super::{
@@ -584,26 +586,34 @@ fn attach_one(
         .map_err(|source| TraceError::Program { name: prog, source })
 }
 
-/// The cuFile maps, read without the object lock.
+/// The cuFile maps, read without the object lock: each table twice, the trusted share's and
+/// the untrusted share's (see `gds_common::cufile::USER_OTHER`).
 pub struct CufileMaps {
     stats: PerCpuArray<MapData, CufileCpuStats>,
     ops: PerCpuArray<MapData, CufileOpStats>,
-    errors: PerCpuHashMap<MapData, CufileErrKey, u64>,
-    calls: HashMap<MapData, u64, CufileCall>,
-    files: HashMap<MapData, CufileFileKey, CufileFileStats>,
-    handles: HashMap<MapData, CufileHandleKey, i32>,
+    errors: [PerCpuHashMap<MapData, CufileErrKey, u64>; CUFILE_USERS],
+    calls: [HashMap<MapData, u64, CufileCall>; CUFILE_USERS],
+    files: [HashMap<MapData, CufileFileKey, CufileFileStats>; CUFILE_USERS],
+    handles: [HashMap<MapData, CufileHandleKey, i32>; CUFILE_USERS],
 }
 
 /// The cuFile maps' contents at one instant, summed over CPUs, not yet named.
 #[derive(Debug, Clone, Default)]
 pub struct CufileRaw {
     pub counts: [u64; CUFILE_COUNTS],
-    /// Indexed by `CUFILE_OP_*`.
+    /// Indexed by `CUFILE_OP_* + CUFILE_OPS * USER_*`.
     pub ops: Vec<CufileOpStats>,
+    /// Error counters of trusted users' processes.
     pub errors: Vec<(CufileErrKey, u64)>,
-    /// Calls in flight now, by thread (`pid_tgid`).
+    /// Error counters of other users' processes.
+    pub errors_other: Vec<(CufileErrKey, u64)>,
+    /// Calls in flight now, by thread (`pid_tgid`), both shares.
     pub calls: Vec<(u64, CufileCall)>,
+    /// Process and file rows, both shares (trusted first).
     pub files: Vec<(CufileFileKey, CufileFileStats)>,
+    /// Processes whose rows are in the untrusted share (their user is neither root nor in
+    /// `--cufile-users`).
+    pub other: BTreeSet<u32>,
 }
 
 const ZERO_OP: CufileOpStats = CufileOpStats {
@@ -621,10 +631,22 @@ impl CufileMaps {
         Ok(CufileMaps {
             stats: take_map(ebpf, MAP_CUFILE_STATS)?,
             ops: take_map(ebpf, MAP_CUFILE_OPS)?,
-            errors: take_map(ebpf, MAP_CUFILE_ERRORS)?,
-            calls: take_map(ebpf, MAP_CUFILE_CALLS)?,
-            files: take_map(ebpf, MAP_CUFILE_FILES)?,
-            handles: take_map(ebpf, MAP_CUFILE_HANDLES)?,
+            errors: [
+                take_map(ebpf, MAP_CUFILE_ERRORS)?,
+                take_map(ebpf, MAP_CUFILE_ERRORS_OTHER)?,
+            ],
+            calls: [
+                take_map(ebpf, MAP_CUFILE_CALLS)?,
+                take_map(ebpf, MAP_CUFILE_CALLS_OTHER)?,
+            ],
+            files: [
+                take_map(ebpf, MAP_CUFILE_FILES)?,
+                take_map(ebpf, MAP_CUFILE_FILES_OTHER)?,
+            ],
+            handles: [
+                take_map(ebpf, MAP_CUFILE_HANDLES)?,
+                take_map(ebpf, MAP_CUFILE_HANDLES_OTHER)?,
+            ],
         })
     }
 
@@ -642,11 +664,11 @@ impl CufileMaps {
                 *t += c;
             }
         }
-        for op in 0..CUFILE_OPS as u32 {
+        for entry in 0..(CUFILE_OPS * CUFILE_USERS) as u32 {
             let mut sum = ZERO_OP;
             for cpu in self
                 .ops
-                .get(&op, 0)
+                .get(&entry, 0)
                 .map_err(map_err(MAP_CUFILE_OPS))?
                 .iter()
             {
@@ -666,54 +688,74 @@ impl CufileMaps {
             }
             raw.ops.push(sum);
         }
-        for item in self.errors.iter() {
-            let (k, per_cpu) = item.map_err(map_err(MAP_CUFILE_ERRORS))?;
-            raw.errors.push((k, per_cpu.iter().sum()));
+        for (user, name) in [
+            (USER_TRUSTED, MAP_CUFILE_ERRORS),
+            (USER_OTHER, MAP_CUFILE_ERRORS_OTHER),
+        ] {
+            let mut errors = Vec::new();
+            for item in self.errors[user].iter() {
+                let (k, per_cpu) = item.map_err(map_err(name))?;
+                errors.push((k, per_cpu.iter().sum()));
+            }
+            errors.sort_by_key(|(k, _)| *k);
+            if user == USER_OTHER {
+                raw.errors_other = errors;
+            } else {
+                raw.errors = errors;
+            }
         }
-        raw.errors.sort_by_key(|(k, _)| *k);
         // Shared hash maps: entries may come and go while iterated; what fails to read is
         // simply not in this read.
-        raw.calls = self.calls.iter().filter_map(Result::ok).collect();
-        raw.files = self.files.iter().filter_map(Result::ok).collect();
-        raw.files.sort_by_key(|(k, _)| *k);
+        for user in [USER_TRUSTED, USER_OTHER] {
+            raw.calls
+                .extend(self.calls[user].iter().filter_map(Result::ok));
+            let mut files: Vec<_> = self.files[user].iter().filter_map(Result::ok).collect();
+            files.sort_by_key(|(k, _)| *k);
+            if user == USER_OTHER {
+                raw.other.extend(files.iter().map(|(k, _)| k.tgid));
+            }
+            raw.files.extend(files);
+        }
         Ok(raw)
     }
 
     /// Removes what processes that exited left behind: their rows once idle for `keep_ns`
     /// (a process that just finished stays visible on `/debug/cufile` a while), and at once
-    /// their handles and the entries of calls that never returned.
+    /// their handles and the entries of calls that never returned. Both shares.
     pub fn prune(&mut self, alive: &dyn Fn(u32) -> bool, now_ns: u64, keep_ns: u64) {
-        let dead_rows: Vec<CufileFileKey> = self
-            .files
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| !alive(k.tgid) && now_ns.saturating_sub(v.last_ns) > keep_ns)
-            .map(|(k, _)| k)
-            .collect();
-        for k in dead_rows {
-            let _ = self.files.remove(&k);
-        }
-        let dead_handles: Vec<CufileHandleKey> = self
-            .handles
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !alive(k.tgid))
-            .collect();
-        for k in dead_handles {
-            let _ = self.handles.remove(&k);
-        }
         let thread_gone = |id: u64| {
             let (tgid, tid) = ((id >> 32) as u32, id as u32);
             !alive(tgid) || !Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
         };
-        let stale: Vec<u64> = self
-            .calls
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| thread_gone(*id))
-            .collect();
-        for id in stale {
-            let _ = self.calls.remove(&id);
+        for user in [USER_TRUSTED, USER_OTHER] {
+            let files = &mut self.files[user];
+            let dead_rows: Vec<CufileFileKey> = files
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| !alive(k.tgid) && now_ns.saturating_sub(v.last_ns) > keep_ns)
+                .map(|(k, _)| k)
+                .collect();
+            for k in dead_rows {
+                let _ = files.remove(&k);
+            }
+            let handles = &mut self.handles[user];
+            let dead_handles: Vec<CufileHandleKey> = handles
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !alive(k.tgid))
+                .collect();
+            for k in dead_handles {
+                let _ = handles.remove(&k);
+            }
+            let calls = &mut self.calls[user];
+            let stale: Vec<u64> = calls
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|id| thread_gone(*id))
+                .collect();
+            for id in stale {
+                let _ = calls.remove(&id);
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use gds_common::{
     MAP_URING_INFLIGHT, MAP_URING_OPCODES, MAP_URING_SLOTS, MAP_URING_STATS, OPCODE_WORDS,
     OpcodeCpuStats, URING_OPCODES, UringConfig, UringCpuStats,
 };
+use gds_common::cufile::{CUFILE_TRUSTED_MAX, CufileConfig, NO_UID};
 use tracing::info;
 
 use super::{
@@ -41,6 +42,9 @@ pub struct TraceOptions {
     /// In-flight map capacity.
     pub max_inflight: u32,
     pub attach: AttachMode,
+    /// Uids whose cuFile calls count as trusted besides root (`--cufile-users`); the
+    /// `--pid`/`--comm` filters above apply to the cuFile layer too.
+    pub cufile_users: Vec<u32>,
 }
 
 impl Default for TraceOptions {
@@ -53,6 +57,7 @@ impl Default for TraceOptions {
             slow_threshold: Duration::from_millis(100),
             max_inflight: DEFAULT_MAX_INFLIGHT,
             attach: AttachMode::Auto,
+            cufile_users: Vec::new(),
         }
     }
 }
@@ -61,6 +66,29 @@ impl TraceOptions {
     /// Slots of the direct-mapped in-flight table: `max_inflight` rounded up to a power of two.
     pub fn slots(&self) -> u32 {
         self.max_inflight.max(1).next_power_of_two()
+    }
+
+    /// The cuFile programs' configuration: the trusted uids.
+    fn cufile_config(&self) -> Result<CufileConfig, TraceError> {
+        let mut c = CufileConfig::DEFAULT;
+        let mut uids: Vec<u32> = self.cufile_users.clone();
+        uids.sort_unstable();
+        uids.dedup();
+        uids.retain(|u| *u != 0);
+        if uids.len() > CUFILE_TRUSTED_MAX {
+            return Err(TraceError::InvalidFilter(format!(
+                "--cufile-users: {} users, at most {CUFILE_TRUSTED_MAX} (root is always trusted; \
+                 list only the service accounts that run GPUDirect Storage jobs)",
+                uids.len()
+            )));
+        }
+        if let Some(u) = uids.iter().find(|u| **u == NO_UID) {
+            return Err(TraceError::InvalidFilter(format!(
+                "--cufile-users: {u} is (uid_t)-1, no user's uid"
+            )));
+        }
+        c.trusted_uids[..uids.len()].copy_from_slice(&uids);
+        Ok(c)
     }
 
     fn to_config(&self) -> Result<UringConfig, TraceError> {
@@ -184,6 +212,7 @@ impl UringTracer {
     pub fn start(opts: &TraceOptions) -> Result<UringTracer, TraceError> {
         check_tracing_caps()?;
         let base = opts.to_config()?;
+        let cufile_config = opts.cufile_config()?;
         let btf_parsed = Btf::from_sys();
         let tracefs_dir = match tracefs::ensure_mounted() {
             Ok((dir, mounted)) => {
@@ -221,6 +250,7 @@ impl UringTracer {
         let mut ebpf = EbpfLoader::new()
             .override_global(UringConfig::SYMBOL, &attach.config, true)
             .override_global(DevConfig::SYMBOL, &dev_config, true)
+            .override_global(CufileConfig::SYMBOL, &cufile_config, true)
             .map_max_entries(MAP_URING_INFLIGHT, opts.max_inflight)
             .map_max_entries(MAP_URING_SLOTS, opts.slots())
             .load(EBPF_OBJECT)
@@ -588,6 +618,30 @@ impl FloorProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cufile_users_become_the_trusted_uids() {
+        let config = |uids: &[u32]| {
+            TraceOptions {
+                cufile_users: uids.to_vec(),
+                ..Default::default()
+            }
+            .cufile_config()
+        };
+        let c = config(&[]).unwrap();
+        assert!(c.trusts(0) && !c.trusts(1000) && !c.trusts(65534));
+        let c = config(&[1000, 0, 1000, 42]).unwrap();
+        assert!(c.trusts(0) && c.trusts(42) && c.trusts(1000) && !c.trusts(65534));
+        assert_eq!(c.trusted_uids[..2], [42, 1000]);
+        assert!(c.trusted_uids[2..].iter().all(|u| *u == NO_UID));
+        assert!(!c.trusts(NO_UID));
+        let many: Vec<u32> = (1..=CUFILE_TRUSTED_MAX as u32).collect();
+        assert!(config(&many).is_ok());
+        let too_many: Vec<u32> = (1..=CUFILE_TRUSTED_MAX as u32 + 1).collect();
+        let e = config(&too_many).unwrap_err().to_string();
+        assert!(e.contains("at most 16"), "{e}");
+        assert!(config(&[NO_UID]).is_err());
+    }
 
     #[test]
     fn opcode_filter_is_exact_for_every_opcode() {
