@@ -226,6 +226,7 @@ fn an_unprivileged_flood_cannot_push_a_root_read_out_of_its_table() {
     let root_row = process(&agent, rpid).unwrap();
     assert_eq!(root_row.counters.read_calls, 3, "{root_row:?}");
     assert_eq!(root_row.counters.read_bytes, 3 * 4096, "{root_row:?}");
+    assert_eq!(root_row.user, "trusted");
 
     let now = agent.scrape();
     assert_eq!(
@@ -258,6 +259,7 @@ fn an_unprivileged_flood_cannot_push_a_root_read_out_of_its_table() {
     // The flooding process is still counted, in the untrusted share.
     let h = process(&agent, hpid).expect("the flooding process on /debug/cufile");
     assert_eq!(h.counters.handle_registers, n, "{h:?}");
+    assert_eq!(h.user, "other");
     assert_eq!(
         delta(
             &before,

@@ -414,6 +414,10 @@ mod cufile_tests {
         );
         assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 1), "unknown");
         assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 123_456), "unknown");
+        assert_eq!(CUFILE_USERS.len(), gds_common::cufile::CUFILE_USERS);
+        assert_eq!(cufile_user(gds_common::cufile::USER_TRUSTED), "trusted");
+        assert_eq!(cufile_user(gds_common::cufile::USER_OTHER), "other");
+        assert_eq!(cufile_user(7), "other");
         let mut codes: Vec<i32> = CUFILE_ERRORS.iter().map(|(c, _)| *c).collect();
         codes.dedup();
         assert_eq!(codes.len(), CUFILE_ERRORS.len(), "sorted and unique");
