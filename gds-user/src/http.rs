@@ -25,10 +25,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("cannot listen on {addr}: {source} ({})", bind_hint(source))]
+    #[error("cannot listen on {addr}: {source} ({hint})")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+        /// What to do, from the cause ([`bind_hint`]): for a port in use, who holds it.
+        hint: String,
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -196,19 +198,37 @@ async fn index() -> impl IntoResponse {
      reads it)\n"
 }
 
-/// What to do about a failed bind, by its cause.
-fn bind_hint(e: &std::io::Error) -> &'static str {
+mod port_holder;
+
+/// How long a restart waits for a previous gds-agent that is still exiting to release the
+/// port: after a SIGKILL with ~1,400 uprobe links it held the port 27 s on the dev VM (each
+/// link's release waits for an RCU grace period); 30 s covers that, and stays within what a
+/// supervisor lets a start take (systemd's default TimeoutStartSec is 90 s).
+pub const PREVIOUS_AGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often the bind is retried while waiting for a previous agent to exit.
+const PREVIOUS_AGENT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What to do about a failed bind, by its cause; for a port in use, who holds it (and whether
+/// it is a previous gds-agent still exiting).
+fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> String {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => {
-            "another process — maybe another gds-agent — holds the port; choose another with --listen"
+            match port_holder::find(std::path::Path::new("/proc"), addr.port()) {
+                Some(h) => h.to_string(),
+                None => "another process holds the port (none found in this PID namespace's \
+                         /proc); choose another with --listen"
+                    .into(),
+            }
         }
         std::io::ErrorKind::AddrNotAvailable => {
             "no interface of this host has that address; use 127.0.0.1 or an address from `ip addr`"
+                .into()
         }
         std::io::ErrorKind::PermissionDenied => {
-            "ports below 1024 need CAP_NET_BIND_SERVICE; use a port such as 9477"
+            "ports below 1024 need CAP_NET_BIND_SERVICE; use a port such as 9477".into()
         }
-        _ => "choose another address with --listen",
+        _ => "choose another address with --listen".into(),
     }
 }
 
@@ -220,9 +240,37 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
             "listening on all interfaces: metrics and debug endpoints are reachable from the network"
         );
     }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+    // A previous gds-agent still exiting (SIGKILLed, releasing its uprobes) holds the port
+    // for seconds: wait for it, bounded, saying so once.
+    let deadline = std::time::Instant::now() + PREVIOUS_AGENT_WAIT;
+    let mut said = false;
+    loop {
+        let source = match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => e,
+        };
+        let dying = (source.kind() == std::io::ErrorKind::AddrInUse)
+            .then(|| port_holder::find(std::path::Path::new("/proc"), addr.port()))
+            .flatten()
+            .filter(port_holder::Holder::agent_exiting);
+        match dying {
+            Some(h) if std::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::warn!(
+                        %addr,
+                        "{h}: waiting up to {}s for it",
+                        PREVIOUS_AGENT_WAIT.as_secs()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(PREVIOUS_AGENT_POLL).await;
+            }
+            _ => {
+                let hint = bind_hint(&source, addr);
+                return Err(HttpError::Bind { addr, source, hint });
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves.

@@ -330,16 +330,44 @@ impl UringTracer {
         }
         let devices = DeviceMaps::take(&mut ebpf)?;
         let peer_io = PeerIo::take(&mut ebpf)?;
-        let (cufile, cufile_why) = match CufileTracing::load(&mut ebpf) {
-            Ok(c) => (
-                Some(std::sync::Mutex::new(c)),
-                "uprobes on every libcufile mapped by a process (checked every 500 ms)".to_owned(),
-            ),
-            Err(e) => {
-                let why = format!("cuFile tracing off: the uprobe programs do not load ({e})");
+        // The cuFile layer holds one file descriptor per uprobe: the soft limit (1024 under
+        // systemd) goes up to the hard one. Then it is on only where its capabilities are
+        // held; otherwise it is off and says which ones are missing, for what.
+        match crate::privileges::raise_nofile() {
+            Ok(r) => info!("{r}"),
+            Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+        }
+        let access = crate::privileges::CufileAccess::of_this_thread();
+        let (cufile, cufile_why) = match access.as_ref().map(|a| (a.works(), a)) {
+            Ok((false, a)) => {
+                let why = format!("cuFile tracing {a}");
                 tracing::warn!("{why}");
                 (None, why)
             }
+            _ => match CufileTracing::load(&mut ebpf) {
+                Ok(c) => {
+                    let mut why =
+                        "uprobes on every libcufile mapped by a process (checked every 500 ms)"
+                            .to_owned();
+                    match &access {
+                        Ok(a) if !a.missing.is_empty() => {
+                            tracing::warn!("cuFile tracing {a}");
+                            why = format!("{why}; {a}");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(
+                            "cuFile tracing: cannot tell which capabilities it holds ({e}); \
+                             attaching may fail"
+                        ),
+                    }
+                    (Some(std::sync::Mutex::new(c)), why)
+                }
+                Err(e) => {
+                    let why = format!("cuFile tracing off: the uprobe programs do not load ({e})");
+                    tracing::warn!("{why}");
+                    (None, why)
+                }
+            },
         };
         let cufile_maps = std::sync::Mutex::new(CufileMaps::take(&mut ebpf)?);
         let cufile_notify = std::sync::Mutex::new(Some(take_map(
