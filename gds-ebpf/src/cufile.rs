@@ -29,8 +29,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -45,9 +45,9 @@ use gds_common::{
         CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS,
         CUFILE_OTHER_ERRORS_MAX, CUFILE_OTHER_FILES_MAX, CUFILE_OTHER_INFLIGHT_MAX, CUFILE_PATHS,
         CUFILE_PROCESS_QUOTA, CUFILE_TRUSTED_MAX, CUFILE_USERS, CufileCall, CufileConfig,
-        CufileCount, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats,
-        CufileHandleKey, CufileOpStats, PATH_COMPAT, PATH_NVFS, PATH_P2PDMA, PATH_UNKNOWN,
-        PROCESS_ROW, USER_OTHER, USER_TRUSTED, abi, is_nvfs_io,
+        CufileCount, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey,
+        CufileOpStats, PATH_COMPAT, PATH_NVFS, PATH_P2PDMA, PATH_UNKNOWN, PROCESS_ROW, USER_OTHER,
+        USER_TRUSTED, abi, is_nvfs_io,
     },
     log2_bucket,
 };
@@ -549,8 +549,7 @@ fn exit<S: Share>(ctx: &RetProbeContext, id: u64) {
     }
 
     let entry = op as u64 + (S::USER * CUFILE_OPS) as u64;
-    if let Some(s) =
-        index(entry, CUFILE_OPS * CUFILE_USERS).and_then(|i| OPS.get_ptr_mut(i as u32))
+    if let Some(s) = index(entry, CUFILE_OPS * CUFILE_USERS).and_then(|i| OPS.get_ptr_mut(i as u32))
     {
         // SAFETY: per-CPU map value pointer.
         let s = unsafe { &mut *s };

@@ -15,8 +15,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use gds_common::{
-    COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS, OpcodeCpuStats,
-    PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS,
+    OpcodeCpuStats, PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
 };
 
 #[unsafe(no_mangle)]

@@ -117,8 +117,8 @@ mod tests {
     #[test]
     fn config_key_cufile_users() {
         let path = std::path::Path::new("/etc/gds/agent.toml");
-        let argv = super::super::file_argv(path, "cufile_users = [\"nobody\", \"0\"]\n", &[])
-            .unwrap();
+        let argv =
+            super::super::file_argv(path, "cufile_users = [\"nobody\", \"0\"]\n", &[]).unwrap();
         assert_eq!(argv, ["--cufile-users=nobody", "--cufile-users=0"]);
         let e = super::super::file_argv(
             path,

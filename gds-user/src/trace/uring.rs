@@ -7,12 +7,12 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
+use gds_common::cufile::{CUFILE_TRUSTED_MAX, CufileConfig, NO_UID};
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, DevConfig, HIST_BUCKETS, InflightReq, MAP_EVENTS,
     MAP_URING_INFLIGHT, MAP_URING_OPCODES, MAP_URING_SLOTS, MAP_URING_STATS, OPCODE_WORDS,
     OpcodeCpuStats, URING_OPCODES, UringConfig, UringCpuStats,
 };
-use gds_common::cufile::{CUFILE_TRUSTED_MAX, CufileConfig, NO_UID};
 use tracing::info;
 
 use super::{
