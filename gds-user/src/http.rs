@@ -232,6 +232,26 @@ fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> String {
     }
 }
 
+/// `--listen`: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`. A host name is resolved as `--agent`
+/// resolves it ([`crate::client::parse_addr`], the first address the resolver gives), so
+/// `--listen localhost:9477` and `--agent localhost:9477` name the same socket.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if s.contains("://") {
+        return Err(format!(
+            "{s:?} is a URL; give host:port (e.g. 127.0.0.1:9477, [::1]:9477, localhost:9477)"
+        ));
+    }
+    crate::client::parse_addr(s).map_err(|_| {
+        format!(
+            "{s:?} is not host:port with a host this machine can resolve (e.g. 127.0.0.1:9477, \
+             [::1]:9477, localhost:9477)"
+        )
+    })
+}
+
 /// Binds first (so a port in use is reported before anything is loaded).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
     if addr.ip().is_unspecified() {
