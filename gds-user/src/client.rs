@@ -429,4 +429,58 @@ mod tests {
         );
         drop(holder.join());
     }
+
+    /// A server that reads the request's head, then runs `answer` on the connection.
+    fn serve_with(answer: fn(TcpStream)) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut byte = [0u8];
+            while !req.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                req.push(byte[0]);
+            }
+            answer(s);
+        });
+        addr
+    }
+
+    #[test]
+    fn a_trickling_answer_is_cut_at_the_deadline() {
+        let addr = serve_with(|mut s| {
+            for b in b"HTTP/1.1 200 OK\r\n\r\n".iter().cycle() {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let e = client(addr, Duration::from_millis(300))
+            .get("/debug/snapshot")
+            .unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(e, ClientError::NoAnswer { received, .. } if received > 0),
+            "{e}"
+        );
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        assert!(e.to_string().contains("sent only"), "{e}");
+    }
+
+    #[test]
+    fn an_answer_over_the_limit_is_refused() {
+        let addr = serve_with(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let block = vec![b' '; 1 << 20];
+            for _ in 0..=(MAX_ANSWER_BYTES >> 20) {
+                if s.write_all(&block).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = client(addr, DEFAULT_TIMEOUT).get("/x").unwrap_err();
+        assert!(matches!(e, ClientError::TooBig { .. }), "{e}");
+    }
 }
