@@ -222,6 +222,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         slow,
         stalls: stall_report,
         tracer: tracer.clone(),
+        debug_reads: Default::default(),
     };
     // The address bound, not the one asked for: `--listen 127.0.0.1:0` picks a free port.
     let bound = listener
