@@ -7,7 +7,16 @@
 
 use crate::HIST_BUCKETS;
 
-/// cuFile operations, the cookie of the API uprobes and the index of [`MAP_CUFILE_OPS`].
+/// Whose calls a counter holds: processes of trusted users (root and `--cufile-users`) or of
+/// anyone else. Each share has its own tables (files, handles, calls in flight, error codes)
+/// and its own operation counters, so no process of another user can fill a table a trusted
+/// process needs, nor move the counters the alerts read.
+pub const USER_TRUSTED: usize = 0;
+pub const USER_OTHER: usize = 1;
+pub const CUFILE_USERS: usize = 2;
+
+/// cuFile operations, the cookie of the API uprobes and, plus `CUFILE_OPS` times the user share
+/// (`USER_*`), the index of [`MAP_CUFILE_OPS`].
 /// Names and the symbols that map to each are in user space (`model::labels`, `trace::cufile`).
 pub const CUFILE_OP_READ: u32 = 0;
 pub const CUFILE_OP_WRITE: u32 = 1;
@@ -78,8 +87,14 @@ pub enum CufileCount {
     BeneathUnlinked = 8,
     /// nvidia-fs data ioctls in cuFile processes.
     NvfsIoctls = 9,
+    /// A file row or handle of a process of an untrusted user refused: the process already
+    /// holds [`CUFILE_PROCESS_QUOTA`] of them (its calls still count, unlinked to the file).
+    ProcessQuota = 10,
+    /// A row, handle, call in flight or error code of an untrusted user's process refused:
+    /// the untrusted share of that table is full (the trusted tables are not touched).
+    UntrustedTableFull = 11,
 }
-pub const CUFILE_COUNTS: usize = 10;
+pub const CUFILE_COUNTS: usize = 12;
 
 impl CufileCount {
     pub const ALL: [CufileCount; CUFILE_COUNTS] = [
@@ -93,6 +108,8 @@ impl CufileCount {
         CufileCount::BeneathLinked,
         CufileCount::BeneathUnlinked,
         CufileCount::NvfsIoctls,
+        CufileCount::ProcessQuota,
+        CufileCount::UntrustedTableFull,
     ];
 }
 
@@ -103,7 +120,8 @@ pub struct CufileCpuStats {
     pub counts: [u64; CUFILE_COUNTS],
 }
 
-/// Per-CPU statistics of one cuFile operation (`GDS_CUFILE_OPS`, indexed by `CUFILE_OP_*`).
+/// Per-CPU statistics of one cuFile operation and user share (`GDS_CUFILE_OPS`, indexed by
+/// `CUFILE_OP_* + CUFILE_OPS * USER_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CufileOpStats {
@@ -205,6 +223,10 @@ pub struct CufileFileStats {
     /// Calls that returned success, by path.
     pub path_calls: [u64; CUFILE_PATHS],
     pub last_ns: u64,
+    /// Process row of an untrusted user's process: the file rows and the handles it holds,
+    /// checked against [`CUFILE_PROCESS_QUOTA`]. Zero for trusted processes (no quota).
+    pub owned_rows: u64,
+    pub owned_handles: u64,
 }
 
 /// Key of the registered handles (`GDS_CUFILE_HANDLES`).
@@ -223,11 +245,64 @@ pub const MAP_CUFILE_CALLS: &str = "GDS_CUFILE_CALLS";
 pub const MAP_CUFILE_FILES: &str = "GDS_CUFILE_FILES";
 pub const MAP_CUFILE_HANDLES: &str = "GDS_CUFILE_HANDLES";
 pub const MAP_CUFILE_DLOPEN: &str = "GDS_CUFILE_DLOPEN";
+/// The untrusted share's tables (see [`USER_OTHER`]).
+pub const MAP_CUFILE_ERRORS_OTHER: &str = "GDS_CUFILE_ERRORS_OTHER";
+pub const MAP_CUFILE_CALLS_OTHER: &str = "GDS_CUFILE_CALLS_OTHER";
+pub const MAP_CUFILE_FILES_OTHER: &str = "GDS_CUFILE_FILES_OTHER";
+pub const MAP_CUFILE_HANDLES_OTHER: &str = "GDS_CUFILE_HANDLES_OTHER";
 
-/// Capacity of the in-flight calls and handles tables.
+/// Capacity of the in-flight calls and handles tables (trusted share).
 pub const CUFILE_INFLIGHT_MAX: u32 = 16384;
-/// Capacity of the per-process and per-file rows; user space removes rows of exited processes.
+/// Capacity of the per-process and per-file rows (trusted share); user space removes rows of
+/// exited processes.
 pub const CUFILE_FILES_MAX: u32 = 8192;
+/// Capacity of the error-code counters (trusted share): cuFile has ~50 error codes per
+/// operation; anything beyond is a library returning junk.
+pub const CUFILE_ERRORS_MAX: u32 = 1024;
+/// Capacity of the untrusted share's rows, handles and calls in flight: half the trusted
+/// tables. Processes of users not in `--cufile-users` are observed, not served; what they
+/// cannot store is counted (`UntrustedTableFull`) and costs the kernel no more memory.
+pub const CUFILE_OTHER_FILES_MAX: u32 = CUFILE_FILES_MAX / 2;
+pub const CUFILE_OTHER_INFLIGHT_MAX: u32 = CUFILE_INFLIGHT_MAX / 2;
+/// Capacity of the untrusted share's error-code counters: the ~50 real codes per operation
+/// fit many times over; a fake library's junk codes stop here.
+pub const CUFILE_OTHER_ERRORS_MAX: u32 = 256;
+/// File rows and, separately, registered handles one untrusted process may hold: so one such
+/// process cannot fill the untrusted share for the others. A real application registers a
+/// handle per file it reads through cuFile; 512 files open at once through cuFile is far
+/// more than a data loader keeps (and 8 such processes still fit in the share).
+pub const CUFILE_PROCESS_QUOTA: u64 = 512;
+
+/// Users besides root whose processes are trusted (`--cufile-users`): a few service accounts
+/// per host; each costs one comparison in every cuFile probe.
+pub const CUFILE_TRUSTED_MAX: usize = 16;
+/// An unused entry of [`CufileConfig::trusted_uids`]: `(uid_t)-1` is no user's uid (the
+/// kernel refuses it in setuid and reports unmapped ids as the overflow uid instead).
+pub const NO_UID: u32 = u32::MAX;
+
+/// Load-time configuration of the cuFile programs (a global in the object's read-only data,
+/// set by user space before loading). The `--pid`/`--comm` filters are the io_uring
+/// programs' (`UringConfig`), applied by the cuFile programs as well.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CufileConfig {
+    /// Uids trusted besides root; unused entries are [`NO_UID`].
+    pub trusted_uids: [u32; CUFILE_TRUSTED_MAX],
+}
+
+impl CufileConfig {
+    /// Name of the global in the eBPF object.
+    pub const SYMBOL: &'static str = "GDS_CUFILE_CONFIG";
+    /// Root only.
+    pub const DEFAULT: CufileConfig = CufileConfig {
+        trusted_uids: [NO_UID; CUFILE_TRUSTED_MAX],
+    };
+
+    /// Whether a call made with `uid` counts as trusted (root always does).
+    pub fn trusts(&self, uid: u32) -> bool {
+        uid == 0 || (uid != NO_UID && self.trusted_uids.contains(&uid))
+    }
+}
 
 /// Byte offsets in cuFile's ABI (`cufile.h`, CUDA 11.4 to 13: unchanged).
 pub mod abi {
@@ -250,6 +325,7 @@ mod pod {
     unsafe impl aya::Pod for CufileFileKey {}
     unsafe impl aya::Pod for CufileFileStats {}
     unsafe impl aya::Pod for CufileHandleKey {}
+    unsafe impl aya::Pod for CufileConfig {}
 }
 
 #[cfg(test)]

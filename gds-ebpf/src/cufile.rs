@@ -13,6 +13,14 @@
 //! counts the linked I/O; a call snapshots the counters at entry and compares at return. The
 //! order matters: a P2PDMA read is a `pread` too, so peer memory is asked before compat.
 //!
+//! Trust: every program first applies the `--pid`/`--comm` filters (the io_uring programs'
+//! config), then asks whether the calling user is trusted (root, or a uid of
+//! `--cufile-users`). Trusted and untrusted calls go to separate tables and counters (a
+//! [`Share`] each): a process of another user can fill only the untrusted share, where each
+//! process may also hold at most `CUFILE_PROCESS_QUOTA` file rows and handles, and cannot move
+//! the trusted counters that the alerts read. Overflow is counted (`ProcessQuota`,
+//! `UntrustedTableFull`).
+//!
 //! Imports nothing of the io_uring or device programs: a separate layer with its own maps.
 
 use core::intrinsics::AtomicOrdering::Relaxed;
@@ -21,7 +29,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -30,26 +39,36 @@ use aya_ebpf::{
 use gds_common::{
     HIST_BUCKETS,
     cufile::{
-        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX,
-        CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER, CUFILE_OP_HANDLE_DEREGISTER,
-        CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE,
-        CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCount, CufileCpuStats,
-        CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats, PATH_COMPAT,
-        PATH_NVFS, PATH_P2PDMA, PATH_UNKNOWN, PROCESS_ROW, abi, is_nvfs_io,
+        BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_ERRORS_MAX, CUFILE_FILES_MAX,
+        CUFILE_INFLIGHT_MAX, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER,
+        CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ,
+        CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS,
+        CUFILE_OTHER_ERRORS_MAX, CUFILE_OTHER_FILES_MAX, CUFILE_OTHER_INFLIGHT_MAX, CUFILE_PATHS,
+        CUFILE_PROCESS_QUOTA, CUFILE_TRUSTED_MAX, CUFILE_USERS, CufileCall, CufileConfig,
+        CufileCount, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey,
+        CufileOpStats, PATH_COMPAT, PATH_NVFS, PATH_P2PDMA, PATH_UNKNOWN, PROCESS_ROW, USER_OTHER,
+        USER_TRUSTED, abi, is_nvfs_io,
     },
     log2_bucket,
 };
 
-use crate::maps::{index, peer_ios};
+use crate::maps::{index, peer_ios, task_enabled};
+
+/// Which uids are trusted besides root (`--cufile-users`), set by user space at load.
+#[unsafe(no_mangle)]
+static GDS_CUFILE_CONFIG: CufileConfig = CufileConfig::DEFAULT;
 
 #[map(name = "GDS_CUFILE_STATS")]
 static STATS: PerCpuArray<CufileCpuStats> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per operation and user share: entry `op + CUFILE_OPS * USER_*`.
 #[map(name = "GDS_CUFILE_OPS")]
-static OPS: PerCpuArray<CufileOpStats> = PerCpuArray::with_max_entries(CUFILE_OPS as u32, 0);
+static OPS: PerCpuArray<CufileOpStats> =
+    PerCpuArray::with_max_entries((CUFILE_OPS * CUFILE_USERS) as u32, 0);
 
 #[map(name = "GDS_CUFILE_ERRORS")]
-static ERRORS: PerCpuHashMap<CufileErrKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
+static ERRORS: PerCpuHashMap<CufileErrKey, u64> =
+    PerCpuHashMap::with_max_entries(CUFILE_ERRORS_MAX, 0);
 
 #[map(name = "GDS_CUFILE_CALLS")]
 static CALLS: HashMap<u64, CufileCall> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
@@ -61,6 +80,112 @@ static FILES: HashMap<CufileFileKey, CufileFileStats> =
 /// Registered handles → the file descriptor they were registered with.
 #[map(name = "GDS_CUFILE_HANDLES")]
 static HANDLES: HashMap<CufileHandleKey, i32> = HashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
+
+/// The same four tables for processes of untrusted users.
+#[map(name = "GDS_CUFILE_ERRORS_OTHER")]
+static ERRORS_OTHER: PerCpuHashMap<CufileErrKey, u64> =
+    PerCpuHashMap::with_max_entries(CUFILE_OTHER_ERRORS_MAX, 0);
+
+#[map(name = "GDS_CUFILE_CALLS_OTHER")]
+static CALLS_OTHER: HashMap<u64, CufileCall> =
+    HashMap::with_max_entries(CUFILE_OTHER_INFLIGHT_MAX, 0);
+
+#[map(name = "GDS_CUFILE_FILES_OTHER")]
+static FILES_OTHER: HashMap<CufileFileKey, CufileFileStats> =
+    HashMap::with_max_entries(CUFILE_OTHER_FILES_MAX, 0);
+
+#[map(name = "GDS_CUFILE_HANDLES_OTHER")]
+static HANDLES_OTHER: HashMap<CufileHandleKey, i32> =
+    HashMap::with_max_entries(CUFILE_OTHER_INFLIGHT_MAX, 0);
+
+/// The tables and counters of one user share. The programs are instantiated once per share
+/// (`enter::<Trusted>` and `enter::<Other>`): each instance names its maps as constants, which
+/// the verifier needs to inline lookups and which keeps one share's code from ever touching
+/// the other's tables.
+trait Share {
+    const USER: usize;
+    fn files() -> &'static HashMap<CufileFileKey, CufileFileStats>;
+    fn handles() -> &'static HashMap<CufileHandleKey, i32>;
+    fn calls() -> &'static HashMap<u64, CufileCall>;
+    fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64>;
+}
+
+/// Root and the uids of `--cufile-users`.
+struct Trusted;
+/// Everyone else.
+struct Other;
+
+impl Share for Trusted {
+    const USER: usize = USER_TRUSTED;
+    #[inline(always)]
+    fn files() -> &'static HashMap<CufileFileKey, CufileFileStats> {
+        &FILES
+    }
+    #[inline(always)]
+    fn handles() -> &'static HashMap<CufileHandleKey, i32> {
+        &HANDLES
+    }
+    #[inline(always)]
+    fn calls() -> &'static HashMap<u64, CufileCall> {
+        &CALLS
+    }
+    #[inline(always)]
+    fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
+        &ERRORS
+    }
+}
+
+impl Share for Other {
+    const USER: usize = USER_OTHER;
+    #[inline(always)]
+    fn files() -> &'static HashMap<CufileFileKey, CufileFileStats> {
+        &FILES_OTHER
+    }
+    #[inline(always)]
+    fn handles() -> &'static HashMap<CufileHandleKey, i32> {
+        &HANDLES_OTHER
+    }
+    #[inline(always)]
+    fn calls() -> &'static HashMap<u64, CufileCall> {
+        &CALLS_OTHER
+    }
+    #[inline(always)]
+    fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
+        &ERRORS_OTHER
+    }
+}
+
+/// Counts a table of share `S` full: the trusted table's own reason, or `UntrustedTableFull`.
+#[inline(always)]
+fn full<S: Share>(trusted_reason: CufileCount) {
+    if S::USER == USER_OTHER {
+        count(CufileCount::UntrustedTableFull);
+    } else {
+        count(trusted_reason);
+    }
+}
+
+/// Whether the calling task's user is trusted: root, or a uid of `--cufile-users`. The real
+/// uid as the initial user namespace sees it (a container's root is trusted only where the
+/// container shares the host's user namespace).
+#[inline(always)]
+fn trusted() -> bool {
+    let uid = bpf_get_current_uid_gid() as u32;
+    if uid == 0 {
+        return true;
+    }
+    let mut i = 0;
+    while i < CUFILE_TRUSTED_MAX {
+        if let Some(u) = GDS_CUFILE_CONFIG.trusted_uids.get(i) {
+            // SAFETY: a reference into the config; volatile so the load stays (see `conf!`).
+            if unsafe { core::ptr::read_volatile(u) } == uid {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
 
 /// Process ids that just loaded or unloaded a library (see [`dl_notify`]).
 #[map(name = "GDS_CUFILE_DLOPEN")]
@@ -86,6 +211,8 @@ static ZERO_ROW: CufileFileStats = CufileFileStats {
     active: 0,
     path_calls: [0; CUFILE_PATHS],
     last_ns: 0,
+    owned_rows: 0,
+    owned_handles: 0,
 };
 
 /// `CufileCall::_pad` bit: the call raised its file's `active` count (lower it at return).
@@ -120,19 +247,112 @@ fn read_user<T: Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
 }
 
-/// The row of `(tgid, fd)`, created on first use. None when the table is full.
+/// The process row of `tgid` in share `S`, created on first use. None when the table is full.
 #[inline(always)]
-fn row(tgid: u32, fd: i32) -> Option<*mut CufileFileStats> {
-    let key = CufileFileKey { tgid, fd };
-    if let Some(p) = FILES.get_ptr_mut(&key) {
+fn process_row<S: Share>(tgid: u32) -> Option<*mut CufileFileStats> {
+    let key = CufileFileKey {
+        tgid,
+        fd: PROCESS_ROW,
+    };
+    if let Some(p) = S::files().get_ptr_mut(&key) {
         return Some(p);
     }
-    let _ = FILES.insert(&key, &ZERO_ROW, BPF_NOEXIST as u64);
-    let p = FILES.get_ptr_mut(&key);
+    let _ = S::files().insert(&key, &ZERO_ROW, BPF_NOEXIST as u64);
+    let p = S::files().get_ptr_mut(&key);
     if p.is_none() {
-        count(CufileCount::FileTableFull);
+        full::<S>(CufileCount::FileTableFull);
     }
     p
+}
+
+/// The row of file `fd` of `tgid` in share `S`, created on first use. None when the table is
+/// full or, for an untrusted process, when it holds its quota of rows already.
+#[inline(always)]
+fn file_row<S: Share>(tgid: u32, fd: i32) -> Option<*mut CufileFileStats> {
+    let key = CufileFileKey { tgid, fd };
+    if let Some(p) = S::files().get_ptr_mut(&key) {
+        return Some(p);
+    }
+    if S::USER == USER_OTHER {
+        let owner = process_row::<S>(tgid)?;
+        // SAFETY: map value pointer. Threads racing past the check overshoot the quota by at
+        // most one row each: bounded by the CPUs, and the share's size bounds the rest.
+        if unsafe { core::ptr::read_volatile(&raw const (*owner).owned_rows) }
+            >= CUFILE_PROCESS_QUOTA
+        {
+            count(CufileCount::ProcessQuota);
+            return None;
+        }
+        if S::files()
+            .insert(&key, &ZERO_ROW, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            // SAFETY: map value pointer.
+            add(unsafe { &raw mut (*owner).owned_rows }, 1);
+        }
+    } else {
+        let _ = S::files().insert(&key, &ZERO_ROW, BPF_NOEXIST as u64);
+    }
+    let p = S::files().get_ptr_mut(&key);
+    if p.is_none() {
+        full::<S>(CufileCount::FileTableFull);
+    }
+    p
+}
+
+/// Remembers that `tgid` registered `handle` for `fd` (share `S`; quota for untrusted).
+#[inline(always)]
+fn remember_handle<S: Share>(tgid: u32, handle: u64, fd: i32) {
+    let key = CufileHandleKey {
+        tgid,
+        _pad: 0,
+        handle,
+    };
+    if let Some(h) = S::handles().get_ptr_mut(&key) {
+        // SAFETY: map value pointer (the handle registered again, for another fd).
+        unsafe { *h = fd };
+        return;
+    }
+    if S::USER == USER_OTHER {
+        let Some(owner) = process_row::<S>(tgid) else {
+            return;
+        };
+        // SAFETY: map value pointer; the same bounded overshoot as `file_row`.
+        if unsafe { core::ptr::read_volatile(&raw const (*owner).owned_handles) }
+            >= CUFILE_PROCESS_QUOTA
+        {
+            count(CufileCount::ProcessQuota);
+            return;
+        }
+        if S::handles().insert(&key, &fd, BPF_NOEXIST as u64).is_ok() {
+            // SAFETY: map value pointer.
+            add(unsafe { &raw mut (*owner).owned_handles }, 1);
+            return;
+        }
+    } else if S::handles().insert(&key, &fd, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    full::<S>(CufileCount::HandleTableFull);
+}
+
+/// Forgets a handle of `tgid` (share `S`), giving an untrusted process its quota back.
+#[inline(always)]
+fn forget_handle<S: Share>(tgid: u32, handle: u64) {
+    let key = CufileHandleKey {
+        tgid,
+        _pad: 0,
+        handle,
+    };
+    if S::handles().remove(&key).is_ok() && S::USER == USER_OTHER {
+        let owner = CufileFileKey {
+            tgid,
+            fd: PROCESS_ROW,
+        };
+        if let Some(p) = S::files().get_ptr_mut(&owner) {
+            // SAFETY: map value pointer; only handles counted in were removed.
+            add(unsafe { &raw mut (*p).owned_handles }, u64::MAX);
+        }
+    }
 }
 
 #[inline(always)]
@@ -143,22 +363,29 @@ fn is_sync_io(op: u32) -> bool {
 /// Entry of every traced libcufile function; the cookie is its `CUFILE_OP_*`.
 #[uprobe]
 pub fn cufile_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx);
+    let id = bpf_get_current_pid_tgid();
+    if !task_enabled((id >> 32) as u32) {
+        return 0;
+    }
+    if trusted() {
+        enter::<Trusted>(&ctx, id);
+    } else {
+        enter::<Other>(&ctx, id);
+    }
     0
 }
 
 #[inline(always)]
-fn enter(ctx: &ProbeContext) {
+fn enter<S: Share>(ctx: &ProbeContext, id: u64) {
     let op = cookie(ctx);
     if op as usize >= CUFILE_OPS {
         return;
     }
-    let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     // SAFETY: the context is the uprobe's pt_regs.
     let sp = unsafe { (*ctx.regs).rsp };
     let ret_addr = read_user::<u64>(sp);
-    if let Some(c) = CALLS.get_ptr_mut(&id) {
+    if let Some(c) = S::calls().get_ptr_mut(&id) {
         // SAFETY: map value pointer.
         let c = unsafe { &mut *c };
         if sp < c.sp || (sp == c.sp && ret_addr != c.ret_addr) {
@@ -216,12 +443,12 @@ fn enter(ctx: &ProbeContext) {
             handle: call.handle,
         };
         // SAFETY: map value read.
-        if let Some(fd) = unsafe { HANDLES.get(&key) } {
+        if let Some(fd) = unsafe { S::handles().get(&key) } {
             call.fd = *fd;
         }
     }
     if is_sync_io(op) && call.fd >= 0 {
-        if let Some(r) = row(tgid, call.fd) {
+        if let Some(r) = file_row::<S>(tgid, call.fd) {
             // SAFETY: map value pointer.
             unsafe {
                 add(&raw mut (*r).active, 1);
@@ -229,16 +456,16 @@ fn enter(ctx: &ProbeContext) {
             }
             call._pad |= CALL_ACTIVE;
         }
-        if let Some(p) = row(tgid, PROCESS_ROW) {
+        if let Some(p) = process_row::<S>(tgid) {
             // SAFETY: map value pointer.
             call.nvfs_at_entry = unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) };
         }
         call.peer_at_entry = peer_ios(tgid);
     }
-    if CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
-        count(CufileCount::CallTableFull);
+    if S::calls().insert(&id, &call, BPF_ANY as u64).is_err() {
+        full::<S>(CufileCount::CallTableFull);
         if call._pad & CALL_ACTIVE != 0 {
-            if let Some(r) = row(tgid, call.fd) {
+            if let Some(r) = file_row::<S>(tgid, call.fd) {
                 // SAFETY: map value pointer.
                 add(unsafe { &raw mut (*r).active }, u64::MAX);
             }
@@ -249,15 +476,22 @@ fn enter(ctx: &ProbeContext) {
 /// Return of every traced libcufile function.
 #[uretprobe]
 pub fn cufile_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx);
+    let id = bpf_get_current_pid_tgid();
+    if !task_enabled((id >> 32) as u32) {
+        return 0;
+    }
+    if trusted() {
+        exit::<Trusted>(&ctx, id);
+    } else {
+        exit::<Other>(&ctx, id);
+    }
     0
 }
 
 #[inline(always)]
-fn exit(ctx: &RetProbeContext) {
-    let id = bpf_get_current_pid_tgid();
+fn exit<S: Share>(ctx: &RetProbeContext, id: u64) {
     let tgid = (id >> 32) as u32;
-    let Some(c) = CALLS.get_ptr_mut(&id) else {
+    let Some(c) = S::calls().get_ptr_mut(&id) else {
         count(CufileCount::ReturnUnmatched);
         return;
     };
@@ -269,7 +503,7 @@ fn exit(ctx: &RetProbeContext) {
         }
         *c
     };
-    let _ = CALLS.remove(&id);
+    let _ = S::calls().remove(&id);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let ns = now.saturating_sub(call.start_ns);
@@ -293,7 +527,7 @@ fn exit(ctx: &RetProbeContext) {
 
     let mut path = PATH_UNKNOWN;
     if is_sync_io(op) && code == 0 && call.fd >= 0 {
-        if let Some(p) = row(tgid, PROCESS_ROW) {
+        if let Some(p) = process_row::<S>(tgid) {
             // SAFETY: map value pointer.
             if unsafe { core::ptr::read_volatile(&raw const (*p).nvfs_ios) } != call.nvfs_at_entry {
                 path = PATH_NVFS;
@@ -303,7 +537,7 @@ fn exit(ctx: &RetProbeContext) {
             path = PATH_P2PDMA;
         }
         if path == PATH_UNKNOWN {
-            if let Some(r) = row(tgid, call.fd) {
+            if let Some(r) = file_row::<S>(tgid, call.fd) {
                 // SAFETY: map value pointer.
                 if unsafe { core::ptr::read_volatile(&raw const (*r).compat_ios) }
                     != call.compat_at_entry
@@ -314,7 +548,9 @@ fn exit(ctx: &RetProbeContext) {
         }
     }
 
-    if let Some(s) = index(op as u64, CUFILE_OPS).and_then(|i| OPS.get_ptr_mut(i as u32)) {
+    let entry = op as u64 + (S::USER * CUFILE_OPS) as u64;
+    if let Some(s) = index(entry, CUFILE_OPS * CUFILE_USERS).and_then(|i| OPS.get_ptr_mut(i as u32))
+    {
         // SAFETY: per-CPU map value pointer.
         let s = unsafe { &mut *s };
         s.calls += 1;
@@ -340,33 +576,21 @@ fn exit(ctx: &RetProbeContext) {
     }
     if code != 0 {
         let key = CufileErrKey { op, code };
-        match ERRORS.get_ptr_mut(&key) {
+        match S::errors().get_ptr_mut(&key) {
             // SAFETY: per-CPU map value pointer.
             Some(n) => unsafe { *n += 1 },
             None => {
-                if ERRORS.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
-                    count(CufileCount::ErrorTableFull);
+                if S::errors().insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+                    full::<S>(CufileCount::ErrorTableFull);
                 }
             }
         }
     }
 
     if op == CUFILE_OP_HANDLE_REGISTER && code == 0 && call.fd >= 0 {
-        let key = CufileHandleKey {
-            tgid,
-            _pad: 0,
-            handle: read_user::<u64>(call.handle),
-        };
-        if HANDLES.insert(&key, &call.fd, BPF_ANY as u64).is_err() {
-            count(CufileCount::HandleTableFull);
-        }
+        remember_handle::<S>(tgid, read_user::<u64>(call.handle), call.fd);
     } else if op == CUFILE_OP_HANDLE_DEREGISTER {
-        let key = CufileHandleKey {
-            tgid,
-            _pad: 0,
-            handle: call.handle,
-        };
-        let _ = HANDLES.remove(&key);
+        forget_handle::<S>(tgid, call.handle);
     }
 
     let unaligned = ((call.offset as u64) | call.size) & 4095 != 0;
@@ -404,11 +628,11 @@ fn exit(ctx: &RetProbeContext) {
             core::ptr::write_volatile(&raw mut (*r).last_ns, now);
         }
     };
-    if let Some(p) = row(tgid, PROCESS_ROW) {
+    if let Some(p) = process_row::<S>(tgid) {
         update(p);
     }
     if call.fd >= 0 {
-        if let Some(r) = row(tgid, call.fd) {
+        if let Some(r) = file_row::<S>(tgid, call.fd) {
             update(r);
             if call._pad & CALL_ACTIVE != 0 {
                 // SAFETY: map value pointer.
@@ -426,55 +650,70 @@ fn exit(ctx: &RetProbeContext) {
 /// the CUDA driver's own ioctls go through the same function.
 #[uprobe]
 pub fn beneath_enter(ctx: ProbeContext) -> u32 {
-    let kind = cookie(&ctx);
-    let fd = ctx.arg::<u64>(0).unwrap_or(0) as i32;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !task_enabled(tgid) {
+        return 0;
+    }
+    if trusted() {
+        beneath::<Trusted>(&ctx, tgid);
+    } else {
+        beneath::<Other>(&ctx, tgid);
+    }
+    0
+}
+
+#[inline(always)]
+fn beneath<S: Share>(ctx: &ProbeContext, tgid: u32) {
+    let kind = cookie(ctx);
+    let fd = ctx.arg::<u64>(0).unwrap_or(0) as i32;
     if kind == BENEATH_IOCTL {
         if !is_nvfs_io(ctx.arg::<u64>(1).unwrap_or(0) as u32) {
-            return 0;
+            return;
         }
         count(CufileCount::NvfsIoctls);
-        if let Some(p) = row(tgid, PROCESS_ROW) {
+        if let Some(p) = process_row::<S>(tgid) {
             // SAFETY: map value pointer.
             add(unsafe { &raw mut (*p).nvfs_ios }, 1);
         }
-        return 0;
+        return;
     }
     if kind != BENEATH_PREAD && kind != BENEATH_PWRITE {
-        return 0;
+        return;
     }
     let asked = ctx.arg::<u64>(2).unwrap_or(0);
     let key = CufileFileKey { tgid, fd };
-    if let Some(r) = FILES.get_ptr_mut(&key) {
+    if let Some(r) = S::files().get_ptr_mut(&key) {
         // SAFETY: map value pointer.
         unsafe {
             if core::ptr::read_volatile(&raw const (*r).active) != 0 {
                 add(&raw mut (*r).compat_ios, 1);
                 add(&raw mut (*r).compat_bytes, asked);
                 count(CufileCount::BeneathLinked);
-                return 0;
+                return;
             }
         }
     }
     count(CufileCount::BeneathUnlinked);
-    if let Some(p) = row(tgid, PROCESS_ROW) {
+    if let Some(p) = process_row::<S>(tgid) {
         // SAFETY: map value pointer.
         unsafe {
             add(&raw mut (*p).outside_ios, 1);
             add(&raw mut (*p).outside_bytes, asked);
         }
     }
-    0
 }
 
 /// `_dl_debug_state` in ld.so: the dynamic loader calls it (the debugger interface, `r_brk`)
 /// before and after it maps or unmaps libraries, in every process. Tells user space which
 /// process to look at now, so a library loaded with dlopen is attached in milliseconds rather
 /// than at the next periodic scan. A full ring buffer loses only the hurry: the scan still
-/// comes.
+/// comes. Processes the `--pid`/`--comm` filters leave out are not reported.
 #[uprobe]
 pub fn dl_notify(_ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !task_enabled(tgid) {
+        return 0;
+    }
     let _ = DLOPEN.output::<u32>(&tgid, 0);
     0
 }

@@ -10,12 +10,13 @@
 //! layer is where peer memory is seen, the cuFile return is where it names the path.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_comm,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use gds_common::{
-    DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS, OpcodeCpuStats,
-    PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
+    COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS,
+    OpcodeCpuStats, PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
 };
 
 #[unsafe(no_mangle)]
@@ -69,6 +70,33 @@ pub(crate) fn peer_ios(tgid: u32) -> u64 {
         Some(p) => unsafe { core::ptr::read_volatile(p) },
         None => 0,
     }
+}
+
+/// Task filters (`--pid`, `--comm`), evaluated in the current task: the io_uring programs and
+/// the cuFile programs apply the same ones.
+#[inline(always)]
+pub(crate) fn task_enabled(tgid: u32) -> bool {
+    let want = conf!(filter_tgid);
+    if want != 0 && want != tgid {
+        return false;
+    }
+    if conf!(filter_comm_on) != 0 {
+        let Ok(comm) = bpf_get_current_comm() else {
+            return false;
+        };
+        let mut i = 0;
+        while i < COMM_LEN {
+            let want = unsafe { core::ptr::read_volatile(&GDS_URING_CONFIG.filter_comm[i]) };
+            if comm[i] != want {
+                return false;
+            }
+            if want == 0 {
+                break;
+            }
+            i += 1;
+        }
+    }
+    true
 }
 
 #[inline(always)]

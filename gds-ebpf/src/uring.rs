@@ -20,6 +20,7 @@ use gds_common::{
 
 use crate::maps::{
     GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, index, mark_seen, opcode_stats, stats,
+    task_enabled,
 };
 
 /// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
@@ -44,32 +45,6 @@ fn opcode_enabled(opcode: u8) -> bool {
     // SAFETY: a reference into the config; volatile for the reason `conf!` gives.
     let word = unsafe { core::ptr::read_volatile(word) };
     word & (1u64 << (op & 63)) != 0
-}
-
-/// Task filters (`--pid`, `--comm`), evaluated in the current task.
-#[inline(always)]
-fn task_enabled(tgid: u32) -> bool {
-    let want = conf!(filter_tgid);
-    if want != 0 && want != tgid {
-        return false;
-    }
-    if conf!(filter_comm_on) != 0 {
-        let Ok(comm) = bpf_get_current_comm() else {
-            return false;
-        };
-        let mut i = 0;
-        while i < COMM_LEN {
-            let want = unsafe { core::ptr::read_volatile(&GDS_URING_CONFIG.filter_comm[i]) };
-            if comm[i] != want {
-                return false;
-            }
-            if want == 0 {
-                break;
-            }
-            i += 1;
-        }
-    }
-    true
 }
 
 /// A request entered io_uring (`io_uring_submit_req`, or `io_uring_req_failed` for requests

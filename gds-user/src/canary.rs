@@ -43,6 +43,78 @@ pub struct CanaryReport {
 /// Reads at most this much (a canary, not a benchmark).
 const CANARY_BYTES: u64 = 16 << 20;
 
+/// The least a canary file may hold: one 4 KiB block, the O_DIRECT alignment of the file
+/// systems GDS reads (ext4, XFS); cuFile reads whole aligned blocks, so a smaller file leaves
+/// nothing to read.
+pub const CANARY_MIN_BYTES: u64 = 4096;
+
+/// Why the canary's FILE cannot be read, found before any GPU or tracing work (each of these
+/// once ended as "no usable GPU" on a host without one, or waited on a FIFO forever).
+#[derive(Debug, thiserror::Error)]
+pub enum CanaryFileError {
+    #[error("--canary {}: {source} (fix: give a readable file of at least {CANARY_MIN_BYTES} bytes on the file system to test)", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--canary {}: {kind}, not a regular file (fix: give a file of at least {CANARY_MIN_BYTES} bytes on the file system to test)", path.display())]
+    NotAFile {
+        path: std::path::PathBuf,
+        kind: &'static str,
+    },
+    #[error("--canary {}: {size} bytes, less than the {CANARY_MIN_BYTES} a canary read needs (one aligned block)", path.display())]
+    TooSmall { path: std::path::PathBuf, size: u64 },
+}
+
+/// What a non-regular file is, for [`CanaryFileError::NotAFile`].
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    }
+}
+
+/// Checks FILE before anything else: it exists, is a regular file this process may read, and
+/// holds at least one block. Opened with `O_NONBLOCK` so a FIFO is refused, not waited on.
+pub fn check_file(path: &std::path::Path) -> Result<u64, CanaryFileError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| CanaryFileError::Open {
+            path: path.into(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| CanaryFileError::Open {
+        path: path.into(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(CanaryFileError::NotAFile {
+            path: path.into(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    if meta.len() < CANARY_MIN_BYTES {
+        return Err(CanaryFileError::TooSmall {
+            path: path.into(),
+            size: meta.len(),
+        });
+    }
+    Ok(meta.len())
+}
+
 /// The prediction for GPU `gpu`: the gds path's mode where the probe says it is possible, else
 /// compat with the first reason gds is blocked.
 fn predict(gpu: u32) -> (String, String) {
@@ -64,6 +136,7 @@ fn predict(gpu: u32) -> (String, String) {
 }
 
 pub fn run(file: &std::path::Path, gpu_ordinal: u32, json: bool) -> Result<()> {
+    check_file(file)?;
     let (predicted, predicted_why) = predict(gpu_ordinal);
     let me = std::process::id();
     let tracer = UringTracer::start(&TraceOptions {

@@ -16,9 +16,18 @@ use thiserror::Error;
 
 /// How long a request may wait for the agent to answer, unless [`TIMEOUT_ENV`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Seconds (`10`, `0.5`) or milliseconds (`500ms`) a request may wait for an answer.
+/// Seconds (`10`, `0.5`) or milliseconds (`500ms`) a request may take, from connecting to the
+/// last byte of the answer.
 pub const TIMEOUT_ENV: &str = "GDS_CLIENT_TIMEOUT";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest answer read, head and body together; a longer one is refused, not buffered.
+///
+/// The agent's largest body, `/debug/snapshot`, is bounded by its `SNAPSHOT_*` list limits: tens
+/// of KiB on a busy host, 2.9 MB with a full cuFile file table. Prometheus answers that xtask
+/// reads are of the same order. 64 MiB is 20 times the largest seen and still a bounded cost
+/// (the body is held about twice while decoded); a 3 GiB answer once took `top` to 9.4 GB.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// Who is asked; the messages name it.
 pub const AGENT: &str = "the agent";
@@ -35,10 +44,15 @@ pub enum ClientError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    /// A read or write timed out: the peer took the connection and then stayed silent.
+    /// The answer did not come whole within the timeout: the peer took the connection and
+    /// then stayed silent, or sent it too slowly.
     #[error(
-        "{peer} at {addr} accepted the connection but sent no {}answer within {} (is it stuck?)",
-        if *.received > 0 { "more of its " } else { "" },
+        "{peer} at {addr} accepted the connection but sent {} within {} (is it stuck?)",
+        if *.received > 0 {
+            format!("only {} bytes of its answer", .received)
+        } else {
+            "no answer".to_owned()
+        },
         seconds(*.timeout)
     )]
     NoAnswer {
@@ -54,6 +68,15 @@ pub enum ClientError {
         addr: SocketAddr,
         path: String,
         status: String,
+    },
+    #[error(
+        "{peer} at {addr} sent an answer of more than {} MiB, the most this client reads \
+         (is that really {peer}?)",
+        MAX_ANSWER_BYTES >> 20
+    )]
+    TooBig {
+        peer: &'static str,
+        addr: SocketAddr,
     },
     #[error("malformed answer from {peer} at {addr}: {what}")]
     Malformed {
@@ -140,7 +163,8 @@ pub struct Response {
 pub struct Client {
     pub peer: &'static str,
     pub addr: SocketAddr,
-    /// How long a read or write may wait; [`ClientError::NoAnswer`] after that.
+    /// How long a whole request may take, from connecting to the answer's last byte;
+    /// [`ClientError::NoAnswer`] after that.
     pub timeout: Duration,
 }
 
@@ -169,30 +193,62 @@ impl Client {
     }
 
     /// GET `path` over a fresh connection (`Connection: close`), whatever the answer's status.
+    /// The whole exchange takes at most [`Client::timeout`] and reads at most
+    /// [`MAX_ANSWER_BYTES`].
     pub fn request(&self, path: &str) -> Result<Response, ClientError> {
         let (peer, addr) = (self.peer, self.addr);
+        // One deadline for the whole answer: a per-read timeout lets a peer that trickles a
+        // byte now and then hold the client forever.
+        let deadline = Instant::now() + self.timeout;
+        let no_answer = |received: usize| ClientError::NoAnswer {
+            peer,
+            addr,
+            timeout: self.timeout,
+            received,
+        };
         let io_err = |received: usize| {
             move |source: std::io::Error| match source.kind() {
                 // SO_RCVTIMEO / SO_SNDTIMEO expiring reads as EAGAIN on Linux.
-                ErrorKind::WouldBlock | ErrorKind::TimedOut => ClientError::NoAnswer {
-                    peer,
-                    addr,
-                    timeout: self.timeout,
-                    received,
-                },
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => no_answer(received),
                 _ => ClientError::Connect { peer, addr, source },
             }
         };
+        // What is left of the deadline; `None` once it has passed.
+        let left =
+            || Some(deadline.checked_duration_since(Instant::now())?).filter(|d| !d.is_zero());
         let conn_err = |source| ClientError::Connect { peer, addr, source };
-        let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(conn_err)?;
-        s.set_read_timeout(Some(self.timeout)).map_err(conn_err)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(conn_err)?;
+        let connect_timeout = CONNECT_TIMEOUT.min(left().ok_or_else(|| no_answer(0))?);
+        let mut s = TcpStream::connect_timeout(&addr, connect_timeout).map_err(|source| {
+            match source.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut
+                    if connect_timeout < CONNECT_TIMEOUT =>
+                {
+                    no_answer(0)
+                }
+                _ => conn_err(source),
+            }
+        })?;
+        s.set_write_timeout(left()).map_err(conn_err)?;
         // One write: a server may answer and close after the first segment of a request.
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         s.write_all(request.as_bytes()).map_err(io_err(0))?;
         let mut buf = Vec::new();
-        if let Err(e) = s.read_to_end(&mut buf) {
-            return Err(io_err(buf.len())(e));
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            // Each read may wait only for what is left of the whole answer's time.
+            let left = left().ok_or_else(|| no_answer(buf.len()))?;
+            s.set_read_timeout(Some(left)).map_err(conn_err)?;
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if buf.len() + n > MAX_ANSWER_BYTES {
+                        return Err(ClientError::TooBig { peer, addr });
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(buf.len())(e)),
+            }
         }
         self.parse(&buf)
     }
@@ -372,5 +428,59 @@ mod tests {
             )
         );
         drop(holder.join());
+    }
+
+    /// A server that reads the request's head, then runs `answer` on the connection.
+    fn serve_with(answer: fn(TcpStream)) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut byte = [0u8];
+            while !req.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                req.push(byte[0]);
+            }
+            answer(s);
+        });
+        addr
+    }
+
+    #[test]
+    fn a_trickling_answer_is_cut_at_the_deadline() {
+        let addr = serve_with(|mut s| {
+            for b in b"HTTP/1.1 200 OK\r\n\r\n".iter().cycle() {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let e = client(addr, Duration::from_millis(300))
+            .get("/debug/snapshot")
+            .unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(e, ClientError::NoAnswer { received, .. } if received > 0),
+            "{e}"
+        );
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        assert!(e.to_string().contains("sent only"), "{e}");
+    }
+
+    #[test]
+    fn an_answer_over_the_limit_is_refused() {
+        let addr = serve_with(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let block = vec![b' '; 1 << 20];
+            for _ in 0..=(MAX_ANSWER_BYTES >> 20) {
+                if s.write_all(&block).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = client(addr, DEFAULT_TIMEOUT).get("/x").unwrap_err();
+        assert!(matches!(e, ClientError::TooBig { .. }), "{e}");
     }
 }

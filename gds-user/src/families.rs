@@ -215,34 +215,36 @@ pub const PIPELINE_DURATION: Family = family(
 pub const CUFILE_CALLS: Family = family(
     "gds_cufile_calls_total",
     Counter,
-    &["op"],
-    "cuFile API calls that returned (errors included), every process, by operation.",
+    &["op", "user"],
+    "cuFile API calls that returned (errors included), by operation and user (trusted: root and \
+     --cufile-users; other: everyone else).",
 );
 pub const CUFILE_DURATION: Family = family(
     "gds_cufile_call_duration_seconds",
     Histogram,
-    &["op"],
-    "Duration of cuFile API calls, entry to return, by operation.",
+    &["op", "user"],
+    "Duration of cuFile API calls, entry to return, by operation and user (trusted, other).",
 );
 pub const CUFILE_ERRORS: Family = family(
     "gds_cufile_errors_total",
     Counter,
-    &["op", "error"],
-    "cuFile calls that failed, by operation and CUfileOpError name (errno: a read or write \
-     returned -1).",
+    &["op", "error", "user"],
+    "cuFile calls that failed, by operation, CUfileOpError name (errno: a read or write \
+     returned -1) and user (trusted, other).",
 );
 pub const CUFILE_BYTES: Family = family(
     "gds_cufile_bytes_total",
     Counter,
-    &["op", "path"],
+    &["op", "path", "user"],
     "Bytes cuFileRead/cuFileWrite returned as done, by the data path the I/O beneath them took \
-     (compat, nvfs, p2pdma, unknown).",
+     (compat, nvfs, p2pdma, unknown) and user (trusted, other).",
 );
 pub const CUFILE_REQUESTED: Family = family(
     "gds_cufile_requested_bytes_total",
     Counter,
-    &["op"],
-    "Bytes asked of cuFile (size arguments; batch submits summed), by operation.",
+    &["op", "user"],
+    "Bytes asked of cuFile (size arguments; batch submits summed), by operation and user \
+     (trusted, other).",
 );
 pub const CUFILE_LIBRARIES: Family = family(
     "gds_cufile_libraries",

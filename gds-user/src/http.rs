@@ -25,10 +25,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("cannot listen on {addr}: {source} ({})", bind_hint(source))]
+    #[error("cannot listen on {addr}: {source} ({hint})")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+        /// What to do, from the cause ([`bind_hint`]): for a port in use, who holds it.
+        hint: String,
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -67,6 +69,8 @@ pub struct AppState {
     pub slow: Arc<RecentEvents>,
     pub stalls: Arc<Mutex<StallReport>>,
     pub tracer: Arc<UringTracer>,
+    /// `/debug/snapshot` and `/debug/cufile` bodies, shared between concurrent clients.
+    pub debug_reads: Arc<DebugReads>,
 }
 
 /// `/metrics` for any number of concurrent scrapes, one render at a time.
@@ -146,41 +150,114 @@ async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(list)
 }
 
+/// A JSON body read from the tracer's maps (`/debug/snapshot`, `/debug/cufile`) for any number
+/// of concurrent clients, one read at a time, shared as [`MetricsRenderer`] shares renders:
+/// a client that waited takes the body of a read that *started after it arrived* when one has
+/// finished meanwhile, so every answer is at least as fresh as its request.
+///
+/// Read once per request, 50 clients looping on `/debug/snapshot` ran 50 collections at once
+/// on 2 cores: each took seconds, 55 threads and 48 MB of RSS stayed, and a snapshot's time
+/// was taken up to 5.55 s after its counters were read.
+pub struct SharedRead {
+    /// Reads started so far; read number `n` is the `n`th to start.
+    started: AtomicU64,
+    /// The number and body (or what failed) of the last finished read; held while reading.
+    last: tokio::sync::Mutex<(u64, Result<Bytes, String>)>,
+}
+
+impl Default for SharedRead {
+    fn default() -> Self {
+        SharedRead {
+            started: AtomicU64::new(0),
+            // Number 0 is never served: a request waits for read 1 at least.
+            last: tokio::sync::Mutex::new((0, Ok(Bytes::new()))),
+        }
+    }
+}
+
+impl SharedRead {
+    async fn get(
+        &self,
+        read: impl FnOnce() -> Result<Bytes, String> + Send + 'static,
+    ) -> Result<Bytes, String> {
+        // Reads numbered above `arrival` started after this request arrived.
+        let arrival = self.started.load(Ordering::SeqCst);
+        let mut last = self.last.lock().await;
+        if last.0 > arrival {
+            return last.1.clone();
+        }
+        let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        // Map reads are syscalls: keep them off the async workers.
+        let body = tokio::task::spawn_blocking(read)
+            .await
+            .unwrap_or_else(|e| Err(format!("the task reading failed: {e}")));
+        *last = (number, body);
+        last.1.clone()
+    }
+}
+
+/// The shared reads of the `/debug` bodies read from the maps.
+#[derive(Default)]
+pub struct DebugReads {
+    pub snapshot: SharedRead,
+    pub cufile: SharedRead,
+}
+
+/// `read`'s value as JSON, or what failed reading `what`.
+fn json_of<T: serde::Serialize>(
+    what: &str,
+    read: impl FnOnce() -> Result<T, crate::trace::TraceError>,
+) -> Result<Bytes, String> {
+    let value = read().map_err(|e| format!("reading {what} failed: {e}"))?;
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| format!("encoding {what} as JSON failed: {e}"))
+}
+
+/// A shared read's answer: the JSON body, or a 500 that says what failed.
+fn json_response(body: Result<Bytes, String>) -> axum::response::Response {
+    match body {
+        Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}\n"),
+        )
+            .into_response(),
+    }
+}
+
 /// Everything `top` shows, in the model's types: statistics, in-flight requests, stalls,
-/// recent slow events, layers.
+/// recent slow events, layers, cuFile. Every list bounded (`model::SNAPSHOT_*`,
+/// `model::cufile::REPORT_*`).
 async fn snapshot(State(s): State<AppState>) -> axum::response::Response {
-    let stalls = s.stalls.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let slow = s.slow.list();
-    let tracer = s.tracer.clone();
-    blocking_json("the tracer's maps", move || {
-        Snapshot::collect(&tracer, stalls, slow)
-    })
-    .await
+    let (stalls, slow, tracer) = (s.stalls.clone(), s.slow.clone(), s.tracer.clone());
+    let body = s
+        .debug_reads
+        .snapshot
+        .get(move || {
+            let stalls = stalls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            json_of("the tracer's maps", || {
+                Snapshot::collect(&tracer, stalls, slow.list())
+            })
+        })
+        .await;
+    json_response(body)
 }
 
 /// cuFile: libraries attached, processes and their files with the path their I/O took (and
-/// why compat), calls in flight.
+/// why compat), calls in flight; every list bounded (`model::cufile::REPORT_*`).
 async fn cufile(State(s): State<AppState>) -> axum::response::Response {
     let tracer = s.tracer.clone();
-    blocking_json("the cuFile maps", move || {
-        model::cufile::CufileReport::collect(&tracer)
-    })
-    .await
-}
-
-/// Runs `read` (map reads are syscalls) off the async workers; its value as JSON, or a 500
-/// that says what failed.
-async fn blocking_json<T: serde::Serialize + Send + 'static>(
-    what: &'static str,
-    read: impl FnOnce() -> Result<T, crate::trace::TraceError> + Send + 'static,
-) -> axum::response::Response {
-    let error =
-        |text: String| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, text).into_response();
-    match tokio::task::spawn_blocking(read).await {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(e)) => error(format!("reading {what} failed: {e}\n")),
-        Err(e) => error(format!("the task reading {what} failed: {e}\n")),
-    }
+    let body = s
+        .debug_reads
+        .cufile
+        .get(move || {
+            json_of("the cuFile maps", || {
+                model::cufile::CufileReport::collect(&tracer)
+            })
+        })
+        .await;
+    json_response(body)
 }
 
 /// How each layer (io_uring, block, NVMe, cuFile) is traced now and why.
@@ -196,20 +273,58 @@ async fn index() -> impl IntoResponse {
      reads it)\n"
 }
 
-/// What to do about a failed bind, by its cause.
-fn bind_hint(e: &std::io::Error) -> &'static str {
+mod port_holder;
+
+/// How long a restart waits for a previous gds-agent that is still exiting to release the
+/// port: after a SIGKILL with ~1,400 uprobe links it held the port 27 s on the dev VM (each
+/// link's release waits for an RCU grace period); 30 s covers that, and stays within what a
+/// supervisor lets a start take (systemd's default TimeoutStartSec is 90 s).
+pub const PREVIOUS_AGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often the bind is retried while waiting for a previous agent to exit.
+const PREVIOUS_AGENT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What to do about a failed bind, by its cause; for a port in use, who holds it (and whether
+/// it is a previous gds-agent still exiting).
+fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> String {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => {
-            "another process — maybe another gds-agent — holds the port; choose another with --listen"
+            match port_holder::find(std::path::Path::new("/proc"), addr.port()) {
+                Some(h) => h.to_string(),
+                None => "another process holds the port (none found in this PID namespace's \
+                         /proc); choose another with --listen"
+                    .into(),
+            }
         }
         std::io::ErrorKind::AddrNotAvailable => {
             "no interface of this host has that address; use 127.0.0.1 or an address from `ip addr`"
+                .into()
         }
         std::io::ErrorKind::PermissionDenied => {
-            "ports below 1024 need CAP_NET_BIND_SERVICE; use a port such as 9477"
+            "ports below 1024 need CAP_NET_BIND_SERVICE; use a port such as 9477".into()
         }
-        _ => "choose another address with --listen",
+        _ => "choose another address with --listen".into(),
     }
+}
+
+/// `--listen`: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`. A host name is resolved as `--agent`
+/// resolves it ([`crate::client::parse_addr`], the first address the resolver gives), so
+/// `--listen localhost:9477` and `--agent localhost:9477` name the same socket.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if s.contains("://") {
+        return Err(format!(
+            "{s:?} is a URL; give host:port (e.g. 127.0.0.1:9477, [::1]:9477, localhost:9477)"
+        ));
+    }
+    crate::client::parse_addr(s).map_err(|_| {
+        format!(
+            "{s:?} is not host:port with a host this machine can resolve (e.g. 127.0.0.1:9477, \
+             [::1]:9477, localhost:9477)"
+        )
+    })
 }
 
 /// Binds first (so a port in use is reported before anything is loaded).
@@ -220,9 +335,37 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
             "listening on all interfaces: metrics and debug endpoints are reachable from the network"
         );
     }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+    // A previous gds-agent still exiting (SIGKILLed, releasing its uprobes) holds the port
+    // for seconds: wait for it, bounded, saying so once.
+    let deadline = std::time::Instant::now() + PREVIOUS_AGENT_WAIT;
+    let mut said = false;
+    loop {
+        let source = match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => e,
+        };
+        let dying = (source.kind() == std::io::ErrorKind::AddrInUse)
+            .then(|| port_holder::find(std::path::Path::new("/proc"), addr.port()))
+            .flatten()
+            .filter(port_holder::Holder::agent_exiting);
+        match dying {
+            Some(h) if std::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::warn!(
+                        %addr,
+                        "{h}: waiting up to {}s for it",
+                        PREVIOUS_AGENT_WAIT.as_secs()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(PREVIOUS_AGENT_POLL).await;
+            }
+            _ => {
+                let hint = bind_hint(&source, addr);
+                return Err(HttpError::Bind { addr, source, hint });
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves.

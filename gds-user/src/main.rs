@@ -59,7 +59,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("gds-agent: error: {}", describe(&err));
-            ExitCode::FAILURE
+            if err.is::<gds_user::top::NoTerminal>() {
+                ExitCode::from(gds_user::top::NoTerminal::EXIT_STATUS)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -112,14 +112,14 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
     let c = &s.cufile;
     let (mut cf_calls, mut cf_hist, mut cf_bytes, mut cf_asked) = (vec![], vec![], vec![], vec![]);
     for o in &c.ops {
-        let l = || labels(&[("op", &o.op)]);
+        let l = || labels(&[("op", &o.op), ("user", &o.user)]);
         cf_calls.push(counter(l(), o.calls as f64));
         cf_hist.push(log2_histogram(l(), &o.latency.buckets, o.latency.sum_ns));
         cf_asked.push(counter(l(), o.bytes_asked as f64));
         if o.op == "read" || o.op == "write" {
             for p in &o.bytes {
                 cf_bytes.push(counter(
-                    labels(&[("op", &o.op), ("path", &p.path)]),
+                    labels(&[("op", &o.op), ("path", &p.path), ("user", &o.user)]),
                     p.bytes as f64,
                 ));
             }
@@ -130,7 +130,7 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         .iter()
         .map(|e| {
             counter(
-                labels(&[("op", &e.op), ("error", &e.error)]),
+                labels(&[("op", &e.op), ("error", &e.error), ("user", &e.user)]),
                 e.count as f64,
             )
         })

@@ -68,6 +68,35 @@ impl Ctx {
         format!("127.0.0.1:{}", self.busy_port())
     }
 
+    /// Makes the busy port an agent that answers every request with `answer` once it has read
+    /// the request's head (a thread per connection, until the test process ends).
+    fn hostile_agent(&self, answer: fn(std::net::TcpStream)) -> String {
+        use std::io::Read as _;
+        let listener = self.busy.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut byte = [0u8];
+                    while !req.ends_with(b"\r\n\r\n") && matches!(s.read(&mut byte), Ok(1)) {
+                        req.push(byte[0]);
+                    }
+                    answer(s);
+                });
+            }
+        });
+        format!("127.0.0.1:{}", self.busy_port())
+    }
+
+    /// A FIFO no one writes to.
+    fn fifo(&self, name: &str) -> String {
+        let p = self.path(name);
+        let st = Command::new("mkfifo").arg(&p).status().unwrap();
+        assert!(st.success());
+        p
+    }
+
     fn agent(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args);
@@ -267,7 +296,10 @@ cases! {
     run_opcode_out_of_range: "run flags", "`run --opcode 300`", exit 2,
         ["unknown io_uring opcode \"300\""], |c| c.run(&["--opcode", "300"]);
     run_bad_listen: "run flags", "`run --listen nonsense`", exit 2,
-        ["invalid socket address syntax"], |c| c.agent(&["run", "--listen", "nonsense"]);
+        ["'--listen <LISTEN>'", "is not host:port"], |c| c.agent(&["run", "--listen", "nonsense"]);
+    run_listen_unknown_host: "run flags", "`run --listen no-such-host.invalid:9477`", exit 2,
+        ["'--listen <LISTEN>'", "not host:port with a host this machine can resolve"],
+        |c| c.agent(&["run", "--listen", "no-such-host.invalid:9477"]);
     run_pid_not_a_number: "run flags", "`run --pid abc`", exit 2,
         ["'--pid <PID>'", "invalid digit"], |c| c.run(&["--pid", "abc"]);
     run_bad_attach_mode: "run flags", "`run --attach sideways`", exit 2,
@@ -318,6 +350,18 @@ cases! {
         |c| { let f = c.write("big.toml", vec![b'#'; 2 << 20]); c.run(&["--config", &f]) };
     config_names_config: "config file", "`config = ...` inside the config file", exit 1,
         ["`config` can only be given on the command line"], |c| c.config("config = \"/etc/other.toml\"\n");
+    config_fifo: "config file", "`--config` naming a FIFO no one writes to", exit 1,
+        ["config file $TMP/agent.fifo: not a regular file"],
+        |c| { let f = c.fifo("agent.fifo"); c.run(&["--config", &f]) };
+    config_trace_pipe: "config file", "`--config /sys/kernel/tracing/trace_pipe` (a regular file to stat, a stream to read)", exit 1,
+        ["trace_pipe: reading it would wait for more data"],
+        |c| c.run(&["--config", "/sys/kernel/tracing/trace_pipe"]);
+    config_kallsyms: "config file", "`--config /proc/kallsyms` (0 bytes to stat, megabytes to read)", exit 1,
+        ["more than the 1048576 bytes a config file may have, though its size says 0"],
+        |c| c.run(&["--config", "/proc/kallsyms"]);
+    config_env_empty: "config file", "`GDS_CONFIG=` (set but empty)", exit 1,
+        ["GDS_CONFIG is set but empty", "unset it"],
+        |c| { let mut cmd = c.run(&[]); cmd.env("GDS_CONFIG", ""); cmd };
     config_unreadable: "config file", "a config file only root may read, agent run as nobody", exit 1,
         ["Permission denied"],
         |c| {
@@ -418,8 +462,44 @@ cases! {
             cmd.env("GDS_CLIENT_TIMEOUT", "1");
             cmd
         };
-    top_no_agent: "clients", "`top --agent` where nothing listens", exit 1,
-        ["cannot reach the agent at 127.0.0.1:1"], |c| c.agent(&["top", "--agent", "127.0.0.1:1"]);
+    stalls_answer_too_big: "clients", "`stalls --agent` where a server sends a 512 MiB answer", exit 1,
+        ["sent an answer of more than 64 MiB, the most this client reads"],
+        |c| c.agent(&["stalls", "--agent", &c.hostile_agent(|mut s| {
+            use std::io::Write as _;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let block = vec![b' '; 1 << 20];
+            for _ in 0..512 {
+                if s.write_all(&block).is_err() {
+                    return;
+                }
+            }
+        })]);
+    stalls_answer_trickles: "clients", "`stalls --agent` where a server sends a byte every 200 ms (`GDS_CLIENT_TIMEOUT=1`)", exit 1,
+        ["accepted the connection but sent only", "bytes of its answer within 1 s"],
+        |c| {
+            let addr = c.hostile_agent(|mut s| {
+                use std::io::Write as _;
+                for b in b"HTTP/1.1 200 OK\r\n\r\n{}".iter().cycle() {
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+            let mut cmd = c.agent(&["stalls", "--agent", &addr]);
+            cmd.env("GDS_CLIENT_TIMEOUT", "1");
+            cmd
+        };
+    top_no_agent: "clients", "`top --agent` where nothing listens (on a terminal: `script`)", exit 1,
+        ["cannot reach the agent at 127.0.0.1:1"],
+        |_| {
+            let mut cmd = Command::new("script");
+            cmd.args(["-qec", &format!("{BIN} top --agent 127.0.0.1:1"), "/dev/null"]);
+            cmd
+        };
+    top_no_terminal: "clients", "`top --agent` with its output piped (no terminal)", exit 2,
+        ["top needs a terminal, and its output is not one"],
+        |c| c.agent(&["top", "--agent", &c.silent_agent()]);
 
     // Probe: malformed /proc and /sys files, read through --root.
     probe_root_missing: "probe", "`probe --root /nonexistent`", exit 1,
@@ -443,6 +523,22 @@ cases! {
         ["/sys/class/nvme/nvme0/model is not text"], |c| c.agent(&["probe", "--root", &c.fixture("broken")]);
     probe_unassigned_bar1: "probe", "a GPU whose BAR1 is not assigned", exit 0,
         ["BAR1 is not assigned"], |c| c.agent(&["probe", "--root", &c.fixture("broken")]);
+
+    // `probe --canary FILE`: the file is checked before any GPU or tracing work.
+    canary_missing: "probe", "`probe --canary /nonexistent`", exit 1,
+        ["--canary /nonexistent: No such file or directory"],
+        |c| c.agent(&["probe", "--canary", "/nonexistent"]);
+    canary_directory: "probe", "`probe --canary DIR`", exit 1,
+        ["a directory, not a regular file"], |c| c.agent(&["probe", "--canary", &c.path("")]);
+    canary_fifo: "probe", "`probe --canary` a FIFO no one writes to", exit 1,
+        ["a FIFO, not a regular file"],
+        |c| { let f = c.fifo("canary.fifo"); c.agent(&["probe", "--canary", &f]) };
+    canary_dev_zero: "probe", "`probe --canary /dev/zero`", exit 1,
+        ["/dev/zero: a character device, not a regular file"],
+        |c| c.agent(&["probe", "--canary", "/dev/zero"]);
+    canary_too_small: "probe", "`probe --canary` an empty file", exit 1,
+        ["0 bytes, less than the 4096 a canary read needs"],
+        |c| { let f = c.write("empty", ""); c.agent(&["probe", "--canary", &f]) };
 
     // The host: kernel features and privileges.
     no_btf_btf_mode: "environment", "`run --attach btf` with no /sys/kernel/btf/vmlinux", exit 1,

@@ -24,8 +24,8 @@ const PARALLEL: usize = 32;
 const DEVICE_FAMILIES: [&str; 3] = ["gds_block_", "gds_nvme_", "gds_request_stage_"];
 /// Labels a series may carry at all: none of them can take a value per process. (`error`: a
 /// fixed table of CUfileOpError names plus `errno`/`unknown`; `link`: four words; `memory`:
-/// `host`, `p2pdma`, `unknown`.)
-const BOUNDED_LABELS: [&str; 20] = [
+/// `host`, `p2pdma`, `unknown`; `user`: `trusted` or `other`, never a user name or uid.)
+const BOUNDED_LABELS: [&str; 21] = [
     "opcode",
     "reason",
     "layer",
@@ -46,6 +46,7 @@ const BOUNDED_LABELS: [&str; 20] = [
     "error",
     "link",
     "memory",
+    "user",
 ];
 
 /// In the forked child: rename, one NOP through a fresh ring, exit. Never returns; never

@@ -1,5 +1,6 @@
 //! `gds-agent top` driven in tmux (80×24, as over SSH): the stalled request appears on the
-//! screen with its age and stage, and `q` quits (stopping the agent top started).
+//! screen with its age and stage, and `q` quits (stopping the agent top started), within
+//! 100 ms even while a snapshot fetch waits on an agent that does not answer.
 
 mod common;
 
@@ -114,4 +115,84 @@ fn top_shows_the_stalled_request_and_quits_on_q() {
     // SAFETY: completing the read so the ring can be dropped cleanly.
     unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) };
     ring.submit_and_wait(1).unwrap();
+}
+
+/// The most `q` may take to end `top`, measured from tmux's send-keys to the session's end.
+const QUIT_WITHIN: Duration = Duration::from_millis(100);
+
+#[test]
+fn q_quits_within_100ms_while_a_fetch_waits() {
+    // An "agent" that takes every connection and never answers: top's fetch waits on it for
+    // the whole GDS_CLIENT_TIMEOUT. The old top read snapshots on its key loop's thread, so
+    // it neither drew nor read a key until the fetch gave up.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming() {
+            held.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let session = format!("gds-top-q-{}", std::process::id());
+    let cmd = format!(
+        "GDS_CLIENT_TIMEOUT=60 {} top --agent {addr} --interval 200ms",
+        env!("CARGO_BIN_EXE_gds-agent")
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &cmd,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned()
+    };
+    accepted
+        .recv_timeout(Duration::from_secs(10))
+        .expect("top never connected");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !capture().contains("waiting for the agent") {
+        assert!(
+            Instant::now() < deadline,
+            "top never drew while its fetch waited:\n{}",
+            capture()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The fetch has been waiting for a while now.
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    tmux(&["send-keys", "-t", &session, "q"]);
+    while tmux(&["has-session", "-t", &session]).status.success() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "top did not quit on q while a fetch waited:\n{}",
+            capture()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = start.elapsed();
+    eprintln!("q to exit: {took:?}");
+    assert!(took < QUIT_WITHIN, "q took {took:?}");
 }

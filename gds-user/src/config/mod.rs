@@ -13,6 +13,7 @@
 //! and its errors name the file, the line and the key.
 
 pub mod file;
+pub mod users;
 
 use std::{
     ffi::{OsStr, OsString},
@@ -36,8 +37,18 @@ pub enum ConfigError {
     },
     #[error("config file {}: not a regular file (fix: give the path of a TOML file)", path.display())]
     NotAFile { path: PathBuf },
+    /// A regular file whose read would wait for a writer (tracefs `trace_pipe`, a FUSE stream).
+    #[error("config file {}: reading it would wait for more data (a stream such as trace_pipe, not a config file; fix: give the path of a TOML file)", path.display())]
+    WouldBlock { path: PathBuf },
     #[error("config file {}: {size} bytes, more than the {MAX_CONFIG_BYTES} a config file may have", path.display())]
     TooBig { path: PathBuf, size: u64 },
+    /// Bigger than its size says: made as it is read (`/proc/kallsyms` stats as 0 bytes).
+    #[error("config file {}: more than the {MAX_CONFIG_BYTES} bytes a config file may have, though its size says {size} (a file made as it is read, such as one in /proc?)", path.display())]
+    TooLong { path: PathBuf, size: u64 },
+    #[error(
+        "{CONFIG_ENV} is set but empty (fix: unset it, or set it to the path of a TOML config file)"
+    )]
+    EmptyEnv,
     #[error("config file {}: not UTF-8 text (TOML files are UTF-8)", path.display())]
     NotUtf8 { path: PathBuf },
     #[error("config file {}: {source}", path.display())]
@@ -99,12 +110,24 @@ fn given_on_command_line(argv: &[OsString], long: &str) -> bool {
 }
 
 /// Reads the config file at `path`, refusing what cannot be one before parsing it.
+///
+/// Opened with `O_NONBLOCK` and checked with `fstat` on the open file: opening a FIFO for
+/// reading would otherwise wait for a writer, and a read of `trace_pipe` (a regular file to
+/// `stat`) for a trace event, both forever. The size limit is enforced on the bytes read, not
+/// on the size `stat` reports, which is 0 for files made as they are read (`/proc/kallsyms`).
 fn read(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let err = |source| ConfigError::Read {
         path: path.into(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(err)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
     if !meta.is_file() {
         return Err(ConfigError::NotAFile { path: path.into() });
     }
@@ -114,8 +137,39 @@ fn read(path: &Path) -> Result<String, ConfigError> {
             size: meta.len(),
         });
     }
-    let bytes = std::fs::read(path).map_err(err)?;
+    let mut bytes = Vec::new();
+    // One byte past the limit tells a file at the limit from one beyond it.
+    match file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return Err(ConfigError::WouldBlock { path: path.into() });
+        }
+        Err(e) => return Err(err(e)),
+    }
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLong {
+            path: path.into(),
+            size: meta.len(),
+        });
+    }
     String::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 { path: path.into() })
+}
+
+/// The environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "GDS_CONFIG";
+
+/// The config file's path: `--config`, else [`CONFIG_ENV`]. Read here rather than by clap's
+/// `env`, which takes an empty value for a missing one and says "a value is required for
+/// '--config <FILE>'" to someone who never typed `--config`.
+fn config_path(args: &RunArgs) -> Result<Option<PathBuf>, ConfigError> {
+    if let Some(path) = &args.config {
+        return Ok(Some(path.clone()));
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(v) if v.is_empty() => Err(ConfigError::EmptyEnv),
+        Some(v) => Ok(Some(PathBuf::from(v))),
+        None => Ok(None),
+    }
 }
 
 /// The flags the file stands for, checked one key at a time so an error points at its line.
@@ -194,13 +248,16 @@ pub fn file_argv(
 /// `args` as parsed from the command line `cli_argv` (the words after `run`), with the config
 /// file it names (if any) filling in every flag the command line left out.
 pub fn resolve(args: RunArgs, cli_argv: &[OsString]) -> Result<RunArgs, ConfigError> {
-    let Some(path) = args.config.clone() else {
+    let Some(path) = config_path(&args)? else {
         return Ok(args);
     };
     let text = read(&path)?;
     let mut argv = file_argv(&path, &text, cli_argv)?;
     if argv.is_empty() {
-        return Ok(args);
+        return Ok(RunArgs {
+            config: Some(path),
+            ..args
+        });
     }
     argv.extend(cli_argv.iter().cloned());
     let combined = |e: clap::Error| ConfigError::Combined {

@@ -73,6 +73,32 @@ impl CufileCounters {
     }
 }
 
+/// Files listed per process on `/debug/cufile` (the most active, then the most recently
+/// used); [`CufileProcess::files_omitted`] counts the rest. One process registering 9,000
+/// handles filled the kernel's 8,192-row table and made `/debug/snapshot` 2.9 MB; a screenful
+/// per process is what a person reads, and 16 rows of ~0.5 KiB keep a process under 10 KiB.
+pub const REPORT_FILES_PER_PROCESS: usize = 16;
+/// Processes listed on `/debug/cufile` (the most active, then the most recently calling);
+/// [`CufileOmitted::processes`] counts the rest. 64 covers 8 GPUs × 8 loader workers, and
+/// with [`REPORT_FILES_PER_PROCESS`] bounds the process list to ~650 KiB however many
+/// processes and files the kernel's table (8,192 rows) holds.
+pub const REPORT_PROCESSES: usize = 64;
+/// cuFile calls in flight listed (the oldest); the kernel tracks up to 16,384.
+pub const REPORT_INFLIGHT: usize = 256;
+/// Libraries listed (those most processes map, then the most recently attached), and the
+/// pids listed per library: 500 processes sharing one copy made a 500-pid list.
+pub const REPORT_LIBRARIES: usize = 64;
+pub const REPORT_LIBRARY_PIDS: usize = 64;
+/// USDT providers listed per library: names come from the file's notes, which anyone who
+/// can write a file named `libcufile.so*` chooses.
+pub const REPORT_USDT_PROVIDERS: usize = 16;
+/// Libraries that could not be attached, listed: 3,000 junk files named `libcufile.so.N`
+/// gave 3,000 entries.
+pub const REPORT_NOT_TRACED: usize = 64;
+/// Processes that issued block requests into peer memory, listed (the most requests first);
+/// the kernel's table holds 4,096.
+pub const REPORT_PEER_IO: usize = 64;
+
 /// One file a process used through cuFile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CufileFile {
@@ -103,7 +129,20 @@ pub struct CufileProcess {
     /// went GPU-direct and no cuFile call saw it.
     #[serde(default)]
     pub outside_cufile: Option<String>,
+    /// Its most active, then most recently used files (at most [`REPORT_FILES_PER_PROCESS`]).
     pub files: Vec<CufileFile>,
+    /// Its files the kernel has rows for that `files` leaves out.
+    #[serde(default)]
+    pub files_omitted: usize,
+    /// `trusted` (root or `--cufile-users`: its calls feed the `user="trusted"` series the
+    /// alerts read) or `other` (its rows are in the untrusted share, under a per-process quota).
+    #[serde(default = "trusted_user")]
+    pub user: String,
+}
+
+/// Reports from agents before the user split.
+fn trusted_user() -> String {
+    labels::CUFILE_USERS[gds_common::cufile::USER_TRUSTED].to_owned()
 }
 
 /// A cuFile call in flight now.
@@ -125,19 +164,57 @@ pub struct PeerIoProcess {
     pub requests: u64,
 }
 
-/// `/debug/cufile`: libraries, processes with their files, calls in flight.
+/// What `/debug/cufile` leaves out of each list to stay bounded (`REPORT_*`), whatever the
+/// kernel's maps and the tracer hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CufileOmitted {
+    pub libraries: usize,
+    /// Pids left out of the listed libraries' `pids`.
+    pub library_pids: usize,
+    /// USDT providers left out of the listed libraries' `usdt_providers`.
+    pub usdt_providers: usize,
+    pub not_traced: usize,
+    /// Processes left out, with their files.
+    pub processes: usize,
+    /// File rows left out, of every process (listed or not).
+    pub files: usize,
+    pub inflight: usize,
+    pub peer_io: usize,
+}
+
+impl CufileOmitted {
+    /// Whether any list was cut.
+    pub fn any(&self) -> bool {
+        *self != CufileOmitted::default()
+    }
+}
+
+/// `/debug/cufile`: libraries, processes with their files, calls in flight. Every list is
+/// bounded (`REPORT_*`); `omitted` says how much each left out.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CufileReport {
+    /// CLOCK_MONOTONIC nanoseconds when the per-process and per-file counters were read (0
+    /// from agents before it was carried): per-process rates divide by differences of this.
+    #[serde(default)]
+    pub read_ns: u64,
+    /// Those most processes map, then the most recently attached (at most
+    /// [`REPORT_LIBRARIES`], each with at most [`REPORT_LIBRARY_PIDS`] pids).
     pub libraries: Vec<LibraryInfo>,
+    /// At most [`REPORT_NOT_TRACED`].
     pub not_traced: Vec<LibraryFailure>,
+    /// The most active, then the most recently calling (at most [`REPORT_PROCESSES`]).
     pub processes: Vec<CufileProcess>,
+    /// The oldest calls in flight (at most [`REPORT_INFLIGHT`]).
     pub inflight: Vec<CufileInflight>,
     pub nvidia_fs_loaded: bool,
     /// Every process the block layer saw reading or writing peer memory: what a `p2pdma` path
     /// rests on, listed also for processes that never called cuFile (an application doing
-    /// P2PDMA itself, or a cuFile the agent has not attached yet).
+    /// P2PDMA itself, or a cuFile the agent has not attached yet). The most requests first, at
+    /// most [`REPORT_PEER_IO`].
     #[serde(default)]
     pub peer_io: Vec<PeerIoProcess>,
+    #[serde(default)]
+    pub omitted: CufileOmitted,
 }
 
 /// Host facts the compat reasons rest on.
@@ -148,12 +225,35 @@ pub struct HostFacts {
     pub p2pdma_kernel: bool,
 }
 
+/// How relevant a row is: calls in flight first, then the most recent call. Ranks from the
+/// kernel's counters alone, so rows left out cost no `/proc` read.
+fn relevance(s: &CufileFileStats) -> (u64, u64) {
+    (s.active, s.last_ns)
+}
+
+/// Keeps the first `max` of `v`; returns how many it dropped.
+fn keep<T>(v: &mut Vec<T>, max: usize) -> usize {
+    let cut = v.len().saturating_sub(max);
+    v.truncate(max);
+    cut
+}
+
 impl CufileReport {
     /// Reads the tracer's cuFile maps and attachments now.
     pub fn collect(
         tracer: &crate::trace::UringTracer,
     ) -> Result<CufileReport, crate::trace::TraceError> {
-        let raw = tracer.cufile_raw()?;
+        let (raw, read_ns) = super::stats::read_at(|| tracer.cufile_raw())?;
+        Ok(CufileReport::collect_from(tracer, &raw, read_ns))
+    }
+
+    /// The report of `raw`, the cuFile maps as read at `read_ns`, with the tracer's
+    /// attachments and peer I/O now.
+    pub fn collect_from(
+        tracer: &crate::trace::UringTracer,
+        raw: &CufileRaw,
+        read_ns: u64,
+    ) -> CufileReport {
         let (libraries, not_traced) = tracer.cufile_libraries();
         let host = HostFacts {
             nvidia_fs_loaded: crate::kmod::Modules::live().present("nvidia_fs"),
@@ -163,16 +263,22 @@ impl CufileReport {
             ),
         };
         let mut report = CufileReport::decode(
-            &raw,
+            raw,
             libraries,
             not_traced,
             host,
             crate::trace::monotonic_ns(),
         );
-        let peer: BTreeMap<u32, u64> = tracer.peer_io().into_iter().collect();
+        report.read_ns = read_ns;
+        let mut peer = tracer.peer_io();
         for p in &mut report.processes {
-            p.peer_ios = peer.get(&p.pid).copied().unwrap_or(0);
+            p.peer_ios = peer
+                .iter()
+                .find(|(pid, _)| *pid == p.pid)
+                .map_or(0, |(_, n)| *n);
         }
+        peer.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        report.omitted.peer_io = keep(&mut peer, REPORT_PEER_IO);
         report.peer_io = peer
             .into_iter()
             .map(|(pid, requests)| PeerIoProcess {
@@ -181,63 +287,83 @@ impl CufileReport {
                 requests,
             })
             .collect();
-        Ok(report)
+        report
     }
 
+    /// Names `raw`, keeping the most relevant rows of each list (`REPORT_*`) and counting the
+    /// rest in `omitted`. `/proc` is read only for the rows kept.
     pub fn decode(
         raw: &CufileRaw,
-        libraries: Vec<LibraryInfo>,
-        not_traced: Vec<LibraryFailure>,
+        mut libraries: Vec<LibraryInfo>,
+        mut not_traced: Vec<LibraryFailure>,
         host: HostFacts,
         now_ns: u64,
     ) -> CufileReport {
-        let proc_root = Path::new("/proc");
-        let mut processes: BTreeMap<u32, CufileProcess> = BTreeMap::new();
-        for (k, _) in &raw.files {
-            processes.entry(k.tgid).or_insert_with(|| {
-                let dir = proc_root.join(k.tgid.to_string());
-                CufileProcess {
-                    pid: k.tgid,
-                    comm: super::decode::proc_comm(k.tgid),
-                    cgroup: crate::cgroup::of_pid(k.tgid),
-                    alive: dir.exists(),
-                    counters: CufileCounters::default(),
-                    peer_ios: 0,
-                    outside_cufile: None,
-                    files: Vec::new(),
-                }
-            });
-        }
+        let mut omitted = CufileOmitted::default();
+        // Processes by relevance: the most calls in flight over their rows, then the latest
+        // call on any of them.
+        let mut rows: BTreeMap<u32, Vec<(i32, &CufileFileStats)>> = BTreeMap::new();
         for (k, s) in &raw.files {
-            let Some(p) = processes.get_mut(&k.tgid) else {
-                continue;
-            };
-            if k.fd == PROCESS_ROW {
-                p.counters = CufileCounters::from_raw(s);
-                p.outside_cufile = outside_cufile(proc_root, k.tgid, &p.counters);
-                continue;
-            }
-            let fd_dir = proc_root.join(k.tgid.to_string()).join("fd");
-            let counters = CufileCounters::from_raw(s);
-            // A P2PDMA read makes its `pread` too: linked I/O alone says compat only when no
-            // call took another path.
-            let took = |path: usize| counters.path_calls.contains_key(labels::CUFILE_PATHS[path]);
-            let compat_reason = (took(PATH_COMPAT)
-                || (counters.compat_ios > 0 && !took(PATH_NVFS) && !took(PATH_P2PDMA)))
-            .then(|| compat_reason(proc_root, k.tgid, k.fd, &counters, host));
-            p.files.push(CufileFile {
-                fd: k.fd,
-                path: std::fs::read_link(fd_dir.join(k.fd.to_string()))
-                    .map(|l| l.display().to_string())
-                    .unwrap_or_else(|_| "(closed)".into()),
-                counters,
-                active: s.active,
-                compat_reason,
-            });
+            rows.entry(k.tgid).or_default().push((k.fd, s));
         }
-        let inflight = raw
-            .calls
-            .iter()
+        let mut ranked: Vec<(u32, Vec<(i32, &CufileFileStats)>)> = rows.into_iter().collect();
+        let rank = |files: &[(i32, &CufileFileStats)]| {
+            files.iter().fold((0u64, 0u64), |(active, last), (_, s)| {
+                (active + s.active, last.max(s.last_ns))
+            })
+        };
+        ranked.sort_by_cached_key(|(pid, files)| {
+            let (active, last) = rank(files);
+            (std::cmp::Reverse(active), std::cmp::Reverse(last), *pid)
+        });
+        for (_, files) in ranked.iter().skip(REPORT_PROCESSES) {
+            omitted.processes += 1;
+            omitted.files += files.iter().filter(|(fd, _)| *fd != PROCESS_ROW).count();
+        }
+        ranked.truncate(REPORT_PROCESSES);
+        let proc_root = Path::new("/proc");
+        let processes = ranked
+            .into_iter()
+            .map(|(pid, mut files)| {
+                let own = files.iter().find(|(fd, _)| *fd == PROCESS_ROW).map(|r| r.1);
+                files.retain(|(fd, _)| *fd != PROCESS_ROW);
+                files.sort_by_key(|(fd, s)| {
+                    let (active, last) = relevance(s);
+                    (std::cmp::Reverse(active), std::cmp::Reverse(last), *fd)
+                });
+                let files_omitted = keep(&mut files, REPORT_FILES_PER_PROCESS);
+                omitted.files += files_omitted;
+                let counters = own.map(CufileCounters::from_raw).unwrap_or_default();
+                let mut listed: Vec<CufileFile> = files
+                    .into_iter()
+                    .map(|(fd, s)| file(proc_root, pid, fd, s, host))
+                    .collect();
+                listed.sort_by_key(|f| f.fd);
+                CufileProcess {
+                    pid,
+                    comm: super::decode::proc_comm(pid),
+                    cgroup: crate::cgroup::of_pid(pid),
+                    alive: proc_root.join(pid.to_string()).exists(),
+                    outside_cufile: outside_cufile(proc_root, pid, &counters),
+                    counters,
+                    peer_ios: 0,
+                    files: listed,
+                    files_omitted,
+                    user: labels::cufile_user(if raw.other.contains(&pid) {
+                        gds_common::cufile::USER_OTHER
+                    } else {
+                        gds_common::cufile::USER_TRUSTED
+                    })
+                    .to_owned(),
+                }
+            })
+            .collect();
+        let mut calls: Vec<&(u64, gds_common::cufile::CufileCall)> = raw.calls.iter().collect();
+        calls.sort_by_key(|(id, c)| (c.start_ns, *id));
+        omitted.inflight = calls.len().saturating_sub(REPORT_INFLIGHT);
+        let inflight = calls
+            .into_iter()
+            .take(REPORT_INFLIGHT)
             .map(|(id, c)| CufileInflight {
                 pid: (id >> 32) as u32,
                 tid: *id as u32,
@@ -247,14 +373,50 @@ impl CufileReport {
                 fd: c.fd,
             })
             .collect();
+        libraries.sort_by(|a, b| {
+            b.pids
+                .len()
+                .cmp(&a.pids.len())
+                .then(b.attached_unix_s.cmp(&a.attached_unix_s))
+                .then(a.path.cmp(&b.path))
+        });
+        omitted.libraries = keep(&mut libraries, REPORT_LIBRARIES);
+        for l in &mut libraries {
+            omitted.library_pids += keep(&mut l.pids, REPORT_LIBRARY_PIDS);
+            omitted.usdt_providers += keep(&mut l.usdt_providers, REPORT_USDT_PROVIDERS);
+        }
+        omitted.not_traced = keep(&mut not_traced, REPORT_NOT_TRACED);
         CufileReport {
+            read_ns: 0,
             libraries,
             not_traced,
-            processes: processes.into_values().collect(),
+            processes,
             inflight,
             nvidia_fs_loaded: host.nvidia_fs_loaded,
             peer_io: Vec::new(),
+            omitted,
         }
+    }
+}
+
+/// One listed file of process `pid`, with its path and compat reason from `/proc`.
+fn file(proc_root: &Path, pid: u32, fd: i32, s: &CufileFileStats, host: HostFacts) -> CufileFile {
+    let fd_dir = proc_root.join(pid.to_string()).join("fd");
+    let counters = CufileCounters::from_raw(s);
+    // A P2PDMA read makes its `pread` too: linked I/O alone says compat only when no call took
+    // another path.
+    let took = |path: usize| counters.path_calls.contains_key(labels::CUFILE_PATHS[path]);
+    let compat_reason = (took(PATH_COMPAT)
+        || (counters.compat_ios > 0 && !took(PATH_NVFS) && !took(PATH_P2PDMA)))
+    .then(|| compat_reason(proc_root, pid, fd, &counters, host));
+    CufileFile {
+        fd,
+        path: std::fs::read_link(fd_dir.join(fd.to_string()))
+            .map(|l| l.display().to_string())
+            .unwrap_or_else(|_| "(closed)".into()),
+        counters,
+        active: s.active,
+        compat_reason,
     }
 }
 

@@ -302,6 +302,14 @@ pub fn cufile_op(op: u32) -> &'static str {
     CUFILE_OPS.get(op as usize).copied().unwrap_or("unknown")
 }
 
+/// User shares (`gds_cufile_*{user}`), indexed by `USER_*`: calls of root and
+/// `--cufile-users`, and of everyone else. Two values, whatever the host's users.
+pub const CUFILE_USERS: [&str; 2] = ["trusted", "other"];
+
+pub fn cufile_user(user: usize) -> &'static str {
+    CUFILE_USERS.get(user).copied().unwrap_or("other")
+}
+
 /// Data path names (`gds_cufile_bytes_total{path}`), indexed by `PATH_*`.
 pub const CUFILE_PATHS: [&str; 4] = ["unknown", "compat", "nvfs", "p2pdma"];
 
@@ -384,6 +392,8 @@ pub fn cufile_count(c: gds_common::cufile::CufileCount) -> (&'static str, bool) 
         BeneathLinked => ("linked", false),
         BeneathUnlinked => ("unlinked", false),
         NvfsIoctls => ("nvfs_ioctl", false),
+        ProcessQuota => ("cufile_process_quota", true),
+        UntrustedTableFull => ("cufile_untrusted_table_full", true),
     }
 }
 
@@ -404,6 +414,10 @@ mod cufile_tests {
         );
         assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 1), "unknown");
         assert_eq!(cufile_error(CUFILE_OP_BATCH_SUBMIT, 123_456), "unknown");
+        assert_eq!(CUFILE_USERS.len(), gds_common::cufile::CUFILE_USERS);
+        assert_eq!(cufile_user(gds_common::cufile::USER_TRUSTED), "trusted");
+        assert_eq!(cufile_user(gds_common::cufile::USER_OTHER), "other");
+        assert_eq!(cufile_user(7), "other");
         let mut codes: Vec<i32> = CUFILE_ERRORS.iter().map(|(c, _)| *c).collect();
         codes.dedup();
         assert_eq!(codes.len(), CUFILE_ERRORS.len(), "sorted and unique");

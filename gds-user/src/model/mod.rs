@@ -17,37 +17,61 @@ pub use request::{
     Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage, Stall,
     StallReport, StallTotal,
 };
-pub use stats::{Histogram, Stats};
+pub use stats::{Histogram, ReadTimes, Stats};
 
 use serde::{Deserialize, Serialize};
 
 use crate::trace::{Layers, TraceError, UringTracer};
 
-/// In-flight requests a snapshot lists at most (oldest first); `inflight_total` counts all.
-pub const SNAPSHOT_INFLIGHT: usize = 10_000;
+/// In-flight requests a snapshot (and `/debug/inflight`) lists at most, oldest first;
+/// `inflight_total` counts all. `top` shows a screenful; 1,000 rows of ~0.4 KiB keep the list
+/// under 0.5 MiB when the kernel's tables hold tens of thousands.
+pub const SNAPSHOT_INFLIGHT: usize = 1_000;
 /// Recent slow events a snapshot lists at most (newest last).
 pub const SNAPSHOT_SLOW: usize = 100;
+/// Active stalls a snapshot lists at most (the oldest first): every request in flight past
+/// the threshold is one, so a hung disk under load makes as many as the in-flight tables hold.
+pub const SNAPSHOT_STALLS: usize = 1_000;
 
-/// Everything `top` shows, at one instant (`/debug/snapshot`).
+/// What a snapshot leaves out of its lists to stay bounded (`SNAPSHOT_*`; the cuFile report
+/// says its own in `cufile.omitted`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotOmitted {
+    /// In-flight requests not listed (`inflight_total` − listed).
+    pub inflight: usize,
+    /// Active stalls not listed (the youngest).
+    pub active_stalls: usize,
+    /// Recent slow events not listed (the oldest of those the agent keeps).
+    pub slow: usize,
+}
+
+/// Everything `top` shows (`/debug/snapshot`), each group of counters with the instant it was
+/// read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub version: String,
     pub kernel: String,
-    /// CLOCK_MONOTONIC nanoseconds when the in-flight tables had been read.
+    /// CLOCK_MONOTONIC nanoseconds when the io_uring counters (`stats.opcodes`) were read,
+    /// i.e. `stats.read_ns.uring_ns`; the other groups carry their own (`stats.read_ns`,
+    /// `cufile.read_ns`). Rates divide by differences of these, never of the time the whole
+    /// collection ended.
     pub taken_ns: u64,
     pub stats: Stats,
     /// The oldest requests in flight, oldest first (at most [`SNAPSHOT_INFLIGHT`]).
     pub inflight: Vec<Request>,
     /// Requests in flight in all.
     pub inflight_total: usize,
+    /// Active stalls, the oldest first (at most [`SNAPSHOT_STALLS`]), and recent ended ones.
     pub stalls: StallReport,
     /// The most recent slow events, newest last (at most [`SNAPSHOT_SLOW`]).
     pub slow: Vec<SlowEvent>,
     /// How each layer is traced and why.
     pub layers: Layers,
-    /// cuFile libraries, processes and files, calls in flight.
+    /// cuFile libraries, processes and files, calls in flight (bounded: `cufile.omitted`).
     #[serde(default)]
     pub cufile: cufile::CufileReport,
+    #[serde(default)]
+    pub omitted: SnapshotOmitted,
 }
 
 impl Snapshot {
@@ -55,20 +79,29 @@ impl Snapshot {
     /// agent's stall detector and event reader.
     pub fn collect(
         tracer: &UringTracer,
-        stalls: StallReport,
+        mut stalls: StallReport,
         mut slow: Vec<SlowEvent>,
     ) -> Result<Snapshot, TraceError> {
-        let stats = Stats::read(tracer)?;
-        let cufile = cufile::CufileReport::collect(tracer)?;
-        let (mut inflight, taken_ns) = inflight(tracer);
+        let (stats, cufile_raw) = Stats::read_with_cufile(tracer)?;
+        let cufile =
+            cufile::CufileReport::collect_from(tracer, &cufile_raw, stats.read_ns.cufile_ns);
+        let (mut inflight, _) = inflight(tracer);
         let inflight_total = inflight.len();
         inflight.truncate(SNAPSHOT_INFLIGHT);
+        // The detector lists them oldest first.
+        let active_stalls = stalls.active.len().saturating_sub(SNAPSHOT_STALLS);
+        stalls.active.truncate(SNAPSHOT_STALLS);
         let skip = slow.len().saturating_sub(SNAPSHOT_SLOW);
         slow.drain(..skip);
         Ok(Snapshot {
             version: env!("CARGO_PKG_VERSION").into(),
             kernel: kernel_release(),
-            taken_ns,
+            taken_ns: stats.read_ns.uring_ns,
+            omitted: SnapshotOmitted {
+                inflight: inflight_total - inflight.len(),
+                active_stalls,
+                slow: skip,
+            },
             stats,
             inflight,
             inflight_total,

@@ -7,7 +7,7 @@ use gds_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use gds_common::cufile::{CUFILE_PATHS, CufileCount};
+use gds_common::cufile::{CUFILE_OPS, CUFILE_PATHS, CufileCount, USER_OTHER, USER_TRUSTED};
 
 use super::{labels, request::Stage};
 use crate::trace::{CufileRaw, TraceError, UringTracer};
@@ -109,10 +109,13 @@ pub struct DropRow {
     pub count: u64,
 }
 
-/// One cuFile operation's counters, over every process.
+/// One cuFile operation's counters, over every process of one user share.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CufileOpRow {
     pub op: String,
+    /// `trusted` (root and `--cufile-users`) or `other`: see `labels::CUFILE_USERS`.
+    #[serde(default = "trusted")]
+    pub user: String,
     pub calls: u64,
     pub errors: u64,
     pub latency: Histogram,
@@ -131,14 +134,22 @@ pub struct PathCount {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CufileErrorRow {
     pub op: String,
+    #[serde(default = "trusted")]
+    pub user: String,
     pub error: String,
     pub count: u64,
+}
+
+/// Rows from agents before the user split were all of every user; named trusted, as the
+/// alerts then read them.
+fn trusted() -> String {
+    labels::CUFILE_USERS[USER_TRUSTED].to_owned()
 }
 
 /// The cuFile aggregates (part of [`super::Stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CufileStats {
-    /// Operations with any call, in operation order.
+    /// Operations with any call, in operation order, trusted users' first.
     pub ops: Vec<CufileOpRow>,
     pub errors: Vec<CufileErrorRow>,
     /// libcufile files attached now.
@@ -155,12 +166,14 @@ impl CufileStats {
             libraries,
             ..Default::default()
         };
-        for (op, s) in raw.ops.iter().enumerate() {
+        for (entry, s) in raw.ops.iter().enumerate() {
             if s.calls == 0 {
                 continue;
             }
+            let (op, user) = (entry % CUFILE_OPS, entry / CUFILE_OPS);
             out.ops.push(CufileOpRow {
                 op: labels::cufile_op(op as u32).to_owned(),
+                user: labels::cufile_user(user).to_owned(),
                 calls: s.calls,
                 errors: s.errors,
                 latency: Histogram::new(&s.buckets, s.sum_ns),
@@ -175,16 +188,19 @@ impl CufileStats {
             });
         }
         // Unknown codes share the `unknown` name: add them up.
-        let mut errors: std::collections::BTreeMap<(u32, &str), u64> = Default::default();
-        for (k, n) in &raw.errors {
-            *errors
-                .entry((k.op, labels::cufile_error(k.op, k.code)))
-                .or_default() += n;
+        let mut errors: std::collections::BTreeMap<(usize, u32, &str), u64> = Default::default();
+        for (user, rows) in [(USER_TRUSTED, &raw.errors), (USER_OTHER, &raw.errors_other)] {
+            for (k, n) in rows {
+                *errors
+                    .entry((user, k.op, labels::cufile_error(k.op, k.code)))
+                    .or_default() += n;
+            }
         }
         out.errors = errors
             .into_iter()
-            .map(|((op, error), count)| CufileErrorRow {
+            .map(|((user, op, error), count)| CufileErrorRow {
                 op: labels::cufile_op(op).to_owned(),
+                user: labels::cufile_user(user).to_owned(),
                 error: error.to_owned(),
                 count,
             })
@@ -205,6 +221,74 @@ impl CufileStats {
     }
 }
 
+/// When each group of counters in [`Stats`] was read, in CLOCK_MONOTONIC nanoseconds.
+///
+/// The groups come from different maps read one after another, and under load (50 concurrent
+/// `/debug/snapshot` clients on 2 cores) seconds passed between them: a rate is a difference
+/// of counters over the difference of the times *those* counters were read, never of a time
+/// taken before or after other work (`top` showed 27k–101k IOPS for fio's steady 50–55k when
+/// the snapshot's one time was taken after the cuFile collection).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadTimes {
+    /// The io_uring counters: `opcodes`, `drops` of the io_uring programs, `inflight`.
+    pub uring_ns: u64,
+    /// The block and NVMe histograms and errors: `nvme`, `stages`, `block`, `nvme_errors`.
+    pub devices_ns: u64,
+    /// The cuFile aggregates: `cufile` (and the cuFile drop reasons).
+    pub cufile_ns: u64,
+}
+
+/// Waiting within a read (its wall time minus the CPU time the reading thread spent) beyond
+/// which the read is taken again: the counters were copied at an unknown instant of the wait.
+/// Under a load average of 12 on 2 cores a reading thread was preempted for ~200 ms between
+/// the clock and the map read, and a 1.5 s rate came out 15 % off; a read itself waits
+/// microseconds.
+pub const READ_AT_MAX_WAIT_NS: u64 = 1_000_000;
+/// Reads taken at most while each waited longer than [`READ_AT_MAX_WAIT_NS`]; the one that
+/// waited least is kept. One preemption is common under load, four in a row are rare.
+pub const READ_AT_ATTEMPTS: usize = 4;
+
+/// CPU time of the calling thread, nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs `read` and returns its value with the instant it read at: the middle of the
+/// CLOCK_MONOTONIC times taken right before and right after it. Where the thread waited in
+/// between (preempted, or blocked on a lock) longer than [`READ_AT_MAX_WAIT_NS`], it reads
+/// again, up to [`READ_AT_ATTEMPTS`] times, and keeps the read that waited least: the time is
+/// then off by at most half that wait plus half the read's own CPU time (a map lookup:
+/// microseconds), whatever runs before or after. A long read that is all CPU (a big table)
+/// is not repeated.
+pub fn read_at<T, E>(mut read: impl FnMut() -> Result<T, E>) -> Result<(T, u64), E> {
+    // (value, instant, time waited)
+    let mut attempt = || -> Result<(T, u64, u64), E> {
+        let (before, cpu_before) = (crate::trace::monotonic_ns(), thread_cpu_ns());
+        let value = read()?;
+        let (after, cpu_after) = (crate::trace::monotonic_ns(), thread_cpu_ns());
+        let wall = after.saturating_sub(before);
+        let waited = wall.saturating_sub(cpu_after.saturating_sub(cpu_before));
+        Ok((value, before + wall / 2, waited))
+    };
+    let mut best = attempt()?;
+    for _ in 1..READ_AT_ATTEMPTS {
+        if best.2 <= READ_AT_MAX_WAIT_NS {
+            break;
+        }
+        let next = attempt()?;
+        if next.2 < best.2 {
+            best = next;
+        }
+    }
+    Ok((best.0, best.1))
+}
+
 /// Everything the kernel aggregated, at one instant, with names.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -221,16 +305,26 @@ pub struct Stats {
     /// cuFile calls, over every process.
     #[serde(default)]
     pub cufile: CufileStats,
+    /// When each group of these counters was read (0 from agents before they were carried).
+    #[serde(default)]
+    pub read_ns: ReadTimes,
 }
 
 impl Stats {
     /// Reads and decodes the tracer's maps.
     pub fn read(tracer: &UringTracer) -> Result<Stats, TraceError> {
-        let snap = tracer.snapshot()?;
+        Ok(Stats::read_with_cufile(tracer)?.0)
+    }
+
+    /// [`Stats::read`], also returning the cuFile maps as read (at `read_ns.cufile_ns`), so a
+    /// snapshot's per-process cuFile report decodes the same read as its aggregates.
+    pub fn read_with_cufile(tracer: &UringTracer) -> Result<(Stats, CufileRaw), TraceError> {
+        let (snap, uring_ns) = read_at(|| tracer.snapshot())?;
         let mut stats = Stats {
             inflight: snap.inflight(),
             ..Default::default()
         };
+        stats.read_ns.uring_ns = uring_ns;
         for (op, s) in snap.opcodes.iter().enumerate() {
             if s.submitted == 0 && s.timed == 0 && s.errors == 0 {
                 continue;
@@ -251,7 +345,8 @@ impl Stats {
             })
             .collect();
         let maps = tracer.devices();
-        let dev = maps.snapshot();
+        let (dev, devices_ns) = read_at(|| Ok::<_, TraceError>(maps.snapshot()))?;
+        stats.read_ns.devices_ns = devices_ns;
         let unflagged_is_host = tracer.peer_memory().unflagged_is_host();
         for (k, h) in &dev.hists {
             let disk = maps.disk_name(k.dev);
@@ -304,8 +399,10 @@ impl Stats {
             })
             .collect();
         let libraries = tracer.cufile_libraries().0.len();
-        stats.cufile = CufileStats::decode(&tracer.cufile_raw()?, libraries, &mut stats.drops);
-        Ok(stats)
+        let (raw, cufile_ns) = read_at(|| tracer.cufile_raw())?;
+        stats.read_ns.cufile_ns = cufile_ns;
+        stats.cufile = CufileStats::decode(&raw, libraries, &mut stats.drops);
+        Ok((stats, raw))
     }
 
     /// Sum of the drops.

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
@@ -55,6 +56,21 @@ const CAP_NAMES: [&str; 41] = [
     "cap_checkpoint_restore",
 ];
 
+/// The number of a capability by name, as capability.h, systemd units (`CAP_BPF`) or
+/// Kubernetes (`BPF`) spell it, in any case (`cap_bpf`).
+pub fn cap_by_name(name: &str) -> Option<u32> {
+    let lower = name.trim().to_ascii_lowercase();
+    let full = if lower.starts_with("cap_") {
+        lower
+    } else {
+        format!("cap_{lower}")
+    };
+    CAP_NAMES
+        .iter()
+        .position(|n| *n == full)
+        .and_then(|i| u32::try_from(i).ok())
+}
+
 /// A set of capabilities as a bit mask (bit n = capability n, as in /proc/PID/status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CapSet(pub u64);
@@ -70,6 +86,10 @@ impl CapSet {
 
     pub fn count(self) -> u32 {
         self.0.count_ones()
+    }
+
+    pub fn with(self, cap: u32) -> CapSet {
+        CapSet(self.0 | 1u64.checked_shl(cap).unwrap_or(0))
     }
 }
 

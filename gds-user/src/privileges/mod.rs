@@ -37,11 +37,15 @@ use std::{
 use thiserror::Error;
 
 mod caps;
+mod cufile;
+mod limits;
 
 pub use caps::{
-    CAP_BPF, CAP_CHECKPOINT_RESTORE, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN, CAP_SYS_PTRACE,
-    CapSet, ThreadCaps, cap_line,
+    CAP_BPF, CAP_CHECKPOINT_RESTORE, CAP_DAC_READ_SEARCH, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN,
+    CAP_SYS_PTRACE, CapSet, ThreadCaps, cap_by_name, cap_line,
 };
+pub use cufile::{CUFILE_NEEDS, CufileAccess, Need, UnitCapsError, unit_capabilities};
+pub use limits::{FdLimitHit, NofileRaise, fd_limit_hit, nofile, raise_nofile, warn_if_fd_limit};
 
 /// What the cuFile thread keeps to attach after start (see the module documentation).
 pub const CUFILE_KEEP: CapSet = CapSet(
@@ -52,7 +56,6 @@ pub const CUFILE_KEEP: CapSet = CapSet(
         | 1u64 << CAP_DAC_READ_SEARCH
         | 1u64 << CAP_LEASE,
 );
-const CAP_DAC_READ_SEARCH: u32 = 2;
 /// Read leases on library files of other owners (`trace::lease`).
 const CAP_LEASE: u32 = 28;
 

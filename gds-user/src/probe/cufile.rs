@@ -52,6 +52,64 @@ pub struct CufileSection {
     pub config: Fact<CufileConfig>,
     /// `CUFILE_FORCE_COMPAT_MODE=true` in our environment forces compat mode (live only).
     pub force_compat_mode_env: Option<bool>,
+    /// Whether `gds-agent run` traces cuFile calls, and what it lacks if not.
+    pub tracing: CufileTracingFacts,
+}
+
+/// Whether the agent's cuFile layer works with a set of capabilities: `on: ...`,
+/// `on, limited: ...` or `off: the agent lacks CAP for WHAT; ...; grant ...`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CufileTracingFacts {
+    /// With the capabilities this probe runs with (a live host only): the agent started the
+    /// same way gets the same answer.
+    pub with_these_capabilities: Fact<String>,
+    /// With those the installed systemd unit grants ([`UNIT_PATHS`], under the root).
+    pub installed_unit: Fact<String>,
+}
+
+/// Where an installed gds-agent unit is looked for, first found wins (systemd's order).
+pub const UNIT_PATHS: [&str; 3] = [
+    "/etc/systemd/system/gds-agent.service",
+    "/usr/lib/systemd/system/gds-agent.service",
+    "/lib/systemd/system/gds-agent.service",
+];
+/// A unit file is a few KiB; anything larger is not one.
+const UNIT_LIMIT: u64 = 256 * 1024;
+
+fn tracing_facts(root: &HostRoot) -> CufileTracingFacts {
+    use crate::privileges::{CufileAccess, unit_capabilities};
+    let with_these_capabilities = if root.is_live() {
+        Fact::from_result(CufileAccess::of_this_thread().map(|a| a.to_string()))
+    } else {
+        Fact::unknown("--root is not /: this process's capabilities say nothing about that host")
+    };
+    let mut installed_unit = Fact::unknown(format!(
+        "no gds-agent unit installed ({})",
+        UNIT_PATHS.join(", ")
+    ));
+    for path in UNIT_PATHS {
+        match root.read(path, UNIT_LIMIT) {
+            Ok(text) => {
+                installed_unit = match unit_capabilities(&text) {
+                    Ok(caps) => Fact::Known(format!(
+                        "{path} grants {caps}: cuFile tracing {}",
+                        CufileAccess::of(caps)
+                    )),
+                    Err(e) => Fact::unknown(format!("{path}: {e}")),
+                };
+                break;
+            }
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => {
+                installed_unit = Fact::from_read_error(e);
+                break;
+            }
+        }
+    }
+    CufileTracingFacts {
+        with_these_capabilities,
+        installed_unit,
+    }
 }
 
 /// The settings of cufile.json that matter for the data path. `None`: not set (cuFile default).
@@ -310,6 +368,7 @@ pub fn probe(root: &HostRoot) -> CufileSection {
         },
         config,
         force_compat_mode_env,
+        tracing: tracing_facts(root),
     }
 }
 

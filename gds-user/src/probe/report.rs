@@ -288,6 +288,17 @@ impl Report {
             }
             Fact::Unknown(why) => row(o, "  settings", &format!("unknown: {why}")),
         }
+        let t = &self.cufile.tracing;
+        row(
+            o,
+            "agent tracing (these caps)",
+            &show(&t.with_these_capabilities, |v| v.clone()),
+        );
+        row(
+            o,
+            "agent tracing (unit)",
+            &show(&t.installed_unit, |v| v.clone()),
+        );
         if let Some(force) = self.cufile.force_compat_mode_env {
             row(
                 o,

@@ -12,12 +12,16 @@ mod ui;
 use std::{
     net::SocketAddr,
     process::{Child, Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::crossterm::{
+    self,
+    event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
+};
 
 use crate::{client, model::Snapshot};
 use model::View;
@@ -88,7 +92,95 @@ pub fn read_snapshot(addr: SocketAddr) -> Result<Snapshot> {
         .with_context(|| format!("the agent at {addr} sent a /debug/snapshot this top cannot read"))
 }
 
+/// `top` draws on a terminal and reads its keys from one; without one it stops at once (exit
+/// status 2, like a refused argument) instead of failing inside the terminal library.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "top needs a terminal, and its {0} is not one (for a one-shot view: `gds-agent stalls`, or \
+     GET /debug/snapshot)"
+)]
+pub struct NoTerminal(&'static str);
+
+impl NoTerminal {
+    /// The exit status `gds-agent` ends with for this error.
+    pub const EXIT_STATUS: u8 = 2;
+}
+
+/// Whether top can draw (stdout) and read keys (stdin, else the controlling terminal, as the
+/// terminal library does).
+fn check_terminal() -> Result<(), NoTerminal> {
+    use std::io::IsTerminal as _;
+    if !std::io::stdout().is_terminal() {
+        return Err(NoTerminal("output"));
+    }
+    if !std::io::stdin().is_terminal() && std::fs::File::open("/dev/tty").is_err() {
+        return Err(NoTerminal("input"));
+    }
+    Ok(())
+}
+
+/// How long top waits for the agent's first answer before taking the screen: an agent that is
+/// not there (connection refused) answers at once, and is then reported as a plain error line
+/// on an untouched terminal; a slow one gets the screen, with "waiting" on it, and `q` works.
+const FIRST_ANSWER_GRACE: Duration = Duration::from_millis(300);
+
+/// The longest the key loop sleeps before looking for a fetched snapshot: how late one may be
+/// drawn. Keys wake the loop at once, so `q` does not wait for this.
+const ANSWER_CHECK: Duration = Duration::from_millis(50);
+
+/// Fetches snapshots on its own thread, so that the key loop never waits on the network: a
+/// fetch may take up to `GDS_CLIENT_TIMEOUT`, `q` must quit at once.
+struct Fetcher {
+    ask: mpsc::Sender<()>,
+    answers: mpsc::Receiver<Result<Snapshot>>,
+    in_flight: bool,
+}
+
+impl Fetcher {
+    fn spawn(addr: SocketAddr) -> Result<Fetcher> {
+        let (ask, asked) = mpsc::channel::<()>();
+        let (answer, answers) = mpsc::channel();
+        // Ends when top drops its sender; a fetch still waiting then is cut off when the
+        // process exits (it holds nothing but a socket).
+        std::thread::Builder::new()
+            .name("top-fetch".into())
+            .spawn(move || {
+                for () in asked {
+                    if answer.send(read_snapshot(addr)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting top's fetch thread")?;
+        Ok(Fetcher {
+            ask,
+            answers,
+            in_flight: false,
+        })
+    }
+
+    fn ask(&mut self) {
+        if !self.in_flight {
+            self.in_flight = self.ask.send(()).is_ok();
+        }
+    }
+
+    fn answer(&mut self) -> Option<Result<Snapshot>> {
+        let a = self.answers.try_recv().ok()?;
+        self.in_flight = false;
+        Some(a)
+    }
+}
+
+/// `q`, Esc or Ctrl-C.
+fn quits(e: &Event) -> bool {
+    let Event::Key(k) = e else { return false };
+    let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+    k.kind == KeyEventKind::Press && (matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) || ctrl_c)
+}
+
 pub fn run(args: TopArgs) -> Result<()> {
+    check_terminal()?;
     let (addr, _own) = match &args.agent {
         Some(a) => (client::parse_addr(a)?, None),
         None => {
@@ -96,39 +188,78 @@ pub fn run(args: TopArgs) -> Result<()> {
             (addr, Some(own))
         }
     };
-    let mut prev = read_snapshot(addr)?;
-    let status = format!("agent {addr}");
-    let mut terminal = ratatui::init();
-    let result = (|| -> Result<()> {
-        let mut view = View::compute(&prev, &prev);
-        let mut error: Option<String> = None;
-        let mut next = Instant::now() + args.interval;
-        loop {
-            terminal.draw(|f| ui::draw(f, &view, &status, error.as_deref()))?;
-            let wait = next.saturating_duration_since(Instant::now());
-            if event::poll(wait)? {
-                if let Event::Key(k) = event::read()? {
-                    let ctrl_c =
-                        k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
-                    if k.kind == KeyEventKind::Press
-                        && (matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) || ctrl_c)
-                    {
-                        return Ok(());
-                    }
-                }
-                continue;
-            }
-            next = Instant::now() + args.interval;
-            match read_snapshot(addr) {
-                Ok(cur) => {
-                    view = View::compute(&prev, &cur);
-                    prev = cur;
-                    error = None;
-                }
-                Err(e) => error = Some(format!("{e:#}")),
-            }
+    let mut fetcher = Fetcher::spawn(addr)?;
+    fetcher.ask();
+    // Keys are read raw from the start, so that `q` works during the grace too.
+    crossterm::terminal::enable_raw_mode().context("setting up the terminal")?;
+    let mut terminal: Option<ratatui::DefaultTerminal> = None;
+    let result = ui_loop(&args, addr, &mut fetcher, &mut terminal);
+    // The screen is given back before the agent top started (if any) is stopped on return.
+    match terminal {
+        Some(_) => ratatui::restore(),
+        None => {
+            let _ = crossterm::terminal::disable_raw_mode();
         }
-    })();
-    ratatui::restore();
+    }
     result
+}
+
+fn ui_loop(
+    args: &TopArgs,
+    addr: SocketAddr,
+    fetcher: &mut Fetcher,
+    terminal: &mut Option<ratatui::DefaultTerminal>,
+) -> Result<()> {
+    let status = format!("agent {addr}");
+    let started = Instant::now();
+    let mut prev: Option<Snapshot> = None;
+    let mut view: Option<View> = None;
+    let mut error: Option<String> = None;
+    let mut next = started + args.interval;
+    let mut dirty = true;
+    loop {
+        match fetcher.answer() {
+            Some(Ok(cur)) => {
+                view = Some(View::compute(prev.as_ref().unwrap_or(&cur), &cur));
+                prev = Some(cur);
+                error = None;
+                dirty = true;
+            }
+            // Not there at all: a plain error, the screen untouched.
+            Some(Err(e)) if terminal.is_none() => return Err(e),
+            Some(Err(e)) => {
+                error = Some(format!("{e:#}"));
+                dirty = true;
+            }
+            None => {}
+        }
+        if terminal.is_none() && (prev.is_some() || started.elapsed() >= FIRST_ANSWER_GRACE) {
+            *terminal = Some(ratatui::try_init().context("setting up the terminal")?);
+            dirty = true;
+        }
+        if let (Some(t), true) = (terminal.as_mut(), dirty) {
+            t.draw(|f| match &view {
+                Some(v) => ui::draw(f, v, &status, error.as_deref()),
+                None => ui::draw_waiting(f, &status, error.as_deref()),
+            })?;
+            dirty = false;
+        }
+        let now = Instant::now();
+        if now >= next && !fetcher.in_flight {
+            fetcher.ask();
+            next = now + args.interval;
+        }
+        let wait = if fetcher.in_flight {
+            ANSWER_CHECK
+        } else {
+            ANSWER_CHECK.min(next.saturating_duration_since(now))
+        };
+        if event::poll(wait)? {
+            let e = event::read()?;
+            if quits(&e) {
+                return Ok(());
+            }
+            dirty |= matches!(e, Event::Resize(..));
+        }
+    }
 }

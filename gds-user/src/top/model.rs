@@ -105,24 +105,32 @@ fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
     m
 }
 
+/// Per operation, over both user shares (trusted and other).
 fn by_cufile_op(s: &Snapshot) -> BTreeMap<String, Totals> {
-    totals(
-        s.stats
-            .cufile
-            .ops
-            .iter()
-            .map(|o| (&o.op, o.calls, o.errors, &o.latency)),
-    )
+    let mut m: BTreeMap<String, Totals> = BTreeMap::new();
+    for o in &s.stats.cufile.ops {
+        let t = m.entry(o.op.clone()).or_default();
+        t.count += o.calls;
+        t.errors += o.errors;
+        add(&mut t.latency, &o.latency);
+    }
+    m
 }
 
 /// Per process, from the two snapshots' counters (a process new in `cur` counts from zero).
+/// A process missing from `prev` while `prev` left processes out (`cufile.omitted`) may have
+/// been one of those: its rate is unknown, and it waits for the next interval.
 fn cufile_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<CufileProcRow> {
+    let prev_cut = prev.cufile.omitted.processes > 0;
     let mut rows: Vec<CufileProcRow> = cur
         .cufile
         .processes
         .iter()
-        .map(|p| {
+        .filter_map(|p| {
             let before = prev.cufile.processes.iter().find(|q| q.pid == p.pid);
+            if before.is_none() && prev_cut {
+                return None;
+            }
             let c = &p.counters;
             let (calls0, bytes0) = before.map_or((0, 0), |b| {
                 (
@@ -132,7 +140,7 @@ fn cufile_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<CufileProcRow> 
             });
             let ok: u64 = c.path_calls.values().sum();
             let compat = c.path_calls.get("compat").copied().unwrap_or(0);
-            CufileProcRow {
+            Some(CufileProcRow {
                 pid: p.pid,
                 comm: p.comm.clone(),
                 calls_per_s: c.calls.saturating_sub(calls0) as f64 / dt,
@@ -144,7 +152,7 @@ fn cufile_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<CufileProcRow> 
                     .iter()
                     .find_map(|f| f.compat_reason.clone())
                     .unwrap_or_default(),
-            }
+            })
         })
         .collect();
     rows.sort_by(|a, b| {
@@ -173,14 +181,63 @@ fn rates(prev: &BTreeMap<String, Totals>, cur: &BTreeMap<String, Totals>, dt: f6
     rows
 }
 
+/// When each group of counters `top` differentiates was read, in the agent's clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadAt {
+    /// Per-opcode io_uring counters.
+    pub uring_ns: u64,
+    /// Block and NVMe histograms (per disk).
+    pub devices_ns: u64,
+    /// cuFile aggregates (per operation).
+    pub cufile_ops_ns: u64,
+    /// cuFile per-process counters.
+    pub cufile_procs_ns: u64,
+}
+
+impl ReadAt {
+    /// The times `s` carries; from an agent that carried only `taken_ns`, that one for all.
+    pub fn of(s: &Snapshot) -> ReadAt {
+        let or_taken = |ns: u64| if ns == 0 { s.taken_ns } else { ns };
+        let cufile_ops_ns = or_taken(s.stats.read_ns.cufile_ns);
+        ReadAt {
+            uring_ns: or_taken(s.stats.read_ns.uring_ns),
+            devices_ns: or_taken(s.stats.read_ns.devices_ns),
+            cufile_ops_ns,
+            cufile_procs_ns: if s.cufile.read_ns == 0 {
+                cufile_ops_ns
+            } else {
+                s.cufile.read_ns
+            },
+        }
+    }
+}
+
+/// Seconds between two reads of one group of counters (at least 1 ms: no division by zero).
+fn seconds(prev_ns: u64, cur_ns: u64) -> f64 {
+    (cur_ns.saturating_sub(prev_ns) as f64 / 1e9).max(1e-3)
+}
+
 impl View {
     pub fn compute(prev: &Snapshot, cur: &Snapshot) -> View {
-        // The agent's own clock: how far apart the two reads of the kernel's maps were.
-        let dt = (cur.taken_ns.saturating_sub(prev.taken_ns) as f64 / 1e9).max(1e-3);
-        let opcodes = rates(&by_opcode(prev), &by_opcode(cur), dt);
-        let disks = rates(&by_disk(prev), &by_disk(cur), dt);
-        let cufile_ops = rates(&by_cufile_op(prev), &by_cufile_op(cur), dt);
-        let cufile_procs = cufile_procs(prev, cur, dt);
+        // The agent's own clock: how far apart the two reads of each group of counters were,
+        // each group with its own (they are read one after another, and not at once).
+        let (a, b) = (ReadAt::of(prev), ReadAt::of(cur));
+        let opcodes = rates(
+            &by_opcode(prev),
+            &by_opcode(cur),
+            seconds(a.uring_ns, b.uring_ns),
+        );
+        let disks = rates(
+            &by_disk(prev),
+            &by_disk(cur),
+            seconds(a.devices_ns, b.devices_ns),
+        );
+        let cufile_ops = rates(
+            &by_cufile_op(prev),
+            &by_cufile_op(cur),
+            seconds(a.cufile_ops_ns, b.cufile_ops_ns),
+        );
+        let cufile_procs = cufile_procs(prev, cur, seconds(a.cufile_procs_ns, b.cufile_procs_ns));
         let mut ended = cur.stalls.ended.clone();
         ended.reverse();
         View {
@@ -244,6 +301,7 @@ mod tests {
                 cufile: Default::default(),
             },
             cufile: Default::default(),
+            omitted: Default::default(),
         }
     }
 
@@ -265,6 +323,52 @@ mod tests {
         assert!(v.disks.is_empty());
     }
 
+    /// Each group of counters is divided by the interval between *its* reads: the io_uring
+    /// counters read 1 s apart, the cuFile ones 4 s apart, the collection's end anywhere.
+    #[test]
+    fn each_rate_uses_the_time_its_counters_were_read() {
+        let mut a = snapshot(0, 100, 0, 100, 0);
+        let mut b = snapshot(0, 1_100, 0, 1_100, 0);
+        a.stats.read_ns.uring_ns = 10_000_000_000;
+        b.stats.read_ns.uring_ns = 11_000_000_000;
+        // `taken_ns` an unrelated 5.55 s later than the counters in `b` (the old bug).
+        a.taken_ns = 10_000_000_000;
+        b.taken_ns = 16_550_000_000;
+        let v = View::compute(&a, &b);
+        assert_eq!(v.opcodes[0].iops, 1000.0, "uring counters 1 s apart");
+
+        use crate::model::stats::CufileOpRow;
+        for (s, calls, ns) in [(&mut a, 10, 20_000_000_000), (&mut b, 410, 24_000_000_000)] {
+            s.stats.read_ns.cufile_ns = ns;
+            s.stats.cufile.ops.push(CufileOpRow {
+                op: "read".into(),
+                user: "trusted".into(),
+                calls,
+                errors: 0,
+                latency: Histogram::default(),
+                bytes_asked: 0,
+                bytes: vec![],
+            });
+        }
+        let v = View::compute(&a, &b);
+        assert_eq!(v.opcodes[0].iops, 1000.0);
+        assert_eq!(v.cufile_ops[0].iops, 100.0, "cuFile counters 4 s apart");
+    }
+
+    /// From an agent that carried only `taken_ns`, every group uses it.
+    #[test]
+    fn an_older_agent_s_single_time_is_used_for_all() {
+        let a = snapshot(1_000_000_000, 100, 0, 100, 0);
+        let b = snapshot(3_000_000_000, 300, 0, 300, 0);
+        assert_eq!(b.stats.read_ns, Default::default());
+        let t = ReadAt::of(&b);
+        assert_eq!(
+            (t.uring_ns, t.devices_ns, t.cufile_ops_ns, t.cufile_procs_ns),
+            (3_000_000_000, 3_000_000_000, 3_000_000_000, 3_000_000_000)
+        );
+        assert_eq!(View::compute(&a, &b).opcodes[0].iops, 100.0);
+    }
+
     #[test]
     fn quantile_of_an_idle_interval_is_none() {
         let a = snapshot(0, 5, 0, 5, 0);
@@ -282,6 +386,7 @@ mod tests {
             buckets[24] = calls;
             s.stats.cufile.ops.push(CufileOpRow {
                 op: "read".into(),
+                user: "trusted".into(),
                 calls,
                 errors: 0,
                 latency: Histogram::new(&buckets, 0),
@@ -310,6 +415,8 @@ mod tests {
                     active: 0,
                     compat_reason: Some("nvidia-fs not loaded".into()),
                 }],
+                files_omitted: 0,
+                user: "trusted".into(),
             });
             s
         };

@@ -108,6 +108,24 @@ fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
     )
 }
 
+/// The screen before the agent's first snapshot: the header, saying what top waits for (or
+/// what failed).
+pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
+    let chunks = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).split(f.area());
+    let mut header = vec![Span::styled(
+        " gds top ",
+        Style::default().fg(Color::Black).bg(Color::Cyan),
+    )];
+    match error {
+        Some(e) => header.push(Span::styled(
+            format!(" {e}"),
+            Style::default().fg(Color::Red),
+        )),
+        None => header.push(Span::raw(format!(" waiting for the {status}  q quits"))),
+    }
+    f.render_widget(Line::from(header), chunks[0]);
+}
+
 /// Draws the whole screen. `status` is the header's right side (agent address or an error).
 pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     let has_disks = !view.disks.is_empty();

@@ -68,9 +68,11 @@ use gds_common::cufile::{
     CUFILE_OP_BATCH_GET_STATUS, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_DEREGISTER,
     CUFILE_OP_BUF_REGISTER, CUFILE_OP_DRIVER_CLOSE, CUFILE_OP_DRIVER_OPEN,
     CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC,
-    CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CufileCall, CufileCpuStats,
-    CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS,
-    MAP_CUFILE_ERRORS, MAP_CUFILE_FILES, MAP_CUFILE_HANDLES, MAP_CUFILE_OPS, MAP_CUFILE_STATS,
+    CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CUFILE_USERS, CufileCall,
+    CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats,
+    MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER, MAP_CUFILE_ERRORS, MAP_CUFILE_ERRORS_OTHER,
+    MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER, MAP_CUFILE_HANDLES, MAP_CUFILE_HANDLES_OTHER,
+    MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER, USER_TRUSTED,
 };
 
 use super::{
@@ -80,7 +82,8 @@ use super::{
     lease::Leases,
     procmaps::{self, FileId, Mapping},
     program,
-    release::Releaser,
+    release::{Link, Releaser},
+    umulti::MultiPrograms,
     take_map,
 };
 
@@ -141,20 +144,15 @@ pub const NOTIFY_SHARE: f64 = 0.2;
 /// 20 s).
 const SHUTDOWN_CLOSE: Duration = Duration::from_secs(15);
 
-/// What a file looked like when attached: size, modification and change times.
+/// What a file looked like when attached: size and modification time. Not the change time:
+/// replacing a library (rename over it) or a `chmod` changes that, not the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp(u64, i64, i64, i64, i64);
+struct Stamp(u64, i64, i64);
 
 impl Stamp {
     fn of(file: &File) -> Option<Stamp> {
         let m = file.metadata().ok()?;
-        Some(Stamp(
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        ))
+        Some(Stamp(m.size(), m.mtime(), m.mtime_nsec()))
     }
 }
 
@@ -162,7 +160,7 @@ impl Stamp {
 struct Held {
     file: File,
     stamp: Option<Stamp>,
-    links: Vec<UProbeLink>,
+    links: Vec<Link>,
 }
 
 impl Held {
@@ -191,7 +189,7 @@ struct AttachedLib {
 /// One process that maps libcufile, with its libc probes.
 struct TracedProcess {
     nvfs: bool,
-    links: Vec<UProbeLink>,
+    links: Vec<Link>,
 }
 
 /// A libcufile copy, as `/debug/cufile` lists it.
@@ -265,6 +263,8 @@ impl Limits {
 /// thread after each change, so that no reader ever waits on its file reads or attaches.
 #[derive(Debug, Clone, Default)]
 pub struct CufileView {
+    /// How probes are attached ([`Attacher::kind`]).
+    pub attach: &'static str,
     pub libraries: Vec<LibraryInfo>,
     pub failures: Vec<LibraryFailure>,
     pub limits: Limits,
@@ -304,6 +304,7 @@ pub struct CufileTracing {
     watch: Option<FileWatch>,
     /// Read leases on held files, for the cuFile thread (made by [`Self::thread_fds`]).
     leases: Option<Leases>,
+    attacher: Attacher,
     releaser: Releaser,
     /// Files whose links are being closed: not attached again until they are (the new probes
     /// would count every call twice meanwhile).
@@ -316,13 +317,29 @@ pub struct CufileTracing {
 }
 
 impl CufileTracing {
-    /// Loads the four uprobe programs (attached later, per library and process).
-    pub fn load(ebpf: &mut Ebpf, filter: ProcessFilter) -> Result<CufileTracing, TraceError> {
-        for name in PROGRAMS {
-            let p: &mut UProbe = program(ebpf, name)?;
-            p.load()
-                .map_err(|source| TraceError::Program { name, source })?;
-        }
+    /// Loads the four uprobe programs (attached later, per library and process): for
+    /// multi-uprobe links against the maps in `maps` (aya's, see [`super::umulti`]) where the
+    /// kernel allows it, else as aya's perf-event uprobes.
+    pub fn load(
+        ebpf: &mut Ebpf,
+        maps: &[(String, std::os::fd::OwnedFd)],
+        filter: ProcessFilter,
+    ) -> Result<CufileTracing, TraceError> {
+        let multi = match MultiPrograms::load(super::EBPF_OBJECT, maps, &PROGRAMS) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::info!(
+                    "cuFile: no multi-uprobe links ({e}): one perf-event uprobe per probe \
+                     (needs CAP_SYS_ADMIN here; closing them is serialized by the kernel)"
+                );
+                for name in PROGRAMS {
+                    let p: &mut UProbe = program(ebpf, name)?;
+                    p.load()
+                        .map_err(|source| TraceError::Program { name, source })?;
+                }
+                None
+            }
+        };
         let watch = match FileWatch::new() {
             Ok(w) => Some(w),
             Err(e) => {
@@ -342,6 +359,10 @@ impl CufileTracing {
             loaders: BTreeMap::new(),
             watch,
             leases: None,
+            attacher: Attacher {
+                multi,
+                probed: Mutex::default(),
+            },
             releaser: Releaser::default(),
             closing: Default::default(),
             limits: Limits::default(),
@@ -389,6 +410,7 @@ impl CufileTracing {
     /// What readers see (see [`CufileView`]).
     pub fn view(&self) -> CufileView {
         CufileView {
+            attach: self.attacher.kind(),
             libraries: self.libraries(),
             failures: self.failed.values().cloned().collect(),
             limits: self.limits.clone(),
@@ -644,7 +666,7 @@ impl CufileTracing {
                 self.limits.loaders += 1;
                 continue;
             }
-            match attach_loader(ebpf, &self.releaser, m) {
+            match attach_loader(&self.attacher, ebpf, &self.releaser, m) {
                 Ok(held) => {
                     self.protect(&held, &m.path);
                     if let Some(w) = self.watch.as_mut()
@@ -742,7 +764,7 @@ impl CufileTracing {
                 );
                 continue;
             }
-            match attach_library(ebpf, &self.releaser, &mapping) {
+            match attach_library(&self.attacher, ebpf, &self.releaser, &mapping) {
                 Ok((symbols, held)) => {
                     self.protect(&held, &mapping.path);
                     if let Some(w) = self.watch.as_mut()
@@ -757,7 +779,8 @@ impl CufileTracing {
                         continue;
                     }
                     changes.push(format!(
-                        "cuFile: attached {} uprobes to {}{} (inode {}, used by pid {}){}",
+                        "cuFile: attached {} uprobes ({} links) to {}{} (inode {}, used by pid {}){}",
+                        symbols.found.len() * 2,
                         held.links.len(),
                         mapping.path,
                         if mapping.deleted { " (deleted)" } else { "" },
@@ -820,7 +843,14 @@ impl CufileTracing {
                 continue;
             }
             let links = match libcs.first() {
-                Some(m) => match attach_beneath(ebpf, &self.releaser, *pid, m, nvfs_loaded) {
+                Some(m) => match attach_beneath(
+                    &self.attacher,
+                    ebpf,
+                    &self.releaser,
+                    *pid,
+                    m,
+                    nvfs_loaded,
+                ) {
                     Ok(links) => links,
                     Err(_) if !m.via.exists() => continue,
                     Err(e) => {
@@ -879,7 +909,7 @@ impl Drop for CufileTracing {
     /// At shutdown: every link closed, within [`SHUTDOWN_CLOSE`]; the files (and their leases)
     /// only after.
     fn drop(&mut self) {
-        let mut links: Vec<UProbeLink> = Vec::new();
+        let mut links: Vec<Link> = Vec::new();
         let mut files: Vec<File> = Vec::new();
         let mut take = |h: Held| {
             links.extend(h.links);
@@ -952,8 +982,148 @@ fn open_and_read(m: &Mapping, wanted: &[&'static str]) -> Result<(File, LibSymbo
     Ok((file, symbols))
 }
 
+/// How probes are attached: one multi-uprobe link per file and program where the kernel
+/// allows it (see [`super::umulti`]), else aya's perf-event uprobes, one per probe.
+pub struct Attacher {
+    multi: Option<MultiPrograms>,
+    probed: Mutex<Probed>,
+}
+
+/// Bytes compared at a probed offset: the longest x86-64 instruction.
+const INSN_BYTES: usize = 15;
+/// Files whose probed bytes are remembered (see [`Probed`]); the oldest is forgotten first.
+const PROBED_FILES_MAX: usize = 1024;
+
+/// The instruction bytes at every offset the agent ever probed, per file.
+///
+/// Why: the kernel keeps one uprobe object per (inode, offset), with the instruction it
+/// replaced copied from the file when first installed, and may keep it a while after the last
+/// link is closed (references from return probes are dropped lazily). A probe attached again
+/// at that offset reuses it: after a rewrite in place that put other bytes there, every hit
+/// executes the *old* instruction (seen here: 1 round in 4 when a library rewritten in place
+/// was attached again one second later). So a file is attached again only where the bytes at
+/// every offset probed before are unchanged; otherwise it is refused and says why.
+#[derive(Default)]
+struct Probed {
+    files: BTreeMap<FileId, (u64, BTreeMap<u64, [u8; INSN_BYTES]>)>,
+    next: u64,
+}
+
+impl Probed {
+    /// The first offset of `points` whose bytes in `file` differ from those seen when it was
+    /// probed before, if any.
+    fn changed_at(&self, id: FileId, file: &File, points: &[(u64, u32)]) -> Option<u64> {
+        let (_, seen) = self.files.get(&id)?;
+        points.iter().map(|(o, _)| *o).find(|o| {
+            seen.get(o)
+                .is_some_and(|before| insn_bytes(file, *o).as_ref() != Some(before))
+        })
+    }
+
+    fn remember(&mut self, id: FileId, file: &File, points: &[(u64, u32)]) {
+        if !self.files.contains_key(&id) && self.files.len() >= PROBED_FILES_MAX {
+            if let Some(oldest) = self.files.iter().min_by_key(|(_, (n, _))| *n).map(|(f, _)| *f) {
+                self.files.remove(&oldest);
+            }
+        }
+        self.next += 1;
+        let next = self.next;
+        let entry = self.files.entry(id).or_insert_with(|| (next, BTreeMap::new()));
+        entry.0 = next;
+        for (o, _) in points {
+            if let Some(b) = insn_bytes(file, *o) {
+                entry.1.insert(*o, b);
+            }
+        }
+    }
+}
+
+/// The bytes at `offset` (zero-padded at the end of the file).
+fn insn_bytes(file: &File, offset: u64) -> Option<[u8; INSN_BYTES]> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; INSN_BYTES];
+    let mut got = 0;
+    while got < INSN_BYTES {
+        match file.read_at(&mut b[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(_) => return None,
+        }
+    }
+    Some(b)
+}
+
+impl Attacher {
+    /// Probes `points` (`(file offset, cookie)`) of the file at `target` with `prog`, at
+    /// return when `ret`, in process `pid` only when given. All or nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &self,
+        ebpf: &Mutex<Ebpf>,
+        releaser: &Releaser,
+        prog: &'static str,
+        (file, id): (&File, FileId),
+        points: &[(u64, u32)],
+        ret: bool,
+        pid: Option<u32>,
+    ) -> Result<Vec<Link>, TraceError> {
+        let target = &Held::target(file);
+        {
+            let mut probed = self.probed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = probed.changed_at(id, file, points) {
+                return Err(TraceError::Library {
+                    path: target.display().to_string(),
+                    why: format!(
+                        "rewritten in place since it was traced: the kernel may still hold the \
+                         old instruction at offset {at:#x}, which a probe there would run; not \
+                         traced (a file replaced by a new one, as package managers do, is)"
+                    ),
+                });
+            }
+            probed.remember(id, file, points);
+        }
+        if let Some(m) = &self.multi {
+            let offsets: Vec<u64> = points.iter().map(|(o, _)| *o).collect();
+            let cookies: Vec<u64> = points.iter().map(|(_, c)| u64::from(*c)).collect();
+            return m
+                .attach(prog, target, &offsets, &cookies, ret, pid)
+                .map(|fd| vec![Link::Multi(fd)])
+                .map_err(|e| TraceError::Library {
+                    path: target.display().to_string(),
+                    why: format!("multi-uprobe link for {prog}: {e}"),
+                });
+        }
+        let scope = match pid.and_then(std::num::NonZeroU32::new) {
+            Some(p) => UProbeScope::OneProcess(p),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut links = Vec::new();
+        let mut ebpf = ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        for (offset, cookie) in points {
+            match attach_one(&mut ebpf, prog, *offset, *cookie, target, scope) {
+                Ok(l) => links.push(Link::Perf(l)),
+                Err(e) => {
+                    releaser.close_later(links);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// How probes are attached, for `/debug/layers`.
+    pub fn kind(&self) -> &'static str {
+        if self.multi.is_some() {
+            "one multi-uprobe link per file"
+        } else {
+            "perf-event uprobes, one per probe"
+        }
+    }
+}
+
 /// Attaches entry and return probes to each function of [`SYMBOLS`] that `m` exports.
 fn attach_library(
+    at: &Attacher,
     ebpf: &Mutex<Ebpf>,
     releaser: &Releaser,
     m: &Mapping,
@@ -967,23 +1137,25 @@ fn attach_library(
         });
     }
     let stamp = Stamp::of(&file);
-    let target = Held::target(&file);
-    let mut links = Vec::new();
-    let mut ebpf = ebpf.lock().unwrap_or_else(|p| p.into_inner());
-    for (name, offset) in &symbols.found {
-        let op = SYMBOLS
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0, |(_, op)| *op);
-        for prog in ["cufile_enter", "cufile_exit"] {
-            match attach_one(&mut ebpf, prog, *offset, op, &target, UProbeScope::AllProcesses) {
-                Ok(l) => links.push(l),
-                Err(e) => {
-                    // A library is attached whole or not at all.
-                    releaser.close_later(links);
-                    return Err(e);
-                }
-            }
+    let points: Vec<(u64, u32)> = symbols
+        .found
+        .iter()
+        .map(|(name, offset)| {
+            let op = SYMBOLS
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, op)| *op);
+            (*offset, op)
+        })
+        .collect();
+    let f = (&file, m.file);
+    let mut links = at.attach(ebpf, releaser, "cufile_enter", f, &points, false, None)?;
+    match at.attach(ebpf, releaser, "cufile_exit", f, &points, true, None) {
+        Ok(l) => links.extend(l),
+        Err(e) => {
+            // A library is attached whole or not at all.
+            releaser.close_later(links);
+            return Err(e);
         }
     }
     Ok((symbols, Held { file, stamp, links }))
@@ -991,7 +1163,12 @@ fn attach_library(
 
 /// Attaches `dl_notify` to the loader's `_dl_debug_state` (glibc's debugger hook, exported as
 /// `GLIBC_PRIVATE`; musl's loader has none).
-fn attach_loader(ebpf: &Mutex<Ebpf>, _releaser: &Releaser, m: &Mapping) -> Result<Held, TraceError> {
+fn attach_loader(
+    at: &Attacher,
+    ebpf: &Mutex<Ebpf>,
+    releaser: &Releaser,
+    m: &Mapping,
+) -> Result<Held, TraceError> {
     let (file, symbols) = open_and_read(m, &["_dl_debug_state"])?;
     let Some((_, offset)) = symbols.found.first() else {
         return Err(TraceError::Library {
@@ -1000,57 +1177,62 @@ fn attach_loader(ebpf: &Mutex<Ebpf>, _releaser: &Releaser, m: &Mapping) -> Resul
         });
     };
     let stamp = Stamp::of(&file);
-    let link = attach_one(
-        &mut ebpf.lock().unwrap_or_else(|p| p.into_inner()),
+    let links = at.attach(
+        ebpf,
+        releaser,
         "dl_notify",
-        *offset,
-        0,
-        &Held::target(&file),
-        UProbeScope::AllProcesses,
+        (&file, m.file),
+        &[(*offset, 0)],
+        false,
+        None,
     )?;
-    Ok(Held {
-        file,
-        stamp,
-        links: vec![link],
-    })
+    Ok(Held { file, stamp, links })
 }
 
 /// Attaches the libc probes beneath cuFile in process `pid` only.
 fn attach_beneath(
+    at: &Attacher,
     ebpf: &Mutex<Ebpf>,
     releaser: &Releaser,
     pid: u32,
     libc: &Mapping,
     nvfs_loaded: bool,
-) -> Result<Vec<UProbeLink>, TraceError> {
+) -> Result<Vec<Link>, TraceError> {
     let wanted: Vec<&'static str> = BENEATH
         .iter()
         .filter(|(_, k)| nvfs_loaded || *k != BENEATH_IOCTL)
         .map(|(n, _)| *n)
         .collect();
     let (file, symbols) = open_and_read(libc, &wanted)?;
-    let scope =
-        UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or(TraceError::Library {
+    if pid == 0 {
+        return Err(TraceError::Library {
             path: libc.path.clone(),
             why: "pid 0".into(),
-        })?);
-    let target = Held::target(&file);
-    let mut links = Vec::new();
-    let mut ebpf = ebpf.lock().unwrap_or_else(|p| p.into_inner());
-    for (name, offset) in &symbols.found {
-        let kind = BENEATH
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0, |(_, k)| *k);
-        match attach_one(&mut ebpf, "beneath_enter", *offset, kind, &target, scope) {
-            Ok(l) => links.push(l),
-            Err(e) => {
-                releaser.close_later(links);
-                return Err(e);
-            }
-        }
+        });
     }
-    Ok(links)
+    let points: Vec<(u64, u32)> = symbols
+        .found
+        .iter()
+        .map(|(name, offset)| {
+            let kind = BENEATH
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, k)| *k);
+            (*offset, kind)
+        })
+        .collect();
+    if points.is_empty() {
+        return Ok(Vec::new());
+    }
+    at.attach(
+        ebpf,
+        releaser,
+        "beneath_enter",
+        (&file, libc.file),
+        &points,
+        false,
+        Some(pid),
+    )
 }
 
 fn attach_one(
@@ -1073,26 +1255,34 @@ fn attach_one(
         .map_err(|source| TraceError::Program { name: prog, source })
 }
 
-/// The cuFile maps, read without the object lock.
+/// The cuFile maps, read without the object lock: each table twice, the trusted share's and
+/// the untrusted share's (see `gds_common::cufile::USER_OTHER`).
 pub struct CufileMaps {
     stats: PerCpuArray<MapData, CufileCpuStats>,
     ops: PerCpuArray<MapData, CufileOpStats>,
-    errors: PerCpuHashMap<MapData, CufileErrKey, u64>,
-    calls: HashMap<MapData, u64, CufileCall>,
-    files: HashMap<MapData, CufileFileKey, CufileFileStats>,
-    handles: HashMap<MapData, CufileHandleKey, i32>,
+    errors: [PerCpuHashMap<MapData, CufileErrKey, u64>; CUFILE_USERS],
+    calls: [HashMap<MapData, u64, CufileCall>; CUFILE_USERS],
+    files: [HashMap<MapData, CufileFileKey, CufileFileStats>; CUFILE_USERS],
+    handles: [HashMap<MapData, CufileHandleKey, i32>; CUFILE_USERS],
 }
 
 /// The cuFile maps' contents at one instant, summed over CPUs, not yet named.
 #[derive(Debug, Clone, Default)]
 pub struct CufileRaw {
     pub counts: [u64; CUFILE_COUNTS],
-    /// Indexed by `CUFILE_OP_*`.
+    /// Indexed by `CUFILE_OP_* + CUFILE_OPS * USER_*`.
     pub ops: Vec<CufileOpStats>,
+    /// Error counters of trusted users' processes.
     pub errors: Vec<(CufileErrKey, u64)>,
-    /// Calls in flight now, by thread (`pid_tgid`).
+    /// Error counters of other users' processes.
+    pub errors_other: Vec<(CufileErrKey, u64)>,
+    /// Calls in flight now, by thread (`pid_tgid`), both shares.
     pub calls: Vec<(u64, CufileCall)>,
+    /// Process and file rows, both shares (trusted first).
     pub files: Vec<(CufileFileKey, CufileFileStats)>,
+    /// Processes whose rows are in the untrusted share (their user is neither root nor in
+    /// `--cufile-users`).
+    pub other: BTreeSet<u32>,
 }
 
 const ZERO_OP: CufileOpStats = CufileOpStats {
@@ -1110,10 +1300,22 @@ impl CufileMaps {
         Ok(CufileMaps {
             stats: take_map(ebpf, MAP_CUFILE_STATS)?,
             ops: take_map(ebpf, MAP_CUFILE_OPS)?,
-            errors: take_map(ebpf, MAP_CUFILE_ERRORS)?,
-            calls: take_map(ebpf, MAP_CUFILE_CALLS)?,
-            files: take_map(ebpf, MAP_CUFILE_FILES)?,
-            handles: take_map(ebpf, MAP_CUFILE_HANDLES)?,
+            errors: [
+                take_map(ebpf, MAP_CUFILE_ERRORS)?,
+                take_map(ebpf, MAP_CUFILE_ERRORS_OTHER)?,
+            ],
+            calls: [
+                take_map(ebpf, MAP_CUFILE_CALLS)?,
+                take_map(ebpf, MAP_CUFILE_CALLS_OTHER)?,
+            ],
+            files: [
+                take_map(ebpf, MAP_CUFILE_FILES)?,
+                take_map(ebpf, MAP_CUFILE_FILES_OTHER)?,
+            ],
+            handles: [
+                take_map(ebpf, MAP_CUFILE_HANDLES)?,
+                take_map(ebpf, MAP_CUFILE_HANDLES_OTHER)?,
+            ],
         })
     }
 
@@ -1131,11 +1333,11 @@ impl CufileMaps {
                 *t += c;
             }
         }
-        for op in 0..CUFILE_OPS as u32 {
+        for entry in 0..(CUFILE_OPS * CUFILE_USERS) as u32 {
             let mut sum = ZERO_OP;
             for cpu in self
                 .ops
-                .get(&op, 0)
+                .get(&entry, 0)
                 .map_err(map_err(MAP_CUFILE_OPS))?
                 .iter()
             {
@@ -1155,54 +1357,74 @@ impl CufileMaps {
             }
             raw.ops.push(sum);
         }
-        for item in self.errors.iter() {
-            let (k, per_cpu) = item.map_err(map_err(MAP_CUFILE_ERRORS))?;
-            raw.errors.push((k, per_cpu.iter().sum()));
+        for (user, name) in [
+            (USER_TRUSTED, MAP_CUFILE_ERRORS),
+            (USER_OTHER, MAP_CUFILE_ERRORS_OTHER),
+        ] {
+            let mut errors = Vec::new();
+            for item in self.errors[user].iter() {
+                let (k, per_cpu) = item.map_err(map_err(name))?;
+                errors.push((k, per_cpu.iter().sum()));
+            }
+            errors.sort_by_key(|(k, _)| *k);
+            if user == USER_OTHER {
+                raw.errors_other = errors;
+            } else {
+                raw.errors = errors;
+            }
         }
-        raw.errors.sort_by_key(|(k, _)| *k);
         // Shared hash maps: entries may come and go while iterated; what fails to read is
         // simply not in this read.
-        raw.calls = self.calls.iter().filter_map(Result::ok).collect();
-        raw.files = self.files.iter().filter_map(Result::ok).collect();
-        raw.files.sort_by_key(|(k, _)| *k);
+        for user in [USER_TRUSTED, USER_OTHER] {
+            raw.calls
+                .extend(self.calls[user].iter().filter_map(Result::ok));
+            let mut files: Vec<_> = self.files[user].iter().filter_map(Result::ok).collect();
+            files.sort_by_key(|(k, _)| *k);
+            if user == USER_OTHER {
+                raw.other.extend(files.iter().map(|(k, _)| k.tgid));
+            }
+            raw.files.extend(files);
+        }
         Ok(raw)
     }
 
     /// Removes what processes that exited left behind: their rows once idle for `keep_ns`
     /// (a process that just finished stays visible on `/debug/cufile` a while), and at once
-    /// their handles and the entries of calls that never returned.
+    /// their handles and the entries of calls that never returned. Both shares.
     pub fn prune(&mut self, alive: &dyn Fn(u32) -> bool, now_ns: u64, keep_ns: u64) {
-        let dead_rows: Vec<CufileFileKey> = self
-            .files
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| !alive(k.tgid) && now_ns.saturating_sub(v.last_ns) > keep_ns)
-            .map(|(k, _)| k)
-            .collect();
-        for k in dead_rows {
-            let _ = self.files.remove(&k);
-        }
-        let dead_handles: Vec<CufileHandleKey> = self
-            .handles
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !alive(k.tgid))
-            .collect();
-        for k in dead_handles {
-            let _ = self.handles.remove(&k);
-        }
         let thread_gone = |id: u64| {
             let (tgid, tid) = ((id >> 32) as u32, id as u32);
             !alive(tgid) || !Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
         };
-        let stale: Vec<u64> = self
-            .calls
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| thread_gone(*id))
-            .collect();
-        for id in stale {
-            let _ = self.calls.remove(&id);
+        for user in [USER_TRUSTED, USER_OTHER] {
+            let files = &mut self.files[user];
+            let dead_rows: Vec<CufileFileKey> = files
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| !alive(k.tgid) && now_ns.saturating_sub(v.last_ns) > keep_ns)
+                .map(|(k, _)| k)
+                .collect();
+            for k in dead_rows {
+                let _ = files.remove(&k);
+            }
+            let handles = &mut self.handles[user];
+            let dead_handles: Vec<CufileHandleKey> = handles
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !alive(k.tgid))
+                .collect();
+            for k in dead_handles {
+                let _ = handles.remove(&k);
+            }
+            let calls = &mut self.calls[user];
+            let stale: Vec<u64> = calls
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|id| thread_gone(*id))
+                .collect();
+            for id in stale {
+                let _ = calls.remove(&id);
+            }
         }
     }
 }

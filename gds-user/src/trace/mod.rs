@@ -15,6 +15,7 @@ mod offsets;
 mod peer;
 mod procmaps;
 mod release;
+mod umulti;
 mod uring;
 
 pub use cufile::{

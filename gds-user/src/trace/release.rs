@@ -1,17 +1,17 @@
 //! Closing uprobe links off the cuFile thread: a small pool of threads that hold nothing.
 //!
-//! Closing a uprobe perf event unregisters it and waits for an RCU grace period before `close`
-//! returns, and the kernel does this under one global mutex (`event_mutex`): closes are
-//! serialized host-wide, 85–250 ms each here, so a library's 28 probes take 2–7 s whoever
-//! closes them and however many threads try (earlier code spawned one thread per link: 1,404
-//! threads for 50 copies, and a panic under a pids limit of 200). What matters is that the
-//! cuFile thread does not wait (a process that maps a library meanwhile must be attached at
-//! once) and that what must happen *after* the links are gone does: a held file is closed
-//! (ending its read lease, which lets a waiting writer go on: see `lease`) and "detached" is
-//! logged only then. So a batch of links and what follows it go to one of [`WORKERS`] threads,
-//! started on demand, which drop every capability first (a thread inherits its creator's).
-//! Where no thread can be started (a pids limit), the caller does the work itself: slower,
-//! never lost.
+//! Closing a link waits for an RCU grace period before `close` returns: 23–77 ms for a
+//! multi-uprobe link (all of a file's probes), and for a perf-event uprobe 85–250 ms *each*,
+//! serialized host-wide under the kernel's `event_mutex` (a library's 28 take seconds whoever
+//! closes them; earlier code spawned one thread per link: 1,404 threads for 50 copies, and a
+//! panic under a pids limit of 200). What matters is that the cuFile thread does not wait (a
+//! process that maps a library meanwhile must be attached at once) and that what must happen
+//! *after* the links are gone does: a held file is closed (ending its read lease, which lets a
+//! waiting writer go on: see `lease`) and "detached" is logged only then. So a batch of links
+//! and what follows it go to one of [`WORKERS`] threads, started on demand, which drop every
+//! capability first (a thread inherits its creator's). Multi links closed on several threads
+//! overlap their grace periods (shutdown). Where no thread can be started (a pids limit), the
+//! caller does the work itself: slower, never lost.
 
 use std::{
     sync::{Arc, Condvar, Mutex, mpsc},
@@ -20,9 +20,18 @@ use std::{
 
 use aya::programs::uprobe::UProbeLink;
 
-/// Most closing threads. Closes are serialized in the kernel, so more threads would only
-/// wait on its mutex; two let one long batch (a shutdown, a library) not hold up another.
-pub const WORKERS: usize = 2;
+/// Most closing threads: enough for multi-link grace periods to overlap at shutdown (four
+/// rounds close 100 links in about four periods), few enough for any pids limit.
+pub const WORKERS: usize = 4;
+
+/// A uprobe link of either kind; dropping it detaches.
+#[expect(dead_code, reason = "held for its Drop, which detaches")]
+pub enum Link {
+    /// aya's perf-event uprobe (one probe).
+    Perf(UProbeLink),
+    /// A multi-uprobe link (`super::umulti`): any number of probes of one file.
+    Multi(std::os::fd::OwnedFd),
+}
 /// Stack of a closing thread: it closes descriptors and logs.
 const STACK: usize = 256 << 10;
 
@@ -30,7 +39,7 @@ type After = Box<dyn FnOnce(Duration) + Send>;
 
 /// Links to close, then what to run (with the time the closes took).
 struct Job {
-    links: Vec<UProbeLink>,
+    links: Vec<Link>,
     after: After,
 }
 
@@ -64,7 +73,7 @@ impl Default for Releaser {
 
 impl Releaser {
     /// Closes `links` on a pool thread, then runs `after` there with the time it took.
-    pub fn close_then(&self, links: Vec<UProbeLink>, after: impl FnOnce(Duration) + Send + 'static) {
+    pub fn close_then(&self, links: Vec<Link>, after: impl FnOnce(Duration) + Send + 'static) {
         let job = Job {
             links,
             after: Box::new(after),
@@ -84,24 +93,30 @@ impl Releaser {
     }
 
     /// Closes `links` in the background.
-    pub fn close_later(&self, links: Vec<UProbeLink>) {
+    pub fn close_later(&self, links: Vec<Link>) {
         self.close_then(links, |_| {});
     }
 
     /// Closes `links` and returns when they are closed or `deadline` passed (the rest still
     /// close). Returns how long it waited.
-    pub fn close(&self, links: Vec<UProbeLink>, deadline: Duration) -> Duration {
+    pub fn close(&self, mut links: Vec<Link>, deadline: Duration) -> Duration {
         let t = Instant::now();
-        let done = Arc::new((Mutex::new(false), Condvar::new()));
-        let d = done.clone();
-        self.close_then(links, move |_| {
-            *d.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            d.1.notify_all();
-        });
-        let guard = done.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = done
+        // One share per thread: their grace periods overlap.
+        let shares = WORKERS.min(links.len()).max(1);
+        let per = links.len().div_ceil(shares);
+        let left = Arc::new((Mutex::new(shares), Condvar::new()));
+        for _ in 0..shares {
+            let share: Vec<Link> = links.drain(..per.min(links.len())).collect();
+            let l = left.clone();
+            self.close_then(share, move |_| {
+                *l.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                l.1.notify_all();
+            });
+        }
+        let guard = left.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = left
             .1
-            .wait_timeout_while(guard, deadline, |finished| !*finished)
+            .wait_timeout_while(guard, deadline, |n| *n > 0)
             .unwrap_or_else(|p| p.into_inner());
         t.elapsed()
     }

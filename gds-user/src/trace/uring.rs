@@ -7,6 +7,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
+use gds_common::cufile::{CUFILE_TRUSTED_MAX, CufileConfig, NO_UID};
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DROP_REASONS, DevConfig, HIST_BUCKETS, InflightReq, MAP_EVENTS,
     MAP_URING_INFLIGHT, MAP_URING_OPCODES, MAP_URING_SLOTS, MAP_URING_STATS, OPCODE_WORDS,
@@ -43,6 +44,9 @@ pub struct TraceOptions {
     /// In-flight map capacity.
     pub max_inflight: u32,
     pub attach: AttachMode,
+    /// Uids whose cuFile calls count as trusted besides root (`--cufile-users`); the
+    /// `--pid`/`--comm` filters above apply to the cuFile layer too.
+    pub cufile_users: Vec<u32>,
 }
 
 impl Default for TraceOptions {
@@ -55,6 +59,7 @@ impl Default for TraceOptions {
             slow_threshold: Duration::from_millis(100),
             max_inflight: DEFAULT_MAX_INFLIGHT,
             attach: AttachMode::Auto,
+            cufile_users: Vec::new(),
         }
     }
 }
@@ -63,6 +68,29 @@ impl TraceOptions {
     /// Slots of the direct-mapped in-flight table: `max_inflight` rounded up to a power of two.
     pub fn slots(&self) -> u32 {
         self.max_inflight.max(1).next_power_of_two()
+    }
+
+    /// The cuFile programs' configuration: the trusted uids.
+    fn cufile_config(&self) -> Result<CufileConfig, TraceError> {
+        let mut c = CufileConfig::DEFAULT;
+        let mut uids: Vec<u32> = self.cufile_users.clone();
+        uids.sort_unstable();
+        uids.dedup();
+        uids.retain(|u| *u != 0);
+        if uids.len() > CUFILE_TRUSTED_MAX {
+            return Err(TraceError::InvalidFilter(format!(
+                "--cufile-users: {} users, at most {CUFILE_TRUSTED_MAX} (root is always trusted; \
+                 list only the service accounts that run GPUDirect Storage jobs)",
+                uids.len()
+            )));
+        }
+        if let Some(u) = uids.iter().find(|u| **u == NO_UID) {
+            return Err(TraceError::InvalidFilter(format!(
+                "--cufile-users: {u} is (uid_t)-1, no user's uid"
+            )));
+        }
+        c.trusted_uids[..uids.len()].copy_from_slice(&uids);
+        Ok(c)
     }
 
     fn to_config(&self) -> Result<UringConfig, TraceError> {
@@ -188,6 +216,7 @@ impl UringTracer {
     pub fn start(opts: &TraceOptions) -> Result<UringTracer, TraceError> {
         check_tracing_caps()?;
         let base = opts.to_config()?;
+        let cufile_config = opts.cufile_config()?;
         let btf_parsed = Btf::from_sys();
         let tracefs_dir = match tracefs::ensure_mounted() {
             Ok((dir, mounted)) => {
@@ -225,6 +254,7 @@ impl UringTracer {
         let mut ebpf = EbpfLoader::new()
             .override_global(UringConfig::SYMBOL, &attach.config, true)
             .override_global(DevConfig::SYMBOL, &dev_config, true)
+            .override_global(CufileConfig::SYMBOL, &cufile_config, true)
             .map_max_entries(MAP_URING_INFLIGHT, opts.max_inflight)
             .map_max_entries(MAP_URING_SLOTS, opts.slots())
             .load(EBPF_OBJECT)
@@ -238,6 +268,9 @@ impl UringTracer {
                 }
                 _ => TraceError::Load(e),
             })?;
+        // Every map's descriptor, before maps are taken out: the cuFile programs are loaded
+        // again for multi-uprobe links against these (`trace::umulti`).
+        let cufile_map_fds = super::umulti::map_fds(&ebpf);
 
         let mut nvme = None;
         let mut devices_attached = DeviceAttach {
@@ -304,20 +337,51 @@ impl UringTracer {
         }
         let devices = DeviceMaps::take(&mut ebpf)?;
         let peer_io = PeerIo::take(&mut ebpf)?;
-        let filter = ProcessFilter {
-            pid: opts.pid,
-            comm: opts.comm.clone(),
-        };
-        let (cufile, cufile_why) = match CufileTracing::load(&mut ebpf, filter) {
-            Ok(c) => (
-                Some(std::sync::Mutex::new(c)),
-                "uprobes on every libcufile mapped by a process (checked every 500 ms)".to_owned(),
-            ),
-            Err(e) => {
-                let why = format!("cuFile tracing off: the uprobe programs do not load ({e})");
+        // The cuFile layer holds one file descriptor per uprobe: the soft limit (1024 under
+        // systemd) goes up to the hard one. Then it is on only where its capabilities are
+        // held; otherwise it is off and says which ones are missing, for what.
+        match crate::privileges::raise_nofile() {
+            Ok(r) => info!("{r}"),
+            Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+        }
+        let access = crate::privileges::CufileAccess::of_this_thread();
+        let (cufile, cufile_why) = match access.as_ref().map(|a| (a.works(), a)) {
+            Ok((false, a)) => {
+                let why = format!("cuFile tracing {a}");
                 tracing::warn!("{why}");
                 (None, why)
             }
+            _ => match CufileTracing::load(
+                &mut ebpf,
+                &cufile_map_fds,
+                ProcessFilter {
+                    pid: opts.pid,
+                    comm: opts.comm.clone(),
+                },
+            ) {
+                Ok(c) => {
+                    let mut why =
+                        "uprobes on every libcufile mapped by a process (checked every 500 ms)"
+                            .to_owned();
+                    match &access {
+                        Ok(a) if !a.missing.is_empty() => {
+                            tracing::warn!("cuFile tracing {a}");
+                            why = format!("{why}; {a}");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(
+                            "cuFile tracing: cannot tell which capabilities it holds ({e}); \
+                             attaching may fail"
+                        ),
+                    }
+                    (Some(std::sync::Mutex::new(c)), why)
+                }
+                Err(e) => {
+                    let why = format!("cuFile tracing off: the uprobe programs do not load ({e})");
+                    tracing::warn!("{why}");
+                    (None, why)
+                }
+            },
         };
         let cufile_maps = std::sync::Mutex::new(CufileMaps::take(&mut ebpf)?);
         let cufile_notify = std::sync::Mutex::new(Some(take_map(
@@ -476,8 +540,9 @@ impl UringTracer {
                     let v = self.cufile_view();
                     let limits = v.limits.summary();
                     format!(
-                        "{}; {} libcufile file(s) attached now{}",
+                        "{}; {}; {} libcufile file(s) attached now{}",
                         self.cufile_why,
+                        v.attach,
                         v.libraries.len(),
                         if limits.is_empty() {
                             String::new()
@@ -631,6 +696,30 @@ impl FloorProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cufile_users_become_the_trusted_uids() {
+        let config = |uids: &[u32]| {
+            TraceOptions {
+                cufile_users: uids.to_vec(),
+                ..Default::default()
+            }
+            .cufile_config()
+        };
+        let c = config(&[]).unwrap();
+        assert!(c.trusts(0) && !c.trusts(1000) && !c.trusts(65534));
+        let c = config(&[1000, 0, 1000, 42]).unwrap();
+        assert!(c.trusts(0) && c.trusts(42) && c.trusts(1000) && !c.trusts(65534));
+        assert_eq!(c.trusted_uids[..2], [42, 1000]);
+        assert!(c.trusted_uids[2..].iter().all(|u| *u == NO_UID));
+        assert!(!c.trusts(NO_UID));
+        let many: Vec<u32> = (1..=CUFILE_TRUSTED_MAX as u32).collect();
+        assert!(config(&many).is_ok());
+        let too_many: Vec<u32> = (1..=CUFILE_TRUSTED_MAX as u32 + 1).collect();
+        let e = config(&too_many).unwrap_err().to_string();
+        assert!(e.contains("at most 16"), "{e}");
+        assert!(config(&[NO_UID]).is_err());
+    }
 
     #[test]
     fn opcode_filter_is_exact_for_every_opcode() {

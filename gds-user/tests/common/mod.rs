@@ -24,6 +24,24 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Held by every test that makes cuFile calls and checks the agent's global cuFile counters:
+/// nextest runs test binaries in parallel, and every agent counts every process's calls, so
+/// two such tests at once would see each other's. A lock file, since the tests are separate
+/// processes; released when the guard drops (or the process dies).
+pub fn cufile_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd as _;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("gds-tests-cufile.lock"))
+        .expect("the cuFile tests' lock file");
+    // SAFETY: a valid open descriptor; flock has no other precondition.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    f
+}
+
 pub fn require_root() {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
