@@ -41,7 +41,9 @@ fn build_rewrite_libs(dir: &Path) -> (PathBuf, PathBuf) {
         if old {
             cc.arg("-DOLD");
         }
-        let st = cc.status().expect("cc (the C compiler) for the fixture library");
+        let st = cc
+            .status()
+            .expect("cc (the C compiler) for the fixture library");
         assert!(st.success(), "cc failed for {out}");
         path
     };
@@ -189,8 +191,11 @@ fn huge_files_named_like_libraries_cost_nothing() {
         // ELF magic first, then a hole: every byte the agent would read costs it memory.
         std::os::unix::fs::FileExt::write_all_at(&f, b"\x7fELF\x02\x01\x01", 0).unwrap();
         f.set_len(size).unwrap();
-        std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.path().join(name),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
     }
     let agent = Agent::start(&[]);
     // Settled: the first scans done, the allocator warm.
@@ -238,13 +243,18 @@ fn huge_files_named_like_libraries_cost_nothing() {
     let _ = nobody.kill();
     let _ = nobody.wait();
     let grew = peak.saturating_sub(before);
-    eprintln!("agent RSS {before} KiB → peak {peak} KiB (+{grew} KiB); slowest /metrics {slowest:?}");
+    eprintln!(
+        "agent RSS {before} KiB → peak {peak} KiB (+{grew} KiB); slowest /metrics {slowest:?}"
+    );
     assert!(
         grew < 5 * 1024,
         "the agent grew by {grew} KiB mapping-by-nobody of huge files\n{}",
         agent.log()
     );
-    assert!(slowest < Duration::from_secs(1), "/metrics took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "/metrics took {slowest:?}"
+    );
     assert!(
         refused
             .iter()

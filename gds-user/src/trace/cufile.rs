@@ -83,8 +83,8 @@ use super::{
     procmaps::{self, FileId, Mapping},
     program,
     release::{Link, Releaser},
-    umulti::MultiPrograms,
     take_map,
+    umulti::MultiPrograms,
 };
 
 /// The traced functions and their operation. `cuFileDriverClose_v2` (CUDA 12.2+) and
@@ -419,10 +419,17 @@ impl CufileTracing {
 
     /// Detaches every watched file that changed on disk (logged at WARN).
     pub fn files_changed(&mut self) {
-        let c = self.watch.as_mut().map(FileWatch::changes).unwrap_or_default();
+        let c = self
+            .watch
+            .as_mut()
+            .map(FileWatch::changes)
+            .unwrap_or_default();
         let mut ids: Vec<FileId> = if c.overflow {
             // Any of them: compare each with what it was.
-            self.held_files().filter(|(_, h)| h.changed()).map(|(f, _)| f).collect()
+            self.held_files()
+                .filter(|(_, h)| h.changed())
+                .map(|(f, _)| f)
+                .collect()
         } else {
             c.files
         };
@@ -439,14 +446,11 @@ impl CufileTracing {
     }
 
     fn held_files(&self) -> impl Iterator<Item = (FileId, &Held)> {
-        self.libs
-            .iter()
-            .map(|(f, l)| (*f, &l.held))
-            .chain(
-                self.loaders
-                    .iter()
-                    .filter_map(|(f, h)| h.as_ref().map(|h| (*f, h))),
-            )
+        self.libs.iter().map(|(f, l)| (*f, &l.held)).chain(
+            self.loaders
+                .iter()
+                .filter_map(|(f, h)| h.as_ref().map(|h| (*f, h))),
+        )
     }
 
     /// Detaches `ids` at once. Their links are closed on the pool and their files closed
@@ -509,7 +513,10 @@ impl CufileTracing {
         let Held { file: f, links, .. } = held;
         let n = links.len();
         let closing = self.closing.clone();
-        closing.lock().unwrap_or_else(|p| p.into_inner()).insert(file);
+        closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file);
         self.releaser.close_then(links, move |took| {
             drop(f);
             closing
@@ -524,8 +531,11 @@ impl CufileTracing {
     /// since the last call and detaches from those gone. Returns what changed, to log.
     pub fn refresh(&mut self, ebpf: &Mutex<Ebpf>, nvfs_loaded: bool) -> Vec<String> {
         // Writes the watch cannot see (through a shared mapping), or a missed event.
-        let changed: Vec<FileId> =
-            self.held_files().filter(|(_, h)| h.changed()).map(|(f, _)| f).collect();
+        let changed: Vec<FileId> = self
+            .held_files()
+            .filter(|(_, h)| h.changed())
+            .map(|(f, _)| f)
+            .collect();
         self.detach_changed(&changed);
         let seen = procmaps::scan(&self.proc_root, None);
         self.apply(ebpf, seen, nvfs_loaded, true)
@@ -673,7 +683,10 @@ impl CufileTracing {
                         && let Err(e) = w.add(&held.file, *file)
                     {
                         // Not watched: not attached (it could change unseen).
-                        tracing::warn!("cuFile: cannot watch loader {} ({e}): not attached", m.path);
+                        tracing::warn!(
+                            "cuFile: cannot watch loader {} ({e}): not attached",
+                            m.path
+                        );
                         self.release(*file, held, |_, _| {});
                         self.loaders.insert(*file, None);
                         continue;
@@ -843,27 +856,23 @@ impl CufileTracing {
                 continue;
             }
             let links = match libcs.first() {
-                Some(m) => match attach_beneath(
-                    &self.attacher,
-                    ebpf,
-                    &self.releaser,
-                    *pid,
-                    m,
-                    nvfs_loaded,
-                ) {
-                    Ok(links) => links,
-                    Err(_) if !m.via.exists() => continue,
-                    Err(e) => {
-                        self.note_fd_limit(&e);
-                        changes.push(format!(
-                            "cuFile: pid {pid}: no probes on its libc ({}): {}; its calls are \
+                Some(m) => {
+                    match attach_beneath(&self.attacher, ebpf, &self.releaser, *pid, m, nvfs_loaded)
+                    {
+                        Ok(links) => links,
+                        Err(_) if !m.via.exists() => continue,
+                        Err(e) => {
+                            self.note_fd_limit(&e);
+                            changes.push(format!(
+                                "cuFile: pid {pid}: no probes on its libc ({}): {}; its calls are \
                              counted, their path is not classified",
-                            m.path,
-                            with_causes(&e)
-                        ));
-                        Vec::new()
+                                m.path,
+                                with_causes(&e)
+                            ));
+                            Vec::new()
+                        }
                     }
-                },
+                }
                 None => Vec::new(),
             };
             self.procs.insert(
@@ -1021,14 +1030,22 @@ impl Probed {
     }
 
     fn remember(&mut self, id: FileId, file: &File, points: &[(u64, u32)]) {
-        if !self.files.contains_key(&id) && self.files.len() >= PROBED_FILES_MAX {
-            if let Some(oldest) = self.files.iter().min_by_key(|(_, (n, _))| *n).map(|(f, _)| *f) {
-                self.files.remove(&oldest);
-            }
+        if !self.files.contains_key(&id)
+            && self.files.len() >= PROBED_FILES_MAX
+            && let Some(oldest) = self
+                .files
+                .iter()
+                .min_by_key(|(_, (n, _))| *n)
+                .map(|(f, _)| *f)
+        {
+            self.files.remove(&oldest);
         }
         self.next += 1;
         let next = self.next;
-        let entry = self.files.entry(id).or_insert_with(|| (next, BTreeMap::new()));
+        let entry = self
+            .files
+            .entry(id)
+            .or_insert_with(|| (next, BTreeMap::new()));
         entry.0 = next;
         for (o, _) in points {
             if let Some(b) = insn_bytes(file, *o) {

@@ -120,7 +120,10 @@ pub fn read_symbols(
     wanted: &[&'static str],
 ) -> Result<LibSymbols, ElfError> {
     let path = || name.to_owned();
-    let read_err = |source| ElfError::Read { path: path(), source };
+    let read_err = |source| ElfError::Read {
+        path: path(),
+        source,
+    };
     let size = file.metadata().map_err(read_err)?.len();
     if size > FILE_MAX {
         return Err(ElfError::TooLarge {
@@ -214,18 +217,19 @@ pub fn read_symbols(
             _ => out.missing.push(want),
         }
     }
-    if let Some((_, notes)) = sections.section_by_name(endian, b".note.stapsdt") {
-        if let Ok(bytes) = read_section("USDT note section", notes) {
-            for desc in stapsdt_descs(&bytes) {
-                out.usdt_notes += 1;
-                // desc: pc, base, semaphore (3 × u64), then "provider\0name\0args\0".
-                if let Some(provider) = desc
-                    .get(24..)
-                    .and_then(|s| s.split(|&b| b == 0).next())
-                    .and_then(|p| std::str::from_utf8(p).ok())
-                {
-                    out.usdt_providers.insert(provider.to_owned());
-                }
+    // Notes only counted: a note section over the cap is skipped, not an error.
+    if let Some((_, notes)) = sections.section_by_name(endian, b".note.stapsdt")
+        && let Ok(bytes) = read_section("USDT note section", notes)
+    {
+        for desc in stapsdt_descs(&bytes) {
+            out.usdt_notes += 1;
+            // desc: pc, base, semaphore (3 × u64), then "provider\0name\0args\0".
+            if let Some(provider) = desc
+                .get(24..)
+                .and_then(|s| s.split(|&b| b == 0).next())
+                .and_then(|p| std::str::from_utf8(p).ok())
+            {
+                out.usdt_providers.insert(provider.to_owned());
             }
         }
     }
@@ -313,7 +317,10 @@ mod tests {
         f.write_all_at(&elf::ELFMAG, 0).unwrap();
         f.set_len(8 << 30).unwrap();
         let e = symbols(&path, &["cuFileRead"]).unwrap_err();
-        assert!(matches!(e, ElfError::TooLarge { size, .. } if size == 8 << 30), "{e}");
+        assert!(
+            matches!(e, ElfError::TooLarge { size, .. } if size == 8 << 30),
+            "{e}"
+        );
         // Not ELF: refused after reading 6 bytes.
         std::fs::write(&path, b"#!/bin/sh\necho hi\n").unwrap();
         let e = symbols(&path, &["cuFileRead"]).unwrap_err();
@@ -381,7 +388,7 @@ mod tests {
             sec.extend_from_slice(&(desc.len() as u32).to_le_bytes());
             sec.extend_from_slice(&3u32.to_le_bytes());
             sec.extend_from_slice(b"stapsdt\0");
-            while desc.len() % 4 != 0 {
+            while !desc.len().is_multiple_of(4) {
                 desc.push(0);
             }
             sec.extend_from_slice(&desc);

@@ -185,15 +185,17 @@ mod tests {
         let root = std::env::temp_dir().join(format!("gds-procmaps-{}", std::process::id()));
         for (pid, text) in [
             ("42", MAPS.to_owned()),
-            ("43", "7f00-7f01 r-xp 00000000 fd:01 9 /lib64/ld-linux-x86-64.so.2\n".to_owned()),
+            (
+                "43",
+                "7f00-7f01 r-xp 00000000 fd:01 9 /lib64/ld-linux-x86-64.so.2\n".to_owned(),
+            ),
         ] {
             std::fs::create_dir_all(root.join(pid)).unwrap();
             std::fs::write(root.join(pid).join("maps"), text).unwrap();
         }
         std::fs::create_dir_all(root.join("44")).unwrap();
-        let filler = "7f00-7f01 r-xp 00000000 fd:01 1 /usr/lib/x.so\n".repeat(
-            (MAPS_MAX as usize) / 40 + 1,
-        );
+        let filler =
+            "7f00-7f01 r-xp 00000000 fd:01 1 /usr/lib/x.so\n".repeat((MAPS_MAX as usize) / 40 + 1);
         std::fs::write(
             root.join("44").join("maps"),
             filler + "7f10-7f11 r-xp 00000000 fd:01 5555 /x/libcufile.so.0\n",

@@ -179,7 +179,10 @@ struct LinkCreateAttr {
     _pad: u32,
 }
 
-fn prog_load(insns: &[aya_obj::generated::bpf_insn], name: &'static str) -> Result<OwnedFd, MultiError> {
+fn prog_load(
+    insns: &[aya_obj::generated::bpf_insn],
+    name: &'static str,
+) -> Result<OwnedFd, MultiError> {
     let license = c"GPL";
     let mut log = vec![0u8; LOG_BYTES];
     let mut attr = ProgLoadAttr {

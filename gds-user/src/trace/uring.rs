@@ -18,7 +18,8 @@ use tracing::info;
 use super::{
     EBPF_OBJECT, InflightRequest, TraceError, check_tracing_caps,
     cufile::{
-        CufileMaps, CufileRaw, CufileTracing, CufileView, LibraryFailure, LibraryInfo, ProcessFilter,
+        CufileMaps, CufileRaw, CufileTracing, CufileView, LibraryFailure, LibraryInfo,
+        ProcessFilter,
     },
     device::{self, DeviceAttach, DeviceMaps, NvmeLayer, NvmeTracing},
     inflight::{self, SlotTable},
