@@ -515,6 +515,138 @@ mod tests {
         d
     }
 
+    /// Every list of the report is cut at its bound, keeps the most relevant rows and counts
+    /// the rest, whatever the maps and the tracer hold (pids that do not exist: no `/proc`).
+    #[test]
+    fn every_list_is_bounded_with_the_most_relevant_rows() {
+        use gds_common::cufile::{CufileCall, CufileFileKey};
+        const PROCS: u32 = REPORT_PROCESSES as u32 + 36;
+        const FILES: i32 = REPORT_FILES_PER_PROCESS as i32 + 4;
+        let base = 4_000_000_000u32;
+        let mut raw = CufileRaw::default();
+        for i in 0..PROCS {
+            // Process i called last at i: the higher, the more recent.
+            let row = |fd: i32, active: u64| {
+                let key = CufileFileKey { tgid: base + i, fd };
+                let stats = CufileFileStats {
+                    calls: 1,
+                    last_ns: u64::from(i) * 1_000 + fd.max(0) as u64,
+                    active,
+                    ..Default::default()
+                };
+                (key, stats)
+            };
+            raw.files.push(row(PROCESS_ROW, 0));
+            for fd in 0..FILES {
+                // The least recent process has a call in flight on its fd 0: most active.
+                raw.files.push(row(fd, u64::from(i == 0 && fd == 0)));
+            }
+        }
+        for t in 0..REPORT_INFLIGHT as u64 + 44 {
+            raw.calls.push((
+                (u64::from(base) << 32) | t,
+                CufileCall {
+                    start_ns: 1_000_000 - t,
+                    op: 0,
+                    depth: 0,
+                    size: 4096,
+                    offset: 0,
+                    handle: 0,
+                    fd: 3,
+                    _pad: 0,
+                    compat_at_entry: 0,
+                    nvfs_at_entry: 0,
+                    peer_at_entry: 0,
+                    sp: 0,
+                    ret_addr: 0,
+                },
+            ));
+        }
+        let libraries: Vec<LibraryInfo> = (0..REPORT_LIBRARIES as u64 + 6)
+            .map(|n| LibraryInfo {
+                path: format!("/x/{n}/libcufile.so.0"),
+                deleted: false,
+                dev: 1,
+                inode: n,
+                // Library n is mapped by n processes.
+                pids: (0..n as u32 + 60).collect(),
+                functions: vec![],
+                missing: vec![],
+                usdt_notes: 0,
+                usdt_providers: (0..20).map(|p| format!("p{p}")).collect(),
+                attached_unix_s: n,
+            })
+            .collect();
+        let not_traced: Vec<LibraryFailure> = (0..REPORT_NOT_TRACED + 10)
+            .map(|n| LibraryFailure {
+                path: format!("/junk/libcufile.so.{n}"),
+                error: "no cuFile symbol".into(),
+            })
+            .collect();
+        let host = HostFacts {
+            nvidia_fs_loaded: false,
+            p2pdma_kernel: false,
+        };
+        let r = CufileReport::decode(&raw, libraries, not_traced, host, 2_000_000);
+
+        assert_eq!(r.processes.len(), REPORT_PROCESSES);
+        assert_eq!(r.omitted.processes, PROCS as usize - REPORT_PROCESSES);
+        // The one with a call in flight first, then the most recent.
+        let order: Vec<u32> = r.processes.iter().map(|p| p.pid - base).collect();
+        let mut expected = vec![0];
+        expected.extend((0..PROCS).rev().take(REPORT_PROCESSES - 1));
+        assert_eq!(order, expected);
+        for p in &r.processes {
+            assert_eq!(p.files.len(), REPORT_FILES_PER_PROCESS, "{}", p.pid);
+            assert_eq!(p.files_omitted, FILES as usize - REPORT_FILES_PER_PROCESS);
+            assert_eq!(p.counters.calls, 1, "the process row is not a file");
+        }
+        // Process 0's file with a call in flight, then its most recent ones.
+        let fds: Vec<i32> = r.processes[0].files.iter().map(|f| f.fd).collect();
+        let mut kept: Vec<i32> = vec![0];
+        kept.extend((0..FILES).rev().take(REPORT_FILES_PER_PROCESS - 1));
+        kept.sort();
+        assert_eq!(fds, kept, "listed by fd");
+        assert_eq!(
+            r.omitted.files,
+            REPORT_PROCESSES * (FILES as usize - REPORT_FILES_PER_PROCESS)
+                + r.omitted.processes * FILES as usize
+        );
+
+        assert_eq!(r.inflight.len(), REPORT_INFLIGHT);
+        assert_eq!(r.omitted.inflight, 44);
+        assert!(
+            r.inflight.windows(2).all(|w| w[0].age_ns >= w[1].age_ns),
+            "oldest first"
+        );
+        assert_eq!(r.inflight[0].age_ns, 2_000_000 - (1_000_000 - 299));
+
+        assert_eq!(r.libraries.len(), REPORT_LIBRARIES);
+        assert_eq!(r.omitted.libraries, 6);
+        assert_eq!(
+            r.libraries[0].inode,
+            REPORT_LIBRARIES as u64 + 5,
+            "most pids first"
+        );
+        assert!(
+            r.libraries
+                .iter()
+                .all(|l| l.pids.len() == REPORT_LIBRARY_PIDS)
+        );
+        assert!(
+            r.libraries
+                .iter()
+                .all(|l| l.usdt_providers.len() == REPORT_USDT_PROVIDERS)
+        );
+        assert_eq!(
+            r.omitted.usdt_providers,
+            REPORT_LIBRARIES * (20 - REPORT_USDT_PROVIDERS)
+        );
+        assert_eq!(r.not_traced.len(), REPORT_NOT_TRACED);
+        assert_eq!(r.omitted.not_traced, 10);
+        assert!(r.omitted.any());
+    }
+
     #[test]
     fn io_outside_cufile_names_the_threshold() {
         let none = CufileCounters::default();
