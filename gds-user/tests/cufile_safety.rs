@@ -262,3 +262,160 @@ fn huge_files_named_like_libraries_cost_nothing() {
         "the 8 GiB libcufile.so.0 is not listed as refused for its size: {refused:?}"
     );
 }
+
+/// The real libcufile from PyPI (`cargo xtask setup` puts it under `target/pypi`).
+fn libcufile() -> PathBuf {
+    std::env::var_os("GDS_LIBCUFILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0")
+        })
+}
+
+/// 50 copies of libcufile in one process, the agent under the shipped unit's limits as
+/// systemd applies them (soft RLIMIT_NOFILE 1024, a pids limit of 200): every call counted,
+/// `/metrics` answering throughout, and SIGTERM done within the unit's 20 s stop timeout,
+/// without a panic.
+#[test]
+fn fifty_copies_under_the_units_limits() {
+    require_root();
+    const COPIES: usize = 50;
+    const CALLS: usize = 4;
+    let lib = libcufile();
+    assert!(
+        lib.exists(),
+        "{} missing: run `cargo xtask setup` (it installs NVIDIA's libcufile from PyPI)",
+        lib.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let copies: Vec<PathBuf> = (0..COPIES)
+        .map(|i| {
+            let p = dir.path().join(format!("c{i}")).join("libcufile.so.0");
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::copy(&lib, &p).unwrap();
+            p
+        })
+        .collect();
+    // The application: waits, loads every copy, waits, calls each copy's cuFileRead.
+    let script = format!(
+        "import ctypes, sys\n\
+         sys.stdin.readline()\n\
+         libs = [ctypes.CDLL(p) for p in {:?}]\n\
+         print('loaded', flush=True)\n\
+         sys.stdin.readline()\n\
+         for l in libs:\n\
+         \x20   f = l.cuFileRead\n\
+         \x20   f.restype = ctypes.c_int64\n\
+         \x20   for _ in range({CALLS}):\n\
+         \x20       f(None, None, ctypes.c_size_t(4096), ctypes.c_int64(0), ctypes.c_int64(0))\n\
+         print('called', flush=True)\n\
+         sys.stdin.readline()\n",
+        copies
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    );
+    let mut app = Command::new("python3")
+        .args(["-c", &script])
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut to_app = app.stdin.take().unwrap();
+    let mut from_app = BufReader::new(app.stdout.take().unwrap());
+    let app_pid = app.id().to_string();
+
+    // A pids cgroup of 200 (v1 here; the unit's TasksMax, a pod's pids limit).
+    let cg = Path::new("/sys/fs/cgroup/pids").join(format!("gds-test-{}", std::process::id()));
+    std::fs::create_dir_all(&cg).expect("a pids cgroup (cgroup v1 pids controller)");
+    std::fs::write(cg.join("pids.max"), "200").unwrap();
+    let wrapper: Vec<String> = [
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!(
+            "echo $$ > {}/cgroup.procs && exec prlimit --nofile=1024: -- \"$@\"",
+            cg.display()
+        ),
+        "sh".to_owned(),
+    ]
+    .into();
+    let bin = Path::new(env!("CARGO_BIN_EXE_gds-agent"));
+    // --pid: only this test's application (other tests' processes map libcufile too).
+    let mut agent = Agent::spawn(
+        tempfile::tempdir().unwrap(),
+        &wrapper,
+        bin,
+        &["--pid", &app_pid],
+    );
+    agent.wait_serving();
+
+    writeln!(to_app, "load").unwrap();
+    let mut line = String::new();
+    from_app.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "loaded");
+    let t = Instant::now();
+    loop {
+        let r = report(&agent);
+        let n = r
+            .libraries
+            .iter()
+            .filter(|l| l.pids.iter().any(|p| p.to_string() == app_pid))
+            .count();
+        if n == COPIES {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{n} of {COPIES} copies attached after 30 s\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = agent.scrape();
+    writeln!(to_app, "call").unwrap();
+    line.clear();
+    from_app.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "called");
+    let want = (COPIES * CALLS) as f64;
+    let t = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let counted = loop {
+        let s = Instant::now();
+        let now = agent.scrape();
+        slowest = slowest.max(s.elapsed());
+        let series = [("op", "read"), ("user", "trusted")];
+        let n = now.value("gds_cufile_calls_total", &series)
+            - before.value("gds_cufile_calls_total", &series);
+        if n >= want || t.elapsed() > Duration::from_secs(5) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(counted, want, "calls counted of {COPIES} copies × {CALLS}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "/metrics took {slowest:?}"
+    );
+    let threads = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+
+    // Shutdown with everything attached, inside the pids limit.
+    let t = Instant::now();
+    let (status, log) = agent.stop();
+    let took = t.elapsed();
+    let _ = writeln!(to_app, "exit");
+    let _ = app.wait();
+    let _ = std::fs::remove_dir(&cg);
+    eprintln!(
+        "{COPIES} copies: {counted} calls counted; agent threads {threads}; SIGTERM took {took:?}"
+    );
+    assert!(status.success(), "agent exited with {status}\n{log}");
+    assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
+    assert!(
+        took < Duration::from_secs(20),
+        "SIGTERM took {took:?}\n{log}"
+    );
+}
