@@ -65,7 +65,7 @@ pub struct RunArgs {
     /// at most 16): they feed the `user="trusted"` series the alerts read and the tables
     /// reserved for them. Every other user's calls are counted apart (`user="other"`).
     #[arg(long, value_delimiter = ',', value_name = "USER",
-          value_parser = crate::config::users::parse)]
+          value_parser = crate::users::parse)]
     pub cufile_users: Vec<u32>,
 }
 

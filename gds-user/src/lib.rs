@@ -29,3 +29,4 @@ pub mod top;
 pub mod trace;
 pub mod tracefs;
 pub mod units;
+pub mod users;

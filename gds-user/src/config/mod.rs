@@ -13,7 +13,6 @@
 //! and its errors name the file, the line and the key.
 
 pub mod file;
-pub mod users;
 
 use std::{
     ffi::{OsStr, OsString},
@@ -373,5 +372,22 @@ mod tests {
         assert!(given_on_command_line(&cli, "pid"));
         assert!(!given_on_command_line(&cli, "slow"));
         assert!(!given_on_command_line(&os(&["--pidfile"]), "pid"));
+    }
+
+    /// The config key is the flag's: lists of names or uids, each checked on its line.
+    #[test]
+    fn config_key_cufile_users() {
+        let path = std::path::Path::new("/etc/gds/agent.toml");
+        let argv =
+            file_argv(path, "cufile_users = [\"nobody\", \"0\"]\n", &[]).unwrap();
+        assert_eq!(argv, ["--cufile-users=nobody", "--cufile-users=0"]);
+        let e = file_argv(
+            path,
+            "listen = \"127.0.0.1:1\"\ncufile_users = [\"no-such-user-gds\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 2") && e.contains("unknown user"), "{e}");
     }
 }

@@ -112,21 +112,4 @@ mod tests {
         ));
         assert!(matches!(resolve("a\0b"), Err(UserError::Unknown { .. })));
     }
-
-    /// The config key is the flag's: lists of names or uids, each checked on its line.
-    #[test]
-    fn config_key_cufile_users() {
-        let path = std::path::Path::new("/etc/gds/agent.toml");
-        let argv =
-            super::super::file_argv(path, "cufile_users = [\"nobody\", \"0\"]\n", &[]).unwrap();
-        assert_eq!(argv, ["--cufile-users=nobody", "--cufile-users=0"]);
-        let e = super::super::file_argv(
-            path,
-            "listen = \"127.0.0.1:1\"\ncufile_users = [\"no-such-user-gds\"]\n",
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("line 2") && e.contains("unknown user"), "{e}");
-    }
 }
