@@ -378,8 +378,7 @@ mod tests {
     #[test]
     fn config_key_cufile_users() {
         let path = std::path::Path::new("/etc/gds/agent.toml");
-        let argv =
-            file_argv(path, "cufile_users = [\"nobody\", \"0\"]\n", &[]).unwrap();
+        let argv = file_argv(path, "cufile_users = [\"nobody\", \"0\"]\n", &[]).unwrap();
         assert_eq!(argv, ["--cufile-users=nobody", "--cufile-users=0"]);
         let e = file_argv(
             path,

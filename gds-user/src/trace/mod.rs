@@ -19,7 +19,8 @@ mod umulti;
 mod uring;
 
 pub use cufile::{
-    CufileRaw, CufileView, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo, Limits as CufileLimits, ProcessFilter, SYMBOLS as CUFILE_SYMBOLS,
+    CufileRaw, CufileView, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo,
+    Limits as CufileLimits, ProcessFilter, SYMBOLS as CUFILE_SYMBOLS,
 };
 pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NvmeLayer};
 pub use error::TraceError;
