@@ -340,8 +340,16 @@ impl CufileWatch {
                         tracing::debug!(took = ?now.elapsed(), "cuFile: periodic scan");
                         next_scan = now + CUFILE_WATCH_INTERVAL;
                     }
-                    let wait = next_scan.saturating_duration_since(std::time::Instant::now());
-                    let (pids, changed) = wait_loaded(notify.as_mut(), &watch, wait);
+                    // A dlopen storm: not woken by notifications until the pause ends.
+                    let paused = t.cufile_notify_paused_until();
+                    let until = paused.map_or(next_scan, |p| p.min(next_scan));
+                    let wait = until.saturating_duration_since(std::time::Instant::now());
+                    let rb = if paused.is_some() {
+                        None
+                    } else {
+                        notify.as_mut()
+                    };
+                    let (pids, changed) = wait_loaded(rb, &watch, wait);
                     // First: a changed file's probes must go before anything maps it.
                     if changed {
                         t.cufile_files_changed();

@@ -419,3 +419,98 @@ fn fifty_copies_under_the_units_limits() {
         "SIGTERM took {took:?}\n{log}"
     );
 }
+
+/// CPU time (user + system) of the agent's thread named `name`, in clock ticks.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // After the ")" that ends comm: state is field 3; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        total += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    total
+}
+
+/// An unprivileged `dlopen`/`dlclose` loop makes the loader notify the agent thousands of times
+/// a second: the cuFile thread's work on them is bounded (20 % of a core for the maps it reads,
+/// then it stops listening until the next second; the periodic scan goes on), where it took 83 %
+/// of a core before.
+#[test]
+fn a_dlopen_storm_by_nobody_costs_the_agent_a_bounded_share_of_a_core() {
+    require_root();
+    // A library no process has loaded: every dlopen maps it, every dlclose unmaps it (and the
+    // loader calls `_dl_debug_state` around each).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lib = dir.path().join("libgdsstorm.so");
+    let mut cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-x", "c", "-", "-o"])
+        .arg(&lib)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cc");
+    cc.stdin
+        .take()
+        .unwrap()
+        .write_all(b"int gds_storm(void) { return 1; }\n")
+        .unwrap();
+    assert!(cc.wait().unwrap().success());
+    let agent = Agent::start(&[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let script = format!(
+        "import ctypes, _ctypes, time\n\
+         end = time.time() + 6\n\
+         n = 0\n\
+         while time.time() < end:\n\
+         \x20   h = ctypes.CDLL('{}')._handle\n\
+         \x20   _ctypes.dlclose(h)\n\
+         \x20   n += 1\n\
+         print(n, flush=True)\n",
+        lib.display()
+    );
+    let mut argv = setpriv_nobody("");
+    argv.extend(["/usr/bin/python3".into(), "-c".into(), script]);
+    let storm = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv python3");
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (t0, c0) = (Instant::now(), thread_ticks(agent.pid(), "gds-cufile"));
+    std::thread::sleep(Duration::from_secs(4));
+    let (t1, c1) = (Instant::now(), thread_ticks(agent.pid(), "gds-cufile"));
+    let out = storm.wait_with_output().unwrap();
+    let loops: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let share = (c1 - c0) as f64 / hz / (t1 - t0).as_secs_f64();
+    let layers = agent.get("/debug/layers");
+    eprintln!(
+        "{loops} dlopen/dlclose in 6 s by nobody; the cuFile thread used {:.0} % of a core",
+        share * 100.0
+    );
+    assert!(loops > 1000, "the storm did not run: {loops} loops");
+    assert!(
+        share < 0.30,
+        "the cuFile thread used {:.0} % of a core under the storm\n{}",
+        share * 100.0,
+        agent.log()
+    );
+    assert!(
+        layers.contains("loader notifications paused"),
+        "/debug/layers does not say notifications were paused: {layers}"
+    );
+}

@@ -227,8 +227,9 @@ pub struct Limits {
     pub failures_unlisted: u64,
     /// Process maps read in part ([`procmaps::MAPS_MAX`]).
     pub maps_truncated: u64,
-    /// Loader notifications left to the periodic scan ([`NOTIFY_SHARE`]).
-    pub notifications_deferred: u64,
+    /// Seconds in which the loader's notifications took their share ([`NOTIFY_SHARE`]) and
+    /// the rest waited for the periodic scan (a `dlopen` storm).
+    pub notify_pauses: u64,
     /// Attaches refused for want of file descriptors (RLIMIT_NOFILE).
     pub fd_limit: u64,
     /// Copies detached because they changed on disk.
@@ -246,7 +247,10 @@ impl Limits {
             (self.processes, "processes not probed (limit)"),
             (self.failures_unlisted, "untraceable files not listed"),
             (self.maps_truncated, "maps read in part"),
-            (self.notifications_deferred, "notifications deferred"),
+            (
+                self.notify_pauses,
+                "seconds of loader notifications paused (dlopen storm)",
+            ),
             (self.fd_limit, "attaches refused: file descriptor limit"),
             (self.changed_on_disk, "copies detached: changed on disk"),
             (self.unleased, "files without a read lease"),
@@ -555,26 +559,30 @@ impl CufileTracing {
         if now.duration_since(self.notify_spent.1) >= Duration::from_secs(1) {
             self.notify_spent = (Duration::ZERO, now);
         }
-        if self.notify_spent.0 >= Duration::from_secs(1).mul_f64(NOTIFY_SHARE) {
-            if self.limits.notifications_deferred == 0 {
-                tracing::warn!(
-                    "cuFile: the loader's notifications take over {:.0} % of the cuFile \
-                     thread (a dlopen storm?): the rest wait for the periodic scan",
-                    NOTIFY_SHARE * 100.0
-                );
-            }
-            self.limits.notifications_deferred += pids.len() as u64;
+        let share = Duration::from_secs(1).mul_f64(NOTIFY_SHARE);
+        if self.notify_spent.0 >= share {
             return Vec::new();
         }
         let seen = procmaps::scan(&self.proc_root, Some(pids));
-        // What a storm costs is reading maps; attaching what they show is the work itself.
-        self.notify_spent.0 += now.elapsed();
         tracing::debug!(
             ?pids,
             users = seen.users.len(),
             "cuFile: scanned after the loader's notification"
         );
-        self.apply(ebpf, seen, nvfs_loaded, false)
+        let changes = self.apply(ebpf, seen, nvfs_loaded, false);
+        self.notify_spent.0 += now.elapsed();
+        if self.notify_spent.0 >= share {
+            if self.limits.notify_pauses == 0 {
+                tracing::warn!(
+                    "cuFile: the loader's notifications took {:.0} % of the cuFile thread this \
+                     second (a dlopen storm?): it stops listening to them until the next one; \
+                     the periodic scan still finds every library",
+                    NOTIFY_SHARE * 100.0
+                );
+            }
+            self.limits.notify_pauses += 1;
+        }
+        changes
     }
 
     fn is_closing(&self, file: FileId) -> bool {
@@ -582,6 +590,15 @@ impl CufileTracing {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&file)
+    }
+
+    /// While notifications take more than their share ([`NOTIFY_SHARE`]), when the cuFile
+    /// thread may listen to them again: until then it does not wake for them (the kernel's
+    /// ring buffer keeps the newest it can; the periodic scan finds what they would have).
+    pub fn notify_paused_until(&self) -> Option<Instant> {
+        let share = Duration::from_secs(1).mul_f64(NOTIFY_SHARE);
+        let end = self.notify_spent.1 + Duration::from_secs(1);
+        (self.notify_spent.0 >= share && Instant::now() < end).then_some(end)
     }
 
     /// Remembers that `file` cannot be traced (bounded; logged within [`LOG_BURST`]).

@@ -454,6 +454,16 @@ impl UringTracer {
         }
     }
 
+    /// Until when the cuFile thread should not wake for the loader's notifications (they
+    /// took their share of its time: see `trace::cufile::NOTIFY_SHARE`).
+    pub fn cufile_notify_paused_until(&self) -> Option<std::time::Instant> {
+        self.cufile
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notify_paused_until()
+    }
+
     /// Detaches from every watched file that changed on disk (logged at WARN).
     pub fn cufile_files_changed(&self) {
         if let Some(c) = &self.cufile {
