@@ -168,7 +168,8 @@ fn restart_waits_for_the_previous_agent_still_releasing() {
     let mut second = second_agent(addr, &log);
     let want = format!(
         "the previous gds-agent (pid {pid}, state Z: a zombie) is still releasing its probes; \
-         it exits by itself, retry in a few seconds: waiting up to 30s for it"
+         it exits by itself, retry in a few seconds: waiting up to {}s for it",
+        gds_user::http::PREVIOUS_AGENT_WAIT.as_secs()
     );
     within(Duration::from_secs(10), "the WARN", read, || {
         read().contains(&want)
