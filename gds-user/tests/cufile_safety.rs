@@ -514,3 +514,57 @@ fn a_dlopen_storm_by_nobody_costs_the_agent_a_bounded_share_of_a_core() {
         "/debug/layers does not say notifications were paused: {layers}"
     );
 }
+
+/// 300 junk files named `libcufile.so.N` mapped by `nobody`: the list of files not traced, the
+/// log and the work stay bounded, and what was left out is counted (before: 3,000 files gave
+/// 3,000 `not_traced` entries and 3,000 log lines).
+#[test]
+fn junk_libraries_are_listed_and_logged_within_bounds() {
+    require_root();
+    const JUNK: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for i in 0..JUNK {
+        let p = dir.path().join(format!("libcufile.so.{i}"));
+        std::fs::write(&p, b"not an ELF file, only its name").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let agent = Agent::start(&[]);
+    let script = format!(
+        "import mmap, os, time\n\
+         ms = []\n\
+         for i in range({JUNK}):\n\
+         \x20   f = os.open(os.path.join('{}', 'libcufile.so.%d' % i), os.O_RDONLY)\n\
+         \x20   ms.append(mmap.mmap(f, 0, mmap.MAP_PRIVATE, mmap.PROT_READ))\n\
+         print('mapped', flush=True)\n\
+         time.sleep(30)\n",
+        dir.path().display()
+    );
+    let mut argv = setpriv_nobody("");
+    argv.extend(["/usr/bin/python3".into(), "-c".into(), script]);
+    let mut nobody = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv python3");
+    let mut line = String::new();
+    BufReader::new(nobody.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "mapped");
+    // Three periodic scans.
+    std::thread::sleep(Duration::from_secs(2));
+    let listed = report(&agent).not_traced.len();
+    let layers = agent.get("/debug/layers");
+    let _ = nobody.kill();
+    let _ = nobody.wait();
+    let log = agent.log();
+    let logged = log.matches("cuFile: cannot trace").count();
+    eprintln!("{JUNK} junk libraries: {listed} listed, {logged} log lines");
+    assert!(listed <= 64, "{listed} files listed as not traced");
+    assert!(logged <= 16, "{logged} 'cannot trace' log lines:\n{log}");
+    assert!(
+        layers.contains("untraceable files not listed"),
+        "/debug/layers does not count the files left out: {layers}"
+    );
+}

@@ -625,13 +625,9 @@ impl CufileTracing {
 
     /// Counts an attach error that hit the file descriptor limit, with a WARN the first time.
     fn note_fd_limit(&mut self, e: &TraceError) {
-        if is_fd_limit(e) {
+        if let Some(hit) = crate::privileges::fd_limit_hit(e) {
             if self.limits.fd_limit == 0 {
-                tracing::warn!(
-                    "cuFile: file descriptor limit reached ({}): uprobes not attached; raise \
-                     LimitNOFILE (each libcufile copy takes 28 descriptors, each process 2–3)",
-                    fd_limit_text()
-                );
+                tracing::warn!("cuFile: uprobes not attached: {hit}");
             }
             self.limits.fd_limit += 1;
         }
@@ -972,31 +968,6 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Whether `e` or one of its sources is EMFILE/ENFILE.
-fn is_fd_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
-        if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-        {
-            return true;
-        }
-        cur = c.source();
-    }
-    with_causes(e).contains("os error 24")
-}
-
-/// "RLIMIT_NOFILE soft N, hard M".
-fn fd_limit_text() -> String {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
-    format!("RLIMIT_NOFILE soft {}, hard {}", r.rlim_cur, r.rlim_max)
-}
-
 /// Opens the file behind `m` ([`elf::open`]'s checks) and reads `wanted` from it: no lock held.
 fn open_and_read(m: &Mapping, wanted: &[&'static str]) -> Result<(File, LibSymbols), TraceError> {
     let lib_err = |e: elf::ElfError| TraceError::Library {
@@ -1122,9 +1093,10 @@ impl Attacher {
             return m
                 .attach(prog, target, &offsets, &cookies, ret, pid)
                 .map(|fd| vec![Link::Multi(fd)])
-                .map_err(|e| TraceError::Library {
+                .map_err(|source| TraceError::MultiLink {
                     path: target.display().to_string(),
-                    why: format!("multi-uprobe link for {prog}: {e}"),
+                    prog,
+                    source,
                 });
         }
         let scope = match pid.and_then(std::num::NonZeroU32::new) {

@@ -50,6 +50,13 @@ pub enum TraceError {
     Mmap(#[source] std::io::Error),
     #[error("library {path}: {why}")]
     Library { path: String, why: String },
+    #[error("library {path}: multi-uprobe link for {prog}: {source}")]
+    MultiLink {
+        path: String,
+        prog: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
 }
