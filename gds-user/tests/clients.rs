@@ -158,7 +158,7 @@ fn listen_takes_a_host_name_as_agent_does() {
     let hostport = format!("localhost:{}", free_port());
     // The address `--agent localhost:PORT` (and the test's client) resolves to.
     let addr = client::parse_addr(&hostport).unwrap();
-    let mut agent = Agent::start_reaching(addr, &["--listen", &hostport]);
+    let agent = Agent::start_reaching(addr, &["--listen", &hostport]);
     let out = Command::new(BIN)
         .args(["stalls", "--agent", &hostport])
         .output()

@@ -12,80 +12,40 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Agent, Metrics, require_root, unshare_private};
+use common::{Agent, LineChild, Metrics, libcufile, require_root, unshare_private};
 use gds_user::model::{cufile::CufileReport, labels};
 
-/// Where `cargo xtask setup` puts the wheel's library.
-fn libcufile() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GDS_LIBCUFILE") {
-        return Some(PathBuf::from(p));
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0");
-    p.exists().then_some(p)
-}
-
 /// The Python cuFile application (`fixtures/cufile_caller.py`), driven line by line.
-struct App {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct App(LineChild);
 
 impl App {
     /// `python3 cufile_caller.py`, after `wrapper` (which must exec it).
     fn spawn(wrapper: &[String]) -> App {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cufile_caller.py");
-        let mut argv: Vec<String> = wrapper.to_vec();
-        argv.extend(["python3".into(), script.display().to_string()]);
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            // cuFile writes cufile.log into its working directory.
-            .current_dir(std::env::temp_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        App {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer).unwrap();
-        assert!(!answer.is_empty(), "cufile_caller exited on `{line}`");
-        answer.trim().to_owned()
+        App(LineChild::cufile_caller("python3", wrapper))
     }
 
     /// dlopen; returns the process id.
     fn load(&mut self, lib: &Path) -> u32 {
-        let a = self.cmd(&format!("load {}", lib.display()));
-        a.strip_prefix("loaded ").unwrap().parse().unwrap()
+        self.0.cmd_pid(&format!("load {}", lib.display()))
     }
 
     /// Calls `name` `n` times; returns the last result.
     fn call(&mut self, name: &str, n: u32) -> i64 {
-        let a = self.cmd(&format!("call {name} {n}"));
+        let a = self.0.cmd(&format!("call {name} {n}"));
         a.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
-    fn exit(mut self) {
-        let t = Instant::now();
-        let _ = writeln!(self.stdin, "exit");
-        let _ = self.child.wait();
-        eprintln!("exit took {:?}", t.elapsed());
+    fn cmd(&mut self, line: &str) -> String {
+        self.0.cmd(line)
+    }
+
+    fn exit(self) {
+        self.0.exit()
     }
 }
 

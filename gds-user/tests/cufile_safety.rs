@@ -16,11 +16,11 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Agent, require_root, setpriv_nobody};
+use common::{Agent, LineChild, libcufile, require_root, setpriv_nobody};
 use gds_user::model::cufile::CufileReport;
 
 fn fixture(name: &str) -> PathBuf {
@@ -50,43 +50,6 @@ fn build_rewrite_libs(dir: &Path) -> (PathBuf, PathBuf) {
     (build("old.so", true), build("new.so", false))
 }
 
-/// `fixtures/cufile_caller.py`, driven line by line (`load`, `call`, `exit`).
-struct Caller {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Caller {
-    fn spawn() -> Caller {
-        let mut child = Command::new("python3")
-            .arg(fixture("cufile_caller.py"))
-            .current_dir(std::env::temp_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        Caller {
-            stdin: child.stdin.take().unwrap(),
-            stdout: BufReader::new(child.stdout.take().unwrap()),
-            child,
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer).unwrap();
-        assert!(!answer.is_empty(), "cufile_caller exited on `{line}`");
-        answer.trim().to_owned()
-    }
-
-    fn exit(mut self) {
-        let _ = writeln!(self.stdin, "exit");
-        let _ = self.child.wait();
-    }
-}
-
 fn report(agent: &Agent) -> CufileReport {
     serde_json::from_str(&agent.get("/debug/cufile")).expect("/debug/cufile is a CufileReport")
 }
@@ -110,9 +73,8 @@ fn library_rewritten_in_place_never_meets_old_probes() {
         std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
         std::fs::copy(&old, &lib).unwrap();
         let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&lib).unwrap());
-        let mut a = Caller::spawn();
-        let answer = a.cmd(&format!("load {}", lib.display()));
-        let pid: u32 = answer.strip_prefix("loaded ").unwrap().parse().unwrap();
+        let mut a = LineChild::cufile_caller("python3", &[]);
+        let pid = a.cmd_pid(&format!("load {}", lib.display()));
         let t = Instant::now();
         while !report(&agent)
             .libraries
@@ -263,16 +225,6 @@ fn huge_files_named_like_libraries_cost_nothing() {
     );
 }
 
-/// The real libcufile from PyPI (`cargo xtask setup` puts it under `target/pypi`).
-fn libcufile() -> PathBuf {
-    std::env::var_os("GDS_LIBCUFILE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0")
-        })
-}
-
 /// 50 copies of libcufile in one process, the agent under the shipped unit's limits as
 /// systemd applies them (soft RLIMIT_NOFILE 1024, a pids limit of 200): every call counted,
 /// `/metrics` answering throughout, and SIGTERM done within the unit's 20 s stop timeout,
@@ -282,12 +234,8 @@ fn fifty_copies_under_the_units_limits() {
     require_root();
     const COPIES: usize = 50;
     const CALLS: usize = 4;
-    let lib = libcufile();
-    assert!(
-        lib.exists(),
-        "{} missing: run `cargo xtask setup` (it installs NVIDIA's libcufile from PyPI)",
-        lib.display()
-    );
+    let lib = libcufile()
+        .expect("NVIDIA's libcufile: run `cargo xtask setup` (it installs it from PyPI)");
     let dir = tempfile::tempdir().unwrap();
     let copies: Vec<PathBuf> = (0..COPIES)
         .map(|i| {

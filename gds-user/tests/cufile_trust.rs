@@ -13,14 +13,13 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Agent, Metrics, cufile_lock, require_root, setpriv_nobody};
+use common::{Agent, LineChild, Metrics, cufile_lock, require_root, setpriv_nobody};
 use gds_common::cufile::{CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX, CUFILE_PROCESS_QUOTA};
 use gds_user::model::cufile::{CufileProcess, CufileReport};
 
@@ -87,11 +86,7 @@ impl Fixtures {
 }
 
 /// `fixtures/cufile_driver.c`, driven line by line.
-struct Driver {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct Driver(LineChild);
 
 impl Driver {
     /// `wrapper… driver LIBRARY` (a wrapper must exec the driver: its pid is the driver's).
@@ -99,39 +94,20 @@ impl Driver {
         let mut argv: Vec<String> = wrapper.to_vec();
         argv.push(driver.display().to_string());
         argv.push(fx.path("libcufile.so.0").display().to_string());
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .current_dir(fx.dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("cufile driver");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Driver {
-            child,
-            stdin,
-            stdout,
-        }
+        Driver(LineChild::spawn(&argv, fx.dir.path()))
     }
 
     fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer).unwrap();
-        assert!(!answer.is_empty(), "cufile_driver exited on `{line}`");
-        answer.trim().to_owned()
+        self.0.cmd(line)
     }
 
     /// dlopen; returns the process id.
     fn load(&mut self) -> u32 {
-        let a = self.cmd("load");
-        a.strip_prefix("loaded ").unwrap().parse().unwrap()
+        self.0.cmd_pid("load")
     }
 
-    fn exit(mut self) {
-        let _ = writeln!(self.stdin, "exit");
-        let _ = self.child.wait();
+    fn exit(self) {
+        self.0.exit()
     }
 }
 
@@ -394,7 +370,7 @@ fn pid_and_comm_filter_the_cufile_layer() {
     for filter in ["--pid", "--comm"] {
         let mut keep = Driver::spawn(&fx, &[], &keep_bin);
         let value = match filter {
-            "--pid" => keep.child.id().to_string(),
+            "--pid" => keep.0.child.id().to_string(),
             _ => "gds-cf-keep".to_owned(),
         };
         let agent = Agent::start(&[filter, &value]);

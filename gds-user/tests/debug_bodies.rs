@@ -12,13 +12,12 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Agent, cufile_lock, require_root};
+use common::{Agent, LineChild, cufile_lock, require_root};
 use gds_common::cufile::CUFILE_FILES_MAX;
 use gds_user::model::{
     Snapshot,
@@ -69,51 +68,21 @@ fn build(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// `fixtures/cufile_driver.c LIBRARY`, driven line by line.
 struct Driver {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    line: LineChild,
     pid: u32,
 }
 
 impl Driver {
     /// Spawns it and has it dlopen the library.
     fn load(driver: &Path, lib: &Path) -> Driver {
-        let mut child = Command::new(driver)
-            .arg(lib)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("cufile driver");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut d = Driver {
-            child,
-            stdin,
-            stdout,
-            pid: 0,
-        };
-        d.pid = d
-            .cmd("load")
-            .strip_prefix("loaded ")
-            .unwrap()
-            .parse()
-            .unwrap();
-        d
+        let argv = [driver.display().to_string(), lib.display().to_string()];
+        let mut line = LineChild::spawn(&argv, &std::env::temp_dir());
+        let pid = line.cmd_pid("load");
+        Driver { line, pid }
     }
 
     fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer).unwrap();
-        assert!(!answer.is_empty(), "cufile_driver exited on `{line}`");
-        answer.trim().to_owned()
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "exit");
-        let _ = self.child.wait();
+        self.line.cmd(line)
     }
 }
 

@@ -13,8 +13,8 @@ use std::{
 };
 
 use common::{
-    Agent, NOBODY, PipeRead, counted_nops, free_port, http_get, serial, setpriv_nobody,
-    unshare_private,
+    Agent, LineChild, NOBODY, PipeRead, counted_nops, free_port, http_get, libcufile, serial,
+    setpriv_nobody, unshare_private,
 };
 use gds_user::privileges::{
     CAP_BPF, CAP_PERFMON, CapSet, CufileAccess, ThreadCaps, unit_capabilities,
@@ -297,62 +297,6 @@ fn shipped_unit_caps() -> CapSet {
 }
 
 /// The real libcufile from PyPI (see tests/cufile.rs).
-fn libcufile() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GDS_LIBCUFILE") {
-        return Some(PathBuf::from(p));
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0");
-    p.exists().then_some(p)
-}
-
-/// `fixtures/cufile_caller.py` under `wrapper`, with the system Python (any user may run it).
-struct CufileApp {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    stdout: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl CufileApp {
-    fn spawn(wrapper: &[String]) -> CufileApp {
-        use std::process::Stdio;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cufile_caller.py");
-        let mut argv: Vec<String> = wrapper.to_vec();
-        argv.extend(["/usr/bin/python3".into(), script.display().to_string()]);
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            // cuFile writes cufile.log into its working directory.
-            .current_dir(std::env::temp_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        CufileApp {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        use std::io::{BufRead as _, Write as _};
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer).unwrap();
-        assert!(!answer.is_empty(), "cufile_caller exited on `{line}`");
-        answer.trim().to_owned()
-    }
-}
-
-impl Drop for CufileApp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Calls process `pid` made that /debug/cufile counts (None: not listed).
 fn cufile_calls_of(agent: &Agent, pid: u32) -> Option<u64> {
     let r: serde_json::Value = serde_json::from_str(&agent.get("/debug/cufile")).unwrap();
@@ -448,7 +392,7 @@ fn shipped_unit_capabilities_count_cufile_calls_or_say_what_is_missing() {
         "--clear-groups".into(),
     ];
     for (who, wrapper) in [("root", vec![]), ("nobody", nobody)] {
-        let mut app = CufileApp::spawn(&wrapper);
+        let mut app = LineChild::cufile_caller("/usr/bin/python3", &wrapper);
         let a = app.cmd(&format!("load {}", lib.display()));
         let pid: u32 = a.strip_prefix("loaded ").unwrap().parse().unwrap();
         within_10s(&format!("{who}'s process {pid} attached"), &agent, || {

@@ -79,7 +79,7 @@ use super::{
     TraceError,
     elf::{self, LibSymbols},
     filewatch::FileWatch,
-    lease::Leases,
+    lease::{Lease, Leases},
     procmaps::{self, FileId, Mapping},
     program,
     release::{Link, Releaser},
@@ -161,6 +161,8 @@ struct Held {
     file: File,
     stamp: Option<Stamp>,
     links: Vec<Link>,
+    /// Whether a read lease guards it (taken before its links were made).
+    leased: bool,
 }
 
 impl Held {
@@ -396,19 +398,19 @@ impl CufileTracing {
             .collect()
     }
 
-    /// Takes the read lease on a newly held file; where it cannot be taken, says so once.
-    fn protect(&mut self, held: &Held, path: &str) {
-        let Some(l) = &self.leases else { return };
-        if let Err(e) = l.take(&held.file) {
-            if self.limits.unleased == 0 {
-                tracing::warn!(
-                    "cuFile: no read lease on {path} ({e}; its file system may not support \
-                     leases): a rewrite in place is seen by inotify, after the writer started, \
-                     so a program started right after it may meet old probes"
-                );
-            }
-            self.limits.unleased += 1;
+    /// Counts a file held without a read lease, and says so once.
+    fn note_unleased(&mut self, held: &Held, path: &str) {
+        if held.leased || self.leases.is_none() {
+            return;
         }
+        if self.limits.unleased == 0 {
+            tracing::warn!(
+                "cuFile: no read lease on {path} (its file system may not support leases): a \
+                 rewrite in place is seen by inotify, after the writer started, so a program \
+                 started right after it may meet old probes"
+            );
+        }
+        self.limits.unleased += 1;
     }
 
     /// What readers see (see [`CufileView`]).
@@ -689,9 +691,15 @@ impl CufileTracing {
                 self.limits.loaders += 1;
                 continue;
             }
-            match attach_loader(&self.attacher, ebpf, &self.releaser, m) {
+            match attach_loader(
+                &self.attacher,
+                ebpf,
+                &self.releaser,
+                self.leases.as_ref(),
+                m,
+            ) {
                 Ok(held) => {
-                    self.protect(&held, &m.path);
+                    self.note_unleased(&held, &m.path);
                     if let Some(w) = self.watch.as_mut()
                         && let Err(e) = w.add(&held.file, *file)
                     {
@@ -706,9 +714,9 @@ impl CufileTracing {
                     }
                     self.loaders.insert(*file, Some(held));
                 }
-                Err(_) if !m.via.exists() => {
-                    // Its process exited meanwhile: another one will show it again.
-                }
+                // Its process exited meanwhile, or a writer has it: another scan will show it.
+                Err(_) if !m.via.exists() => {}
+                Err(TraceError::Busy { .. }) => {}
                 Err(e) => {
                     self.note_fd_limit(&e);
                     changes.push(format!(
@@ -790,9 +798,15 @@ impl CufileTracing {
                 );
                 continue;
             }
-            match attach_library(&self.attacher, ebpf, &self.releaser, &mapping) {
+            match attach_library(
+                &self.attacher,
+                ebpf,
+                &self.releaser,
+                self.leases.as_ref(),
+                &mapping,
+            ) {
                 Ok((symbols, held)) => {
-                    self.protect(&held, &mapping.path);
+                    self.note_unleased(&held, &mapping.path);
                     if let Some(w) = self.watch.as_mut()
                         && let Err(e) = w.add(&held.file, file)
                     {
@@ -836,6 +850,8 @@ impl CufileTracing {
                 // The process exited while being attached to: not the library's fault; the
                 // next process that maps it is tried again.
                 Err(_) if !mapping.via.exists() => {}
+                // Being written: tried again at the next scan.
+                Err(TraceError::Busy { .. }) => {}
                 Err(e) => {
                     self.note_fd_limit(&e);
                     self.fail(file, mapping.path, with_causes(&e));
@@ -977,6 +993,22 @@ fn open_and_read(m: &Mapping, wanted: &[&'static str]) -> Result<(File, LibSymbo
     let file = elf::open(&m.via).map_err(lib_err)?;
     let symbols = elf::read_symbols(&file, &m.path, wanted).map_err(lib_err)?;
     Ok((file, symbols))
+}
+
+/// Takes the read lease on `file` before anything is attached to it (see [`super::lease`]):
+/// whether one is held; [`TraceError::Busy`] while a writer has the file.
+fn lease_first(leases: Option<&Leases>, file: &File, m: &Mapping) -> Result<bool, TraceError> {
+    match leases.map(|l| l.try_take(file)) {
+        Some(Lease::Held) => Ok(true),
+        Some(Lease::Busy) => Err(TraceError::Busy {
+            path: m.path.clone(),
+        }),
+        Some(Lease::Unsupported(e)) => {
+            tracing::debug!("cuFile: no read lease on {}: {e}", m.path);
+            Ok(false)
+        }
+        None => Ok(false),
+    }
 }
 
 /// How probes are attached: one multi-uprobe link per file and program where the kernel
@@ -1132,10 +1164,12 @@ fn attach_library(
     at: &Attacher,
     ebpf: &Mutex<Ebpf>,
     releaser: &Releaser,
+    leases: Option<&Leases>,
     m: &Mapping,
 ) -> Result<(LibSymbols, Held), TraceError> {
     let wanted: Vec<&'static str> = SYMBOLS.iter().map(|(n, _)| *n).collect();
     let (file, symbols) = open_and_read(m, &wanted)?;
+    let leased = lease_first(leases, &file, m)?;
     if symbols.found.is_empty() {
         return Err(TraceError::Library {
             path: m.path.clone(),
@@ -1164,7 +1198,15 @@ fn attach_library(
             return Err(e);
         }
     }
-    Ok((symbols, Held { file, stamp, links }))
+    Ok((
+        symbols,
+        Held {
+            file,
+            stamp,
+            links,
+            leased,
+        },
+    ))
 }
 
 /// Attaches `dl_notify` to the loader's `_dl_debug_state` (glibc's debugger hook, exported as
@@ -1173,9 +1215,11 @@ fn attach_loader(
     at: &Attacher,
     ebpf: &Mutex<Ebpf>,
     releaser: &Releaser,
+    leases: Option<&Leases>,
     m: &Mapping,
 ) -> Result<Held, TraceError> {
     let (file, symbols) = open_and_read(m, &["_dl_debug_state"])?;
+    let leased = lease_first(leases, &file, m)?;
     let Some((_, offset)) = symbols.found.first() else {
         return Err(TraceError::Library {
             path: m.path.clone(),
@@ -1192,7 +1236,12 @@ fn attach_loader(
         false,
         None,
     )?;
-    Ok(Held { file, stamp, links })
+    Ok(Held {
+        file,
+        stamp,
+        links,
+        leased,
+    })
 }
 
 /// Attaches the libc probes beneath cuFile in process `pid` only.

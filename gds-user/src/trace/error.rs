@@ -50,6 +50,8 @@ pub enum TraceError {
     Mmap(#[source] std::io::Error),
     #[error("library {path}: {why}")]
     Library { path: String, why: String },
+    #[error("library {path} is being written (or a writer waits for it): attached once it is not")]
+    Busy { path: String },
     #[error("library {path}: multi-uprobe link for {prog}: {source}")]
     MultiLink {
         path: String,

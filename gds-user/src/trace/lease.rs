@@ -42,6 +42,16 @@ struct OwnerEx {
     pid: libc::pid_t,
 }
 
+/// What taking a lease gave.
+#[derive(Debug)]
+pub enum Lease {
+    Held,
+    /// Being written, or a writer waits: not now.
+    Busy,
+    /// The file system (or the rights held) allow no lease: inotify only.
+    Unsupported(io::Error),
+}
+
 /// Lease breaks for the calling thread (see the module documentation).
 pub struct Leases {
     sfd: OwnedFd,
@@ -90,6 +100,17 @@ impl Leases {
             }
         }
         Ok(())
+    }
+
+    /// Takes the lease before anything is attached to the file: a writer that comes later
+    /// waits for the agent. [`Lease::Busy`] while the file is open for writing or a lease of
+    /// it is being broken (a writer is waiting right now): attach it later, not now.
+    pub fn try_take(&self, file: &File) -> Lease {
+        match self.take(file) {
+            Ok(()) => Lease::Held,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Lease::Busy,
+            Err(e) => Lease::Unsupported(e),
+        }
     }
 
     /// The descriptors whose lease is being broken (never blocks).

@@ -1,6 +1,7 @@
 //! Shared helpers for end-to-end tests: a real `gds-agent` process and a real scrape.
 #![allow(dead_code)]
 
+mod lines;
 mod promtext;
 mod service;
 
@@ -14,6 +15,8 @@ use std::{
 
 // `service.rs` reaches the client as `super::client`, in xtask as in these tests.
 use gds_user::client;
+#[allow(unused_imports)]
+pub use lines::{LineChild, libcufile};
 pub use service::Service;
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each

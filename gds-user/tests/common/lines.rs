@@ -1,0 +1,94 @@
+//! A child process driven line by line (a command on its stdin, one answer line on its
+//! stdout): the cuFile applications of the end-to-end tests (`fixtures/cufile_caller.py`,
+//! `fixtures/cufile_driver.c`). It is sent `exit` and waited for when dropped (killed if it does
+//! not exit within 10 s).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct LineChild {
+    pub child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl LineChild {
+    /// Runs `argv` in `dir` (a wrapper such as `setpriv` or `unshare` may come first: it must
+    /// exec the program, so the child's pid is the program's).
+    pub fn spawn(argv: &[String], dir: &Path) -> LineChild {
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+        LineChild {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    /// `fixtures/cufile_caller.py` after `wrapper`, run by `python` (`/usr/bin/python3` for
+    /// another user: one under /root is not reachable), in the temporary directory (cuFile
+    /// writes cufile.log into its working directory).
+    pub fn cufile_caller(python: &str, wrapper: &[String]) -> LineChild {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cufile_caller.py");
+        let mut argv = wrapper.to_vec();
+        argv.extend([python.into(), script.display().to_string()]);
+        LineChild::spawn(&argv, &std::env::temp_dir())
+    }
+
+    /// Sends `line`; the answer, trimmed. Panics if the child exited.
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        assert!(!answer.is_empty(), "{:?} exited on `{line}`", self.child);
+        answer.trim().to_owned()
+    }
+
+    /// The pid in an answer `<word> PID` (`loaded 1234`).
+    pub fn cmd_pid(&mut self, line: &str) -> u32 {
+        let a = self.cmd(line);
+        a.rsplit(' ')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {a:?}"))
+    }
+
+    /// Sends `exit` and waits for the child.
+    pub fn exit(self) {
+        drop(self)
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// NVIDIA's libcufile from PyPI (`GDS_LIBCUFILE`, or where `cargo xtask setup` unpacks it).
+pub fn libcufile() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GDS_LIBCUFILE") {
+        return Some(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0");
+    p.exists().then_some(p)
+}
