@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, LineChild, libcufile, require_root, setpriv_nobody};
+use common::{Agent, LineChild, cufile_lock, libcufile, require_root, setpriv_nobody};
 use gds_user::model::cufile::CufileReport;
 
 fn fixture(name: &str) -> PathBuf {
@@ -60,6 +60,9 @@ fn report(agent: &Agent) -> CufileReport {
 #[test]
 fn library_rewritten_in_place_never_meets_old_probes() {
     require_root();
+    // Its processes map files named libcufile: every agent of the tests running beside it
+    // traces them, and those tests check global cuFile counters.
+    let _serial = cufile_lock();
     const ROUNDS: usize = 20;
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = build_rewrite_libs(dir.path());
@@ -142,6 +145,9 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn huge_files_named_like_libraries_cost_nothing() {
     require_root();
+    // Its processes map files named libcufile: every agent of the tests running beside it
+    // traces them, and those tests check global cuFile counters.
+    let _serial = cufile_lock();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let files = [
@@ -232,6 +238,9 @@ fn huge_files_named_like_libraries_cost_nothing() {
 #[test]
 fn fifty_copies_under_the_units_limits() {
     require_root();
+    // Its processes map files named libcufile: every agent of the tests running beside it
+    // traces them, and those tests check global cuFile counters.
+    let _serial = cufile_lock();
     const COPIES: usize = 50;
     const CALLS: usize = 4;
     let lib = libcufile()
@@ -469,6 +478,9 @@ fn a_dlopen_storm_by_nobody_costs_the_agent_a_bounded_share_of_a_core() {
 #[test]
 fn junk_libraries_are_listed_and_logged_within_bounds() {
     require_root();
+    // Its processes map files named libcufile: every agent of the tests running beside it
+    // traces them, and those tests check global cuFile counters.
+    let _serial = cufile_lock();
     const JUNK: usize = 300;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

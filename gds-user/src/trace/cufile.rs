@@ -1189,15 +1189,20 @@ fn attach_library(
         })
         .collect();
     let f = (&file, m.file);
-    let mut links = at.attach(ebpf, releaser, "cufile_enter", f, &points, false, None)?;
-    match at.attach(ebpf, releaser, "cufile_exit", f, &points, true, None) {
-        Ok(l) => links.extend(l),
+    // Returns first: a call already in flight when its entry probe arrives is a return without
+    // an entry (`ReturnUnmatched`), not an entry that never returns and would sit in the
+    // in-flight table as a phantom call.
+    let exits = at.attach(ebpf, releaser, "cufile_exit", f, &points, true, None)?;
+    let mut links = match at.attach(ebpf, releaser, "cufile_enter", f, &points, false, None) {
+        Ok(l) => l,
         Err(e) => {
             // A library is attached whole or not at all.
-            releaser.close_later(links);
+            releaser.close_later(exits);
             return Err(e);
         }
-    }
+    };
+    // Closed in this order (entries, then returns), for the same reason.
+    links.extend(exits);
     Ok((
         symbols,
         Held {
