@@ -140,6 +140,34 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
+/// `nobody` maps `names` in `dir` (read-only, private) and sleeps 30 s; returns once they are
+/// mapped. Debian's python: one under /root (pyenv) is not reachable by nobody.
+fn nobody_maps(dir: &Path, names: &[&str]) -> std::process::Child {
+    let script = format!(
+        "import mmap, os, time\n\
+         ms = []\n\
+         for n in {names:?}:\n\
+         \x20   f = os.open(os.path.join('{}', n), os.O_RDONLY)\n\
+         \x20   ms.append(mmap.mmap(f, os.fstat(f).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ))\n\
+         print('mapped', flush=True)\n\
+         time.sleep(30)\n",
+        dir.display()
+    );
+    let mut argv = setpriv_nobody("");
+    argv.extend(["/usr/bin/python3".into(), "-c".into(), script]);
+    let mut nobody = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv python3");
+    let mut line = String::new();
+    BufReader::new(nobody.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "mapped");
+    nobody
+}
+
 /// Huge sparse files named like libcufile and like the loader, mapped by `nobody`: refused
 /// from their size, without reading them and without holding up the HTTP server.
 #[test]
@@ -173,29 +201,7 @@ fn huge_files_named_like_libraries_cost_nothing() {
     }
     let before = rss_kib(agent.pid());
     // nobody maps both (read-only, private) and waits.
-    let script = format!(
-        "import mmap, os, sys, time\n\
-         ms = []\n\
-         for n in ['libcufile.so.0', 'ld-linux-x86-64.so.2']:\n\
-         \x20   f = os.open(os.path.join('{}', n), os.O_RDONLY)\n\
-         \x20   ms.append(mmap.mmap(f, os.fstat(f).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ))\n\
-         print('mapped', flush=True)\n\
-         time.sleep(30)\n",
-        dir.path().display()
-    );
-    let mut argv = setpriv_nobody("");
-    // Debian's python: a python3 under /root (pyenv) is not reachable by nobody.
-    argv.extend(["/usr/bin/python3".into(), "-c".into(), script]);
-    let mut nobody = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("setpriv python3");
-    let mut line = String::new();
-    BufReader::new(nobody.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "mapped");
+    let mut nobody = nobody_maps(dir.path(), &["libcufile.so.0", "ld-linux-x86-64.so.2"]);
     // 4 s: eight periodic scans, and the loader's notifications.
     let t = Instant::now();
     let mut slowest = Duration::ZERO;
@@ -490,28 +496,11 @@ fn junk_libraries_are_listed_and_logged_within_bounds() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     let agent = Agent::start(&[]);
-    let script = format!(
-        "import mmap, os, time\n\
-         ms = []\n\
-         for i in range({JUNK}):\n\
-         \x20   f = os.open(os.path.join('{}', 'libcufile.so.%d' % i), os.O_RDONLY)\n\
-         \x20   ms.append(mmap.mmap(f, 0, mmap.MAP_PRIVATE, mmap.PROT_READ))\n\
-         print('mapped', flush=True)\n\
-         time.sleep(30)\n",
-        dir.path().display()
+    let names: Vec<String> = (0..JUNK).map(|i| format!("libcufile.so.{i}")).collect();
+    let mut nobody = nobody_maps(
+        dir.path(),
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    let mut argv = setpriv_nobody("");
-    argv.extend(["/usr/bin/python3".into(), "-c".into(), script]);
-    let mut nobody = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("setpriv python3");
-    let mut line = String::new();
-    BufReader::new(nobody.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "mapped");
     // Three periodic scans.
     std::thread::sleep(Duration::from_secs(2));
     let listed = report(&agent).not_traced.len();
