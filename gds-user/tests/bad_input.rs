@@ -71,21 +71,7 @@ impl Ctx {
     /// Makes the busy port an agent that answers every request with `answer` once it has read
     /// the request's head (a thread per connection, until the test process ends).
     fn hostile_agent(&self, answer: fn(std::net::TcpStream)) -> String {
-        use std::io::Read as _;
-        let listener = self.busy.try_clone().unwrap();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut req = Vec::new();
-                    let mut byte = [0u8];
-                    while !req.ends_with(b"\r\n\r\n") && matches!(s.read(&mut byte), Ok(1)) {
-                        req.push(byte[0]);
-                    }
-                    answer(s);
-                });
-            }
-        });
+        common::serve_after_head(self.busy.try_clone().unwrap(), answer);
         format!("127.0.0.1:{}", self.busy_port())
     }
 

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Metrics, serial};
+use common::{Agent, Metrics, rss_kib, serial};
 
 const CHILDREN: usize = 10_000;
 /// Command name of the children (at most 15 bytes).
@@ -105,15 +105,6 @@ fn run_children(n: usize) -> usize {
     }
     running.into_iter().for_each(reap);
     forked
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// Label names of a parsed series key `name{a="x",b="y"}`.

@@ -21,19 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_gds-agent");
 fn hostile_server(answer: fn(TcpStream)) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut byte = [0u8];
-                while !req.ends_with(b"\r\n\r\n") && matches!(s.read(&mut byte), Ok(1)) {
-                    req.push(byte[0]);
-                }
-                answer(s);
-            });
-        }
-    });
+    common::serve_after_head(l, answer);
     addr
 }
 

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, LineChild, Metrics, libcufile, require_root, unshare_private};
+use common::{Agent, LineChild, Metrics, require_libcufile, require_root, unshare_private, within};
 use gds_user::model::{cufile::CufileReport, labels};
 
 /// The Python cuFile application (`fixtures/cufile_caller.py`), driven line by line.
@@ -51,21 +51,6 @@ impl App {
 
 fn report(agent: &Agent) -> CufileReport {
     serde_json::from_str(&agent.get("/debug/cufile")).expect("/debug/cufile is a CufileReport")
-}
-
-/// Waits up to `limit` for `ok`; returns how long it took.
-fn within(limit: Duration, what: &str, agent: &Agent, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(
-            t.elapsed() < limit,
-            "{what}: not within {limit:?}\n/debug/cufile: {}\nagent log:\n{}",
-            agent.get("/debug/cufile"),
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t.elapsed()
 }
 
 /// The inode of the library file `pid` maps.
@@ -103,12 +88,7 @@ fn error_name(op: u32, result: i64) -> &'static str {
 #[test]
 fn cufile_calls_counted_exactly_wherever_the_library_is() {
     require_root();
-    let Some(lib) = libcufile() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "libcufile from PyPI is missing under target/pypi: `cargo xtask setup` installs it"
-        );
-        eprintln!("SKIPPED: no libcufile (run `cargo xtask setup`, or set GDS_LIBCUFILE)");
+    let Some(lib) = require_libcufile() else {
         return;
     };
     // Other tests' cuFile calls would be in this agent's global counters.

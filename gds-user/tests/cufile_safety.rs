@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, LineChild, cufile_lock, libcufile, require_root, setpriv_nobody};
+use common::{Agent, LineChild, cc, cufile_lock, libcufile, require_root, rss_kib, setpriv_nobody};
 use gds_user::model::cufile::CufileReport;
 
 fn fixture(name: &str) -> PathBuf {
@@ -34,17 +34,20 @@ fn build_rewrite_libs(dir: &Path) -> (PathBuf, PathBuf) {
     let src = fixture("libcufile_rewrite.c");
     let build = |out: &str, old: bool| {
         let path = dir.join(out);
-        let mut cc = Command::new("cc");
-        cc.args(["-O1", "-shared", "-fPIC", "-fcf-protection=none", "-o"])
-            .arg(&path)
-            .arg(&src);
+        let (p, src) = (path.to_str().unwrap(), src.to_str().unwrap());
+        let mut args = vec![
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-fcf-protection=none",
+            "-o",
+            p,
+            src,
+        ];
         if old {
-            cc.arg("-DOLD");
+            args.push("-DOLD");
         }
-        let st = cc
-            .status()
-            .expect("cc (the C compiler) for the fixture library");
-        assert!(st.success(), "cc failed for {out}");
+        cc(&args);
         path
     };
     (build("old.so", true), build("new.so", false))
@@ -128,16 +131,6 @@ fn library_rewritten_in_place_never_meets_old_probes() {
         writer_waits[ROUNDS / 2],
         writer_waits[ROUNDS - 1]
     );
-}
-
-/// The agent's resident memory, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// `nobody` maps `names` in `dir` (read-only, private) and sleeps 30 s; returns once they are
@@ -411,6 +404,9 @@ fn thread_ticks(pid: u32, name: &str) -> u64 {
 #[test]
 fn a_dlopen_storm_by_nobody_costs_the_agent_a_bounded_share_of_a_core() {
     require_root();
+    // The cuFile thread's time is measured: not while other tests start cuFile processes,
+    // which it then (rightly) attaches to.
+    let _serial = cufile_lock();
     // A library no process has loaded: every dlopen maps it, every dlclose unmaps it (and the
     // loader calls `_dl_debug_state` around each).
     let dir = tempfile::tempdir().unwrap();

@@ -15,11 +15,12 @@ mod common;
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Agent, LineChild, Metrics, cufile_lock, require_root, setpriv_nobody};
+use common::{
+    Agent, LineChild, Metrics, build_standin, cufile_lock, require_root, setpriv_nobody, within,
+};
 use gds_common::cufile::{CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX, CUFILE_PROCESS_QUOTA};
 use gds_user::model::cufile::{CufileProcess, CufileReport};
 
@@ -33,38 +34,7 @@ impl Fixtures {
     fn build() -> Fixtures {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let cc = |args: &[&str]| {
-            let out = Command::new("cc").args(args).output().expect("cc");
-            assert!(
-                out.status.success(),
-                "cc {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let lib = dir.path().join("libcufile.so.0");
-        let standin = src.join("libcufile_standin.c");
-        cc(&[
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-Wall",
-            "-Werror",
-            "-o",
-            lib.to_str().unwrap(),
-            standin.to_str().unwrap(),
-        ]);
-        let driver = dir.path().join("cufile-driver");
-        let driver_src = src.join("cufile_driver.c");
-        cc(&[
-            "-O2",
-            "-Wall",
-            "-Werror",
-            "-o",
-            driver.to_str().unwrap(),
-            driver_src.to_str().unwrap(),
-            "-ldl",
-        ]);
+        let (lib, driver) = build_standin(dir.path());
         let data = dir.path().join("data");
         std::fs::write(&data, vec![7u8; 1 << 20]).unwrap();
         for f in [&lib, &driver, &data] {
@@ -127,20 +97,6 @@ fn user_of(agent: &Agent, pid: u32) -> Option<String> {
         .iter()
         .find(|p| p["pid"] == pid)
         .and_then(|p| p["user"].as_str().map(str::to_owned))
-}
-
-/// Waits up to `limit` for `ok`.
-fn within(limit: Duration, what: &str, agent: &Agent, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(
-            t.elapsed() < limit,
-            "{what}: not within {limit:?}\n/debug/cufile: {}\nagent log:\n{}",
-            agent.get("/debug/cufile"),
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until the agent has attached the library `pid` maps.

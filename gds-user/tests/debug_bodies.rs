@@ -12,12 +12,11 @@
 mod common;
 
 use std::{
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use common::{Agent, LineChild, cufile_lock, require_root};
+use common::{Agent, LineChild, build_standin, cufile_lock, require_root};
 use gds_common::cufile::CUFILE_FILES_MAX;
 use gds_user::model::{
     Snapshot,
@@ -36,35 +35,6 @@ const SMALL: usize = REPORT_PROCESSES + 6;
 const SMALL_FILES: usize = REPORT_FILES_PER_PROCESS + 1;
 /// Handles the flooding process registers: more than the kernel's 8,192 rows.
 const FLOOD: usize = 9_000;
-
-/// Builds the stand-in library and the driver with the host's C compiler.
-fn build(dir: &Path) -> (PathBuf, PathBuf) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let cc = |args: &[&str]| {
-        let out = Command::new("cc").args(args).output().expect("cc");
-        assert!(
-            out.status.success(),
-            "cc {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let lib = dir.join("libcufile.so.0");
-    let driver = dir.join("cufile-driver");
-    let standin = src.join("libcufile_standin.c");
-    cc(&["-shared", "-fPIC", "-O2", "-o", lib.to_str().unwrap()]
-        .into_iter()
-        .chain([standin.to_str().unwrap()])
-        .collect::<Vec<_>>());
-    let driver_src = src.join("cufile_driver.c");
-    cc(&[
-        "-O2",
-        "-o",
-        driver.to_str().unwrap(),
-        driver_src.to_str().unwrap(),
-        "-ldl",
-    ]);
-    (lib, driver)
-}
 
 /// `fixtures/cufile_driver.c LIBRARY`, driven line by line.
 struct Driver {
@@ -122,7 +92,7 @@ fn debug_bodies_stay_bounded_with_the_cufile_tables_full() {
     require_root();
     let _lock = cufile_lock();
     let dir = tempfile::tempdir().unwrap();
-    let (lib, driver) = build(dir.path());
+    let (lib, driver) = build_standin(dir.path());
     // The driver under a name of its own: the agent traces only these processes (`--comm`
     // applies to the cuFile layer), not another test's.
     let name = format!("cfbody{}", std::process::id() % 1_000_000);

@@ -1,7 +1,7 @@
 //! Shared helpers for end-to-end tests: a real `gds-agent` process and a real scrape.
 #![allow(dead_code)]
 
-mod lines;
+mod cufile;
 mod promtext;
 mod service;
 
@@ -14,9 +14,9 @@ use std::{
 };
 
 // `service.rs` reaches the client as `super::client`, in xtask as in these tests.
-use gds_user::client;
 #[allow(unused_imports)]
-pub use lines::{LineChild, libcufile};
+pub use cufile::{LineChild, build_standin, cc, libcufile, require_libcufile};
+use gds_user::client;
 pub use service::Service;
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each
@@ -308,4 +308,54 @@ impl Drop for PipeRead {
             libc::close(self.fds[1]);
         }
     }
+}
+
+/// Waits up to `limit` for `ok`, failing with `/debug/cufile` and the agent's log; returns how
+/// long it took.
+pub fn within(
+    limit: Duration,
+    what: &str,
+    agent: &Agent,
+    mut ok: impl FnMut() -> bool,
+) -> Duration {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < limit,
+            "{what}: not within {limit:?}\n/debug/cufile: {}\nagent log:\n{}",
+            agent.get("/debug/cufile"),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// A process's resident memory, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Serves `listener` as a hostile agent would: reads each request's head, then runs `answer`
+/// on the connection (a thread per connection, for as long as the test process lives).
+pub fn serve_after_head(listener: TcpListener, answer: fn(std::net::TcpStream)) {
+    use std::io::Read as _;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut byte = [0u8];
+                while !req.ends_with(b"\r\n\r\n") && matches!(s.read(&mut byte), Ok(1)) {
+                    req.push(byte[0]);
+                }
+                answer(s);
+            });
+        }
+    });
 }

@@ -1,7 +1,8 @@
-//! A child process driven line by line (a command on its stdin, one answer line on its
-//! stdout): the cuFile applications of the end-to-end tests (`fixtures/cufile_caller.py`,
-//! `fixtures/cufile_driver.c`). It is sent `exit` and waited for when dropped (killed if it does
-//! not exit within 10 s).
+//! What the cuFile end-to-end tests share: the real libcufile from PyPI, the stand-in library
+//! and its driver built with the host's C compiler, and a child process driven line by line
+//! (a command on its stdin, one answer line on its stdout: `fixtures/cufile_caller.py`,
+//! `fixtures/cufile_driver.c`), sent `exit` and waited for when dropped (killed if it does not
+//! exit within 10 s).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -91,4 +92,57 @@ pub fn libcufile() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/pypi/nvidia-cufile/nvidia/cu13/lib/libcufile.so.0");
     p.exists().then_some(p)
+}
+
+/// [`libcufile`], or None with a SKIPPED line where it is missing; CI must have it
+/// (`cargo xtask setup` installs it), so there a missing one fails the test.
+pub fn require_libcufile() -> Option<PathBuf> {
+    let lib = libcufile();
+    if lib.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libcufile from PyPI is missing under target/pypi: `cargo xtask setup` installs it"
+        );
+        eprintln!("SKIPPED: no libcufile (run `cargo xtask setup`, or set GDS_LIBCUFILE)");
+    }
+    lib
+}
+
+/// Runs the host's C compiler (the one Rust links with) with `args`; panics with its output.
+pub fn cc(args: &[&str]) {
+    let out = Command::new("cc").args(args).output().expect("cc");
+    assert!(
+        out.status.success(),
+        "cc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds `fixtures/libcufile_standin.c` as `dir/libcufile.so.0` and `fixtures/cufile_driver.c`
+/// as `dir/cufile-driver`; returns both paths.
+pub fn build_standin(dir: &Path) -> (PathBuf, PathBuf) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (lib, driver) = (dir.join("libcufile.so.0"), dir.join("cufile-driver"));
+    let (standin, driver_src) = (src.join("libcufile_standin.c"), src.join("cufile_driver.c"));
+    let out = |p: &Path| p.to_str().unwrap().to_owned();
+    cc(&[
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-Wall",
+        "-Werror",
+        "-o",
+        &out(&lib),
+        &out(&standin),
+    ]);
+    cc(&[
+        "-O2",
+        "-Wall",
+        "-Werror",
+        "-o",
+        &out(&driver),
+        &out(&driver_src),
+        "-ldl",
+    ]);
+    (lib, driver)
 }
