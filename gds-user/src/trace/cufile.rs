@@ -398,6 +398,20 @@ impl CufileTracing {
             .collect()
     }
 
+    /// Keeps a newly attached file watched for changes: counted if it has no read lease, and
+    /// released (its links closed) if it cannot be watched either, since it could then change
+    /// unseen. The error says why.
+    fn hold(&mut self, id: FileId, held: Held, path: &str) -> Result<Held, String> {
+        self.note_unleased(&held, path);
+        if let Some(w) = self.watch.as_mut()
+            && let Err(e) = w.add(&held.file, id)
+        {
+            self.release(id, held, |_, _| {});
+            return Err(format!("cannot watch it for changes ({e}): not attached"));
+        }
+        Ok(held)
+    }
+
     /// Counts a file held without a read lease, and says so once.
     fn note_unleased(&mut self, held: &Held, path: &str) {
         if held.leased || self.leases.is_none() {
@@ -698,22 +712,15 @@ impl CufileTracing {
                 self.leases.as_ref(),
                 m,
             ) {
-                Ok(held) => {
-                    self.note_unleased(&held, &m.path);
-                    if let Some(w) = self.watch.as_mut()
-                        && let Err(e) = w.add(&held.file, *file)
-                    {
-                        // Not watched: not attached (it could change unseen).
-                        tracing::warn!(
-                            "cuFile: cannot watch loader {} ({e}): not attached",
-                            m.path
-                        );
-                        self.release(*file, held, |_, _| {});
-                        self.loaders.insert(*file, None);
-                        continue;
+                Ok(held) => match self.hold(*file, held, &m.path) {
+                    Ok(held) => {
+                        self.loaders.insert(*file, Some(held));
                     }
-                    self.loaders.insert(*file, Some(held));
-                }
+                    Err(why) => {
+                        tracing::warn!("cuFile: loader {}: {why}", m.path);
+                        self.loaders.insert(*file, None);
+                    }
+                },
                 // Its process exited meanwhile, or a writer has it: another scan will show it.
                 Err(_) if !m.via.exists() => {}
                 Err(TraceError::Busy { .. }) => {}
@@ -806,18 +813,13 @@ impl CufileTracing {
                 &mapping,
             ) {
                 Ok((symbols, held)) => {
-                    self.note_unleased(&held, &mapping.path);
-                    if let Some(w) = self.watch.as_mut()
-                        && let Err(e) = w.add(&held.file, file)
-                    {
-                        self.release(file, held, |_, _| {});
-                        self.fail(
-                            file,
-                            mapping.path,
-                            format!("cannot watch it for changes ({e}): not attached"),
-                        );
-                        continue;
-                    }
+                    let held = match self.hold(file, held, &mapping.path) {
+                        Ok(held) => held,
+                        Err(why) => {
+                            self.fail(file, mapping.path, why);
+                            continue;
+                        }
+                    };
                     changes.push(format!(
                         "cuFile: attached {} uprobes ({} links) to {}{} (inode {}, used by pid {}){}",
                         symbols.found.len() * 2,
