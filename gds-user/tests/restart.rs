@@ -171,7 +171,10 @@ fn restart_waits_for_the_previous_agent_still_releasing() {
          it exits by itself, retry in a few seconds: waiting up to {}s for it",
         gds_user::http::PREVIOUS_AGENT_WAIT.as_secs()
     );
-    within(Duration::from_secs(10), "the WARN", read, || {
+    // The new agent loads and attaches every program before it binds: under the parallel
+    // tests of `cargo xtask test` that took over 10 s once; 30 s, as every test waits for an
+    // agent to serve.
+    within(Duration::from_secs(30), "the WARN", read, || {
         read().contains(&want)
     });
     assert!(read().contains("WARN"), "{}", read());
