@@ -17,11 +17,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../gds-user/src/config/file.rs"]
-#[allow(dead_code)]
-mod file;
-
-use file::{Entry, FileError};
+use gds_host::config_file::{self as file, Entry, FileError};
 
 /// Which scalar values the flags would be given, per `toml::Value`, or None when the file
 /// reader must refuse it (dates, tables, nested or empty lists).

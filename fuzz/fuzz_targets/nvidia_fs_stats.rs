@@ -5,9 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../gds-user/src/probe/nvidia_fs/format.rs"]
-#[allow(dead_code)]
-mod format;
+use gds_host::nvidia_fs as format;
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

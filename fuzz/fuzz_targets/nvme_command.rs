@@ -20,25 +20,16 @@ use std::time::Duration;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code)]
-#[path = "../../gds-user/src/nvme"]
-mod nvme {
-    pub mod cmd;
-    pub mod error;
-    pub mod geometry;
-    pub mod status;
-}
-
-use nvme::cmd::{
+use gds_nvme::cmd::{
     IDENTIFY_DATA_LEN, MAX_IOVECS, NvmeFlushCmd, NvmeIdentifyCmd, NvmeReadCmd, NvmeUringCmd,
     NvmeWriteCmd, UringCmdOp, opcode,
 };
-use nvme::error::{MAX_BLOCKS_PER_COMMAND, NvmeError};
-use nvme::geometry::{
+use gds_nvme::error::{MAX_BLOCKS_PER_COMMAND, NvmeError};
+use gds_nvme::geometry::{
     GeometrySource, IdentifyController, IdentifyNamespace, NamespaceGeometry, block_name_for,
     controller_device_for,
 };
-use nvme::status::{CompletionOutcome, NvmeStatus, errno_hint};
+use gds_nvme::status::{CompletionOutcome, NvmeStatus, errno_hint};
 
 /// LBA size: usually a real one (512 B..64 KiB), sometimes anything at all.
 #[derive(Arbitrary, Debug)]

@@ -11,11 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../gds-user/src/tracefs/format.rs"]
-#[allow(dead_code)]
-mod format;
-
-use format::{EventFormat, Field};
+use gds_host::tracefs::{EventFormat, Field};
 
 fn render(fields: &[Field]) -> String {
     let mut s = String::from("name: fuzz\nID: 1\nformat:\n");

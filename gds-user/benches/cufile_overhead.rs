@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gds_user::trace::{TraceOptions, UringTracer};
+use gds_trace::{TraceOptions, UringTracer};
 
 const ROUNDS: usize = 5;
 const ROUND_TIME: Duration = Duration::from_millis(400);

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use gds_user::trace::{TraceOptions, UringTracer};
+use gds_trace::{TraceOptions, UringTracer};
 use io_uring::{IoUring, opcode, types};
 
 const SNAPSHOTS: usize = 2000;

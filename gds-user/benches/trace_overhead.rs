@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gds_user::trace::{FloorProbe, TraceOptions, UringTracer};
+use gds_trace::{FloorProbe, TraceOptions, UringTracer};
 use io_uring::{IoUring, opcode, types};
 
 const BATCH: usize = 32;

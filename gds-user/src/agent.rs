@@ -16,11 +16,13 @@ use crate::http::DEFAULT_LISTEN;
 use crate::{
     http::{self, AppState, RecentEvents},
     metrics,
+};
+use gds_api::{
     model::{self, Decoder, StallReport, labels},
     stall::{StallChange, StallDetector},
-    trace::{AttachMode, TraceOptions, UringTracer, raw_event},
-    units::parse_duration,
 };
+use gds_host::{tracefs, units::parse_duration};
+use gds_trace::{AttachMode, TraceOptions, UringTracer, raw_event};
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -65,7 +67,7 @@ pub struct RunArgs {
     /// at most 16): they feed the `user="trusted"` series the alerts read and the tables
     /// reserved for them. Every other user's calls are counted apart (`user="other"`).
     #[arg(long, value_delimiter = ',', value_name = "USER",
-          value_parser = crate::users::parse)]
+          value_parser = gds_host::users::parse)]
     pub cufile_users: Vec<u32>,
 }
 
@@ -158,11 +160,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let events = tracer.take_events()?;
     let tracer = Arc::new(tracer);
     let cufile = CufileWatch::spawn(&tracer)?;
-    let dropped = crate::privileges::drop_after_attach(
+    let dropped = gds_host::privileges::drop_after_attach(
         || tracer.snapshot().is_ok(),
         cufile
             .as_ref()
-            .map(|c| (c.tid, crate::privileges::CUFILE_KEEP)),
+            .map(|c| (c.tid, gds_host::privileges::CUFILE_KEEP)),
     )?;
     info!("programs attached; {dropped}");
     if let Some(c) = &cufile {
@@ -181,13 +183,13 @@ async fn run_async(args: RunArgs) -> Result<()> {
     registry
         .register(Box::new(metrics::TraceCollector::new(tracer.clone())))
         .context("registering io_uring, NVMe and block metrics")?;
-    crate::probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
+    gds_probe::metrics::register_metrics(&registry, std::path::Path::new("/"))
         .context("registering the probe's capability and nvidia-fs metrics")?;
     let tracefs = metrics::tracefs_available();
     registry
         .register(Box::new(tracefs.clone()))
         .context("registering gds_agent_tracefs_available")?;
-    crate::tracefs::spawn_watch(tracefs);
+    spawn_tracefs_watch(tracefs);
 
     let stall_report = Arc::new(Mutex::new(StallReport::default()));
     registry
@@ -322,7 +324,7 @@ impl CufileWatch {
             .name("gds-cufile".into())
             .spawn(move || {
                 let dropped =
-                    crate::privileges::drop_calling_thread_to(crate::privileges::CUFILE_KEEP);
+                    gds_host::privileges::drop_calling_thread_to(gds_host::privileges::CUFILE_KEEP);
                 let ok = dropped.is_ok();
                 let _ = tx.send(dropped);
                 if !ok {
@@ -428,7 +430,7 @@ async fn scan_stalls(
         let (tracer2, detector2) = (tracer.clone(), detector.clone());
         let done = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
-            let (inflight, now) = model::inflight(&tracer2);
+            let (inflight, now) = model::inflight(&*tracer2);
             let scan = t0.elapsed().as_secs_f64();
             let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
             let changes = d.scan(now, &inflight);
@@ -543,4 +545,28 @@ fn describe_slow_nvme(n: &model::SlowNvme) -> String {
         (n.device_seconds * 1e6).round(),
         (n.completion_seconds * 1e6).round()
     )
+}
+
+/// Keeps `gauge` (`gds_agent_tracefs_available`, made and registered by the caller) current
+/// from a task that re-reads /proc/self/mounts every [`tracefs::WATCH_INTERVAL`] (the agent's own mount
+/// namespace), logging each change once. The task ends with the runtime.
+fn spawn_tracefs_watch(gauge: prometheus::IntGauge) {
+    let mut watch = tracefs::TracefsWatch::default();
+    let mut check = move || {
+        let now = tracefs::find_mount();
+        gauge.set(i64::from(now.is_some()));
+        if let Some(change) = watch.update(now) {
+            tracefs::TracefsWatch::log(&change);
+        }
+    };
+    check();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(tracefs::WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; checked above
+        loop {
+            tick.tick().await;
+            check();
+        }
+    });
 }

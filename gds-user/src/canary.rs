@@ -12,17 +12,15 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::{
-    bounded::HostRoot,
-    datapath::{
-        cuda::Gpu,
-        cufile::{Driver, Handle, Mode},
-        source::{Direct, Source},
-    },
-    model::cufile::CufileReport,
-    probe::{DataPath, GdsMode, Report},
-    trace::{TraceOptions, UringTracer},
+use gds_api::model::cufile::CufileReport;
+use gds_datapath::{
+    cuda::Gpu,
+    cufile::{Driver, Handle, Mode},
+    source::{Direct, Source},
 };
+use gds_host::bounded::HostRoot;
+use gds_probe::{DataPath, GdsMode, Report};
+use gds_trace::{TraceOptions, UringTracer};
 
 /// What the canary read and what each side says.
 #[derive(Debug, Serialize)]

@@ -15,10 +15,8 @@ use axum::{
 use thiserror::Error;
 use tokio::net::TcpListener;
 
-use crate::{
-    model::{self, SlowEvent, Snapshot, StallReport},
-    trace::UringTracer,
-};
+use gds_api::model::{self, SlowEvent, Snapshot, StallReport};
+use gds_trace::UringTracer;
 
 /// The agent's default address: loopback only (see `run --listen`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
@@ -109,7 +107,7 @@ impl MetricsRenderer {
         let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let registry = self.registry.clone();
         // Map reads are syscalls: keep them off the async workers.
-        let body = tokio::task::spawn_blocking(move || crate::exposition::render(&registry))
+        let body = tokio::task::spawn_blocking(move || gds_api::exposition::render(&registry))
             .await
             .unwrap_or_default();
         *last = (number, Bytes::from(body));
@@ -141,7 +139,7 @@ async fn stalls(State(s): State<AppState>) -> impl IntoResponse {
 async fn inflight(State(s): State<AppState>) -> impl IntoResponse {
     let tracer = s.tracer.clone();
     let list = tokio::task::spawn_blocking(move || {
-        let (mut reqs, _) = model::inflight(&tracer);
+        let (mut reqs, _) = model::inflight(&*tracer);
         reqs.truncate(model::SNAPSHOT_INFLIGHT);
         reqs
     })
@@ -206,7 +204,7 @@ pub struct DebugReads {
 /// `read`'s value as JSON, or what failed reading `what`.
 fn json_of<T: serde::Serialize>(
     what: &str,
-    read: impl FnOnce() -> Result<T, crate::trace::TraceError>,
+    read: impl FnOnce() -> Result<T, gds_trace::TraceError>,
 ) -> Result<Bytes, String> {
     let value = read().map_err(|e| format!("reading {what} failed: {e}"))?;
     serde_json::to_vec(&value)
@@ -237,7 +235,7 @@ async fn snapshot(State(s): State<AppState>) -> axum::response::Response {
         .get(move || {
             let stalls = stalls.lock().unwrap_or_else(|p| p.into_inner()).clone();
             json_of("the tracer's maps", || {
-                Snapshot::collect(&tracer, stalls, slow.list())
+                Snapshot::collect(&*tracer, stalls, slow.list())
             })
         })
         .await;
@@ -253,7 +251,7 @@ async fn cufile(State(s): State<AppState>) -> axum::response::Response {
         .cufile
         .get(move || {
             json_of("the cuFile maps", || {
-                model::cufile::CufileReport::collect(&tracer)
+                model::cufile::CufileReport::collect(&*tracer)
             })
         })
         .await;
@@ -308,7 +306,7 @@ fn bind_hint(e: &std::io::Error, addr: SocketAddr) -> String {
 }
 
 /// `--listen`: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`. A host name is resolved as `--agent`
-/// resolves it ([`crate::client::parse_addr`], the first address the resolver gives), so
+/// resolves it ([`gds_api::client::parse_addr`], the first address the resolver gives), so
 /// `--listen localhost:9477` and `--agent localhost:9477` name the same socket.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse() {
@@ -319,7 +317,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
             "{s:?} is a URL; give host:port (e.g. 127.0.0.1:9477, [::1]:9477, localhost:9477)"
         ));
     }
-    crate::client::parse_addr(s).map_err(|_| {
+    gds_api::client::parse_addr(s).map_err(|_| {
         format!(
             "{s:?} is not host:port with a host this machine can resolve (e.g. 127.0.0.1:9477, \
              [::1]:9477, localhost:9477)"

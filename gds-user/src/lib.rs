@@ -1,32 +1,17 @@
-//! gds: GPUDirect Storage observability.
+//! gds: GPUDirect Storage observability — the `gds-agent` binary's library: the agent
+//! (`gds-agent run`), its HTTP server and collectors, `top`/`stalls`, and the probe's canary.
 //!
 //! Data flows one way: the eBPF programs (gds-ebpf) aggregate into maps and a ring buffer
-//! (types in gds-common) → [`trace`] loads, attaches and reads them → [`model`] decodes them
-//! once into typed requests, stalls and statistics → views: [`metrics`] (`/metrics`),
-//! [`stall`] (the detector), [`http`] (`/debug/*`), [`top`] (`top`, `stalls`). NVMe encoding,
-//! rings, the data path and the host probe are separate modules with no arrows back into
-//! tracing. ARCHITECTURE.md has the layering, checked by `cargo xtask layering`.
+//! (types in gds-common) → `gds_trace` loads, attaches and reads them → `gds_api::model`
+//! decodes them once into typed requests, stalls and statistics → views: [`metrics`]
+//! (`/metrics`), `gds_api::stall` (the detector), [`http`] (`/debug/*`), [`top`] (`top`,
+//! `stalls`). NVMe passthrough (`gds_nvme`), the host probe (`gds_probe`) and the data path
+//! (`gds_datapath`) are crates with no arrows back into tracing. ARCHITECTURE.md has the
+//! crate graph.
 
 pub mod agent;
-pub mod bounded;
-pub mod btf;
 pub mod canary;
-pub mod cgroup;
-pub mod client;
 pub mod config;
-pub mod datapath;
-pub mod exposition;
-pub mod families;
 pub mod http;
-pub mod kmod;
 pub mod metrics;
-pub mod model;
-pub mod nvme;
-pub mod privileges;
-pub mod probe;
-pub mod stall;
 pub mod top;
-pub mod trace;
-pub mod tracefs;
-pub mod units;
-pub mod users;

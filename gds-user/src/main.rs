@@ -26,12 +26,12 @@ enum Command {
     /// Active and recent stalls of a running agent.
     Stalls(gds_user::top::stalls::StallsArgs),
     /// Report what this host can do for GPUDirect Storage and which data path `read` will use.
-    Probe(gds_user::probe::ProbeArgs),
+    Probe(gds_probe::ProbeArgs),
     /// Stream SRC (file, block device, /dev/ngXnY) into GPU or host memory by the best route
     /// (`--path`); without SRC, `--device` reads an NVMe namespace through passthrough.
-    Read(gds_user::datapath::cli::ReadArgs),
+    Read(gds_datapath::cli::ReadArgs),
     /// Measure read throughput, IOPS and latency by route (gdsio-class).
-    Bench(gds_user::datapath::bench::BenchArgs),
+    Bench(gds_datapath::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,10 +50,10 @@ fn main() -> ExitCode {
         Some(Command::Stalls(args)) => gds_user::top::stalls::run(args),
         Some(Command::Probe(args)) => match &args.canary {
             Some(file) => gds_user::canary::run(file, args.gpu, args.json),
-            None => gds_user::probe::run(args),
+            None => gds_probe::run(args),
         },
-        Some(Command::Read(args)) => gds_user::datapath::cli::read(args),
-        Some(Command::Bench(args)) => gds_user::datapath::bench::bench(args),
+        Some(Command::Read(args)) => gds_datapath::cli::read(args),
+        Some(Command::Bench(args)) => gds_datapath::bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

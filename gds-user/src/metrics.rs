@@ -1,7 +1,7 @@
 //! `/metrics`: the model as Prometheus metric families.
 //!
 //! Each scrape decodes the kernel's maps once ([`Stats::read`]) and turns the rows into the
-//! families declared in [`crate::families`]. Labels are bounded by design: opcode names, disk
+//! families declared in [`gds_api::families`]. Labels are bounded by design: opcode names, disk
 //! names, stages, statuses and drop reasons, never pids.
 
 use std::sync::{Arc, Mutex};
@@ -11,12 +11,12 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::{
+use gds_api::{
     exposition::{counter, desc, family, gauge, labels, log2_histogram, opts},
     families::{self as f, Family},
     model::{Layer, StallReport, Stats},
-    trace::UringTracer,
 };
+use gds_trace::UringTracer;
 
 /// Exports what the tracer aggregated (io_uring, NVMe, stages, block, drops), read from the
 /// kernel maps at each scrape.
@@ -172,7 +172,7 @@ impl Collector for TraceCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        match Stats::read(&self.tracer) {
+        match Stats::read(&*self.tracer) {
             Ok(s) => trace_families(&s),
             Err(e) => {
                 tracing::warn!("reading the tracer's statistics failed: {e}");
@@ -249,7 +249,7 @@ impl Collector for StallCollector {
 pub fn agent_info() -> prometheus::IntGaugeVec {
     let g = prometheus::IntGaugeVec::new(opts(&f::AGENT_INFO), f::AGENT_INFO.labels)
         .expect("valid metric");
-    g.with_label_values(&[env!("CARGO_PKG_VERSION"), &crate::model::kernel_release()])
+    g.with_label_values(&[env!("CARGO_PKG_VERSION"), &gds_api::model::kernel_release()])
         .set(1);
     g
 }

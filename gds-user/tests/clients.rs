@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{Agent, free_port, require_root, serial};
-use gds_user::client::{self, MAX_ANSWER_BYTES};
+use gds_api::client::{self, MAX_ANSWER_BYTES};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gds-agent");
 

@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::{Agent, LineChild, Metrics, require_libcufile, require_root, unshare_private, within};
-use gds_user::model::{cufile::CufileReport, labels};
+use gds_api::model::{cufile::CufileReport, labels};
 
 /// The Python cuFile application (`fixtures/cufile_caller.py`), driven line by line.
 struct App(LineChild);
@@ -66,7 +66,7 @@ fn attached(agent: &Agent, pid: u32) -> Option<u64> {
 /// test's processes run as root).
 fn delta(before: &Metrics, now: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut labels = labels.to_vec();
-    let by_user = gds_user::families::ALL
+    let by_user = gds_api::families::ALL
         .iter()
         .any(|f| f.name == name && f.labels.contains(&"user"));
     if by_user {
@@ -319,7 +319,7 @@ fn cufile_calls_counted_exactly_wherever_the_library_is() {
     );
     a.exit();
     // Kept attached for LINGER after its last process (a restarting job reuses the probes).
-    let linger = gds_user::trace::CUFILE_LINGER;
+    let linger = gds_trace::CUFILE_LINGER;
     within(
         linger + Duration::from_secs(2),
         "first file detached after its last process",

@@ -21,7 +21,7 @@ use std::{
 };
 
 use common::{Agent, LineChild, cc, cufile_lock, libcufile, require_root, rss_kib, setpriv_nobody};
-use gds_user::model::cufile::CufileReport;
+use gds_api::model::cufile::CufileReport;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

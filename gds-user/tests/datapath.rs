@@ -218,7 +218,7 @@ fn metrics_served_while_reading() {
     let mut body = String::new();
     for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(50));
-        if let Ok(b) = gds_user::client::get(addr, "/metrics") {
+        if let Ok(b) = gds_api::client::get(addr, "/metrics") {
             body = b;
             if body.contains("gds_pipeline_bytes_total{dest=\"host\",path=\"host\"} 8388608") {
                 break;

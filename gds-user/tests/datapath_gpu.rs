@@ -4,11 +4,11 @@
 
 use std::io::Write;
 
-use gds_user::datapath::bounce::{PipelineOpts, Plan, Progress};
-use gds_user::datapath::cli::{Job, execute};
-use gds_user::datapath::cuda::{self, Gpu};
-use gds_user::datapath::route::{Dest, Route};
-use gds_user::datapath::{ByteRange, Direct, Source};
+use gds_datapath::bounce::{PipelineOpts, Plan, Progress};
+use gds_datapath::cli::{Job, execute};
+use gds_datapath::cuda::{self, Gpu};
+use gds_datapath::route::{Dest, Route};
+use gds_datapath::{ByteRange, Direct, Source};
 
 fn gpu_or_skip(test: &str) -> bool {
     match cuda::unavailable(0) {
@@ -156,8 +156,8 @@ fn gds_route_follows_the_probe() {
     .output()
     .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    let verdict = gds_user::datapath::cli::probe_verdict(0).expect("probe sees GPU 0");
-    if verdict.path == gds_user::probe::DataPath::Gds {
+    let verdict = gds_datapath::cli::probe_verdict(0).expect("probe sees GPU 0");
+    if verdict.path == gds_probe::DataPath::Gds {
         assert!(out.status.success(), "{err}");
     } else {
         assert!(!out.status.success());
@@ -165,7 +165,7 @@ fn gds_route_follows_the_probe() {
         for b in verdict
             .blocked
             .iter()
-            .filter(|b| b.path == gds_user::probe::DataPath::Gds)
+            .filter(|b| b.path == gds_probe::DataPath::Gds)
         {
             assert!(
                 err.contains(&b.reason),

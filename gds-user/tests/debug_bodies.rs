@@ -18,7 +18,7 @@ use std::{
 
 use common::{Agent, LineChild, build_standin, cufile_lock, require_root};
 use gds_common::cufile::CUFILE_FILES_MAX;
-use gds_user::model::{
+use gds_api::model::{
     Snapshot,
     cufile::{CufileReport, REPORT_FILES_PER_PROCESS, REPORT_LIBRARY_PIDS, REPORT_PROCESSES},
 };

@@ -16,7 +16,7 @@ use common::{
     Agent, LineChild, NOBODY, PipeRead, counted_nops, free_port, http_get, require_libcufile,
     serial, setpriv_nobody, unshare_private,
 };
-use gds_user::privileges::{
+use gds_host::privileges::{
     CAP_BPF, CAP_PERFMON, CapSet, CufileAccess, ThreadCaps, unit_capabilities,
 };
 
@@ -82,7 +82,7 @@ fn status_field(pid: u32, key: &str) -> String {
 /// (`gds-cufile`, there only if `cufile_on`), which holds at most `CUFILE_KEEP` (what
 /// attaching uprobes needs).
 fn assert_dropped(pid: u32, bounding: u64, cufile_on: bool) {
-    let keep = gds_user::privileges::CUFILE_KEEP.0;
+    let keep = gds_host::privileges::CUFILE_KEEP.0;
     let threads = thread_caps(pid);
     assert_eq!(
         threads
@@ -524,7 +524,7 @@ fn daemonset_grants_what_the_unit_grants() {
     for name in add.trim_matches(|c| c == '[' || c == ']').split(',') {
         let name = name.trim().trim_matches('"');
         granted = granted.with(
-            gds_user::privileges::cap_by_name(name)
+            gds_host::privileges::cap_by_name(name)
                 .unwrap_or_else(|| panic!("unknown capability {name:?} in the DaemonSet")),
         );
     }
@@ -550,7 +550,7 @@ fn open_file_limit_is_raised_to_the_units_limit_and_logged() {
     );
     // Raising a hard limit takes CAP_SYS_RESOURCE, which a sandboxed harness may lack: where
     // this process's own hard limit is lower, the agent is given that one.
-    let (_, ours) = gds_user::privileges::nofile().unwrap();
+    let (_, ours) = gds_host::privileges::nofile().unwrap();
     let hard = hard.min(ours);
     assert!(
         hard > 1024,

@@ -446,7 +446,7 @@ fn root_must_be_a_directory() {
 #[test]
 fn metrics_export_capability_and_nvidia_fs_counters() {
     let registry = prometheus::Registry::new();
-    gds_user::probe::metrics::register_metrics(&registry, &fixture("gds-host")).unwrap();
+    gds_probe::metrics::register_metrics(&registry, &fixture("gds-host")).unwrap();
     let families = registry.gather();
     let find = |name: &str| families.iter().find(|f| f.name() == name);
     let info = find("gds_capability_info").expect("gds_capability_info");
@@ -498,7 +498,7 @@ fn metrics_export_capability_and_nvidia_fs_counters() {
 
     // Without nvidia-fs: only the info metric and up=0.
     let registry = prometheus::Registry::new();
-    gds_user::probe::metrics::register_metrics(&registry, &fixture("no-gpu")).unwrap();
+    gds_probe::metrics::register_metrics(&registry, &fixture("no-gpu")).unwrap();
     let families = registry.gather();
     let up = families
         .iter()
@@ -520,7 +520,7 @@ fn metrics_export_capability_and_nvidia_fs_counters() {
 
 #[test]
 fn typed_verdicts_for_the_data_path() {
-    use gds_user::probe::{DataPath, GdsMode, HostRoot, Report};
+    use gds_probe::{DataPath, GdsMode, HostRoot, Report};
     let report = Report::collect(&HostRoot::new(fixture("gds-host")));
     let v0 = report.verdict_for_gpu(0).expect("GPU 0");
     assert_eq!(v0.path, DataPath::Gds);

@@ -185,7 +185,7 @@ fn restart_waits_for_the_previous_agent_still_releasing() {
     // Let the old one finish exiting: its files go, the port with them.
     let released = Instant::now();
     tracee.release();
-    gds_user::client::wait_serving(addr, &mut second, Duration::from_secs(30))
+    gds_api::client::wait_serving(addr, &mut second, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", read()));
     eprintln!(
         "serving {:?} after the old agent exited",

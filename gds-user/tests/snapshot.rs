@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{Agent, PipeRead, require_root, serial};
-use gds_user::model::{Request, Snapshot, Stage};
+use gds_api::model::{Request, Snapshot, Stage};
 use io_uring::{IoUring, opcode, types};
 
 fn snapshot(agent: &Agent) -> Snapshot {

@@ -20,10 +20,8 @@ use std::{
 };
 
 use common::{Agent, http_get, require_root, serial};
-use gds_user::{
-    top::{model::View, read_snapshot},
-    trace::monotonic_ns,
-};
+use gds_host::clock::monotonic_ns;
+use gds_user::top::{model::View, read_snapshot};
 
 /// fio's rate limit: well below what fio reaches here (~50k IOPS on page-cache reads on this
 /// 2-core VM), so fio keeps it steadily even while the clients and the agent take CPU.

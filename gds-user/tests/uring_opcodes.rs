@@ -10,7 +10,8 @@ mod common;
 
 use common::{Agent, require_root, serial};
 use gds_common::DropReason;
-use gds_user::trace::{AttachMode, TraceOptions, UringSnapshot, UringTracer};
+use gds_api::raw::UringSnapshot;
+use gds_trace::{AttachMode, TraceOptions, UringTracer};
 use io_uring::{IoUring, opcode, squeue};
 
 /// An SQE with all fields zero but `opcode` and `user_data`. Opcodes the kernel does not know
@@ -52,7 +53,7 @@ fn submit(ops: &[u8]) -> Vec<i32> {
 
 /// `enum io_uring_op` of the running kernel.
 fn io_uring_ops() -> Vec<(String, i64)> {
-    let btf = gds_user::btf::Btf::from_sys().expect("kernel BTF");
+    let btf = gds_host::btf::Btf::from_sys().expect("kernel BTF");
     btf.enum_values("io_uring_op").expect("enum io_uring_op")
 }
 

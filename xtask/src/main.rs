@@ -5,11 +5,6 @@
 //! observability checks).
 
 mod dashboard;
-/// The metric families gds exports, declared once in gds-user (plain data: shared by path
-/// because xtask cannot depend on gds-user, whose build script needs the tools xtask installs).
-#[path = "../../gds-user/src/families.rs"]
-#[allow(dead_code)]
-mod families;
 mod fuzz;
 mod layering;
 mod load;
@@ -18,17 +13,10 @@ mod setup;
 mod test;
 mod vm;
 
-// Shared with gds-user's tests by path: xtask cannot depend on gds-user, whose build needs the
-// tools xtask installs. xtask uses part of each.
-#[allow(dead_code)]
-#[path = "../../gds-user/src/client.rs"]
-mod client;
-#[allow(dead_code)]
-#[path = "../../gds-user/tests/common/promtext.rs"]
-mod promtext;
-#[allow(dead_code)]
-#[path = "../../gds-user/tests/common/service.rs"]
-mod service;
+// The families, the API client and the test kit come from crates that build without the eBPF
+// toolchain (gds-api, gds-testkit): xtask installs that toolchain, so it cannot need it.
+use gds_api::{client, families};
+use gds_testkit::{promtext, service};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -1,5 +1,5 @@
 //! `cargo xtask vm-test`: boot Debian cloud kernels (6.1, 6.12) in QEMU with emulated NVMe
-//! controllers and run the guest scenarios (`gds-user/src/bin/gds-vm-scenarios`) inside.
+//! controllers and run the guest scenarios (`gds-user/crates/gds-vm-scenarios`) inside.
 //!
 //! Host side (this module): install qemu/busybox/cpio/fio if missing, fetch and cache kernels
 //! (`kernel`), build the guest binaries and an initramfs with their libraries (`initramfs`),
@@ -270,6 +270,8 @@ pub fn guest_binaries(args: &VmTestArgs) -> Result<Vec<(PathBuf, String)>> {
                 "build",
                 "--package",
                 "gds-user",
+                "--package",
+                "gds-vm-scenarios",
                 "--bin",
                 "gds-agent",
                 "--bin",

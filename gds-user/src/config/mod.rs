@@ -12,7 +12,7 @@
 //! through the flag's own parser, so the file accepts exactly what the command line accepts
 //! and its errors name the file, the line and the key.
 
-pub mod file;
+use gds_host::config_file as file;
 
 use std::{
     ffi::{OsStr, OsString},

@@ -23,7 +23,7 @@ use ratatui::crossterm::{
     event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
 };
 
-use crate::{client, model::Snapshot};
+use gds_api::{client, model::Snapshot};
 use model::View;
 
 #[derive(Args, Debug, Clone)]
@@ -32,7 +32,7 @@ pub struct TopArgs {
     #[arg(long)]
     pub agent: Option<String>,
     /// Refresh interval.
-    #[arg(long, default_value = "1s", value_parser = crate::units::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = gds_host::units::parse_duration)]
     pub interval: Duration,
     /// Standalone mode: arguments for the agent it starts (e.g. --pid 1234 --stall-threshold 500ms).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

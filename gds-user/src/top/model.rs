@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Histogram, Request, Snapshot, Stall};
+use gds_api::model::{Histogram, Request, Snapshot, Stall};
 
 /// A row of the per-opcode (or per-disk) rate table.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,7 +258,7 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::stats::{OpcodeRow, Stats};
+    use gds_api::model::stats::{OpcodeRow, Stats};
     use gds_common::HIST_BUCKETS;
 
     fn snapshot(taken_ns: u64, submitted: u64, errors: u64, b19: u64, b20: u64) -> Snapshot {
@@ -283,17 +283,17 @@ mod tests {
             inflight_total: 0,
             stalls: Default::default(),
             slow: vec![],
-            layers: crate::trace::Layers {
-                io_uring: crate::trace::LayerMode {
+            layers: gds_api::raw::Layers {
+                io_uring: gds_api::raw::LayerMode {
                     on: true,
                     why: String::new(),
                 },
-                block: crate::trace::LayerMode {
+                block: gds_api::raw::LayerMode {
                     on: true,
                     why: String::new(),
                 },
-                nvme: crate::trace::NvmeLayer {
-                    residence: crate::kmod::Residence::Absent,
+                nvme: gds_api::raw::NvmeLayer {
+                    residence: gds_host::kmod::Residence::Absent,
                     attached: false,
                     status_decoded: false,
                     why: String::new(),
@@ -337,7 +337,7 @@ mod tests {
         let v = View::compute(&a, &b);
         assert_eq!(v.opcodes[0].iops, 1000.0, "uring counters 1 s apart");
 
-        use crate::model::stats::CufileOpRow;
+        use gds_api::model::stats::CufileOpRow;
         for (s, calls, ns) in [(&mut a, 10, 20_000_000_000), (&mut b, 410, 24_000_000_000)] {
             s.stats.read_ns.cufile_ns = ns;
             s.stats.cufile.ops.push(CufileOpRow {
@@ -378,8 +378,8 @@ mod tests {
 
     #[test]
     fn cufile_rows_per_op_and_per_process() {
-        use crate::model::cufile::{CufileCounters, CufileFile, CufileProcess};
-        use crate::model::stats::CufileOpRow;
+        use gds_api::model::cufile::{CufileCounters, CufileFile, CufileProcess};
+        use gds_api::model::stats::CufileOpRow;
         let with = |taken_ns: u64, calls: u64, bytes: u64| {
             let mut s = snapshot(taken_ns, 0, 0, 0, 0);
             let mut buckets = vec![0u64; HIST_BUCKETS];

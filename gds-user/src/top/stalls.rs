@@ -1,7 +1,8 @@
 //! `gds-agent stalls`: the active and recent stalls of a running agent, read from
 //! `/debug/snapshot` into the model's types.
 
-use crate::{client, http::DEFAULT_LISTEN, model::StallReport};
+use crate::http::DEFAULT_LISTEN;
+use gds_api::{client, model::StallReport};
 
 /// `gds-agent stalls`: the active and recent stalls of a running agent.
 #[derive(clap::Args, Debug, Clone)]

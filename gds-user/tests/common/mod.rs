@@ -2,8 +2,6 @@
 #![allow(dead_code)]
 
 mod cufile;
-mod promtext;
-mod service;
 
 use std::{
     collections::BTreeMap,
@@ -13,11 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-// `service.rs` reaches the client as `super::client`, in xtask as in these tests.
 #[allow(unused_imports)]
 pub use cufile::{LineChild, build_standin, cc, libcufile, require_libcufile};
-use gds_user::client;
-pub use service::Service;
+use gds_api::client;
+pub use gds_testkit::{promtext, service::Service};
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each
 /// other's requests. nextest runs one process per test; under plain `cargo test` this lock

@@ -1,0 +1,79 @@
+//! Loading, attaching and reading the eBPF programs.
+//!
+//! [`UringTracer`] owns the loaded object: dropping it detaches every program (aya closes the
+//! links with the object), which is how the agent shuts down cleanly.
+
+mod cufile;
+mod device;
+mod elf;
+mod error;
+mod events;
+mod filewatch;
+mod inflight;
+mod lease;
+mod offsets;
+mod peer;
+mod procmaps;
+mod release;
+mod umulti;
+mod uring;
+
+pub use cufile::{
+    CufileView, LINGER as CUFILE_LINGER, Limits as CufileLimits, ProcessFilter,
+    SYMBOLS as CUFILE_SYMBOLS,
+};
+pub use device::{DeviceAttach, DeviceMaps};
+pub use error::TraceError;
+pub use events::raw_event;
+pub use inflight::InflightRequest;
+pub use offsets::{AttachMode, ResolvedAttach};
+pub use uring::{FloorProbe, TraceOptions, UringTracer};
+
+use aya::{Ebpf, include_bytes_aligned};
+
+/// The eBPF object built by build.rs (aya-build) from gds-ebpf.
+pub(crate) static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gds"));
+
+/// Program `name` of the loaded object, as its kind `T` (`BtfTracePoint`, `RawTracePoint`, …).
+pub(crate) fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, TraceError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(TraceError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| TraceError::Program { name, source })
+}
+
+/// Takes map `name` out of the loaded object, as its kind `M` (`HashMap`, `PerCpuArray`, …).
+pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, TraceError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(TraceError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| TraceError::Map { name, source })
+}
+
+/// Effective capabilities of this process (CapEff in /proc/self/status).
+pub fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| gds_host::privileges::cap_line(&s, "CapEff:"))
+        .map_or(0, |c| c.0)
+}
+
+pub use gds_host::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
+
+/// Loading tracing programs needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN on older kernels).
+pub fn check_tracing_caps() -> Result<(), TraceError> {
+    let caps = effective_caps();
+    let has = |c| gds_host::privileges::CapSet(caps).has(c);
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(TraceError::NotPermitted { caps })
+    }
+}
