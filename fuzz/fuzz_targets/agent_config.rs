@@ -1,5 +1,5 @@
 //! Fuzzes the config-file reader of `gds-agent run --config FILE`
-//! (`gds-user/src/config/file.rs`: TOML text -> `key = value` entries or a typed `FileError`).
+//! (`gds-user/crates/gds-host/src/config_file.rs`: TOML text -> `key = value` entries or a typed `FileError`).
 //! Which keys exist and what values they take is decided by `gds-agent run`'s clap flags in
 //! `config/mod.rs`, which cannot be compiled without the whole agent; this layer holds the
 //! rules the file itself must meet.

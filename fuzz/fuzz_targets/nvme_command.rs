@@ -1,4 +1,4 @@
-//! Fuzzes the NVMe passthrough validator and encoder (`gds-user/src/nvme/{cmd,geometry,error,
+//! Fuzzes the NVMe passthrough validator and encoder (`gds-user/crates/gds-nvme/src/{cmd,geometry,error,
 //! status}.rs`): arbitrary namespace geometry and an arbitrary Read/Write/Flush/Identify
 //! request go through the typed builders, and completion `res` values through the decoder.
 //!

@@ -1,4 +1,4 @@
-//! Fuzzes the tracefs format-file parser (`gds-user/src/tracefs/format.rs`, the text of
+//! Fuzzes the tracefs format-file parser (`gds-user/crates/gds-host/src/tracefs/format.rs`, the text of
 //! `/sys/kernel/tracing/events/<category>/<name>/format`), which the classic-tracepoint
 //! attach path takes record offsets from.
 //!

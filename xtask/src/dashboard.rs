@@ -1106,7 +1106,7 @@ pub fn sanity_check(dashboard: &Value) -> Result<()> {
     for q in queries(dashboard)? {
         for name in undeclared_metrics(&q.expr) {
             problems.push(format!(
-                "{}: {name} is not a declared metric family (gds-user/src/families.rs)",
+                "{}: {name} is not a declared metric family (gds-user/crates/gds-api/src/families.rs)",
                 q.origin
             ));
         }

@@ -69,7 +69,7 @@ pub const MAY_BE_EMPTY: &[&str] = &[
     "gds_pipeline_bytes_total",
     "gds_pipeline_read_duration_seconds",
     "gds_capability_info",
-    // nvidia-fs (gds-user/src/probe/metrics.rs): counters get `_total`, gauges do not.
+    // nvidia-fs (gds-user/crates/gds-probe/src/metrics.rs): counters get `_total`, gauges do not.
     "gds_nvidia_fs_up",
     "gds_nvidia_fs_reads_n_total",
     "gds_nvidia_fs_reads_err_total",

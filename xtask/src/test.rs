@@ -44,7 +44,7 @@ pub fn run(args: TestArgs) -> Result<()> {
         );
     }
     let mut failures = Vec::new();
-    // Imports follow ARCHITECTURE.md's layering, no module cycle (milliseconds: first).
+    // The crate table in ARCHITECTURE.md is the crate graph; no #[path] across crates (first: fast).
     if let Err(e) = crate::layering::run(Default::default()) {
         failures.push(format!("{e:#}"));
     }
