@@ -460,12 +460,15 @@ cases! {
                 }
             }
         })]);
-    stalls_answer_trickles: "clients", "`stalls --agent` where a server sends a byte every 200 ms (`GDS_CLIENT_TIMEOUT=1`)", exit 1,
+    stalls_answer_trickles: "clients", "`stalls --agent` where a server sends its head, then a byte every 200 ms (`GDS_CLIENT_TIMEOUT=1`)", exit 1,
         ["accepted the connection but sent only", "bytes of its answer within 1 s"],
         |c| {
             let addr = c.hostile_agent(|mut s| {
                 use std::io::Write as _;
-                for b in b"HTTP/1.1 200 OK\r\n\r\n{}".iter().cycle() {
+                if s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").is_err() {
+                    return;
+                }
+                for b in b"{}".iter().cycle() {
                     if s.write_all(&[*b]).is_err() {
                         return;
                     }

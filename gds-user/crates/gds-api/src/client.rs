@@ -1,13 +1,13 @@
 //! The one HTTP client for talking to a running agent: `gds-agent stalls` and `gds-agent top`,
 //! the end-to-end tests, the VM scenarios and xtask (which also asks its local Prometheus).
-//! The agent serves plain HTTP/1.1 on loopback; a std TcpStream is all this needs.
-//!
-//! xtask compiles this file into itself (`#[path]`): it cannot depend on gds-user, whose build
-//! needs the tools xtask installs. So this file uses std and thiserror only.
+//! HTTP itself is ureq's (plain HTTP/1.1, no TLS: the agent serves loopback); what is gds's
+//! here is what a client of a possibly stuck or hostile server must bound — one deadline for
+//! the whole answer and a size cap — and errors that say which peer, what happened and what to
+//! do.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
-    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    io::{ErrorKind, Read as _},
+    net::{SocketAddr, ToSocketAddrs},
     process::{Child, ExitStatus},
     time::{Duration, Instant},
 };
@@ -16,8 +16,8 @@ use thiserror::Error;
 
 /// How long a request may wait for the agent to answer, unless [`TIMEOUT_ENV`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Seconds (`10`, `0.5`) or milliseconds (`500ms`) a request may take, from connecting to the
-/// last byte of the answer.
+/// How long a request may take, from connecting to the last byte of the answer: a duration as
+/// every gds flag takes it (`10s`, `500ms`; a bare number is seconds).
 pub const TIMEOUT_ENV: &str = "GDS_CLIENT_TIMEOUT";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -36,8 +36,8 @@ pub const AGENT: &str = "the agent";
 pub enum ClientError {
     #[error("invalid agent address {0:?}: use host:port or http://host:port")]
     Address(String),
-    #[error("{TIMEOUT_ENV}={0:?}: expected seconds (10, 0.5) or milliseconds (500ms), more than 0")]
-    Timeout(String),
+    #[error("{TIMEOUT_ENV}={value:?}: {why}")]
+    Timeout { value: String, why: String },
     #[error("cannot reach {peer} at {addr}: {source}{}", unreachable_hint(peer))]
     Connect {
         peer: &'static str,
@@ -82,7 +82,7 @@ pub enum ClientError {
     Malformed {
         peer: &'static str,
         addr: SocketAddr,
-        what: &'static str,
+        what: String,
     },
     #[error("gds-agent exited ({status}) before it served http://{addr}/metrics")]
     Exited {
@@ -129,22 +129,10 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, ClientError> {
 /// The answer timeout: [`TIMEOUT_ENV`] when set, else [`DEFAULT_TIMEOUT`].
 pub fn timeout_from_env() -> Result<Duration, ClientError> {
     match std::env::var(TIMEOUT_ENV) {
-        Ok(v) => parse_timeout(&v).ok_or(ClientError::Timeout(v)),
+        Ok(value) => gds_host::units::parse_duration(&value)
+            .map_err(|why| ClientError::Timeout { value, why }),
         Err(_) => Ok(DEFAULT_TIMEOUT),
     }
-}
-
-/// `10`, `0.5`, `2s`, `500ms`.
-pub fn parse_timeout(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (number, scale) = match s.strip_suffix("ms") {
-        Some(ms) => (ms, 1e-3),
-        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
-    };
-    let secs = number.trim().parse::<f64>().ok()? * scale;
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
 }
 
 /// One HTTP answer, whatever its status.
@@ -192,94 +180,82 @@ impl Client {
         Ok(r.body)
     }
 
-    /// GET `path` over a fresh connection (`Connection: close`), whatever the answer's status.
-    /// The whole exchange takes at most [`Client::timeout`] and reads at most
-    /// [`MAX_ANSWER_BYTES`].
+    /// GET `path` over a fresh connection, whatever the answer's status. The whole exchange
+    /// takes at most [`Client::timeout`] and reads at most [`MAX_ANSWER_BYTES`].
     pub fn request(&self, path: &str) -> Result<Response, ClientError> {
         let (peer, addr) = (self.peer, self.addr);
-        // One deadline for the whole answer: a per-read timeout lets a peer that trickles a
-        // byte now and then hold the client forever.
-        let deadline = Instant::now() + self.timeout;
         let no_answer = |received: usize| ClientError::NoAnswer {
             peer,
             addr,
             timeout: self.timeout,
             received,
         };
-        let io_err = |received: usize| {
-            move |source: std::io::Error| match source.kind() {
-                // SO_RCVTIMEO / SO_SNDTIMEO expiring reads as EAGAIN on Linux.
-                ErrorKind::WouldBlock | ErrorKind::TimedOut => no_answer(received),
-                _ => ClientError::Connect { peer, addr, source },
+        // One deadline for the whole answer (ureq's global timeout runs from the call to the
+        // body's last byte): a per-read timeout lets a peer that trickles a byte now and then
+        // hold the client forever.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(self.timeout))
+            .timeout_connect(Some(CONNECT_TIMEOUT.min(self.timeout)))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("gds/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let err = |e: ureq::Error, received: usize| match e {
+            ureq::Error::Timeout(_) => no_answer(received),
+            ureq::Error::Io(source)
+                if matches!(source.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) =>
+            {
+                no_answer(received)
             }
+            ureq::Error::Io(source) => ClientError::Connect { peer, addr, source },
+            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => ClientError::Connect {
+                peer,
+                addr,
+                source: std::io::Error::from(ErrorKind::ConnectionRefused),
+            },
+            ureq::Error::BodyExceedsLimit(_) => ClientError::TooBig { peer, addr },
+            e => ClientError::Malformed {
+                peer,
+                addr,
+                what: e.to_string(),
+            },
         };
-        // What is left of the deadline; `None` once it has passed.
-        let left =
-            || Some(deadline.checked_duration_since(Instant::now())?).filter(|d| !d.is_zero());
-        let conn_err = |source| ClientError::Connect { peer, addr, source };
-        let connect_timeout = CONNECT_TIMEOUT.min(left().ok_or_else(|| no_answer(0))?);
-        let mut s = TcpStream::connect_timeout(&addr, connect_timeout).map_err(|source| {
-            match source.kind() {
-                ErrorKind::WouldBlock | ErrorKind::TimedOut
-                    if connect_timeout < CONNECT_TIMEOUT =>
-                {
-                    no_answer(0)
-                }
-                _ => conn_err(source),
-            }
-        })?;
-        s.set_write_timeout(left()).map_err(conn_err)?;
-        // One write: a server may answer and close after the first segment of a request.
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).map_err(io_err(0))?;
-        let mut buf = Vec::new();
+        let mut answer = agent
+            .get(format!("http://{addr}{path}"))
+            .call()
+            .map_err(|e| err(e, 0))?;
+        let code = answer.status().as_u16();
+        let status = format!(
+            "{:?} {code} {}",
+            answer.version(),
+            answer.status().canonical_reason().unwrap_or_default()
+        );
+        // Read in pieces to tell how much came before a deadline cut it.
+        let mut body = Vec::new();
+        let mut reader = answer
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES as u64)
+            .reader();
         let mut chunk = vec![0u8; 64 << 10];
         loop {
-            // Each read may wait only for what is left of the whole answer's time.
-            let left = left().ok_or_else(|| no_answer(buf.len()))?;
-            s.set_read_timeout(Some(left)).map_err(conn_err)?;
-            match s.read(&mut chunk) {
+            match reader.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => {
-                    if buf.len() + n > MAX_ANSWER_BYTES {
-                        return Err(ClientError::TooBig { peer, addr });
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(buf.len())(e)),
+                Err(e) => {
+                    let received = body.len();
+                    return Err(match e.downcast::<ureq::Error>() {
+                        Ok(e) => err(e, received),
+                        Err(e) => err(ureq::Error::Io(e), received),
+                    });
+                }
             }
         }
-        self.parse(&buf)
-    }
-
-    fn parse(&self, raw: &[u8]) -> Result<Response, ClientError> {
-        let malformed = |what| ClientError::Malformed {
-            peer: self.peer,
-            addr: self.addr,
-            what,
-        };
-        let end = find(raw, b"\r\n\r\n").ok_or_else(|| malformed("no header end"))?;
-        let head = String::from_utf8_lossy(&raw[..end]);
-        let body = &raw[end + 4..];
-        let status = head.lines().next().unwrap_or_default();
-        let code = status
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| malformed("no status code"))?;
-        let chunked = head.lines().any(|l| {
-            let l = l.to_ascii_lowercase();
-            l.starts_with("transfer-encoding:") && l.contains("chunked")
-        });
-        let body = if chunked {
-            dechunk(body).map_err(malformed)?
-        } else {
-            body.to_vec()
-        };
         Ok(Response {
             code,
-            status: status.to_owned(),
+            status,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     }
@@ -324,52 +300,21 @@ pub fn wait_serving(
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Transfer-Encoding: chunked (RFC 9112 §7.1); chunk extensions are ignored.
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, &'static str> {
-    let mut out = Vec::new();
-    loop {
-        let eol = find(body, b"\r\n").ok_or("chunk size")?;
-        let size = std::str::from_utf8(&body[..eol]).map_err(|_| "chunk size")?;
-        let size = size.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size, 16).map_err(|_| "chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let rest = &body[eol + 2..];
-        let chunk = rest.get(..size).ok_or("short chunk")?;
-        out.extend_from_slice(chunk);
-        body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::io::Write as _;
+    use std::net::{TcpListener, TcpStream};
 
     #[test]
-    fn dechunks() {
-        assert_eq!(
-            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
-            b"abcde"
-        );
-        assert_eq!(dechunk(b"3;x=y\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
-        assert_eq!(dechunk(b"5\r\nabc"), Err("short chunk"));
-    }
-
-    #[test]
-    fn timeouts_parse() {
-        assert_eq!(parse_timeout("10"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_timeout("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_timeout("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_timeout("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_timeout("0"), None);
-        assert_eq!(parse_timeout("-1"), None);
-        assert_eq!(parse_timeout("soon"), None);
+    fn timeouts_parse_as_every_duration_does() {
+        // SAFETY: this test alone sets the variable, and reads it back right away.
+        unsafe { std::env::set_var(TIMEOUT_ENV, "250ms") };
+        assert_eq!(timeout_from_env().unwrap(), Duration::from_millis(250));
+        unsafe { std::env::set_var(TIMEOUT_ENV, "soon") };
+        let e = timeout_from_env().unwrap_err();
+        assert!(e.to_string().starts_with("GDS_CLIENT_TIMEOUT=\"soon\": "), "{e}");
+        unsafe { std::env::remove_var(TIMEOUT_ENV) };
         assert_eq!(seconds(Duration::from_secs(10)), "10 s");
         assert_eq!(seconds(Duration::from_millis(1500)), "1.5 s");
         assert_eq!(seconds(Duration::from_millis(250)), "250 ms");
@@ -449,7 +394,10 @@ mod tests {
     #[test]
     fn a_trickling_answer_is_cut_at_the_deadline() {
         let addr = serve_with(|mut s| {
-            for b in b"HTTP/1.1 200 OK\r\n\r\n".iter().cycle() {
+            if s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").is_err() {
+                return;
+            }
+            for b in b"gds_up 1\n".iter().cycle() {
                 if s.write_all(&[*b]).is_err() {
                     return;
                 }
