@@ -107,13 +107,16 @@ fn a_huge_answer_is_refused_at_the_size_limit() {
 
 #[test]
 fn a_trickling_answer_is_cut_at_the_whole_answer_deadline() {
-    // A byte every 300 ms: each read is quick, the answer never ends. The old client's timeout
-    // was per read and waited forever.
+    // The head, then a byte every 300 ms: each read is quick, the answer never ends. The old
+    // client's timeout was per read and waited forever.
     let addr = hostile_server(|mut s| {
-        for b in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"x\": 1"
-            .iter()
-            .cycle()
+        if s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+            .is_err()
         {
+            return;
+        }
+        for b in b"{\"x\": 1".iter().cycle() {
             if s.write_all(&[*b]).is_err() {
                 return;
             }
