@@ -210,6 +210,7 @@ pub struct UringTracer {
     cufile_why: String,
     /// The loader's dlopen notifications, taken by the cuFile thread.
     cufile_notify: std::sync::Mutex<Option<RingBuf<MapData>>>,
+    filter: ProcessFilter,
 }
 
 impl UringTracer {
@@ -406,6 +407,10 @@ impl UringTracer {
             cufile_maps,
             cufile_why,
             cufile_notify,
+            filter: ProcessFilter {
+                pid: opts.pid,
+                comm: opts.comm.clone(),
+            },
         })
     }
 
@@ -498,6 +503,21 @@ impl UringTracer {
             .read()
     }
 
+    /// The cuFile calls in flight now, by thread (`pid_tgid`), without the other cuFile tables.
+    pub fn cufile_calls(&self) -> Vec<(u64, gds_common::cufile::CufileCall)> {
+        self.cufile_maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .calls()
+    }
+
+    /// `--pid` and `--comm`: the kernel applies them to io_uring and cuFile; user space applies
+    /// them to block and NVMe requests by their submitter (those programs aggregate per disk
+    /// for every process, so the filter cannot run in the kernel there).
+    pub fn task_filter(&self) -> &ProcessFilter {
+        &self.filter
+    }
+
     /// The libcufile copies attached now, and those that could not be.
     pub fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>) {
         let v = self.cufile_view();
@@ -537,7 +557,8 @@ impl UringTracer {
                 on: self.devices_attached.block,
                 why: if self.devices_attached.block {
                     format!(
-                        "BTF tracepoints block_rq_issue/block_rq_complete; peer memory: {}",
+                        "BTF tracepoints block_rq_issue/block_rq_complete, the submitter at \
+                         block_getrq; peer memory: {}",
                         self.peer.why()
                     )
                 } else {
