@@ -64,13 +64,20 @@ impl<'a> Decoder<'a> {
             .clone()
     }
 
-    fn cgroup(&mut self, tgid: u32) -> Option<crate::cgroup::CgroupInfo> {
+    /// The cgroup of thread `tid` of `tgid` (threads may differ under cgroup v1, where
+    /// `tasks` moves one thread), else of the process.
+    fn cgroup(&mut self, tgid: u32, tid: u32) -> Option<crate::cgroup::CgroupInfo> {
         if tgid == 0 {
             return None;
         }
         self.cgroups
-            .entry(tgid)
-            .or_insert_with(|| crate::cgroup::of_pid(tgid))
+            .entry(tid)
+            .or_insert_with(|| {
+                std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/cgroup"))
+                    .ok()
+                    .map(|t| crate::cgroup::parse_proc_cgroup(&t))
+                    .or_else(|| crate::cgroup::of_pid(tgid))
+            })
             .clone()
     }
 
@@ -80,7 +87,7 @@ impl<'a> Decoder<'a> {
             pid: tgid,
             tid,
             comm: self.comm(tgid),
-            cgroup: self.cgroup(tgid),
+            cgroup: self.cgroup(tgid, tid),
             cgroup_id: None,
         }
     }
@@ -94,12 +101,12 @@ impl<'a> Decoder<'a> {
                 ..Context::default()
             };
         }
-        let tgid = (s.pid_tgid >> 32) as u32;
+        let (tgid, tid) = ((s.pid_tgid >> 32) as u32, s.pid_tgid as u32);
         Context {
             pid: tgid,
-            tid: s.pid_tgid as u32,
+            tid,
             comm: comm_text(&s.comm),
-            cgroup: self.cgroup(tgid),
+            cgroup: self.cgroup(tgid, tid),
             cgroup_id: Some(s.cgroup),
         }
     }
@@ -262,7 +269,7 @@ impl<'a> Decoder<'a> {
                 pid: e.tgid,
                 tid: e.pid,
                 comm,
-                cgroup: self.cgroup(e.tgid),
+                cgroup: self.cgroup(e.tgid, e.pid),
                 cgroup_id: None,
             },
             origin: UringOrigin {
