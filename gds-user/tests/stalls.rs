@@ -5,6 +5,7 @@
 mod common;
 
 use std::{
+    io::Write as _,
     os::{
         fd::AsRawFd as _,
         unix::fs::{MetadataExt as _, OpenOptionsExt as _},
@@ -414,4 +415,96 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     };
     assert_eq!(logged("stall detected"), 1, "{log}");
     assert_eq!(logged("stall ended"), 1, "{log}");
+}
+
+/// A cuFile call held past the threshold is a stall of layer `cufile` naming the process, the
+/// call and its file; it ends when the call returns. The stand-in library's `cuFileRead` on a
+/// pipe waits for the writer, so the test holds the call as long as it wants.
+#[test]
+fn held_cufile_call_is_a_cufile_stall_and_ends() {
+    common::require_root();
+    let _lock = common::cufile_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (lib, driver) = common::build_standin(dir.path());
+    // Its own name, for `--comm`: the agent then reports this process's calls only.
+    const COMM: &str = "gds-stall-cuf";
+    let named = dir.path().join(COMM);
+    std::fs::copy(&driver, &named).unwrap();
+    let fifo = dir.path().join("held");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Read and write: opening it does not wait for a reader, and the driver's read-only open
+    // then finds a writer.
+    let mut writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let agent = Agent::start(&[
+        "--comm",
+        COMM,
+        "--stall-threshold",
+        "500ms",
+        "--stall-interval",
+        "100ms",
+    ]);
+    // Root without capabilities: the agent, which dropped its own after attaching, may read
+    // `/proc/PID/fd` of a process of its uid holding no capability it lacks (ptrace access
+    // rules), which is how it names the file.
+    let mut app = common::LineChild::spawn(
+        &[
+            "setpriv".into(),
+            "--inh-caps=-all".into(),
+            "--bounding-set=-all".into(),
+            named.display().to_string(),
+            lib.display().to_string(),
+        ],
+        dir.path(),
+    );
+    let pid = app.cmd_pid("load");
+    common::within(Duration::from_secs(5), "library attached", &agent, || {
+        let r: serde_json::Value = serde_json::from_str(&agent.get("/debug/cufile")).unwrap();
+        r["libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["pids"].as_array().unwrap().iter().any(|p| *p == pid))
+    });
+    let fd = app.cmd(&format!("open {}", fifo.display()));
+    assert!(fd.starts_with("opened "), "{fd}");
+    let held = Instant::now();
+    app.send("read 1 4096");
+    let ours = |s: &serde_json::Value| s["layer"] == "cufile" && s["pid"] == pid;
+    let stall = wait_stall(&agent, Duration::from_secs(5), ours);
+    assert!(held.elapsed() >= Duration::from_millis(500));
+    assert_eq!(stall["opcode"], "read", "{stall}");
+    assert_eq!(stall["comm"], COMM, "{stall}");
+    assert_eq!(stall["file"], fifo.to_str().unwrap(), "{stall}");
+    assert_eq!(stall["bytes"], 4096, "{stall}");
+    assert!(stall["age_seconds"].as_f64().unwrap() >= 0.5, "{stall}");
+    std::thread::sleep(Duration::from_millis(300));
+    let m = agent.scrape();
+    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 1.0);
+    assert!(m.value("gds_oldest_inflight_seconds", &[("layer", "cufile")]) >= 0.5);
+
+    writer.write_all(&[7u8; 4096]).unwrap();
+    assert_eq!(app.answer("read 1 4096"), "read 1 4096");
+    let returned = held.elapsed().as_secs_f64();
+    let ended = wait_ended(&agent, Duration::from_secs(3), ours);
+    let total = ended["total_seconds"].as_f64().unwrap();
+    assert!(
+        total >= 0.8 && total <= returned + 0.3,
+        "total {total}, returned after {returned}"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        m.value(
+            "gds_stalls_total",
+            &[("layer", "cufile"), ("disk", "unknown")]
+        ),
+        1.0
+    );
+    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 0.0);
+    app.exit();
 }

@@ -186,7 +186,9 @@ impl<'a> Decoder<'a> {
     }
 
     /// A cuFile call in flight on thread `id` (`pid_tgid`); the file is the path of the
-    /// descriptor behind its handle, read from `/proc` now.
+    /// descriptor behind its handle, read from `/proc` now, or `fd N` where the agent may not
+    /// read it (it dropped its capabilities after attaching: `/proc/PID/fd` of another user's
+    /// process, or of one holding capabilities, is refused).
     pub fn cufile(&mut self, id: u64, c: &CufileCall, now_ns: u64) -> Request {
         let (tgid, tid) = ((id >> 32) as u32, id as u32);
         let file = (c.fd >= 0).then(|| {
