@@ -111,19 +111,40 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// A block request in flight (`struct request *` `rq`).
-    pub fn block(&mut self, rq: u64, b: &BlockInflight, now_ns: u64) -> Request {
+    /// A block request in flight (`struct request *` `rq`); `uring`: the io_uring request of a
+    /// passthrough request (found through its NVMe command), whose process it then names.
+    pub fn block(
+        &mut self,
+        rq: u64,
+        b: &BlockInflight,
+        uring: Option<&InflightSlot>,
+        now_ns: u64,
+    ) -> Request {
+        // Passthrough (`REQ_OP_DRV_*`) has no position: the command carries its own LBA.
+        let passthrough =
+            b.op == gds_common::BLOCK_OP_DRV_IN || b.op == gds_common::BLOCK_OP_DRV_OUT;
+        let (ctx, origin) = match uring {
+            Some(u) if b.submitter.pid_tgid == 0 => (
+                self.context(u.entry.tgid, u.entry.pid),
+                Some(UringOrigin {
+                    user_data: u.entry.user_data,
+                    ring: format!("{:#x}", u.entry.ring),
+                    req: format!("{:#x}", u.req),
+                }),
+            ),
+            _ => (self.submitter(&b.submitter), None),
+        };
         Request {
             layer: Layer::Block,
             opcode: labels::block_op(b.op).to_owned(),
-            ctx: self.submitter(&b.submitter),
+            ctx,
             target: Target {
                 disk: self.disks.disk_name(b.dev),
-                sector: Some(b.sector),
+                sector: (!passthrough).then_some(b.sector),
                 bytes: Some(b.bytes.into()),
                 ..Target::default()
             },
-            origin: None,
+            origin,
             age_seconds: now_ns.saturating_sub(b.issue_ns) as f64 / 1e9,
             stage: Stage::Device,
             nvme: None,
@@ -327,10 +348,15 @@ pub fn inflight(tracer: &UringTracer) -> (Vec<Request>, u64) {
     let filter = tracer.task_filter();
     let filtered = filter.pid.is_some() || filter.comm.is_some();
     let keep = |r: &Request| !filtered || filter.accepts_task(r.ctx.pid, &r.ctx.comm);
+    // A passthrough request's io_uring owner, by `struct request *`, from its NVMe command.
+    let owners: HashMap<u64, &InflightSlot> = nvme
+        .iter()
+        .filter_map(|(rq, n)| Some((*rq, *urings.get(&n.uring_req)?)))
+        .collect();
     out.extend(
         block
             .iter()
-            .map(|(rq, b)| d.block(*rq, b, now))
+            .map(|(rq, b)| d.block(*rq, b, owners.get(rq).copied(), now))
             .filter(|r| keep(r)),
     );
     out.extend(

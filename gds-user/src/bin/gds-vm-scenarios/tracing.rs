@@ -377,7 +377,7 @@ fn throttled(c: &Ctx) -> Result<String> {
         .collect();
     let at_device: Vec<_> = all
         .iter()
-        .filter(|s| s["stage"] == "device" && s["disk"] == disk.as_str())
+        .filter(|s| s["layer"] == "uring" && s["stage"] == "device" && s["disk"] == disk.as_str())
         .collect();
     ensure!(
         !at_device.is_empty(),
