@@ -1,7 +1,7 @@
 //! NVMe and block-layer tracing: in-flight commands, per-disk histograms, and the offsets of
 //! kernel structs the programs read (resolved from BTF at load time).
 
-use crate::HIST_BUCKETS;
+use crate::{COMM_LEN, HIST_BUCKETS};
 
 /// A device number as the programs build it: `major << 20 | minor` (the kernel's `MKDEV`).
 pub type DevId = u32;
@@ -70,7 +70,10 @@ pub struct NvmeErrKey {
     pub _pad: u16,
 }
 
-/// An NVMe command between `nvme_setup_cmd` and `nvme_complete_rq`, keyed by `struct request *`.
+/// An NVMe command between `nvme_setup_cmd` and `nvme_complete_rq`, keyed by `struct request *`:
+/// the same key as its block request in [`MAP_BLOCK_INFLIGHT`], which is how user space gives
+/// the command the process that submitted the request (`nvme_setup_cmd` runs before
+/// `block_rq_issue`, so the program cannot copy it at setup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NvmeInflight {
@@ -80,7 +83,23 @@ pub struct NvmeInflight {
     pub dev: DevId,
     pub opcode: u8,
     pub admin: u8,
-    pub _pad: [u8; 2],
+    pub qid: u16,
+    /// Starting LBA and blocks of a Read or Write (0 for other commands).
+    pub lba: u64,
+    pub blocks: u32,
+    pub cid: u16,
+    pub _pad: u16,
+}
+
+/// The task that submitted a request, as the block program records it: thread and process id,
+/// name and cgroup (v2 id, `bpf_get_current_cgroup_id`). All zero when unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Submitter {
+    /// `bpf_get_current_pid_tgid()`: tgid << 32 | pid.
+    pub pid_tgid: u64,
+    pub cgroup: u64,
+    pub comm: [u8; COMM_LEN],
 }
 
 /// A block request between `block_rq_issue` and `block_rq_complete`.
@@ -88,11 +107,18 @@ pub struct NvmeInflight {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockInflight {
     pub issue_ns: u64,
+    /// `blk_rq_pos()`: the first 512-byte sector.
+    pub sector: u64,
+    /// `blk_rq_bytes()` at issue.
+    pub bytes: u32,
     pub dev: DevId,
     pub op: u8,
     /// [`MEMORY_HOST`] or [`MEMORY_P2PDMA`] (the first page of the request's data).
     pub memory: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
+    /// Who submitted it (see `MAP_BIO_SUBMITTER`); zero when the request's first bio was not
+    /// seen at `block_getrq` (passthrough, or a bio merged in front of it).
+    pub submitter: Submitter,
 }
 
 /// Offsets for the NVMe and block programs (`GDS_DEV_CONFIG`), from BTF.
@@ -108,6 +134,12 @@ pub struct DevConfig {
     pub disk_major: u32,
     pub disk_first_minor: u32,
     pub hctx_queue_num: u32,
+    /// `request.bio`, `request.__sector`, `request.__data_len`: the request's first bio (to
+    /// find its submitter), position and length.
+    pub rq_bio: u32,
+    pub rq_sector: u32,
+    pub rq_data_len: u32,
+    pub _pad: u32,
     /// `sizeof(struct request)`: the NVMe driver's `struct nvme_request` follows it.
     pub rq_size: u32,
     /// Telling P2PDMA pages from host pages (see [`PeerCheck`]); all zero when the kernel has
@@ -155,6 +187,10 @@ impl DevConfig {
         disk_major: 0,
         disk_first_minor: 0,
         hctx_queue_num: 0,
+        rq_bio: 0,
+        rq_sector: 0,
+        rq_data_len: 0,
+        _pad: 0,
         rq_size: 0,
         peer: PeerCheck::OFF,
     };
@@ -197,6 +233,16 @@ pub const MAP_DEV_HIST: &str = "GDS_DEV_HIST";
 pub const MAP_NVME_ERRORS: &str = "GDS_NVME_ERRORS";
 pub const MAP_NVME_INFLIGHT: &str = "GDS_NVME_INFLIGHT";
 pub const MAP_BLOCK_INFLIGHT: &str = "GDS_BLOCK_INFLIGHT";
+/// Entries of the block and NVMe in-flight tables: a request beyond them is counted
+/// (`block_inflight_full`, `nvme_inflight_full`), never tracked.
+pub const BLOCK_INFLIGHT_MAX: u32 = 16384;
+pub const NVME_INFLIGHT_MAX: u32 = 16384;
+/// The submitter of each new request's first bio, keyed by `struct bio *` (an LRU hash, see
+/// gds-ebpf's `block_getrq`): written where the kernel allocates a request for a bio, read and
+/// deleted when that request is issued. LRU, so a bio whose request is never issued (an error
+/// on the way) ages out instead of filling it.
+pub const MAP_BIO_SUBMITTER: &str = "GDS_BIO_SUBMITTER";
+pub const BIO_SUBMITTER_MAX: u32 = 8192;
 /// Block requests into P2PDMA memory per process (`tgid` → count), an LRU hash: written by the
 /// block program when the issuing task's request is peer memory, read by the cuFile programs
 /// (a read that caused such I/O took the `p2pdma` path) and by user space.
@@ -211,6 +257,7 @@ mod pod {
     unsafe impl aya::Pod for NvmeErrKey {}
     unsafe impl aya::Pod for NvmeInflight {}
     unsafe impl aya::Pod for BlockInflight {}
+    unsafe impl aya::Pod for Submitter {}
     unsafe impl aya::Pod for DevConfig {}
     unsafe impl aya::Pod for NvmeRuntime {}
 }

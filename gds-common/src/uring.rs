@@ -126,6 +126,7 @@ pub enum Scratch {
     NvmeComplete = 3,
     BlockIssue = 4,
     BlockComplete = 5,
+    BlockGetrq = 6,
 }
 
 /// A request between submission and completion, keyed by its `struct io_kiocb *`.

@@ -25,16 +25,20 @@ use core::intrinsics::AtomicOrdering::Relaxed;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{btf_tracepoint, map, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight, DevConfig, DevHist, DevHistKey, DropReason,
-    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
-    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST, MEMORY_P2PDMA, NvmeErrKey, NvmeInflight,
-    NvmeRuntime, Scratch, log2_bucket,
+    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight,
+    DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK,
+    KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST,
+    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, Submitter,
+    log2_bucket,
 };
 
 use crate::maps::{PEER_IO, as_scalar, entry_mut, index, stats};
@@ -53,10 +57,17 @@ static NVME_ERRORS: PerCpuHashMap<NvmeErrKey, u64> = PerCpuHashMap::with_max_ent
 static NVME_RUNTIME: Array<NvmeRuntime> = Array::with_max_entries(1, 0);
 
 #[map(name = "GDS_NVME_INFLIGHT")]
-static NVME_INFLIGHT: HashMap<u64, NvmeInflight> = HashMap::with_max_entries(16384, 0);
+static NVME_INFLIGHT: HashMap<u64, NvmeInflight> = HashMap::with_max_entries(NVME_INFLIGHT_MAX, 0);
 
 #[map(name = "GDS_BLOCK_INFLIGHT")]
-static BLOCK_INFLIGHT: HashMap<u64, BlockInflight> = HashMap::with_max_entries(16384, 0);
+static BLOCK_INFLIGHT: HashMap<u64, BlockInflight> =
+    HashMap::with_max_entries(BLOCK_INFLIGHT_MAX, 0);
+
+/// The submitter of each new request's first bio, `struct bio *` → [`Submitter`] (see
+/// [`block_getrq`]).
+#[map(name = "GDS_BIO_SUBMITTER")]
+static BIO_SUBMITTER: LruHashMap<u64, Submitter> =
+    LruHashMap::with_max_entries(BIO_SUBMITTER_MAX, 0);
 
 /// All-zero histogram in read-only data: inserted from here, so no 300-byte stack copy.
 static ZERO_HIST: DevHist = DevHist::ZERO;
@@ -163,19 +174,23 @@ pub fn nvme_setup(ctx: RawTracePointContext) -> i32 {
     let opcode: u8 = rd(cmd);
     let cid: u16 = rd(cmd + 2);
     let op = rd::<u32>(rq + dconf!(rq_cmd_flags) as u64) as u8;
+    // nvme_req_qid(): I/O queues are hctx + 1; the admin queue has no queuedata.
+    let qid = if queuedata != 0 {
+        let hctx: u64 = rd(rq + dconf!(rq_mq_hctx) as u64);
+        rd::<u32>(hctx + dconf!(hctx_queue_num) as u64) as u16 + 1
+    } else {
+        0
+    };
+    // Read (0x02) and Write (0x01) on an I/O queue: SLBA and NLB (0-based) are theirs.
+    let rw = queuedata != 0 && (opcode == 0x01 || opcode == 0x02);
+    let slba: u64 = if rw { rd(cmd + 40) } else { 0 };
+    let nlb: u16 = if rw { rd(cmd + 48) } else { 0 };
     let mut uring_req = 0;
     if op == BLOCK_OP_DRV_IN || op == BLOCK_OP_DRV_OUT {
         let owner: u64 = rd(rq + dconf!(rq_end_io_data) as u64);
         if owner != 0 {
             if let Some(e) = entry_mut(owner) {
                 uring_req = owner;
-                let hctx: u64 = rd(rq + dconf!(rq_mq_hctx) as u64);
-                let qnum: u32 = rd(hctx + dconf!(hctx_queue_num) as u64);
-                // nvme_req_qid(): I/O queues are hctx + 1; the admin queue has no queuedata.
-                let qid = if queuedata != 0 { qnum as u16 + 1 } else { 0 };
-                let rw = opcode == 0x01 || opcode == 0x02;
-                let slba: u64 = if rw { rd(cmd + 40) } else { 0 };
-                let nlb: u16 = if rw { rd(cmd + 48) } else { 0 };
                 // SAFETY: map value pointer of the io_uring request, owned until it completes.
                 unsafe {
                     (*e).nvme_setup_ns = now;
@@ -198,7 +213,11 @@ pub fn nvme_setup(ctx: RawTracePointContext) -> i32 {
         dev,
         opcode,
         admin,
-        _pad: [0; 2],
+        qid,
+        lba: slba,
+        blocks: if rw { nlb as u32 + 1 } else { 0 },
+        cid,
+        _pad: 0,
     };
     if NVME_INFLIGHT.insert(&rq, &v, BPF_ANY as u64).is_err() {
         count_drop(DropReason::NvmeInflightFull);
@@ -304,6 +323,32 @@ fn count_peer_io() {
     }
 }
 
+/// `block_getrq(struct bio *bio)` (5.11+): the block layer allocated a request for `bio`,
+/// which becomes the request's first bio (`rq->bio`). Records the current task as the
+/// request's submitter, for [`block_issue`] to find through `rq->bio`.
+///
+/// Why here and not at issue: `block_rq_issue` runs in whichever task dispatches the queue (a
+/// plug flushed at schedule, kblockd, another submitter's run of the hardware queue), and
+/// `block_rq_complete` in an interrupt; `block_getrq` runs in `submit_bio` of the task that
+/// made the bio, for synchronous and asynchronous I/O alike, once per request (a bio merged
+/// into an existing request costs nothing here). `block_bio_queue` also runs there, but once
+/// per bio, merged or not. The exceptions are those of every submit-side hook: a bio the
+/// blk-throttle held is submitted by the throttle's dispatch worker, writeback by the flusher,
+/// dm/md/loop by their workers; the request then names that worker, which is where the
+/// kernel ran it. `block_io_start` (6.5+) would give the request itself, but not on 6.1.
+#[btf_tracepoint(function = "block_getrq")]
+pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
+    let Some(s) = stats() else { return 0 };
+    let bio = as_scalar(s, Scratch::BlockGetrq, ctx.arg(0));
+    let who = Submitter {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    let _ = BIO_SUBMITTER.insert(&bio, &who, BPF_ANY as u64);
+    0
+}
+
 /// `block_rq_issue(struct request *rq)` (5.11+).
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
@@ -314,12 +359,31 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
         memory = MEMORY_P2PDMA;
         count_peer_io();
     }
+    // The submitter recorded at `block_getrq` for the request's first bio; a requeued
+    // request is issued again and keeps what its first issue found.
+    let bio: u64 = rd(rq + dconf!(rq_bio) as u64);
+    let submitter = match BIO_SUBMITTER.get_ptr(&bio) {
+        // SAFETY: map value pointer, copied before the delete.
+        Some(p) => {
+            let who = unsafe { *p };
+            let _ = BIO_SUBMITTER.remove(&bio);
+            who
+        }
+        None => match BLOCK_INFLIGHT.get_ptr(&rq) {
+            // SAFETY: map value pointer.
+            Some(old) => unsafe { (*old).submitter },
+            None => Submitter::default(),
+        },
+    };
     let v = BlockInflight {
         issue_ns: unsafe { bpf_ktime_get_ns() },
+        sector: rd(rq + dconf!(rq_sector) as u64),
+        bytes: rd(rq + dconf!(rq_data_len) as u64),
         dev: dev_of(rq),
         op: rd::<u32>(rq + dconf!(rq_cmd_flags) as u64) as u8,
         memory,
-        _pad: [0; 2],
+        _pad: [0; 6],
+        submitter,
     };
     if BLOCK_INFLIGHT.insert(&rq, &v, BPF_ANY as u64).is_err() {
         count_drop(DropReason::BlockInflightFull);

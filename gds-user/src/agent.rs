@@ -444,30 +444,24 @@ async fn scan_stalls(
             match c {
                 StallChange::Started(s) => warn!(
                     layer = s.request.layer.label(),
-                    disk = %s.request.disk,
+                    disk = %s.request.target.disk,
                     stage = %s.stage_description,
                     pid = s.request.ctx.pid,
                     tid = s.request.ctx.tid,
                     comm = %s.request.ctx.comm,
-                    ring = %s.request.ctx.ring,
-                    opcode = %s.request.ctx.opcode,
-                    user_data = s.request.ctx.user_data,
-                    nvme = s
-                        .request
-                        .nvme
-                        .as_ref()
-                        .map(|n| format!("qid={} cid={} lba={} blocks={}", n.qid, n.cid, n.lba, n.blocks))
-                        .unwrap_or_default(),
+                    cgroup = %s.request.ctx.cgroup.as_ref().map(|c| c.path.as_str()).unwrap_or(""),
+                    opcode = %s.request.opcode,
+                    target = %s.request.where_text(),
                     age_ms = (s.request.age_seconds * 1e3).round() as u64,
                     "stall detected"
                 ),
                 StallChange::Ended(s) => info!(
                     layer = s.request.layer.label(),
-                    disk = %s.request.disk,
+                    disk = %s.request.target.disk,
                     pid = s.request.ctx.pid,
                     comm = %s.request.ctx.comm,
-                    opcode = %s.request.ctx.opcode,
-                    user_data = s.request.ctx.user_data,
+                    opcode = %s.request.opcode,
+                    target = %s.request.where_text(),
                     total_ms = (s.total_seconds.unwrap_or_default() * 1e3).round() as u64,
                     "stall ended"
                 ),
@@ -513,9 +507,9 @@ async fn read_events(
                     pid = ev.ctx.pid,
                     tid = ev.ctx.tid,
                     comm = %ev.ctx.comm,
-                    opcode = %ev.ctx.opcode,
-                    user_data = ev.ctx.user_data,
-                    ring = %ev.ctx.ring,
+                    opcode = %ev.opcode,
+                    user_data = ev.origin.user_data,
+                    ring = %ev.origin.ring,
                     latency_us = (ev.latency_seconds * 1e6).round() as u64,
                     res = ev.res,
                     nvme = ev.nvme.as_ref().map(describe_slow_nvme).unwrap_or_default(),

@@ -14,7 +14,7 @@ use prometheus::{
 use gds_api::{
     exposition::{counter, desc, family, gauge, labels, log2_histogram, opts},
     families::{self as f, Family},
-    model::{Layer, StallReport, Stats},
+    model::{Layer, LayerStalls, StallReport, Stats},
 };
 use gds_trace::UringTracer;
 
@@ -213,7 +213,6 @@ impl Collector for StallCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let r = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let layer = Layer::Uring.label();
         let totals: Vec<_> = r
             .totals
             .iter()
@@ -225,16 +224,10 @@ impl Collector for StallCollector {
             })
             .collect();
         let mut out = vec![
-            family(
-                &f::STALLED_REQUESTS,
-                vec![gauge(labels(&[("layer", layer)]), r.active.len() as f64)],
-            ),
+            family(&f::STALLED_REQUESTS, per_layer(&r, |l| l.stalled as f64)),
             family(
                 &f::OLDEST_INFLIGHT,
-                vec![gauge(
-                    labels(&[("layer", layer)]),
-                    r.oldest_inflight_seconds,
-                )],
+                per_layer(&r, |l| l.oldest_inflight_seconds),
             ),
             family(&f::STALL_SCAN, vec![gauge(vec![], r.scan_seconds)]),
         ];
@@ -243,6 +236,25 @@ impl Collector for StallCollector {
         }
         out
     }
+}
+
+/// One gauge per layer from the report, every layer (0 before the first scan), so an alert's
+/// series exist from the start.
+fn per_layer(
+    r: &StallReport,
+    value: impl Fn(&LayerStalls) -> f64,
+) -> Vec<prometheus::proto::Metric> {
+    Layer::ALL
+        .iter()
+        .map(|&layer| {
+            let v = r
+                .layers
+                .iter()
+                .find(|l| l.layer == layer)
+                .map_or(0.0, &value);
+            gauge(labels(&[("layer", layer.label())]), v)
+        })
+        .collect()
 }
 
 /// `gds_agent_info{version,kernel} 1`.

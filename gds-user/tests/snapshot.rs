@@ -71,7 +71,12 @@ fn churn(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
 
 fn churn_rows(rows: &[Request], pid: u32) -> Vec<&Request> {
     rows.iter()
-        .filter(|r| r.ctx.pid == pid && (0x5000..0x5008).contains(&r.ctx.user_data))
+        .filter(|r| {
+            r.ctx.pid == pid
+                && r.origin
+                    .as_ref()
+                    .is_some_and(|o| (0x5000..0x5008).contains(&o.user_data))
+        })
         .collect()
 }
 
@@ -97,7 +102,9 @@ fn inflight_under_churn_has_true_ages_and_no_request_twice() {
         zero += mine.iter().filter(|r| r.age_seconds <= 0.0).count();
         let mut by_ud: HashMap<u64, usize> = HashMap::new();
         for r in &mine {
-            *by_ud.entry(r.ctx.user_data).or_default() += 1;
+            *by_ud
+                .entry(r.origin.as_ref().map_or(0, |o| o.user_data))
+                .or_default() += 1;
         }
         twice += by_ud.values().filter(|n| **n > 1).count();
         assert!(
@@ -150,7 +157,11 @@ fn snapshot_decodes_and_agrees_with_metrics_under_load() {
         let held_rows: Vec<&Request> = s
             .inflight
             .iter()
-            .filter(|r| (0x7700..0x7703).contains(&r.ctx.user_data))
+            .filter(|r| {
+                r.origin
+                    .as_ref()
+                    .is_some_and(|o| (0x7700..0x7703).contains(&o.user_data))
+            })
             .collect();
         assert_eq!(
             held_rows.len(),
@@ -159,7 +170,7 @@ fn snapshot_decodes_and_agrees_with_metrics_under_load() {
         );
         for r in &held_rows {
             assert_eq!(
-                (r.ctx.pid, r.ctx.opcode.as_str(), r.stage),
+                (r.ctx.pid, r.opcode.as_str(), r.stage),
                 (pid, "READ", Stage::Queue)
             );
             assert!(r.age_seconds > 0.0 && !r.ctx.comm.is_empty(), "{r:?}");

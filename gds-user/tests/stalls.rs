@@ -4,7 +4,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    io::Write as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    },
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use common::{Agent, PipeRead, serial};
 use io_uring::{IoUring, opcode, types};
@@ -199,4 +208,303 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
     let log = agent.log();
     assert_eq!(log.matches("stall detected").count(), K);
     assert_eq!(log.matches("stall ended").count(), K);
+}
+
+/// A loop device (direct I/O) over a file on the root disk, and a cgroup v1 blkio group that
+/// throttles reads of that disk. A reader in the group reading the loop device has its block
+/// request issued to the loop driver at once (the loop device has no rule), while the loop
+/// worker's read of the file, charged to the reader's group (loop charges its I/O to the
+/// submitter's cgroup), waits in the throttle: a block request held at the "device" for as
+/// long as the throttle says, on a real kernel, with nothing mocked.
+struct ThrottledLoop {
+    dev: String,
+    cgroup: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const BLKIO: &str = "/sys/fs/cgroup/blkio";
+
+impl ThrottledLoop {
+    /// `None` (with a SKIPPED line) where cgroup v1 blkio is not mounted; CI has it.
+    fn new(read_bps: u64) -> Option<ThrottledLoop> {
+        let rule = Path::new(BLKIO).join("blkio.throttle.read_bps_device");
+        if !rule.exists() {
+            assert!(std::env::var_os("CI").is_none(), "{BLKIO} is missing");
+            eprintln!("SKIPPED: no cgroup v1 blkio throttling at {BLKIO}");
+            return None;
+        }
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = dir.path().join("backing");
+        std::fs::write(&file, vec![0x5au8; 4 << 20]).unwrap();
+        let out = Command::new("losetup")
+            .args(["--direct-io=on", "--show", "-f"])
+            .arg(&file)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        // The whole disk under the file: throttle rules are per disk.
+        let st = std::fs::metadata(&file).unwrap();
+        let (major, minor) = (libc::major(st.dev()), libc::minor(st.dev()));
+        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let disk = if sys.join("partition").exists() {
+            std::fs::read_to_string(sys.join("../dev")).unwrap()
+        } else {
+            format!("{major}:{minor}")
+        };
+        let cgroup = Path::new(BLKIO).join(format!("gds-stall-{}", std::process::id()));
+        let _ = std::fs::create_dir(&cgroup);
+        std::fs::write(
+            cgroup.join("blkio.throttle.read_bps_device"),
+            format!("{} {read_bps}", disk.trim()),
+        )
+        .unwrap();
+        Some(ThrottledLoop {
+            dev,
+            cgroup,
+            _dir: dir,
+        })
+    }
+
+    fn name(&self) -> &str {
+        self.dev.trim_start_matches("/dev/")
+    }
+}
+
+impl Drop for ThrottledLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// An active stall of `layer` matching `pick`, waited for up to `within`.
+fn wait_stall(
+    agent: &Agent,
+    within: Duration,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+        if let Some(s) = report["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| pick(s))
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such stall: {report}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An ended stall matching `pick`, waited for up to `within`.
+fn wait_ended(
+    agent: &Agent,
+    within: Duration,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+        let active = report["active"].as_array().unwrap().iter().any(&pick);
+        if let Some(s) = report["ended"].as_array().unwrap().iter().find(|s| pick(s))
+            && !active
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stall never ended: {report}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A plain O_DIRECT `pread` (no io_uring) held past the threshold is a stall of layer `block`
+/// naming the disk, the sector, the reading thread's process, thread, name and cgroup; it is
+/// reported ended once the read returns, and counted in `gds_stalls_total{layer="block"}`.
+#[test]
+fn held_block_request_is_a_block_stall_naming_its_reader() {
+    let _g = serial();
+    let Some(lo) = ThrottledLoop::new(64 << 10) else {
+        return;
+    };
+    let agent = Agent::start(&[
+        "--pid",
+        &std::process::id().to_string(),
+        "--stall-threshold",
+        "500ms",
+        "--stall-interval",
+        "100ms",
+    ]);
+    const OFFSET: u64 = 1 << 20;
+    const LEN: usize = 128 << 10;
+    let (dev, tasks) = (lo.dev.clone(), lo.cgroup.join("tasks"));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::Builder::new()
+        .name("gds-stall-rd".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            // cgroup v1: this thread alone moves into the throttled group.
+            std::fs::write(&tasks, tid.to_string()).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&dev)
+                .unwrap();
+            let layout = std::alloc::Layout::from_size_align(LEN, 4096).unwrap();
+            // SAFETY: non-zero size; freed below with the same layout.
+            let buf = unsafe { std::alloc::alloc(layout) };
+            tid_tx.send(tid as u32).unwrap();
+            let t = Instant::now();
+            // SAFETY: buf holds LEN bytes.
+            let n = unsafe { libc::pread(f.as_raw_fd(), buf.cast(), LEN, OFFSET as i64) };
+            let took = t.elapsed();
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(buf, layout) };
+            (n, took)
+        })
+        .unwrap();
+    let tid = tid_rx.recv().unwrap();
+    let name = lo.name().to_owned();
+    let ours = |s: &serde_json::Value| s["layer"] == "block" && s["disk"] == name.as_str();
+    let stall = wait_stall(&agent, Duration::from_secs(5), ours);
+    assert_eq!(stall["sector"], OFFSET / 512, "{stall}");
+    assert_eq!(stall["bytes"], LEN, "{stall}");
+    assert_eq!(stall["opcode"], "read", "{stall}");
+    assert_eq!(stall["pid"], std::process::id(), "{stall}");
+    assert_eq!(stall["tid"], tid, "{stall}");
+    assert_eq!(stall["comm"], "gds-stall-rd", "{stall}");
+    assert_eq!(stall["stage"], "device", "{stall}");
+    let group = lo.cgroup.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        stall["cgroup"]["path"],
+        format!("/{group}"),
+        "the reader's blkio group: {stall}"
+    );
+    assert!(stall["age_seconds"].as_f64().unwrap() >= 0.5, "{stall}");
+    let (n, took) = reader.join().unwrap();
+    assert_eq!(n, LEN as isize);
+    assert!(took >= Duration::from_millis(600), "not held: {took:?}");
+    let ended = wait_ended(&agent, Duration::from_secs(3), ours);
+    let total = ended["total_seconds"].as_f64().unwrap();
+    assert!(
+        total >= 0.5 && total <= took.as_secs_f64() + 0.3,
+        "total {total}, read took {took:?}"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        m.value("gds_stalls_total", &[("layer", "block"), ("disk", &name)]),
+        1.0
+    );
+    assert_eq!(m.value("gds_stalled_requests", &[("layer", "block")]), 0.0);
+    let log = agent.log();
+    let logged = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(&name))
+            .count()
+    };
+    assert_eq!(logged("stall detected"), 1, "{log}");
+    assert_eq!(logged("stall ended"), 1, "{log}");
+}
+
+/// A cuFile call held past the threshold is a stall of layer `cufile` naming the process, the
+/// call and its file; it ends when the call returns. The stand-in library's `cuFileRead` on a
+/// pipe waits for the writer, so the test holds the call as long as it wants.
+#[test]
+fn held_cufile_call_is_a_cufile_stall_and_ends() {
+    common::require_root();
+    let _lock = common::cufile_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (lib, driver) = common::build_standin(dir.path());
+    // Its own name, for `--comm`: the agent then reports this process's calls only.
+    const COMM: &str = "gds-stall-cuf";
+    let named = dir.path().join(COMM);
+    std::fs::copy(&driver, &named).unwrap();
+    let fifo = dir.path().join("held");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Read and write: opening it does not wait for a reader, and the driver's read-only open
+    // then finds a writer.
+    let mut writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let agent = Agent::start(&[
+        "--comm",
+        COMM,
+        "--stall-threshold",
+        "500ms",
+        "--stall-interval",
+        "100ms",
+    ]);
+    // Root without capabilities: the agent, which dropped its own after attaching, may read
+    // `/proc/PID/fd` of a process of its uid holding no capability it lacks (ptrace access
+    // rules), which is how it names the file.
+    let mut app = common::LineChild::spawn(
+        &[
+            "setpriv".into(),
+            "--inh-caps=-all".into(),
+            "--bounding-set=-all".into(),
+            named.display().to_string(),
+            lib.display().to_string(),
+        ],
+        dir.path(),
+    );
+    let pid = app.cmd_pid("load");
+    common::within(Duration::from_secs(5), "library attached", &agent, || {
+        let r: serde_json::Value = serde_json::from_str(&agent.get("/debug/cufile")).unwrap();
+        r["libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["pids"].as_array().unwrap().iter().any(|p| *p == pid))
+    });
+    let fd = app.cmd(&format!("open {}", fifo.display()));
+    assert!(fd.starts_with("opened "), "{fd}");
+    let held = Instant::now();
+    app.send("read 1 4096");
+    let ours = |s: &serde_json::Value| s["layer"] == "cufile" && s["pid"] == pid;
+    let stall = wait_stall(&agent, Duration::from_secs(5), ours);
+    assert!(held.elapsed() >= Duration::from_millis(500));
+    assert_eq!(stall["opcode"], "read", "{stall}");
+    assert_eq!(stall["comm"], COMM, "{stall}");
+    assert_eq!(stall["file"], fifo.to_str().unwrap(), "{stall}");
+    assert_eq!(stall["bytes"], 4096, "{stall}");
+    assert!(stall["age_seconds"].as_f64().unwrap() >= 0.5, "{stall}");
+    std::thread::sleep(Duration::from_millis(300));
+    let m = agent.scrape();
+    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 1.0);
+    assert!(m.value("gds_oldest_inflight_seconds", &[("layer", "cufile")]) >= 0.5);
+
+    writer.write_all(&[7u8; 4096]).unwrap();
+    assert_eq!(app.answer("read 1 4096"), "read 1 4096");
+    let returned = held.elapsed().as_secs_f64();
+    let ended = wait_ended(&agent, Duration::from_secs(3), ours);
+    let total = ended["total_seconds"].as_f64().unwrap();
+    assert!(
+        total >= 0.8 && total <= returned + 0.3,
+        "total {total}, returned after {returned}"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        m.value(
+            "gds_stalls_total",
+            &[("layer", "cufile"), ("disk", "unknown")]
+        ),
+        1.0
+    );
+    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 0.0);
+    app.exit();
 }

@@ -40,22 +40,22 @@ pub fn table(r: &StallReport) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<8} {:>9} {:>8} {:<16} {:<10} {:>18}  WHERE",
-        "STATE", "SECONDS", "PID", "COMM", "OPCODE", "USER_DATA"
+        "{:<8} {:<7} {:>9} {:>8} {:<16} {:<10}  WHERE",
+        "STATE", "LAYER", "SECONDS", "PID", "COMM", "OPCODE"
     );
     for (state, rows) in [("STALLED", &r.active), ("ended", &r.ended)] {
         for s in rows {
             let q = &s.request;
             let _ = writeln!(
                 o,
-                "{:<8} {:>9.3} {:>8} {:<16} {:<10} {:>#18x}  {} ({})",
+                "{:<8} {:<7} {:>9.3} {:>8} {:<16} {:<10}  {} ({})",
                 state,
+                q.layer.label(),
                 s.total_seconds.unwrap_or(q.age_seconds),
                 q.ctx.pid,
                 q.ctx.comm,
-                q.ctx.opcode,
-                q.ctx.user_data,
-                q.disk,
+                q.opcode,
+                q.where_text(),
                 s.stage_description,
             );
         }

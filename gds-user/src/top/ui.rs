@@ -182,17 +182,17 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
         .map(|r| {
             Row::new([
                 secs(Some(r.age_seconds)),
-                r.stage.label().to_string(),
+                format!("{} {}", r.layer.label(), r.stage.label()),
                 r.ctx.pid.to_string(),
                 r.ctx.comm.clone(),
-                r.ctx.opcode.clone(),
-                format!("{:#x}", r.ctx.user_data),
+                r.opcode.clone(),
+                r.where_text(),
             ])
         })
         .collect();
     let widths = [
         Constraint::Length(8),
-        Constraint::Length(10),
+        Constraint::Length(14),
         Constraint::Length(8),
         Constraint::Length(16),
         Constraint::Length(12),
@@ -200,7 +200,9 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     ];
     f.render_widget(
         Table::new(rows, widths)
-            .header(Row::new(["AGE", "STAGE", "PID", "COMM", "OPCODE", "USER_DATA"]).style(bold()))
+            .header(
+                Row::new(["AGE", "LAYER STAGE", "PID", "COMM", "OPCODE", "WHERE"]).style(bold()),
+            )
             .block(
                 Block::default()
                     .borders(Borders::ALL)
@@ -227,11 +229,11 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                     "ended".to_string()
                 },
                 secs(Some(s.total_seconds.unwrap_or(s.request.age_seconds))),
+                s.request.layer.label().to_string(),
                 s.request.ctx.pid.to_string(),
                 s.request.ctx.comm.clone(),
-                s.request.ctx.opcode.clone(),
-                format!("{:#x}", s.request.ctx.user_data),
-                format!("{} {}", s.request.disk, s.request.stage.label()),
+                s.request.opcode.clone(),
+                s.request.where_text(),
             ])
             .style(style)
         })
@@ -250,16 +252,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             ],
         )
         .header(
-            Row::new([
-                "STATE",
-                "TIME",
-                "PID",
-                "COMM",
-                "OPCODE",
-                "USER_DATA",
-                "WHERE",
-            ])
-            .style(bold()),
+            Row::new(["STATE", "TIME", "LAYER", "PID", "COMM", "OPCODE", "WHERE"]).style(bold()),
         )
         .block(Block::default().borders(Borders::ALL).title("stalls")),
         chunks[5],

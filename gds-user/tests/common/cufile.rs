@@ -47,7 +47,18 @@ impl LineChild {
 
     /// Sends `line`; the answer, trimmed. Panics if the child exited.
     pub fn cmd(&mut self, line: &str) -> String {
+        self.send(line);
+        self.answer(line)
+    }
+
+    /// Sends `line` without waiting for its answer (a command that blocks until the test does
+    /// something: read it later with [`LineChild::answer`]).
+    pub fn send(&mut self, line: &str) {
         writeln!(self.stdin, "{line}").unwrap();
+    }
+
+    /// The next answer line, trimmed (`line`: the command it answers, for the panic message).
+    pub fn answer(&mut self, line: &str) -> String {
         let mut answer = String::new();
         self.stdout.read_line(&mut answer).unwrap();
         assert!(!answer.is_empty(), "{:?} exited on `{line}`", self.child);

@@ -141,19 +141,21 @@ pub const STALLED_REQUESTS: Family = family(
     "gds_stalled_requests",
     Gauge,
     &["layer"],
-    "Requests in flight longer than the stall threshold now, by layer.",
+    "Requests in flight longer than the stall threshold now, by layer (uring, block, nvme, \
+     cufile).",
 );
 pub const OLDEST_INFLIGHT: Family = family(
     "gds_oldest_inflight_seconds",
     Gauge,
     &["layer"],
-    "Age of the oldest request in flight, by layer.",
+    "Age of the oldest request in flight, by layer (uring, block, nvme, cufile).",
 );
 pub const STALLS: Family = family(
     "gds_stalls_total",
     Counter,
     &["layer", "disk"],
-    "Stalls detected, by layer and disk.",
+    "Stalls detected, by layer (uring, block, nvme, cufile) and disk (unknown where the layer \
+     has none).",
 );
 pub const STALL_SCAN: Family = family(
     "gds_stall_scan_duration_seconds",

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use gds_common::{
-    DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey,
+    BlockInflight, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
     cufile::{CUFILE_COUNTS, CufileCall, CufileErrKey, CufileFileKey, CufileFileStats, CufileOpStats},
 };
 use gds_host::kmod::Residence;
@@ -36,10 +36,36 @@ pub trait Source {
     fn cufile_raw(&self) -> Result<CufileRaw, Self::Error>;
     /// The libcufile copies attached, and those that could not be.
     fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>);
-    /// Requests in flight now.
+    /// io_uring requests in flight now.
     fn inflight(&self) -> Vec<InflightRequest>;
+    /// Block requests issued and not completed now, keyed by `struct request *`.
+    fn block_inflight(&self) -> Vec<(u64, BlockInflight)>;
+    /// NVMe commands set up and not completed now, keyed by `struct request *` (the key of
+    /// their block request too).
+    fn nvme_inflight(&self) -> Vec<(u64, NvmeInflight)>;
+    /// cuFile calls in flight now, by thread (`pid_tgid`).
+    fn cufile_calls(&self) -> Vec<(u64, CufileCall)>;
+    /// `--pid` and `--comm`: the kernel applies them to io_uring and cuFile; the model applies
+    /// them to block and NVMe requests by their submitter (those programs aggregate per disk
+    /// for every process, so the filter cannot run in the kernel there).
+    fn task_filter(&self) -> TaskFilter;
     /// How each layer is traced now.
     fn layers(&self) -> Layers;
+}
+
+/// Which processes are traced (`--pid`, `--comm`).
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl TaskFilter {
+    /// Whether a task of process `tgid` named `comm` passes (`comm` as the kernel keeps it,
+    /// truncated to 15 bytes, the way the in-kernel `--comm` filter compares it).
+    pub fn accepts_task(&self, tgid: u32, comm: &str) -> bool {
+        self.pid.is_none_or(|p| p == tgid) && self.comm.as_deref().is_none_or(|c| c == comm)
+    }
 }
 
 /// Disk names by device number (`major << 20 | minor`).

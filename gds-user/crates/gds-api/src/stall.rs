@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::model::{Layer, Request, RequestKey, Stall, StallReport, StallTotal};
+use crate::model::{Layer, LayerStalls, Request, RequestKey, Stall, StallReport, StallTotal};
 
 /// A detection or an end, as returned by [`StallDetector::scan`].
 #[derive(Debug, Clone)]
@@ -32,8 +32,12 @@ impl StallDetector {
             threshold_ns,
             active: HashMap::new(),
             ended: VecDeque::new(),
-            // Counters exist from the start, so rate() works from the first stall on.
-            totals: BTreeMap::from([((Layer::Uring, "unknown".to_owned()), 0)]),
+            // Counters exist from the start, so rate() works from the first stall on: one per
+            // layer (a disk's appears with its first stall).
+            totals: Layer::ALL
+                .iter()
+                .map(|l| ((*l, "unknown".to_owned()), 0))
+                .collect(),
             exact: HashMap::new(),
         }
     }
@@ -58,22 +62,21 @@ impl StallDetector {
             seen.insert(r.key);
             if let Some(s) = self.active.get_mut(&r.key) {
                 // A stall can move on (e.g. issued to the device after waiting in a queue).
-                let stage = r.stage;
                 s.request = r.clone();
                 s.request.age_seconds = age as f64 / 1e9;
-                s.stage_description = stage.describe().into();
+                s.stage_description = r.stage.describe_in(r.layer).into();
                 continue;
             }
             let mut request = r.clone();
             request.age_seconds = age as f64 / 1e9;
             let stall = Stall {
-                stage_description: r.stage.describe().into(),
+                stage_description: r.stage.describe_in(r.layer).into(),
                 request,
                 total_seconds: None,
             };
             *self
                 .totals
-                .entry((stall.request.layer, stall.request.disk.clone()))
+                .entry((stall.request.layer, stall.request.target.disk.clone()))
                 .or_default() += 1;
             self.active.insert(r.key, stall.clone());
             changes.push(StallChange::Started(stall));
@@ -112,7 +115,24 @@ impl StallDetector {
             .map(|r| now_ns.saturating_sub(r.key.start_ns))
             .max()
             .unwrap_or(0);
+        let layers = Layer::ALL
+            .iter()
+            .map(|&layer| {
+                let ages = inflight
+                    .iter()
+                    .filter(|r| r.layer == layer)
+                    .map(|r| now_ns.saturating_sub(r.key.start_ns));
+                let (n, oldest) = ages.fold((0, 0), |(n, o), a| (n + 1, o.max(a)));
+                LayerStalls {
+                    layer,
+                    inflight: n,
+                    stalled: active.iter().filter(|s| s.request.layer == layer).count(),
+                    oldest_inflight_seconds: oldest as f64 / 1e9,
+                }
+            })
+            .collect();
         StallReport {
+            layers,
             threshold_seconds: self.threshold_ns as f64 / 1e9,
             active,
             ended: self.ended.iter().cloned().collect(),
@@ -140,20 +160,27 @@ mod tests {
     fn req(req: u64, start_ns: u64) -> Request {
         Request {
             layer: Layer::Uring,
+            opcode: "READ".into(),
             ctx: crate::model::Context {
                 pid: 1,
                 tid: 1,
                 comm: "t".into(),
-                opcode: "READ".into(),
+                ..Default::default()
+            },
+            target: Default::default(),
+            origin: Some(crate::model::UringOrigin {
                 user_data: 7,
                 ring: "0x10".into(),
                 req: format!("{req:#x}"),
-            },
+            }),
             age_seconds: 0.0,
             stage: Stage::Queue,
-            disk: "unknown".into(),
             nvme: None,
-            key: RequestKey { req, start_ns },
+            key: RequestKey {
+                layer: Layer::Uring,
+                req,
+                start_ns,
+            },
         }
     }
 
@@ -167,7 +194,7 @@ mod tests {
         );
         let c = d.scan(1_200, std::slice::from_ref(&r));
         assert!(
-            matches!(&c[..], [StallChange::Started(s)] if s.request.ctx.opcode == "READ" && s.request.ctx.user_data == 7)
+            matches!(&c[..], [StallChange::Started(s)] if s.request.opcode == "READ" && s.request.origin.as_ref().is_some_and(|o| o.user_data == 7))
         );
         assert!(
             d.scan(5_000, std::slice::from_ref(&r)).is_empty(),

@@ -263,6 +263,12 @@ pub struct ProcessFilter {
 }
 
 impl ProcessFilter {
+    /// Whether a task of process `tgid` named `comm` passes (`comm` as the kernel keeps it,
+    /// truncated to 15 bytes, the way the in-kernel `--comm` filter compares it).
+    pub fn accepts_task(&self, tgid: u32, comm: &str) -> bool {
+        self.pid.is_none_or(|p| p == tgid) && self.comm.as_deref().is_none_or(|c| c == comm)
+    }
+
     fn accepts(&self, proc_root: &Path, pid: u32) -> bool {
         if self.pid.is_some_and(|p| p != pid) {
             return false;
@@ -1318,6 +1324,23 @@ const ZERO_OP: CufileOpStats = CufileOpStats {
 };
 
 impl CufileMaps {
+    /// The cuFile calls in flight now, by thread (`pid_tgid`), both shares: what the stall
+    /// detector scans, without reading the other tables. At most `CUFILE_INFLIGHT_MAX` per
+    /// share (the maps' size).
+    pub fn calls(&self) -> Vec<(u64, CufileCall)> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for user in [USER_TRUSTED, USER_OTHER] {
+            out.extend(
+                self.calls[user]
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(id, c)| seen.insert((*id, c.start_ns))),
+            );
+        }
+        out
+    }
+
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<CufileMaps, TraceError> {
         Ok(CufileMaps {
             stats: take_map(ebpf, MAP_CUFILE_STATS)?,

@@ -5,12 +5,12 @@ use std::{collections::HashMap as StdHashMap, sync::Mutex};
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::{BtfTracePoint, RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use gds_common::{
-    DevConfig, DevHist, DevHistKey, MAP_DEV_HIST, MAP_NVME_ERRORS, MAP_NVME_RUNTIME, NvmeErrKey,
-    NvmeRuntime,
+    BlockInflight, DevConfig, DevHist, DevHistKey, MAP_BLOCK_INFLIGHT, MAP_DEV_HIST,
+    MAP_NVME_ERRORS, MAP_NVME_INFLIGHT, MAP_NVME_RUNTIME, NvmeErrKey, NvmeInflight, NvmeRuntime,
 };
 
 use super::{TraceError, program, take_map};
@@ -41,6 +41,9 @@ pub fn resolve(btf: &Btf) -> Result<(DevConfig, PeerMemory), gds_host::btf::BtfE
     c.disk_major = btf.member_offset("gendisk", &["major"])?;
     c.disk_first_minor = btf.member_offset("gendisk", &["first_minor"])?;
     c.hctx_queue_num = btf.member_offset("blk_mq_hw_ctx", &["queue_num"])?;
+    c.rq_bio = btf.member_offset("request", &["bio"])?;
+    c.rq_sector = btf.member_offset("request", &["__sector"])?;
+    c.rq_data_len = btf.member_offset("request", &["__data_len"])?;
     c.rq_size = btf.struct_size("request")?;
     let (peer, memory) = super::peer::resolve(btf);
     c.peer = peer;
@@ -76,6 +79,20 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, aya_btf: &aya::Btf) -> Result<DeviceAt
         .map(|p| p.len() == 1)
         .unwrap_or(false);
     if issue_ok && btf.has_tracepoint("block_rq_complete") {
+        // The submitter first: a request issued before it attached names no process, and
+        // that only for the requests in flight at start.
+        let getrq_ok = btf
+            .tracepoint_params("block_getrq")
+            .map(|p| p.len() == 1)
+            .unwrap_or(false);
+        if getrq_ok {
+            attach_btf(ebpf, aya_btf, "block_getrq", "block_getrq")?;
+        } else {
+            a.notes.push(
+                "block requests name no submitter: block_getrq is absent or of an older form"
+                    .into(),
+            );
+        }
         attach_btf(ebpf, aya_btf, "block_issue", "block_rq_issue")?;
         attach_btf(ebpf, aya_btf, "block_complete", "block_rq_complete")?;
         a.block = true;
@@ -311,11 +328,28 @@ impl NvmeTracing {
     }
 }
 
-/// Readers of the per-disk maps, and the disk-name cache.
+/// Readers of the per-disk maps and the block and NVMe in-flight tables, and the disk-name
+/// cache.
 pub struct DeviceMaps {
     hist: PerCpuHashMap<MapData, DevHistKey, DevHist>,
     errors: PerCpuHashMap<MapData, NvmeErrKey, u64>,
+    block_inflight: HashMap<MapData, u64, BlockInflight>,
+    nvme_inflight: HashMap<MapData, u64, NvmeInflight>,
     names: Mutex<StdHashMap<u32, String>>,
+}
+
+/// The entries of a hash map keyed by `struct request *`, each once. Deleting the key the
+/// iteration stands on makes the kernel restart from the first key, which repeats entries: a
+/// (key, start) pair is kept once. At most the map's size (its `max_entries`).
+fn in_flight<V: aya::Pod>(
+    map: &HashMap<MapData, u64, V>,
+    start: impl Fn(&V) -> u64,
+) -> Vec<(u64, V)> {
+    let mut seen = std::collections::HashSet::new();
+    map.iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| seen.insert((*k, start(v))))
+        .collect()
 }
 
 impl DeviceMaps {
@@ -323,8 +357,21 @@ impl DeviceMaps {
         Ok(DeviceMaps {
             hist: take_map(ebpf, MAP_DEV_HIST)?,
             errors: take_map(ebpf, MAP_NVME_ERRORS)?,
+            block_inflight: take_map(ebpf, MAP_BLOCK_INFLIGHT)?,
+            nvme_inflight: take_map(ebpf, MAP_NVME_INFLIGHT)?,
             names: Mutex::new(StdHashMap::new()),
         })
+    }
+
+    /// Block requests issued and not completed now, keyed by `struct request *`.
+    pub fn block_inflight(&self) -> Vec<(u64, BlockInflight)> {
+        in_flight(&self.block_inflight, |v| v.issue_ns)
+    }
+
+    /// NVMe commands set up and not completed now, keyed by `struct request *` (the key of
+    /// their block request too).
+    pub fn nvme_inflight(&self) -> Vec<(u64, NvmeInflight)> {
+        in_flight(&self.nvme_inflight, |v| v.setup_ns)
     }
 
     pub fn snapshot(&self) -> DeviceSnapshot {

@@ -26,7 +26,7 @@ use super::{
 };
 use gds_api::raw::{
     CufileRaw, DeviceSnapshot, DiskNames, LayerMode, Layers, LibraryFailure, LibraryInfo,
-    NvmeLayer, OpcodeStats, PeerMemory, Source, UringSnapshot,
+    NvmeLayer, OpcodeStats, PeerMemory, Source, TaskFilter, UringSnapshot,
 };
 use gds_host::{btf::Btf, tracefs};
 
@@ -163,6 +163,7 @@ pub struct UringTracer {
     cufile_why: String,
     /// The loader's dlopen notifications, taken by the cuFile thread.
     cufile_notify: std::sync::Mutex<Option<RingBuf<MapData>>>,
+    filter: ProcessFilter,
 }
 
 impl UringTracer {
@@ -359,6 +360,10 @@ impl UringTracer {
             cufile_maps,
             cufile_why,
             cufile_notify,
+            filter: ProcessFilter {
+                pid: opts.pid,
+                comm: opts.comm.clone(),
+            },
         })
     }
 
@@ -451,6 +456,21 @@ impl UringTracer {
             .read()
     }
 
+    /// The cuFile calls in flight now, by thread (`pid_tgid`), without the other cuFile tables.
+    pub fn cufile_calls(&self) -> Vec<(u64, gds_common::cufile::CufileCall)> {
+        self.cufile_maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .calls()
+    }
+
+    /// `--pid` and `--comm`: the kernel applies them to io_uring and cuFile; user space applies
+    /// them to block and NVMe requests by their submitter (those programs aggregate per disk
+    /// for every process, so the filter cannot run in the kernel there).
+    pub fn task_filter(&self) -> &ProcessFilter {
+        &self.filter
+    }
+
     /// The libcufile copies attached now, and those that could not be.
     pub fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>) {
         let v = self.cufile_view();
@@ -490,7 +510,8 @@ impl UringTracer {
                 on: self.devices_attached.block,
                 why: if self.devices_attached.block {
                     format!(
-                        "BTF tracepoints block_rq_issue/block_rq_complete; peer memory: {}",
+                        "BTF tracepoints block_rq_issue/block_rq_complete, the submitter at \
+                         block_getrq; peer memory: {}",
                         self.peer.why()
                     )
                 } else {
@@ -748,6 +769,25 @@ impl Source for UringTracer {
 
     fn inflight(&self) -> Vec<InflightRequest> {
         UringTracer::inflight(self)
+    }
+
+    fn block_inflight(&self) -> Vec<(u64, gds_common::BlockInflight)> {
+        self.devices.block_inflight()
+    }
+
+    fn nvme_inflight(&self) -> Vec<(u64, gds_common::NvmeInflight)> {
+        self.devices.nvme_inflight()
+    }
+
+    fn cufile_calls(&self) -> Vec<(u64, gds_common::cufile::CufileCall)> {
+        UringTracer::cufile_calls(self)
+    }
+
+    fn task_filter(&self) -> TaskFilter {
+        TaskFilter {
+            pid: self.filter.pid,
+            comm: self.filter.comm.clone(),
+        }
     }
 
     fn layers(&self) -> Layers {

@@ -40,6 +40,12 @@ pub fn scenarios() -> Vec<Scenario> {
             240,
             throttled,
         ),
+        s(
+            "trace.block-nvme-stalls",
+            "O_DIRECT reads (no io_uring) held by the throttled controller are block and NVMe stalls naming disk, sector/LBA, pid and comm of the reader, and end",
+            240,
+            block_nvme_stalls,
+        ),
     ]
 }
 
@@ -371,7 +377,7 @@ fn throttled(c: &Ctx) -> Result<String> {
         .collect();
     let at_device: Vec<_> = all
         .iter()
-        .filter(|s| s["stage"] == "device" && s["disk"] == disk.as_str())
+        .filter(|s| s["layer"] == "uring" && s["stage"] == "device" && s["disk"] == disk.as_str())
         .collect();
     ensure!(
         !at_device.is_empty(),
@@ -384,5 +390,154 @@ fn throttled(c: &Ctx) -> Result<String> {
         "{total} slow reads on {disk}, device stage dominant in {device_dominant}; {} stalls at the device, e.g. LBA {}",
         at_device.len(),
         s["nvme"]["lba"]
+    ))
+}
+
+/// O_DIRECT `pread`s of the throttled controller's namespace from threads named
+/// `gds-stall-rd`, no io_uring: 32 at once against QEMU's 50 IOPS keep each at the device for
+/// hundreds of milliseconds, past the 150 ms threshold. Each must be a stall of layer `block`
+/// (disk, sector) and of layer `nvme` (qid, cid, LBA), both naming this process and the
+/// reading thread, and both must be reported ended once the reads return.
+fn block_nvme_stalls(c: &Ctx) -> Result<String> {
+    const THREADS: u64 = 32;
+    const READS: u64 = 3;
+    let ns = find_ns(SLOW_SERIAL, 1)?;
+    let disk = disk_of(&ns.blk);
+    let me = std::process::id();
+    let _agent = start_agent(
+        c,
+        &[
+            "--pid",
+            &me.to_string(),
+            "--stall-threshold",
+            "150ms",
+            "--stall-interval",
+            "50ms",
+        ],
+    )?;
+    let t0 = Instant::now();
+    let readers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let blk = ns.blk.clone();
+            std::thread::Builder::new()
+                .name("gds-stall-rd".into())
+                .spawn(move || -> Result<()> {
+                    use std::os::unix::fs::FileExt;
+                    let f = crate::util::open_direct(&blk, false)?;
+                    let mut buf = DmaBuffer::new(4096);
+                    for i in 0..READS {
+                        // SAFETY: buf is 4096 bytes, aligned.
+                        let slice =
+                            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), 4096) };
+                        f.read_exact_at(slice, (t * READS + i) * 4096)?;
+                    }
+                    Ok(())
+                })
+                .context("spawning a reader")
+        })
+        .collect::<Result<_>>()?;
+    let ours = |s: &serde_json::Value, layer: &str| {
+        s["layer"] == layer && s["disk"] == disk.as_str() && s["pid"] == me
+    };
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(seen.iter().any(|s| s["layer"] == "block") && seen.iter().any(|s| s["layer"] == "nvme"))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "no block and NVMe stalls: {seen:?}"
+        );
+        let r = json("/debug/stalls")?;
+        for s in r["active"].as_array().into_iter().flatten() {
+            if (ours(s, "block") || ours(s, "nvme"))
+                && !seen.iter().any(|x| x["layer"] == s["layer"])
+            {
+                seen.push(s.clone());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in readers {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("a reader panicked"))??;
+    }
+    let took = t0.elapsed();
+    for s in &seen {
+        ensure!(
+            s["comm"] == "gds-stall-rd",
+            "stall without the reader's comm: {s}"
+        );
+        ensure!(
+            s["tid"].as_u64().is_some_and(|t| t != u64::from(me)),
+            "stall names the main thread: {s}"
+        );
+        ensure!(s["stage"] == "device", "not at the device: {s}");
+    }
+    let block = seen.iter().find(|s| s["layer"] == "block").unwrap();
+    let nvme = seen.iter().find(|s| s["layer"] == "nvme").unwrap();
+    ensure!(
+        block["sector"].is_u64() && block["opcode"] == "read",
+        "block stall: {block}"
+    );
+    ensure!(
+        nvme["lba"].is_u64()
+            && nvme["nvme"]["qid"].as_u64().is_some_and(|q| q > 0)
+            && nvme["nvme"]["cid"].is_u64(),
+        "NVMe stall: {nvme}"
+    );
+    // Every stall of ours ends once the reads returned (the scan after the last completion).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        let r = json("/debug/stalls")?;
+        let active = r["active"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| ours(s, "block") || ours(s, "nvme"))
+            .count();
+        let ended: Vec<serde_json::Value> = r["ended"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| ours(s, "block") || ours(s, "nvme"))
+            .cloned()
+            .collect();
+        if active == 0
+            && ["block", "nvme"]
+                .iter()
+                .all(|l| ended.iter().any(|s| s["layer"] == *l))
+        {
+            break ended;
+        }
+        ensure!(Instant::now() < deadline, "stalls never ended: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        ended
+            .iter()
+            .all(|s| s["total_seconds"].as_f64().is_some_and(|t| t >= 0.15)),
+        "ended stalls without their total: {ended:?}"
+    );
+    let m = metrics()?;
+    let total = |layer: &str| {
+        counter(
+            &m,
+            "gds_stalls_total",
+            &[&format!("layer=\"{layer}\""), &format!("disk=\"{disk}\"")],
+        )
+    };
+    let (nb, nn) = (total("block"), total("nvme"));
+    ensure!(
+        nb >= 1.0 && nn >= 1.0,
+        "gds_stalls_total: block {nb}, nvme {nn}"
+    );
+    c.detail(format!("block stall: {block}"));
+    c.detail(format!("NVMe stall: {nvme}"));
+    Ok(format!(
+        "{} reads in {:.1} s: {nb} block and {nn} NVMe stalls on {disk}, e.g. sector {} / LBA {} by gds-stall-rd",
+        THREADS * READS,
+        took.as_secs_f64(),
+        block["sector"],
+        nvme["lba"]
     ))
 }

@@ -3,11 +3,16 @@
 
 use std::collections::HashMap;
 
-use gds_common::{InflightSlot, SlowUringEvent};
+use gds_common::{
+    BlockInflight, InflightSlot, NvmeInflight, SlowUringEvent, Submitter, cufile::CufileCall,
+};
 
 use super::{
     labels,
-    request::{Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage},
+    request::{
+        Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage, Target,
+        UringOrigin,
+    },
 };
 use crate::raw::{DiskNames, Source};
 use gds_host::clock::monotonic_ns;
@@ -30,10 +35,18 @@ pub fn stage_of(e: &gds_common::InflightReq) -> Stage {
     }
 }
 
-/// Decodes the requests of one scan: process names are read once per process per scan.
+/// A kernel `comm` buffer as text (up to its NUL).
+fn comm_text(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Decodes the requests of one scan: process names and cgroups are read once per process per
+/// scan.
 pub struct Decoder<'a> {
     disks: &'a dyn DiskNames,
     comms: HashMap<u32, String>,
+    cgroups: HashMap<u32, Option<gds_host::cgroup::CgroupInfo>>,
 }
 
 impl<'a> Decoder<'a> {
@@ -41,6 +54,7 @@ impl<'a> Decoder<'a> {
         Decoder {
             disks,
             comms: HashMap::new(),
+            cgroups: HashMap::new(),
         }
     }
 
@@ -49,6 +63,180 @@ impl<'a> Decoder<'a> {
             .entry(tgid)
             .or_insert_with(|| proc_comm(tgid))
             .clone()
+    }
+
+    /// The cgroup of thread `tid` of `tgid` (threads may differ under cgroup v1, where
+    /// `tasks` moves one thread), else of the process.
+    fn cgroup(&mut self, tgid: u32, tid: u32) -> Option<gds_host::cgroup::CgroupInfo> {
+        if tgid == 0 {
+            return None;
+        }
+        self.cgroups
+            .entry(tid)
+            .or_insert_with(|| {
+                std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/cgroup"))
+                    .ok()
+                    .map(|t| gds_host::cgroup::parse_proc_cgroup(&t))
+                    .or_else(|| gds_host::cgroup::of_pid(tgid))
+            })
+            .clone()
+    }
+
+    /// The context of a process known by its tgid (comm from `/proc`).
+    fn context(&mut self, tgid: u32, tid: u32) -> Context {
+        Context {
+            pid: tgid,
+            tid,
+            comm: self.comm(tgid),
+            cgroup: self.cgroup(tgid, tid),
+            cgroup_id: None,
+        }
+    }
+
+    /// The context the block program recorded at `block_getrq` (comm as the kernel had it
+    /// then: the process may be gone).
+    fn submitter(&mut self, s: &Submitter) -> Context {
+        if s.pid_tgid == 0 {
+            return Context {
+                comm: "?".into(),
+                ..Context::default()
+            };
+        }
+        let (tgid, tid) = ((s.pid_tgid >> 32) as u32, s.pid_tgid as u32);
+        Context {
+            pid: tgid,
+            tid,
+            comm: comm_text(&s.comm),
+            cgroup: self.cgroup(tgid, tid),
+            cgroup_id: Some(s.cgroup),
+        }
+    }
+
+    /// A block request in flight (`struct request *` `rq`); `uring`: the io_uring request of a
+    /// passthrough request (found through its NVMe command), whose process it then names.
+    pub fn block(
+        &mut self,
+        rq: u64,
+        b: &BlockInflight,
+        uring: Option<&InflightSlot>,
+        now_ns: u64,
+    ) -> Request {
+        // Passthrough (`REQ_OP_DRV_*`) has no position: the command carries its own LBA.
+        let passthrough =
+            b.op == gds_common::BLOCK_OP_DRV_IN || b.op == gds_common::BLOCK_OP_DRV_OUT;
+        let (ctx, origin) = match uring {
+            Some(u) if b.submitter.pid_tgid == 0 => (
+                self.context(u.entry.tgid, u.entry.pid),
+                Some(UringOrigin {
+                    user_data: u.entry.user_data,
+                    ring: format!("{:#x}", u.entry.ring),
+                    req: format!("{:#x}", u.req),
+                }),
+            ),
+            _ => (self.submitter(&b.submitter), None),
+        };
+        Request {
+            layer: Layer::Block,
+            opcode: labels::block_op(b.op).to_owned(),
+            ctx,
+            target: Target {
+                disk: self.disks.disk_name(b.dev),
+                sector: (!passthrough).then_some(b.sector),
+                bytes: Some(b.bytes.into()),
+                ..Target::default()
+            },
+            origin,
+            age_seconds: now_ns.saturating_sub(b.issue_ns) as f64 / 1e9,
+            stage: Stage::Device,
+            nvme: None,
+            key: RequestKey {
+                layer: Layer::Block,
+                req: rq,
+                start_ns: b.issue_ns,
+            },
+        }
+    }
+
+    /// An NVMe command in flight, with the process of the block request it serves (`block`,
+    /// the same `struct request *`) or of the io_uring passthrough request it came from
+    /// (`uring`).
+    pub fn nvme(
+        &mut self,
+        rq: u64,
+        n: &NvmeInflight,
+        block: Option<&BlockInflight>,
+        uring: Option<&InflightSlot>,
+        now_ns: u64,
+    ) -> Request {
+        let (ctx, origin) = match (uring, block) {
+            (Some(u), _) => (
+                self.context(u.entry.tgid, u.entry.pid),
+                Some(UringOrigin {
+                    user_data: u.entry.user_data,
+                    ring: format!("{:#x}", u.entry.ring),
+                    req: format!("{:#x}", u.req),
+                }),
+            ),
+            (None, Some(b)) => (self.submitter(&b.submitter), None),
+            (None, None) => (self.submitter(&Submitter::default()), None),
+        };
+        let rw = n.blocks != 0;
+        Request {
+            layer: Layer::Nvme,
+            opcode: labels::nvme_opcode(n.opcode, n.admin != 0),
+            ctx,
+            target: Target {
+                disk: self.disks.disk_name(n.dev),
+                lba: rw.then_some(n.lba),
+                ..Target::default()
+            },
+            origin,
+            age_seconds: now_ns.saturating_sub(n.setup_ns) as f64 / 1e9,
+            stage: Stage::Device,
+            nvme: Some(NvmeCommand {
+                qid: n.qid,
+                cid: n.cid,
+                lba: n.lba,
+                blocks: n.blocks,
+            }),
+            key: RequestKey {
+                layer: Layer::Nvme,
+                req: rq,
+                start_ns: n.setup_ns,
+            },
+        }
+    }
+
+    /// A cuFile call in flight on thread `id` (`pid_tgid`); the file is the path of the
+    /// descriptor behind its handle, read from `/proc` now, or `fd N` where the agent may not
+    /// read it (it dropped its capabilities after attaching: `/proc/PID/fd` of another user's
+    /// process, or of one holding capabilities, is refused).
+    pub fn cufile(&mut self, id: u64, c: &CufileCall, now_ns: u64) -> Request {
+        let (tgid, tid) = ((id >> 32) as u32, id as u32);
+        let file = (c.fd >= 0).then(|| {
+            std::fs::read_link(format!("/proc/{tgid}/fd/{}", c.fd))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| format!("fd {}", c.fd))
+        });
+        Request {
+            layer: Layer::Cufile,
+            opcode: labels::cufile_op(c.op).to_owned(),
+            ctx: self.context(tgid, tid),
+            target: Target {
+                file,
+                bytes: (c.size != 0).then_some(c.size),
+                ..Target::default()
+            },
+            origin: None,
+            age_seconds: now_ns.saturating_sub(c.start_ns) as f64 / 1e9,
+            stage: Stage::Queue,
+            nvme: None,
+            key: RequestKey {
+                layer: Layer::Cufile,
+                req: id,
+                start_ns: c.start_ns,
+            },
+        }
     }
 
     /// One in-flight entry, `now_ns` being the scan's time (taken after the kernel tables
@@ -63,24 +251,27 @@ impl<'a> Decoder<'a> {
         });
         Request {
             layer: Layer::Uring,
-            ctx: Context {
-                pid: e.tgid,
-                tid: e.pid,
-                comm: self.comm(e.tgid),
-                opcode: labels::opcode(e.opcode),
+            opcode: labels::opcode(e.opcode),
+            ctx: self.context(e.tgid, e.pid),
+            target: Target {
+                disk: if nvme.is_some() {
+                    self.disks.disk_name(e.nvme_dev)
+                } else {
+                    "unknown".into()
+                },
+                lba: nvme.as_ref().map(|n| n.lba),
+                ..Target::default()
+            },
+            origin: Some(UringOrigin {
                 user_data: e.user_data,
                 ring: format!("{:#x}", e.ring),
                 req: format!("{:#x}", slot.req),
-            },
+            }),
             age_seconds: now_ns.saturating_sub(e.start_ns) as f64 / 1e9,
             stage: stage_of(e),
-            disk: if nvme.is_some() {
-                self.disks.disk_name(e.nvme_dev)
-            } else {
-                "unknown".into()
-            },
             nvme,
             key: RequestKey {
+                layer: Layer::Uring,
                 req: slot.req,
                 start_ns: e.start_ns,
             },
@@ -91,22 +282,21 @@ impl<'a> Decoder<'a> {
     pub fn slow(&mut self, ev: &SlowUringEvent) -> SlowEvent {
         let (req, e) = (ev.slot.req, &ev.slot.entry);
         let comm = if ev.comm_valid != 0 {
-            let end = ev
-                .comm
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(ev.comm.len());
-            String::from_utf8_lossy(&ev.comm[..end]).into_owned()
+            comm_text(&ev.comm)
         } else {
             // The completion ran outside the submitter (interrupt, io-wq): ask /proc.
             self.comm(e.tgid)
         };
         SlowEvent {
+            opcode: labels::opcode(e.opcode),
             ctx: Context {
                 pid: e.tgid,
                 tid: e.pid,
                 comm,
-                opcode: labels::opcode(e.opcode),
+                cgroup: self.cgroup(e.tgid, e.pid),
+                cgroup_id: None,
+            },
+            origin: UringOrigin {
                 user_data: e.user_data,
                 ring: format!("{:#x}", e.ring),
                 req: format!("{req:#x}"),
@@ -114,6 +304,7 @@ impl<'a> Decoder<'a> {
             latency_seconds: ev.latency_ns as f64 / 1e9,
             res: ev.res,
             key: RequestKey {
+                layer: Layer::Uring,
                 req,
                 start_ns: e.start_ns,
             },
@@ -136,14 +327,50 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// Every request in flight now, decoded, oldest first, and the time of the scan. The time is
-/// taken after the kernel tables were read: a request submitted during the read would
-/// otherwise be younger than the scan and show age 0.
+/// Every request in flight now in every layer (io_uring, block, NVMe, cuFile), decoded,
+/// oldest first, and the time of the scan. The time is taken after the kernel tables were
+/// read: a request submitted during the read would otherwise be younger than the scan and
+/// show age 0.
+///
+/// Bounded by the kernel's tables (`--max-inflight` for io_uring, `BLOCK_INFLIGHT_MAX`,
+/// `NVME_INFLIGHT_MAX`, `CUFILE_INFLIGHT_MAX` per share). Block and NVMe requests pass
+/// `--pid`/`--comm` here, by their submitter (see [`Source::task_filter`]); the kernel
+/// filtered the others already.
 pub fn inflight<S: Source + ?Sized>(tracer: &S) -> (Vec<Request>, u64) {
     let raw = tracer.inflight();
+    let block = tracer.block_inflight();
+    let nvme = tracer.nvme_inflight();
+    let calls = tracer.cufile_calls();
     let now = monotonic_ns();
     let mut d = Decoder::new(tracer.disks());
     let mut out: Vec<Request> = raw.iter().map(|r| d.request(r, now)).collect();
+    let blocks: HashMap<u64, &BlockInflight> = block.iter().map(|(rq, b)| (*rq, b)).collect();
+    let urings: HashMap<u64, &InflightSlot> = raw.iter().map(|r| (r.req, r)).collect();
+    let filter = tracer.task_filter();
+    let filtered = filter.pid.is_some() || filter.comm.is_some();
+    let keep = |r: &Request| !filtered || filter.accepts_task(r.ctx.pid, &r.ctx.comm);
+    // A passthrough request's io_uring owner, by `struct request *`, from its NVMe command.
+    let owners: HashMap<u64, &InflightSlot> = nvme
+        .iter()
+        .filter_map(|(rq, n)| Some((*rq, *urings.get(&n.uring_req)?)))
+        .collect();
+    out.extend(
+        block
+            .iter()
+            .map(|(rq, b)| d.block(*rq, b, owners.get(rq).copied(), now))
+            .filter(|r| keep(r)),
+    );
+    out.extend(
+        nvme.iter()
+            .map(|(rq, n)| {
+                let uring = (n.uring_req != 0)
+                    .then(|| urings.get(&n.uring_req).copied())
+                    .flatten();
+                d.nvme(*rq, n, blocks.get(rq).copied(), uring, now)
+            })
+            .filter(|r| keep(r)),
+    );
+    out.extend(calls.iter().map(|(id, c)| d.cufile(*id, c, now)));
     out.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
     (out, now)
 }

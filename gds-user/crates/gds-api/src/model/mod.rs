@@ -14,8 +14,8 @@ pub mod stats;
 
 pub use decode::{Decoder, inflight};
 pub use request::{
-    Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage, Stall,
-    StallReport, StallTotal,
+    Context, Layer, LayerStalls, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage,
+    Stall, StallReport, StallTotal, Target, UringOrigin,
 };
 pub use stats::{Histogram, ReadTimes, Stats};
 

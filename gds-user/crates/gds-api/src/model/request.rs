@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where a request is being tracked.
+/// Where a request is being tracked. One I/O can be in flight in several layers at once (a
+/// cuFile read, the block request beneath it, the NVMe command that serves that): each layer
+/// reports what it sees, so a stall shows in the layer where it is stuck and those above.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
@@ -12,14 +14,23 @@ pub enum Layer {
     /// io_uring: submitted, not yet completed.
     #[default]
     Uring,
+    /// A block request: issued to the driver (`block_rq_issue`), not yet completed.
+    Block,
+    /// An NVMe command: set up (`nvme_setup_cmd`), not yet completed.
+    Nvme,
+    /// A cuFile call: entered, not yet returned.
+    Cufile,
 }
 
 impl Layer {
-    pub const ALL: [Layer; 1] = [Layer::Uring];
+    pub const ALL: [Layer; 4] = [Layer::Uring, Layer::Block, Layer::Nvme, Layer::Cufile];
 
     pub const fn label(self) -> &'static str {
         match self {
             Layer::Uring => "uring",
+            Layer::Block => "block",
+            Layer::Nvme => "nvme",
+            Layer::Cufile => "cufile",
         }
     }
 }
@@ -56,12 +67,25 @@ impl Stage {
             Stage::Completion => "completed by the device but not yet delivered",
         }
     }
+
+    /// What a stall in this stage of `layer` means, in words.
+    pub const fn describe_in(self, layer: Layer) -> &'static str {
+        match (layer, self) {
+            (Layer::Block, Stage::Device) => "issued to the driver, not completed",
+            (Layer::Nvme, Stage::Device) => "NVMe command at the controller, not completed",
+            (Layer::Cufile, _) => "in the cuFile call, not returned",
+            _ => self.describe(),
+        }
+    }
 }
 
-/// The kernel's identity of a request while it is in flight: the `struct io_kiocb *` and
-/// its submission time (a pointer is reused by later requests; the pair is not).
+/// The kernel's identity of a request while it is in flight: its layer, the object the layer
+/// keys it by (`struct io_kiocb *`, `struct request *` for block and NVMe, the thread's
+/// `pid_tgid` for a cuFile call) and its start time (a key is reused by later requests; the
+/// triple is not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct RequestKey {
+    pub layer: Layer,
     pub req: u64,
     pub start_ns: u64,
 }
@@ -75,14 +99,27 @@ pub struct NvmeCommand {
     pub blocks: u32,
 }
 
-/// Who issued a request and what it is: the context every view shows beside its timing
-/// (flattened into the JSON of requests, slow events and stalls).
+/// Who issued a request: the process context every view shows beside its timing (flattened
+/// into the JSON of requests, slow events and stalls). pid 0 with comm `?` when the layer
+/// could not tell (a block request whose first bio was not seen at `block_getrq`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Context {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
-    pub opcode: String,
+    /// The process's cgroup and Kubernetes pod/container (from `/proc/PID/cgroup` while it
+    /// lives); absent when the process is gone or unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<gds_host::cgroup::CgroupInfo>,
+    /// The cgroup v2 id the kernel saw at submission (`bpf_get_current_cgroup_id`; block and
+    /// NVMe requests), which outlives the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+}
+
+/// The io_uring submission a request came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UringOrigin {
     pub user_data: u64,
     /// `struct io_ring_ctx *` of the ring, hex.
     pub ring: String,
@@ -90,22 +127,93 @@ pub struct Context {
     pub req: String,
 }
 
-/// One request in flight, with its context (`/debug/inflight`, `/debug/snapshot`).
+/// What a request reads or writes, as far as its layer knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    /// Disk the request is on; `unknown` where the layer does not know it (io_uring before
+    /// the NVMe command, cuFile).
+    pub disk: String,
+    /// The file (cuFile: the path of the descriptor behind the handle, from `/proc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Block: the first 512-byte sector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sector: Option<u64>,
+    /// NVMe: the starting LBA (in the namespace's block size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lba: Option<u64>,
+    /// Bytes asked (block, cuFile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target {
+            disk: "unknown".into(),
+            file: None,
+            sector: None,
+            lba: None,
+            bytes: None,
+        }
+    }
+}
+
+/// One request in flight in any layer, with its context (`/debug/inflight`,
+/// `/debug/snapshot`, stalls): the same shape for io_uring, block, NVMe and cuFile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     pub layer: Layer,
+    /// The operation in its layer's names: io_uring opcode (`READ`), block op (`read`), NVMe
+    /// opcode (`read`), cuFile function (`read`).
+    pub opcode: String,
     #[serde(flatten)]
     pub ctx: Context,
+    #[serde(flatten)]
+    pub target: Target,
+    /// The io_uring submission it came from, where known: every io_uring request, and the
+    /// NVMe command of an io_uring passthrough request.
+    #[serde(flatten)]
+    pub origin: Option<UringOrigin>,
     /// Seconds since submission, at the scan that saw it.
     pub age_seconds: f64,
     pub stage: Stage,
-    /// Disk the request is on; `unknown` until device tracing names it.
-    pub disk: String,
-    /// The NVMe command it became (passthrough with NVMe tracing), else absent.
+    /// The NVMe command it is (NVMe layer) or became (io_uring passthrough), else absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<NvmeCommand>,
     #[serde(skip)]
     pub key: RequestKey,
+}
+
+impl Request {
+    /// Where the request is and what it touches, in one line for logs and tables: disk and
+    /// sector or NVMe queue, command and LBA, the file, the io_uring submission.
+    pub fn where_text(&self) -> String {
+        let mut parts = Vec::new();
+        let t = &self.target;
+        if t.disk != "unknown" || self.layer != Layer::Cufile {
+            parts.push(t.disk.clone());
+        }
+        if let Some(s) = t.sector {
+            parts.push(format!("sector {s}"));
+        }
+        if let Some(n) = &self.nvme {
+            parts.push(format!(
+                "qid {} cid {} lba {} blocks {}",
+                n.qid, n.cid, n.lba, n.blocks
+            ));
+        }
+        if let Some(f) = &t.file {
+            parts.push(f.clone());
+        }
+        if let Some(b) = t.bytes {
+            parts.push(format!("{b} B"));
+        }
+        if let Some(o) = &self.origin {
+            parts.push(format!("ring {} user_data {:#x}", o.ring, o.user_data));
+        }
+        parts.join(" ")
+    }
 }
 
 /// The device side of a completed passthrough request: where it went and where the time went.
@@ -122,11 +230,14 @@ pub struct SlowNvme {
     pub completion_seconds: f64,
 }
 
-/// A request slower than the slow threshold, as logged and served on `/debug/slow`.
+/// An io_uring request slower than the slow threshold, as logged and served on `/debug/slow`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlowEvent {
+    pub opcode: String,
     #[serde(flatten)]
     pub ctx: Context,
+    #[serde(flatten)]
+    pub origin: UringOrigin,
     pub latency_seconds: f64,
     pub res: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,9 +272,22 @@ pub struct StallReport {
     /// Stalls detected since start, by layer and disk.
     #[serde(default)]
     pub totals: Vec<StallTotal>,
+    /// Per layer, at the last scan: every layer, also those with nothing in flight.
+    #[serde(default)]
+    pub layers: Vec<LayerStalls>,
 }
 
-/// Stalls detected on one (layer, disk) since start.
+/// One layer at the last scan: requests in flight, stalled, and the oldest's age.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStalls {
+    pub layer: Layer,
+    pub inflight: usize,
+    pub stalled: usize,
+    pub oldest_inflight_seconds: f64,
+}
+
+/// Stalls detected on one (layer, disk) since start (`disk` is `unknown` for the layers that
+/// do not know it: io_uring requests not at a device, cuFile calls).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StallTotal {
     pub layer: Layer,
