@@ -314,6 +314,7 @@ mod tests {
                     why: String::new(),
                 },
                 cufile: Default::default(),
+                warnings: vec![],
             },
             cufile: Default::default(),
             omitted: Default::default(),

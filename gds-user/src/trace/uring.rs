@@ -184,6 +184,22 @@ pub struct Layers {
     /// cuFile calls (uprobes on every libcufile in use).
     #[serde(default)]
     pub cufile: LayerMode,
+    /// What the filters make of the tracing now, when it may not be what was meant: e.g.
+    /// `--pid` naming no running process (the filter stays: the process may start later).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The warning for a `--pid` filter that names no running process now, or `None`. The filter
+/// stays as given: the kernel matches the id whenever a process gets it.
+pub fn pid_filter_warning(pid: Option<u32>, proc_root: &std::path::Path) -> Option<String> {
+    let pid = pid?;
+    (!proc_root.join(pid.to_string()).exists()).then(|| {
+        format!(
+            "--pid {pid}: no such process now; nothing is traced until a process with that id \
+             starts (the filter stays)"
+        )
+    })
 }
 
 /// Loaded and attached io_uring tracing programs.
@@ -210,6 +226,8 @@ pub struct UringTracer {
     cufile_why: String,
     /// The loader's dlopen notifications, taken by the cuFile thread.
     cufile_notify: std::sync::Mutex<Option<RingBuf<MapData>>>,
+    /// `--pid`, checked against running processes whenever the layers are asked for.
+    pid_filter: Option<u32>,
 }
 
 impl UringTracer {
@@ -217,6 +235,9 @@ impl UringTracer {
     pub fn start(opts: &TraceOptions) -> Result<UringTracer, TraceError> {
         check_tracing_caps()?;
         let base = opts.to_config()?;
+        if let Some(w) = pid_filter_warning(opts.pid, std::path::Path::new("/proc")) {
+            tracing::warn!("{w}");
+        }
         let cufile_config = opts.cufile_config()?;
         // First, while little else is held: aya's loader parses vmlinux's BTF when it is made
         // (13 MiB of heap, 19 at the peak), for CO-RE relocations only, and gds's programs have
@@ -416,6 +437,7 @@ impl UringTracer {
             cufile_maps,
             cufile_why,
             cufile_notify,
+            pid_filter: opts.pid,
         })
     }
 
@@ -573,6 +595,9 @@ impl UringTracer {
                     )
                 },
             },
+            warnings: pid_filter_warning(self.pid_filter, std::path::Path::new("/proc"))
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -717,6 +742,17 @@ impl FloorProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_filter_naming_no_process_is_a_warning() {
+        let proc_root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(proc_root.path().join("42")).unwrap();
+        assert_eq!(pid_filter_warning(None, proc_root.path()), None);
+        assert_eq!(pid_filter_warning(Some(42), proc_root.path()), None);
+        let w = pid_filter_warning(Some(999_999), proc_root.path()).unwrap();
+        assert!(w.contains("--pid 999999: no such process"), "{w}");
+        assert!(w.contains("the filter stays"), "{w}");
+    }
 
     #[test]
     fn cufile_users_become_the_trusted_uids() {
