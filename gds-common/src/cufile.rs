@@ -15,22 +15,60 @@ pub const USER_TRUSTED: usize = 0;
 pub const USER_OTHER: usize = 1;
 pub const CUFILE_USERS: usize = 2;
 
-/// cuFile operations, the cookie of the API uprobes and, plus `CUFILE_OPS` times the user share
-/// (`USER_*`), the index of [`MAP_CUFILE_OPS`].
-/// Names and the symbols that map to each are in user space (`model::labels`, `trace::cufile`).
-pub const CUFILE_OP_READ: u32 = 0;
-pub const CUFILE_OP_WRITE: u32 = 1;
-pub const CUFILE_OP_READ_ASYNC: u32 = 2;
-pub const CUFILE_OP_WRITE_ASYNC: u32 = 3;
-pub const CUFILE_OP_BATCH_SUBMIT: u32 = 4;
-pub const CUFILE_OP_BATCH_GET_STATUS: u32 = 5;
-pub const CUFILE_OP_BATCH_CANCEL: u32 = 6;
-pub const CUFILE_OP_HANDLE_REGISTER: u32 = 7;
-pub const CUFILE_OP_HANDLE_DEREGISTER: u32 = 8;
-pub const CUFILE_OP_BUF_REGISTER: u32 = 9;
-pub const CUFILE_OP_BUF_DEREGISTER: u32 = 10;
-pub const CUFILE_OP_DRIVER_OPEN: u32 = 11;
-pub const CUFILE_OP_DRIVER_CLOSE: u32 = 12;
+/// One traced cuFile operation: its number (the cookie of its uprobes and, plus `CUFILE_OPS`
+/// times the user share `USER_*`, the index of [`MAP_CUFILE_OPS`]), the functions libcufile
+/// exports for it, and its name (`gds_cufile_*{op}`). `cuFileDriverClose_v2` (CUDA 12.2+) and
+/// `cuFileDriverClose` are separate implementations, both counted as `driver_close`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CufileOp {
+    pub op: u32,
+    pub symbols: &'static [&'static str],
+    pub label: &'static str,
+}
+
+/// Declares the operations once: a `CUFILE_OP_*` constant each (what the eBPF programs
+/// compare), and [`CUFILE_OP_TABLE`] (what user space attaches and names by).
+macro_rules! cufile_ops {
+    ($($konst:ident = $op:literal, [$($symbol:literal),+], $label:literal;)*) => {
+        $(
+            #[doc = concat!("`op=\"", $label, "\"`: ", stringify!($($symbol),+), ".")]
+            pub const $konst: u32 = $op;
+        )*
+        /// Every traced cuFile operation, in operation order.
+        pub const CUFILE_OP_TABLE: &[CufileOp] = &[
+            $(CufileOp { op: $konst, symbols: &[$($symbol),+], label: $label },)*
+        ];
+    };
+}
+
+// Adding a function: one line here (the next number), its row in README's `op` values (a test
+// checks them), and its arguments in gds-ebpf/src/cufile.rs (`enter`) if they matter.
+cufile_ops! {
+    CUFILE_OP_READ = 0, ["cuFileRead"], "read";
+    CUFILE_OP_WRITE = 1, ["cuFileWrite"], "write";
+    CUFILE_OP_READ_ASYNC = 2, ["cuFileReadAsync"], "read_async";
+    CUFILE_OP_WRITE_ASYNC = 3, ["cuFileWriteAsync"], "write_async";
+    CUFILE_OP_BATCH_SUBMIT = 4, ["cuFileBatchIOSubmit"], "batch_submit";
+    CUFILE_OP_BATCH_GET_STATUS = 5, ["cuFileBatchIOGetStatus"], "batch_get_status";
+    CUFILE_OP_BATCH_CANCEL = 6, ["cuFileBatchIOCancel"], "batch_cancel";
+    CUFILE_OP_HANDLE_REGISTER = 7, ["cuFileHandleRegister"], "handle_register";
+    CUFILE_OP_HANDLE_DEREGISTER = 8, ["cuFileHandleDeregister"], "handle_deregister";
+    CUFILE_OP_BUF_REGISTER = 9, ["cuFileBufRegister"], "buf_register";
+    CUFILE_OP_BUF_DEREGISTER = 10, ["cuFileBufDeregister"], "buf_deregister";
+    CUFILE_OP_DRIVER_OPEN = 11, ["cuFileDriverOpen"], "driver_open";
+    CUFILE_OP_DRIVER_CLOSE = 12, ["cuFileDriverClose", "cuFileDriverClose_v2"], "driver_close";
+}
+
+// The table's row `i` is operation `i`, and every operation has its statistics entry.
+const _: () = {
+    let mut i = 0;
+    while i < CUFILE_OP_TABLE.len() {
+        assert!(CUFILE_OP_TABLE[i].op == i as u32);
+        i += 1;
+    }
+    assert!(CUFILE_OP_TABLE.len() <= CUFILE_OPS);
+};
+
 /// Entries of [`MAP_CUFILE_OPS`] (a power of two above the last operation).
 pub const CUFILE_OPS: usize = 16;
 

@@ -20,7 +20,7 @@ mod uring;
 
 pub use cufile::{
     CufileRaw, CufileView, LINGER as CUFILE_LINGER, LibraryFailure, LibraryInfo,
-    Limits as CufileLimits, ProcessFilter, SYMBOLS as CUFILE_SYMBOLS,
+    Limits as CufileLimits, ProcessFilter,
 };
 pub use device::{DeviceAttach, DeviceMaps, DeviceSnapshot, NvmeLayer};
 pub use error::TraceError;
