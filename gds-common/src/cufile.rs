@@ -99,56 +99,40 @@ pub fn is_nvfs_io(cmd: u32) -> bool {
     cmd == NVFS_IOCTL_READ || cmd == NVFS_IOCTL_WRITE || cmd == NVFS_IOCTL_BATCH_IO
 }
 
-/// Drop and bookkeeping counters in [`CufileCpuStats::counts`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CufileCount {
-    /// A call whose in-flight entry could not be stored: counted (`calls`), not timed.
-    CallTableFull = 0,
-    /// A return with no entry (the entry was refused, or the agent attached mid-call).
-    ReturnUnmatched = 1,
-    /// A per-process or per-file row could not be created: the call is still in the op totals.
-    FileTableFull = 2,
-    /// An error code that could not get its counter (the error is in the op's `errors`).
-    ErrorTableFull = 3,
-    /// A registered handle that could not be remembered (its I/O is not linked to a file).
-    HandleTableFull = 4,
-    /// A call found in flight on the thread at or below the new call's stack frame: its return
-    /// was lost (a C++ exception or longjmp through cuFile); replaced.
-    StaleReplaced = 5,
-    /// A cuFile function called from inside another traced one (counted once, as the outer).
-    Nested = 6,
-    /// `pread64`/`pwrite64` in a cuFile process linked to a cuFile call in flight on its file.
-    BeneathLinked = 7,
-    /// `pread64`/`pwrite64` in a cuFile process with no cuFile call in flight on the file (the
-    /// application's own I/O, or cuFile's asynchronous and batch I/O).
-    BeneathUnlinked = 8,
-    /// nvidia-fs data ioctls in cuFile processes.
-    NvfsIoctls = 9,
-    /// A file row or handle of a process of an untrusted user refused: the process already
-    /// holds [`CUFILE_PROCESS_QUOTA`] of them (its calls still count, unlinked to the file).
-    ProcessQuota = 10,
-    /// A row, handle, call in flight or error code of an untrusted user's process refused:
-    /// the untrusted share of that table is full (the trusted tables are not touched).
-    UntrustedTableFull = 11,
-}
-pub const CUFILE_COUNTS: usize = 12;
-
-impl CufileCount {
-    pub const ALL: [CufileCount; CUFILE_COUNTS] = [
-        CufileCount::CallTableFull,
-        CufileCount::ReturnUnmatched,
-        CufileCount::FileTableFull,
-        CufileCount::ErrorTableFull,
-        CufileCount::HandleTableFull,
-        CufileCount::StaleReplaced,
-        CufileCount::Nested,
-        CufileCount::BeneathLinked,
-        CufileCount::BeneathUnlinked,
-        CufileCount::NvfsIoctls,
-        CufileCount::ProcessQuota,
-        CufileCount::UntrustedTableFull,
-    ];
+counted_enum! {
+    /// Drop and bookkeeping counters in [`CufileCpuStats::counts`]; labelled by `reason` in
+    /// `gds_trace_dropped_total` or by `link` in `gds_cufile_beneath_calls_total`
+    /// (`model::labels::cufile_count` says which).
+    pub enum CufileCount [CUFILE_COUNTS] {
+        /// A call whose in-flight entry could not be stored: counted (`calls`), not timed.
+        CallTableFull = 0 => "cufile_call_table_full",
+        /// A return with no entry (the entry was refused, or the agent attached mid-call).
+        ReturnUnmatched = 1 => "cufile_return_unmatched",
+        /// A per-process or per-file row could not be created: the call is still in the op totals.
+        FileTableFull = 2 => "cufile_file_table_full",
+        /// An error code that could not get its counter (the error is in the op's `errors`).
+        ErrorTableFull = 3 => "cufile_error_table_full",
+        /// A registered handle that could not be remembered (its I/O is not linked to a file).
+        HandleTableFull = 4 => "cufile_handle_table_full",
+        /// A call found in flight on the thread at or below the new call's stack frame: its return
+        /// was lost (a C++ exception or longjmp through cuFile); replaced.
+        StaleReplaced = 5 => "cufile_stale_replaced",
+        /// A cuFile function called from inside another traced one (counted once, as the outer).
+        Nested = 6 => "nested",
+        /// `pread64`/`pwrite64` in a cuFile process linked to a cuFile call in flight on its file.
+        BeneathLinked = 7 => "linked",
+        /// `pread64`/`pwrite64` in a cuFile process with no cuFile call in flight on the file (the
+        /// application's own I/O, or cuFile's asynchronous and batch I/O).
+        BeneathUnlinked = 8 => "unlinked",
+        /// nvidia-fs data ioctls in cuFile processes.
+        NvfsIoctls = 9 => "nvfs_ioctl",
+        /// A file row or handle of a process of an untrusted user refused: the process already
+        /// holds [`CUFILE_PROCESS_QUOTA`] of them (its calls still count, unlinked to the file).
+        ProcessQuota = 10 => "cufile_process_quota",
+        /// A row, handle, call in flight or error code of an untrusted user's process refused:
+        /// the untrusted share of that table is full (the trusted tables are not touched).
+        UntrustedTableFull = 11 => "cufile_untrusted_table_full",
+    }
 }
 
 /// Per-CPU counters not tied to an operation (`GDS_CUFILE_STATS`, one entry).

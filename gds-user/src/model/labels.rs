@@ -367,20 +367,8 @@ pub fn cufile_error(op: u32, code: i32) -> &'static str {
 /// `gds_trace_dropped_total{reason}`, the rest to `gds_cufile_beneath_total{link}`.
 pub fn cufile_count(c: gds_common::cufile::CufileCount) -> (&'static str, bool) {
     use gds_common::cufile::CufileCount::*;
-    match c {
-        CallTableFull => ("cufile_call_table_full", true),
-        ReturnUnmatched => ("cufile_return_unmatched", true),
-        FileTableFull => ("cufile_file_table_full", true),
-        ErrorTableFull => ("cufile_error_table_full", true),
-        HandleTableFull => ("cufile_handle_table_full", true),
-        StaleReplaced => ("cufile_stale_replaced", true),
-        Nested => ("nested", false),
-        BeneathLinked => ("linked", false),
-        BeneathUnlinked => ("unlinked", false),
-        NvfsIoctls => ("nvfs_ioctl", false),
-        ProcessQuota => ("cufile_process_quota", true),
-        UntrustedTableFull => ("cufile_untrusted_table_full", true),
-    }
+    let drop = !matches!(c, Nested | BeneathLinked | BeneathUnlinked | NvfsIoctls);
+    (c.label(), drop)
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ impl CufileStats {
             .collect();
         for c in CufileCount::ALL {
             let (name, is_drop) = labels::cufile_count(c);
-            let count = raw.counts[c as usize];
+            let count = raw.counts[c.index()];
             if is_drop {
                 drops.push(DropRow {
                     reason: name.to_owned(),
@@ -341,7 +341,7 @@ impl Stats {
             .iter()
             .map(|r| DropRow {
                 reason: labels::drop_reason(*r).to_owned(),
-                count: snap.drops[*r as usize],
+                count: snap.drops[r.index()],
             })
             .collect();
         let maps = tracer.devices();
