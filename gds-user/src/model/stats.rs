@@ -413,7 +413,10 @@ mod tests {
     fn stages_from_their_histogram_kinds() {
         for s in Stage::ALL {
             assert_eq!(Stage::of_kind(s.kind()), Some(s));
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.label()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.label())
+            );
             assert!(!s.describe().is_empty());
         }
         assert_eq!(Stage::of_kind(KIND_NVME_CMD), None);

@@ -722,11 +722,12 @@ impl FloorProbe {
         let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
         let submit_tp = offsets::btf_submit_tp(&btf)?;
         raise_memlock();
+        // As in `UringTracer::start`: no CO-RE relocations, so no kernel BTF for the loader.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .load(EBPF_OBJECT)
             .map_err(TraceError::Load)?;
-        let kernel_btf =
-            aya::Btf::from_sys_fs().map_err(|e| TraceError::Load(aya::EbpfError::BtfError(e)))?;
+        let kernel_btf = device::tracepoint_btf(&btf, &[submit_tp, "io_uring_complete"])?;
         let (submit, complete) = if clock {
             ("floor_clock_submit", "floor_clock_complete")
         } else {
