@@ -15,22 +15,60 @@ pub const USER_TRUSTED: usize = 0;
 pub const USER_OTHER: usize = 1;
 pub const CUFILE_USERS: usize = 2;
 
-/// cuFile operations, the cookie of the API uprobes and, plus `CUFILE_OPS` times the user share
-/// (`USER_*`), the index of [`MAP_CUFILE_OPS`].
-/// Names and the symbols that map to each are in user space (`model::labels`, `trace::cufile`).
-pub const CUFILE_OP_READ: u32 = 0;
-pub const CUFILE_OP_WRITE: u32 = 1;
-pub const CUFILE_OP_READ_ASYNC: u32 = 2;
-pub const CUFILE_OP_WRITE_ASYNC: u32 = 3;
-pub const CUFILE_OP_BATCH_SUBMIT: u32 = 4;
-pub const CUFILE_OP_BATCH_GET_STATUS: u32 = 5;
-pub const CUFILE_OP_BATCH_CANCEL: u32 = 6;
-pub const CUFILE_OP_HANDLE_REGISTER: u32 = 7;
-pub const CUFILE_OP_HANDLE_DEREGISTER: u32 = 8;
-pub const CUFILE_OP_BUF_REGISTER: u32 = 9;
-pub const CUFILE_OP_BUF_DEREGISTER: u32 = 10;
-pub const CUFILE_OP_DRIVER_OPEN: u32 = 11;
-pub const CUFILE_OP_DRIVER_CLOSE: u32 = 12;
+/// One traced cuFile operation: its number (the cookie of its uprobes and, plus `CUFILE_OPS`
+/// times the user share `USER_*`, the index of [`MAP_CUFILE_OPS`]), the functions libcufile
+/// exports for it, and its name (`gds_cufile_*{op}`). `cuFileDriverClose_v2` (CUDA 12.2+) and
+/// `cuFileDriverClose` are separate implementations, both counted as `driver_close`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CufileOp {
+    pub op: u32,
+    pub symbols: &'static [&'static str],
+    pub label: &'static str,
+}
+
+/// Declares the operations once: a `CUFILE_OP_*` constant each (what the eBPF programs
+/// compare), and [`CUFILE_OP_TABLE`] (what user space attaches and names by).
+macro_rules! cufile_ops {
+    ($($konst:ident = $op:literal, [$($symbol:literal),+], $label:literal;)*) => {
+        $(
+            #[doc = concat!("`op=\"", $label, "\"`: ", stringify!($($symbol),+), ".")]
+            pub const $konst: u32 = $op;
+        )*
+        /// Every traced cuFile operation, in operation order.
+        pub const CUFILE_OP_TABLE: &[CufileOp] = &[
+            $(CufileOp { op: $konst, symbols: &[$($symbol),+], label: $label },)*
+        ];
+    };
+}
+
+// Adding a function: one line here (the next number), its row in README's `op` values (a test
+// checks them), and its arguments in gds-ebpf/src/cufile.rs (`enter`) if they matter.
+cufile_ops! {
+    CUFILE_OP_READ = 0, ["cuFileRead"], "read";
+    CUFILE_OP_WRITE = 1, ["cuFileWrite"], "write";
+    CUFILE_OP_READ_ASYNC = 2, ["cuFileReadAsync"], "read_async";
+    CUFILE_OP_WRITE_ASYNC = 3, ["cuFileWriteAsync"], "write_async";
+    CUFILE_OP_BATCH_SUBMIT = 4, ["cuFileBatchIOSubmit"], "batch_submit";
+    CUFILE_OP_BATCH_GET_STATUS = 5, ["cuFileBatchIOGetStatus"], "batch_get_status";
+    CUFILE_OP_BATCH_CANCEL = 6, ["cuFileBatchIOCancel"], "batch_cancel";
+    CUFILE_OP_HANDLE_REGISTER = 7, ["cuFileHandleRegister"], "handle_register";
+    CUFILE_OP_HANDLE_DEREGISTER = 8, ["cuFileHandleDeregister"], "handle_deregister";
+    CUFILE_OP_BUF_REGISTER = 9, ["cuFileBufRegister"], "buf_register";
+    CUFILE_OP_BUF_DEREGISTER = 10, ["cuFileBufDeregister"], "buf_deregister";
+    CUFILE_OP_DRIVER_OPEN = 11, ["cuFileDriverOpen"], "driver_open";
+    CUFILE_OP_DRIVER_CLOSE = 12, ["cuFileDriverClose", "cuFileDriverClose_v2"], "driver_close";
+}
+
+// The table's row `i` is operation `i`, and every operation has its statistics entry.
+const _: () = {
+    let mut i = 0;
+    while i < CUFILE_OP_TABLE.len() {
+        assert!(CUFILE_OP_TABLE[i].op == i as u32);
+        i += 1;
+    }
+    assert!(CUFILE_OP_TABLE.len() <= CUFILE_OPS);
+};
+
 /// Entries of [`MAP_CUFILE_OPS`] (a power of two above the last operation).
 pub const CUFILE_OPS: usize = 16;
 
@@ -61,56 +99,40 @@ pub fn is_nvfs_io(cmd: u32) -> bool {
     cmd == NVFS_IOCTL_READ || cmd == NVFS_IOCTL_WRITE || cmd == NVFS_IOCTL_BATCH_IO
 }
 
-/// Drop and bookkeeping counters in [`CufileCpuStats::counts`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CufileCount {
-    /// A call whose in-flight entry could not be stored: counted (`calls`), not timed.
-    CallTableFull = 0,
-    /// A return with no entry (the entry was refused, or the agent attached mid-call).
-    ReturnUnmatched = 1,
-    /// A per-process or per-file row could not be created: the call is still in the op totals.
-    FileTableFull = 2,
-    /// An error code that could not get its counter (the error is in the op's `errors`).
-    ErrorTableFull = 3,
-    /// A registered handle that could not be remembered (its I/O is not linked to a file).
-    HandleTableFull = 4,
-    /// A call found in flight on the thread at or below the new call's stack frame: its return
-    /// was lost (a C++ exception or longjmp through cuFile); replaced.
-    StaleReplaced = 5,
-    /// A cuFile function called from inside another traced one (counted once, as the outer).
-    Nested = 6,
-    /// `pread64`/`pwrite64` in a cuFile process linked to a cuFile call in flight on its file.
-    BeneathLinked = 7,
-    /// `pread64`/`pwrite64` in a cuFile process with no cuFile call in flight on the file (the
-    /// application's own I/O, or cuFile's asynchronous and batch I/O).
-    BeneathUnlinked = 8,
-    /// nvidia-fs data ioctls in cuFile processes.
-    NvfsIoctls = 9,
-    /// A file row or handle of a process of an untrusted user refused: the process already
-    /// holds [`CUFILE_PROCESS_QUOTA`] of them (its calls still count, unlinked to the file).
-    ProcessQuota = 10,
-    /// A row, handle, call in flight or error code of an untrusted user's process refused:
-    /// the untrusted share of that table is full (the trusted tables are not touched).
-    UntrustedTableFull = 11,
-}
-pub const CUFILE_COUNTS: usize = 12;
-
-impl CufileCount {
-    pub const ALL: [CufileCount; CUFILE_COUNTS] = [
-        CufileCount::CallTableFull,
-        CufileCount::ReturnUnmatched,
-        CufileCount::FileTableFull,
-        CufileCount::ErrorTableFull,
-        CufileCount::HandleTableFull,
-        CufileCount::StaleReplaced,
-        CufileCount::Nested,
-        CufileCount::BeneathLinked,
-        CufileCount::BeneathUnlinked,
-        CufileCount::NvfsIoctls,
-        CufileCount::ProcessQuota,
-        CufileCount::UntrustedTableFull,
-    ];
+counted_enum! {
+    /// Drop and bookkeeping counters in [`CufileCpuStats::counts`]; labelled by `reason` in
+    /// `gds_trace_dropped_total` or by `link` in `gds_cufile_beneath_calls_total`
+    /// (`model::labels::cufile_count` says which).
+    pub enum CufileCount [CUFILE_COUNTS] {
+        /// A call whose in-flight entry could not be stored: counted (`calls`), not timed.
+        CallTableFull = 0 => "cufile_call_table_full",
+        /// A return with no entry (the entry was refused, or the agent attached mid-call).
+        ReturnUnmatched = 1 => "cufile_return_unmatched",
+        /// A per-process or per-file row could not be created: the call is still in the op totals.
+        FileTableFull = 2 => "cufile_file_table_full",
+        /// An error code that could not get its counter (the error is in the op's `errors`).
+        ErrorTableFull = 3 => "cufile_error_table_full",
+        /// A registered handle that could not be remembered (its I/O is not linked to a file).
+        HandleTableFull = 4 => "cufile_handle_table_full",
+        /// A call found in flight on the thread at or below the new call's stack frame: its return
+        /// was lost (a C++ exception or longjmp through cuFile); replaced.
+        StaleReplaced = 5 => "cufile_stale_replaced",
+        /// A cuFile function called from inside another traced one (counted once, as the outer).
+        Nested = 6 => "nested",
+        /// `pread64`/`pwrite64` in a cuFile process linked to a cuFile call in flight on its file.
+        BeneathLinked = 7 => "linked",
+        /// `pread64`/`pwrite64` in a cuFile process with no cuFile call in flight on the file (the
+        /// application's own I/O, or cuFile's asynchronous and batch I/O).
+        BeneathUnlinked = 8 => "unlinked",
+        /// nvidia-fs data ioctls in cuFile processes.
+        NvfsIoctls = 9 => "nvfs_ioctl",
+        /// A file row or handle of a process of an untrusted user refused: the process already
+        /// holds [`CUFILE_PROCESS_QUOTA`] of them (its calls still count, unlinked to the file).
+        ProcessQuota = 10 => "cufile_process_quota",
+        /// A row, handle, call in flight or error code of an untrusted user's process refused:
+        /// the untrusted share of that table is full (the trusted tables are not touched).
+        UntrustedTableFull = 11 => "cufile_untrusted_table_full",
+    }
 }
 
 /// Per-CPU counters not tied to an operation (`GDS_CUFILE_STATS`, one entry).

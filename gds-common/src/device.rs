@@ -6,12 +6,42 @@ use crate::{COMM_LEN, HIST_BUCKETS};
 /// A device number as the programs build it: `major << 20 | minor` (the kernel's `MKDEV`).
 pub type DevId = u32;
 
-/// Histogram kinds in [`DevHistKey::kind`].
+/// Histogram kinds in [`DevHistKey::kind`] (the stages' kinds: [`with_stages`]).
 pub const KIND_NVME_CMD: u8 = 1;
-pub const KIND_STAGE_QUEUE: u8 = 2;
-pub const KIND_STAGE_DEVICE: u8 = 3;
-pub const KIND_STAGE_COMPLETION: u8 = 4;
 pub const KIND_BLOCK: u8 = 5;
+
+/// The stages a passthrough request's latency splits into, declared once, in order: the
+/// variant of `model::Stage`, the histogram kind its durations are counted under (a
+/// `KIND_STAGE_*` constant here, what the programs stamp), its name
+/// (`gds_request_stage_duration_seconds{stage}`) and what a request in it waits for. Calls
+/// `$m!` with the table; a new stage is a line here, its stamp in gds-ebpf's `record_stages`,
+/// and, if requests in flight can be in it, `model::decode::stage_of`.
+#[macro_export]
+macro_rules! with_stages {
+    ($m:ident) => {
+        $m! {
+            /// Not yet at a device: queued in io_uring or the kernel (or waiting on something
+            /// that is not a device, such as an empty pipe).
+            Queue = KIND_STAGE_QUEUE = 2, "queue", "not yet at the device (no device command seen)";
+            /// At the device: the NVMe command was issued and has not completed.
+            Device = KIND_STAGE_DEVICE = 3, "device", "at the device";
+            /// Completed by the device, not yet delivered as a CQE.
+            Completion = KIND_STAGE_COMPLETION = 4, "completion",
+                "completed by the device but not yet delivered";
+        }
+    };
+}
+
+macro_rules! stage_kinds {
+    ($($(#[$doc:meta])* $variant:ident = $konst:ident = $kind:literal, $label:literal,
+       $describe:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $konst: u8 = $kind;
+        )*
+    };
+}
+with_stages!(stage_kinds);
 
 /// Block request operations in [`DevHistKey::code`] for [`KIND_BLOCK`] (`req_op()`).
 pub const BLOCK_OP_READ: u8 = 0;

@@ -5,6 +5,54 @@
 //! between the two halves of one build, not a stable external format.
 #![no_std]
 
+/// Declares an enum whose variants are counter slots (a per-CPU array of them in the kernel,
+/// a labelled series each in user space), once: the `#[repr(u32)]` variants numbered from 0,
+/// the number of slots (`$count`), `ALL` in slot order, and each variant's label.
+macro_rules! counted_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident [$count:ident] {
+            $($(#[$vmeta:meta])* $variant:ident = $n:literal => $label:literal,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $n,)*
+        }
+
+        #[doc = concat!("Number of [`", stringify!($name), "`] slots.")]
+        pub const $count: usize = [$($n),*].len();
+
+        impl $name {
+            /// Every variant, in slot order.
+            pub const ALL: [$name; $count] = [$($name::$variant),*];
+
+            /// The label value it is exported under.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)*
+                }
+            }
+
+            /// Its slot in the counter arrays.
+            pub const fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        // Slots are dense: variant `i` is slot `i`.
+        const _: () = {
+            let mut i = 0;
+            while i < $count {
+                assert!($name::ALL[i] as usize == i);
+                i += 1;
+            }
+        };
+    };
+}
+
 pub mod uring;
 
 pub use uring::*;
@@ -47,6 +95,34 @@ pub fn log2_bucket(ns: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every counted enum: slot `i` is `ALL[i]`, and no two variants share a label (they would
+    /// be one series).
+    #[test]
+    fn counted_enums_are_dense_and_labelled_apart() {
+        use cufile::{CUFILE_COUNTS, CufileCount};
+        let drops = DropReason::ALL.map(|r| (r.index(), r.label()));
+        let counts = CufileCount::ALL.map(|c| (c.index(), c.label()));
+        for (i, (slot, _)) in drops.iter().enumerate() {
+            assert_eq!(*slot, i);
+        }
+        for (i, (slot, _)) in counts.iter().enumerate() {
+            assert_eq!(*slot, i);
+        }
+        assert_eq!((drops.len(), counts.len()), (DROP_REASONS, CUFILE_COUNTS));
+        let labels: [&str; DROP_REASONS + CUFILE_COUNTS] = core::array::from_fn(|i| {
+            if i < DROP_REASONS {
+                drops[i].1
+            } else {
+                counts[i - DROP_REASONS].1
+            }
+        });
+        for (i, a) in labels.iter().enumerate() {
+            assert!(!labels[i + 1..].contains(a), "{a} twice");
+        }
+        assert_eq!(DropReason::BlockNoStart.label(), "block_no_start");
+        assert_eq!(CufileCount::NvfsIoctls.label(), "nvfs_ioctl");
+    }
 
     #[test]
     fn log2_bucket_edges() {

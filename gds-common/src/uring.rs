@@ -15,58 +15,29 @@ pub const OPCODE_WORDS: usize = URING_OPCODES / 64;
 /// `IORING_OP_URING_CMD` (include/uapi/linux/io_uring.h), stable since 5.19.
 pub const IORING_OP_URING_CMD: u8 = 46;
 
-/// Reasons a traced request or event did not reach a histogram. Every one is exported as
-/// `gds_trace_dropped_total{reason}`: nothing is lost silently.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// The in-flight map was full at submission; the request is counted as submitted but not timed.
-    InflightFull = 0,
-    /// A completion arrived for a request whose submission was not seen (attached mid-flight,
-    /// multishot CQEs after the first, or an in-flight entry that was dropped).
-    NoStart = 1,
-    /// A slow event could not be reserved in the ring buffer (user space too slow to drain it).
-    RingbufFull = 2,
-    /// A submission found an older entry under the same request pointer: the older request was
-    /// never seen completing (e.g. `IOSQE_CQE_SKIP_SUCCESS`) and is dropped.
-    Replaced = 3,
-    /// The NVMe in-flight map was full at `nvme_setup_cmd`.
-    NvmeInflightFull = 4,
-    /// `nvme_complete_rq` for a command whose setup was not seen.
-    NvmeNoStart = 5,
-    /// The block in-flight map was full at `block_rq_issue`.
-    BlockInflightFull = 6,
-    /// `block_rq_complete` for a request whose issue was not seen.
-    BlockNoStart = 7,
-}
-
-/// Number of [`DropReason`] slots.
-pub const DROP_REASONS: usize = 8;
-
-impl DropReason {
-    pub const ALL: [DropReason; DROP_REASONS] = [
-        DropReason::InflightFull,
-        DropReason::NoStart,
-        DropReason::RingbufFull,
-        DropReason::Replaced,
-        DropReason::NvmeInflightFull,
-        DropReason::NvmeNoStart,
-        DropReason::BlockInflightFull,
-        DropReason::BlockNoStart,
-    ];
-
-    /// The Prometheus label value.
-    pub const fn label(self) -> &'static str {
-        match self {
-            DropReason::InflightFull => "inflight_full",
-            DropReason::NoStart => "no_start",
-            DropReason::RingbufFull => "ringbuf_full",
-            DropReason::Replaced => "replaced",
-            DropReason::NvmeInflightFull => "nvme_inflight_full",
-            DropReason::NvmeNoStart => "nvme_no_start",
-            DropReason::BlockInflightFull => "block_inflight_full",
-            DropReason::BlockNoStart => "block_no_start",
-        }
+counted_enum! {
+    /// Reasons a traced request or event did not reach a histogram. Every one is exported as
+    /// `gds_trace_dropped_total{reason}`: nothing is lost silently.
+    pub enum DropReason [DROP_REASONS] {
+        /// The in-flight map was full at submission; the request is counted as submitted but
+        /// not timed.
+        InflightFull = 0 => "inflight_full",
+        /// A completion arrived for a request whose submission was not seen (attached mid-flight,
+        /// multishot CQEs after the first, or an in-flight entry that was dropped).
+        NoStart = 1 => "no_start",
+        /// A slow event could not be reserved in the ring buffer (user space too slow to drain it).
+        RingbufFull = 2 => "ringbuf_full",
+        /// A submission found an older entry under the same request pointer: the older request was
+        /// never seen completing (e.g. `IOSQE_CQE_SKIP_SUCCESS`) and is dropped.
+        Replaced = 3 => "replaced",
+        /// The NVMe in-flight map was full at `nvme_setup_cmd`.
+        NvmeInflightFull = 4 => "nvme_inflight_full",
+        /// `nvme_complete_rq` for a command whose setup was not seen.
+        NvmeNoStart = 5 => "nvme_no_start",
+        /// The block in-flight map was full at `block_rq_issue`.
+        BlockInflightFull = 6 => "block_inflight_full",
+        /// `block_rq_complete` for a request whose issue was not seen.
+        BlockNoStart = 7 => "block_no_start",
     }
 }
 

@@ -5,6 +5,7 @@
 mod common;
 
 use std::{
+    os::fd::AsRawFd as _,
     process::Command,
     time::{Duration, Instant},
 };
@@ -115,6 +116,119 @@ fn top_shows_the_stalled_request_and_quits_on_q() {
     // SAFETY: completing the read so the ring can be dropped cleanly.
     unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) };
     ring.submit_and_wait(1).unwrap();
+}
+
+/// The disk holding `path`, as the block layer names it: the device of its file system, or the
+/// disk a partition belongs to. `None` where the file system has no block device (overlay,
+/// tmpfs).
+fn disk_of(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let sys = std::fs::canonicalize(format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(dev),
+        libc::minor(dev)
+    ))
+    .ok()?;
+    let dir = if sys.join("partition").exists() {
+        sys.parent()?.to_path_buf()
+    } else {
+        sys
+    };
+    Some(dir.file_name()?.to_str()?.to_owned())
+}
+
+/// Bug: under O_DIRECT reads (no io_uring) top showed nothing of the block layer: its
+/// per-disk panel was NVMe's. The block layer's panel shows the disk read from.
+#[test]
+fn top_shows_block_requests_by_disk() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _g = serial();
+    require_root();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let Some(disk) = disk_of(dir.path()) else {
+        eprintln!("SKIPPED: {} is on no block device", dir.path().display());
+        return;
+    };
+    let path = dir.path().join("direct.dat");
+    std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+
+    let session = format!("gds-top-block-{}", std::process::id());
+    let cmd = format!(
+        "{} top --interval 200ms -- --pid {}",
+        env!("CARGO_BIN_EXE_gds-agent"),
+        std::process::id()
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !capture().contains("gds top") {
+        assert!(Instant::now() < deadline, "top never drew:\n{}", capture());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 4 KiB O_DIRECT reads (an aligned buffer) until the panel shows the disk.
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: non-zero size; freed below.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let screen = loop {
+        for i in 0..256i64 {
+            // SAFETY: buf holds 4096 bytes.
+            let n = unsafe { libc::pread(file.as_raw_fd(), buf.cast(), 4096, (i % 256) * 4096) };
+            assert_eq!(
+                n,
+                4096,
+                "O_DIRECT read: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let s = capture();
+        let panel = s.split("block by disk").nth(1);
+        if panel.is_some_and(|p| p.lines().any(|l| l.contains(&format!("│{disk} ")))) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no block panel with {disk}:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    assert!(screen.contains("io_uring by opcode"), "{screen}");
+    assert!(!screen.contains("IOPS -0"), "{screen}");
 }
 
 /// The most `q` may take to end `top`, measured from tmux's send-keys to the session's end.

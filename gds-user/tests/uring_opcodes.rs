@@ -171,3 +171,16 @@ fn agent_labels_each_opcode_apart() {
         m.0.keys().collect::<Vec<_>>()
     );
 }
+
+/// The benchmarks' floor programs load and attach (BTF tracepoints through the small
+/// tracepoint BTF, no kernel BTF for the loader), both variants.
+#[test]
+fn floor_probes_attach() {
+    require_root();
+    let _g = serial();
+    for clock in [false, true] {
+        if let Err(e) = gds_trace::FloorProbe::attach(clock) {
+            panic!("floor probe (clock {clock}): {e}");
+        }
+    }
+}

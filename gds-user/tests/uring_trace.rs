@@ -381,3 +381,39 @@ fn ring_buffer_overflow_is_counted_not_lost() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Bug: `--pid` naming no running process started without a word. It is a warning in the log
+/// and on `/debug/layers`; the filter stays (a process may get the id later), and a pid that
+/// runs gets no warning.
+#[test]
+fn a_pid_naming_no_process_is_a_warning() {
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let absent = (1..pid_max)
+        .rev()
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .unwrap();
+    let agent = Agent::start(&["--pid", &absent.to_string()]);
+    let want = format!("--pid {absent}: no such process now");
+    let layers: serde_json::Value = serde_json::from_str(&agent.get("/debug/layers")).unwrap();
+    let warnings = layers["warnings"].as_array().cloned().unwrap_or_default();
+    assert!(
+        warnings.iter().any(|w| w.as_str().unwrap().contains(&want)),
+        "/debug/layers: {layers}"
+    );
+    let log = agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains(&want)),
+        "{log}"
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success(), "{status}");
+
+    let agent = Agent::start(&["--pid", &pid()]);
+    let layers: serde_json::Value = serde_json::from_str(&agent.get("/debug/layers")).unwrap();
+    assert!(layers.get("warnings").is_none(), "/debug/layers: {layers}");
+    assert!(!agent.log().contains("no such process"), "{}", agent.log());
+}

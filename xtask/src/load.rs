@@ -65,6 +65,10 @@ pub struct LoadArgs {
     /// wrk's per-request timeout; a slower reply counts as a socket error (timeout).
     #[arg(long, default_value = "2s")]
     pub timeout: String,
+    /// Fail when the agent's peak RSS (VmHWM) exceeds this many MiB (0: report only). The
+    /// agent's budget: its BTF parses, maps, buffers and text, debug build included.
+    #[arg(long, default_value_t = 50)]
+    pub max_rss_mib: u64,
     /// Build and run the debug agent instead of the release one.
     #[arg(long)]
     pub debug: bool,
@@ -111,6 +115,9 @@ pub fn test_stage(agent: &Path) -> Result<()> {
     };
     if let Some(min) = env_u64("GDS_LOAD_MIN_OPS_RATE")? {
         args.min_ops_rate = min;
+    }
+    if let Some(max) = env_u64("GDS_LOAD_MAX_RSS_MIB")? {
+        args.max_rss_mib = max;
     }
     load(agent, &args)
 }
@@ -344,6 +351,11 @@ fn load(agent_bin: &Path, args: &LoadArgs) -> Result<()> {
             ));
         }
     }
+    if alive.is_ok()
+        && let Some(f) = rss_failure(end_status.hwm_kib, args.max_rss_mib)
+    {
+        failures.push(f);
+    }
     if gen_result.rate() < args.min_ops_rate as f64 {
         failures.push(format!(
             "the io_uring generator reached {:.0} requests/s, below --min-ops-rate {}",
@@ -423,9 +435,14 @@ fn print_report(r: &Report, args: &LoadArgs, wall: f64, dir: &Path) {
         (
             "agent RSS",
             format!(
-                "peak sampled {}, VmHWM {}, at end {}",
-                mib(r.agent_rss_peak_kib),
+                "peak (VmHWM) {}{}, peak sampled {}, at end {}",
                 mib(r.agent_hwm_kib),
+                if args.max_rss_mib > 0 {
+                    format!(" (limit {} MiB)", args.max_rss_mib)
+                } else {
+                    String::new()
+                },
+                mib(r.agent_rss_peak_kib),
                 mib(r.agent_rss_end_kib)
             ),
         ),
@@ -566,6 +583,17 @@ impl Counts {
 struct ProcStatus {
     rss_kib: u64,
     hwm_kib: u64,
+}
+
+/// The failure when the agent's peak RSS `hwm_kib` (VmHWM, which counts start-up too) is over
+/// `limit_mib` (0: no limit).
+fn rss_failure(hwm_kib: u64, limit_mib: u64) -> Option<String> {
+    (limit_mib > 0 && hwm_kib > limit_mib * 1024).then(|| {
+        format!(
+            "the agent's peak RSS (VmHWM) was {:.1} MiB, over --max-rss-mib {limit_mib}",
+            hwm_kib as f64 / 1024.0
+        )
+    })
 }
 
 fn proc_status(pid: u32) -> Result<ProcStatus> {
@@ -910,6 +938,17 @@ Transfer/sec:     69.60MB
     #[test]
     fn truncated_wrk_output_is_an_error() {
         assert!(parse_wrk("Running 15s test @ http://x/metrics\n").is_err());
+    }
+
+    #[test]
+    fn peak_rss_over_the_limit_fails() {
+        assert_eq!(rss_failure(50 * 1024, 50), None);
+        let f = rss_failure(50 * 1024 + 1, 50).unwrap();
+        assert!(
+            f.contains("50.0 MiB") && f.contains("--max-rss-mib 50"),
+            "{f}"
+        );
+        assert_eq!(rss_failure(u64::MAX / 2, 0), None);
     }
 
     #[test]

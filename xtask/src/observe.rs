@@ -38,9 +38,10 @@ const SHIPPED_CONFIGS: &[&str] = &["deploy/prometheus/scrape.yml"];
 
 /// Metric families the agent exports on every host today (issue 2): they must reach Prometheus,
 /// and a dashboard or alert query that reads only these families, or families the agent was
-/// seen exporting during the check, must return data. Queries over families absent on this
-/// host or agent (NVMe, stalls, data path, nvidia-fs) only have to evaluate without error. Add
-/// a family here once the agent exports it on every host, so that its absence fails the check.
+/// seen exporting during the check, must return data. Queries over the other declared families
+/// ([`declared`]: NVMe, stalls, data path, nvidia-fs, cuFile) only have to evaluate without
+/// error. Add a family here once the agent exports it on every host, so that its absence fails
+/// the check.
 pub const MUST_HAVE_DATA: &[&str] = &[
     "up",
     "gds_agent_info",
@@ -52,44 +53,13 @@ pub const MUST_HAVE_DATA: &[&str] = &[
     "gds_trace_dropped_total",
 ];
 
-/// Metric families of later issues (NVMe tracing, stall detector, data path, probe): queries over
-/// them must evaluate without error and may be empty. A family named in a query that is in
-/// neither list is a typo and fails the check. Move a family to [`MUST_HAVE_DATA`] once the
-/// agent exports it on the test host.
-pub const MAY_BE_EMPTY: &[&str] = &[
-    "gds_nvme_commands_total",
-    "gds_nvme_command_duration_seconds",
-    "gds_request_stage_duration_seconds",
-    "gds_nvme_errors_total",
-    "gds_block_request_duration_seconds",
-    "gds_stalled_requests",
-    "gds_oldest_inflight_seconds",
-    "gds_stalls_total",
-    "gds_stall_scan_duration_seconds",
-    "gds_pipeline_bytes_total",
-    "gds_pipeline_read_duration_seconds",
-    "gds_capability_info",
-    // nvidia-fs (gds-user/crates/gds-probe/src/metrics.rs): counters get `_total`, gauges do not.
-    "gds_nvidia_fs_up",
-    "gds_nvidia_fs_reads_n_total",
-    "gds_nvidia_fs_reads_err_total",
-    "gds_nvidia_fs_reads_readmib_total",
-    "gds_nvidia_fs_writes_n_total",
-    "gds_nvidia_fs_writes_err_total",
-    "gds_nvidia_fs_writes_writemib_total",
-    "gds_nvidia_fs_batches_n_total",
-    "gds_nvidia_fs_bar1_map_err_total",
-    "gds_nvidia_fs_gpu_registered_mib",
-    // cuFile (trace/cufile.rs): exported once a process calls libcufile; the check runs one
-    // (`cufile_workload`) where `cargo xtask setup` installed the PyPI library.
-    "gds_cufile_calls_total",
-    "gds_cufile_call_duration_seconds",
-    "gds_cufile_errors_total",
-    "gds_cufile_bytes_total",
-    "gds_cufile_requested_bytes_total",
-    "gds_cufile_libraries",
-    "gds_cufile_beneath_calls_total",
-];
+/// Whether `family` (as [`metric_families`] names it) is part of the interface: declared in
+/// `gds-user/crates/gds-api/src/families.rs` (nvidia-fs's counters by their prefix), or Prometheus's own `up`.
+/// Queries over declared families outside [`MUST_HAVE_DATA`] must evaluate without error and
+/// may be empty; a family named in a query that is not declared is a typo and fails the check.
+fn declared(family: &str) -> bool {
+    family == "up" || crate::families::family_of(family).is_some()
+}
 
 /// Label matchers this host cannot produce data for, though the family is exported: (the
 /// matcher, the one to check the query with instead, why). An empty query with the first is
@@ -540,11 +510,7 @@ fn check_live_in(
         let families = metric_families(&e.expr);
         let unknown: Vec<&String> = families
             .iter()
-            .filter(|f| {
-                !f.starts_with('<')
-                    && !MUST_HAVE_DATA.contains(&f.as_str())
-                    && !MAY_BE_EMPTY.contains(&f.as_str())
-            })
+            .filter(|f| !f.starts_with('<') && !declared(f))
             .collect();
         if !unknown.is_empty() {
             failures.push(format!(
@@ -1172,6 +1138,24 @@ unsafe extern "C" {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The families the check knows are the declared ones: every declared family, each
+    /// must-have one among them, and no other name.
+    #[test]
+    fn known_families_are_the_declared_ones() {
+        for f in crate::families::ALL {
+            assert!(declared(f.name), "{}", f.name);
+        }
+        for f in MUST_HAVE_DATA {
+            assert!(
+                declared(f),
+                "MUST_HAVE_DATA names {f}, which is not declared"
+            );
+        }
+        assert!(declared("gds_nvidia_fs_reads_n_total"));
+        assert!(!declared("gds_uring_request_total"), "a typo");
+        assert!(!declared("node_cpu_seconds_total"));
+    }
 
     #[test]
     fn comparisons_get_bool_outside_matchers_only() {

@@ -35,7 +35,10 @@ pub struct CufileProcRow {
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub opcodes: Vec<RateRow>,
-    pub disks: Vec<RateRow>,
+    /// Block requests per disk (every operation), from the block layer's rows.
+    pub block_disks: Vec<RateRow>,
+    /// NVMe commands per disk, from the NVMe layer's rows.
+    pub nvme_disks: Vec<RateRow>,
     /// cuFile per operation (calls/s, p50/p99, errors/s) and per process.
     pub cufile_ops: Vec<RateRow>,
     pub cufile_procs: Vec<CufileProcRow>,
@@ -92,7 +95,19 @@ fn by_opcode(s: &Snapshot) -> BTreeMap<String, Totals> {
     )
 }
 
-fn by_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
+/// Block requests per disk, over every operation and memory kind (the block layer has no
+/// error counts: its errors column stays 0).
+fn by_block_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
+    let mut m: BTreeMap<String, Totals> = BTreeMap::new();
+    for b in &s.stats.block {
+        let t = m.entry(b.disk.clone()).or_default();
+        t.count += b.latency.count;
+        add(&mut t.latency, &b.latency);
+    }
+    m
+}
+
+fn by_nvme_disk(s: &Snapshot) -> BTreeMap<String, Totals> {
     let mut m: BTreeMap<String, Totals> = BTreeMap::new();
     for n in &s.stats.nvme {
         let t = m.entry(n.disk.clone()).or_default();
@@ -227,11 +242,9 @@ impl View {
             &by_opcode(cur),
             seconds(a.uring_ns, b.uring_ns),
         );
-        let disks = rates(
-            &by_disk(prev),
-            &by_disk(cur),
-            seconds(a.devices_ns, b.devices_ns),
-        );
+        let devices_dt = seconds(a.devices_ns, b.devices_ns);
+        let block_disks = rates(&by_block_disk(prev), &by_block_disk(cur), devices_dt);
+        let nvme_disks = rates(&by_nvme_disk(prev), &by_nvme_disk(cur), devices_dt);
         let cufile_ops = rates(
             &by_cufile_op(prev),
             &by_cufile_op(cur),
@@ -241,9 +254,11 @@ impl View {
         let mut ended = cur.stalls.ended.clone();
         ended.reverse();
         View {
-            total_iops: opcodes.iter().map(|r| r.iops).sum(),
+            // From +0.0: the sum of no rows is -0.0 in Rust, which an idle top showed as "-0".
+            total_iops: opcodes.iter().fold(0.0, |sum, r| sum + r.iops),
             opcodes,
-            disks,
+            block_disks,
+            nvme_disks,
             cufile_ops,
             cufile_procs,
             inflight_total: cur.stats.inflight,
@@ -299,6 +314,7 @@ mod tests {
                     why: String::new(),
                 },
                 cufile: Default::default(),
+                warnings: vec![],
             },
             cufile: Default::default(),
             omitted: Default::default(),
@@ -320,7 +336,7 @@ mod tests {
         let second_bucket = Some((1u64 << 21) as f64 / 1e9);
         assert_eq!(r.p50, second_bucket); // median in the second bucket
         assert_eq!(r.p99, second_bucket);
-        assert!(v.disks.is_empty());
+        assert!(v.block_disks.is_empty() && v.nvme_disks.is_empty());
     }
 
     /// Each group of counters is divided by the interval between *its* reads: the io_uring
@@ -367,6 +383,65 @@ mod tests {
             (3_000_000_000, 3_000_000_000, 3_000_000_000, 3_000_000_000)
         );
         assert_eq!(View::compute(&a, &b).opcodes[0].iops, 100.0);
+    }
+
+    /// Bug: with no io_uring request at all, the header's IOPS was the sum of no rows, -0.0.
+    #[test]
+    fn total_iops_of_no_rows_is_positive_zero() {
+        let mut a = snapshot(0, 0, 0, 0, 0);
+        a.stats.opcodes.clear();
+        let v = View::compute(&a, &a);
+        assert!(v.opcodes.is_empty());
+        assert!(v.total_iops == 0.0 && v.total_iops.is_sign_positive());
+    }
+
+    /// Block and NVMe rows each come from their own layer's part of the snapshot, per disk:
+    /// block requests over every operation and memory kind, NVMe commands with their errors.
+    #[test]
+    fn block_and_nvme_rows_per_disk() {
+        use gds_api::model::stats::{BlockRow, NvmeErrorRow, NvmeRow};
+        let with = |taken_ns: u64, n: u64| {
+            let mut s = snapshot(taken_ns, 0, 0, 0, 0);
+            let mut buckets = vec![0u64; HIST_BUCKETS];
+            buckets[17] = n;
+            let latency = Histogram::new(&buckets, 0);
+            for (op, memory) in [("read", "host"), ("write", "host"), ("read", "p2pdma")] {
+                s.stats.block.push(BlockRow {
+                    disk: "vda".into(),
+                    op: op.into(),
+                    memory: memory.into(),
+                    latency: latency.clone(),
+                });
+            }
+            s.stats.nvme.push(NvmeRow {
+                disk: "nvme0n1".into(),
+                opcode: "read".into(),
+                latency,
+            });
+            s.stats.nvme_errors.push(NvmeErrorRow {
+                disk: "nvme0n1".into(),
+                status: "LBA Out of Range".into(),
+                count: n / 10,
+            });
+            s
+        };
+        // 1 s apart: 1,000 more of each row.
+        let v = View::compute(&with(1_000_000_000, 1_000), &with(2_000_000_000, 2_000));
+        assert_eq!(v.block_disks.len(), 1);
+        let b = &v.block_disks[0];
+        assert_eq!(
+            (b.key.as_str(), b.iops, b.errors_per_s),
+            ("vda", 3_000.0, 0.0)
+        );
+        assert_eq!(b.p50, Some((1u64 << 18) as f64 / 1e9));
+        assert_eq!(v.nvme_disks.len(), 1);
+        let n = &v.nvme_disks[0];
+        assert_eq!(
+            (n.key.as_str(), n.iops, n.errors_per_s),
+            ("nvme0n1", 1_000.0, 100.0)
+        );
+        // io_uring saw none of it.
+        assert!(v.opcodes.iter().all(|r| r.iops == 0.0));
     }
 
     #[test]

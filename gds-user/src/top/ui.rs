@@ -21,6 +21,8 @@ fn secs(s: Option<f64>) -> String {
 }
 
 fn rate(v: f64) -> String {
+    // A rate is never negative; -0.0 (and rounding of a tiny negative) would print "-0".
+    let v = v.max(0.0) + 0.0;
     if v >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v >= 1e3 {
@@ -127,15 +129,23 @@ pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
 }
 
 /// Draws the whole screen. `status` is the header's right side (agent address or an error).
+///
+/// Every layer with data gets its panel, each from its own rows: io_uring by opcode (always),
+/// block by disk, NVMe by disk, cuFile; then the slowest requests in flight and the stalls.
 pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
-    let has_disks = !view.disks.is_empty();
+    let has_block = !view.block_disks.is_empty();
+    let has_nvme = !view.nvme_disks.is_empty();
     let has_cufile = !view.cufile_ops.is_empty() || !view.cufile_procs.is_empty();
+    // Shares of the screen below the header: the panels shown split what the layers take.
+    let layers = 1 + u16::from(has_block) + u16::from(has_nvme) + u16::from(has_cufile);
+    let share = |on: bool| Constraint::Percentage(if on { 66 / layers } else { 0 });
     let chunks = Layout::vertical([
         Constraint::Length(1),
-        Constraint::Percentage(if has_disks { 25 } else { 34 }),
-        Constraint::Percentage(if has_disks { 20 } else { 0 }),
-        Constraint::Percentage(if has_cufile { 22 } else { 0 }),
-        Constraint::Percentage(if has_cufile { 22 } else { 33 }),
+        share(true),
+        share(has_block),
+        share(has_nvme),
+        share(has_cufile),
+        Constraint::Percentage(if layers > 1 { 17 } else { 33 }),
         Constraint::Min(4),
     ])
     .split(f.area());
@@ -163,12 +173,21 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
         rate_table("io_uring by opcode", &view.opcodes, "OPCODE"),
         chunks[1],
     );
-    if has_disks {
-        f.render_widget(rate_table("NVMe by disk", &view.disks, "DISK"), chunks[2]);
+    if has_block {
+        f.render_widget(
+            rate_table("block by disk", &view.block_disks, "DISK"),
+            chunks[2],
+        );
+    }
+    if has_nvme {
+        f.render_widget(
+            rate_table("NVMe by disk", &view.nvme_disks, "DISK"),
+            chunks[3],
+        );
     }
     if has_cufile {
         let halves = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)])
-            .split(chunks[3]);
+            .split(chunks[4]);
         f.render_widget(
             rate_table("cuFile by op", &view.cufile_ops, "OP"),
             halves[0],
@@ -208,7 +227,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                     .borders(Borders::ALL)
                     .title("slowest in flight"),
             ),
-        chunks[4],
+        chunks[5],
     );
 
     let stall_rows: Vec<Row> = view
@@ -255,6 +274,94 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             Row::new(["STATE", "TIME", "LAYER", "PID", "COMM", "OPCODE", "WHERE"]).style(bold()),
         )
         .block(Block::default().borders(Borders::ALL).title("stalls")),
-        chunks[5],
+        chunks[6],
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::top::model::RateRow;
+
+    fn screen(view: &View) -> String {
+        let backend = ratatui::backend::TestBackend::new(100, 60);
+        let mut term = ratatui::Terminal::new(backend).unwrap();
+        term.draw(|f| draw(f, view, "127.0.0.1:9477", None))
+            .unwrap();
+        let buf = term.backend().buffer();
+        let mut out = String::new();
+        for y in 0..buf.area.height {
+            for x in 0..buf.area.width {
+                out.push_str(buf[(x, y)].symbol());
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn row(key: &str, iops: f64) -> RateRow {
+        RateRow {
+            key: key.into(),
+            iops,
+            p50: Some(20e-6),
+            p99: Some(80e-6),
+            errors_per_s: 0.0,
+        }
+    }
+
+    /// Bug: an idle agent's header said `IOPS -0`.
+    #[test]
+    fn idle_header_says_iops_0() {
+        assert_eq!(rate(-0.0), "0");
+        assert_eq!(rate(-1e-9), "0");
+        let s = screen(&View {
+            total_iops: -0.0,
+            ..Default::default()
+        });
+        assert!(s.contains(" IOPS 0 "), "{s}");
+        assert!(!s.contains("-0"), "{s}");
+        // Only io_uring's panel when no other layer has data.
+        assert!(s.contains("io_uring by opcode"), "{s}");
+        assert!(
+            !s.contains("block by disk") && !s.contains("NVMe by disk"),
+            "{s}"
+        );
+    }
+
+    /// Bug: under O_DIRECT reads of `vda` (no NVMe) top showed io_uring only: its per-disk panel
+    /// was NVMe's. Each layer with data has its panel, with its own rows.
+    #[test]
+    fn every_layer_with_data_has_its_panel() {
+        let view = View {
+            opcodes: vec![row("READ", 900.0)],
+            block_disks: vec![row("vda", 93_000.0)],
+            nvme_disks: vec![row("nvme0n1", 1_500.0)],
+            cufile_ops: vec![row("read", 12.0)],
+            total_iops: 900.0,
+            ..Default::default()
+        };
+        let s = screen(&view);
+        for want in [
+            "io_uring by opcode",
+            "READ",
+            "block by disk",
+            "vda",
+            "93.0k",
+            "NVMe by disk",
+            "nvme0n1",
+            "1.5k",
+            "cuFile by op",
+            "slowest in flight",
+            "stalls",
+        ] {
+            assert!(s.contains(want), "{want:?} missing from:\n{s}");
+        }
+        // Block alone (the fio case): its panel, and no NVMe one.
+        let s = screen(&View {
+            block_disks: vec![row("vda", 93_000.0)],
+            ..Default::default()
+        });
+        assert!(s.contains("block by disk") && s.contains("vda"), "{s}");
+        assert!(!s.contains("NVMe by disk"), "{s}");
+    }
 }

@@ -119,6 +119,10 @@ pub struct Layers {
     /// cuFile calls (uprobes on every libcufile in use).
     #[serde(default)]
     pub cufile: LayerMode,
+    /// What the filters make of the tracing now, when it may not be what was meant: e.g.
+    /// `--pid` naming no running process (the filter stays: the process may start later).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// How the NVMe layer is traced now, and why: what the log, `/debug/layers` and the

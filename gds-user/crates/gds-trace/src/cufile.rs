@@ -64,15 +64,12 @@ use aya::{
 };
 use gds_common::HIST_BUCKETS;
 use gds_common::cufile::{
-    BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_OP_BATCH_CANCEL,
-    CUFILE_OP_BATCH_GET_STATUS, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_DEREGISTER,
-    CUFILE_OP_BUF_REGISTER, CUFILE_OP_DRIVER_CLOSE, CUFILE_OP_DRIVER_OPEN,
-    CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ, CUFILE_OP_READ_ASYNC,
-    CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS, CUFILE_PATHS, CUFILE_USERS, CufileCall,
-    CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey, CufileOpStats,
-    MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER, MAP_CUFILE_ERRORS, MAP_CUFILE_ERRORS_OTHER,
-    MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER, MAP_CUFILE_HANDLES, MAP_CUFILE_HANDLES_OTHER,
-    MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER, USER_TRUSTED,
+    BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_OP_TABLE, CUFILE_OPS,
+    CUFILE_PATHS, CUFILE_USERS, CufileCall, CufileCpuStats, CufileErrKey, CufileFileKey,
+    CufileFileStats, CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER,
+    MAP_CUFILE_ERRORS, MAP_CUFILE_ERRORS_OTHER, MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER,
+    MAP_CUFILE_HANDLES, MAP_CUFILE_HANDLES_OTHER, MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER,
+    USER_TRUSTED,
 };
 
 use gds_api::raw::{CufileRaw, LibraryFailure, LibraryInfo};
@@ -88,25 +85,14 @@ use super::{
     umulti::MultiPrograms,
 };
 
-/// The traced functions and their operation. `cuFileDriverClose_v2` (CUDA 12.2+) and
-/// `cuFileDriverClose` are separate implementations, both counted as `driver_close`; a traced
-/// function called from inside another counts once, as the outer call (`Nested`).
-pub const SYMBOLS: &[(&str, u32)] = &[
-    ("cuFileRead", CUFILE_OP_READ),
-    ("cuFileWrite", CUFILE_OP_WRITE),
-    ("cuFileReadAsync", CUFILE_OP_READ_ASYNC),
-    ("cuFileWriteAsync", CUFILE_OP_WRITE_ASYNC),
-    ("cuFileBatchIOSubmit", CUFILE_OP_BATCH_SUBMIT),
-    ("cuFileBatchIOGetStatus", CUFILE_OP_BATCH_GET_STATUS),
-    ("cuFileBatchIOCancel", CUFILE_OP_BATCH_CANCEL),
-    ("cuFileHandleRegister", CUFILE_OP_HANDLE_REGISTER),
-    ("cuFileHandleDeregister", CUFILE_OP_HANDLE_DEREGISTER),
-    ("cuFileBufRegister", CUFILE_OP_BUF_REGISTER),
-    ("cuFileBufDeregister", CUFILE_OP_BUF_DEREGISTER),
-    ("cuFileDriverOpen", CUFILE_OP_DRIVER_OPEN),
-    ("cuFileDriverClose", CUFILE_OP_DRIVER_CLOSE),
-    ("cuFileDriverClose_v2", CUFILE_OP_DRIVER_CLOSE),
-];
+/// The traced functions and their operation, from the one table of operations
+/// (`gds_common::cufile::CUFILE_OP_TABLE`). A traced function called from inside another
+/// counts once, as the outer call (`Nested`).
+pub fn traced_functions() -> impl Iterator<Item = (&'static str, u32)> {
+    CUFILE_OP_TABLE
+        .iter()
+        .flat_map(|o| o.symbols.iter().map(move |s| (*s, o.op)))
+}
 
 /// libc functions probed beneath cuFile (`ioctl` only where nvidia-fs is loaded).
 const BENEATH: &[(&str, u32)] = &[
@@ -1146,7 +1132,7 @@ impl Attacher {
     }
 }
 
-/// Attaches entry and return probes to each function of [`SYMBOLS`] that `m` exports.
+/// Attaches entry and return probes to each function of [`traced_functions`] that `m` exports.
 fn attach_library(
     at: &Attacher,
     ebpf: &Mutex<Ebpf>,
@@ -1154,7 +1140,7 @@ fn attach_library(
     leases: Option<&Leases>,
     m: &Mapping,
 ) -> Result<(LibSymbols, Held), TraceError> {
-    let wanted: Vec<&'static str> = SYMBOLS.iter().map(|(n, _)| *n).collect();
+    let wanted: Vec<&'static str> = traced_functions().map(|(n, _)| n).collect();
     let (file, symbols) = open_and_read(m, &wanted)?;
     let leased = lease_first(leases, &file, m)?;
     if symbols.found.is_empty() {
@@ -1168,10 +1154,9 @@ fn attach_library(
         .found
         .iter()
         .map(|(name, offset)| {
-            let op = SYMBOLS
-                .iter()
+            let op = traced_functions()
                 .find(|(n, _)| n == name)
-                .map_or(0, |(_, op)| *op);
+                .map_or(0, |(_, op)| op);
             (*offset, op)
         })
         .collect();

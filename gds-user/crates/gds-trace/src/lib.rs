@@ -20,7 +20,6 @@ mod uring;
 
 pub use cufile::{
     CufileView, LINGER as CUFILE_LINGER, Limits as CufileLimits, ProcessFilter,
-    SYMBOLS as CUFILE_SYMBOLS,
 };
 pub use device::{DeviceAttach, DeviceMaps};
 pub use error::TraceError;

@@ -139,6 +139,18 @@ impl TraceOptions {
     }
 }
 
+/// The warning for a `--pid` filter that names no running process now, or `None`. The filter
+/// stays as given: the kernel matches the id whenever a process gets it.
+pub fn pid_filter_warning(pid: Option<u32>, proc_root: &std::path::Path) -> Option<String> {
+    let pid = pid?;
+    (!proc_root.join(pid.to_string()).exists()).then(|| {
+        format!(
+            "--pid {pid}: no such process now; nothing is traced until a process with that id \
+             starts (the filter stays)"
+        )
+    })
+}
+
 /// Loaded and attached io_uring tracing programs.
 pub struct UringTracer {
     /// Locked only to attach or detach the NVMe programs after start.
@@ -171,7 +183,15 @@ impl UringTracer {
     pub fn start(opts: &TraceOptions) -> Result<UringTracer, TraceError> {
         check_tracing_caps()?;
         let base = opts.to_config()?;
+        if let Some(w) = pid_filter_warning(opts.pid, std::path::Path::new("/proc")) {
+            tracing::warn!("{w}");
+        }
         let cufile_config = opts.cufile_config()?;
+        // First, while little else is held: aya's loader parses vmlinux's BTF when it is made
+        // (13 MiB of heap, 19 at the peak), for CO-RE relocations only, and gds's programs have
+        // none (`tests::the_object_has_no_core_relocations`). So it is let go at once.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
         let btf_parsed = Btf::from_sys();
         let tracefs_dir = match tracefs::ensure_mounted() {
             Ok((dir, mounted)) => {
@@ -206,7 +226,7 @@ impl UringTracer {
         ));
 
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader
             .override_global(UringConfig::SYMBOL, &attach.config, true)
             .override_global(DevConfig::SYMBOL, &dev_config, true)
             .override_global(CufileConfig::SYMBOL, &cufile_config, true)
@@ -236,8 +256,13 @@ impl UringTracer {
         };
         match attach.mode {
             AttachMode::Btf => {
-                let btf = aya::Btf::from_sys_fs()
-                    .map_err(|e| TraceError::Load(aya::EbpfError::BtfError(e)))?;
+                let parsed = btf_parsed
+                    .as_ref()
+                    .map_err(|e| TraceError::BtfRequired(e.to_string()))?;
+                let btf = device::tracepoint_btf(
+                    parsed,
+                    &[attach.submit_tp, "io_uring_req_failed", "io_uring_complete"],
+                )?;
                 for (prog, tp) in [
                     ("uring_submit", attach.submit_tp),
                     ("uring_failed", "io_uring_req_failed"),
@@ -246,7 +271,7 @@ impl UringTracer {
                     device::attach_btf(&mut ebpf, &btf, prog, tp)?;
                 }
                 if let (Ok(parsed), true) = (&btf_parsed, device_possible) {
-                    devices_attached = device::attach(&mut ebpf, parsed, &btf)?;
+                    devices_attached = device::attach(&mut ebpf, parsed)?;
                     nvme = Some(NvmeTracing::new(
                         &mut ebpf,
                         parsed,
@@ -537,6 +562,9 @@ impl UringTracer {
                     )
                 },
             },
+            warnings: pid_filter_warning(self.filter.pid, std::path::Path::new("/proc"))
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -661,11 +689,12 @@ impl FloorProbe {
         let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
         let submit_tp = offsets::btf_submit_tp(&btf)?;
         raise_memlock();
+        // As in `UringTracer::start`: no CO-RE relocations, so no kernel BTF for the loader.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .load(EBPF_OBJECT)
             .map_err(TraceError::Load)?;
-        let kernel_btf =
-            aya::Btf::from_sys_fs().map_err(|e| TraceError::Load(aya::EbpfError::BtfError(e)))?;
+        let kernel_btf = device::tracepoint_btf(&btf, &[submit_tp, "io_uring_complete"])?;
         let (submit, complete) = if clock {
             ("floor_clock_submit", "floor_clock_complete")
         } else {
@@ -681,6 +710,17 @@ impl FloorProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_filter_naming_no_process_is_a_warning() {
+        let proc_root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(proc_root.path().join("42")).unwrap();
+        assert_eq!(pid_filter_warning(None, proc_root.path()), None);
+        assert_eq!(pid_filter_warning(Some(42), proc_root.path()), None);
+        let w = pid_filter_warning(Some(999_999), proc_root.path()).unwrap();
+        assert!(w.contains("--pid 999999: no such process"), "{w}");
+        assert!(w.contains("the filter stays"), "{w}");
+    }
 
     #[test]
     fn cufile_users_become_the_trusted_uids() {
@@ -704,6 +744,28 @@ mod tests {
         let e = config(&too_many).unwrap_err().to_string();
         assert!(e.contains("at most 16"), "{e}");
         assert!(config(&[NO_UID]).is_err());
+    }
+
+    /// `start` gives aya's loader no kernel BTF: right only while the programs have no CO-RE
+    /// relocations, the one thing the loader needs it for. A program that gains one fails
+    /// here, not on a host.
+    #[test]
+    fn the_object_has_no_core_relocations() {
+        use object::{Object as _, ObjectSection as _, read::elf::ElfFile64};
+        let obj = ElfFile64::<object::Endianness>::parse(EBPF_OBJECT).unwrap();
+        let ext = obj.section_by_name(".BTF.ext").unwrap().data().unwrap();
+        let word = |at: usize| u32::from_le_bytes(ext[at..at + 4].try_into().unwrap());
+        // struct btf_ext_header: magic, version, flags, hdr_len; func_info and line_info
+        // (offset, length); from a 32-byte header on, core_relo's (offset, length).
+        assert_eq!(&ext[..2], &[0x9f, 0xeb]);
+        if word(4) >= 32 {
+            assert_eq!(
+                word(28),
+                0,
+                "the eBPF object has CO-RE relocations: pass the \
+                kernel's BTF to EbpfLoader in UringTracer::start"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use gds_common::DropReason;
+use gds_common::{DropReason, cufile::CUFILE_OP_TABLE};
 
 /// `enum io_uring_op` (include/uapi/linux/io_uring.h) without the `IORING_OP_` prefix, in value
 /// order: the fallback when the running kernel's BTF cannot be read. The values are UAPI: new
@@ -281,25 +281,11 @@ mod tests {
     }
 }
 
-/// cuFile operation names (`gds_cufile_*{op}`), indexed by `CUFILE_OP_*`.
-pub const CUFILE_OPS: [&str; 13] = [
-    "read",
-    "write",
-    "read_async",
-    "write_async",
-    "batch_submit",
-    "batch_get_status",
-    "batch_cancel",
-    "handle_register",
-    "handle_deregister",
-    "buf_register",
-    "buf_deregister",
-    "driver_open",
-    "driver_close",
-];
-
+/// The name of cuFile operation `op` (`gds_cufile_*{op}`), from the one table of operations.
 pub fn cufile_op(op: u32) -> &'static str {
-    CUFILE_OPS.get(op as usize).copied().unwrap_or("unknown")
+    CUFILE_OP_TABLE
+        .get(op as usize)
+        .map_or("unknown", |o| o.label)
 }
 
 /// User shares (`gds_cufile_*{user}`), indexed by `USER_*`: calls of root and
@@ -381,30 +367,40 @@ pub fn cufile_error(op: u32, code: i32) -> &'static str {
 /// `gds_trace_dropped_total{reason}`, the rest to `gds_cufile_beneath_total{link}`.
 pub fn cufile_count(c: gds_common::cufile::CufileCount) -> (&'static str, bool) {
     use gds_common::cufile::CufileCount::*;
-    match c {
-        CallTableFull => ("cufile_call_table_full", true),
-        ReturnUnmatched => ("cufile_return_unmatched", true),
-        FileTableFull => ("cufile_file_table_full", true),
-        ErrorTableFull => ("cufile_error_table_full", true),
-        HandleTableFull => ("cufile_handle_table_full", true),
-        StaleReplaced => ("cufile_stale_replaced", true),
-        Nested => ("nested", false),
-        BeneathLinked => ("linked", false),
-        BeneathUnlinked => ("unlinked", false),
-        NvfsIoctls => ("nvfs_ioctl", false),
-        ProcessQuota => ("cufile_process_quota", true),
-        UntrustedTableFull => ("cufile_untrusted_table_full", true),
-    }
+    let drop = !matches!(c, Nested | BeneathLinked | BeneathUnlinked | NvfsIoctls);
+    (c.label(), drop)
 }
 
 #[cfg(test)]
 mod cufile_tests {
     use super::*;
-    use gds_common::cufile::{CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_READ, CUFILE_OPS as N};
+    use gds_common::cufile::{CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_READ};
+
+    /// README's metrics table lists the `op` values of `gds_cufile_calls_total`: exactly the
+    /// table's names, in its order.
+    #[test]
+    fn readme_lists_every_cufile_op() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `gds_cufile_calls_total` |"))
+            .expect("README's metrics table has gds_cufile_calls_total");
+        let values = row
+            .split_once("op (")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .expect("its labels say `op (…)`")
+            .0;
+        let listed: Vec<&str> = values
+            .split(',')
+            .map(|v| v.trim().trim_matches('`'))
+            .collect();
+        let table: Vec<&str> = CUFILE_OP_TABLE.iter().map(|o| o.label).collect();
+        assert_eq!(listed, table, "README's op values against CUFILE_OP_TABLE");
+    }
 
     #[test]
     fn every_op_has_a_name_and_errors_are_bounded() {
-        assert!(CUFILE_OPS.len() <= N);
         assert_eq!(cufile_op(0), "read");
         assert_eq!(cufile_op(99), "unknown");
         assert_eq!(cufile_error(CUFILE_OP_READ, 1), "errno");

@@ -35,37 +35,50 @@ impl Layer {
     }
 }
 
-/// Where a request is, as far as tracing has seen it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Not yet at a device: queued in io_uring or the kernel (or waiting on something that is
-    /// not a device, such as an empty pipe).
-    #[default]
-    Queue,
-    /// At the device: the NVMe command was issued and has not completed.
-    Device,
-    /// Completed by the device, not yet delivered as a CQE.
-    Completion,
+/// [`Stage`] from the one table of stages (`gds_common::with_stages!`).
+macro_rules! stage_enum {
+    ($($(#[$doc:meta])* $variant:ident = $konst:ident = $kind:literal, $label:literal,
+       $describe:literal;)*) => {
+        /// Where a request is, as far as tracing has seen it.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Stage {
+            $(
+                $(#[$doc])*
+                #[serde(rename = $label)]
+                $variant,
+            )*
+        }
+
+        impl Stage {
+            pub const ALL: [Stage; [$($kind),*].len()] = [$(Stage::$variant),*];
+
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $(Stage::$variant => $label,)*
+                }
+            }
+
+            pub const fn describe(self) -> &'static str {
+                match self {
+                    $(Stage::$variant => $describe,)*
+                }
+            }
+
+            /// The histogram kind its durations are counted under (`DevHistKey::kind`).
+            pub const fn kind(self) -> u8 {
+                match self {
+                    $(Stage::$variant => gds_common::$konst,)*
+                }
+            }
+        }
+    };
 }
+gds_common::with_stages!(stage_enum);
 
 impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Queue, Stage::Device, Stage::Completion];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Stage::Queue => "queue",
-            Stage::Device => "device",
-            Stage::Completion => "completion",
-        }
-    }
-
-    pub const fn describe(self) -> &'static str {
-        match self {
-            Stage::Queue => "not yet at the device (no device command seen)",
-            Stage::Device => "at the device",
-            Stage::Completion => "completed by the device but not yet delivered",
-        }
+    /// The stage whose durations histogram kind `kind` counts, if any.
+    pub fn of_kind(kind: u8) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.kind() == kind)
     }
 
     /// What a stall in this stage of `layer` means, in words.
@@ -76,6 +89,13 @@ impl Stage {
             (Layer::Cufile, _) => "in the cuFile call, not returned",
             _ => self.describe(),
         }
+    }
+}
+
+/// The first stage: where a request is before tracing saw it anywhere else.
+impl Default for Stage {
+    fn default() -> Stage {
+        Stage::ALL[0]
     }
 }
 

@@ -1,10 +1,7 @@
 //! The kernel's aggregates, decoded once per read into named rows: what `/metrics` exports and
 //! what `top` computes rates from (through `/debug/snapshot`).
 
-use gds_common::{
-    DropReason, FLAG_ADMIN, FLAG_P2PDMA, HIST_BUCKETS, KIND_BLOCK, KIND_NVME_CMD,
-    KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE,
-};
+use gds_common::{DropReason, FLAG_ADMIN, FLAG_P2PDMA, HIST_BUCKETS, KIND_BLOCK, KIND_NVME_CMD};
 use serde::{Deserialize, Serialize};
 
 use gds_common::cufile::{CUFILE_OPS, CUFILE_PATHS, CufileCount, USER_OTHER, USER_TRUSTED};
@@ -208,7 +205,7 @@ impl CufileStats {
             .collect();
         for c in CufileCount::ALL {
             let (name, is_drop) = labels::cufile_count(c);
-            let count = raw.counts[c as usize];
+            let count = raw.counts[c.index()];
             if is_drop {
                 drops.push(DropRow {
                     reason: name.to_owned(),
@@ -333,7 +330,7 @@ impl Stats {
             .iter()
             .map(|r| DropRow {
                 reason: labels::drop_reason(*r).to_owned(),
-                count: snap.drops[*r as usize],
+                count: snap.drops[r.index()],
             })
             .collect();
         let maps = tracer.disks();
@@ -347,12 +344,7 @@ impl Stats {
                 count: h.count,
                 sum_ns: h.sum_ns,
             };
-            let stage = match k.kind {
-                KIND_STAGE_QUEUE => Some(Stage::Queue),
-                KIND_STAGE_DEVICE => Some(Stage::Device),
-                KIND_STAGE_COMPLETION => Some(Stage::Completion),
-                _ => None,
-            };
+            let stage = Stage::of_kind(k.kind);
             match (k.kind, stage) {
                 (KIND_NVME_CMD, _) => stats.nvme.push(NvmeRow {
                     disk,
@@ -406,6 +398,25 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stage table (`gds_common::with_stages!`) gives every stage its own histogram kind,
+    /// none of the other kinds, and its name on the wire as in the metric.
+    #[test]
+    fn stages_from_their_histogram_kinds() {
+        for s in Stage::ALL {
+            assert_eq!(Stage::of_kind(s.kind()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.label())
+            );
+            assert!(!s.describe().is_empty());
+        }
+        assert_eq!(Stage::of_kind(KIND_NVME_CMD), None);
+        assert_eq!(Stage::of_kind(KIND_BLOCK), None);
+        assert_eq!(Stage::default(), Stage::Queue);
+        let labels: Vec<&str> = Stage::ALL.iter().map(|s| s.label()).collect();
+        assert_eq!(labels, ["queue", "device", "completion"]);
+    }
 
     #[test]
     fn quantiles_between_two_reads() {
