@@ -209,12 +209,14 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             ])
         })
         .collect();
+    // WHERE gets what is left: on an 80-column terminal, enough for a disk and sector or an
+    // io_uring request's user_data.
     let widths = [
         Constraint::Length(8),
         Constraint::Length(14),
         Constraint::Length(8),
-        Constraint::Length(16),
         Constraint::Length(12),
+        Constraint::Length(8),
         Constraint::Min(10),
     ];
     f.render_widget(
@@ -263,10 +265,10 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             [
                 Constraint::Length(8),
                 Constraint::Length(8),
+                Constraint::Length(7),
                 Constraint::Length(8),
-                Constraint::Length(14),
-                Constraint::Length(10),
-                Constraint::Length(10),
+                Constraint::Length(12),
+                Constraint::Length(8),
                 Constraint::Min(8),
             ],
         )

@@ -211,7 +211,13 @@ impl Request {
     pub fn where_text(&self) -> String {
         let mut parts = Vec::new();
         let t = &self.target;
-        if t.disk != "unknown" || self.layer != Layer::Cufile {
+        // The submission first: a request no device has seen (a READ parked on a pipe) has
+        // nothing else to show, and its user_data is what its program knows it by.
+        if let Some(o) = &self.origin {
+            parts.push(format!("user_data {:#x} ring {}", o.user_data, o.ring));
+        }
+        // "unknown": no device command seen; saying so adds nothing to the line.
+        if t.disk != "unknown" {
             parts.push(t.disk.clone());
         }
         if let Some(s) = t.sector {
@@ -228,9 +234,6 @@ impl Request {
         }
         if let Some(b) = t.bytes {
             parts.push(format!("{b} B"));
-        }
-        if let Some(o) = &self.origin {
-            parts.push(format!("ring {} user_data {:#x}", o.ring, o.user_data));
         }
         parts.join(" ")
     }
