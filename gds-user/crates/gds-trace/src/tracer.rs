@@ -468,6 +468,55 @@ impl FloorProbe {
     }
 }
 
+/// The model reads the kernel's maps through this: one home for each read, in the methods
+/// above.
+impl Source for UringTracer {
+    type Error = TraceError;
+
+    fn uring(&self) -> Result<UringSnapshot, TraceError> {
+        self.snapshot()
+    }
+
+    fn devices(&self) -> DeviceSnapshot {
+        self.devices.snapshot()
+    }
+
+    fn disks(&self) -> &dyn DiskNames {
+        &self.devices
+    }
+
+    fn peer_memory(&self) -> &PeerMemory {
+        &self.peer
+    }
+
+    fn peer_io(&self) -> Vec<(u32, u64)> {
+        UringTracer::peer_io(self)
+    }
+
+    fn cufile_raw(&self) -> Result<CufileRaw, TraceError> {
+        UringTracer::cufile_raw(self)
+    }
+
+    fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>) {
+        UringTracer::cufile_libraries(self)
+    }
+
+    fn inflight(&self) -> Vec<Inflight> {
+        UringTracer::inflight(self)
+    }
+
+    fn task_filter(&self) -> TaskFilter {
+        TaskFilter {
+            pid: self.filter.pid,
+            comm: self.filter.comm.clone(),
+        }
+    }
+
+    fn layers(&self) -> Layers {
+        UringTracer::layers(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,54 +603,5 @@ mod tests {
             c.opcode_mask,
             [1 | 1 << 46 | 1 << 63, 1, 0, 1 << (200 - 192) | 1 << 63]
         );
-    }
-}
-
-/// The model reads the kernel's maps through this: one home for each read, in the methods
-/// above.
-impl Source for UringTracer {
-    type Error = TraceError;
-
-    fn uring(&self) -> Result<UringSnapshot, TraceError> {
-        self.snapshot()
-    }
-
-    fn devices(&self) -> DeviceSnapshot {
-        self.devices.snapshot()
-    }
-
-    fn disks(&self) -> &dyn DiskNames {
-        &self.devices
-    }
-
-    fn peer_memory(&self) -> &PeerMemory {
-        &self.peer
-    }
-
-    fn peer_io(&self) -> Vec<(u32, u64)> {
-        UringTracer::peer_io(self)
-    }
-
-    fn cufile_raw(&self) -> Result<CufileRaw, TraceError> {
-        UringTracer::cufile_raw(self)
-    }
-
-    fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>) {
-        UringTracer::cufile_libraries(self)
-    }
-
-    fn inflight(&self) -> Vec<Inflight> {
-        UringTracer::inflight(self)
-    }
-
-    fn task_filter(&self) -> TaskFilter {
-        TaskFilter {
-            pid: self.filter.pid,
-            comm: self.filter.comm.clone(),
-        }
-    }
-
-    fn layers(&self) -> Layers {
-        UringTracer::layers(self)
     }
 }
