@@ -326,7 +326,7 @@ struct CufileWatch {
 impl CufileWatch {
     /// Starts the thread where the cuFile programs loaded; it drops to `CUFILE_KEEP` first.
     fn spawn(tracer: &Arc<UringTracer>) -> Result<Option<CufileWatch>> {
-        if !tracer.layers().cufile.on {
+        if !tracer.layers().is_on(gds_api::model::Layer::Cufile) {
             return Ok(None);
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use gds_api::model::cufile::CufileReport;
+use gds_api::model::{Layer, cufile::CufileReport};
 use gds_datapath::{
     cuda::Gpu,
     cufile::{Driver, Handle, Mode},
@@ -142,8 +142,12 @@ pub fn run(file: &std::path::Path, gpu_ordinal: u32, json: bool) -> Result<()> {
         ..Default::default()
     })
     .context("the canary traces itself with the agent's programs")?;
-    if !tracer.layers().cufile.on {
-        bail!("cuFile tracing is off here: {}", tracer.layers().cufile.why);
+    let layers = tracer.layers();
+    if !layers.is_on(Layer::Cufile) {
+        let why = layers
+            .get(Layer::Cufile)
+            .map_or("no cuFile layer", |e| &e.why);
+        bail!("cuFile tracing is off here: {why}");
     }
     let gpu = Gpu::open(gpu_ordinal).with_context(|| format!("opening GPU {gpu_ordinal}"))?;
     // Loads libcufile (dlopen) and opens the driver as configured: neither forced into compat

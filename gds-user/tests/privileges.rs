@@ -334,9 +334,14 @@ fn within_10s(what: &str, agent: &Agent, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// The cuFile entry of `/debug/layers` (a list, one entry per layer).
 fn cufile_layer(agent: &Agent) -> serde_json::Value {
     let layers: serde_json::Value = serde_json::from_str(&agent.get("/debug/layers")).unwrap();
-    layers["cufile"].clone()
+    layers["layers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["layer"] == "cufile"))
+        .cloned()
+        .unwrap_or_else(|| panic!("/debug/layers has no cufile entry: {layers}"))
 }
 
 /// Issue 21, item 3: started with exactly the capabilities of the shipped unit (parsed from

@@ -16,7 +16,8 @@ use std::{
 };
 
 use common::{Agent, PipeRead, require_root, serial};
-use gds_api::model::{Request, Snapshot, Stage};
+use gds_api::model::{Layer, Request, Snapshot, Stage};
+use gds_api::raw::LayerDetail;
 use io_uring::{IoUring, opcode, types};
 
 fn snapshot(agent: &Agent) -> Snapshot {
@@ -222,7 +223,25 @@ fn snapshot_decodes_and_agrees_with_metrics_under_load() {
             d.reason
         );
     }
-    assert!(s.layers.io_uring.on, "{:?}", s.layers);
+    assert!(s.layers.is_on(Layer::Uring), "{:?}", s.layers);
+    // Every layer has its one entry, in the order the tracer attaches them.
+    let listed: Vec<Layer> = s.layers.layers.iter().map(|e| e.layer).collect();
+    assert_eq!(listed, Layer::ALL, "{:?}", s.layers);
+    // Each says why, and NVMe and cuFile say what only they know, on or off.
+    for e in &s.layers.layers {
+        assert!(!e.why.is_empty(), "{e:?}");
+    }
+    let detail = |l| s.layers.get(l).and_then(|e| e.detail.clone());
+    assert!(
+        matches!(detail(Layer::Nvme), Some(LayerDetail::Nvme { .. })),
+        "{:?}",
+        s.layers
+    );
+    assert!(
+        matches!(detail(Layer::Cufile), Some(LayerDetail::Cufile { .. })),
+        "{:?}",
+        s.layers
+    );
     assert!(reads > 1);
     for h in &mut held {
         h.complete(b"x");

@@ -299,21 +299,14 @@ mod tests {
             stalls: Default::default(),
             slow: vec![],
             layers: gds_api::raw::Layers {
-                io_uring: gds_api::raw::LayerMode {
-                    on: true,
-                    why: String::new(),
-                },
-                block: gds_api::raw::LayerMode {
-                    on: true,
-                    why: String::new(),
-                },
-                nvme: gds_api::raw::NvmeLayer {
-                    residence: gds_host::kmod::Residence::Absent,
-                    attached: false,
-                    status_decoded: false,
-                    why: String::new(),
-                },
-                cufile: Default::default(),
+                layers: [gds_api::model::Layer::Uring, gds_api::model::Layer::Block]
+                    .map(|layer| gds_api::raw::LayerEntry {
+                        layer,
+                        on: true,
+                        why: String::new(),
+                        detail: None,
+                    })
+                    .to_vec(),
                 warnings: vec![],
             },
             cufile: Default::default(),

@@ -141,20 +141,20 @@ pub const STALLED_REQUESTS: Family = family(
     "gds_stalled_requests",
     Gauge,
     &["layer"],
-    "Requests in flight longer than the stall threshold now, by layer (uring, block, nvme, \
-     cufile).",
+    "Requests in flight longer than the stall threshold now, by layer (one series per layer \
+     of /debug/layers).",
 );
 pub const OLDEST_INFLIGHT: Family = family(
     "gds_oldest_inflight_seconds",
     Gauge,
     &["layer"],
-    "Age of the oldest request in flight, by layer (uring, block, nvme, cufile).",
+    "Age of the oldest request in flight, by layer (one series per layer of /debug/layers).",
 );
 pub const STALLS: Family = family(
     "gds_stalls_total",
     Counter,
     &["layer", "disk"],
-    "Stalls detected, by layer (uring, block, nvme, cufile) and disk (unknown where the layer \
+    "Stalls detected, by layer (a layer of /debug/layers) and disk (unknown where the layer \
      has none).",
 );
 pub const STALL_SCAN: Family = family(

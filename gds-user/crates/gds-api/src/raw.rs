@@ -10,9 +10,53 @@ use std::collections::BTreeSet;
 
 use gds_common::{
     BlockInflight, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
-    cufile::{CUFILE_COUNTS, CufileCall, CufileErrKey, CufileFileKey, CufileFileStats, CufileOpStats},
+    cufile::{
+        CUFILE_COUNTS, CufileCall, CufileErrKey, CufileFileKey, CufileFileStats, CufileOpStats,
+    },
 };
 use gds_host::kmod::Residence;
+
+/// Where a request is being tracked. One I/O can be in flight in several layers at once (a
+/// cuFile read, the block request beneath it, the NVMe command that serves that): each layer
+/// reports what it sees, so a stall shows in the layer where it is stuck and those above.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    /// io_uring: submitted, not yet completed.
+    #[default]
+    Uring,
+    /// A block request: issued to the driver (`block_rq_issue`), not yet completed.
+    Block,
+    /// An NVMe command: set up (`nvme_setup_cmd`), not yet completed.
+    Nvme,
+    /// A cuFile call: entered, not yet returned.
+    Cufile,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 4] = [Layer::Uring, Layer::Block, Layer::Nvme, Layer::Cufile];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Layer::Uring => "uring",
+            Layer::Block => "block",
+            Layer::Nvme => "nvme",
+            Layer::Cufile => "cufile",
+        }
+    }
+}
 
 /// One request in flight, as the kernel recorded it at submission: the owning
 /// `struct io_kiocb *` (`req`) and its entry, exactly as the slot table stores them.
@@ -36,20 +80,13 @@ pub trait Source {
     fn cufile_raw(&self) -> Result<CufileRaw, Self::Error>;
     /// The libcufile copies attached, and those that could not be.
     fn cufile_libraries(&self) -> (Vec<LibraryInfo>, Vec<LibraryFailure>);
-    /// io_uring requests in flight now.
-    fn inflight(&self) -> Vec<InflightRequest>;
-    /// Block requests issued and not completed now, keyed by `struct request *`.
-    fn block_inflight(&self) -> Vec<(u64, BlockInflight)>;
-    /// NVMe commands set up and not completed now, keyed by `struct request *` (the key of
-    /// their block request too).
-    fn nvme_inflight(&self) -> Vec<(u64, NvmeInflight)>;
-    /// cuFile calls in flight now, by thread (`pid_tgid`).
-    fn cufile_calls(&self) -> Vec<(u64, CufileCall)>;
+    /// Every layer's in-flight entries now, layer by layer.
+    fn inflight(&self) -> Vec<Inflight>;
     /// `--pid` and `--comm`: the kernel applies them to io_uring and cuFile; the model applies
     /// them to block and NVMe requests by their submitter (those programs aggregate per disk
     /// for every process, so the filter cannot run in the kernel there).
     fn task_filter(&self) -> TaskFilter;
-    /// How each layer is traced now.
+    /// How each layer is traced now (`/debug/layers`).
     fn layers(&self) -> Layers;
 }
 
@@ -103,40 +140,72 @@ impl UringSnapshot {
     }
 }
 
-/// Whether one layer is traced and why.
+/// How each layer is traced now (`/debug/layers`): one entry per layer, in the order the
+/// tracer attaches them, each written by the layer itself.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct LayerMode {
-    pub on: bool,
-    pub why: String,
-}
-
-/// How each layer is traced now (`/debug/layers`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Layers {
-    pub io_uring: LayerMode,
-    pub block: LayerMode,
-    pub nvme: NvmeLayer,
-    /// cuFile calls (uprobes on every libcufile in use).
-    #[serde(default)]
-    pub cufile: LayerMode,
+    pub layers: Vec<LayerEntry>,
     /// What the filters make of the tracing now, when it may not be what was meant: e.g.
     /// `--pid` naming no running process (the filter stays: the process may start later).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
 
-/// How the NVMe layer is traced now, and why: what the log, `/debug/layers` and the
-/// probe say.
+impl Layers {
+    /// The entry of `layer`, if the tracer has that layer.
+    pub fn get(&self, layer: Layer) -> Option<&LayerEntry> {
+        self.layers.iter().find(|e| e.layer == layer)
+    }
+
+    /// Whether `layer` is traced now (false for a layer the tracer does not have).
+    pub fn is_on(&self, layer: Layer) -> bool {
+        self.get(layer).is_some_and(|e| e.on)
+    }
+}
+
+/// One layer on `/debug/layers`: whether it is traced now and why, in one sentence a person
+/// can act on, and what only that layer knows.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NvmeLayer {
-    /// Where `nvme_core` lives (built in, module with/without BTF, absent).
-    pub residence: Residence,
-    /// The NVMe programs are attached now.
-    pub attached: bool,
-    /// NVMe completion status read (errors split by status); needs `struct nvme_request`.
-    pub status_decoded: bool,
-    /// One sentence: the mode and the reason.
+pub struct LayerEntry {
+    pub layer: Layer,
+    pub on: bool,
     pub why: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<LayerDetail>,
+}
+
+/// What one layer says beyond on and why. Untagged: the entry's `layer` already names it,
+/// so the JSON reads `"detail": {"residence": "module_btf", "status_decoded": true}`; the
+/// variants have no field in common, so each reads back as itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum LayerDetail {
+    Nvme {
+        /// Where `nvme_core` lives (built in, module with/without BTF, absent).
+        residence: Residence,
+        /// NVMe completion status read (errors split by status); needs
+        /// `struct nvme_request`.
+        status_decoded: bool,
+    },
+    Cufile {
+        /// libcufile files attached now.
+        libraries: usize,
+    },
+}
+
+/// One entry of a layer's in-flight table, as the kernel recorded it; what
+/// [`Source::inflight`] returns for every layer, and `model::inflight` decodes.
+#[derive(Debug, Clone, Copy)]
+pub enum Inflight {
+    /// An io_uring request: its `struct io_kiocb *` and entry.
+    Uring(InflightRequest),
+    /// A block request issued and not completed, keyed by `struct request *`.
+    Block(u64, BlockInflight),
+    /// An NVMe command set up and not completed, keyed by `struct request *` (the key of its
+    /// block request too).
+    Nvme(u64, NvmeInflight),
+    /// A cuFile call entered and not returned, keyed by thread (`pid_tgid`).
+    Cufile(u64, CufileCall),
 }
 
 /// Per-disk statistics summed over CPUs.
@@ -210,5 +279,55 @@ impl PeerMemory {
         match self {
             PeerMemory::Checked(w) | PeerMemory::Impossible(w) | PeerMemory::Unknown(w) => w,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/debug/layers` is read back by `top`, the tests and the guest scenarios: each entry's
+    /// detail must come back as its own variant (it is untagged), and an entry without one
+    /// must not grow an empty `detail`.
+    #[test]
+    fn layers_read_back_as_written() {
+        let layers = Layers {
+            layers: vec![
+                LayerEntry {
+                    layer: Layer::Uring,
+                    on: true,
+                    why: "BTF tracepoints".into(),
+                    detail: None,
+                },
+                LayerEntry {
+                    layer: Layer::Nvme,
+                    on: false,
+                    why: "nvme_core absent".into(),
+                    detail: Some(LayerDetail::Nvme {
+                        residence: Residence::Module { btf: true },
+                        status_decoded: true,
+                    }),
+                },
+                LayerEntry {
+                    layer: Layer::Cufile,
+                    on: true,
+                    why: "uprobes".into(),
+                    detail: Some(LayerDetail::Cufile { libraries: 2 }),
+                },
+            ],
+            warnings: vec!["--pid 7: no such process now".into()],
+        };
+        let json = serde_json::to_value(&layers).unwrap();
+        assert_eq!(json["layers"][0]["layer"], "uring");
+        assert!(json["layers"][0].get("detail").is_none(), "{json}");
+        assert_eq!(json["layers"][1]["detail"]["residence"], "module_btf");
+        assert_eq!(json["layers"][2]["detail"]["libraries"], 2);
+        let back: Layers = serde_json::from_value(json).unwrap();
+        assert_eq!(back.layers, layers.layers);
+        assert_eq!(back.warnings, layers.warnings);
+        assert!(back.is_on(Layer::Cufile) && !back.is_on(Layer::Nvme));
+        assert!(!back.is_on(Layer::Block) && back.get(Layer::Block).is_none());
+        let no_warnings = serde_json::to_value(Layers::default()).unwrap();
+        assert!(no_warnings.get("warnings").is_none(), "{no_warnings}");
     }
 }

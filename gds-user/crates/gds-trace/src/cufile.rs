@@ -64,15 +64,13 @@ use aya::{
 };
 use gds_common::HIST_BUCKETS;
 use gds_common::cufile::{
-    BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_OP_TABLE, CUFILE_OPS,
-    CUFILE_PATHS, CUFILE_USERS, CufileCall, CufileCpuStats, CufileErrKey, CufileFileKey,
-    CufileFileStats, CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER,
-    MAP_CUFILE_ERRORS, MAP_CUFILE_ERRORS_OTHER, MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER,
-    MAP_CUFILE_HANDLES, MAP_CUFILE_HANDLES_OTHER, MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER,
-    USER_TRUSTED,
+    BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_OP_TABLE, CUFILE_OPS, CUFILE_PATHS,
+    CUFILE_USERS, CufileCall, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats,
+    CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER, MAP_CUFILE_ERRORS,
+    MAP_CUFILE_ERRORS_OTHER, MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER, MAP_CUFILE_HANDLES,
+    MAP_CUFILE_HANDLES_OTHER, MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER, USER_TRUSTED,
 };
 
-use gds_api::raw::{CufileRaw, LibraryFailure, LibraryInfo};
 use super::{
     TraceError,
     elf::{self, LibSymbols},
@@ -84,6 +82,7 @@ use super::{
     take_map,
     umulti::MultiPrograms,
 };
+use gds_api::raw::{CufileRaw, LibraryFailure, LibraryInfo};
 
 /// The traced functions and their operation, from the one table of operations
 /// (`gds_common::cufile::CUFILE_OP_TABLE`). A traced function called from inside another
@@ -1456,5 +1455,201 @@ impl CufileMaps {
                 let _ = calls.remove(&id);
             }
         }
+    }
+}
+
+/// The cuFile layer: the uprobe programs (loaded at start, attached per library and process by
+/// the cuFile thread), what readers see of them, and its maps.
+pub struct CufileLayer {
+    /// None where uprobes cannot be loaded. Locked by the cuFile thread (and at shutdown)
+    /// only: readers read `view`, so none waits on its file reads and attaches.
+    tracing: Option<Mutex<CufileTracing>>,
+    view: Mutex<CufileView>,
+    maps: Mutex<CufileMaps>,
+    /// How it is traced or why not, said once at start.
+    why: String,
+    /// The loader's dlopen notifications, taken by the cuFile thread.
+    notify: Mutex<Option<aya::maps::RingBuf<MapData>>>,
+}
+
+impl super::layer::TracedLayer for CufileLayer {
+    /// Off (not an error) where the programs do not load or the capabilities attaching needs
+    /// are not held: the log and `/debug/layers` say which are missing, for what.
+    fn attach(ebpf: &mut Ebpf, start: &super::layer::Start) -> Result<CufileLayer, TraceError> {
+        // One file descriptor per uprobe: the soft limit (1024 under systemd) goes up to the
+        // hard one.
+        match gds_host::privileges::raise_nofile() {
+            Ok(r) => tracing::info!("{r}"),
+            Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+        }
+        let access = gds_host::privileges::CufileAccess::of_this_thread();
+        let (tracing, why) = match access.as_ref().map(|a| (a.works(), a)) {
+            Ok((false, a)) => {
+                let why = format!("cuFile tracing {a}");
+                tracing::warn!("{why}");
+                (None, why)
+            }
+            _ => match CufileTracing::load(
+                ebpf,
+                start.map_fds,
+                ProcessFilter {
+                    pid: start.opts.pid,
+                    comm: start.opts.comm.clone(),
+                },
+            ) {
+                Ok(c) => {
+                    let mut why =
+                        "uprobes on every libcufile mapped by a process (checked every 500 ms)"
+                            .to_owned();
+                    match &access {
+                        Ok(a) if !a.missing.is_empty() => {
+                            tracing::warn!("cuFile tracing {a}");
+                            why = format!("{why}; {a}");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(
+                            "cuFile tracing: cannot tell which capabilities it holds ({e}); \
+                             attaching may fail"
+                        ),
+                    }
+                    (Some(Mutex::new(c)), why)
+                }
+                Err(e) => {
+                    let why = format!("cuFile tracing off: the uprobe programs do not load ({e})");
+                    tracing::warn!("{why}");
+                    (None, why)
+                }
+            },
+        };
+        Ok(CufileLayer {
+            tracing,
+            view: Default::default(),
+            maps: Mutex::new(CufileMaps::take(ebpf)?),
+            why,
+            notify: Mutex::new(Some(take_map(ebpf, gds_common::cufile::MAP_CUFILE_DLOPEN)?)),
+        })
+    }
+
+    fn layer(&self) -> gds_api::raw::Layer {
+        gds_api::raw::Layer::Cufile
+    }
+
+    fn entry(&self) -> gds_api::raw::LayerEntry {
+        let v = self.view();
+        let limits = v.limits.summary();
+        gds_api::raw::LayerEntry {
+            layer: gds_api::raw::Layer::Cufile,
+            on: self.tracing.is_some(),
+            why: format!(
+                "{}; {}; {} libcufile file(s) attached now{}",
+                self.why,
+                v.attach,
+                v.libraries.len(),
+                if limits.is_empty() {
+                    String::new()
+                } else {
+                    format!("; refused by its bounds: {limits}")
+                }
+            ),
+            detail: Some(gds_api::raw::LayerDetail::Cufile {
+                libraries: v.libraries.len(),
+            }),
+        }
+    }
+
+    fn inflight(&self, out: &mut Vec<gds_api::raw::Inflight>) {
+        out.extend(
+            self.calls()
+                .into_iter()
+                .map(|(id, c)| gds_api::raw::Inflight::Cufile(id, c)),
+        );
+    }
+
+    /// Attaches to libcufile copies and their processes that appeared, detaches from those
+    /// gone, and forgets what exited processes left in the maps. On the cuFile thread only:
+    /// it alone holds the capabilities attaching needs.
+    fn refresh(&self, ebpf: &Mutex<Ebpf>) -> Vec<String> {
+        let changes = self.attach_now(ebpf, None);
+        let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+        self.maps.lock().unwrap_or_else(|p| p.into_inner()).prune(
+            &alive,
+            gds_host::clock::monotonic_ns(),
+            60_000_000_000,
+        );
+        changes
+    }
+}
+
+impl CufileLayer {
+    /// Like [`super::layer::TracedLayer::refresh`] for `pids` only, which just loaded a
+    /// library; detaches nothing.
+    pub fn refresh_pids(&self, ebpf: &Mutex<Ebpf>, pids: &[u32]) -> Vec<String> {
+        self.attach_now(ebpf, Some(pids))
+    }
+
+    /// A full refresh (`None`) or one of `pids`; the object lock is taken only around the
+    /// attach syscalls. Publishes what readers see.
+    fn attach_now(&self, ebpf: &Mutex<Ebpf>, pids: Option<&[u32]>) -> Vec<String> {
+        let Some(cufile) = &self.tracing else {
+            return Vec::new();
+        };
+        let nvfs = gds_host::kmod::Modules::live().present("nvidia_fs");
+        let mut cufile = cufile.lock().unwrap_or_else(|p| p.into_inner());
+        let changes = match pids {
+            None => cufile.refresh(ebpf, nvfs),
+            Some(pids) => cufile.refresh_pids(ebpf, nvfs, pids),
+        };
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = cufile.view();
+        changes
+    }
+
+    /// On the cuFile thread, once before its loop: the descriptors it must `poll` (a watched
+    /// file changes, a writer waits for a lease); when one is readable, call
+    /// [`Self::files_changed`] at once.
+    pub fn thread_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match &self.tracing {
+            Some(c) => c.lock().unwrap_or_else(|p| p.into_inner()).thread_fds(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Until when the cuFile thread should not wake for the loader's notifications (they
+    /// took their share of its time: see [`NOTIFY_SHARE`]).
+    pub fn notify_paused_until(&self) -> Option<Instant> {
+        self.tracing
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notify_paused_until()
+    }
+
+    /// Detaches from every watched file that changed on disk (logged at WARN).
+    pub fn files_changed(&self) {
+        if let Some(c) = &self.tracing {
+            let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+            c.files_changed();
+            *self.view.lock().unwrap_or_else(|p| p.into_inner()) = c.view();
+        }
+    }
+
+    /// The layer as readers see it: libraries attached, those that cannot be, and what its
+    /// bounds refused.
+    pub fn view(&self) -> CufileView {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The ring buffer of process ids the dynamic loader just loaded a library into (once).
+    pub fn take_notify(&self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.notify.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The cuFile maps now.
+    pub fn raw(&self) -> Result<CufileRaw, TraceError> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner()).read()
+    }
+
+    /// The calls in flight now, by thread (`pid_tgid`), without the other cuFile tables.
+    pub fn calls(&self) -> Vec<(u64, CufileCall)> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner()).calls()
     }
 }

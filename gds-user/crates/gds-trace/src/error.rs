@@ -59,6 +59,8 @@ pub enum TraceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the tracer has no {0} layer")]
+    NoLayer(&'static str),
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
 }

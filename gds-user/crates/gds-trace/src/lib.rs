@@ -1,8 +1,10 @@
 //! Loading, attaching and reading the eBPF programs.
 //!
 //! [`UringTracer`] owns the loaded object: dropping it detaches every program (aya closes the
-//! links with the object), which is how the agent shuts down cleanly.
+//! links with the object), which is how the agent shuts down cleanly. Each traced layer is one
+//! module implementing [`TracedLayer`], registered once in [`LAYERS`].
 
+mod block;
 mod cufile;
 mod device;
 mod elf;
@@ -10,23 +12,40 @@ mod error;
 mod events;
 mod filewatch;
 mod inflight;
+mod layer;
 mod lease;
+mod nvme;
 mod offsets;
 mod peer;
 mod procmaps;
 mod release;
+mod tracer;
 mod umulti;
 mod uring;
 
+pub use block::BlockLayer;
 pub use cufile::{
-    CufileView, LINGER as CUFILE_LINGER, Limits as CufileLimits, ProcessFilter,
+    CufileLayer, CufileView, LINGER as CUFILE_LINGER, Limits as CufileLimits, ProcessFilter,
 };
-pub use device::{DeviceAttach, DeviceMaps};
+pub use device::DeviceMaps;
 pub use error::TraceError;
 pub use events::raw_event;
 pub use inflight::InflightRequest;
+pub use layer::{Start, TracedLayer};
+pub use nvme::NvmeLayer;
 pub use offsets::{AttachMode, ResolvedAttach};
-pub use uring::{FloorProbe, TraceOptions, UringTracer};
+pub use tracer::{FloorProbe, TraceOptions, UringTracer};
+pub use uring::UringLayer;
+
+/// Every traced layer, in the order they attach after the object is loaded: where a layer is
+/// registered, and the only place. io_uring first (it must attach, or the agent stops); then
+/// block, whose submitter program must be attached before NVMe commands name it; NVMe; cuFile.
+pub(crate) const LAYERS: [layer::AttachLayer; 4] = [
+    layer::attach::<UringLayer>,
+    layer::attach::<BlockLayer>,
+    layer::attach::<NvmeLayer>,
+    layer::attach::<CufileLayer>,
+];
 
 use aya::{Ebpf, include_bytes_aligned};
 

@@ -12,11 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use gds_api::raw::{Layer, LayerDetail};
+use gds_host::kmod::Residence;
 use gds_nvme::{DmaBuffer, NvmeReadCmd, NvmeRing, UringCmdOp, namespace_geometry};
 
 use crate::agent::counter;
 use crate::nvme::{MAIN_SERIAL, find_ns};
-use crate::tracing::{json, metrics, passthrough_reads, start_agent_logged, wait_metrics};
+use crate::tracing::{
+    layer_entry, metrics, passthrough_reads, start_agent_logged, wait_metrics,
+};
 use crate::{Ctx, Scenario};
 
 /// Written by the guest's `/init` on generic kernels.
@@ -125,7 +129,7 @@ fn wait_namespaces(c: &Ctx) -> Result<()> {
 }
 
 fn nvme_attached() -> Result<bool> {
-    Ok(json("/debug/layers")?["nvme"]["attached"] == true)
+    Ok(layer_entry(Layer::Nvme)?.on)
 }
 
 fn wait_attached(want: bool, within: Duration) -> Result<Duration> {
@@ -136,8 +140,8 @@ fn wait_attached(want: bool, within: Duration) -> Result<Duration> {
         }
         if start.elapsed() > within {
             bail!(
-                "NVMe layer attached != {want} after {within:?}: {}",
-                json("/debug/layers")?["nvme"]
+                "NVMe layer attached != {want} after {within:?}: {:?}",
+                layer_entry(Layer::Nvme)?
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -215,11 +219,17 @@ fn load_after_start(c: &Ctx) -> Result<String> {
     ensure!(!loaded("nvme_core"), "nvme_core still loaded");
     let log = "/tmp/agent-load-after-start.log";
     let agent = start_agent_logged(c, &[], log)?;
-    let layers = json("/debug/layers")?;
+    let nvme = layer_entry(Layer::Nvme)?;
     ensure!(
-        layers["nvme"]["residence"] == "absent" && layers["nvme"]["attached"] == false,
-        "with nvme_core unloaded the NVMe layer should be absent: {}",
-        layers["nvme"]
+        !nvme.on
+            && matches!(
+                nvme.detail,
+                Some(LayerDetail::Nvme {
+                    residence: Residence::Absent,
+                    ..
+                })
+            ),
+        "with nvme_core unloaded the NVMe layer should be absent: {nvme:?}"
     );
     ensure!(
         agent_log(log).contains("NVMe tracing off: no NVMe driver built in or loaded"),
@@ -233,11 +243,16 @@ fn load_after_start(c: &Ctx) -> Result<String> {
         "attached_after_insmod_s",
         format!("{:.2}", t0.elapsed().as_secs_f64()),
     );
-    let layers = json("/debug/layers")?;
+    let nvme = layer_entry(Layer::Nvme)?;
     ensure!(
-        layers["nvme"]["residence"] == "module_btf" && layers["nvme"]["status_decoded"] == true,
-        "after insmod: {}",
-        layers["nvme"]
+        matches!(
+            nvme.detail,
+            Some(LayerDetail::Nvme {
+                residence: Residence::Module { btf: true },
+                status_decoded: true,
+            })
+        ),
+        "after insmod: {nvme:?}"
     );
     let counted = exact_reads(c, N, "after_load")?;
     // The status is decoded from the module's BTF: an out-of-range read names its status.

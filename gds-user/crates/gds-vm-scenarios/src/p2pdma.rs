@@ -18,7 +18,7 @@ use gds_nvme::{DmaBuffer, NvmeReadCmd, NvmeRing, UringCmdOp, namespace_geometry}
 
 use crate::agent::{Agent, counter};
 use crate::nvme::{MAIN_SERIAL, find_ns};
-use crate::tracing::{json, metrics, wait_metrics};
+use crate::tracing::{json, layer_entry, metrics, wait_metrics};
 use crate::{Ctx, Scenario};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -215,11 +215,7 @@ fn block_memory(c: &Ctx) -> Result<String> {
     let slots = (peer.len() / BLOCK) as u64;
 
     let _agent = Agent::start(c, &[])?;
-    let layers = json("/debug/layers")?;
-    let block_why = layers["block"]["why"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let block_why = layer_entry(gds_api::raw::Layer::Block)?.why;
     c.detail(format!("block layer: {block_why}"));
     ensure!(
         block_why.contains("P2PDMA pages told apart"),

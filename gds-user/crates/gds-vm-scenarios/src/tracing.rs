@@ -81,6 +81,16 @@ pub fn json(path: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&http_get(path)?).with_context(|| format!("parsing {path}"))
 }
 
+/// `layer`'s entry on the running agent's `/debug/layers`, read back into the agent's type.
+pub fn layer_entry(layer: gds_api::raw::Layer) -> Result<gds_api::raw::LayerEntry> {
+    let layers: gds_api::raw::Layers =
+        serde_json::from_str(&http_get("/debug/layers")?).context("parsing /debug/layers")?;
+    layers
+        .get(layer)
+        .cloned()
+        .with_context(|| format!("/debug/layers has no {} entry: {layers:?}", layer.label()))
+}
+
 /// Slow events with NVMe context on `disk`, polled until at least `want` arrived (events
 /// reach the agent through the ring buffer a little after the I/O completes).
 fn slow_events(c: &Ctx, disk: &str, want: usize) -> Result<Vec<serde_json::Value>> {

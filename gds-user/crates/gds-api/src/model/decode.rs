@@ -14,7 +14,7 @@ use super::{
         UringOrigin,
     },
 };
-use crate::raw::{DiskNames, Source};
+use crate::raw::{DiskNames, Inflight, Source};
 use gds_host::clock::monotonic_ns;
 
 /// `/proc/PID/comm`, or `?` when the process is gone.
@@ -337,10 +337,16 @@ impl<'a> Decoder<'a> {
 /// `--pid`/`--comm` here, by their submitter (see [`Source::task_filter`]); the kernel
 /// filtered the others already.
 pub fn inflight<S: Source + ?Sized>(tracer: &S) -> (Vec<Request>, u64) {
-    let raw = tracer.inflight();
-    let block = tracer.block_inflight();
-    let nvme = tracer.nvme_inflight();
-    let calls = tracer.cufile_calls();
+    let (mut raw, mut block, mut nvme, mut calls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for entry in tracer.inflight() {
+        match entry {
+            Inflight::Uring(r) => raw.push(r),
+            Inflight::Block(rq, b) => block.push((rq, b)),
+            Inflight::Nvme(rq, n) => nvme.push((rq, n)),
+            Inflight::Cufile(id, c) => calls.push((id, c)),
+        }
+    }
     let now = monotonic_ns();
     let mut d = Decoder::new(tracer.disks());
     let mut out: Vec<Request> = raw.iter().map(|r| d.request(r, now)).collect();

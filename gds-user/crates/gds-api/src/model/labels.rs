@@ -381,7 +381,8 @@ mod cufile_tests {
     #[test]
     fn readme_lists_every_cufile_op() {
         let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../README.md")).unwrap();
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../README.md"))
+                .unwrap();
         let row = readme
             .lines()
             .find(|l| l.starts_with("| `gds_cufile_calls_total` |"))

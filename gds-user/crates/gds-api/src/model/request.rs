@@ -3,37 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where a request is being tracked. One I/O can be in flight in several layers at once (a
-/// cuFile read, the block request beneath it, the NVMe command that serves that): each layer
-/// reports what it sees, so a stall shows in the layer where it is stuck and those above.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Layer {
-    /// io_uring: submitted, not yet completed.
-    #[default]
-    Uring,
-    /// A block request: issued to the driver (`block_rq_issue`), not yet completed.
-    Block,
-    /// An NVMe command: set up (`nvme_setup_cmd`), not yet completed.
-    Nvme,
-    /// A cuFile call: entered, not yet returned.
-    Cufile,
-}
-
-impl Layer {
-    pub const ALL: [Layer; 4] = [Layer::Uring, Layer::Block, Layer::Nvme, Layer::Cufile];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Layer::Uring => "uring",
-            Layer::Block => "block",
-            Layer::Nvme => "nvme",
-            Layer::Cufile => "cufile",
-        }
-    }
-}
+pub use crate::raw::Layer;
 
 /// [`Stage`] from the one table of stages (`gds_common::with_stages!`).
 macro_rules! stage_enum {
