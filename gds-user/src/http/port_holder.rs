@@ -12,10 +12,14 @@
 
 use std::{fmt, path::Path};
 
+use procfs::{
+    FromReadSI,
+    net::{TcpNetEntries, TcpState},
+    process::{FDTarget, Process, Stat, all_processes_with_root},
+};
+
 /// `PF_EXITING` in `/proc/PID/stat`'s flags field (include/linux/sched.h).
-const PF_EXITING: u64 = 0x4;
-/// TCP state LISTEN in `/proc/net/tcp` (include/net/tcp_states.h).
-const TCP_LISTEN: &str = "0A";
+const PF_EXITING: u32 = 0x4;
 /// Processes looked at when searching `/proc/*/fd` for the socket: a bound on the work an
 /// error message may do on a host with very many processes (a few ms per hundred).
 const MAX_PROCESSES_SCANNED: usize = 100_000;
@@ -94,114 +98,121 @@ impl fmt::Display for Holder {
     }
 }
 
-/// The first field after `comm` (state) and the flags (field 9) of a `/proc/PID/stat` text.
-pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
-    // comm may hold spaces and parentheses: the fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    // state, ppid, pgrp, session, tty_nr, tpgid, flags.
-    let flags = f.nth(5)?.parse().ok()?;
-    Some((state, flags))
-}
-
-fn holder(proc: &Path, pid: u32, owns_socket: bool) -> Option<Holder> {
-    let dir = proc.join(pid.to_string());
-    let (state, flags) = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
-    let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-    Some(Holder {
-        pid,
-        comm: comm.trim_end().to_owned(),
-        state,
-        exiting: flags & PF_EXITING != 0 || matches!(state, 'Z' | 'X'),
+/// What `stat` says of one process (comm, state letter, `PF_EXITING`).
+fn holder(stat: &Stat, owns_socket: bool) -> Holder {
+    Holder {
+        pid: stat.pid.unsigned_abs(),
+        comm: stat.comm.clone(),
+        state: stat.state,
+        exiting: stat.flags & PF_EXITING != 0 || matches!(stat.state, 'Z' | 'X'),
         owns_socket,
-    })
+    }
 }
 
-/// Inodes of the sockets listening on `port` in one `/proc/net/tcp` text.
-pub fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let local_port = f.get(1)?.rsplit(':').next()?;
-            (u16::from_str_radix(local_port, 16).ok()? == port && *f.get(3)? == TCP_LISTEN)
-                .then(|| f.get(9)?.parse().ok())
-                .flatten()
-        })
+/// Inodes of the sockets listening on `port` in the TCP tables under `proc` (v4 and v6; a table
+/// that is absent or unreadable is skipped, as with IPv6 disabled).
+fn listening_inodes(proc: &Path, port: u16) -> Vec<u64> {
+    let si = procfs::current_system_info();
+    ["net/tcp", "net/tcp6"]
+        .into_iter()
+        .filter_map(|table| TcpNetEntries::from_file(proc.join(table), si).ok())
+        .flat_map(|t| t.0)
+        .filter(|e| e.local_address.port() == port && e.state == TcpState::Listen)
+        .map(|e| e.inode)
         .collect()
 }
 
+/// Whether `p` has one of `inodes` among its open files (false when its fds are unreadable or
+/// it exited meanwhile).
+fn holds_socket(p: &Process, inodes: &[u64]) -> bool {
+    p.fd().is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| matches!(fd.target, FDTarget::Socket(i) if inodes.contains(&i)))
+    })
+}
+
 /// The process holding a listening socket on `port` (read under `proc`, normally `/proc`),
-/// else another process named gds-agent, else None. Never this process.
+/// else another process named gds-agent, else None. Never this process. A process that exits
+/// while it is looked at is skipped.
 pub fn find(proc: &Path, port: u16) -> Option<Holder> {
     let me = std::process::id();
-    let mut inodes = Vec::new();
-    for table in ["net/tcp", "net/tcp6"] {
-        if let Ok(t) = std::fs::read_to_string(proc.join(table)) {
-            inodes.extend(listening_inodes(&t, port));
-        }
-    }
-    let targets: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    let pids: Vec<u32> = std::fs::read_dir(proc)
+    let inodes = listening_inodes(proc, port);
+    // The socket's holder wins outright; gds-agents are kept for when it is not found.
+    let mut agents = Vec::new();
+    let processes = all_processes_with_root(proc)
         .ok()?
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|&p| p != me)
-        .take(MAX_PROCESSES_SCANNED)
-        .collect();
-    if !targets.is_empty() {
-        for &pid in &pids {
-            let Ok(fds) = std::fs::read_dir(proc.join(format!("{pid}/fd"))) else {
-                continue;
-            };
-            let owns = fds.flatten().any(|fd| {
-                std::fs::read_link(fd.path())
-                    .is_ok_and(|l| targets.iter().any(|t| l.as_os_str() == t.as_str()))
-            });
-            if owns && let Some(h) = holder(proc, pid, true) {
-                return Some(h);
-            }
+        .filter(|p| p.pid().unsigned_abs() != me)
+        .take(MAX_PROCESSES_SCANNED);
+    for p in processes {
+        let owns = !inodes.is_empty() && holds_socket(&p, &inodes);
+        let Ok(stat) = p.stat() else { continue };
+        let h = holder(&stat, owns);
+        if owns {
+            return Some(h);
+        }
+        if h.is_agent() {
+            agents.push(h);
         }
     }
     // The socket was not found: a process that is exiting has given up its fd table already
     // (the last thread releases the files after `task->files` is cleared), and another
     // process's fds may be unreadable. An exiting gds-agent is the likely holder, then any.
-    let agents: Vec<Holder> = pids
-        .iter()
-        .filter_map(|&pid| holder(proc, pid, false))
-        .filter(Holder::is_agent)
-        .collect();
-    agents
-        .iter()
-        .find(|h| h.exiting)
-        .or(agents.first())
-        .cloned()
+    let exiting = agents.iter().position(|h| h.exiting).unwrap_or(0);
+    (!agents.is_empty()).then(|| agents.swap_remove(exiting))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A `/proc/PID/stat` line of an agent releasing its uprobes after SIGKILL: D, with
+    /// `PF_EXITING` among its flags (0x400244), and a comm holding spaces and parentheses.
+    const EXITING_STAT: &str = "4242 (gds) (agent) D 1 4242 4242 0 -1 4194884 98 0 0 0 5 3 0 0 \
+        20 0 1 0 1312221 3133440 358 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 \
+        0 0 0 0 0 0 0 0\n";
+
     #[test]
-    fn reads_state_and_flags_after_a_comm_with_parentheses() {
-        // An agent releasing its uprobes after SIGKILL: D, PF_EXITING among its flags.
-        let stat = "4242 (gds) (agent) D 1 4242 4242 0 -1 4194884 0 0 0 0 5 3 0 0 20 0 1 0";
-        assert_eq!(parse_stat(stat), Some(('D', 0x400244)));
-        assert_eq!(0x400244 & PF_EXITING, PF_EXITING);
-        assert_eq!(parse_stat("12 (x"), None);
+    fn an_agent_in_do_exit_is_exiting() {
+        use procfs::FromRead;
+        let h = holder(&Stat::from_read(EXITING_STAT.as_bytes()).unwrap(), false);
+        assert_eq!(
+            (h.pid, h.comm.as_str(), h.state),
+            (4242, "gds) (agent", 'D')
+        );
+        assert!(h.exiting);
+        let sleeping = EXITING_STAT
+            .replace(" D 1 ", " S 1 ")
+            .replace("4194884", "4194304");
+        assert!(!holder(&Stat::from_read(sleeping.as_bytes()).unwrap(), false).exiting);
     }
 
     #[test]
-    fn finds_listening_sockets_by_port() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-           0: 0100007F:24F5 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0 100 0 0 10 0\n\
-           1: 0100007F:24F5 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 31338 1 0 100 0 0 10 0\n\
-           2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0 100 0 0 10 0\n";
-        assert_eq!(listening_inodes(table, 9461), vec![31337]);
-        assert_eq!(listening_inodes(table, 22), vec![99]);
-        assert!(listening_inodes(table, 80).is_empty());
+    fn finds_the_process_holding_a_listening_socket() {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fd = listener.as_raw_fd();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        // SAFETY: fcntl is async-signal-safe; clearing close-on-exec in the child (its own fd
+        // table) makes it keep the socket across exec, holding the port as another process would.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn().unwrap();
+        // This process holds the socket too, and is never the answer.
+        let found = find(Path::new("/proc"), port);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let h = found.expect("the child holds the port");
+        assert_eq!((h.pid, h.comm.as_str()), (child.id(), "sleep"));
+        assert!(h.owns_socket && !h.exiting, "{h:?}");
     }
 
     #[test]
