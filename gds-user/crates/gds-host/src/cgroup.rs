@@ -8,6 +8,7 @@
 //!   `kubepods-burstable-pod1a2b3c4d_…_.slice/cri-containerd-<64 hex>.scope`
 //! - v1, cgroupfs driver: `4:blkio:/kubepods/burstable/pod1a2b3c4d-…/<64 hex>`
 
+use procfs::{FromRead, ProcessCGroup, ProcessCGroups};
 use serde::{Deserialize, Serialize};
 
 /// A process's cgroup and, under Kubernetes, its pod and container.
@@ -24,28 +25,33 @@ pub struct CgroupInfo {
 
 /// The cgroup of `pid` (`None` when the process is gone or /proc is unreadable).
 pub fn of_pid(pid: u32) -> Option<CgroupInfo> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    Some(parse_proc_cgroup(&text))
+    read(format!("/proc/{pid}/cgroup"))
 }
 
-/// Parses the content of `/proc/PID/cgroup`.
-pub fn parse_proc_cgroup(text: &str) -> CgroupInfo {
+/// The cgroup of thread `tid` of process `tgid` (threads may differ under cgroup v1, where
+/// writing a tid to `tasks` moves that thread alone), else of the process, else `None` (gone).
+pub fn of_task(tgid: u32, tid: u32) -> Option<CgroupInfo> {
+    read(format!("/proc/{tgid}/task/{tid}/cgroup")).or_else(|| of_pid(tgid))
+}
+
+fn read(path: String) -> Option<CgroupInfo> {
+    ProcessCGroups::from_file(path)
+        .ok()
+        .map(|g| of_groups(&g.0))
+}
+
+/// The cgroup a `/proc/PID/cgroup` file lists, chosen among its hierarchies.
+pub fn of_groups(groups: &[ProcessCGroup]) -> CgroupInfo {
     let mut v2 = None;
     let mut blkio = None;
-    let mut first = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        if id == "0" && controllers.is_empty() {
-            v2 = Some(path);
-        } else if controllers.split(',').any(|c| c == "blkio") {
-            blkio = Some(path);
+    for g in groups {
+        if g.hierarchy == 0 && g.controllers.is_empty() {
+            v2 = Some(g.pathname.as_str());
+        } else if g.controllers.iter().any(|c| c == "blkio") {
+            blkio = Some(g.pathname.as_str());
         }
-        first.get_or_insert(path);
     }
+    let first = groups.first().map(|g| g.pathname.as_str());
     // On a hybrid host the unified hierarchy may be "/" while blkio holds the real path.
     let path = match (v2, blkio) {
         (Some("/"), Some(b)) => b,
@@ -103,6 +109,13 @@ fn is_uid(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// What a `/proc/PID/cgroup` of this text gives (`None`: not such a file).
+    fn parse_proc_cgroup(text: &str) -> Option<CgroupInfo> {
+        ProcessCGroups::from_read(text.as_bytes())
+            .ok()
+            .map(|g| of_groups(&g.0))
+    }
+
     const UID: &str = "0f6e4f0a-3b1c-4d2e-9a8b-7c6d5e4f3a2b";
     const CID: &str = "4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f";
 
@@ -112,7 +125,7 @@ mod tests {
             "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope\n",
             UID.replace('-', "_")
         );
-        let c = parse_proc_cgroup(&text);
+        let c = parse_proc_cgroup(&text).unwrap();
         assert_eq!(c.pod_uid.as_deref(), Some(UID));
         assert_eq!(c.container_id.as_deref(), Some(CID));
         assert!(c.path.starts_with("/kubepods.slice/"));
@@ -123,7 +136,7 @@ mod tests {
         let text = format!(
             "12:memory:/kubepods/besteffort/pod{UID}/{CID}\n4:blkio:/kubepods/besteffort/pod{UID}/{CID}\n1:name=systemd:/\n"
         );
-        let c = parse_proc_cgroup(&text);
+        let c = parse_proc_cgroup(&text).unwrap();
         assert_eq!(c.path, format!("/kubepods/besteffort/pod{UID}/{CID}"));
         assert_eq!(c.pod_uid.as_deref(), Some(UID));
         assert_eq!(c.container_id.as_deref(), Some(CID));
@@ -131,20 +144,25 @@ mod tests {
 
     #[test]
     fn plain_hosts_and_hybrids() {
-        let c = parse_proc_cgroup("0::/user.slice/user-0.slice/session-1.scope\n");
+        let c = parse_proc_cgroup("0::/user.slice/user-0.slice/session-1.scope\n").unwrap();
         assert_eq!(c.path, "/user.slice/user-0.slice/session-1.scope");
         assert_eq!((c.pod_uid, c.container_id), (None, None));
         // Hybrid: unified at "/", blkio has the real path (this machine's layout).
-        let c = parse_proc_cgroup("5:blkio:/gds-test\n0::/\n");
+        let c = parse_proc_cgroup("5:blkio:/gds-test\n0::/\n").unwrap();
         assert_eq!(c.path, "/gds-test");
         // A pod-looking word that is not a UID is not a pod.
         assert_eq!(kubernetes("/kubepods/podcast/abc"), (None, None));
-        assert_eq!(parse_proc_cgroup("garbage"), CgroupInfo::default());
+        assert_eq!(parse_proc_cgroup("garbage"), None);
+        assert_eq!(of_groups(&[]), CgroupInfo::default());
     }
 
     #[test]
     fn this_process_has_a_cgroup() {
         let c = of_pid(std::process::id()).expect("/proc/self/cgroup");
         assert!(c.path.starts_with('/'), "{c:?}");
+        // The main thread's tid is the pid.
+        let pid = std::process::id();
+        assert_eq!(of_task(pid, pid), Some(c));
+        assert_eq!(of_task(u32::MAX, u32::MAX), None);
     }
 }

@@ -65,20 +65,14 @@ impl<'a> Decoder<'a> {
             .clone()
     }
 
-    /// The cgroup of thread `tid` of `tgid` (threads may differ under cgroup v1, where
-    /// `tasks` moves one thread), else of the process.
+    /// The cgroup of thread `tid` of `tgid`, read once per thread per scan.
     fn cgroup(&mut self, tgid: u32, tid: u32) -> Option<gds_host::cgroup::CgroupInfo> {
         if tgid == 0 {
             return None;
         }
         self.cgroups
             .entry(tid)
-            .or_insert_with(|| {
-                std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/cgroup"))
-                    .ok()
-                    .map(|t| gds_host::cgroup::parse_proc_cgroup(&t))
-                    .or_else(|| gds_host::cgroup::of_pid(tgid))
-            })
+            .or_insert_with(|| gds_host::cgroup::of_task(tgid, tid))
             .clone()
     }
 
