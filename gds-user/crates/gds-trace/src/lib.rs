@@ -77,10 +77,7 @@ where
 
 /// Effective capabilities of this process (CapEff in /proc/self/status).
 pub fn effective_caps() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| gds_host::privileges::cap_line(&s, "CapEff:"))
-        .map_or(0, |c| c.0)
+    gds_host::privileges::process_effective().0
 }
 
 pub use gds_host::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};

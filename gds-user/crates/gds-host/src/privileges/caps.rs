@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use procfs::{FromRead, process::Status};
+
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_SYS_PTRACE: u32 = 19;
@@ -114,13 +116,10 @@ impl fmt::Display for CapSet {
     }
 }
 
-/// The set on the `key` line (e.g. `"CapEff:"`) of a /proc status file, written in hex there.
-pub fn cap_line(status: &str, key: &str) -> Option<CapSet> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .map(CapSet)
+/// The effective set of this process (its main thread's, `/proc/self/status`); empty when
+/// unreadable.
+pub fn process_effective() -> CapSet {
+    Status::from_file("/proc/self/status").map_or(CapSet(0), |s| CapSet(s.capeff))
 }
 
 /// The five capability sets of one thread, from /proc/self/task/TID/status.
@@ -134,16 +133,21 @@ pub struct ThreadCaps {
 }
 
 impl ThreadCaps {
-    /// Parses the `Cap*:` lines of a /proc status file.
-    pub fn parse_status(status: &str) -> Option<ThreadCaps> {
-        let get = |key: &str| cap_line(status, key);
+    /// The sets of a parsed status file; `None` without `CapBnd`/`CapAmb` (before Linux 4.3:
+    /// the ambient set cannot be checked there).
+    pub fn of_status(status: &Status) -> Option<ThreadCaps> {
         Some(ThreadCaps {
-            effective: get("CapEff:")?,
-            permitted: get("CapPrm:")?,
-            inheritable: get("CapInh:")?,
-            ambient: get("CapAmb:")?,
-            bounding: get("CapBnd:")?,
+            effective: CapSet(status.capeff),
+            permitted: CapSet(status.capprm),
+            inheritable: CapSet(status.capinh),
+            ambient: CapSet(status.capamb?),
+            bounding: CapSet(status.capbnd?),
         })
+    }
+
+    /// The sets in the text of a /proc status file (`None` when it is not one).
+    pub fn parse_status(status: &str) -> Option<ThreadCaps> {
+        ThreadCaps::of_status(&Status::from_read(status.as_bytes()).ok()?)
     }
 }
 

@@ -42,7 +42,7 @@ mod limits;
 
 pub use caps::{
     CAP_BPF, CAP_CHECKPOINT_RESTORE, CAP_DAC_READ_SEARCH, CAP_PERFMON, CAP_SETPCAP, CAP_SYS_ADMIN,
-    CAP_SYS_PTRACE, CapSet, ThreadCaps, cap_by_name, cap_line,
+    CAP_SYS_PTRACE, CapSet, ThreadCaps, cap_by_name, process_effective,
 };
 pub use cufile::{CUFILE_NEEDS, CufileAccess, Need, UnitCapsError, unit_capabilities};
 pub use limits::{FdLimitHit, NofileRaise, fd_limit_hit, nofile, raise_nofile, warn_if_fd_limit};
@@ -473,12 +473,24 @@ mod tests {
 
     #[test]
     fn parses_status_lines() {
-        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t000000c000000000\n\
+        // The lines procfs requires of a status file, and the five capability sets.
+        let s = "Name:\tx\nState:\tS (sleeping)\nTgid:\t7\nPid:\t7\nPPid:\t1\nTracerPid:\t0\n\
+                 Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nFDSize:\t64\nGroups:\t0 \nThreads:\t1\n\
+                 SigQ:\t0/1\nSigPnd:\t0\nShdPnd:\t0\nSigBlk:\t0\nSigIgn:\t0\nSigCgt:\t0\n\
+                 CapInh:\t0000000000000000\nCapPrm:\t000000c000000000\n\
                  CapEff:\t000000c000000000\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n";
         let c = ThreadCaps::parse_status(s).unwrap();
         assert!(c.effective.has(CAP_BPF) && c.effective.has(CAP_PERFMON));
         assert_eq!(c.effective.count(), 2);
         assert_eq!(c.bounding.count(), 41);
         assert!(ThreadCaps::parse_status("Name:\tx\n").is_none());
+        // Before Linux 4.3 there is no ambient set to check: not a status this can trust.
+        assert!(ThreadCaps::parse_status(&s.replace("CapAmb:", "Cap_Amb:")).is_none());
+        // This process's own.
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert_eq!(
+            ThreadCaps::parse_status(&own).map(|c| c.effective),
+            Some(process_effective())
+        );
     }
 }
