@@ -57,14 +57,14 @@ pub enum TracefsError {
     Malformed { path: String, line: String },
 }
 
-/// Where tracefs is mounted, from /proc/mounts.
+/// Where tracefs is mounted, from /proc/mounts (the first such mount; `None` when there is
+/// none or /proc/mounts is unreadable). Mount points with spaces come back unescaped.
 pub fn find_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        let (_dev, dir, fstype) = (it.next()?, it.next()?, it.next()?);
-        (fstype == "tracefs").then(|| PathBuf::from(dir))
-    })
+    procfs::mounts()
+        .ok()?
+        .into_iter()
+        .find(|m| m.fs_vfstype == "tracefs")
+        .map(|m| PathBuf::from(m.fs_file))
 }
 
 /// The tracefs mount point, mounting it on /sys/kernel/tracing when it is not mounted.
