@@ -17,7 +17,8 @@ use super::{
 use crate::raw::{DiskNames, Inflight, Source};
 use gds_host::clock::monotonic_ns;
 
-/// `/proc/PID/comm`, or `?` when the process is gone.
+/// `/proc/PID/comm`, or `?` when the process is gone. Read by hand: the file is the name and a
+/// newline, nothing to parse (procfs offers comm only through `stat`, 52 fields parsed for it).
 pub(crate) fn proc_comm(tgid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{tgid}/comm"))
         .map(|s| s.trim_end().to_owned())
