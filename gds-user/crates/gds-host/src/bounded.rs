@@ -6,6 +6,10 @@
 //! reads at most `limit + 1` bytes so an oversized file is an error, not an allocation.
 //! procfs and sysfs files report a size of 0 or 4096 whatever they hold, so the limit is
 //! enforced on the bytes read, never on `st_size`.
+//!
+//! This is why the probe does not use the procfs crate: its readers open the host's `/proc`
+//! (or a given root) without these checks and bounds, and the probe's `--root` fixtures hold
+//! driver files (`/proc/driver/nvidia-fs/*`, sysfs) that procfs does not know anyway.
 
 use std::fs;
 use std::io::{self, Read};

@@ -105,6 +105,8 @@ pub const MAPS_MAX: u64 = 8 << 20;
 
 /// Reads the maps of `pids`, or of every process under `proc` (normally `/proc`), line by line
 /// (the text is never held whole). Processes that vanish while being read are skipped.
+/// Hand-written rather than procfs's `Process::maps`: that reads the whole file, of a size any
+/// process chooses, into one `Vec`, where this stops at [`MAPS_MAX`] and says so (issue 21).
 pub fn scan(proc: &Path, pids: Option<&[u32]>) -> Scan {
     use std::io::{BufRead, Read};
     let mut out = Scan::default();

@@ -418,7 +418,9 @@ fn file(proc_root: &Path, pid: u32, fd: i32, s: &CufileFileStats, host: HostFact
     }
 }
 
-/// Process `pid`'s environment as `/proc/PID/environ` has it (empty when unreadable).
+/// Process `pid`'s environment as `/proc/PID/environ` has it (empty when unreadable). Kept as
+/// bytes rather than procfs's `environ()` map: with a name set twice the map keeps the last
+/// value, where `getenv` in the process (what cuFile and KvikIO saw) finds the first.
 fn environ(proc_root: &Path, pid: u32) -> Vec<u8> {
     std::fs::read(proc_root.join(pid.to_string()).join("environ")).unwrap_or_default()
 }
