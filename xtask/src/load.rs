@@ -32,6 +32,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Args;
+use procfs::process::Process;
 use serde_json::json;
 
 use crate::{
@@ -597,44 +598,31 @@ fn rss_failure(hwm_kib: u64, limit_mib: u64) -> Option<String> {
 }
 
 fn proc_status(pid: u32) -> Result<ProcStatus> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |field: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let s = Process::new(pid_arg(pid)?)?.status()?;
     Ok(ProcStatus {
-        rss_kib: kib("VmRSS:"),
-        hwm_kib: kib("VmHWM:"),
+        rss_kib: s.vmrss.unwrap_or(0),
+        hwm_kib: s.vmhwm.unwrap_or(0),
     })
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_stat_cpu(&text).with_context(|| format!("unparsable /proc/{pid}/stat"))
+    let stat = Process::new(pid_arg(pid)?)
+        .and_then(|p| p.stat())
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    Ok(stat.utime + stat.stime)
 }
 
-fn parse_stat_cpu(stat: &str) -> Option<u64> {
-    // The command name is in parentheses and may contain spaces; fields after it start at
-    // field 3 (state), so utime (14) and stime (15) are the 12th and 13th after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+fn pid_arg(pid: u32) -> Result<i32> {
+    i32::try_from(pid).with_context(|| format!("pid {pid} out of range"))
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { sysconf(SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
+    procfs::ticks_per_second() as f64
 }
-
-const SC_CLK_TCK: i32 = 2;
 
 unsafe extern "C" {
     fn geteuid() -> u32;
-    fn sysconf(name: i32) -> i64;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -952,10 +940,16 @@ Transfer/sec:     69.60MB
     }
 
     #[test]
-    fn stat_cpu_fields_after_a_comm_with_spaces() {
-        let stat = "1234 (gds agent) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 5 0 \
-                    100 1000000 2000 18446744073709551615";
-        assert_eq!(parse_stat_cpu(stat), Some(325));
+    fn reads_this_process_cpu_and_memory() {
+        let me = std::process::id();
+        let busy = std::time::Instant::now();
+        while busy.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(busy.elapsed());
+        }
+        assert!(cpu_ticks(me).unwrap() > 0);
+        let s = proc_status(me).unwrap();
+        assert!(s.rss_kib > 0 && s.hwm_kib >= s.rss_kib, "{s:?}");
+        assert!(cpu_ticks(u32::MAX).is_err());
     }
 
     #[test]
