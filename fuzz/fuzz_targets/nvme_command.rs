@@ -11,8 +11,8 @@
 //! - completions decode consistently (negative = errno, zero = success, positive = a non-zero
 //!   NVMe status) and every status has a name.
 //!
-//! The modules are compiled in by path (they depend on std, libc and thiserror only), so the
-//! fuzz build does not drag in the agent's eBPF build, io_uring or tokio.
+//! gds-nvme is used as a crate (it builds no eBPF, CUDA bindings or tokio), so the
+//! fuzz build does not drag in the agent's eBPF build.
 #![no_main]
 
 use std::time::Duration;

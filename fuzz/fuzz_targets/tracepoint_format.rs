@@ -6,7 +6,7 @@
 //! non-empty C identifier-ish name taken from that line, and an offset + size that fits in u32
 //! (the record layout is addressed with them); rendering the fields back into a format file
 //! parses to the same fields; a refusal names the offending `field:` line (or "no fields").
-//! The module is compiled in by path (std only).
+//! gds-host is used as a crate (no eBPF build).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

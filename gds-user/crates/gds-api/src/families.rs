@@ -1,11 +1,10 @@
 //! Every metric family the agent and the data path export: name, help, type and label names,
 //! declared once. This is the interface dashboards and alerts are written against.
 //!
-//! Used by the collectors (`metrics`, `probe::metrics`, `datapath::metrics`), by the dashboard
-//! generator in xtask (which includes this file with `#[path]`: xtask cannot depend on
-//! gds-user, whose build script builds the eBPF programs with tools xtask installs), and by a
-//! test that checks the README's metrics table against [`ALL`]. Plain data only: no crate
-//! imports, so the file compiles anywhere.
+//! Used by the collectors (`metrics`, `probe::metrics`, `datapath::metrics`), by xtask's
+//! dashboard generator and observability check (gds-api builds without the eBPF toolchain that
+//! xtask installs), and by a test that checks the README's metrics table against [`ALL`].
+//! Plain data only.
 
 /// The Prometheus type of a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

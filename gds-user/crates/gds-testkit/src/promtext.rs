@@ -1,8 +1,7 @@
 //! The Prometheus text exposition format, the subset the agent writes: `name value` and
 //! `name{k="v",...} value` lines (values may escape `\\`, `\"` and `\n`), `# HELP` / `# TYPE`
 //! comments skipped. The product only writes this format; the end-to-end tests, the VM
-//! scenarios (`gds-vm-scenarios`) and xtask read it with this one parser, shared by `#[path]`,
-//! so it uses std only.
+//! scenarios (`gds-vm-scenarios`) and xtask read it with this one parser.
 
 use std::fmt;
 

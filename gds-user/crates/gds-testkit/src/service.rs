@@ -3,8 +3,7 @@
 //!
 //! The one spawn-and-wait of the end-to-end tests (`common::Agent` adds a free port, a scratch
 //! directory and unshare/setpriv wrappers) and of xtask (which also runs Prometheus and fio as
-//! services). xtask compiles this file into itself with `#[path]`, next to `client.rs`: std,
-//! thiserror and the parent module's `client` only.
+//! services), over `gds_api::client`.
 
 use std::{
     fs, io,

@@ -1,6 +1,6 @@
 //! The pure part of tracefs: parsing `events/<category>/<name>/format` text into fields.
-//! Self-contained (std only), so the fuzz target (`fuzz/fuzz_targets/tracepoint_format.rs`)
-//! compiles it in by path without the agent's eBPF build, tokio or metrics.
+//! Self-contained (std only): the fuzz target (`fuzz/fuzz_targets/tracepoint_format.rs`)
+//! depends on gds-host alone: no eBPF build, tokio or metrics.
 
 /// One field of a tracepoint record.
 #[derive(Debug, Clone, PartialEq, Eq)]
