@@ -6,6 +6,7 @@
 pub mod bounded;
 pub mod btf;
 pub mod cgroup;
+pub mod evidence;
 pub mod clock;
 pub mod config_file;
 pub mod kmod;

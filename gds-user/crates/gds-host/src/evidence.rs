@@ -1,0 +1,506 @@
+//! What the host says about a stalled request, read once when the stall is detected: the
+//! threads involved (state, wchan, system call, kernel stack), the disk (requests in flight,
+//! queue depth, scheduler) and the cgroup's I/O limits in force on that disk.
+//!
+//! Everything here is a bounded read of `/proc` or `/sys` under a [`HostRoot`] (fixture trees
+//! in tests), done only for stalls, never per request: a stall is rare and a capture is a few
+//! dozen small reads. Nothing here decides a cause; `gds_api::model::evidence` does, from
+//! these values.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bounded::{HostRoot, ReadError, SMALL_FILE_LIMIT};
+
+/// Kernel stack frames kept per thread. `/proc/PID/stack` is capped at 64 frames by the
+/// kernel (`MAX_STACK_TRACE_DEPTH`); the waits that name a cause are within the top dozen.
+pub const STACK_FRAMES_MAX: usize = 64;
+/// io-wq workers examined per submitter: a ring's bounded workers default to
+/// min(SQ entries, 4 × CPUs); the ones blocked for the stalled request are among the first.
+pub const WORKERS_MAX: usize = 16;
+/// Threads of a process listed at most when looking for io-wq workers.
+pub const TASKS_MAX: usize = 4096;
+/// Lower disks (dm/md slaves, a loop device's backing disk) whose limits also apply.
+pub const LOWER_DISKS_MAX: usize = 16;
+
+/// One thread's kernel-side state, from `/proc/PID/task/TID/{stat,wchan,syscall,stack}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadEvidence {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// The scheduler state letter of `stat` (`S` sleeping, `D` uninterruptible, `R` running).
+    pub state: String,
+    /// The kernel function it sleeps in; empty while it runs (`0` in the file).
+    pub wchan: String,
+    /// The first field of `syscall`: the system call number it is blocked in, `-1` when
+    /// blocked outside one (an io-wq worker), `running`.
+    pub syscall: String,
+    /// Kernel frames, innermost first, symbolized by the kernel (`pipe_read+0x1c2/0x4a0`);
+    /// empty where the kernel refuses (no CAP_SYS_ADMIN) or the thread is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack: Vec<String>,
+}
+
+impl ThreadEvidence {
+    /// The function names of the stack, without offsets (`pipe_read`).
+    pub fn functions(&self) -> impl Iterator<Item = &str> {
+        self.stack.iter().map(|f| frame_function(f))
+    }
+}
+
+/// `pipe_read+0x1c2/0x4a0 [mod]` → `pipe_read`.
+pub fn frame_function(frame: &str) -> &str {
+    let f = frame.split_whitespace().next().unwrap_or("");
+    f.split('+').next().unwrap_or(f)
+}
+
+/// Reads thread `tid` of process `pid`. A thread that ended between the scan and the read is
+/// `NotFound`; a stack the kernel refuses is left empty (the rest still says much).
+pub fn thread(root: &HostRoot, pid: u32, tid: u32) -> Result<ThreadEvidence, ReadError> {
+    let dir = format!("/proc/{pid}/task/{tid}");
+    let stat = root.read_attr(&format!("{dir}/stat"))?;
+    // `pid (comm) S ...`: comm may hold spaces and parentheses, so split at the last ')'.
+    let (comm, state) = match (stat.find('('), stat.rfind(')')) {
+        (Some(a), Some(b)) if a < b => (
+            stat[a + 1..b].to_owned(),
+            stat[b + 1..].split_whitespace().next().unwrap_or("").to_owned(),
+        ),
+        _ => (String::new(), String::new()),
+    };
+    let wchan = root
+        .read_attr(&format!("{dir}/wchan"))
+        .map(|w| if w == "0" { String::new() } else { w })
+        .unwrap_or_default();
+    let syscall = root
+        .read_attr(&format!("{dir}/syscall"))
+        .map(|s| s.split_whitespace().next().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let stack = root
+        .read(&format!("{dir}/stack"), SMALL_FILE_LIMIT)
+        .map(|s| parse_stack(&s))
+        .unwrap_or_default();
+    Ok(ThreadEvidence {
+        pid,
+        tid,
+        comm,
+        state,
+        wchan,
+        syscall,
+        stack,
+    })
+}
+
+/// `[<0>] pipe_read+0x1c2/0x4a0` lines → frames (at most [`STACK_FRAMES_MAX`]).
+pub fn parse_stack(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| match l.find("] ") {
+            Some(i) if l.starts_with('[') => l[i + 2..].trim(),
+            _ => l.trim(),
+        })
+        .filter(|f| !f.is_empty())
+        .take(STACK_FRAMES_MAX)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The io-wq workers that serve `submitter` (`iou-wrk-<submitter tid>`, threads of its
+/// process): a request the ring could not complete inline blocks in one of them, not in the
+/// submitter.
+pub fn io_wq_workers(root: &HostRoot, pid: u32, submitter: u32) -> Vec<u32> {
+    let name = format!("iou-wrk-{submitter}");
+    let Ok(tasks) = root.list_dir(&format!("/proc/{pid}/task"), TASKS_MAX) else {
+        return Vec::new();
+    };
+    tasks
+        .iter()
+        .filter_map(|t| t.parse::<u32>().ok())
+        .filter(|tid| {
+            root.read_attr(&format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| c == name)
+        })
+        .take(WORKERS_MAX)
+        .collect()
+}
+
+/// A disk's queue at the moment of the stall, from `/sys/block/X/{inflight,queue/*}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEvidence {
+    pub disk: String,
+    /// `major:minor`.
+    pub dev: String,
+    /// Reads and writes the block layer has issued and not completed (`inflight`).
+    pub inflight_reads: u64,
+    pub inflight_writes: u64,
+    /// `queue/nr_requests`: the requests (tags) the queue can hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nr_requests: Option<u64>,
+    /// The scheduler in use (the bracketed one of `queue/scheduler`), `none` included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    /// The disks below it whose limits apply too (`major:minor`): a dm/md device's slaves,
+    /// a loop device's backing file's disk (and that partition's whole disk).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lower: Vec<String>,
+}
+
+impl DiskEvidence {
+    /// This disk and the ones below it, `major:minor` each: where a limit on any of them
+    /// holds the request.
+    pub fn devices(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.dev.as_str()).chain(self.lower.iter().map(String::as_str))
+    }
+}
+
+/// Reads disk `name` (`vda`, `loop0`, `nvme0n1`; no slashes).
+pub fn disk(root: &HostRoot, name: &str) -> Result<DiskEvidence, ReadError> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(ReadError::NotFound {
+            path: format!("/sys/block/{name}"),
+        });
+    }
+    let dir = format!("/sys/block/{name}");
+    let dev = root.read_attr(&format!("{dir}/dev"))?;
+    let inflight = root.read_attr(&format!("{dir}/inflight"))?;
+    let mut n = inflight.split_whitespace().map(|v| v.parse::<u64>().ok());
+    let (inflight_reads, inflight_writes) = (
+        n.next().flatten().unwrap_or(0),
+        n.next().flatten().unwrap_or(0),
+    );
+    let nr_requests = root
+        .read_attr(&format!("{dir}/queue/nr_requests"))
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let scheduler = root
+        .read_attr(&format!("{dir}/queue/scheduler"))
+        .ok()
+        .and_then(|s| scheduler_in_use(&s));
+    Ok(DiskEvidence {
+        disk: name.to_owned(),
+        dev,
+        inflight_reads,
+        inflight_writes,
+        nr_requests,
+        scheduler,
+        lower: lower_disks(root, name),
+    })
+}
+
+/// `[none] mq-deadline kyber` → `none`; a queue with one choice lists it bare.
+pub fn scheduler_in_use(text: &str) -> Option<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .iter()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+        .or(match words[..] {
+            [only] => Some(only),
+            _ => None,
+        })
+        .map(str::to_owned)
+}
+
+/// The disks under `name` whose limits apply to its I/O: dm/md slaves, and for a loop device
+/// its backing file's partition and whole disk (loop charges its I/O to the submitter's
+/// cgroup, so a throttle on the disk below holds the loop request).
+fn lower_disks(root: &HostRoot, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(slaves) = root.list_dir(&format!("/sys/block/{name}/slaves"), LOWER_DISKS_MAX) {
+        for s in slaves {
+            if let Ok(dev) = root.read_attr(&format!("/sys/block/{name}/slaves/{s}/dev")) {
+                out.push(dev);
+            }
+        }
+    }
+    if let Ok(file) = root.read_attr(&format!("/sys/block/{name}/loop/backing_file")) {
+        // The backing file is a host path; stat it under the root.
+        if let Ok(meta) = std::fs::metadata(root.path(file.trim_end_matches(" (deleted)"))) {
+            use std::os::unix::fs::MetadataExt as _;
+            let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+            let part = format!("{major}:{minor}");
+            // A partition's whole disk is its parent in sysfs; limits are set on whole disks.
+            if root.exists(&format!("/sys/dev/block/{part}/partition"))
+                && let Ok(whole) = root.read_attr(&format!("/sys/dev/block/{part}/../dev"))
+            {
+                out.push(whole);
+            }
+            out.push(part);
+        }
+    }
+    out.truncate(LOWER_DISKS_MAX);
+    out
+}
+
+/// Which cgroup version a limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// One I/O limit in force on a device for a cgroup: `blkio.throttle.read_bps_device` (v1) or
+/// one key of an `io.max` line (v2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimit {
+    /// The cgroup path (in its hierarchy) that sets the limit: the request's or an ancestor's.
+    pub cgroup: String,
+    pub version: CgroupVersion,
+    /// The file it is read from (`blkio.throttle.read_iops_device`, `io.max`).
+    pub file: String,
+    /// `major:minor`.
+    pub device: String,
+    /// What is limited: `rbps`, `wbps`, `riops`, `wiops` (v2's names; v1's files map onto
+    /// them).
+    pub kind: String,
+    pub value: u64,
+}
+
+impl std::fmt::Display for IoLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = match self.version {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        };
+        write!(
+            f,
+            "cgroup {} ({v}) {} {} {}={}",
+            self.cgroup, self.file, self.device, self.kind, self.value
+        )
+    }
+}
+
+/// The cgroups of one thread that can limit its I/O: the v1 blkio one and the v2 one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCgroups {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blkio: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unified: Option<String>,
+}
+
+/// The cgroups of thread `tid` of `pid` (`/proc/PID/task/TID/cgroup`; under v1 a thread can
+/// be in a group of its own).
+pub fn task_cgroups(root: &HostRoot, pid: u32, tid: u32) -> Result<TaskCgroups, ReadError> {
+    let text = root.read(
+        &format!("/proc/{pid}/task/{tid}/cgroup"),
+        SMALL_FILE_LIMIT,
+    )?;
+    Ok(parse_task_cgroups(&text))
+}
+
+/// `4:blkio:/a` and `0::/b` lines → the blkio and unified paths.
+pub fn parse_task_cgroups(text: &str) -> TaskCgroups {
+    let mut out = TaskCgroups::default();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(ctrl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if id == "0" && ctrl.is_empty() {
+            out.unified = Some(path.to_owned());
+        } else if ctrl.split(',').any(|c| c == "blkio" || c == "io") {
+            out.blkio = Some(path.to_owned());
+        }
+    }
+    out
+}
+
+/// Where cgroup v1 blkio and v2 are mounted on the usual layouts: v2 alone at
+/// `/sys/fs/cgroup`, or hybrid with v2 at `/sys/fs/cgroup/unified`.
+const BLKIO_MOUNT: &str = "/sys/fs/cgroup/blkio";
+const UNIFIED_MOUNTS: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
+/// v1 throttle files and the v2 key each maps onto.
+const V1_FILES: [(&str, &str); 4] = [
+    ("blkio.throttle.read_bps_device", "rbps"),
+    ("blkio.throttle.write_bps_device", "wbps"),
+    ("blkio.throttle.read_iops_device", "riops"),
+    ("blkio.throttle.write_iops_device", "wiops"),
+];
+/// Ancestors examined at most: a limit on a parent holds its children too.
+const DEPTH_MAX: usize = 32;
+
+/// The limits in force on any of `devices` for the thread in `cgroups`: its group's and its
+/// ancestors' (a parent's limit holds every child), v1 and v2.
+pub fn io_limits(root: &HostRoot, cgroups: &TaskCgroups, devices: &[&str]) -> Vec<IoLimit> {
+    let mut out = Vec::new();
+    if let Some(path) = &cgroups.blkio {
+        for group in ancestors(path) {
+            for (file, kind) in V1_FILES {
+                let at = format!("{BLKIO_MOUNT}{}/{file}", trail(group));
+                let Ok(text) = root.read(&at, SMALL_FILE_LIMIT) else {
+                    continue;
+                };
+                for line in text.lines() {
+                    let mut w = line.split_whitespace();
+                    if let (Some(dev), Some(v)) = (w.next(), w.next())
+                        && devices.contains(&dev)
+                        && let Ok(value) = v.parse()
+                    {
+                        out.push(IoLimit {
+                            cgroup: group.to_owned(),
+                            version: CgroupVersion::V1,
+                            file: file.to_owned(),
+                            device: dev.to_owned(),
+                            kind: kind.to_owned(),
+                            value,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if let Some(path) = &cgroups.unified
+        && let Some(mount) = UNIFIED_MOUNTS
+            .iter()
+            .find(|m| root.exists(&format!("{m}/cgroup.controllers")))
+    {
+        for group in ancestors(path) {
+            let at = format!("{mount}{}/io.max", trail(group));
+            let Ok(text) = root.read(&at, SMALL_FILE_LIMIT) else {
+                continue;
+            };
+            out.extend(
+                parse_io_max(&text)
+                    .into_iter()
+                    .filter(|(dev, _, _)| devices.contains(&dev.as_str()))
+                    .map(|(device, kind, value)| IoLimit {
+                        cgroup: group.to_owned(),
+                        version: CgroupVersion::V2,
+                        file: "io.max".into(),
+                        device,
+                        kind,
+                        value,
+                    }),
+            );
+        }
+    }
+    out
+}
+
+/// `8:0 rbps=1048576 wbps=max riops=max wiops=10` → the keys that are not `max`.
+pub fn parse_io_max(text: &str) -> Vec<(String, String, u64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        let Some(dev) = w.next() else { continue };
+        for kv in w {
+            if let Some((k, v)) = kv.split_once('=')
+                && let Ok(v) = v.parse()
+            {
+                out.push((dev.to_owned(), k.to_owned(), v));
+            }
+        }
+    }
+    out
+}
+
+/// `/a/b` → `/a/b`, `/a`, `/` (at most [`DEPTH_MAX`]); a path with `..` yields nothing (never
+/// leave the hierarchy).
+fn ancestors(path: &str) -> Vec<&str> {
+    if path.split('/').any(|s| s == "..") || !path.starts_with('/') {
+        return Vec::new();
+    }
+    let mut out = vec![path];
+    let mut p = path;
+    while let Some(i) = p.rfind('/') {
+        p = if i == 0 { "/" } else { &p[..i] };
+        if out.last() == Some(&p) || out.len() >= DEPTH_MAX {
+            break;
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// `/` → ``, `/a` → `/a`: joined after a mount point.
+fn trail(group: &str) -> &str {
+    group.trim_end_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_parse_to_functions() {
+        let t = ThreadEvidence {
+            stack: parse_stack(
+                "[<0>] pipe_read+0x1c2/0x4a0\n[<0>] io_read+0x5b/0x2f0 [io_uring]\n",
+            ),
+            ..Default::default()
+        };
+        assert_eq!(
+            t.functions().collect::<Vec<_>>(),
+            ["pipe_read", "io_read"]
+        );
+    }
+
+    #[test]
+    fn the_scheduler_in_use_is_the_bracketed_one() {
+        assert_eq!(
+            scheduler_in_use("none [mq-deadline] kyber\n").as_deref(),
+            Some("mq-deadline")
+        );
+        assert_eq!(scheduler_in_use("none").as_deref(), Some("none"));
+        assert_eq!(scheduler_in_use(""), None);
+    }
+
+    #[test]
+    fn cgroup_lines_give_blkio_and_unified() {
+        let c = parse_task_cgroups("12:pids:/x\n4:blkio:/gds-1\n0::/user.slice\n");
+        assert_eq!(c.blkio.as_deref(), Some("/gds-1"));
+        assert_eq!(c.unified.as_deref(), Some("/user.slice"));
+    }
+
+    #[test]
+    fn ancestors_stop_at_the_root_and_refuse_dotdot() {
+        assert_eq!(ancestors("/a/b"), ["/a/b", "/a", "/"]);
+        assert_eq!(ancestors("/"), ["/"]);
+        assert!(ancestors("/a/../b").is_empty());
+    }
+
+    #[test]
+    fn limits_of_a_group_and_its_parent_on_the_disk_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::new(dir.path());
+        let blkio = dir.path().join("sys/fs/cgroup/blkio");
+        std::fs::create_dir_all(blkio.join("a/b")).unwrap();
+        std::fs::write(
+            blkio.join("a/b/blkio.throttle.read_iops_device"),
+            "253:0 1\n8:0 5\n",
+        )
+        .unwrap();
+        std::fs::write(blkio.join("a/blkio.throttle.read_bps_device"), "253:0 4096\n").unwrap();
+        let unified = dir.path().join("sys/fs/cgroup/unified");
+        std::fs::create_dir_all(unified.join("u")).unwrap();
+        std::fs::write(unified.join("cgroup.controllers"), "io\n").unwrap();
+        std::fs::write(unified.join("u/io.max"), "253:0 rbps=max wiops=10\n").unwrap();
+        let cg = TaskCgroups {
+            blkio: Some("/a/b".into()),
+            unified: Some("/u".into()),
+        };
+        let got: Vec<String> = io_limits(&root, &cg, &["253:0"])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "cgroup /a/b (v1) blkio.throttle.read_iops_device 253:0 riops=1",
+                "cgroup /a (v1) blkio.throttle.read_bps_device 253:0 rbps=4096",
+                "cgroup /u (v2) io.max 253:0 wiops=10",
+            ]
+        );
+        assert!(io_limits(&root, &cg, &["7:0"]).is_empty());
+    }
+
+    #[test]
+    fn a_live_thread_reads_its_own_state() {
+        // SAFETY: getpid/gettid have no preconditions.
+        let (pid, tid) = unsafe { (libc::getpid() as u32, libc::gettid() as u32) };
+        let t = thread(&HostRoot::new("/"), pid, tid).unwrap();
+        assert_eq!(t.tid, tid);
+        // Reading its own stat, it is running.
+        assert_eq!(t.state, "R", "{t:?}");
+        assert!(thread(&HostRoot::new("/"), pid, u32::MAX).is_err());
+    }
+}
