@@ -429,6 +429,8 @@ fn wait_loaded(
 }
 
 /// Scans the in-flight tables every `interval`, logging each stall when it starts and ends.
+/// A new stall's evidence (its threads, disk, cgroup limits) is read once, here, on the
+/// blocking pool, and its cause named from it: nothing is read while nothing stalls.
 async fn scan_stalls(
     tracer: Arc<UringTracer>,
     detector: Arc<Mutex<StallDetector>>,
@@ -445,7 +447,9 @@ async fn scan_stalls(
             let (inflight, now) = model::inflight(&*tracer2);
             let scan = t0.elapsed().as_secs_f64();
             let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
-            let changes = d.scan(now, &inflight);
+            let root = gds_host::bounded::HostRoot::new("/");
+            let mut capture = model::evidence::ScanCaptures::new(&root);
+            let changes = d.scan_explained(now, &inflight, |r| capture.explain(r));
             (changes, d.report(now, &inflight, scan))
         })
         .await;
@@ -465,6 +469,8 @@ async fn scan_stalls(
                     opcode = %s.request.opcode,
                     target = %s.request.where_text(),
                     age_ms = (s.request.age_seconds * 1e3).round() as u64,
+                    cause = %s.cause.kind.label(),
+                    because = %s.cause.because,
                     "stall detected"
                 ),
                 StallChange::Ended(s) => info!(
@@ -475,6 +481,7 @@ async fn scan_stalls(
                     opcode = %s.request.opcode,
                     target = %s.request.where_text(),
                     total_ms = (s.total_seconds.unwrap_or_default() * 1e3).round() as u64,
+                    cause = %s.cause.kind.label(),
                     "stall ended"
                 ),
             }

@@ -183,7 +183,7 @@ impl Collector for TraceCollector {
 }
 
 /// Stall metrics from the latest scan: `gds_stalled_requests{layer}`,
-/// `gds_oldest_inflight_seconds{layer}`, `gds_stalls_total{layer,disk}`,
+/// `gds_oldest_inflight_seconds{layer}`, `gds_stalls_total{layer,disk,cause}`,
 /// `gds_stall_scan_duration_seconds`.
 pub struct StallCollector {
     state: Arc<Mutex<StallReport>>,
@@ -218,7 +218,11 @@ impl Collector for StallCollector {
             .iter()
             .map(|t| {
                 counter(
-                    labels(&[("layer", t.layer.label()), ("disk", &t.disk)]),
+                    labels(&[
+                        ("layer", t.layer.label()),
+                        ("disk", &t.disk),
+                        ("cause", t.cause.label()),
+                    ]),
                     t.count as f64,
                 )
             })

@@ -61,6 +61,13 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     assert_eq!(stall["stage"], "queue");
     assert!(stall["ring"].as_str().unwrap().starts_with("0x"));
     assert!(!stall["comm"].as_str().unwrap().is_empty());
+    // A poll-armed READ has no thread waiting for it, and the in-flight entry has no fd to
+    // tell a pipe by: the submitter's evidence is shown, the cause is not guessed.
+    assert_eq!(stall["cause"]["kind"], "unknown", "{stall}");
+    assert_eq!(
+        stall["evidence"]["threads"][0]["tid"], stall["tid"],
+        "{stall}"
+    );
 
     let inflight: serde_json::Value = serde_json::from_str(&agent.get("/debug/inflight")).unwrap();
     assert!(
@@ -78,7 +85,11 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     assert_eq!(
         m.value(
             "gds_stalls_total",
-            &[("layer", "uring"), ("disk", "unknown")]
+            &[
+                ("layer", "uring"),
+                ("disk", "unknown"),
+                ("cause", "unknown")
+            ]
         ),
         1.0
     );
@@ -119,13 +130,93 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     assert_eq!(
         m.value(
             "gds_stalls_total",
-            &[("layer", "uring"), ("disk", "unknown")]
+            &[
+                ("layer", "uring"),
+                ("disk", "unknown"),
+                ("cause", "unknown")
+            ]
         ),
         1.0
     );
     let log = agent.log();
     assert_eq!(log.matches("stall detected").count(), 1, "{log}");
     assert_eq!(log.matches("stall ended").count(), 1, "{log}");
+}
+
+/// An io_uring READ on an empty pipe forced to an io-wq worker: the stall names the cause
+/// `waiting_for_data`, and its evidence has the worker's kernel stack in the pipe's read.
+#[test]
+fn pipe_read_in_io_wq_is_waiting_for_data_with_the_pipe_stack() {
+    let _g = serial();
+    let agent = Agent::start(&[
+        "--pid",
+        &std::process::id().to_string(),
+        "--stall-threshold",
+        "500ms",
+        "--stall-interval",
+        "100ms",
+    ]);
+    let mut read = PipeRead::submit_async(0x5a12);
+    let stall = wait_stall(&agent, Duration::from_secs(3), |s| s["user_data"] == 0x5a12);
+    let cause = &stall["cause"];
+    assert_eq!(cause["kind"], "waiting_for_data", "{stall}");
+    assert!(
+        cause["because"]
+            .as_str()
+            .unwrap()
+            .contains("waits for a pipe"),
+        "{stall}"
+    );
+    let threads = stall["evidence"]["threads"].as_array().unwrap();
+    let submitter = stall["tid"].as_u64().unwrap();
+    assert_eq!(threads[0]["tid"], submitter, "the submitter first: {stall}");
+    let worker = threads
+        .iter()
+        .find(|t| t["comm"] == format!("iou-wrk-{submitter}").as_str())
+        .unwrap_or_else(|| panic!("no io-wq worker: {stall}"));
+    assert_eq!(worker["state"], "S", "{worker}");
+    let stack: Vec<&str> = worker["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        stack
+            .iter()
+            .any(|f| f.starts_with("pipe_read") || f.starts_with("anon_pipe_read")),
+        "the stack shows the pipe wait: {stack:?}"
+    );
+    assert!(
+        stack
+            .iter()
+            .any(|f| f.starts_with("io_wq") || f.starts_with("io_worker")),
+        "in an io-wq worker: {stack:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stall detected") && l.contains("waiting_for_data")),
+        "{log}"
+    );
+    assert_eq!(read.complete(b"x"), (0x5a12, 1));
+    let ended = wait_ended(&agent, Duration::from_secs(3), |s| s["user_data"] == 0x5a12);
+    assert_eq!(
+        ended["cause"]["kind"], "waiting_for_data",
+        "kept when it ends: {ended}"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        m.value(
+            "gds_stalls_total",
+            &[
+                ("layer", "uring"),
+                ("disk", "unknown"),
+                ("cause", "waiting_for_data")
+            ]
+        ),
+        1.0
+    );
 }
 
 /// 10,000 requests in flight at once are all tracked, reported as stalls, and scanned within
@@ -392,6 +483,27 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
         "the reader's blkio group: {stall}"
     );
     assert!(stall["age_seconds"].as_f64().unwrap() >= 0.5, "{stall}");
+    // Throttled, naming the group, the file and the limit on the disk under the loop device.
+    let cause = &stall["cause"];
+    assert_eq!(cause["kind"], "throttled", "{stall}");
+    let because = cause["because"].as_str().unwrap();
+    assert!(
+        because.contains(&format!(
+            "cgroup /{group} (v1) blkio.throttle.read_bps_device"
+        )) && because.ends_with(&format!("rbps={}", 64 << 10)),
+        "{because}"
+    );
+    let ev = &stall["evidence"];
+    assert_eq!(ev["limits"][0]["value"], 64 << 10, "{stall}");
+    assert_eq!(ev["disk"]["disk"], name.as_str(), "{stall}");
+    assert!(
+        ev["disk"]["inflight_reads"].as_u64().unwrap() >= 1,
+        "{stall}"
+    );
+    assert!(ev["disk"]["scheduler"].is_string(), "{stall}");
+    assert!(ev["disk"]["nr_requests"].as_u64().unwrap() >= 1, "{stall}");
+    assert_eq!(ev["threads"][0]["tid"], tid, "{stall}");
+    assert_eq!(ev["threads"][0]["state"], "D", "in the read: {stall}");
     let (n, took) = reader.join().unwrap();
     assert_eq!(n, LEN as isize);
     assert!(took >= Duration::from_millis(600), "not held: {took:?}");
@@ -403,7 +515,10 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     );
     let m = agent.scrape();
     assert_eq!(
-        m.value("gds_stalls_total", &[("layer", "block"), ("disk", &name)]),
+        m.value(
+            "gds_stalls_total",
+            &[("layer", "block"), ("disk", &name), ("cause", "throttled")]
+        ),
         1.0
     );
     assert_eq!(m.value("gds_stalled_requests", &[("layer", "block")]), 0.0);
@@ -414,6 +529,11 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
             .count()
     };
     assert_eq!(logged("stall detected"), 1, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stall detected") && l.contains("cause=throttled")),
+        "the log line names the cause: {log}"
+    );
     assert_eq!(logged("stall ended"), 1, "{log}");
 }
 
@@ -498,13 +618,20 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
         "total {total}, returned after {returned}"
     );
     let m = agent.scrape();
-    assert_eq!(
-        m.value(
-            "gds_stalls_total",
-            &[("layer", "cufile"), ("disk", "unknown")]
-        ),
-        1.0
-    );
+    assert_eq!(stalls_total(&m, "cufile", "unknown"), 1.0);
     assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 0.0);
     app.exit();
+}
+
+/// `gds_stalls_total` of one layer and disk over every cause.
+fn stalls_total(m: &common::Metrics, layer: &str, disk: &str) -> f64 {
+    ["throttled", "waiting_for_data", "device", "unknown"]
+        .iter()
+        .map(|c| {
+            m.value(
+                "gds_stalls_total",
+                &[("layer", layer), ("disk", disk), ("cause", c)],
+            )
+        })
+        .sum()
 }

@@ -268,6 +268,17 @@ pub struct PipeRead {
 
 impl PipeRead {
     pub fn submit(user_data: u64) -> PipeRead {
+        Self::submit_with(user_data, io_uring::squeue::Flags::empty())
+    }
+
+    /// The read forced to an io-wq worker (`IOSQE_ASYNC`): the worker thread
+    /// (`iou-wrk-<tid>`) blocks in the pipe's read, where a kernel stack shows it, instead of
+    /// the request waiting on a poll wakeup no thread sleeps for.
+    pub fn submit_async(user_data: u64) -> PipeRead {
+        Self::submit_with(user_data, io_uring::squeue::Flags::ASYNC)
+    }
+
+    fn submit_with(user_data: u64, flags: io_uring::squeue::Flags) -> PipeRead {
         let mut fds = [0i32; 2];
         // SAFETY: valid array for pipe(2).
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
@@ -275,6 +286,7 @@ impl PipeRead {
         let mut buf = Box::new([0u8; 16]);
         let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fds[0]), buf.as_mut_ptr(), 16)
             .build()
+            .flags(flags)
             .user_data(user_data);
         // SAFETY: the buffer is owned by the PipeRead, which outlives the completion.
         unsafe { ring.submission().push(&sqe).unwrap() };

@@ -152,9 +152,9 @@ pub const OLDEST_INFLIGHT: Family = family(
 pub const STALLS: Family = family(
     "gds_stalls_total",
     Counter,
-    &["layer", "disk"],
-    "Stalls detected, by layer (a layer of /debug/layers) and disk (unknown where the layer \
-     has none).",
+    &["layer", "disk", "cause"],
+    "Stalls detected, by layer (a layer of /debug/layers), disk (unknown where the layer \
+     has none) and cause named when detected (throttled, waiting_for_data, device, unknown).",
 );
 pub const STALL_SCAN: Family = family(
     "gds_stall_scan_duration_seconds",
@@ -315,8 +315,9 @@ mod tests {
 
     /// One row of the README's metrics table: name, type word, label names.
     fn readme_rows() -> Vec<(String, String, Vec<String>)> {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../README.md"))
-            .expect("README.md at the workspace root");
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../README.md"))
+                .expect("README.md at the workspace root");
         let start = readme
             .find("| metric | type | labels |")
             .expect("README has the metrics table");

@@ -6,7 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::model::{Layer, LayerStalls, Request, RequestKey, Stall, StallReport, StallTotal};
+use crate::model::{
+    Cause, CauseKind, Evidence, Layer, LayerStalls, Request, RequestKey, Stall, StallReport,
+    StallTotal,
+};
 
 /// A detection or an end, as returned by [`StallDetector::scan`].
 #[derive(Debug, Clone)]
@@ -19,7 +22,7 @@ pub struct StallDetector {
     threshold_ns: u64,
     active: HashMap<RequestKey, Stall>,
     ended: VecDeque<Stall>,
-    totals: BTreeMap<(Layer, String), u64>,
+    totals: BTreeMap<(Layer, String, CauseKind), u64>,
     /// Exact latencies of completed requests, from slow events.
     exact: HashMap<RequestKey, u64>,
 }
@@ -36,7 +39,7 @@ impl StallDetector {
             // layer (a disk's appears with its first stall).
             totals: Layer::ALL
                 .iter()
-                .map(|l| ((*l, "unknown".to_owned()), 0))
+                .map(|l| ((*l, "unknown".to_owned(), CauseKind::Unknown), 0))
                 .collect(),
             exact: HashMap::new(),
         }
@@ -50,8 +53,21 @@ impl StallDetector {
         }
     }
 
-    /// Compares the requests in flight at `now_ns` (CLOCK_MONOTONIC) with the known stalls.
+    /// Compares the requests in flight at `now_ns` (CLOCK_MONOTONIC) with the known stalls,
+    /// naming no cause (`unknown`, no evidence).
     pub fn scan(&mut self, now_ns: u64, inflight: &[Request]) -> Vec<StallChange> {
+        self.scan_explained(now_ns, inflight, |_| (Cause::default(), None))
+    }
+
+    /// [`Self::scan`], calling `explain` once for each new stall, when it is detected (never
+    /// again for it, never for a request that is not stalled): the evidence is what the host
+    /// showed at that moment, and the cause counts in the totals.
+    pub fn scan_explained(
+        &mut self,
+        now_ns: u64,
+        inflight: &[Request],
+        mut explain: impl FnMut(&Request) -> (Cause, Option<Evidence>),
+    ) -> Vec<StallChange> {
         let mut changes = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(self.active.len());
         for r in inflight {
@@ -69,14 +85,21 @@ impl StallDetector {
             }
             let mut request = r.clone();
             request.age_seconds = age as f64 / 1e9;
+            let (cause, evidence) = explain(&request);
             let stall = Stall {
                 stage_description: r.stage.describe_in(r.layer).into(),
                 request,
                 total_seconds: None,
+                cause,
+                evidence,
             };
             *self
                 .totals
-                .entry((stall.request.layer, stall.request.target.disk.clone()))
+                .entry((
+                    stall.request.layer,
+                    stall.request.target.disk.clone(),
+                    stall.cause.kind,
+                ))
                 .or_default() += 1;
             self.active.insert(r.key, stall.clone());
             changes.push(StallChange::Started(stall));
@@ -142,9 +165,10 @@ impl StallDetector {
             totals: self
                 .totals
                 .iter()
-                .map(|((layer, disk), count)| StallTotal {
+                .map(|((layer, disk, cause), count)| StallTotal {
                     layer: *layer,
                     disk: disk.clone(),
+                    cause: *cause,
                     count: *count,
                 })
                 .collect(),
@@ -232,5 +256,39 @@ mod tests {
             &c[..],
             [StallChange::Started(_), StallChange::Ended(_)]
         ));
+    }
+
+    #[test]
+    fn the_cause_is_named_once_per_stall_and_counted() {
+        let mut d = StallDetector::new(1_000);
+        let mut calls = 0;
+        let mut explain = |r: &Request| {
+            calls += 1;
+            assert!(r.age_seconds > 0.0, "explained with its age");
+            (
+                Cause {
+                    kind: CauseKind::WaitingForData,
+                    because: "pipe".into(),
+                },
+                Some(Evidence::default()),
+            )
+        };
+        assert!(d.scan_explained(500, &[req(1, 0)], &mut explain).is_empty());
+        let c = d.scan_explained(2_000, &[req(1, 0)], &mut explain);
+        assert!(
+            matches!(&c[..], [StallChange::Started(s)] if s.cause.kind == CauseKind::WaitingForData && s.evidence.is_some())
+        );
+        d.scan_explained(3_000, &[req(1, 0)], &mut explain);
+        assert_eq!(calls, 1, "once, when detected");
+        let rep = d.report(3_000, &[req(1, 0)], 0.0);
+        assert_eq!(rep.active[0].cause.because, "pipe");
+        assert!(rep.totals.iter().any(|t| t.layer == Layer::Uring
+            && t.cause == CauseKind::WaitingForData
+            && t.count == 1));
+        assert!(
+            rep.totals
+                .iter()
+                .any(|t| t.layer == Layer::Uring && t.cause == CauseKind::Unknown && t.count == 0)
+        );
     }
 }

@@ -63,7 +63,11 @@ pub fn thread(root: &HostRoot, pid: u32, tid: u32) -> Result<ThreadEvidence, Rea
     let (comm, state) = match (stat.find('('), stat.rfind(')')) {
         (Some(a), Some(b)) if a < b => (
             stat[a + 1..b].to_owned(),
-            stat[b + 1..].split_whitespace().next().unwrap_or("").to_owned(),
+            stat[b + 1..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_owned(),
         ),
         _ => (String::new(), String::new()),
     };
@@ -280,10 +284,7 @@ pub struct TaskCgroups {
 /// The cgroups of thread `tid` of `pid` (`/proc/PID/task/TID/cgroup`; under v1 a thread can
 /// be in a group of its own).
 pub fn task_cgroups(root: &HostRoot, pid: u32, tid: u32) -> Result<TaskCgroups, ReadError> {
-    let text = root.read(
-        &format!("/proc/{pid}/task/{tid}/cgroup"),
-        SMALL_FILE_LIMIT,
-    )?;
+    let text = root.read(&format!("/proc/{pid}/task/{tid}/cgroup"), SMALL_FILE_LIMIT)?;
     Ok(parse_task_cgroups(&text))
 }
 
@@ -428,10 +429,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        assert_eq!(
-            t.functions().collect::<Vec<_>>(),
-            ["pipe_read", "io_read"]
-        );
+        assert_eq!(t.functions().collect::<Vec<_>>(), ["pipe_read", "io_read"]);
     }
 
     #[test]
@@ -469,7 +467,11 @@ mod tests {
             "253:0 1\n8:0 5\n",
         )
         .unwrap();
-        std::fs::write(blkio.join("a/blkio.throttle.read_bps_device"), "253:0 4096\n").unwrap();
+        std::fs::write(
+            blkio.join("a/blkio.throttle.read_bps_device"),
+            "253:0 4096\n",
+        )
+        .unwrap();
         let unified = dir.path().join("sys/fs/cgroup/unified");
         std::fs::create_dir_all(unified.join("u")).unwrap();
         std::fs::write(unified.join("cgroup.controllers"), "io\n").unwrap();

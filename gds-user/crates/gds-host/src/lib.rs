@@ -6,9 +6,9 @@
 pub mod bounded;
 pub mod btf;
 pub mod cgroup;
-pub mod evidence;
 pub mod clock;
 pub mod config_file;
+pub mod evidence;
 pub mod kmod;
 pub mod nvidia_fs;
 pub mod privileges;

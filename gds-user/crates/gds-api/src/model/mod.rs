@@ -8,11 +8,13 @@
 
 pub mod cufile;
 pub mod decode;
+pub mod evidence;
 pub mod labels;
 pub mod request;
 pub mod stats;
 
 pub use decode::{Decoder, inflight};
+pub use evidence::{Cause, CauseKind, Evidence};
 pub use request::{
     Context, Layer, LayerStalls, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage,
     Stall, StallReport, StallTotal, Target, UringOrigin,

@@ -249,6 +249,14 @@ pub struct Stall {
     pub stage_description: String,
     /// Set when the stall has ended.
     pub total_seconds: Option<f64>,
+    /// Why it is stuck, named when the stall was detected ([`super::evidence::explain`]).
+    #[serde(default)]
+    pub cause: super::evidence::Cause,
+    /// What the host said when the stall was detected (read once, never again for it);
+    /// absent where the detector was given no capture (tests, `top` reading old agents), and
+    /// on later stalls of the same thread and disk in one scan (the first carries it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<super::evidence::Evidence>,
 }
 
 /// Active and recent stalls (`/debug/stalls`, part of `/debug/snapshot`).
@@ -262,7 +270,7 @@ pub struct StallReport {
     pub inflight: usize,
     pub oldest_inflight_seconds: f64,
     pub scan_seconds: f64,
-    /// Stalls detected since start, by layer and disk.
+    /// Stalls detected since start, by layer, disk and cause.
     #[serde(default)]
     pub totals: Vec<StallTotal>,
     /// Per layer, at the last scan: every layer, also those with nothing in flight.
@@ -279,11 +287,17 @@ pub struct LayerStalls {
     pub oldest_inflight_seconds: f64,
 }
 
-/// Stalls detected on one (layer, disk) since start (`disk` is `unknown` for the layers that
-/// do not know it: io_uring requests not at a device, cuFile calls).
+/// Stalls detected on one (layer, disk, cause) since start (`disk` is `unknown` for the layers
+/// that do not know it: io_uring requests not at a device, cuFile calls).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StallTotal {
     pub layer: Layer,
     pub disk: String,
+    #[serde(default = "unknown_cause")]
+    pub cause: super::evidence::CauseKind,
     pub count: u64,
+}
+
+fn unknown_cause() -> super::evidence::CauseKind {
+    super::evidence::CauseKind::Unknown
 }
