@@ -98,6 +98,7 @@ pub enum Scratch {
     BlockIssue = 4,
     BlockComplete = 5,
     BlockGetrq = 6,
+    UringPollArm = 7,
 }
 
 /// A request between submission and completion, keyed by its `struct io_kiocb *`.
@@ -122,6 +123,10 @@ pub struct InflightReq {
     pub nvme_lba: u64,
     pub nvme_blocks: u32,
     pub nvme_dev: u32,
+    /// CLOCK_MONOTONIC ns when io_uring armed poll for it (`io_uring_poll_arm`; 0: not
+    /// armed): its file (pipe, socket, eventfd, tty) had nothing to read or no room, and the
+    /// request waits for the file to wake it, with no thread blocked for it.
+    pub poll_armed_ns: u64,
 }
 
 /// One slot of the direct-mapped in-flight table (`GDS_URING_SLOTS`): `req` is the owning

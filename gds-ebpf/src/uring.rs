@@ -19,8 +19,8 @@ use gds_common::{
 };
 
 use crate::maps::{
-    GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, index, mark_seen, opcode_stats, stats,
-    task_enabled,
+    GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, entry_mut, index, mark_seen, opcode_stats,
+    stats, task_enabled,
 };
 
 /// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
@@ -115,6 +115,7 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
                 let e = &raw mut (*slot).entry;
                 (*e).nvme_setup_ns = 0;
                 (*e).nvme_complete_ns = 0;
+                (*e).poll_armed_ns = 0;
                 (*e).start_ns = start_ns;
                 (*e).user_data = user_data;
                 (*e).ring = ring;
@@ -146,6 +147,7 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         nvme_lba: 0,
         nvme_blocks: 0,
         nvme_dev: 0,
+        poll_armed_ns: 0,
     };
     match INFLIGHT.insert(&req, &entry, BPF_NOEXIST as u64) {
         Ok(()) => stats.inserted += 1,
@@ -391,6 +393,28 @@ pub fn uring_complete_flat(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = ctx.arg(1);
     let res: u64 = ctx.arg(3);
     on_complete(req, res as i32, || probe_opcode(req));
+    0
+}
+
+/// `io_uring_poll_arm(struct io_kiocb *req, int mask, int events)`: the request's file could
+/// not serve it now and io_uring armed poll on it (also from an io-wq worker, for a forced
+/// async request on a pollable file). Marks the in-flight entry, which says why a stalled
+/// READ of a pipe or socket waits when no thread does. Optional: attached where the
+/// tracepoint exists.
+#[btf_tracepoint(function = "io_uring_poll_arm")]
+pub fn uring_poll_arm(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(0);
+    let Some(stats) = stats() else { return 0 };
+    // The BTF argument is a trusted pointer the verifier will not hash (slot_index).
+    let req = as_scalar(stats, Scratch::UringPollArm, req);
+    if let Some(e) = entry_mut(req) {
+        // SAFETY: map value pointer of the request's entry, owned until it completes.
+        unsafe {
+            if (*e).poll_armed_ns == 0 {
+                (*e).poll_armed_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
     0
 }
 

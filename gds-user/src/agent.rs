@@ -18,7 +18,7 @@ use crate::{
     metrics,
 };
 use gds_api::{
-    model::{self, Decoder, StallReport, labels},
+    model::{self, Decoder, Request, StallReport, labels},
     stall::{StallChange, StallDetector},
 };
 use gds_host::{tracefs, units::parse_duration};
@@ -172,19 +172,31 @@ async fn run_async(args: RunArgs) -> Result<()> {
     release_freed_memory();
     let tracer = Arc::new(tracer);
     let cufile = CufileWatch::spawn(&tracer)?;
-    let dropped = gds_host::privileges::drop_after_attach(
-        || tracer.snapshot().is_ok(),
-        cufile
-            .as_ref()
-            .map(|c| (c.tid, gds_host::privileges::CUFILE_KEEP)),
-    )?;
+    let evidence = Arc::new(EvidenceThread::spawn());
+    let exempt: Vec<_> = cufile
+        .as_ref()
+        .map(|c| (c.tid, gds_host::privileges::CUFILE_KEEP))
+        .into_iter()
+        .chain(
+            evidence
+                .tid
+                .map(|t| (t, gds_host::privileges::EVIDENCE_KEEP)),
+        )
+        .collect();
+    let dropped = gds_host::privileges::drop_after_attach(|| tracer.snapshot().is_ok(), &exempt)?;
     info!("programs attached; {dropped}");
     if let Some(c) = &cufile {
         info!(
             "cuFile: thread {} keeps what attaching uprobes needs (cap_perfmon, cap_sys_admin, \
              cap_sys_ptrace, cap_checkpoint_restore, cap_dac_read_search, cap_lease, where held); no other \
-             thread does",
+             thread does but the stall-evidence one",
             c.tid
+        );
+    }
+    if let Some(t) = evidence.tid {
+        info!(
+            "stall evidence: thread {t} keeps what reading other threads' wchan, system call and \
+             kernel stack needs (cap_sys_ptrace, cap_sys_admin, where held)"
         );
     }
 
@@ -229,6 +241,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         detector,
         stall_report.clone(),
         args.stall_interval,
+        evidence,
     ));
 
     let state = AppState {
@@ -428,6 +441,80 @@ fn wait_loaded(
     (pids, changed)
 }
 
+/// A request whose evidence is wanted, and where to send it.
+type EvidenceJob = (Request, std::sync::mpsc::SyncSender<model::Evidence>);
+
+/// The one thread that reads stall evidence: it keeps `EVIDENCE_KEEP` (CAP_SYS_PTRACE and
+/// CAP_SYS_ADMIN, for other processes' wchan, syscall and kernel stack) when every other
+/// thread but the cuFile one holds nothing, and does nothing but those reads, once per stall.
+struct EvidenceThread {
+    tid: Option<i32>,
+    jobs: Option<Mutex<std::sync::mpsc::Sender<EvidenceJob>>>,
+}
+
+impl EvidenceThread {
+    /// Where the thread cannot start or drop, evidence is read on the scan's own (unprivileged)
+    /// thread: state and the disk and cgroup files still read; `missing` or empty stacks say
+    /// what did not.
+    fn spawn() -> EvidenceThread {
+        let (tx, rx) = std::sync::mpsc::channel::<EvidenceJob>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let started = std::thread::Builder::new()
+            .name("gds-evidence".into())
+            .spawn(move || {
+                let dropped = gds_host::privileges::drop_calling_thread_to(
+                    gds_host::privileges::EVIDENCE_KEEP,
+                );
+                let ok = dropped.is_ok();
+                let _ = tid_tx.send(dropped);
+                if !ok {
+                    return;
+                }
+                let root = gds_host::bounded::HostRoot::new("/");
+                // Ends when the agent drops the sender.
+                for (req, reply) in rx {
+                    let _ = reply.send(model::evidence::capture(&root, &req));
+                }
+            });
+        let none = EvidenceThread {
+            tid: None,
+            jobs: None,
+        };
+        if let Err(e) = started {
+            warn!("stall evidence: no thread of its own ({e}); stacks will be missing");
+            return none;
+        }
+        match tid_rx.recv() {
+            Ok(Ok(tid)) => EvidenceThread {
+                tid: Some(tid),
+                jobs: Some(Mutex::new(tx)),
+            },
+            Ok(Err(e)) => {
+                warn!("stall evidence: {e}; stacks will be missing");
+                none
+            }
+            Err(_) => none,
+        }
+    }
+
+    /// The evidence of `req`, from the thread (a round trip of a few milliseconds), else read
+    /// here.
+    fn capture(&self, req: &Request) -> model::Evidence {
+        if let Some(jobs) = &self.jobs {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let sent = jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send((req.clone(), tx))
+                .is_ok();
+            if sent && let Ok(ev) = rx.recv() {
+                return ev;
+            }
+        }
+        model::evidence::capture(&gds_host::bounded::HostRoot::new("/"), req)
+    }
+}
+
 /// Scans the in-flight tables every `interval`, logging each stall when it starts and ends.
 /// A new stall's evidence (its threads, disk, cgroup limits) is read once, here, on the
 /// blocking pool, and its cause named from it: nothing is read while nothing stalls.
@@ -436,19 +523,19 @@ async fn scan_stalls(
     detector: Arc<Mutex<StallDetector>>,
     report: Arc<Mutex<StallReport>>,
     interval: Duration,
+    evidence: Arc<EvidenceThread>,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (tracer2, detector2) = (tracer.clone(), detector.clone());
+        let (tracer2, detector2, evidence) = (tracer.clone(), detector.clone(), evidence.clone());
         let done = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
             let (inflight, now) = model::inflight(&*tracer2);
             let scan = t0.elapsed().as_secs_f64();
             let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
-            let root = gds_host::bounded::HostRoot::new("/");
-            let mut capture = model::evidence::ScanCaptures::new(&root);
+            let mut capture = model::evidence::ScanCaptures::new(|r: &Request| evidence.capture(r));
             let changes = d.scan_explained(now, &inflight, |r| capture.explain(r));
             (changes, d.report(now, &inflight, scan))
         })

@@ -200,6 +200,7 @@ mod tests {
             age_seconds: 0.0,
             stage: Stage::Queue,
             nvme: None,
+            poll_armed: false,
             key: RequestKey {
                 layer: Layer::Uring,
                 req,

@@ -50,6 +50,14 @@ impl TracedLayer for UringLayer {
                 ] {
                     device::attach_btf(ebpf, &btf, prog, tp)?;
                 }
+                // Optional: only what a stall's cause says (a READ waiting for its file to
+                // have data); tracing goes on without it.
+                let poll = device::tracepoint_btf(parsed, &["io_uring_poll_arm"]).and_then(|btf| {
+                    device::attach_btf(ebpf, &btf, "uring_poll_arm", "io_uring_poll_arm")
+                });
+                if let Err(e) = poll {
+                    tracing::info!("io_uring: poll arming not traced ({e})");
+                }
             }
             AttachMode::Classic | AttachMode::Auto => {
                 for (prog, tp) in [

@@ -144,6 +144,7 @@ impl<'a> Decoder<'a> {
             age_seconds: now_ns.saturating_sub(b.issue_ns) as f64 / 1e9,
             stage: Stage::Device,
             nvme: None,
+            poll_armed: false,
             key: RequestKey {
                 layer: Layer::Block,
                 req: rq,
@@ -188,6 +189,7 @@ impl<'a> Decoder<'a> {
             origin,
             age_seconds: now_ns.saturating_sub(n.setup_ns) as f64 / 1e9,
             stage: Stage::Device,
+            poll_armed: false,
             nvme: Some(NvmeCommand {
                 qid: n.qid,
                 cid: n.cid,
@@ -226,6 +228,7 @@ impl<'a> Decoder<'a> {
             age_seconds: now_ns.saturating_sub(c.start_ns) as f64 / 1e9,
             stage: Stage::Queue,
             nvme: None,
+            poll_armed: false,
             key: RequestKey {
                 layer: Layer::Cufile,
                 req: id,
@@ -265,6 +268,7 @@ impl<'a> Decoder<'a> {
             age_seconds: now_ns.saturating_sub(e.start_ns) as f64 / 1e9,
             stage: stage_of(e),
             nvme,
+            poll_armed: e.poll_armed_ns != 0,
             key: RequestKey {
                 layer: Layer::Uring,
                 req: slot.req,

@@ -91,6 +91,7 @@ impl Default for Cause {
 const WAITS_FOR_DATA: &[(&str, &str)] = &[
     ("pipe_read", "pipe"),
     ("anon_pipe_read", "pipe"),
+    ("fifo_pipe_read", "pipe"),
     ("pipe_wait", "pipe"),
     ("pipe_wait_readable", "pipe"),
     ("sk_wait_data", "socket"),
@@ -111,15 +112,17 @@ pub const CAPTURES_PER_SCAN: usize = 64;
 
 /// The captures of one scan: each (layer, pid, tid, disk) read once, at most
 /// [`CAPTURES_PER_SCAN`] of them.
-pub struct ScanCaptures<'a> {
-    root: &'a HostRoot,
+/// `capture` reads one request's evidence: [`capture`] under a root, or a round trip to the
+/// thread that holds what the reads need (the agent's).
+pub struct ScanCaptures<F> {
+    capture: F,
     seen: std::collections::HashMap<(Layer, u32, u32, String), Evidence>,
 }
 
-impl<'a> ScanCaptures<'a> {
-    pub fn new(root: &'a HostRoot) -> Self {
+impl<F: FnMut(&Request) -> Evidence> ScanCaptures<F> {
+    pub fn new(capture: F) -> Self {
         ScanCaptures {
-            root,
+            capture,
             seen: std::collections::HashMap::new(),
         }
     }
@@ -146,13 +149,25 @@ impl<'a> ScanCaptures<'a> {
                     None,
                 );
             }
-            let ev = capture(self.root, req);
+            let ev = (self.capture)(req);
             let cause = explain(req, &ev);
             self.seen.insert(key, ev.clone());
             (cause, Some(ev))
         }
     }
 }
+
+/// io_uring opcodes that wait for data when poll is armed for them (a write armed waits for
+/// room, a poll or accept for an event: not data).
+const READS: &[&str] = &[
+    "READ",
+    "READV",
+    "READ_FIXED",
+    "RECV",
+    "RECVMSG",
+    "READ_MULTISHOT",
+    "RECV_ZC",
+];
 
 /// Reads the evidence for `req` (bounded reads under `root`; a few dozen small files).
 pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
@@ -222,6 +237,15 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
             };
         }
     }
+    if req.layer == Layer::Uring && req.poll_armed && READS.contains(&req.opcode.as_str()) {
+        return Cause {
+            kind: CauseKind::WaitingForData,
+            because: format!(
+                "io_uring {} armed poll on its file (pipe, socket, eventfd): no data yet",
+                req.opcode
+            ),
+        };
+    }
     if matches!(req.layer, Layer::Block | Layer::Nvme) && req.stage == Stage::Device {
         let queue = ev.disk.as_ref().map_or(String::new(), |d| {
             format!(
@@ -276,6 +300,7 @@ mod tests {
             age_seconds: 2.0,
             stage,
             nvme: None,
+            poll_armed: false,
             key: Default::default(),
         }
     }
@@ -344,6 +369,21 @@ mod tests {
     }
 
     #[test]
+    fn an_io_uring_read_armed_for_poll_is_waiting_for_data() {
+        let mut r = req(Layer::Uring, Stage::Queue);
+        r.opcode = "READ".into();
+        r.poll_armed = true;
+        let c = explain(&r, &Evidence::default());
+        assert_eq!(c.kind, CauseKind::WaitingForData, "{c:?}");
+        r.opcode = "WRITE".into();
+        assert_eq!(
+            explain(&r, &Evidence::default()).kind,
+            CauseKind::Unknown,
+            "a write armed waits for room, not data"
+        );
+    }
+
+    #[test]
     fn a_device_request_without_limits_is_device_else_unknown() {
         let ev = Evidence {
             threads: vec![waiting("io_schedule")],
@@ -368,5 +408,46 @@ mod tests {
         let mut l: Vec<_> = CauseKind::ALL.iter().map(|c| c.label()).collect();
         l.dedup();
         assert_eq!(l.len(), CauseKind::ALL.len());
+    }
+
+    #[test]
+    fn a_scan_captures_each_thread_and_disk_once_and_at_most_the_bound() {
+        let mut calls = 0;
+        let mut scan = ScanCaptures::new(|_: &Request| {
+            calls += 1;
+            Evidence {
+                threads: vec![waiting("pipe_read")],
+                ..Default::default()
+            }
+        });
+        let mut r = req(Layer::Cufile, Stage::Queue);
+        let (c, ev) = scan.explain(&r);
+        assert_eq!(c.kind, CauseKind::WaitingForData);
+        assert!(ev.is_some());
+        let (c, ev) = scan.explain(&r);
+        assert_eq!(
+            c.kind,
+            CauseKind::WaitingForData,
+            "the shared capture's cause"
+        );
+        assert!(ev.is_none(), "no second copy");
+        // tid 0 was the first capture: 63 more fill the bound.
+        for tid in 1..CAPTURES_PER_SCAN as u32 {
+            r.ctx.tid = tid;
+            scan.explain(&r);
+        }
+        let (c, ev) = scan.explain(&r);
+        assert_eq!(
+            c.kind,
+            CauseKind::WaitingForData,
+            "tid {} shared",
+            r.ctx.tid
+        );
+        assert!(ev.is_none());
+        r.ctx.tid = 10_000;
+        let (c, _) = scan.explain(&r);
+        assert_eq!(c.kind, CauseKind::Unknown, "past the bound: {c:?}");
+        drop(scan);
+        assert_eq!(calls, CAPTURES_PER_SCAN);
     }
 }

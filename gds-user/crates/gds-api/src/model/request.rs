@@ -171,6 +171,10 @@ pub struct Request {
     /// The NVMe command it is (NVMe layer) or became (io_uring passthrough), else absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<NvmeCommand>,
+    /// io_uring: poll was armed for it (`io_uring_poll_arm`): its file (pipe, socket,
+    /// eventfd) had nothing for it and it waits to be woken, with no thread blocked for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub poll_armed: bool,
     #[serde(skip)]
     pub key: RequestKey,
 }

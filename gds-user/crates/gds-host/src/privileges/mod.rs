@@ -59,6 +59,13 @@ pub const CUFILE_KEEP: CapSet = CapSet(
 /// Read leases on library files of other owners (`trace::lease`).
 const CAP_LEASE: u32 = 28;
 
+/// What the stall-evidence thread keeps (and nothing else in the agent but the cuFile thread):
+/// CAP_SYS_PTRACE, because `/proc/PID/task/TID/{wchan,syscall,stack}` of another process
+/// need ptrace access and a process holding more capabilities than the agent (any root
+/// process, once the agent dropped) refuses it without; CAP_SYS_ADMIN, because `stack` also
+/// requires it. The thread only reads those files, once per stall detected.
+pub const EVIDENCE_KEEP: CapSet = CapSet(1u64 << CAP_SYS_ADMIN | 1u64 << CAP_SYS_PTRACE);
+
 /// Drops the calling thread alone to `keep` (what it holds of it), bounding set included where
 /// it may. For a thread that [`drop_after_attach`] then exempts. Returns its thread id.
 pub fn drop_calling_thread_to(keep: CapSet) -> Result<i32, PrivilegeError> {
@@ -304,7 +311,7 @@ fn install_handler(signal: i32) -> Result<(), PrivilegeError> {
 fn drop_other_threads(
     keep: CapSet,
     bounding: bool,
-    exempt: Option<(i32, CapSet)>,
+    exempt: &[(i32, CapSet)],
 ) -> Result<usize, PrivilegeError> {
     let signal = drop_signal();
     TARGET_KEEP.store(keep.0, Ordering::SeqCst);
@@ -328,9 +335,7 @@ fn drop_other_threads(
                 Err(e) => return Err(e),
             };
             threads += 1;
-            if let Some((t, allowed)) = exempt
-                && t == tid
-            {
+            if let Some(&(_, allowed)) = exempt.iter().find(|(t, _)| *t == tid) {
                 let within = |c: CapSet| c.0 & !allowed.0 == 0;
                 if !within(caps.permitted) || !within(caps.effective) || !caps.ambient.is_empty() {
                     return Err(PrivilegeError::Kept {
@@ -401,11 +406,11 @@ fn drop_other_threads(
 /// with CAP_BPF out of the effective set, and CAP_BPF is kept only if it then fails (kernels
 /// before 6.5 with `unprivileged_bpf_disabled`). The bounding set is dropped too when the
 /// process may (it holds CAP_SETPCAP, e.g. root); no_new_privs is set either way.
-/// `exempt`: a thread that dropped itself already ([`drop_calling_thread_to`]) to at most the
-/// set given; it is checked against that set instead.
+/// `exempt`: threads that dropped themselves already ([`drop_calling_thread_to`]) to at most
+/// the set given with each; each is checked against its set instead.
 pub fn drop_after_attach(
     still_works: impl Fn() -> bool,
-    exempt: Option<(i32, CapSet)>,
+    exempt: &[(i32, CapSet)],
 ) -> Result<Dropped, PrivilegeError> {
     let me = gettid();
     let syscall_err = |step: Step, e: i32| PrivilegeError::Syscall {
