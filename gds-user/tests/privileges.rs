@@ -80,37 +80,41 @@ fn status_field(pid: u32, key: &str) -> String {
 /// Asserts every thread of the agent holds nothing (effective, permitted, inheritable,
 /// ambient) and has exactly `bounding` as its bounding set, but the cuFile thread
 /// (`gds-cufile`, there only if `cufile_on`), which holds at most `CUFILE_KEEP` (what
-/// attaching uprobes needs).
+/// attaching uprobes needs), and the stall-evidence thread (`gds-evidence`, always one),
+/// which holds at most `EVIDENCE_KEEP` (other threads' wchan, system call, kernel stack).
 fn assert_dropped(pid: u32, bounding: u64, cufile_on: bool) {
-    let keep = gds_host::privileges::CUFILE_KEEP.0;
     let threads = thread_caps(pid);
+    let count = |name: &str| threads.iter().filter(|(_, comm, _)| comm == name).count();
     assert_eq!(
-        threads
-            .iter()
-            .filter(|(_, comm, _)| comm == "gds-cufile")
-            .count(),
+        count("gds-cufile"),
         usize::from(cufile_on),
         "one cuFile thread where the layer is on, none where it is off: {threads:?}"
     );
+    assert_eq!(count("gds-evidence"), 1, "one evidence thread: {threads:?}");
     for (tid, comm, c) in threads {
-        if comm == "gds-cufile" {
+        let keep = match comm.as_str() {
+            "gds-cufile" => gds_host::privileges::CUFILE_KEEP.0,
+            "gds-evidence" => gds_host::privileges::EVIDENCE_KEEP.0,
+            _ => 0,
+        };
+        if keep != 0 {
             assert_eq!(
                 c.effective.0 & !keep,
                 0,
-                "cuFile thread {tid} CapEff: {c:?}"
+                "{comm} thread {tid} CapEff: {c:?}"
             );
             assert_eq!(
                 c.permitted.0 & !keep,
                 0,
-                "cuFile thread {tid} CapPrm: {c:?}"
+                "{comm} thread {tid} CapPrm: {c:?}"
             );
-            assert_eq!(c.inheritable.0, 0, "cuFile thread {tid} CapInh: {c:?}");
-            assert_eq!(c.ambient.0, 0, "cuFile thread {tid} CapAmb: {c:?}");
+            assert_eq!(c.inheritable.0, 0, "{comm} thread {tid} CapInh: {c:?}");
+            assert_eq!(c.ambient.0, 0, "{comm} thread {tid} CapAmb: {c:?}");
             // It drops its bounding set to what it keeps where it may (root), else leaves it.
             if bounding == 0 {
-                assert_eq!(c.bounding.0 & !keep, 0, "cuFile thread {tid} CapBnd: {c:?}");
+                assert_eq!(c.bounding.0 & !keep, 0, "{comm} thread {tid} CapBnd: {c:?}");
             } else {
-                assert_eq!(c.bounding.0, bounding, "cuFile thread {tid} CapBnd: {c:?}");
+                assert_eq!(c.bounding.0, bounding, "{comm} thread {tid} CapBnd: {c:?}");
             }
             continue;
         }
