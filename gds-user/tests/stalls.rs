@@ -187,6 +187,10 @@ fn pipe_read_in_io_wq_is_waiting_for_data_with_the_threads_stacks() {
         !stack_of(&threads[0]).is_empty(),
         "the submitter's stack: {stall}"
     );
+    println!(
+        "io_uring stall evidence (2 threads) captured in {} µs",
+        stall["evidence"]["capture_us"]
+    );
     let log = agent.log();
     assert!(
         log.lines()
@@ -498,6 +502,12 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     assert!(ev["disk"]["nr_requests"].as_u64().unwrap() >= 1, "{stall}");
     assert_eq!(ev["threads"][0]["tid"], tid, "{stall}");
     assert_eq!(ev["threads"][0]["state"], "D", "in the read: {stall}");
+    let us = ev["capture_us"].as_u64().unwrap();
+    println!("block stall evidence captured in {us} µs");
+    assert!(
+        us > 0 && us < 100_000,
+        "a capture is a few small reads: {us} µs"
+    );
     let (n, took) = reader.join().unwrap();
     assert_eq!(n, LEN as isize);
     assert!(took >= Duration::from_millis(600), "not held: {took:?}");

@@ -32,6 +32,9 @@ pub struct Evidence {
     /// What could not be read (a thread gone, no permission): the evidence is partial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// How long the reads took, microseconds: the capture's cost, paid once per stall.
+    #[serde(default)]
+    pub capture_us: u64,
 }
 
 /// The causes a stall can be given. Bounded: one metric series per (layer, disk, cause).
@@ -171,6 +174,7 @@ const READS: &[&str] = &[
 
 /// Reads the evidence for `req` (bounded reads under `root`; a few dozen small files).
 pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
+    let t0 = std::time::Instant::now();
     let mut ev = Evidence::default();
     let (pid, tid) = (req.ctx.pid, req.ctx.tid);
     if pid != 0 && tid != 0 {
@@ -199,6 +203,7 @@ pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
         let devices: Vec<&str> = d.devices().collect();
         ev.limits = host::io_limits(root, c, &devices);
     }
+    ev.capture_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     ev
 }
 

@@ -22,6 +22,10 @@
 //! maps and ELF symbol tables and attaches; the HTTP server, the parsers of requests and every
 //! other thread hold nothing.
 //!
+//! The stall-evidence thread is the other exception: it keeps [`EVIDENCE_KEEP`]
+//! (CAP_SYS_PTRACE, CAP_SYS_ADMIN) to read other threads' wchan, system call and kernel
+//! stack, once per stall detected, and does nothing else.
+//!
 //! Capabilities are per thread: the tokio workers were cloned while the process held
 //! everything, so dropping on the calling thread alone would leave them privileged. Every other
 //! thread is made to drop the same set from a signal handler (what libc does for setuid(2)),
