@@ -58,7 +58,57 @@ pub fn table(r: &StallReport) -> String {
                 q.where_text(),
                 s.stage_description,
             );
+            // The cause and the evidence behind it, under its stall.
+            let _ = writeln!(
+                o,
+                "{:<8} cause {}: {}",
+                "",
+                s.cause.kind.label(),
+                s.cause.because
+            );
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gds_api::model::{Cause, CauseKind, Request, Stage, Stall};
+
+    #[test]
+    fn each_stall_says_its_cause_under_it() {
+        let stall = Stall {
+            request: Request {
+                layer: gds_api::model::Layer::Block,
+                opcode: "read".into(),
+                ctx: Default::default(),
+                target: Default::default(),
+                origin: None,
+                age_seconds: 2.0,
+                stage: Stage::Device,
+                nvme: None,
+                poll_armed: false,
+                key: Default::default(),
+            },
+            stage_description: "at the device".into(),
+            total_seconds: None,
+            cause: Cause {
+                kind: CauseKind::Throttled,
+                because: "cgroup /g (v1) blkio.throttle.read_iops_device 254:0 riops=1".into(),
+            },
+            evidence: None,
+        };
+        let t = table(&StallReport {
+            active: vec![stall],
+            ..Default::default()
+        });
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[2].starts_with("STALLED  block"), "{t}");
+        assert_eq!(
+            lines[3].trim(),
+            "cause throttled: cgroup /g (v1) blkio.throttle.read_iops_device 254:0 riops=1",
+            "{t}"
+        );
+    }
 }
