@@ -39,6 +39,11 @@ pub struct ThreadEvidence {
     /// empty where the kernel refuses (no CAP_SYS_ADMIN) or the thread is gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack: Vec<String>,
+    /// The files of the thread that could not be read and why (a stack refused without
+    /// CAP_SYS_ADMIN, a syscall without ptrace access): what is empty above is unknown, not
+    /// absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
 }
 
 impl ThreadEvidence {
@@ -75,14 +80,21 @@ pub fn thread(root: &HostRoot, pid: u32, tid: u32) -> Result<ThreadEvidence, Rea
         .read_attr(&format!("{dir}/wchan"))
         .map(|w| if w == "0" { String::new() } else { w })
         .unwrap_or_default();
+    let mut unreadable = Vec::new();
     let syscall = root
         .read_attr(&format!("{dir}/syscall"))
         .map(|s| s.split_whitespace().next().unwrap_or("").to_owned())
-        .unwrap_or_default();
+        .unwrap_or_else(|e| {
+            unreadable.push(e.to_string());
+            String::new()
+        });
     let stack = root
         .read(&format!("{dir}/stack"), SMALL_FILE_LIMIT)
         .map(|s| parse_stack(&s))
-        .unwrap_or_default();
+        .unwrap_or_else(|e| {
+            unreadable.push(e.to_string());
+            Vec::new()
+        });
     Ok(ThreadEvidence {
         pid,
         tid,
@@ -91,6 +103,7 @@ pub fn thread(root: &HostRoot, pid: u32, tid: u32) -> Result<ThreadEvidence, Rea
         wchan,
         syscall,
         stack,
+        unreadable,
     })
 }
 
@@ -503,6 +516,11 @@ mod tests {
         assert_eq!(t.tid, tid);
         // Reading its own stat, it is running.
         assert_eq!(t.state, "R", "{t:?}");
+        // Root (the tests' user) reads its own stack; anyone else is told why not.
+        assert!(
+            !t.stack.is_empty() || t.unreadable.iter().any(|u| u.contains("stack")),
+            "{t:?}"
+        );
         assert!(thread(&HostRoot::new("/"), pid, u32::MAX).is_err());
     }
 }
