@@ -5,7 +5,7 @@
 #   scripts/issue-23/guest-hooks.sh KERNELS_DIR [OUT_DIR]
 # KERNELS_DIR: a `target/vm/kernels` of `cargo xtask vm-test` (series dirs 6.1, 6.12,
 # 6.1-generic, 6.12-generic and debs/ with the .deb files). Needs qemu-system-x86_64,
-# busybox(-static), cpio, gcc, bpftool, lz4/xz/zstd, mkfs.ext4, objcopy. Takes ~2 min.
+# busybox(-static), cpio, gcc, bpftool, lz4/xz/zstd, mkfs.ext4, objcopy. Takes ~3 min under emulation.
 # Per kernel it (1) extracts vmlinux and dumps its BTF, (2) boots a guest that loads xfs (+ ext4
 # on generic kernels), then load+attaches an empty fentry/fexit/tp_btf program per hook
 # (hookprobe.c), tries a tracefs kprobe per function and lists tracepoints; (3) on the cloud
