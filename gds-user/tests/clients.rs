@@ -110,8 +110,7 @@ fn a_trickling_answer_is_cut_at_the_whole_answer_deadline() {
     // The head, then a byte every 300 ms: each read is quick, the answer never ends. The old
     // client's timeout was per read and waited forever.
     let addr = hostile_server(|mut s| {
-        if s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
             .is_err()
         {
             return;

@@ -21,8 +21,8 @@ use std::{
 use common::{
     Agent, LineChild, Metrics, build_standin, cufile_lock, require_root, setpriv_nobody, within,
 };
-use gds_common::cufile::{CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX, CUFILE_PROCESS_QUOTA};
 use gds_api::model::cufile::{CufileProcess, CufileReport};
+use gds_common::cufile::{CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX, CUFILE_PROCESS_QUOTA};
 
 /// The stand-in library, the driver and a data file, in a directory every user may read.
 struct Fixtures {

@@ -17,11 +17,11 @@ use std::{
 };
 
 use common::{Agent, LineChild, build_standin, cufile_lock, require_root};
-use gds_common::cufile::CUFILE_FILES_MAX;
 use gds_api::model::{
     Snapshot,
     cufile::{CufileReport, REPORT_FILES_PER_PROCESS, REPORT_LIBRARY_PIDS, REPORT_PROCESSES},
 };
+use gds_common::cufile::CUFILE_FILES_MAX;
 
 /// What the bounds promise: `/debug/cufile` under 512 KiB and `/debug/snapshot` (the same
 /// report plus statistics, layers, stalls) under 1 MiB here, however many rows the kernel

@@ -9,8 +9,8 @@
 mod common;
 
 use common::{Agent, require_root, serial};
-use gds_common::DropReason;
 use gds_api::raw::UringSnapshot;
+use gds_common::DropReason;
 use gds_trace::{AttachMode, TraceOptions, UringTracer};
 use io_uring::{IoUring, opcode, squeue};
 

@@ -49,9 +49,15 @@ pub fn run(args: LayeringArgs) -> Result<()> {
         println!("layering: {p}");
     }
     if !problems.is_empty() {
-        bail!("layering: {} problem(s) ({DOC}, section \"Crates\")", problems.len());
+        bail!(
+            "layering: {} problem(s) ({DOC}, section \"Crates\")",
+            problems.len()
+        );
     }
-    println!("layering: {} crates, as {DOC} draws them; no #[path] out of a crate", graph.len());
+    println!(
+        "layering: {} crates, as {DOC} draws them; no #[path] out of a crate",
+        graph.len()
+    );
     Ok(())
 }
 
@@ -91,7 +97,13 @@ fn crate_table(doc: &str) -> Result<Graph> {
 /// `cargo metadata`.
 fn crate_graph(root: &Path) -> Result<(Graph, BTreeMap<String, PathBuf>)> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(root)
         .output()
         .context("running cargo metadata")?;
@@ -99,7 +111,9 @@ fn crate_graph(root: &Path) -> Result<(Graph, BTreeMap<String, PathBuf>)> {
         bail!("cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
     }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let packages = meta["packages"].as_array().context("cargo metadata: no packages")?;
+    let packages = meta["packages"]
+        .as_array()
+        .context("cargo metadata: no packages")?;
     let names: BTreeSet<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
     let (mut graph, mut dirs) = (Graph::new(), BTreeMap::new());
     for p in packages {
@@ -137,7 +151,9 @@ fn compare(table: &Graph, graph: &Graph) -> Vec<String> {
         }
     }
     for name in table.keys().filter(|n| !graph.contains_key(*n)) {
-        problems.push(format!("the crate table lists {name}, which is not in the workspace"));
+        problems.push(format!(
+            "the crate table lists {name}, which is not in the workspace"
+        ));
     }
     problems
 }
@@ -149,7 +165,10 @@ fn path_escapes(name: &str, dir: &Path) -> Result<Vec<String>> {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let path = entry?.path();
-            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let file_name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if path.is_dir() {
                 // Nested crates are checked on their own; build output is not source.
                 if file_name != "target" && !path.join("Cargo.toml").is_file() {
@@ -158,7 +177,9 @@ fn path_escapes(name: &str, dir: &Path) -> Result<Vec<String>> {
             } else if file_name.ends_with(".rs") {
                 let text = std::fs::read_to_string(&path)?;
                 for (n, line) in text.lines().enumerate() {
-                    let Some(target) = path_attribute(line) else { continue };
+                    let Some(target) = path_attribute(line) else {
+                        continue;
+                    };
                     let resolved = normalize(&path.parent().unwrap_or(dir).join(target));
                     if !resolved.starts_with(normalize(dir)) {
                         problems.push(format!(
@@ -177,7 +198,11 @@ fn path_escapes(name: &str, dir: &Path) -> Result<Vec<String>> {
 
 /// The target of a `#[path = "…"]` attribute on this line, if it has one.
 fn path_attribute(line: &str) -> Option<&str> {
-    let rest = line.trim_start().strip_prefix("#[path")?.trim_start().strip_prefix('=')?;
+    let rest = line
+        .trim_start()
+        .strip_prefix("#[path")?
+        .trim_start()
+        .strip_prefix('=')?;
     let rest = rest.trim_start().strip_prefix('"')?;
     rest.split('"').next()
 }
@@ -245,7 +270,10 @@ mod tests {
         .unwrap();
         let p = path_escapes("c", &dir).unwrap();
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("lib.rs:2") && p[0].contains("reaches out of crate c"), "{p:?}");
+        assert!(
+            p[0].contains("lib.rs:2") && p[0].contains("reaches out of crate c"),
+            "{p:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

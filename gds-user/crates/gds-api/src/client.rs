@@ -313,7 +313,10 @@ mod tests {
         assert_eq!(timeout_from_env().unwrap(), Duration::from_millis(250));
         unsafe { std::env::set_var(TIMEOUT_ENV, "soon") };
         let e = timeout_from_env().unwrap_err();
-        assert!(e.to_string().starts_with("GDS_CLIENT_TIMEOUT=\"soon\": "), "{e}");
+        assert!(
+            e.to_string().starts_with("GDS_CLIENT_TIMEOUT=\"soon\": "),
+            "{e}"
+        );
         unsafe { std::env::remove_var(TIMEOUT_ENV) };
         assert_eq!(seconds(Duration::from_secs(10)), "10 s");
         assert_eq!(seconds(Duration::from_millis(1500)), "1.5 s");

@@ -19,8 +19,8 @@ use super::route::{Dest, PathArg, Route, resolve};
 use super::source::{Direct, Source};
 use super::verify::{self, DigestSink, RangeDigest};
 use super::{cufile, naive, p2p};
-use gds_nvme::cli::NvmeReadArgs;
 use gds_host::units::parse_size;
+use gds_nvme::cli::NvmeReadArgs;
 
 /// Smallest and largest bytes per I/O: below 4 KiB a read costs more in syscalls and
 /// completions than it moves; above 256 MiB one buffer per queue slot exhausts pinned memory.

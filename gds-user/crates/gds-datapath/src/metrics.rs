@@ -14,7 +14,6 @@ use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gds_api::families;
 use axum::{
     Router,
     extract::State,
@@ -22,6 +21,7 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use gds_api::families;
 use prometheus::{CounterVec, Encoder, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder};
 use tokio::sync::oneshot;
 

@@ -18,9 +18,7 @@ use gds_nvme::{DmaBuffer, NvmeReadCmd, NvmeRing, UringCmdOp, namespace_geometry}
 
 use crate::agent::counter;
 use crate::nvme::{MAIN_SERIAL, find_ns};
-use crate::tracing::{
-    layer_entry, metrics, passthrough_reads, start_agent_logged, wait_metrics,
-};
+use crate::tracing::{layer_entry, metrics, passthrough_reads, start_agent_logged, wait_metrics};
 use crate::{Ctx, Scenario};
 
 /// Written by the guest's `/init` on generic kernels.

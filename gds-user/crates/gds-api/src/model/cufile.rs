@@ -255,10 +255,7 @@ impl CufileReport {
         let (libraries, not_traced) = tracer.cufile_libraries();
         let host = HostFacts {
             nvidia_fs_loaded: gds_host::kmod::Modules::live().present("nvidia_fs"),
-            p2pdma_kernel: !matches!(
-                tracer.peer_memory(),
-                PeerMemory::Impossible(_)
-            ),
+            p2pdma_kernel: !matches!(tracer.peer_memory(), PeerMemory::Impossible(_)),
         };
         let mut report = CufileReport::decode(
             raw,
