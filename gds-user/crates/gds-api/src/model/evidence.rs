@@ -45,6 +45,13 @@ pub enum CauseKind {
     Throttled,
     /// A thread serving the request waits for a pipe, socket or eventfd to have data.
     WaitingForData,
+    /// A thread serving the request waits for a page of the page cache: its lock (another
+    /// request is reading it in) or its writeback, or the kernel holds a writer back until
+    /// dirty pages are written.
+    PageCache,
+    /// A thread serving the request waits for a free request (tag) on the disk's queue, or a
+    /// block request waits to be issued while the disk holds as many as its queue allows.
+    QueueFull,
     /// A block or NVMe request issued to the device and not completed by it.
     Device,
     /// None of the rules matched; the evidence is still shown.
@@ -52,9 +59,11 @@ pub enum CauseKind {
 }
 
 impl CauseKind {
-    pub const ALL: [CauseKind; 4] = [
+    pub const ALL: [CauseKind; 6] = [
         CauseKind::Throttled,
         CauseKind::WaitingForData,
+        CauseKind::PageCache,
+        CauseKind::QueueFull,
         CauseKind::Device,
         CauseKind::Unknown,
     ];
@@ -64,6 +73,8 @@ impl CauseKind {
         match self {
             CauseKind::Throttled => "throttled",
             CauseKind::WaitingForData => "waiting_for_data",
+            CauseKind::PageCache => "page_cache",
+            CauseKind::QueueFull => "queue_full",
             CauseKind::Device => "device",
             CauseKind::Unknown => "unknown",
         }
@@ -105,6 +116,32 @@ const WAITS_FOR_DATA: &[(&str, &str)] = &[
     ("tcp_recvmsg", "socket"),
     ("inet_recvmsg", "socket"),
     ("eventfd_read", "eventfd"),
+];
+
+/// Kernel functions in which a thread waits on the page cache, and for what (5.16+ folio
+/// names, then the page names of older kernels).
+const WAITS_FOR_PAGES: &[(&str, &str)] = &[
+    ("folio_wait_bit_common", "a page's lock or writeback bit"),
+    ("folio_wait_bit", "a page's lock or writeback bit"),
+    ("folio_wait_bit_killable", "a page's lock"),
+    ("__folio_lock", "a page's lock"),
+    ("__folio_lock_killable", "a page's lock"),
+    ("__folio_lock_or_retry", "a page's lock"),
+    ("folio_wait_writeback", "a page's writeback"),
+    ("folio_wait_stable", "a page's writeback"),
+    ("wait_on_page_bit_common", "a page's lock or writeback bit"),
+    ("__lock_page", "a page's lock"),
+    ("__lock_page_killable", "a page's lock"),
+    ("wait_on_page_writeback", "a page's writeback"),
+    ("balance_dirty_pages", "dirty pages to be written back (dirty throttling)"),
+];
+
+/// Kernel functions in which a thread waits for room on a disk's queue.
+const WAITS_FOR_QUEUE: &[(&str, &str)] = &[
+    ("blk_mq_get_tag", "a free tag (request) on the disk's queue"),
+    ("blk_queue_enter", "the disk's queue to be usable (frozen or suspended)"),
+    ("bio_queue_enter", "the disk's queue to be usable (frozen or suspended)"),
+    ("rq_qos_wait", "the disk's QoS policy (writeback throttling, io.latency, io.cost)"),
 ];
 
 /// Distinct captures one scan makes at most. A hung disk under load makes thousands of stalls
@@ -210,9 +247,15 @@ pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
 /// Names the cause of `req`'s stall from `ev`, by the first rule that holds:
 /// 1. `throttled`: a cgroup limit in force on its disk (or one below it);
 /// 2. `waiting_for_data`: a thread serving it sleeps in a pipe, socket or eventfd wait
-///    (wchan or stack);
-/// 3. `device`: a block or NVMe request at the device stage;
-/// 4. `unknown`.
+///    (wchan or stack), or an io_uring read armed poll;
+/// 3. `page_cache`: a thread serving it waits for a page's lock or writeback;
+/// 4. `queue_full`: a thread serving it waits for a tag or queue QoS, or a block request not
+///    yet issued while the disk holds `nr_requests`;
+/// 5. `device`: a block or NVMe request at the device stage;
+/// 6. `unknown`.
+///
+/// The root cause comes first: a limit holds the queue that makes a thread wait for a tag,
+/// and a slow device holds the page whose lock a reader waits for.
 pub fn explain(req: &Request, ev: &Evidence) -> Cause {
     if let Some(l) = ev.limits.first() {
         let more = match ev.limits.len() {
@@ -227,20 +270,19 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
     // An io_uring submitter is free while its request waits: where it sleeps (a socket of
     // its own, a futex) says nothing about the request. Only the io-wq workers serving it
     // wait for the request.
-    let serving = |t: &&ThreadEvidence| req.layer != Layer::Uring || t.comm.starts_with("iou-wrk-");
-    for t in ev.threads.iter().filter(serving) {
-        let wait = std::iter::once(t.wchan.as_str())
-            .chain(t.functions())
-            .find_map(|f| WAITS_FOR_DATA.iter().find(|(w, _)| *w == f));
-        if let Some((function, what)) = wait {
-            return Cause {
-                kind: CauseKind::WaitingForData,
-                because: format!(
-                    "thread {} ({}) state {} waits for a {what} in {function}",
-                    t.tid, t.comm, t.state
-                ),
-            };
-        }
+    let serving: Vec<&ThreadEvidence> = ev
+        .threads
+        .iter()
+        .filter(|t| req.layer != Layer::Uring || t.comm.starts_with("iou-wrk-"))
+        .collect();
+    if let Some((t, function, what)) = waits_in(&serving, WAITS_FOR_DATA) {
+        return Cause {
+            kind: CauseKind::WaitingForData,
+            because: format!(
+                "thread {} ({}) state {} waits for a {what} in {function}",
+                t.tid, t.comm, t.state
+            ),
+        };
     }
     if req.layer == Layer::Uring && req.poll_armed && READS.contains(&req.opcode.as_str()) {
         return Cause {
@@ -251,23 +293,51 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
             ),
         };
     }
+    if let Some((t, function, what)) = waits_in(&serving, WAITS_FOR_PAGES) {
+        return Cause {
+            kind: CauseKind::PageCache,
+            because: format!(
+                "thread {} ({}) state {} waits for {what} in {function}",
+                t.tid, t.comm, t.state
+            ),
+        };
+    }
+    if let Some((t, function, what)) = waits_in(&serving, WAITS_FOR_QUEUE) {
+        return Cause {
+            kind: CauseKind::QueueFull,
+            because: format!(
+                "thread {} ({}) state {} waits for {what} in {function}{}",
+                t.tid,
+                t.comm,
+                t.state,
+                queue_text(ev.disk.as_ref())
+            ),
+        };
+    }
+    if req.layer == Layer::Block
+        && req.stage == Stage::Queue
+        && let Some(d) = &ev.disk
+        && let Some(n) = d.nr_requests
+        && n > 0
+        && d.inflight_reads + d.inflight_writes >= n
+    {
+        return Cause {
+            kind: CauseKind::QueueFull,
+            because: format!(
+                "block request not issued for {:.1} s while the queue is full{}",
+                req.age_seconds,
+                queue_text(Some(d))
+            ),
+        };
+    }
     if matches!(req.layer, Layer::Block | Layer::Nvme) && req.stage == Stage::Device {
-        let queue = ev.disk.as_ref().map_or(String::new(), |d| {
-            format!(
-                "; {} in flight {} reads {} writes, nr_requests {}, scheduler {}",
-                d.disk,
-                d.inflight_reads,
-                d.inflight_writes,
-                d.nr_requests.map_or("?".into(), |n| n.to_string()),
-                d.scheduler.as_deref().unwrap_or("?")
-            )
-        });
         return Cause {
             kind: CauseKind::Device,
             because: format!(
-                "{} request at the device for {:.1} s{queue}",
+                "{} request at the device for {:.1} s{}",
                 req.layer.label(),
-                req.age_seconds
+                req.age_seconds,
+                queue_text(ev.disk.as_ref())
             ),
         };
     }
@@ -288,6 +358,35 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
         kind: CauseKind::Unknown,
         because,
     }
+}
+
+/// The first of `threads` whose wchan or a stack frame is in `table`, with the function and
+/// what it waits for.
+fn waits_in<'a>(
+    threads: &[&'a ThreadEvidence],
+    table: &'static [(&'static str, &'static str)],
+) -> Option<(&'a ThreadEvidence, &'static str, &'static str)> {
+    threads.iter().find_map(|t| {
+        std::iter::once(t.wchan.as_str())
+            .chain(t.functions())
+            .find_map(|f| table.iter().find(|(w, _)| *w == f))
+            .map(|(function, what)| (*t, *function, *what))
+    })
+}
+
+/// `; vda in flight 3 reads 0 writes, nr_requests 64, scheduler none`, or nothing without the
+/// disk's evidence.
+fn queue_text(disk: Option<&DiskEvidence>) -> String {
+    disk.map_or(String::new(), |d| {
+        format!(
+            "; {} in flight {} reads {} writes, nr_requests {}, scheduler {}",
+            d.disk,
+            d.inflight_reads,
+            d.inflight_writes,
+            d.nr_requests.map_or("?".into(), |n| n.to_string()),
+            d.scheduler.as_deref().unwrap_or("?")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -405,6 +504,121 @@ mod tests {
         assert_eq!(
             explain(&req(Layer::Uring, Stage::Device), &ev).kind,
             CauseKind::Unknown
+        );
+    }
+
+    #[test]
+    fn a_page_lock_or_writeback_wait_is_page_cache() {
+        let ev = Evidence {
+            threads: vec![ThreadEvidence {
+                tid: 7,
+                comm: "python3".into(),
+                state: "D".into(),
+                stack: vec![
+                    "folio_wait_bit_common+0x13f/0x340".into(),
+                    "filemap_update_page+0x2a1/0x2f0".into(),
+                    "filemap_read+0x10a/0x340".into(),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Cufile, Stage::Queue), &ev);
+        assert_eq!(c.kind, CauseKind::PageCache, "{c:?}");
+        assert!(c.because.contains("folio_wait_bit_common") && c.because.contains("python3"));
+        let dirty = Evidence {
+            threads: vec![ThreadEvidence {
+                wchan: "balance_dirty_pages".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(
+            explain(&req(Layer::Cufile, Stage::Queue), &dirty)
+                .because
+                .contains("dirty throttling")
+        );
+    }
+
+    #[test]
+    fn a_tag_wait_or_a_full_queue_is_queue_full() {
+        let disk = DiskEvidence {
+            disk: "vdb".into(),
+            dev: "254:16".into(),
+            inflight_reads: 2,
+            inflight_writes: 0,
+            nr_requests: Some(2),
+            scheduler: Some("none".into()),
+            ..Default::default()
+        };
+        let tag_wait = Evidence {
+            threads: vec![ThreadEvidence {
+                tid: 9,
+                comm: "fio".into(),
+                state: "D".into(),
+                stack: vec![
+                    "io_schedule+0x46/0x70".into(),
+                    "blk_mq_get_tag+0x11e/0x2d0".into(),
+                    "__blk_mq_alloc_requests+0x12b/0x330".into(),
+                ],
+                ..Default::default()
+            }],
+            disk: Some(disk.clone()),
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Cufile, Stage::Queue), &tag_wait);
+        assert_eq!(c.kind, CauseKind::QueueFull, "{c:?}");
+        assert!(c.because.contains("free tag") && c.because.contains("nr_requests 2"));
+        // Not issued while the queue holds nr_requests: queue_full without a stack.
+        let full = Evidence {
+            disk: Some(disk.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&req(Layer::Block, Stage::Queue), &full).kind,
+            CauseKind::QueueFull
+        );
+        // Room on the queue: the wait is something else.
+        let room = Evidence {
+            disk: Some(DiskEvidence {
+                inflight_reads: 1,
+                ..disk
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&req(Layer::Block, Stage::Queue), &room).kind,
+            CauseKind::Unknown
+        );
+    }
+
+    #[test]
+    fn the_root_cause_wins_over_what_it_makes_threads_wait_for() {
+        // A throttled disk fills the queue and holds the pages readers wait for.
+        let ev = Evidence {
+            limits: vec![IoLimit {
+                cgroup: "/g".into(),
+                version: CgroupVersion::V2,
+                file: "io.max".into(),
+                device: "254:0".into(),
+                kind: "riops".into(),
+                value: 1,
+            }],
+            threads: vec![waiting("blk_mq_get_tag"), waiting("folio_wait_bit_common")],
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&req(Layer::Cufile, Stage::Queue), &ev).kind,
+            CauseKind::Throttled
+        );
+        // A pipe wait is named before a page wait of another thread.
+        let ev = Evidence {
+            threads: vec![waiting("folio_wait_bit_common"), waiting("pipe_read")],
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&req(Layer::Cufile, Stage::Queue), &ev).kind,
+            CauseKind::WaitingForData
         );
     }
 
