@@ -535,7 +535,18 @@ async fn scan_stalls(
             let (inflight, now) = model::inflight(&*tracer2);
             let scan = t0.elapsed().as_secs_f64();
             let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
-            let mut capture = model::evidence::ScanCaptures::new(|r: &Request| evidence.capture(r));
+            // The cuFile report is read once per scan, and only when a cuFile call stalls.
+            let mut cufile: Option<Option<model::cufile::CufileReport>> = None;
+            let mut capture = model::evidence::ScanCaptures::new(|r: &Request| {
+                let mut ev = evidence.capture(r);
+                if r.layer == model::Layer::Cufile
+                    && let Some(report) = cufile
+                        .get_or_insert_with(|| model::cufile::CufileReport::collect(&*tracer2).ok())
+                {
+                    ev.cufile = model::evidence::cufile_evidence(r, report, &inflight);
+                }
+                ev
+            });
             let changes = d.scan_explained(now, &inflight, |r| capture.explain(r));
             (changes, d.report(now, &inflight, scan))
         })

@@ -595,6 +595,15 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
             .iter()
             .any(|l| l["pids"].as_array().unwrap().iter().any(|p| *p == pid))
     });
+    // One call done on a regular file first: the stall's evidence then says which path the
+    // process's I/O takes.
+    let data = dir.path().join("data");
+    std::fs::write(&data, vec![1u8; 8192]).unwrap();
+    assert!(
+        app.cmd(&format!("open {}", data.display()))
+            .starts_with("opened ")
+    );
+    assert_eq!(app.cmd("read 1 4096"), "read 1 4096");
     let fd = app.cmd(&format!("open {}", fifo.display()));
     assert!(fd.starts_with("opened "), "{fd}");
     let held = Instant::now();
@@ -621,6 +630,24 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
             .contains("waits for a pipe"),
         "{stall}"
     );
+    // The cuFile layer's view of the process: its one earlier call's path (the FIFO has none
+    // yet, so the path is the process's) and no other call in flight.
+    let cf = &stall["evidence"]["cufile"];
+    let calls = cf["process_path_calls"]
+        .as_object()
+        .expect("cuFile evidence");
+    assert_eq!(
+        calls.values().filter_map(|v| v.as_u64()).sum::<u64>(),
+        1,
+        "{cf}"
+    );
+    assert_eq!(
+        calls.get(cf["path"].as_str().unwrap()),
+        Some(&1.into()),
+        "{cf}"
+    );
+    assert_eq!(cf["path_of_file"], false, "{cf}");
+    assert_eq!(cf["other_calls_total"], 0, "{cf}");
     std::thread::sleep(Duration::from_millis(300));
     let m = agent.scrape();
     assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 1.0);
@@ -643,8 +670,9 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
 
 /// `gds_stalls_total` of one layer and disk over every cause.
 fn stalls_total(m: &common::Metrics, layer: &str, disk: &str) -> f64 {
-    ["throttled", "waiting_for_data", "device", "unknown"]
+    gds_api::model::evidence::CauseKind::ALL
         .iter()
+        .map(|c| c.label())
         .map(|c| {
             m.value(
                 "gds_stalls_total",

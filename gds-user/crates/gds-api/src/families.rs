@@ -154,7 +154,8 @@ pub const STALLS: Family = family(
     Counter,
     &["layer", "disk", "cause"],
     "Stalls detected, by layer (a layer of /debug/layers), disk (unknown where the layer \
-     has none) and cause named when detected (throttled, waiting_for_data, device, unknown).",
+     has none) and cause named when detected (throttled, waiting_for_data, page_cache, queue_full, device, \
+     unknown).",
 );
 pub const STALL_SCAN: Family = family(
     "gds_stall_scan_duration_seconds",

@@ -12,10 +12,99 @@ use gds_host::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Layer, Request, Stage};
+use super::{
+    Layer, Request, Stage,
+    cufile::{CufileCounters, CufileReport},
+};
+
+/// Other calls of a cuFile process listed in its evidence; `other_calls_total` counts all.
+pub const CUFILE_OTHER_CALLS_MAX: usize = 16;
+
+/// A stalled cuFile call's process, as the cuFile layer saw it when the stall was detected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CufileEvidence {
+    /// The path the call's I/O is taking: the one most of its file's earlier reads and writes
+    /// took, else the process's (`compat`, `nvfs`, `p2pdma`); absent before any succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Whether `path` is the file's (true) or, with no call on the file done yet, the
+    /// process's.
+    #[serde(default)]
+    pub path_of_file: bool,
+    /// Why the file's I/O goes compat (not O_DIRECT, no nvidia-fs, …), where it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compat_reason: Option<String>,
+    /// The process's successful calls by path so far.
+    #[serde(default)]
+    pub process_path_calls: std::collections::BTreeMap<String, u64>,
+    /// The process's other cuFile calls in flight, oldest first (at most
+    /// [`CUFILE_OTHER_CALLS_MAX`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_calls: Vec<CufileOtherCall>,
+    #[serde(default)]
+    pub other_calls_total: usize,
+}
+
+/// One other call in flight of a stalled cuFile call's process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CufileOtherCall {
+    pub tid: u32,
+    pub op: String,
+    pub age_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+/// The cuFile evidence of `req` (a cuFile call) from the cuFile report and the requests in
+/// flight of the same scan; `None` for other layers or a process the report does not list.
+pub fn cufile_evidence(
+    req: &Request,
+    report: &CufileReport,
+    inflight: &[Request],
+) -> Option<CufileEvidence> {
+    if req.layer != Layer::Cufile {
+        return None;
+    }
+    let pid = req.ctx.pid;
+    let mut others: Vec<&Request> = inflight
+        .iter()
+        .filter(|r| r.layer == Layer::Cufile && r.ctx.pid == pid && r.key != req.key)
+        .collect();
+    others.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+    let process = report.processes.iter().find(|p| p.pid == pid);
+    if process.is_none() && others.is_empty() {
+        return None;
+    }
+    let file = process.and_then(|p| {
+        p.files
+            .iter()
+            .find(|f| req.target.file.as_deref() == Some(f.path.as_str()))
+    });
+    let main = |c: &CufileCounters| c.main_path().map(str::to_owned);
+    let file_path = file.and_then(|f| main(&f.counters));
+    Some(CufileEvidence {
+        path_of_file: file_path.is_some(),
+        path: file_path.or_else(|| process.and_then(|p| main(&p.counters))),
+        compat_reason: file.and_then(|f| f.compat_reason.clone()),
+        process_path_calls: process
+            .map(|p| p.counters.path_calls.clone())
+            .unwrap_or_default(),
+        other_calls_total: others.len(),
+        other_calls: others
+            .iter()
+            .take(CUFILE_OTHER_CALLS_MAX)
+            .map(|r| CufileOtherCall {
+                tid: r.ctx.tid,
+                op: r.opcode.clone(),
+                age_seconds: r.age_seconds,
+                file: r.target.file.clone(),
+            })
+            .collect(),
+    })
+}
 
 /// What the host said about a stalled request when its stall was detected.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
     /// The threads involved: the submitter, and for io_uring the io-wq workers serving it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -29,6 +118,10 @@ pub struct Evidence {
     /// Limits of those cgroups (or their ancestors) on the disk or a disk below it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<IoLimit>,
+    /// A cuFile call's process as the cuFile layer saw it: the path its I/O takes, the
+    /// process's other calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cufile: Option<CufileEvidence>,
     /// What could not be read (a thread gone, no permission): the evidence is partial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
@@ -133,15 +226,27 @@ const WAITS_FOR_PAGES: &[(&str, &str)] = &[
     ("__lock_page", "a page's lock"),
     ("__lock_page_killable", "a page's lock"),
     ("wait_on_page_writeback", "a page's writeback"),
-    ("balance_dirty_pages", "dirty pages to be written back (dirty throttling)"),
+    (
+        "balance_dirty_pages",
+        "dirty pages to be written back (dirty throttling)",
+    ),
 ];
 
 /// Kernel functions in which a thread waits for room on a disk's queue.
 const WAITS_FOR_QUEUE: &[(&str, &str)] = &[
     ("blk_mq_get_tag", "a free tag (request) on the disk's queue"),
-    ("blk_queue_enter", "the disk's queue to be usable (frozen or suspended)"),
-    ("bio_queue_enter", "the disk's queue to be usable (frozen or suspended)"),
-    ("rq_qos_wait", "the disk's QoS policy (writeback throttling, io.latency, io.cost)"),
+    (
+        "blk_queue_enter",
+        "the disk's queue to be usable (frozen or suspended)",
+    ),
+    (
+        "bio_queue_enter",
+        "the disk's queue to be usable (frozen or suspended)",
+    ),
+    (
+        "rq_qos_wait",
+        "the disk's QoS policy (writeback throttling, io.latency, io.cost)",
+    ),
 ];
 
 /// Distinct captures one scan makes at most. A hung disk under load makes thousands of stalls
@@ -354,6 +459,24 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
             )
         })
         .unwrap_or_else(|| "no thread or device evidence".into());
+    let because = match ev
+        .cufile
+        .as_ref()
+        .and_then(|c| c.path.as_ref().map(|p| (c, p)))
+    {
+        Some((c, path)) => format!(
+            "{because}; cuFile {} I/O takes {path}{}",
+            if c.path_of_file {
+                "file's"
+            } else {
+                "process's"
+            },
+            c.compat_reason
+                .as_deref()
+                .map_or(String::new(), |r| format!(" ({r})"))
+        ),
+        None => because,
+    };
     Cause {
         kind: CauseKind::Unknown,
         because,
@@ -619,6 +742,78 @@ mod tests {
         assert_eq!(
             explain(&req(Layer::Cufile, Stage::Queue), &ev).kind,
             CauseKind::WaitingForData
+        );
+    }
+
+    #[test]
+    fn a_cufile_stall_names_the_path_its_file_takes_and_the_other_calls() {
+        use super::super::cufile::{CufileCounters, CufileFile, CufileProcess};
+        let counters = |compat: u64, nvfs: u64| CufileCounters {
+            path_calls: [("compat".to_owned(), compat), ("nvfs".to_owned(), nvfs)]
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            ..Default::default()
+        };
+        let report = CufileReport {
+            processes: vec![CufileProcess {
+                pid: 7,
+                comm: "python3".into(),
+                cgroup: None,
+                alive: true,
+                counters: counters(3, 40),
+                peer_ios: 0,
+                outside_cufile: None,
+                files: vec![CufileFile {
+                    fd: 5,
+                    path: "/data/shard.bin".into(),
+                    counters: counters(3, 0),
+                    active: 2,
+                    compat_reason: Some("file not opened with O_DIRECT".into()),
+                }],
+                files_omitted: 0,
+                user: "trusted".into(),
+            }],
+            ..Default::default()
+        };
+        let mut r = req(Layer::Cufile, Stage::Queue);
+        r.ctx.pid = 7;
+        r.ctx.tid = 8;
+        r.target.file = Some("/data/shard.bin".into());
+        let mut other = r.clone();
+        other.ctx.tid = 9;
+        other.key.req = 1;
+        other.age_seconds = 5.0;
+        let mut stranger = other.clone();
+        stranger.ctx.pid = 70;
+        let ev = Evidence {
+            cufile: cufile_evidence(&r, &report, &[r.clone(), other, stranger]),
+            ..Default::default()
+        };
+        let c = ev.cufile.as_ref().unwrap();
+        assert_eq!(
+            c.path.as_deref(),
+            Some("compat"),
+            "the file's path, not the process's"
+        );
+        assert!(c.path_of_file);
+        assert_eq!(c.process_path_calls["nvfs"], 40);
+        assert_eq!((c.other_calls_total, c.other_calls[0].tid), (1, 9), "{c:?}");
+        let cause = explain(&r, &ev);
+        assert_eq!(cause.kind, CauseKind::Unknown);
+        assert!(
+            cause
+                .because
+                .contains("takes compat (file not opened with O_DIRECT)"),
+            "{cause:?}"
+        );
+        // A file with no call done yet: the process's path, said so.
+        r.target.file = Some("/data/new.bin".into());
+        let c = cufile_evidence(&r, &report, &[]).unwrap();
+        assert_eq!((c.path.as_deref(), c.path_of_file), (Some("nvfs"), false));
+        assert_eq!(
+            cufile_evidence(&req(Layer::Block, Stage::Queue), &report, &[]),
+            None
         );
     }
 
