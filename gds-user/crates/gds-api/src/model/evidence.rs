@@ -362,8 +362,16 @@ pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
 /// The root cause comes first: a limit holds the queue that makes a thread wait for a tag,
 /// and a slow device holds the page whose lock a reader waits for.
 pub fn explain(req: &Request, ev: &Evidence) -> Cause {
-    if let Some(l) = ev.limits.first() {
-        let more = match ev.limits.len() {
+    let at_device = matches!(req.layer, Layer::Block | Layer::Nvme) && req.stage == Stage::Device;
+    // A request the driver holds has passed its own disk's throttle: only a limit on a disk
+    // below (a loop or dm device's lower bios) still holds it.
+    let limits: Vec<&IoLimit> = ev
+        .limits
+        .iter()
+        .filter(|l| !at_device || ev.disk.as_ref().is_none_or(|d| l.device != d.dev))
+        .collect();
+    if let Some(l) = limits.first() {
+        let more = match limits.len() {
             1 => String::new(),
             n => format!(" (+{} more)", n - 1),
         };
@@ -372,14 +380,20 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
             because: format!("{l}{more}"),
         };
     }
-    // An io_uring submitter is free while its request waits: where it sleeps (a socket of
-    // its own, a futex) says nothing about the request. Only the io-wq workers serving it
-    // wait for the request.
-    let serving: Vec<&ThreadEvidence> = ev
-        .threads
-        .iter()
-        .filter(|t| req.layer != Layer::Uring || t.comm.starts_with("iou-wrk-"))
-        .collect();
+    // The threads whose waits are the request's. An io_uring submitter is free while its
+    // request waits: where it sleeps (a socket of its own, a futex) says nothing about the
+    // request; only the io-wq workers serving it wait for it. A block or NVMe request, once
+    // allocated, is the queue's and the device's: its submitter waits for it in io_schedule
+    // or has moved on (to a pipe of its own, say), so no thread's wait names its cause.
+    let serving: Vec<&ThreadEvidence> = match req.layer {
+        Layer::Block | Layer::Nvme => Vec::new(),
+        Layer::Uring => ev
+            .threads
+            .iter()
+            .filter(|t| t.comm.starts_with("iou-wrk-"))
+            .collect(),
+        _ => ev.threads.iter().collect(),
+    };
     if let Some((t, function, what)) = waits_in(&serving, WAITS_FOR_DATA) {
         return Cause {
             kind: CauseKind::WaitingForData,
@@ -435,7 +449,7 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
             ),
         };
     }
-    if matches!(req.layer, Layer::Block | Layer::Nvme) && req.stage == Stage::Device {
+    if at_device {
         return Cause {
             kind: CauseKind::Device,
             because: format!(
@@ -814,6 +828,53 @@ mod tests {
         assert_eq!(
             cufile_evidence(&req(Layer::Block, Stage::Queue), &report, &[]),
             None
+        );
+    }
+
+    #[test]
+    fn a_block_request_at_the_device_is_not_its_submitters_wait_nor_its_own_disks_limit() {
+        // Seen: a discard issued by a process that then read a pipe was called
+        // waiting_for_data.
+        let disk = DiskEvidence {
+            disk: "vda".into(),
+            dev: "254:0".into(),
+            ..Default::default()
+        };
+        let limit = |device: &str| IoLimit {
+            cgroup: "/g".into(),
+            version: CgroupVersion::V1,
+            file: "blkio.throttle.read_iops_device".into(),
+            device: device.into(),
+            kind: "riops".into(),
+            value: 1,
+        };
+        let ev = Evidence {
+            threads: vec![waiting("anon_pipe_read"), waiting("folio_wait_bit_common")],
+            disk: Some(disk.clone()),
+            limits: vec![limit("254:0")],
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Block, Stage::Device), &ev);
+        assert_eq!(c.kind, CauseKind::Device, "{c:?}");
+        // Not yet issued, its disk's limit holds it.
+        assert_eq!(
+            explain(&req(Layer::Block, Stage::Queue), &ev).kind,
+            CauseKind::Throttled
+        );
+        // At a loop device whose lower disk is limited: throttled.
+        let ev = Evidence {
+            disk: Some(DiskEvidence {
+                disk: "loop0".into(),
+                dev: "7:0".into(),
+                lower: vec!["254:0".into()],
+                ..Default::default()
+            }),
+            limits: vec![limit("254:0")],
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&req(Layer::Block, Stage::Device), &ev).kind,
+            CauseKind::Throttled
         );
     }
 
