@@ -266,9 +266,18 @@ pub struct IoLimit {
     /// `major:minor`.
     pub device: String,
     /// What is limited: `rbps`, `wbps`, `riops`, `wiops` (v2's names; v1's files map onto
-    /// them).
+    /// them), or `target` for an `io.latency` target (µs), which protects the group rather
+    /// than limiting it.
     pub kind: String,
     pub value: u64,
+}
+
+impl IoLimit {
+    /// Whether it holds the group's I/O back (`io.max`, `blkio.throttle.*`), not an
+    /// `io.latency` target.
+    pub fn limits(&self) -> bool {
+        self.kind != "target"
+    }
 }
 
 impl std::fmt::Display for IoLimit {
@@ -367,24 +376,28 @@ pub fn io_limits(root: &HostRoot, cgroups: &TaskCgroups, devices: &[&str]) -> Ve
             .iter()
             .find(|m| root.exists(&format!("{m}/cgroup.controllers")))
     {
+        // io.latency's `target=N` (µs) is shown but limits nothing here: a group whose
+        // target is missed throttles its siblings, not itself.
         for group in ancestors(path) {
-            let at = format!("{mount}{}/io.max", trail(group));
-            let Ok(text) = root.read(&at, SMALL_FILE_LIMIT) else {
-                continue;
-            };
-            out.extend(
-                parse_io_max(&text)
-                    .into_iter()
-                    .filter(|(dev, _, _)| devices.contains(&dev.as_str()))
-                    .map(|(device, kind, value)| IoLimit {
-                        cgroup: group.to_owned(),
-                        version: CgroupVersion::V2,
-                        file: "io.max".into(),
-                        device,
-                        kind,
-                        value,
-                    }),
-            );
+            for file in ["io.max", "io.latency"] {
+                let at = format!("{mount}{}/{file}", trail(group));
+                let Ok(text) = root.read(&at, SMALL_FILE_LIMIT) else {
+                    continue;
+                };
+                out.extend(
+                    parse_io_max(&text)
+                        .into_iter()
+                        .filter(|(dev, _, _)| devices.contains(&dev.as_str()))
+                        .map(|(device, kind, value)| IoLimit {
+                            cgroup: group.to_owned(),
+                            version: CgroupVersion::V2,
+                            file: file.into(),
+                            device,
+                            kind,
+                            value,
+                        }),
+                );
+            }
         }
     }
     out
@@ -489,6 +502,7 @@ mod tests {
         std::fs::create_dir_all(unified.join("u")).unwrap();
         std::fs::write(unified.join("cgroup.controllers"), "io\n").unwrap();
         std::fs::write(unified.join("u/io.max"), "253:0 rbps=max wiops=10\n").unwrap();
+        std::fs::write(unified.join("io.latency"), "253:0 target=75\n8:0 target=10\n").unwrap();
         let cg = TaskCgroups {
             blkio: Some("/a/b".into()),
             unified: Some("/u".into()),
@@ -503,7 +517,14 @@ mod tests {
                 "cgroup /a/b (v1) blkio.throttle.read_iops_device 253:0 riops=1",
                 "cgroup /a (v1) blkio.throttle.read_bps_device 253:0 rbps=4096",
                 "cgroup /u (v2) io.max 253:0 wiops=10",
+                "cgroup / (v2) io.latency 253:0 target=75",
             ]
+        );
+        let limits = io_limits(&root, &cg, &["253:0"]);
+        assert_eq!(
+            limits.iter().filter(|l| !l.limits()).count(),
+            1,
+            "a latency target protects, it does not limit"
         );
         assert!(io_limits(&root, &cg, &["7:0"]).is_empty());
     }

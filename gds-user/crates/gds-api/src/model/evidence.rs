@@ -368,6 +368,7 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
     let limits: Vec<&IoLimit> = ev
         .limits
         .iter()
+        .filter(|l| l.limits())
         .filter(|l| !at_device || ev.disk.as_ref().is_none_or(|d| l.device != d.dev))
         .collect();
     if let Some(l) = limits.first() {
@@ -856,6 +857,19 @@ mod tests {
         };
         let c = explain(&req(Layer::Block, Stage::Device), &ev);
         assert_eq!(c.kind, CauseKind::Device, "{c:?}");
+        // A latency target is evidence, never a limit.
+        let target = Evidence {
+            limits: vec![IoLimit {
+                kind: "target".into(),
+                file: "io.latency".into(),
+                ..limit("254:0")
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&req(Layer::Block, Stage::Queue), &target).kind,
+            CauseKind::Unknown
+        );
         // Not yet issued, its disk's limit holds it.
         assert_eq!(
             explain(&req(Layer::Block, Stage::Queue), &ev).kind,
