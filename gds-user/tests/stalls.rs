@@ -183,8 +183,10 @@ fn pipe_read_in_io_wq_is_waiting_for_data_with_the_threads_stacks() {
             .any(|f| f.starts_with("io_wq_worker+")),
         "the worker's symbolized stack: {worker}"
     );
+    // The submitter is this test's thread, polling /debug/stalls: caught running, it has no
+    // kernel stack to show (seen on a loaded machine); asleep, it has one.
     assert!(
-        !stack_of(&threads[0]).is_empty(),
+        threads[0]["state"] == "R" || !stack_of(&threads[0]).is_empty(),
         "the submitter's stack: {stall}"
     );
     println!(
