@@ -222,6 +222,54 @@ impl NvmeDiskEvidence {
     }
 }
 
+/// `controller nvme1 resetting; 32 NVMe commands outstanding; NVMe errors in the last 30 s:
+/// 16 Host Aborted Command`: a controller only when not `live` (a live one explains nothing),
+/// the parts that are known.
+impl std::fmt::Display for NvmeDiskEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self
+            .not_live()
+            .map(|c| format!("controller {} {}", c.name, c.state))
+            .collect();
+        if let Some(n) = self.outstanding {
+            parts.push(format!("{n} NVMe commands outstanding"));
+        }
+        if !self.errors.is_empty() {
+            let errors: Vec<String> = self
+                .errors
+                .iter()
+                .map(|e| format!("{} {}", e.count, e.status))
+                .collect();
+            parts.push(format!(
+                "NVMe errors in the last {} s: {}",
+                self.errors_window_ms.div_ceil(1000),
+                errors.join(", ")
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// `nvme1n1 in flight 3 reads 0 writes, nr_requests 1023, scheduler none`, then the NVMe
+/// part where there is one (`; controller nvme1 resetting; …`).
+impl std::fmt::Display for DiskEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} in flight {} reads {} writes, nr_requests {}, scheduler {}",
+            self.disk,
+            self.inflight_reads,
+            self.inflight_writes,
+            self.nr_requests.map_or("?".into(), |n| n.to_string()),
+            self.scheduler.as_deref().unwrap_or("?")
+        )?;
+        match self.nvme.as_ref().map(ToString::to_string) {
+            Some(n) if !n.is_empty() => write!(f, "; {n}"),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl DiskEvidence {
     /// This disk and the ones below it, `major:minor` each: where a limit on any of them
     /// holds the request.
@@ -636,7 +684,10 @@ mod tests {
                 (&format!("{ctrl}/nvme1n1/dev"), "259:1\n"),
                 (&format!("{ctrl}/nvme1n1/inflight"), "       7        0\n"),
                 (&format!("{ctrl}/nvme1n1/queue/nr_requests"), "1023\n"),
-                (&format!("{ctrl}/nvme1n1/queue/scheduler"), "[none] mq-deadline\n"),
+                (
+                    &format!("{ctrl}/nvme1n1/queue/scheduler"),
+                    "[none] mq-deadline\n",
+                ),
             ],
             &[
                 (
@@ -659,6 +710,52 @@ mod tests {
         );
         assert_eq!(n.not_live().count(), 1);
         assert_eq!(n.outstanding, None, "the tracer's part is not sysfs's");
+        assert_eq!(
+            Some(n).as_ref().map(ToString::to_string).unwrap(),
+            "controller nvme1 resetting"
+        );
+    }
+
+    #[test]
+    fn disk_evidence_reads_as_one_line() {
+        let mut d = DiskEvidence {
+            disk: "nvme1n1".into(),
+            inflight_reads: 32,
+            nr_requests: Some(1023),
+            scheduler: Some("none".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.to_string(),
+            "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none"
+        );
+        d.nvme = Some(NvmeDiskEvidence {
+            controllers: vec![NvmeController {
+                name: "nvme1".into(),
+                state: "live".into(),
+                transport: None,
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            d.to_string(),
+            "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none",
+            "a live controller and nothing from the tracer add nothing"
+        );
+        let n = d.nvme.as_mut().unwrap();
+        n.controllers[0].state = "resetting".into();
+        n.outstanding = Some(40);
+        n.errors = vec![NvmeStatusCount {
+            status: "Host Aborted Command".into(),
+            count: 16,
+        }];
+        n.errors_window_ms = 29_500;
+        assert_eq!(
+            d.to_string(),
+            "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none; \
+             controller nvme1 resetting; 40 NVMe commands outstanding; \
+             NVMe errors in the last 30 s: 16 Host Aborted Command"
+        );
     }
 
     #[test]
@@ -738,9 +835,10 @@ mod tests {
 
     #[test]
     fn older_disk_evidence_still_parses() {
-        let d: DiskEvidence =
-            serde_json::from_str(r#"{"disk":"nvme0n1","dev":"259:0","inflight_reads":1,"inflight_writes":0}"#)
-                .unwrap();
+        let d: DiskEvidence = serde_json::from_str(
+            r#"{"disk":"nvme0n1","dev":"259:0","inflight_reads":1,"inflight_writes":0}"#,
+        )
+        .unwrap();
         assert_eq!(d.nvme, None);
     }
 

@@ -211,7 +211,8 @@ pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
 /// 1. `throttled`: a cgroup limit in force on its disk (or one below it);
 /// 2. `waiting_for_data`: a thread serving it sleeps in a pipe, socket or eventfd wait
 ///    (wchan or stack);
-/// 3. `device`: a block or NVMe request at the device stage;
+/// 3. `device`: a block or NVMe request at the device stage (first an NVMe controller that
+///    is not `live`; then the disk's queue, NVMe commands outstanding and recent errors);
 /// 4. `unknown`.
 pub fn explain(req: &Request, ev: &Evidence) -> Cause {
     if let Some(l) = ev.limits.first() {
@@ -252,20 +253,28 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
         };
     }
     if matches!(req.layer, Layer::Block | Layer::Nvme) && req.stage == Stage::Device {
+        // A controller that is not live holds every command on it: that comes first.
+        let not_live: Vec<String> = ev
+            .disk
+            .iter()
+            .filter_map(|d| d.nvme.as_ref())
+            .flat_map(|n| n.not_live())
+            .map(|c| format!("controller {} {}; ", c.name, c.state))
+            .collect();
+        // The disk's queue and, for NVMe, the commands outstanding and recent errors
+        // (`DiskEvidence`'s display; the not-live controllers are already said).
         let queue = ev.disk.as_ref().map_or(String::new(), |d| {
-            format!(
-                "; {} in flight {} reads {} writes, nr_requests {}, scheduler {}",
-                d.disk,
-                d.inflight_reads,
-                d.inflight_writes,
-                d.nr_requests.map_or("?".into(), |n| n.to_string()),
-                d.scheduler.as_deref().unwrap_or("?")
-            )
+            let mut d = d.clone();
+            if let Some(n) = d.nvme.as_mut() {
+                n.controllers.retain(|c| c.state == "live");
+            }
+            format!("; {d}")
         });
         return Cause {
             kind: CauseKind::Device,
             because: format!(
-                "{} request at the device for {:.1} s{queue}",
+                "{}{} request at the device for {:.1} s{queue}",
+                not_live.concat(),
                 req.layer.label(),
                 req.age_seconds
             ),
@@ -405,6 +414,77 @@ mod tests {
         assert_eq!(
             explain(&req(Layer::Uring, Stage::Device), &ev).kind,
             CauseKind::Unknown
+        );
+    }
+
+    fn nvme_disk(state: &str, outstanding: Option<u64>) -> DiskEvidence {
+        DiskEvidence {
+            disk: "nvme1n1".into(),
+            inflight_reads: 32,
+            nr_requests: Some(1023),
+            scheduler: Some("none".into()),
+            nvme: Some(host::NvmeDiskEvidence {
+                controllers: vec![host::NvmeController {
+                    name: "nvme1".into(),
+                    state: state.into(),
+                    transport: Some("pcie".into()),
+                }],
+                outstanding,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_device_stall_names_the_commands_outstanding_and_a_controller_not_live() {
+        let live = Evidence {
+            disk: Some(nvme_disk("live", Some(40))),
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Nvme, Stage::Device), &live);
+        assert_eq!(c.kind, CauseKind::Device);
+        assert_eq!(
+            c.because,
+            "nvme request at the device for 2.0 s; nvme1n1 in flight 32 reads 0 writes, \
+             nr_requests 1023, scheduler none; 40 NVMe commands outstanding"
+        );
+        let resetting = Evidence {
+            disk: Some(nvme_disk("resetting", Some(40))),
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Block, Stage::Device), &resetting);
+        assert_eq!(c.kind, CauseKind::Device);
+        assert!(
+            c.because
+                .starts_with("controller nvme1 resetting; block request at the device"),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.because.matches("resetting").count(),
+            1,
+            "said once: {c:?}"
+        );
+        assert!(c.because.contains("40 NVMe commands outstanding"), "{c:?}");
+        let mut errors = nvme_disk("live", None);
+        let n = errors.nvme.as_mut().unwrap();
+        n.errors = vec![host::NvmeStatusCount {
+            status: "Host Aborted Command".into(),
+            count: 16,
+        }];
+        n.errors_window_ms = 30_000;
+        let c = explain(
+            &req(Layer::Nvme, Stage::Device),
+            &Evidence {
+                disk: Some(errors),
+                ..Default::default()
+            },
+        );
+        assert!(
+            c.because
+                .ends_with("NVMe errors in the last 30 s: 16 Host Aborted Command")
+                && !c.because.contains("outstanding"),
+            "untraced outstanding is not said: {c:?}"
         );
     }
 
