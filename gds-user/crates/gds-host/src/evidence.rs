@@ -183,7 +183,7 @@ pub struct NvmeDiskEvidence {
     /// NVMe completions with an error status on this disk in the last
     /// `errors_window_ms`, by status name (`gds_nvme_errors_total`'s counters, differenced).
     /// Aborts, timeouts and resets all end here: a command the host cancels in a reset or after
-    /// a timeout completes through `nvme_complete_rq` with `Host Aborted Command` (and is
+    /// a timeout completes through `nvme_complete_rq` with `Command Aborted By Host` (and is
     /// retried), one the controller aborts with `Command Abort Requested`. The kernel has no
     /// tracepoint for a timeout or a reset as such, so these statuses are what the tracer sees
     /// of them.
@@ -223,7 +223,7 @@ impl NvmeDiskEvidence {
 }
 
 /// `controller nvme1 resetting; 32 NVMe commands outstanding; NVMe errors in the last 30 s:
-/// 16 Host Aborted Command`: a controller only when not `live` (a live one explains nothing),
+/// 16 Command Aborted By Host`: a controller only when not `live` (a live one explains nothing),
 /// the parts that are known.
 impl std::fmt::Display for NvmeDiskEvidence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -746,7 +746,7 @@ mod tests {
         n.controllers[0].state = "resetting".into();
         n.outstanding = Some(40);
         n.errors = vec![NvmeStatusCount {
-            status: "Host Aborted Command".into(),
+            status: "Command Aborted By Host".into(),
             count: 16,
         }];
         n.errors_window_ms = 29_500;
@@ -754,7 +754,7 @@ mod tests {
             d.to_string(),
             "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none; \
              controller nvme1 resetting; 40 NVMe commands outstanding; \
-             NVMe errors in the last 30 s: 16 Host Aborted Command"
+             NVMe errors in the last 30 s: 16 Command Aborted By Host"
         );
     }
 

@@ -469,7 +469,7 @@ mod tests {
         let mut errors = nvme_disk("live", None);
         let n = errors.nvme.as_mut().unwrap();
         n.errors = vec![host::NvmeStatusCount {
-            status: "Host Aborted Command".into(),
+            status: "Command Aborted By Host".into(),
             count: 16,
         }];
         n.errors_window_ms = 30_000;
@@ -482,7 +482,7 @@ mod tests {
         );
         assert!(
             c.because
-                .ends_with("NVMe errors in the last 30 s: 16 Host Aborted Command")
+                .ends_with("NVMe errors in the last 30 s: 16 Command Aborted By Host")
                 && !c.because.contains("outstanding"),
             "untraced outstanding is not said: {c:?}"
         );

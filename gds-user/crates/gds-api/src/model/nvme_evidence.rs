@@ -160,7 +160,7 @@ mod tests {
         // The oldest kept is the newest at least 30 s old: t = 10 s.
         let now = counts(&[
             ("nvme0n1", "LBA Out of Range", 50),
-            ("nvme1n1", "Host Aborted Command", 16),
+            ("nvme1n1", "Command Aborted By Host", 16),
         ]);
         let (e, ms) = w.recent(42 * S, &now, "nvme0n1");
         assert_eq!(ms, 32_000);
@@ -190,7 +190,7 @@ mod tests {
         w.sample(0, ErrorCounts::new());
         let scan = ScanNvme {
             outstanding: Some(BTreeMap::from([("nvme1n1", 40)])),
-            counts: counts(&[("nvme1n1", "Host Aborted Command", 16)]),
+            counts: counts(&[("nvme1n1", "Command Aborted By Host", 16)]),
             now_ns: 3 * S,
         };
         let mut d = DiskEvidence {
