@@ -292,20 +292,31 @@ fn reset(c: &Ctx) -> Result<String> {
                 .is_some_and(|n| n.not_live().any(|c| c.name == ctrl))
         })
         .collect();
-    let aborted: Vec<&Stall> = all
+    // The error completions the captures saw around the reset, by status.
+    let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
+    for n in all
         .iter()
-        .filter(|s| {
-            s.evidence
-                .as_ref()
-                .and_then(|e| e.disk.as_ref()?.nvme.as_ref())
-                .is_some_and(|n| {
-                    n.errors
-                        .iter()
-                        .any(|e| e.status == "Command Aborted By Host")
-                })
-        })
+        .filter_map(|s| s.evidence.as_ref()?.disk.as_ref()?.nvme.as_ref())
+    {
+        for e in &n.errors {
+            let m = statuses.entry(e.status.clone()).or_default();
+            *m = (*m).max(e.count);
+        }
+    }
+    // The stalls that waited through the reset: detected before it ended, ended after.
+    let waited = all
+        .iter()
+        .filter(|s| s.total_seconds.is_some_and(|t| t >= reset_s))
+        .count();
+    let errors_total: Vec<String> = crate::tracing::metrics()?
+        .lines()
+        .filter(|l| l.starts_with("gds_nvme_errors_total") && l.contains(&disk))
+        .map(str::to_owned)
         .collect();
-    for s in not_live.iter().take(2).chain(aborted.iter().take(2)) {
+    c.detail(format!(
+        "errors in stalls' evidence (most in one capture): {statuses:?}; {errors_total:?}"
+    ));
+    for s in not_live.iter().take(2) {
         c.detail(format!(
             "{} stall: cause {} because \"{}\"",
             s.request.layer.label(),
@@ -320,10 +331,9 @@ fn reset(c: &Ctx) -> Result<String> {
         c.detail(format!("log: {l}"));
     }
     c.detail(format!(
-        "{} stalls of ours; {} captured with {ctrl} not live, {} with commands aborted by the host",
+        "{} stalls of ours; {} captured with {ctrl} not live; {waited} lasted the whole reset",
         all.len(),
         not_live.len(),
-        aborted.len()
     ));
     ensure!(
         states.iter().any(|(_, s)| s != "live"),
@@ -341,15 +351,20 @@ fn reset(c: &Ctx) -> Result<String> {
         s.cause
     );
     ensure!(
-        !aborted.is_empty(),
-        "no stall's evidence shows the commands the reset cancelled"
+        s.cause.because.contains(" NVMe commands outstanding")
+            && s.evidence
+                .as_ref()
+                .and_then(|e| e.disk.as_ref()?.nvme.as_ref()?.outstanding)
+                .is_some_and(|n| n >= 1),
+        "a stall during the reset does not name the commands waiting for it: {:?}",
+        s.cause
     );
+    ensure!(waited >= 1, "no stall lasted through the reset");
     reads?;
     Ok(format!(
-        "reset of {ctrl} took {reset_s:.2} s; {} of {} stalls captured with {ctrl} not live (\"{}\"), {} with commands aborted by the host",
+        "reset of {ctrl} took {reset_s:.2} s; {} of {} stalls captured with {ctrl} not live (\"{}\"), {waited} lasted through it; errors seen: {statuses:?}",
         not_live.len(),
         all.len(),
         s.cause.because.split(';').next().unwrap_or(""),
-        aborted.len()
     ))
 }
