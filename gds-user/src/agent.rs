@@ -527,13 +527,26 @@ async fn scan_stalls(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The NVMe error counters' recent samples: what a stall's errors are counted from.
+    let window = Arc::new(Mutex::new(model::nvme_evidence::ErrorWindow::default()));
     loop {
         tick.tick().await;
-        let (tracer2, detector2, evidence) = (tracer.clone(), detector.clone(), evidence.clone());
+        let (tracer2, detector2, evidence, window) = (
+            tracer.clone(),
+            detector.clone(),
+            evidence.clone(),
+            window.clone(),
+        );
         let done = tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
             let (inflight, now) = model::inflight(&*tracer2);
             let scan = t0.elapsed().as_secs_f64();
+            let mut window = window.lock().unwrap_or_else(|p| p.into_inner());
+            if window.due(now) {
+                window.sample(now, model::nvme_evidence::error_counts(&*tracer2));
+            }
+            // Read once per scan, at its first NVMe capture.
+            let nvme = std::cell::OnceCell::new();
             let mut d = detector2.lock().unwrap_or_else(|p| p.into_inner());
             // The cuFile report is read once per scan, and only when a cuFile call stalls.
             let mut cufile: Option<Option<model::cufile::CufileReport>> = None;
@@ -544,6 +557,17 @@ async fn scan_stalls(
                         .get_or_insert_with(|| model::cufile::CufileReport::collect(&*tracer2).ok())
                 {
                     ev.cufile = model::evidence::cufile_evidence(r, report, &inflight);
+                }
+                if let Some(disk) = ev.disk.as_mut().filter(|d| d.nvme.is_some()) {
+                    nvme.get_or_init(|| model::nvme_evidence::ScanNvme {
+                        outstanding: tracer2
+                            .layers()
+                            .is_on(model::Layer::Nvme)
+                            .then(|| model::nvme_evidence::outstanding(&inflight)),
+                        counts: model::nvme_evidence::error_counts(&*tracer2),
+                        now_ns: now,
+                    })
+                    .fill(disk, &window);
                 }
                 ev
             });

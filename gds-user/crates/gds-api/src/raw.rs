@@ -70,6 +70,11 @@ pub trait Source {
     fn uring(&self) -> Result<UringSnapshot, Self::Error>;
     /// Per-disk block and NVMe statistics.
     fn devices(&self) -> DeviceSnapshot;
+    /// The NVMe error counters alone (`devices().errors`), read where the histograms are not
+    /// wanted: the stall scan samples them for the evidence of NVMe stalls.
+    fn nvme_errors(&self) -> Vec<(NvmeErrKey, u64)> {
+        self.devices().errors
+    }
     /// Names of the disks the device statistics key by device number.
     fn disks(&self) -> &dyn DiskNames;
     /// Whether a block request not flagged as peer memory is host memory for certain.

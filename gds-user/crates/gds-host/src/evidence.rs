@@ -21,6 +21,9 @@ pub const WORKERS_MAX: usize = 16;
 pub const TASKS_MAX: usize = 4096;
 /// Lower disks (dm/md slaves, a loop device's backing disk) whose limits also apply.
 pub const LOWER_DISKS_MAX: usize = 16;
+/// NVMe controllers listed for one disk: a multipath namespace has one path per controller
+/// of its subsystem (a few in practice; NVMe allows many more).
+pub const CONTROLLERS_MAX: usize = 16;
 
 /// One thread's kernel-side state, from `/proc/PID/task/TID/{stat,wchan,syscall,stack}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +161,113 @@ pub struct DiskEvidence {
     /// a loop device's backing file's disk (and that partition's whole disk).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lower: Vec<String>,
+    /// NVMe disks only: the controllers behind it and what the tracer saw on it.
+    /// `#[serde(default)]`: snapshots of agents before it still parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<NvmeDiskEvidence>,
+}
+
+/// What an NVMe disk's controllers and the tracer said at the stall.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeDiskEvidence {
+    /// The controllers the namespace is reached through (one, or one per path under native
+    /// multipath), from sysfs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<NvmeController>,
+    /// NVMe commands on this disk the tracer saw set up (`nvme_setup_cmd`) and not completed
+    /// (`nvme_complete_rq`) at the scan that found the stall: the commands outstanding at the
+    /// controller, io_uring passthrough included (sysfs `inflight` counts only block I/O that
+    /// is accounted: passthrough commands are not). `None` where the NVMe layer is not traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outstanding: Option<u64>,
+    /// NVMe completions with an error status on this disk in the last
+    /// `errors_window_ms`, by status name (`gds_nvme_errors_total`'s counters, differenced).
+    /// Aborts, timeouts and resets all end here: a command the host cancels in a reset or after
+    /// a timeout completes through `nvme_complete_rq` with `Command Aborted By Host` (and is
+    /// retried), one the controller aborts with `Command Abort Requested`. The kernel has no
+    /// tracepoint for a timeout or a reset as such, so these statuses are what the tracer sees
+    /// of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<NvmeStatusCount>,
+    /// The span `errors` covers, milliseconds (from the agent's oldest sample of the
+    /// counters kept, at most a few tens of seconds, to the capture).
+    #[serde(default)]
+    pub errors_window_ms: u64,
+}
+
+/// NVMe completions with one status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeStatusCount {
+    pub status: String,
+    pub count: u64,
+}
+
+/// One NVMe controller and its state (`/sys/class/nvme/nvmeX/state`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeController {
+    /// `nvme1`.
+    pub name: String,
+    /// `live`, `resetting`, `connecting`, `deleting`, `deleting (no IO)`, `dead`, `new`: the
+    /// kernel's `nvme_ctrl_state` names. Anything but `live` holds every command on it.
+    pub state: String,
+    /// `pcie`, `tcp`, `rdma`, `fc`, `loop` (`transport`), where readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+}
+
+impl NvmeDiskEvidence {
+    /// The controllers that are not `live`.
+    pub fn not_live(&self) -> impl Iterator<Item = &NvmeController> {
+        self.controllers.iter().filter(|c| c.state != "live")
+    }
+}
+
+/// `controller nvme1 resetting; 32 NVMe commands outstanding; NVMe errors in the last 30 s:
+/// 16 Command Aborted By Host`: a controller only when not `live` (a live one explains nothing),
+/// the parts that are known.
+impl std::fmt::Display for NvmeDiskEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self
+            .not_live()
+            .map(|c| format!("controller {} {}", c.name, c.state))
+            .collect();
+        if let Some(n) = self.outstanding {
+            parts.push(format!("{n} NVMe commands outstanding"));
+        }
+        if !self.errors.is_empty() {
+            let errors: Vec<String> = self
+                .errors
+                .iter()
+                .map(|e| format!("{} {}", e.count, e.status))
+                .collect();
+            parts.push(format!(
+                "NVMe errors in the last {} s: {}",
+                self.errors_window_ms.div_ceil(1000),
+                errors.join(", ")
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// `nvme1n1 in flight 3 reads 0 writes, nr_requests 1023, scheduler none`, then the NVMe
+/// part where there is one (`; controller nvme1 resetting; …`).
+impl std::fmt::Display for DiskEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} in flight {} reads {} writes, nr_requests {}, scheduler {}",
+            self.disk,
+            self.inflight_reads,
+            self.inflight_writes,
+            self.nr_requests.map_or("?".into(), |n| n.to_string()),
+            self.scheduler.as_deref().unwrap_or("?")
+        )?;
+        match self.nvme.as_ref().map(ToString::to_string) {
+            Some(n) if !n.is_empty() => write!(f, "; {n}"),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl DiskEvidence {
@@ -199,7 +309,47 @@ pub fn disk(root: &HostRoot, name: &str) -> Result<DiskEvidence, ReadError> {
         nr_requests,
         scheduler,
         lower: lower_disks(root, name),
+        nvme: name.starts_with("nvme").then(|| NvmeDiskEvidence {
+            controllers: nvme_controllers(root, name),
+            ..Default::default()
+        }),
     })
+}
+
+/// The NVMe controllers behind disk `name`. Its sysfs `device` is the controller
+/// (`nvme1n1` without native multipath, or a path disk `nvme0c1n1`), or, for a multipath
+/// head (`nvme0n1` with `nvme_core.multipath`), the subsystem (`nvme-subsys0`), whose
+/// entries `nvme0`, `nvme1`… are links to its controllers. A controller is a directory with
+/// a `state` file; the name's digits are not used (a head's instance is the subsystem's, not
+/// a controller's).
+pub fn nvme_controllers(root: &HostRoot, name: &str) -> Vec<NvmeController> {
+    let Ok(device) = root.resolve_link(&format!("/sys/block/{name}/device")) else {
+        return Vec::new();
+    };
+    let read = |dir: &str| -> Option<NvmeController> {
+        let state = root.read_attr(&format!("{dir}/state")).ok()?;
+        let name = dir.rsplit('/').next().unwrap_or("").to_owned();
+        Some(NvmeController {
+            name,
+            state,
+            transport: root.read_attr(&format!("{dir}/transport")).ok(),
+        })
+    };
+    if let Some(c) = read(&device) {
+        return vec![c];
+    }
+    let Ok(entries) = root.list_dir(&device, 4096) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter(|e| {
+            e.strip_prefix("nvme")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| read(&format!("{device}/{e}")))
+        .take(CONTROLLERS_MAX)
+        .collect()
 }
 
 /// `[none] mq-deadline kyber` → `none`; a queue with one choice lists it bare.
@@ -527,6 +677,190 @@ mod tests {
             "a latency target protects, it does not limit"
         );
         assert!(io_limits(&root, &cg, &["7:0"]).is_empty());
+    }
+
+    /// Writes `files` (path, contents) and `links` (path, target) under `dir`.
+    fn tree(dir: &std::path::Path, files: &[(&str, &str)], links: &[(&str, &str)]) {
+        for (p, text) in files {
+            let p = dir.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        for (p, target) in links {
+            let p = dir.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, p).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_nvme_disk_names_its_controller_and_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctrl = "sys/devices/pci0000:00/0000:00:05.0/nvme/nvme1";
+        tree(
+            dir.path(),
+            &[
+                (&format!("{ctrl}/state"), "resetting\n"),
+                (&format!("{ctrl}/transport"), "pcie\n"),
+                (&format!("{ctrl}/nvme1n1/dev"), "259:1\n"),
+                (&format!("{ctrl}/nvme1n1/inflight"), "       7        0\n"),
+                (&format!("{ctrl}/nvme1n1/queue/nr_requests"), "1023\n"),
+                (
+                    &format!("{ctrl}/nvme1n1/queue/scheduler"),
+                    "[none] mq-deadline\n",
+                ),
+            ],
+            &[
+                (
+                    "sys/block/nvme1n1",
+                    "../devices/pci0000:00/0000:00:05.0/nvme/nvme1/nvme1n1",
+                ),
+                (&format!("{ctrl}/nvme1n1/device"), "../../nvme1"),
+            ],
+        );
+        let d = disk(&HostRoot::new(dir.path()), "nvme1n1").unwrap();
+        assert_eq!((d.inflight_reads, d.dev.as_str()), (7, "259:1"));
+        let n = d.nvme.expect("an NVMe disk has NVMe evidence");
+        assert_eq!(
+            n.controllers,
+            [NvmeController {
+                name: "nvme1".into(),
+                state: "resetting".into(),
+                transport: Some("pcie".into()),
+            }]
+        );
+        assert_eq!(n.not_live().count(), 1);
+        assert_eq!(n.outstanding, None, "the tracer's part is not sysfs's");
+        assert_eq!(
+            Some(n).as_ref().map(ToString::to_string).unwrap(),
+            "controller nvme1 resetting"
+        );
+    }
+
+    #[test]
+    fn disk_evidence_reads_as_one_line() {
+        let mut d = DiskEvidence {
+            disk: "nvme1n1".into(),
+            inflight_reads: 32,
+            nr_requests: Some(1023),
+            scheduler: Some("none".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.to_string(),
+            "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none"
+        );
+        d.nvme = Some(NvmeDiskEvidence {
+            controllers: vec![NvmeController {
+                name: "nvme1".into(),
+                state: "live".into(),
+                transport: None,
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            d.to_string(),
+            "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none",
+            "a live controller and nothing from the tracer add nothing"
+        );
+        let n = d.nvme.as_mut().unwrap();
+        n.controllers[0].state = "resetting".into();
+        n.outstanding = Some(40);
+        n.errors = vec![NvmeStatusCount {
+            status: "Command Aborted By Host".into(),
+            count: 16,
+        }];
+        n.errors_window_ms = 29_500;
+        assert_eq!(
+            d.to_string(),
+            "nvme1n1 in flight 32 reads 0 writes, nr_requests 1023, scheduler none; \
+             controller nvme1 resetting; 40 NVMe commands outstanding; \
+             NVMe errors in the last 30 s: 16 Command Aborted By Host"
+        );
+    }
+
+    #[test]
+    fn a_multipath_head_lists_the_controllers_of_its_subsystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let subsys = "sys/devices/virtual/nvme-subsystem/nvme-subsys0";
+        let c = |n: &str| format!("sys/devices/pci0000:00/0000:00:0{n}.0/nvme/nvme{n}");
+        tree(
+            dir.path(),
+            &[
+                (&format!("{}/state", c("0")), "live\n"),
+                (&format!("{}/state", c("2")), "connecting\n"),
+                (&format!("{subsys}/subsysnqn"), "nqn.2019-08.org.qemu:s\n"),
+                (&format!("{subsys}/nvme0n1/dev"), "259:0\n"),
+                (&format!("{subsys}/nvme0n1/inflight"), "0 0\n"),
+                // A path disk's own directory sits under its controller.
+                (&format!("{}/nvme0c2n1/dev", c("2")), "259:3\n"),
+                (&format!("{}/nvme0c2n1/inflight", c("2")), "3 0\n"),
+            ],
+            &[
+                (
+                    "sys/block/nvme0n1",
+                    "../devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1",
+                ),
+                (&format!("{subsys}/nvme0n1/device"), "../../nvme-subsys0"),
+                (
+                    &format!("{subsys}/nvme0"),
+                    "../../../pci0000:00/0000:00:00.0/nvme/nvme0",
+                ),
+                (
+                    &format!("{subsys}/nvme2"),
+                    "../../../pci0000:00/0000:00:02.0/nvme/nvme2",
+                ),
+                (
+                    "sys/block/nvme0c2n1",
+                    "../devices/pci0000:00/0000:00:02.0/nvme/nvme2/nvme0c2n1",
+                ),
+                (&format!("{}/nvme0c2n1/device", c("2")), "../../nvme2"),
+            ],
+        );
+        let root = HostRoot::new(dir.path());
+        let states = |disk: &str| -> Vec<(String, String)> {
+            nvme_controllers(&root, disk)
+                .into_iter()
+                .map(|c| (c.name, c.state))
+                .collect()
+        };
+        assert_eq!(
+            states("nvme0n1"),
+            [
+                ("nvme0".to_owned(), "live".to_owned()),
+                ("nvme2".to_owned(), "connecting".to_owned())
+            ]
+        );
+        assert_eq!(
+            states("nvme0c2n1"),
+            [("nvme2".to_owned(), "connecting".to_owned())]
+        );
+        assert!(states("nvme9n1").is_empty(), "no such disk");
+    }
+
+    #[test]
+    fn other_disks_have_no_nvme_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(
+            dir.path(),
+            &[
+                ("sys/block/sda/dev", "8:0\n"),
+                ("sys/block/sda/inflight", "0 0\n"),
+                // A SCSI device has a `state` too (`running`): not a controller of ours.
+                ("sys/block/sda/device/state", "running\n"),
+            ],
+            &[],
+        );
+        assert_eq!(disk(&HostRoot::new(dir.path()), "sda").unwrap().nvme, None);
+    }
+
+    #[test]
+    fn older_disk_evidence_still_parses() {
+        let d: DiskEvidence = serde_json::from_str(
+            r#"{"disk":"nvme0n1","dev":"259:0","inflight_reads":1,"inflight_writes":0}"#,
+        )
+        .unwrap();
+        assert_eq!(d.nvme, None);
     }
 
     #[test]

@@ -151,6 +151,19 @@ impl DeviceMaps {
         snap
     }
 
+    /// The NVMe error counters summed over CPUs (an empty map, the usual case, is one
+    /// system call).
+    pub fn nvme_errors(&self) -> Vec<(NvmeErrKey, u64)> {
+        let mut out: Vec<(NvmeErrKey, u64)> = self
+            .errors
+            .iter()
+            .flatten()
+            .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
+            .collect();
+        out.sort_by_key(|(k, _)| *k);
+        out
+    }
+
     /// Looks the cached disk names up again: after an NVMe driver went and came back, a
     /// device number may name another disk (minors of `blkext` are handed out in probe
     /// order). A disk that is gone keeps its last name, so its counts keep their labels.

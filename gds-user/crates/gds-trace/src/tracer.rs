@@ -9,7 +9,7 @@ use aya::{
 use gds_common::cufile::{CUFILE_TRUSTED_MAX, CufileConfig, NO_UID};
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DevConfig, MAP_EVENTS, MAP_URING_INFLIGHT, MAP_URING_SLOTS,
-    OPCODE_WORDS, UringConfig,
+    NvmeErrKey, OPCODE_WORDS, UringConfig,
 };
 use tracing::info;
 
@@ -479,6 +479,10 @@ impl Source for UringTracer {
 
     fn devices(&self) -> DeviceSnapshot {
         self.devices.snapshot()
+    }
+
+    fn nvme_errors(&self) -> Vec<(NvmeErrKey, u64)> {
+        self.devices.nvme_errors()
     }
 
     fn disks(&self) -> &dyn DiskNames {

@@ -20,6 +20,7 @@ mod modules;
 mod nvme;
 mod p2pdma;
 mod selftest;
+mod stall_cause;
 mod tracing;
 mod uring;
 mod util;
@@ -88,6 +89,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(nvme::scenarios());
     all.extend(agent::scenarios());
     all.extend(tracing::scenarios());
+    all.extend(stall_cause::scenarios());
     all.extend(uring::scenarios());
     all.extend(modules::scenarios());
     all.extend(p2pdma::scenarios());

@@ -356,7 +356,8 @@ pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
 /// 3. `page_cache`: a thread serving it waits for a page's lock or writeback;
 /// 4. `queue_full`: a thread serving it waits for a tag or queue QoS, or a block request not
 ///    yet issued while the disk holds `nr_requests`;
-/// 5. `device`: a block or NVMe request at the device stage;
+/// 5. `device`: a block or NVMe request at the device stage (first an NVMe controller that
+///    is not `live`; then the disk's queue, NVMe commands outstanding and recent errors);
 /// 6. `unknown`.
 ///
 /// The root cause comes first: a limit holds the queue that makes a thread wait for a tag,
@@ -451,13 +452,30 @@ pub fn explain(req: &Request, ev: &Evidence) -> Cause {
         };
     }
     if at_device {
+        // A controller that is not live holds every command on it: that comes first.
+        let not_live: Vec<String> = ev
+            .disk
+            .iter()
+            .filter_map(|d| d.nvme.as_ref())
+            .flat_map(|n| n.not_live())
+            .map(|c| format!("controller {} {}; ", c.name, c.state))
+            .collect();
+        // The disk's queue and, for NVMe, the commands outstanding and recent errors
+        // (`DiskEvidence`'s display; the not-live controllers are already said).
+        let queue = ev.disk.as_ref().map_or(String::new(), |d| {
+            let mut d = d.clone();
+            if let Some(n) = d.nvme.as_mut() {
+                n.controllers.retain(|c| c.state == "live");
+            }
+            format!("; {d}")
+        });
         return Cause {
             kind: CauseKind::Device,
             because: format!(
-                "{} request at the device for {:.1} s{}",
+                "{}{} request at the device for {:.1} s{queue}",
+                not_live.concat(),
                 req.layer.label(),
-                req.age_seconds,
-                queue_text(ev.disk.as_ref())
+                req.age_seconds
             ),
         };
     }
@@ -515,16 +533,7 @@ fn waits_in<'a>(
 /// `; vda in flight 3 reads 0 writes, nr_requests 64, scheduler none`, or nothing without the
 /// disk's evidence.
 fn queue_text(disk: Option<&DiskEvidence>) -> String {
-    disk.map_or(String::new(), |d| {
-        format!(
-            "; {} in flight {} reads {} writes, nr_requests {}, scheduler {}",
-            d.disk,
-            d.inflight_reads,
-            d.inflight_writes,
-            d.nr_requests.map_or("?".into(), |n| n.to_string()),
-            d.scheduler.as_deref().unwrap_or("?")
-        )
-    })
+    disk.map_or(String::new(), |d| format!("; {d}"))
 }
 
 #[cfg(test)]
@@ -642,6 +651,77 @@ mod tests {
         assert_eq!(
             explain(&req(Layer::Uring, Stage::Device), &ev).kind,
             CauseKind::Unknown
+        );
+    }
+
+    fn nvme_disk(state: &str, outstanding: Option<u64>) -> DiskEvidence {
+        DiskEvidence {
+            disk: "nvme1n1".into(),
+            inflight_reads: 32,
+            nr_requests: Some(1023),
+            scheduler: Some("none".into()),
+            nvme: Some(host::NvmeDiskEvidence {
+                controllers: vec![host::NvmeController {
+                    name: "nvme1".into(),
+                    state: state.into(),
+                    transport: Some("pcie".into()),
+                }],
+                outstanding,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_device_stall_names_the_commands_outstanding_and_a_controller_not_live() {
+        let live = Evidence {
+            disk: Some(nvme_disk("live", Some(40))),
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Nvme, Stage::Device), &live);
+        assert_eq!(c.kind, CauseKind::Device);
+        assert_eq!(
+            c.because,
+            "nvme request at the device for 2.0 s; nvme1n1 in flight 32 reads 0 writes, \
+             nr_requests 1023, scheduler none; 40 NVMe commands outstanding"
+        );
+        let resetting = Evidence {
+            disk: Some(nvme_disk("resetting", Some(40))),
+            ..Default::default()
+        };
+        let c = explain(&req(Layer::Block, Stage::Device), &resetting);
+        assert_eq!(c.kind, CauseKind::Device);
+        assert!(
+            c.because
+                .starts_with("controller nvme1 resetting; block request at the device"),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.because.matches("resetting").count(),
+            1,
+            "said once: {c:?}"
+        );
+        assert!(c.because.contains("40 NVMe commands outstanding"), "{c:?}");
+        let mut errors = nvme_disk("live", None);
+        let n = errors.nvme.as_mut().unwrap();
+        n.errors = vec![host::NvmeStatusCount {
+            status: "Command Aborted By Host".into(),
+            count: 16,
+        }];
+        n.errors_window_ms = 30_000;
+        let c = explain(
+            &req(Layer::Nvme, Stage::Device),
+            &Evidence {
+                disk: Some(errors),
+                ..Default::default()
+            },
+        );
+        assert!(
+            c.because
+                .ends_with("NVMe errors in the last 30 s: 16 Command Aborted By Host")
+                && !c.because.contains("outstanding"),
+            "untraced outstanding is not said: {c:?}"
         );
     }
 

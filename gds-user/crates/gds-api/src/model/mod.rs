@@ -10,6 +10,7 @@ pub mod cufile;
 pub mod decode;
 pub mod evidence;
 pub mod labels;
+pub mod nvme_evidence;
 pub mod request;
 pub mod stats;
 
