@@ -195,7 +195,7 @@ fn snapshot_decodes_and_agrees_with_metrics_under_load() {
     );
     assert_eq!(
         s.stalls.active.len() as f64,
-        m.value("gds_stalled_requests", &[("layer", "uring")])
+        m.stalled("uring")
     );
     assert!(!s.stats.opcodes.is_empty());
     for o in &s.stats.opcodes {

@@ -89,7 +89,15 @@ fn pipe_read_stalls_once_and_ends_on_write() {
 
     std::thread::sleep(Duration::from_millis(700)); // several more scans
     let m = agent.scrape();
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "uring")]), 1.0);
+    assert_eq!(m.stalled("uring"), 1.0);
+    assert_eq!(
+        m.value(
+            "gds_stalled_requests",
+            &[("layer", "uring"), ("cause", "waiting_for_data")]
+        ),
+        1.0,
+        "the stall is counted under its cause"
+    );
     assert_eq!(
         m.value(
             "gds_stalls_total",
@@ -134,7 +142,7 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     );
     std::thread::sleep(Duration::from_millis(300));
     let m = agent.scrape();
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "uring")]), 0.0);
+    assert_eq!(m.stalled("uring"), 0.0);
     assert_eq!(
         m.value(
             "gds_stalls_total",
@@ -250,7 +258,7 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let m = agent.scrape();
-        if m.value("gds_stalled_requests", &[("layer", "uring")]) == K as f64 {
+        if m.stalled("uring") == K as f64 {
             assert_eq!(m.value("gds_uring_inflight_requests", &[]), K as f64);
             assert_eq!(
                 m.value("gds_trace_dropped_total", &[("reason", "inflight_full")]),
@@ -288,7 +296,7 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while agent
         .scrape()
-        .value("gds_stalled_requests", &[("layer", "uring")])
+        .stalled("uring")
         != 0.0
     {
         assert!(Instant::now() < deadline, "stalls never ended");
@@ -525,7 +533,7 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
         ),
         1.0
     );
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "block")]), 0.0);
+    assert_eq!(m.stalled("block"), 0.0);
     let log = agent.log();
     let logged = |what: &str| {
         log.lines()
@@ -623,7 +631,7 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
     );
     std::thread::sleep(Duration::from_millis(300));
     let m = agent.scrape();
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 1.0);
+    assert_eq!(m.stalled("cufile"), 1.0);
     assert!(m.value("gds_oldest_inflight_seconds", &[("layer", "cufile")]) >= 0.5);
 
     writer.write_all(&[7u8; 4096]).unwrap();
@@ -637,18 +645,18 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
     );
     let m = agent.scrape();
     assert_eq!(stalls_total(&m, "cufile", "unknown"), 1.0);
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 0.0);
+    assert_eq!(m.stalled("cufile"), 0.0);
     app.exit();
 }
 
 /// `gds_stalls_total` of one layer and disk over every cause.
 fn stalls_total(m: &common::Metrics, layer: &str, disk: &str) -> f64 {
-    ["throttled", "waiting_for_data", "device", "unknown"]
+    gds_api::model::CauseKind::ALL
         .iter()
         .map(|c| {
             m.value(
                 "gds_stalls_total",
-                &[("layer", layer), ("disk", disk), ("cause", c)],
+                &[("layer", layer), ("disk", disk), ("cause", c.label())],
             )
         })
         .sum()

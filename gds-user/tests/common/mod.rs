@@ -249,6 +249,19 @@ impl Metrics {
         Metrics(samples.collect())
     }
 
+    /// `gds_stalled_requests` of one layer, over every cause.
+    pub fn stalled(&self, layer: &str) -> f64 {
+        gds_api::model::CauseKind::ALL
+            .iter()
+            .map(|c| {
+                self.value(
+                    "gds_stalled_requests",
+                    &[("layer", layer), ("cause", c.label())],
+                )
+            })
+            .sum()
+    }
+
     /// Value of `name{labels}`; labels as `k="v"` in any order; 0 when absent.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.0
