@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 mod cufile;
+mod throttle;
 
 use std::{
     collections::BTreeMap,
@@ -15,6 +16,8 @@ use std::{
 pub use cufile::{LineChild, build_standin, cc, libcufile, require_libcufile};
 use gds_api::client;
 pub use gds_testkit::{promtext, service::Service};
+#[allow(unused_imports)]
+pub use throttle::ThrottledLoop;
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each
 /// other's requests. nextest runs one process per test; under plain `cargo test` this lock
