@@ -409,6 +409,28 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     assert!(ev["disk"]["nr_requests"].as_u64().unwrap() >= 1, "{stall}");
     assert_eq!(ev["threads"][0]["tid"], tid, "{stall}");
     assert_eq!(ev["threads"][0]["state"], "D", "in the read: {stall}");
+    // `gds-agent stalls` prints the cause under the stall, and with --evidence what it rests on.
+    let printed = stalls_cli(&agent, &[]);
+    let row = printed
+        .lines()
+        .position(|l| l.starts_with("STALLED") && l.contains(&name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{printed}"));
+    let cause_line = printed.lines().nth(row + 1).unwrap().trim();
+    assert_eq!(cause_line, format!("cause throttled: {because}"), "{printed}");
+    assert!(!printed.contains("threads:"), "evidence only when asked: {printed}");
+    let printed = stalls_cli(&agent, &["--evidence"]);
+    for want in [
+        format!("cause throttled: {because}"),
+        "threads:".into(),
+        format!("tid {tid} gds-stall-rd  state D"),
+        "device:".into(),
+        format!("{name} ("),
+        "cgroups and limits:".into(),
+        format!("limit: {because}"),
+        "missing:".into(),
+    ] {
+        assert!(printed.contains(&want), "{want:?} missing from:\n{printed}");
+    }
     let us = ev["capture_us"].as_u64().unwrap();
     println!("block stall evidence captured in {us} µs");
     assert!(
@@ -546,6 +568,17 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
     assert_eq!(stalls_total(&m, "cufile", "unknown"), 1.0);
     assert_eq!(m.stalled("cufile"), 0.0);
     app.exit();
+}
+
+/// What `gds-agent stalls --agent <agent> <args>` prints (it must succeed).
+fn stalls_cli(agent: &Agent, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        .args(["stalls", "--agent", &agent.addr.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gds-agent stalls {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `gds_stalls_total` of one layer and disk over every cause.
