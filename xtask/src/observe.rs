@@ -259,7 +259,7 @@ fn ensure_tools(fio: bool) -> Result<()> {
     }
     setup::apt_install(&packages)?;
     if !had_prometheus {
-        stop_packaged_prometheus();
+        setup::stop_packaged_service("prometheus");
     }
     ensure!(
         has_command("prometheus") && has_command("promtool"),
@@ -275,21 +275,6 @@ fn has_command(name: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Debian's package starts its own server on :9090 on install; gds runs its own, on its own
-/// port and data directory, so the packaged one is only stopped and disabled.
-fn stop_packaged_prometheus() {
-    let quiet = |cmd: &mut Command| {
-        let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
-    };
-    if Path::new("/run/systemd/system").exists() {
-        step("disabling the prometheus service that Debian's package started");
-        quiet(Command::new("systemctl").args(["disable", "--now", "prometheus"]));
-    } else if Path::new("/etc/init.d/prometheus").exists() {
-        step("stopping the prometheus service that Debian's package started");
-        quiet(Command::new("/etc/init.d/prometheus").arg("stop"));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -121,6 +121,12 @@ impl ThrottledLoop {
 
 impl Drop for ThrottledLoop {
     fn drop(&mut self) {
+        // A read still held (a test that failed) goes, so that the group can be removed and
+        // the process can exit.
+        let _ = std::fs::write(
+            self.cgroup.join("blkio.throttle.read_bps_device"),
+            format!("{} 0", self.disk),
+        );
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
         let _ = std::fs::remove_dir(&self.cgroup);
     }
