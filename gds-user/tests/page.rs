@@ -56,7 +56,8 @@ fn webhook() -> (SocketAddr, mpsc::Receiver<Notification>) {
             if r.read_exact(&mut body).is_err() {
                 continue;
             }
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             let at = Instant::now();
             if let Ok(body) = serde_json::from_slice(&body)
                 && tx.send(Notification { at, body }).is_err()
@@ -99,7 +100,9 @@ fn wait_ready(what: &mut Service, addr: SocketAddr) {
 }
 
 fn alertmanager(dir: &Path, receiver: SocketAddr) -> (Service, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
     let config = dir.join("alertmanager.yml");
     // One group per alert; sent at once, and a resolution within a second of arriving.
     std::fs::write(
@@ -130,8 +133,13 @@ fn alertmanager(dir: &Path, receiver: SocketAddr) -> (Service, SocketAddr) {
 }
 
 fn prometheus(dir: &Path, agent: SocketAddr, alertmanager: SocketAddr) -> (Service, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/alerts.yml");
+    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/alerts.yml"
+    );
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -192,7 +200,11 @@ fn wait_warm(prom: &mut Service, addr: SocketAddr) {
         if let Err(e) = prom.alive() {
             panic!("{e}");
         }
-        assert!(Instant::now() < deadline, "Prometheus never warm:\n{}", prom.log());
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never warm:\n{}",
+            prom.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -208,13 +220,15 @@ fn wait_notification(
 ) -> (Instant, serde_json::Value) {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let n = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {status} notification for {labels:?} in time\n{}", logs()));
+        let n = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "no {status} notification for {labels:?} in time\n{}",
+                logs()
+            )
+        });
         let alert = n.body["alerts"].as_array().and_then(|a| {
-            a.iter().find(|a| {
-                a["status"] == status && labels.iter().all(|(k, v)| a["labels"][k] == *v)
-            })
+            a.iter()
+                .find(|a| a["status"] == status && labels.iter().all(|(k, v)| a["labels"][k] == *v))
         });
         if let Some(a) = alert {
             return (n.at, a.clone());
@@ -331,7 +345,11 @@ fn throttled_reads_page_on_call_with_layer_and_cause_and_resolve() {
         "{alert}"
     );
     assert!(to_page >= FOR, "paged before the rule's for: {to_page:?}");
-    assert!(to_page <= bound, "paged after for + 2 evaluations: {to_page:?}\n{}", logs());
+    assert!(
+        to_page <= bound,
+        "paged after for + 2 evaluations: {to_page:?}\n{}",
+        logs()
+    );
 
     // The read ends when the limit is lifted; the page resolves.
     lo.set_read_bps(0);

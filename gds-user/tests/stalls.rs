@@ -288,11 +288,7 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while agent
-        .scrape()
-        .stalled("uring")
-        != 0.0
-    {
+    while agent.scrape().stalled("uring") != 0.0 {
         assert!(Instant::now() < deadline, "stalls never ended");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -416,8 +412,15 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
         .position(|l| l.starts_with("STALLED") && l.contains(&name))
         .unwrap_or_else(|| panic!("no row for {name}:\n{printed}"));
     let cause_line = printed.lines().nth(row + 1).unwrap().trim();
-    assert_eq!(cause_line, format!("cause throttled: {because}"), "{printed}");
-    assert!(!printed.contains("threads:"), "evidence only when asked: {printed}");
+    assert_eq!(
+        cause_line,
+        format!("cause throttled: {because}"),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("threads:"),
+        "evidence only when asked: {printed}"
+    );
     let printed = stalls_cli(&agent, &["--evidence"]);
     for want in [
         format!("cause throttled: {because}"),

@@ -292,7 +292,7 @@ fn top_opens_a_stalls_evidence_on_one_screen() {
     let row = stalls
         .lines()
         .skip(1)
-        .position(|l| ours(l))
+        .position(ours)
         .expect("our stall row");
     for _ in 0..row {
         session.keys("Down");
@@ -303,7 +303,10 @@ fn top_opens_a_stalls_evidence_on_one_screen() {
     });
     let group = lo.cgroup.file_name().unwrap().to_str().unwrap().to_owned();
     for want in [
-        format!("block read  pid {} tid {tid} gds-stall-rd", std::process::id()),
+        format!(
+            "block read  pid {} tid {tid} gds-stall-rd",
+            std::process::id()
+        ),
         format!("throttled: cgroup /{group} (v1) blkio.throttle.read_bps_device"),
         format!("tid {tid} gds-stall-rd  state D"),
         format!("{disk} ("),

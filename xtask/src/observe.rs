@@ -352,9 +352,12 @@ fn check_every_cause_pages(root: &Path) -> Result<()> {
     fs::write(&path, test).with_context(|| format!("writing {}", path.display()))?;
     let out = promtool(root, &["test", "rules", &path.display().to_string()]);
     let _ = fs::remove_file(&path);
-    let out = out
-        .context("GdsRequestsStalled must fire exactly once for every cause the agent names")?;
-    ensure!(out.contains("SUCCESS"), "promtool printed no SUCCESS:\n{out}");
+    let out =
+        out.context("GdsRequestsStalled must fire exactly once for every cause the agent names")?;
+    ensure!(
+        out.contains("SUCCESS"),
+        "promtool printed no SUCCESS:\n{out}"
+    );
     step(&format!(
         "every cause ({}) fires one GdsRequestsStalled: ok",
         CauseKind::ALL.map(|c| c.label()).join(", ")

@@ -86,7 +86,13 @@ pub fn sections(stall: &Stall, evidence: Option<(&Evidence, bool)>) -> Vec<Secti
     };
     let mut threads = Vec::new();
     for t in &ev.threads {
-        let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
         threads.push(format!(
             "tid {} {}  state {}  wchan {}  syscall {}",
             t.tid,
@@ -107,7 +113,10 @@ pub fn sections(stall: &Stall, evidence: Option<(&Evidence, bool)>) -> Vec<Secti
     });
     out.push(Section {
         title: "device",
-        lines: ev.disk.as_ref().map_or_else(|| vec!["-".into()], disk_lines),
+        lines: ev
+            .disk
+            .as_ref()
+            .map_or_else(|| vec!["-".into()], disk_lines),
     });
     let mut cgroups = Vec::new();
     if let Some(c) = &ev.cgroups {
@@ -328,7 +337,10 @@ pub(crate) mod tests {
         for (k, v) in v.as_object().unwrap() {
             flatten(k, v, &mut out);
         }
-        assert!(out.contains(&"controller.state: resetting".to_owned()), "{out:?}");
+        assert!(
+            out.contains(&"controller.state: resetting".to_owned()),
+            "{out:?}"
+        );
         assert!(out.contains(&"errors: 1, 2".to_owned()), "{out:?}");
     }
 }

@@ -55,7 +55,10 @@ pub struct View {
 impl View {
     /// The stalls as the list shows them: active (oldest first), then ended (newest first).
     pub fn stalls(&self) -> Vec<&Stall> {
-        self.active_stalls.iter().chain(&self.ended_stalls).collect()
+        self.active_stalls
+            .iter()
+            .chain(&self.ended_stalls)
+            .collect()
     }
 }
 

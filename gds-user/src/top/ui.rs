@@ -137,7 +137,13 @@ pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
 ///
 /// Every layer with data gets its panel, each from its own rows: io_uring by opcode (always),
 /// block by disk, NVMe by disk, cuFile; then the slowest requests in flight and the stalls.
-pub fn draw(f: &mut Frame, view: &View, selected: Option<usize>, status: &str, error: Option<&str>) {
+pub fn draw(
+    f: &mut Frame,
+    view: &View,
+    selected: Option<usize>,
+    status: &str,
+    error: Option<&str>,
+) {
     let has_block = !view.block_disks.is_empty();
     let has_nvme = !view.nvme_disks.is_empty();
     let has_cufile = !view.cufile_ops.is_empty() || !view.cufile_procs.is_empty();
@@ -338,13 +344,23 @@ pub fn draw_evidence(f: &mut Frame, o: &Opened, status: &str, error: Option<&str
     ];
     let ev = o.evidence.as_ref().map(|(e, shared)| (e, *shared));
     for section in evidence::sections(s, ev) {
-        lines.push(Line::from(Span::styled(section.title.to_uppercase(), bold())));
-        lines.extend(section.lines.into_iter().map(|l| Line::from(format!("  {l}"))));
+        lines.push(Line::from(Span::styled(
+            section.title.to_uppercase(),
+            bold(),
+        )));
+        lines.extend(
+            section
+                .lines
+                .into_iter()
+                .map(|l| Line::from(format!("  {l}"))),
+        );
     }
     f.render_widget(
-        Paragraph::new(lines)
-            .scroll((o.scroll, 0))
-            .block(Block::default().borders(Borders::ALL).title("why it is stuck")),
+        Paragraph::new(lines).scroll((o.scroll, 0)).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title("why it is stuck"),
+        ),
         chunks[1],
     );
 }

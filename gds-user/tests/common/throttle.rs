@@ -131,4 +131,3 @@ impl Drop for ThrottledLoop {
         let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
-
