@@ -14,7 +14,7 @@ use prometheus::{
 use gds_api::{
     exposition::{counter, desc, family, gauge, labels, log2_histogram, opts},
     families::{self as f, Family},
-    model::{Layer, LayerStalls, StallReport, Stats},
+    model::{CauseKind, Layer, LayerStalls, StallReport, Stats},
 };
 use gds_trace::UringTracer;
 
@@ -182,7 +182,7 @@ impl Collector for TraceCollector {
     }
 }
 
-/// Stall metrics from the latest scan: `gds_stalled_requests{layer}`,
+/// Stall metrics from the latest scan: `gds_stalled_requests{layer,cause}`,
 /// `gds_oldest_inflight_seconds{layer}`, `gds_stalls_total{layer,disk,cause}`,
 /// `gds_stall_scan_duration_seconds`.
 pub struct StallCollector {
@@ -228,7 +228,7 @@ impl Collector for StallCollector {
             })
             .collect();
         let mut out = vec![
-            family(&f::STALLED_REQUESTS, per_layer(&r, |l| l.stalled as f64)),
+            family(&f::STALLED_REQUESTS, stalled_by_layer_and_cause(&r)),
             family(
                 &f::OLDEST_INFLIGHT,
                 per_layer(&r, |l| l.oldest_inflight_seconds),
@@ -240,6 +240,26 @@ impl Collector for StallCollector {
         }
         out
     }
+}
+
+/// Stalled requests now, one gauge per (layer, cause), every pair (0 when none), so an alert's
+/// series exist from the start and `GdsRequestsStalled` can name the cause it pages for.
+fn stalled_by_layer_and_cause(r: &StallReport) -> Vec<prometheus::proto::Metric> {
+    let mut n = std::collections::BTreeMap::<(Layer, CauseKind), usize>::new();
+    for s in &r.active {
+        *n.entry((s.request.layer, s.cause.kind)).or_default() += 1;
+    }
+    Layer::ALL
+        .iter()
+        .flat_map(|&layer| CauseKind::ALL.iter().map(move |&cause| (layer, cause)))
+        .map(|(layer, cause)| {
+            let v = n.get(&(layer, cause)).copied().unwrap_or(0) as f64;
+            gauge(
+                labels(&[("layer", layer.label()), ("cause", cause.label())]),
+                v,
+            )
+        })
+        .collect()
 }
 
 /// One gauge per layer from the report, every layer (0 before the first scan), so an alert's

@@ -193,10 +193,7 @@ fn snapshot_decodes_and_agrees_with_metrics_under_load() {
         s.stats.inflight as f64,
         m.value("gds_uring_inflight_requests", &[])
     );
-    assert_eq!(
-        s.stalls.active.len() as f64,
-        m.value("gds_stalled_requests", &[("layer", "uring")])
-    );
+    assert_eq!(s.stalls.active.len() as f64, m.stalled("uring"));
     assert!(!s.stats.opcodes.is_empty());
     for o in &s.stats.opcodes {
         let l = [("opcode", o.opcode.as_str())];

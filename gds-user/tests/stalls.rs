@@ -6,16 +6,10 @@ mod common;
 
 use std::{
     io::Write as _,
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
-    },
-    path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Agent, PipeRead, serial};
+use common::{Agent, PipeRead, ThrottledLoop, serial};
 use io_uring::{IoUring, opcode, types};
 
 #[test]
@@ -89,7 +83,15 @@ fn pipe_read_stalls_once_and_ends_on_write() {
 
     std::thread::sleep(Duration::from_millis(700)); // several more scans
     let m = agent.scrape();
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "uring")]), 1.0);
+    assert_eq!(m.stalled("uring"), 1.0);
+    assert_eq!(
+        m.value(
+            "gds_stalled_requests",
+            &[("layer", "uring"), ("cause", "waiting_for_data")]
+        ),
+        1.0,
+        "the stall is counted under its cause"
+    );
     assert_eq!(
         m.value(
             "gds_stalls_total",
@@ -134,7 +136,7 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     );
     std::thread::sleep(Duration::from_millis(300));
     let m = agent.scrape();
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "uring")]), 0.0);
+    assert_eq!(m.stalled("uring"), 0.0);
     assert_eq!(
         m.value(
             "gds_stalls_total",
@@ -252,7 +254,7 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let m = agent.scrape();
-        if m.value("gds_stalled_requests", &[("layer", "uring")]) == K as f64 {
+        if m.stalled("uring") == K as f64 {
             assert_eq!(m.value("gds_uring_inflight_requests", &[]), K as f64);
             assert_eq!(
                 m.value("gds_trace_dropped_total", &[("reason", "inflight_full")]),
@@ -288,85 +290,13 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while agent
-        .scrape()
-        .value("gds_stalled_requests", &[("layer", "uring")])
-        != 0.0
-    {
+    while agent.scrape().stalled("uring") != 0.0 {
         assert!(Instant::now() < deadline, "stalls never ended");
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = agent.log();
     assert_eq!(log.matches("stall detected").count(), K);
     assert_eq!(log.matches("stall ended").count(), K);
-}
-
-/// A loop device (direct I/O) over a file on the root disk, and a cgroup v1 blkio group that
-/// throttles reads of that disk. A reader in the group reading the loop device has its block
-/// request issued to the loop driver at once (the loop device has no rule), while the loop
-/// worker's read of the file, charged to the reader's group (loop charges its I/O to the
-/// submitter's cgroup), waits in the throttle: a block request held at the "device" for as
-/// long as the throttle says, on a real kernel, with nothing mocked.
-struct ThrottledLoop {
-    dev: String,
-    cgroup: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-const BLKIO: &str = "/sys/fs/cgroup/blkio";
-
-impl ThrottledLoop {
-    /// `None` (with a SKIPPED line) where cgroup v1 blkio is not mounted; CI has it.
-    fn new(read_bps: u64) -> Option<ThrottledLoop> {
-        let rule = Path::new(BLKIO).join("blkio.throttle.read_bps_device");
-        if !rule.exists() {
-            assert!(std::env::var_os("CI").is_none(), "{BLKIO} is missing");
-            eprintln!("SKIPPED: no cgroup v1 blkio throttling at {BLKIO}");
-            return None;
-        }
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let file = dir.path().join("backing");
-        std::fs::write(&file, vec![0x5au8; 4 << 20]).unwrap();
-        let out = Command::new("losetup")
-            .args(["--direct-io=on", "--show", "-f"])
-            .arg(&file)
-            .output()
-            .expect("losetup");
-        assert!(out.status.success(), "losetup: {out:?}");
-        let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        // The whole disk under the file: throttle rules are per disk.
-        let st = std::fs::metadata(&file).unwrap();
-        let (major, minor) = (libc::major(st.dev()), libc::minor(st.dev()));
-        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-        let disk = if sys.join("partition").exists() {
-            std::fs::read_to_string(sys.join("../dev")).unwrap()
-        } else {
-            format!("{major}:{minor}")
-        };
-        let cgroup = Path::new(BLKIO).join(format!("gds-stall-{}", std::process::id()));
-        let _ = std::fs::create_dir(&cgroup);
-        std::fs::write(
-            cgroup.join("blkio.throttle.read_bps_device"),
-            format!("{} {read_bps}", disk.trim()),
-        )
-        .unwrap();
-        Some(ThrottledLoop {
-            dev,
-            cgroup,
-            _dir: dir,
-        })
-    }
-
-    fn name(&self) -> &str {
-        self.dev.trim_start_matches("/dev/")
-    }
-}
-
-impl Drop for ThrottledLoop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
 }
 
 /// An active stall of `layer` matching `pick`, waited for up to `within`.
@@ -438,34 +368,7 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     ]);
     const OFFSET: u64 = 1 << 20;
     const LEN: usize = 128 << 10;
-    let (dev, tasks) = (lo.dev.clone(), lo.cgroup.join("tasks"));
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::Builder::new()
-        .name("gds-stall-rd".into())
-        .spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::gettid() };
-            // cgroup v1: this thread alone moves into the throttled group.
-            std::fs::write(&tasks, tid.to_string()).unwrap();
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&dev)
-                .unwrap();
-            let layout = std::alloc::Layout::from_size_align(LEN, 4096).unwrap();
-            // SAFETY: non-zero size; freed below with the same layout.
-            let buf = unsafe { std::alloc::alloc(layout) };
-            tid_tx.send(tid as u32).unwrap();
-            let t = Instant::now();
-            // SAFETY: buf holds LEN bytes.
-            let n = unsafe { libc::pread(f.as_raw_fd(), buf.cast(), LEN, OFFSET as i64) };
-            let took = t.elapsed();
-            // SAFETY: allocated above with this layout.
-            unsafe { std::alloc::dealloc(buf, layout) };
-            (n, took)
-        })
-        .unwrap();
-    let tid = tid_rx.recv().unwrap();
+    let (tid, reader) = lo.read(OFFSET, LEN);
     let name = lo.name().to_owned();
     let ours = |s: &serde_json::Value| s["layer"] == "block" && s["disk"] == name.as_str();
     let stall = wait_stall(&agent, Duration::from_secs(5), ours);
@@ -504,6 +407,35 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     assert!(ev["disk"]["nr_requests"].as_u64().unwrap() >= 1, "{stall}");
     assert_eq!(ev["threads"][0]["tid"], tid, "{stall}");
     assert_eq!(ev["threads"][0]["state"], "D", "in the read: {stall}");
+    // `gds-agent stalls` prints the cause under the stall, and with --evidence what it rests on.
+    let printed = stalls_cli(&agent, &[]);
+    let row = printed
+        .lines()
+        .position(|l| l.starts_with("STALLED") && l.contains(&name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{printed}"));
+    let cause_line = printed.lines().nth(row + 1).unwrap().trim();
+    assert_eq!(
+        cause_line,
+        format!("cause throttled: {because}"),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("threads:"),
+        "evidence only when asked: {printed}"
+    );
+    let printed = stalls_cli(&agent, &["--evidence"]);
+    for want in [
+        format!("cause throttled: {because}"),
+        "threads:".into(),
+        format!("tid {tid} gds-stall-rd  state D"),
+        "device:".into(),
+        format!("{name} ("),
+        "cgroups and limits:".into(),
+        format!("limit: {because}"),
+        "missing:".into(),
+    ] {
+        assert!(printed.contains(&want), "{want:?} missing from:\n{printed}");
+    }
     let us = ev["capture_us"].as_u64().unwrap();
     println!("block stall evidence captured in {us} µs");
     assert!(
@@ -527,7 +459,7 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
         ),
         1.0
     );
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "block")]), 0.0);
+    assert_eq!(m.stalled("block"), 0.0);
     let log = agent.log();
     let logged = |what: &str| {
         log.lines()
@@ -652,7 +584,7 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
     assert_eq!(cf["other_calls_total"], 0, "{cf}");
     std::thread::sleep(Duration::from_millis(300));
     let m = agent.scrape();
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 1.0);
+    assert_eq!(m.stalled("cufile"), 1.0);
     assert!(m.value("gds_oldest_inflight_seconds", &[("layer", "cufile")]) >= 0.5);
 
     writer.write_all(&[7u8; 4096]).unwrap();
@@ -666,19 +598,29 @@ fn held_cufile_call_is_a_cufile_stall_and_ends() {
     );
     let m = agent.scrape();
     assert_eq!(stalls_total(&m, "cufile", "unknown"), 1.0);
-    assert_eq!(m.value("gds_stalled_requests", &[("layer", "cufile")]), 0.0);
+    assert_eq!(m.stalled("cufile"), 0.0);
     app.exit();
+}
+
+/// What `gds-agent stalls --agent <agent> <args>` prints (it must succeed).
+fn stalls_cli(agent: &Agent, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gds-agent"))
+        .args(["stalls", "--agent", &agent.addr.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gds-agent stalls {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `gds_stalls_total` of one layer and disk over every cause.
 fn stalls_total(m: &common::Metrics, layer: &str, disk: &str) -> f64 {
-    gds_api::model::evidence::CauseKind::ALL
+    gds_api::model::CauseKind::ALL
         .iter()
-        .map(|c| c.label())
         .map(|c| {
             m.value(
                 "gds_stalls_total",
-                &[("layer", layer), ("disk", disk), ("cause", c)],
+                &[("layer", layer), ("disk", disk), ("cause", c.label())],
             )
         })
         .sum()

@@ -633,12 +633,13 @@ pub fn render() -> Value {
         6,
         8,
         timeseries(
-            "Stalled requests by layer",
-            "Requests in flight longer than --stall-threshold, now.",
+            "Stalled requests by layer and cause",
+            "Requests in flight longer than --stall-threshold, now, by the cause named when each \
+             stalled (gds-agent stalls --evidence, or Enter on it in top, shows the evidence).",
             "none",
             vec![q(
-                format!("sum by (layer) (gds_stalled_requests{{{I}}})"),
-                "{{layer}}",
+                format!("sum by (layer, cause) (gds_stalled_requests{{{I}}})"),
+                "{{layer}} {{cause}}",
             )],
         ),
     );

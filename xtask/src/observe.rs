@@ -259,7 +259,7 @@ fn ensure_tools(fio: bool) -> Result<()> {
     }
     setup::apt_install(&packages)?;
     if !had_prometheus {
-        stop_packaged_prometheus();
+        setup::stop_packaged_service("prometheus");
     }
     ensure!(
         has_command("prometheus") && has_command("promtool"),
@@ -275,21 +275,6 @@ fn has_command(name: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Debian's package starts its own server on :9090 on install; gds runs its own, on its own
-/// port and data directory, so the packaged one is only stopped and disabled.
-fn stop_packaged_prometheus() {
-    let quiet = |cmd: &mut Command| {
-        let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
-    };
-    if Path::new("/run/systemd/system").exists() {
-        step("disabling the prometheus service that Debian's package started");
-        quiet(Command::new("systemctl").args(["disable", "--now", "prometheus"]));
-    } else if Path::new("/etc/init.d/prometheus").exists() {
-        step("stopping the prometheus service that Debian's package started");
-        quiet(Command::new("/etc/init.d/prometheus").arg("stop"));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,10 +311,57 @@ fn check_promtool(root: &Path) -> Result<()> {
         "promtool test rules printed no SUCCESS:\n{tests}"
     );
     step(&format!("promtool test rules {ALERT_TESTS_PATH}: ok"));
+    check_every_cause_pages(root)?;
     for config in SHIPPED_CONFIGS {
         promtool(root, &["check", "config", "--syntax-only", config])?;
         step(&format!("promtool check config {config}: ok"));
     }
+    Ok(())
+}
+
+/// Every cause the agent can name (`CauseKind::ALL`, not a list written here) fires exactly one
+/// `GdsRequestsStalled` carrying it: a cause added to the agent is never left without a page,
+/// and no two rules of the family overlap (which would send two alerts, of two severities, for
+/// one stall). A promtool test generated from the causes, counting the firing alerts by cause.
+fn check_every_cause_pages(root: &Path) -> Result<()> {
+    use gds_api::model::CauseKind;
+    use std::fmt::Write as _;
+    let mut series = String::new();
+    let mut samples = String::new();
+    for c in CauseKind::ALL {
+        let c = c.label();
+        let _ = writeln!(
+            series,
+            "      - series: 'gds_stalled_requests{{job=\"{JOB}\", instance=\"n1:9477\", layer=\"block\", cause=\"{c}\"}}'\n        values: '1x5'"
+        );
+        let _ = writeln!(
+            samples,
+            "          - labels: '{{cause=\"{c}\"}}'\n            value: 1"
+        );
+    }
+    let test = format!(
+        "rule_files:\n  - {alerts}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    \
+         input_series:\n{series}    promql_expr_test:\n      - expr: count by (cause) \
+         (ALERTS{{alertname=\"GdsRequestsStalled\", alertstate=\"firing\"}})\n        \
+         eval_time: 3m\n        exp_samples:\n{samples}",
+        alerts = root.join(ALERTS_PATH).display(),
+    );
+    let dir = root.join("target/observe");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("every-cause-pages-{}.yml", std::process::id()));
+    fs::write(&path, test).with_context(|| format!("writing {}", path.display()))?;
+    let out = promtool(root, &["test", "rules", &path.display().to_string()]);
+    let _ = fs::remove_file(&path);
+    let out =
+        out.context("GdsRequestsStalled must fire exactly once for every cause the agent names")?;
+    ensure!(
+        out.contains("SUCCESS"),
+        "promtool printed no SUCCESS:\n{out}"
+    );
+    step(&format!(
+        "every cause ({}) fires one GdsRequestsStalled: ok",
+        CauseKind::ALL.map(|c| c.label()).join(", ")
+    ));
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -83,17 +83,40 @@ fn step(what: &str) {
 }
 
 /// Installs Debian packages that are missing (`apt-get update` once, first).
+/// Whether Debian's package `name` is installed.
+fn has_package(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Debian's `prometheus` and `prometheus-alertmanager` start their own servers (:9090,
+/// :9093) on install; gds's checks and tests run their own, on their own ports and data
+/// directories, so the packaged one is only stopped and disabled.
+pub fn stop_packaged_service(name: &str) {
+    let quiet = |cmd: &mut Command| {
+        let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    };
+    if Path::new("/run/systemd/system").exists() {
+        step(&format!(
+            "disabling the {name} service that Debian's package started"
+        ));
+        quiet(Command::new("systemctl").args(["disable", "--now", name]));
+    } else if Path::new("/etc/init.d").join(name).exists() {
+        step(&format!(
+            "stopping the {name} service that Debian's package started"
+        ));
+        quiet(Command::new(Path::new("/etc/init.d").join(name)).arg("stop"));
+    }
+}
+
 pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-                .unwrap_or(false)
-        })
+        .filter(|p| !has_package(p))
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -238,8 +261,24 @@ pub fn ensure_prerequisites() -> Result<()> {
             .env("PATH", path))?;
     }
 
-    // Test and tracing tools (wrk: the HTTP load of `cargo xtask load`)
-    apt_install(&["fio", "bpftool", "tmux", "wrk"])?;
+    // Test and tracing tools (wrk: the HTTP load of `cargo xtask load`; Prometheus and
+    // Alertmanager: the alert rules' checks and the page test, gds-user/tests/page.rs)
+    let had_alertmanager = has_package("prometheus-alertmanager");
+    let had_prometheus = has_package("prometheus");
+    apt_install(&[
+        "fio",
+        "bpftool",
+        "tmux",
+        "wrk",
+        "prometheus",
+        "prometheus-alertmanager",
+    ])?;
+    if !had_prometheus {
+        stop_packaged_service("prometheus");
+    }
+    if !had_alertmanager {
+        stop_packaged_service("prometheus-alertmanager");
+    }
     ensure_libcufile()?;
     Ok(())
 }

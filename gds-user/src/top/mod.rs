@@ -5,7 +5,9 @@
 //! (standalone) and stops on exit. `model` computes, `ui` draws; `stalls` is the one-shot
 //! `gds-agent stalls`.
 
+pub mod evidence;
 pub mod model;
+mod nav;
 pub mod stalls;
 mod ui;
 
@@ -172,7 +174,8 @@ impl Fetcher {
     }
 }
 
-/// `q`, Esc or Ctrl-C.
+/// `q`, Esc or Ctrl-C: how top quits before its first snapshot, when there is no stall list
+/// to move in yet.
 fn quits(e: &Event) -> bool {
     let Event::Key(k) = e else { return false };
     let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
@@ -214,13 +217,16 @@ fn ui_loop(
     let started = Instant::now();
     let mut prev: Option<Snapshot> = None;
     let mut view: Option<View> = None;
+    let mut nav = nav::Nav::default();
     let mut error: Option<String> = None;
     let mut next = started + args.interval;
     let mut dirty = true;
     loop {
         match fetcher.answer() {
             Some(Ok(cur)) => {
-                view = Some(View::compute(prev.as_ref().unwrap_or(&cur), &cur));
+                let v = View::compute(prev.as_ref().unwrap_or(&cur), &cur);
+                nav.follow(&v.stalls());
+                view = Some(v);
                 prev = Some(cur);
                 error = None;
                 dirty = true;
@@ -238,9 +244,13 @@ fn ui_loop(
             dirty = true;
         }
         if let (Some(t), true) = (terminal.as_mut(), dirty) {
-            t.draw(|f| match &view {
-                Some(v) => ui::draw(f, v, &status, error.as_deref()),
-                None => ui::draw_waiting(f, &status, error.as_deref()),
+            t.draw(|f| match (&nav.open, &view) {
+                (Some(o), _) => ui::draw_evidence(f, o, &status, error.as_deref()),
+                (None, Some(v)) => {
+                    let selected = nav.selected(&v.stalls());
+                    ui::draw(f, v, selected, &status, error.as_deref())
+                }
+                (None, None) => ui::draw_waiting(f, &status, error.as_deref()),
             })?;
             dirty = false;
         }
@@ -256,8 +266,14 @@ fn ui_loop(
         };
         if event::poll(wait)? {
             let e = event::read()?;
-            if quits(&e) {
-                return Ok(());
+            match (&e, &view) {
+                (Event::Key(k), Some(v)) => match nav.key(k, &v.stalls()) {
+                    nav::Outcome::Quit => return Ok(()),
+                    nav::Outcome::Redraw => dirty = true,
+                    nav::Outcome::Nothing => {}
+                },
+                (e, None) if quits(e) => return Ok(()),
+                _ => {}
             }
             dirty |= matches!(e, Event::Resize(..));
         }

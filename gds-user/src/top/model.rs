@@ -52,6 +52,16 @@ pub struct View {
     pub ended_stalls: Vec<Stall>,
 }
 
+impl View {
+    /// The stalls as the list shows them: active (oldest first), then ended (newest first).
+    pub fn stalls(&self) -> Vec<&Stall> {
+        self.active_stalls
+            .iter()
+            .chain(&self.ended_stalls)
+            .collect()
+    }
+}
+
 /// Counts, errors and latency of one row key in one snapshot.
 #[derive(Default)]
 struct Totals {

@@ -5,10 +5,14 @@ use ratatui::{
     layout::{Constraint, Layout},
     style::{Color, Modifier, Style},
     text::{Line, Span},
-    widgets::{Block, Borders, Row, Table},
+    widgets::{Block, Borders, Paragraph, Row, Table, TableState},
 };
 
-use super::model::{CufileProcRow, RateRow, View};
+use super::{
+    evidence,
+    model::{CufileProcRow, RateRow, View},
+    nav::Opened,
+};
 
 fn secs(s: Option<f64>) -> String {
     match s {
@@ -128,11 +132,18 @@ pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
     f.render_widget(Line::from(header), chunks[0]);
 }
 
-/// Draws the whole screen. `status` is the header's right side (agent address or an error).
+/// Draws the whole screen. `status` is the header's right side (agent address or an error);
+/// `selected` the row of the stall list that Enter opens.
 ///
 /// Every layer with data gets its panel, each from its own rows: io_uring by opcode (always),
 /// block by disk, NVMe by disk, cuFile; then the slowest requests in flight and the stalls.
-pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
+pub fn draw(
+    f: &mut Frame,
+    view: &View,
+    selected: Option<usize>,
+    status: &str,
+    error: Option<&str>,
+) {
     let has_block = !view.block_disks.is_empty();
     let has_nvme = !view.nvme_disks.is_empty();
     let has_cufile = !view.cufile_ops.is_empty() || !view.cufile_procs.is_empty();
@@ -165,6 +176,9 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     ];
     match error {
         Some(e) => header.push(Span::styled(e.to_owned(), Style::default().fg(Color::Red))),
+        None if selected.is_some() => {
+            header.push(Span::raw(format!("{status}  ↑↓ Enter: why  q quits")))
+        }
         None => header.push(Span::raw(format!("{status}  q quits"))),
     }
     f.render_widget(Line::from(header), chunks[0]);
@@ -233,11 +247,10 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     );
 
     let stall_rows: Vec<Row> = view
-        .active_stalls
-        .iter()
-        .map(|s| (true, s))
-        .chain(view.ended_stalls.iter().map(|s| (false, s)))
-        .map(|(active, s)| {
+        .stalls()
+        .into_iter()
+        .map(|s| {
+            let active = s.total_seconds.is_none();
             let style = if active {
                 Style::default().fg(Color::Red)
             } else {
@@ -251,6 +264,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                 },
                 secs(Some(s.total_seconds.unwrap_or(s.request.age_seconds))),
                 s.request.layer.label().to_string(),
+                s.cause.kind.label().to_string(),
                 s.request.ctx.pid.to_string(),
                 s.request.ctx.comm.clone(),
                 s.request.opcode.clone(),
@@ -259,24 +273,95 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             .style(style)
         })
         .collect();
-    f.render_widget(
+    // CAUSE fits its longest label (waiting_for_data); WHERE keeps a dozen columns at 80.
+    let mut state = TableState::default().with_selected(selected);
+    f.render_stateful_widget(
         Table::new(
             stall_rows,
             [
-                Constraint::Length(8),
-                Constraint::Length(8),
                 Constraint::Length(7),
-                Constraint::Length(8),
-                Constraint::Length(12),
-                Constraint::Length(8),
+                Constraint::Length(7),
+                Constraint::Length(6),
+                Constraint::Length(16),
+                Constraint::Length(7),
+                Constraint::Length(10),
+                Constraint::Length(6),
                 Constraint::Min(8),
             ],
         )
         .header(
-            Row::new(["STATE", "TIME", "LAYER", "PID", "COMM", "OPCODE", "WHERE"]).style(bold()),
+            Row::new([
+                "STATE", "TIME", "LAYER", "CAUSE", "PID", "COMM", "OPCODE", "WHERE",
+            ])
+            .style(bold()),
         )
+        .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
         .block(Block::default().borders(Borders::ALL).title("stalls")),
         chunks[6],
+        &mut state,
+    );
+}
+
+/// The evidence screen of one stall: what it is, its cause and the evidence the cause rests
+/// on (threads with their kernel stacks, device, cgroups and limits, what was missing).
+pub fn draw_evidence(f: &mut Frame, o: &Opened, status: &str, error: Option<&str>) {
+    let chunks = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).split(f.area());
+    let mut header = vec![Span::styled(
+        " gds top ",
+        Style::default().fg(Color::Black).bg(Color::Cyan),
+    )];
+    match error {
+        Some(e) => header.push(Span::styled(
+            format!(" {e}"),
+            Style::default().fg(Color::Red),
+        )),
+        None => header.push(Span::raw(format!(" {status}  ↑↓ scroll  Esc back"))),
+    }
+    f.render_widget(Line::from(header), chunks[0]);
+
+    let s = &o.stall;
+    let q = &s.request;
+    let state = match s.total_seconds {
+        None => Span::styled(
+            format!("STALLED {}", secs(Some(q.age_seconds))),
+            Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
+        ),
+        Some(t) => Span::raw(format!("ended after {}", secs(Some(t)))),
+    };
+    let mut lines = vec![
+        Line::from(vec![
+            state,
+            Span::raw(format!(
+                "  {} {}  pid {} tid {} {}",
+                q.layer.label(),
+                q.opcode,
+                q.ctx.pid,
+                q.ctx.tid,
+                q.ctx.comm
+            )),
+        ]),
+        Line::from(format!("{} ({})", q.where_text(), s.stage_description)),
+    ];
+    let ev = o.evidence.as_ref().map(|(e, shared)| (e, *shared));
+    for section in evidence::sections(s, ev) {
+        lines.push(Line::from(Span::styled(
+            section.title.to_uppercase(),
+            bold(),
+        )));
+        lines.extend(
+            section
+                .lines
+                .into_iter()
+                .map(|l| Line::from(format!("  {l}"))),
+        );
+    }
+    f.render_widget(
+        Paragraph::new(lines).scroll((o.scroll, 0)).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title("why it is stuck"),
+        ),
+        chunks[1],
     );
 }
 
@@ -288,7 +373,7 @@ mod tests {
     fn screen(view: &View) -> String {
         let backend = ratatui::backend::TestBackend::new(100, 60);
         let mut term = ratatui::Terminal::new(backend).unwrap();
-        term.draw(|f| draw(f, view, "127.0.0.1:9477", None))
+        term.draw(|f| draw(f, view, None, "127.0.0.1:9477", None))
             .unwrap();
         let buf = term.backend().buffer();
         let mut out = String::new();

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 mod cufile;
+mod throttle;
 
 use std::{
     collections::BTreeMap,
@@ -15,6 +16,8 @@ use std::{
 pub use cufile::{LineChild, build_standin, cc, libcufile, require_libcufile};
 use gds_api::client;
 pub use gds_testkit::{promtext, service::Service};
+#[allow(unused_imports)]
+pub use throttle::ThrottledLoop;
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each
 /// other's requests. nextest runs one process per test; under plain `cargo test` this lock
@@ -247,6 +250,19 @@ impl Metrics {
             Err(e) => panic!("not the text format: {e}"),
         });
         Metrics(samples.collect())
+    }
+
+    /// `gds_stalled_requests` of one layer, over every cause.
+    pub fn stalled(&self, layer: &str) -> f64 {
+        gds_api::model::CauseKind::ALL
+            .iter()
+            .map(|c| {
+                self.value(
+                    "gds_stalled_requests",
+                    &[("layer", layer), ("cause", c.label())],
+                )
+            })
+            .sum()
     }
 
     /// Value of `name{labels}`; labels as `k="v"` in any order; 0 when absent.

@@ -139,9 +139,9 @@ pub const BLOCK_DURATION: Family = family(
 pub const STALLED_REQUESTS: Family = family(
     "gds_stalled_requests",
     Gauge,
-    &["layer"],
+    &["layer", "cause"],
     "Requests in flight longer than the stall threshold now, by layer (one series per layer \
-     of /debug/layers).",
+     of /debug/layers) and the cause named when each stalled (one series per cause).",
 );
 pub const OLDEST_INFLIGHT: Family = family(
     "gds_oldest_inflight_seconds",
