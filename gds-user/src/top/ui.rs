@@ -361,11 +361,15 @@ pub fn draw_evidence(f: &mut Frame, o: &Opened, status: &str, error: Option<&str
         );
     }
     f.render_widget(
-        Paragraph::new(lines).scroll((o.scroll, 0)).block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title("why it is stuck"),
-        ),
+        // Long lines (a cause's because, a limit) wrap rather than lose their end.
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .scroll((o.scroll, 0))
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title("why it is stuck"),
+            ),
         chunks[1],
     );
 }
