@@ -299,7 +299,7 @@ fn top_opens_a_stalls_evidence_on_one_screen() {
     }
     session.keys("Enter");
     let why = session.wait_for(Duration::from_secs(5), "no evidence screen", |s| {
-        s.contains("why it is stuck") && s.contains("MISSING")
+        s.contains("┌why it is stuck") && s.contains("MISSING")
     });
     let group = lo.cgroup.file_name().unwrap().to_str().unwrap().to_owned();
     for want in [
@@ -331,7 +331,7 @@ fn top_opens_a_stalls_evidence_on_one_screen() {
 
     session.keys("Escape");
     session.wait_for(Duration::from_secs(5), "Esc did not go back", |s| {
-        !s.contains("why it is stuck") && s.contains("STATE") && s.contains("CAUSE")
+        !s.contains("┌why it is stuck") && s.contains("STATE") && s.contains("CAUSE")
     });
     assert!(session.alive(), "Esc on the evidence screen must not quit");
     lo.set_read_bps(0);

@@ -5,7 +5,7 @@ use ratatui::{
     layout::{Constraint, Layout},
     style::{Color, Modifier, Style},
     text::{Line, Span},
-    widgets::{Block, Borders, Paragraph, Row, Table, TableState},
+    widgets::{Block, Borders, Paragraph, Row, Table, TableState, Wrap},
 };
 
 use super::{
@@ -176,9 +176,6 @@ pub fn draw(
     ];
     match error {
         Some(e) => header.push(Span::styled(e.to_owned(), Style::default().fg(Color::Red))),
-        None if selected.is_some() => {
-            header.push(Span::raw(format!("{status}  ↑↓ Enter: why  q quits")))
-        }
         None => header.push(Span::raw(format!("{status}  q quits"))),
     }
     f.render_widget(Line::from(header), chunks[0]);
@@ -296,7 +293,15 @@ pub fn draw(
             .style(bold()),
         )
         .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
-        .block(Block::default().borders(Borders::ALL).title("stalls")),
+        .block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title(if selected.is_some() {
+                    "stalls (↑↓ select, Enter: why it is stuck)"
+                } else {
+                    "stalls"
+                }),
+        ),
         chunks[6],
         &mut state,
     );
@@ -356,11 +361,15 @@ pub fn draw_evidence(f: &mut Frame, o: &Opened, status: &str, error: Option<&str
         );
     }
     f.render_widget(
-        Paragraph::new(lines).scroll((o.scroll, 0)).block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title("why it is stuck"),
-        ),
+        // Long lines (a cause's because, a limit) wrap rather than lose their end.
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .scroll((o.scroll, 0))
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title("why it is stuck"),
+            ),
         chunks[1],
     );
 }
