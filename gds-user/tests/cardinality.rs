@@ -25,7 +25,7 @@ const DEVICE_FAMILIES: [&str; 3] = ["gds_block_", "gds_nvme_", "gds_request_stag
 /// Labels a series may carry at all: none of them can take a value per process. (`error`: a
 /// fixed table of CUfileOpError names plus `errno`/`unknown`; `link`: four words; `memory`:
 /// `host`, `p2pdma`, `unknown`; `user`: `trusted` or `other`, never a user name or uid.)
-const BOUNDED_LABELS: [&str; 22] = [
+const BOUNDED_LABELS: [&str; 23] = [
     "opcode",
     "reason",
     "layer",
@@ -49,6 +49,8 @@ const BOUNDED_LABELS: [&str; 22] = [
     "user",
     // gds_stalls_total: one of model::CauseKind::ALL.
     "cause",
+    // gds_file_*: `true` or `false`.
+    "direct",
 ];
 
 /// In the forked child: rename, one NOP through a fresh ring, exit. Never returns; never

@@ -262,6 +262,32 @@ pub const CUFILE_BENEATH: Family = family(
      made inside another (nested).",
 );
 
+pub const FILE_REQUESTS: Family = family(
+    "gds_file_requests_total",
+    Counter,
+    &["op", "direct"],
+    "File read/write calls that ended (errors included), by operation and O_DIRECT (true, \
+     false); which calls are seen depends on the file layer's hooks (/debug/layers).",
+);
+pub const FILE_BYTES: Family = family(
+    "gds_file_bytes_total",
+    Counter,
+    &["op", "direct"],
+    "Bytes file read/write calls returned as done, by operation and O_DIRECT.",
+);
+pub const FILE_DURATION: Family = family(
+    "gds_file_request_duration_seconds",
+    Histogram,
+    &["op", "direct"],
+    "Duration of file read/write calls, start to return, by operation and O_DIRECT.",
+);
+pub const FILE_ERRORS: Family = family(
+    "gds_file_errors_total",
+    Counter,
+    &["op"],
+    "File read/write calls that returned an error, by operation.",
+);
+
 /// Every family with a fixed name, agent first, then the data path's (`read`/`bench
 /// --metrics-listen`).
 pub const ALL: &[Family] = &[
@@ -292,6 +318,10 @@ pub const ALL: &[Family] = &[
     CUFILE_REQUESTED,
     CUFILE_LIBRARIES,
     CUFILE_BENEATH,
+    FILE_REQUESTS,
+    FILE_BYTES,
+    FILE_DURATION,
+    FILE_ERRORS,
     PIPELINE_BYTES,
     PIPELINE_DURATION,
 ];

@@ -186,6 +186,21 @@ pub fn nvme_status(status: u16) -> &'static str {
     gds_nvme::NvmeStatus(status).name()
 }
 
+/// File call operations (`op` of the `gds_file_*` families; `gds_common::file::FILE_OP_*`).
+pub fn file_op(op: u8) -> &'static str {
+    match op {
+        gds_common::file::FILE_OP_READ => "read",
+        gds_common::file::FILE_OP_WRITE => "write",
+        gds_common::file::FILE_OP_FSYNC => "fsync",
+        _ => "other",
+    }
+}
+
+/// The `direct` label: `true` for O_DIRECT calls.
+pub fn file_direct(direct: bool) -> &'static str {
+    if direct { "true" } else { "false" }
+}
+
 /// Block request operation names (`enum req_op`).
 pub fn block_op(op: u8) -> &'static str {
     match op {

@@ -1,0 +1,183 @@
+//! The file layer on this kernel, real agent, real file on the host's disk: 4 threads of this
+//! process do N O_DIRECT and N buffered 1 MiB preads of a file under the target directory.
+//! With the default hooks (tracepoints here) every O_DIRECT call is counted for this process,
+//! calls and bytes exactly; with `--file-hooks syscalls` every call of both kinds is.
+
+mod common;
+
+use std::{
+    io::Write as _,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use common::{Agent, require_root, serial};
+use gds_api::model::{Layer, Snapshot};
+use gds_api::raw::LayerDetail;
+
+const MIB: usize = 1 << 20;
+/// Calls of each kind per thread.
+const N: usize = 8;
+const THREADS: usize = 4;
+
+fn snapshot(agent: &Agent) -> Snapshot {
+    serde_json::from_str(&agent.get("/debug/snapshot")).expect("/debug/snapshot decodes")
+}
+
+/// (calls, bytes) of this process's reads of file `ino`, O_DIRECT or not.
+fn reads(s: &Snapshot, ino: u64, direct: bool) -> (u64, u64) {
+    let me = std::process::id();
+    s.stats
+        .file
+        .processes
+        .iter()
+        .filter(|r| r.pid == me && r.ino == ino && r.op == "read" && r.direct == direct)
+        .fold((0, 0), |(c, b), r| (c + r.calls, b + r.bytes))
+}
+
+/// A file of `THREADS * N * 2` MiB under the target directory (the root file system here).
+fn test_file() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("file-layer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("data");
+    let want = (THREADS * N * 2 * MIB) as u64;
+    if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(want) {
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x5au8; MIB];
+        for _ in 0..THREADS * N * 2 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    path
+}
+
+/// Drops the file's pages from the page cache, so buffered reads go to the disk.
+fn drop_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: valid descriptor.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}
+
+/// A 1 MiB buffer aligned for O_DIRECT.
+struct Aligned(*mut u8);
+
+impl Aligned {
+    fn new() -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(MIB, 4096).unwrap();
+        // SAFETY: non-zero size.
+        Aligned(unsafe { std::alloc::alloc(layout) })
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(MIB, 4096).unwrap();
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.0, layout) };
+    }
+}
+
+/// 4 threads, each N O_DIRECT then N buffered 1 MiB preads, each at its own offsets (O_DIRECT
+/// in the first half of the file, buffered in the second).
+fn read_pool(path: &Path) {
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            s.spawn(move || {
+                let direct = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .unwrap();
+                let buffered = std::fs::File::open(path).unwrap();
+                let buf = Aligned::new();
+                for i in 0..N {
+                    let off = ((t * N + i) * MIB) as i64;
+                    // SAFETY: the buffer holds 1 MiB.
+                    let n = unsafe { libc::pread(direct.as_raw_fd(), buf.0.cast(), MIB, off) };
+                    assert_eq!(n, MIB as isize, "O_DIRECT pread");
+                }
+                for i in 0..N {
+                    let off = (((THREADS + t) * N + i) * MIB) as i64;
+                    // SAFETY: as above.
+                    let n = unsafe { libc::pread(buffered.as_raw_fd(), buf.0.cast(), MIB, off) };
+                    assert_eq!(n, MIB as isize, "buffered pread");
+                }
+            });
+        }
+    });
+}
+
+fn file_entry(s: &Snapshot) -> (bool, String, Vec<String>) {
+    let e = s.layers.get(Layer::File).expect("a file layer entry");
+    match &e.detail {
+        Some(LayerDetail::File { hooks, blind_to }) => (e.on, hooks.clone(), blind_to.clone()),
+        other => panic!("file layer detail: {other:?}"),
+    }
+}
+
+/// Runs the pool under an agent started with `args`; returns the deltas of this process's
+/// (O_DIRECT, buffered) reads and the snapshot after.
+fn run_pool(args: &[&str]) -> ((u64, u64), (u64, u64), Snapshot, Agent) {
+    let path = test_file();
+    let agent = Agent::start(args);
+    let before = snapshot(&agent);
+    drop_cache(&path);
+    read_pool(&path);
+    // The counts are in the kernel's maps when the calls return: no wait needed.
+    let after = snapshot(&agent);
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+    let delta = |d| {
+        let (a, b) = (reads(&before, ino, d), reads(&after, ino, d));
+        (b.0 - a.0, b.1 - a.1)
+    };
+    (delta(true), delta(false), after, agent)
+}
+
+#[test]
+fn default_hooks_count_every_o_direct_call_of_the_process() {
+    require_root();
+    let _g = serial();
+    let (direct, buffered, after, agent) = run_pool(&[]);
+    let (on, hooks, blind) = file_entry(&after);
+    assert!(on, "{:?}\n{}", after.layers, agent.log());
+    assert_eq!(hooks, "tracepoint", "{:?}", after.layers);
+    assert!(blind.iter().any(|b| b.contains("buffered")), "{blind:?}");
+    let calls = (THREADS * N) as u64;
+    assert_eq!(direct, (calls, calls * MIB as u64), "O_DIRECT calls and bytes");
+    assert_eq!(buffered, (0, 0), "the tracepoints see no buffered call");
+    // The metric has them too (every process: at least ours).
+    let m = agent.scrape();
+    let l = [("op", "read"), ("direct", "true")];
+    assert!(m.value("gds_file_requests_total", &l) >= calls as f64);
+    assert!(m.value("gds_file_bytes_total", &l) >= (calls * MIB as u64) as f64);
+    assert!(m.value("gds_file_request_duration_seconds_count", &l) >= calls as f64);
+    let log = agent.log();
+    assert!(log.contains("file layer: hooks tracepoint"), "{log}");
+}
+
+#[test]
+fn syscalls_hooks_count_every_call_of_both_kinds() {
+    require_root();
+    let _g = serial();
+    let (direct, buffered, after, agent) = run_pool(&["--file-hooks", "syscalls"]);
+    let (on, hooks, _) = file_entry(&after);
+    assert!(on, "{:?}\n{}", after.layers, agent.log());
+    assert_eq!(hooks, "syscalls");
+    let calls = (THREADS * N) as u64;
+    assert_eq!(direct, (calls, calls * MIB as u64), "O_DIRECT calls and bytes");
+    assert_eq!(buffered, (calls, calls * MIB as u64), "buffered calls and bytes");
+    let log = agent.log();
+    assert!(log.contains("every system call"), "{log}");
+}
+
+#[test]
+fn off_is_off() {
+    require_root();
+    let _g = serial();
+    let agent = Agent::start(&["--file-hooks", "off"]);
+    let (on, hooks, _) = file_entry(&snapshot(&agent));
+    assert!(!on);
+    assert_eq!(hooks, "off");
+}
