@@ -86,7 +86,11 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         .iter()
         .map(|r| {
             log2_histogram(
-                labels(&[("stage", r.stage.label()), ("disk", &r.disk)]),
+                labels(&[
+                    ("stage", r.stage.label()),
+                    ("disk", &r.disk),
+                    ("origin", &r.origin),
+                ]),
                 &r.latency.buckets,
                 r.latency.sum_ns,
             )

@@ -36,10 +36,23 @@ fn reads(s: &Snapshot, ino: u64, direct: bool) -> (u64, u64) {
 }
 
 /// A file of `THREADS * N * 2` MiB under the target directory (the root file system here).
-fn test_file() -> PathBuf {
+/// Bytes of this process's completed block reads linked by `link` (`call`, `page`).
+fn block_read_bytes(s: &Snapshot, link: &str) -> u64 {
+    let me = std::process::id();
+    s.stats
+        .block_processes
+        .iter()
+        .filter(|r| r.pid == me && r.op == "read" && r.origin == "syscall" && r.link == link)
+        .map(|r| r.bytes)
+        .sum()
+}
+
+/// One file per test (`name`): nextest runs the tests at once, in separate processes, and
+/// one's reads would fill the page cache another's buffered reads must miss.
+fn test_file(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("file-layer");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("data");
+    let path = dir.join(name);
     let want = (THREADS * N * 2 * MIB) as u64;
     if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(want) {
         let mut f = std::fs::File::create(&path).unwrap();
@@ -117,10 +130,21 @@ fn file_entry(s: &Snapshot) -> (bool, String, Vec<String>) {
     }
 }
 
-/// Runs the pool under an agent started with `args`; returns the deltas of this process's
-/// (O_DIRECT, buffered) reads and the snapshot after.
-fn run_pool(args: &[&str]) -> ((u64, u64), (u64, u64), Snapshot, Agent) {
-    let path = test_file();
+/// What one run of the pool gave, as deltas for this process.
+struct Pool {
+    /// (calls, bytes) of O_DIRECT and of buffered reads of the file.
+    direct: (u64, u64),
+    buffered: (u64, u64),
+    /// Bytes of block reads linked to a file call, and to the page cache of a file.
+    linked_call: u64,
+    linked_page: u64,
+    after: Snapshot,
+    agent: Agent,
+}
+
+/// Runs the pool under an agent started with `args`.
+fn run_pool(name: &str, args: &[&str]) -> Pool {
+    let path = test_file(name);
     let agent = Agent::start(args);
     let before = snapshot(&agent);
     drop_cache(&path);
@@ -132,14 +156,31 @@ fn run_pool(args: &[&str]) -> ((u64, u64), (u64, u64), Snapshot, Agent) {
         let (a, b) = (reads(&before, ino, d), reads(&after, ino, d));
         (b.0 - a.0, b.1 - a.1)
     };
-    (delta(true), delta(false), after, agent)
+    // Block completions run in interrupts after the calls return: a moment for the last.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let blocks = snapshot(&agent);
+    Pool {
+        direct: delta(true),
+        buffered: delta(false),
+        linked_call: block_read_bytes(&blocks, "call") - block_read_bytes(&before, "call"),
+        linked_page: block_read_bytes(&blocks, "page") - block_read_bytes(&before, "page"),
+        after,
+        agent,
+    }
 }
 
 #[test]
 fn default_hooks_count_every_o_direct_call_of_the_process() {
     require_root();
     let _g = serial();
-    let (direct, buffered, after, agent) = run_pool(&[]);
+    let Pool {
+        direct,
+        buffered,
+        linked_call,
+        linked_page,
+        after,
+        agent,
+    } = run_pool("default", &[]);
     let (on, hooks, blind) = file_entry(&after);
     assert!(on, "{:?}\n{}", after.layers, agent.log());
     assert_eq!(hooks, "tracepoint", "{:?}", after.layers);
@@ -147,8 +188,22 @@ fn default_hooks_count_every_o_direct_call_of_the_process() {
     let calls = (THREADS * N) as u64;
     assert_eq!(direct, (calls, calls * MIB as u64), "O_DIRECT calls and bytes");
     assert_eq!(buffered, (0, 0), "the tracepoints see no buffered call");
-    // The metric has them too (every process: at least ours).
+    // Every byte of the O_DIRECT calls reached the disk in block requests linked to them;
+    // the buffered ones' requests name this process and the file's page cache.
+    assert_eq!(linked_call, calls * MIB as u64, "block bytes linked to the calls");
+    assert!(
+        linked_page >= calls * MIB as u64,
+        "block bytes of the buffered reads: {linked_page}"
+    );
     let m = agent.scrape();
+    assert!(
+        m.0.iter().any(|(k, v)| k.starts_with("gds_request_stage_duration_seconds_count")
+            && k.contains("origin=\"syscall\"")
+            && k.contains("stage=\"queue\"")
+            && *v >= calls as f64),
+        "no syscall-origin queue stage series with the calls' requests"
+    );
+    // The metric has them too (every process: at least ours).
     let l = [("op", "read"), ("direct", "true")];
     assert!(m.value("gds_file_requests_total", &l) >= calls as f64);
     assert!(m.value("gds_file_bytes_total", &l) >= (calls * MIB as u64) as f64);
@@ -161,13 +216,26 @@ fn default_hooks_count_every_o_direct_call_of_the_process() {
 fn syscalls_hooks_count_every_call_of_both_kinds() {
     require_root();
     let _g = serial();
-    let (direct, buffered, after, agent) = run_pool(&["--file-hooks", "syscalls"]);
+    let Pool {
+        direct,
+        buffered,
+        linked_call,
+        after,
+        agent,
+        ..
+    } = run_pool("syscalls", &["--file-hooks", "syscalls"]);
     let (on, hooks, _) = file_entry(&after);
     assert!(on, "{:?}\n{}", after.layers, agent.log());
     assert_eq!(hooks, "syscalls");
     let calls = (THREADS * N) as u64;
     assert_eq!(direct, (calls, calls * MIB as u64), "O_DIRECT calls and bytes");
     assert_eq!(buffered, (calls, calls * MIB as u64), "buffered calls and bytes");
+    // Here a call is its thread's system call: every block read the pool's threads submitted
+    // during one is linked to it, O_DIRECT and buffered (readahead beyond what was asked too).
+    assert!(
+        linked_call >= 2 * calls * MIB as u64,
+        "block bytes linked to the calls: {linked_call}"
+    );
     let log = agent.log();
     assert!(log.contains("every system call"), "{log}");
 }

@@ -120,8 +120,10 @@ pub const NVME_DURATION: Family = family(
 pub const STAGE_DURATION: Family = family(
     "gds_request_stage_duration_seconds",
     Histogram,
-    &["stage", "disk"],
-    "io_uring passthrough latency split into stages (queue, device, completion), by disk.",
+    &["stage", "disk", "origin"],
+    "Request latency split into stages (queue, device, completion), by disk and origin: \
+     uring_cmd (io_uring passthrough: all three stages), syscall or uring (the block requests \
+     of an O_DIRECT file call: queue from the call's start to the request's issue, device).",
 );
 pub const NVME_ERRORS: Family = family(
     "gds_nvme_errors_total",

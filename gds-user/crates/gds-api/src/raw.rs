@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use gds_common::{
-    BlockInflight, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
+    BlockInflight, BlockProcKey, BlockProcStats, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
     file::{FileCall, FileProcKey, FileProcStats, FileRowStats},
     cufile::{
         CUFILE_COUNTS, CufileCall, CufileErrKey, CufileFileKey, CufileFileStats, CufileOpStats,
@@ -242,6 +242,8 @@ pub struct FileRaw {
 pub struct DeviceSnapshot {
     pub hists: Vec<(DevHistKey, DevHist)>,
     pub errors: Vec<(NvmeErrKey, u64)>,
+    /// Block requests per submitting process, op, origin and link.
+    pub procs: Vec<(BlockProcKey, BlockProcStats)>,
 }
 
 /// A libcufile copy, as `/debug/cufile` lists it.

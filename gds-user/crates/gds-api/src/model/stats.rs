@@ -78,6 +78,10 @@ pub struct NvmeRow {
 pub struct StageRow {
     pub disk: String,
     pub stage: Stage,
+    /// What the requests came from: `uring_cmd` (passthrough), `syscall`, `uring`, `kernel`
+    /// (`labels::origin`).
+    #[serde(default)]
+    pub origin: String,
     pub latency: Histogram,
 }
 
@@ -90,6 +94,19 @@ pub struct BlockRow {
     #[serde(default)]
     pub memory: String,
     pub latency: Histogram,
+}
+
+/// Block requests of one submitting process, by op, origin and link (`call`: to an O_DIRECT
+/// file call; `page`: to a file's page cache; `none`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub op: String,
+    pub origin: String,
+    pub link: String,
+    pub requests: u64,
+    pub bytes: u64,
 }
 
 /// NVMe completions with one error status on one disk.
@@ -368,6 +385,9 @@ pub struct Stats {
     pub nvme: Vec<NvmeRow>,
     pub stages: Vec<StageRow>,
     pub block: Vec<BlockRow>,
+    /// Block requests per submitting process (LRU-bounded in the kernel).
+    #[serde(default)]
+    pub block_processes: Vec<BlockProcessRow>,
     pub nvme_errors: Vec<NvmeErrorRow>,
     /// Every drop reason, zero or not.
     pub drops: Vec<DropRow>,
@@ -441,6 +461,7 @@ impl Stats {
                 (_, Some(stage)) => stats.stages.push(StageRow {
                     disk,
                     stage,
+                    origin: labels::origin(k.code).to_owned(),
                     latency,
                 }),
                 (KIND_BLOCK, _) => stats.block.push(BlockRow {
@@ -452,6 +473,22 @@ impl Stats {
                 }),
                 _ => {}
             }
+        }
+        let mut comms = std::collections::HashMap::new();
+        for (k, v) in &dev.procs {
+            let comm = comms
+                .entry(k.tgid)
+                .or_insert_with(|| super::decode::proc_comm(k.tgid))
+                .clone();
+            stats.block_processes.push(BlockProcessRow {
+                pid: k.tgid,
+                comm,
+                op: labels::block_op(k.op).to_owned(),
+                origin: labels::origin(k.origin).to_owned(),
+                link: labels::block_link(k.link).to_owned(),
+                requests: v.requests,
+                bytes: v.bytes,
+            });
         }
         // Several raw statuses share a name (DNR/More bits are masked in the kernel).
         let mut by_name: std::collections::BTreeMap<(String, &'static str), u64> =
