@@ -249,3 +249,131 @@ fn off_is_off() {
     assert!(!on);
     assert_eq!(hooks, "off");
 }
+
+const BLKIO: &str = "/sys/fs/cgroup/blkio";
+
+/// A cgroup v1 blkio group throttling reads of the disk under `path` to `read_bps`; removed
+/// on drop (after the threads in it exited).
+struct Throttle(PathBuf);
+
+impl Throttle {
+    /// `None` (with a SKIPPED line) where cgroup v1 blkio is not mounted; CI has it.
+    fn new(path: &Path, read_bps: u64) -> Option<Throttle> {
+        use std::os::unix::fs::MetadataExt as _;
+        if !Path::new(BLKIO).join("blkio.throttle.read_bps_device").exists() {
+            assert!(std::env::var_os("CI").is_none(), "{BLKIO} is missing");
+            eprintln!("SKIPPED: no cgroup v1 blkio throttling at {BLKIO}");
+            return None;
+        }
+        let st = std::fs::metadata(path).unwrap();
+        let (major, minor) = (libc::major(st.dev()), libc::minor(st.dev()));
+        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let disk = if sys.join("partition").exists() {
+            std::fs::read_to_string(sys.join("../dev")).unwrap()
+        } else {
+            format!("{major}:{minor}")
+        };
+        let group = Path::new(BLKIO).join(format!("gds-file-{}", std::process::id()));
+        let _ = std::fs::create_dir(&group);
+        std::fs::write(
+            group.join("blkio.throttle.read_bps_device"),
+            format!("{} {read_bps}", disk.trim()),
+        )
+        .unwrap();
+        Some(Throttle(group))
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// An O_DIRECT pread of a file held in a blkio-throttled group past the stall threshold is a
+/// stall of layer `file` naming the process, thread, name, cgroup and the file's path, in
+/// stage `queue`; it is reported ended once the read returns.
+#[test]
+fn held_o_direct_read_is_a_file_stall() {
+    require_root();
+    let _g = serial();
+    let path = test_file("stall");
+    let Some(throttle) = Throttle::new(&path, 64 << 10) else {
+        return;
+    };
+    let agent = Agent::start(&[
+        "--pid",
+        &std::process::id().to_string(),
+        "--stall-threshold",
+        "500ms",
+        "--stall-interval",
+        "100ms",
+    ]);
+    const LEN: usize = 128 << 10;
+    let tasks = throttle.0.join("tasks");
+    let file = path.clone();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::Builder::new()
+        .name("gds-file-rd".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            // cgroup v1: this thread alone moves into the throttled group.
+            std::fs::write(&tasks, tid.to_string()).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&file)
+                .unwrap();
+            let buf = Aligned::new();
+            tid_tx.send(tid as u32).unwrap();
+            let t = std::time::Instant::now();
+            // SAFETY: the buffer holds 1 MiB.
+            let n = unsafe { libc::pread(f.as_raw_fd(), buf.0.cast(), LEN, 0) };
+            (n, t.elapsed())
+        })
+        .unwrap();
+    let tid = tid_rx.recv().unwrap();
+    let ours = |s: &serde_json::Value| s["layer"] == "file" && s["tid"] == tid;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let stall = loop {
+        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+        if let Some(s) = report["active"].as_array().unwrap().iter().find(|s| ours(s)) {
+            break s.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no file stall: {report}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(stall["pid"], std::process::id(), "{stall}");
+    assert_eq!(stall["comm"], "gds-file-rd", "{stall}");
+    assert_eq!(stall["opcode"], "read O_DIRECT", "{stall}");
+    assert_eq!(stall["stage"], "queue", "{stall}");
+    assert_eq!(stall["bytes"], LEN, "{stall}");
+    assert_eq!(stall["file"], path.display().to_string(), "{stall}");
+    let group = throttle.0.file_name().unwrap().to_str().unwrap();
+    assert_eq!(stall["cgroup"]["path"], format!("/{group}"), "{stall}");
+    assert!(stall["disk"].as_str().is_some_and(|d| d != "unknown"), "{stall}");
+    let (n, took) = reader.join().unwrap();
+    assert_eq!(n, LEN as isize);
+    assert!(took >= std::time::Duration::from_millis(600), "not held: {took:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+        let active = report["active"].as_array().unwrap().iter().any(ours);
+        if !active && report["ended"].as_array().unwrap().iter().any(ours) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ended: {report}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stall detected") && l.contains("gds-file-rd")),
+        "{log}"
+    );
+}
