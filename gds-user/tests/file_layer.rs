@@ -65,12 +65,44 @@ fn test_file(name: &str) -> PathBuf {
     path
 }
 
-/// Drops the file's pages from the page cache, so buffered reads go to the disk.
+/// Pages of the file in the page cache now (mincore over a mapping of it).
+fn resident_pages(f: &std::fs::File, len: usize) -> usize {
+    // SAFETY: a shared read-only mapping of `len` bytes of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+    // SAFETY: mapped above.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(rc, 0);
+    vec.iter().filter(|b| *b & 1 == 1).count()
+}
+
+/// Drops the file's pages from the page cache, so buffered reads go to the disk. DONTNEED
+/// leaves pages still in other CPUs' LRU batches: asked again until none is resident.
 fn drop_cache(path: &Path) {
     let f = std::fs::File::open(path).unwrap();
-    // SAFETY: valid descriptor.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0);
+    let len = f.metadata().unwrap().len() as usize;
+    for _ in 0..50 {
+        // SAFETY: valid descriptor.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        if resident_pages(&f, len) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{} stays in the page cache", path.display());
 }
 
 /// A 1 MiB buffer aligned for O_DIRECT.

@@ -26,28 +26,6 @@ pub(crate) fn proc_comm(tgid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Descriptors looked at per process when naming a file call's file.
-const FD_SCAN_MAX: usize = 4096;
-
-/// The path of a descriptor of `tgid` open on (`dev`, `ino`), `dev` as the programs encode it
-/// (`major << 20 | minor`). Reads at most [`FD_SCAN_MAX`] entries of `/proc/PID/fd`.
-fn file_path(tgid: u32, dev: u32, ino: u64) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let dir = std::fs::read_dir(format!("/proc/{tgid}/fd")).ok()?;
-    for entry in dir.take(FD_SCAN_MAX).flatten() {
-        let Ok(meta) = std::fs::metadata(entry.path()) else {
-            continue;
-        };
-        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
-        if meta.ino() == ino && (major << 20 | (minor & 0xf_ffff)) == dev {
-            return std::fs::read_link(entry.path())
-                .ok()
-                .map(|p| p.display().to_string());
-        }
-    }
-    None
-}
-
 /// The stage of an in-flight request from what the NVMe programs stamped.
 pub fn stage_of(e: &gds_common::InflightReq) -> Stage {
     if e.nvme_setup_ns == 0 {
@@ -266,7 +244,12 @@ impl<'a> Decoder<'a> {
     pub fn file(&mut self, key: u64, c: &FileCall, now_ns: u64) -> Request {
         let (tgid, tid) = ((c.pid_tgid >> 32) as u32, c.pid_tgid as u32);
         let disk = self.disks.disk_name(c.dev);
-        let file = file_path(tgid, c.dev, c.ino)
+        // Works where the agent may read the process's descriptors; a stall's evidence, read
+        // by the thread that keeps CAP_SYS_PTRACE, names it everywhere else.
+        let root = gds_host::bounded::HostRoot::new("/");
+        let file = gds_host::evidence::fd_path(&root, tgid, c.dev, c.ino)
+            .ok()
+            .flatten()
             .unwrap_or_else(|| format!("inode {} on {disk}", c.ino));
         Request {
             layer: Layer::File,
@@ -286,6 +269,8 @@ impl<'a> Decoder<'a> {
                 disk,
                 file: Some(file),
                 bytes: (c.bytes != 0).then_some(c.bytes),
+                inode: Some(c.ino),
+                file_dev: Some(c.dev),
                 ..Target::default()
             },
             origin: None,
