@@ -35,7 +35,9 @@ fn reads(s: &Snapshot, ino: u64, direct: bool) -> (u64, u64) {
         .fold((0, 0), |(c, b), r| (c + r.calls, b + r.bytes))
 }
 
-/// A file of `THREADS * N * 2` MiB under the target directory (the root file system here).
+/// A file of `THREADS * N * 3` MiB under the target directory (the root file system here):
+/// O_DIRECT reads in the first third, buffered ones in the last, none in between (adjacent
+/// O_DIRECT and readahead bios may merge into one request, linked to one of them only).
 /// Bytes of this process's completed block reads linked by `link` (`call`, `page`).
 fn block_read_bytes(s: &Snapshot, link: &str) -> u64 {
     let me = std::process::id();
@@ -53,11 +55,11 @@ fn test_file(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("file-layer");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    let want = (THREADS * N * 2 * MIB) as u64;
+    let want = (THREADS * N * 3 * MIB) as u64;
     if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(want) {
         let mut f = std::fs::File::create(&path).unwrap();
         let chunk = vec![0x5au8; MIB];
-        for _ in 0..THREADS * N * 2 {
+        for _ in 0..THREADS * N * 3 {
             f.write_all(&chunk).unwrap();
         }
         f.sync_all().unwrap();
@@ -125,7 +127,7 @@ impl Drop for Aligned {
 }
 
 /// 4 threads, each N O_DIRECT then N buffered 1 MiB preads, each at its own offsets (O_DIRECT
-/// in the first half of the file, buffered in the second).
+/// in the first third of the file, buffered in the last).
 fn read_pool(path: &Path) {
     std::thread::scope(|s| {
         for t in 0..THREADS {
@@ -144,7 +146,7 @@ fn read_pool(path: &Path) {
                     assert_eq!(n, MIB as isize, "O_DIRECT pread");
                 }
                 for i in 0..N {
-                    let off = (((THREADS + t) * N + i) * MIB) as i64;
+                    let off = (((2 * THREADS + t) * N + i) * MIB) as i64;
                     // SAFETY: as above.
                     let n = unsafe { libc::pread(buffered.as_raw_fd(), buf.0.cast(), MIB, off) };
                     assert_eq!(n, MIB as isize, "buffered pread");
