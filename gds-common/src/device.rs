@@ -130,7 +130,90 @@ pub struct Submitter {
     pub pid_tgid: u64,
     pub cgroup: u64,
     pub comm: [u8; COMM_LEN],
+    /// What caused the request (see [`BioLink`]): the file call's thread and start (0 when the
+    /// bio is not an O_DIRECT call's, or its call was not seen), the file's inode (the call's,
+    /// or the page cache's for buffered I/O; 0 unknown).
+    pub call_pid_tgid: u64,
+    pub call_start_ns: u64,
+    pub ino: u64,
+    /// `gds_common::file::ORIGIN_*`.
+    pub origin: u8,
+    /// [`LINK_NONE`], [`LINK_CALL`] or [`LINK_PAGE`].
+    pub link: u8,
+    pub _pad: [u8; 6],
 }
+
+/// How a block request was linked to its cause ([`Submitter::link`]).
+pub const LINK_NONE: u8 = 0;
+/// Its bio belongs to an O_DIRECT file call seen by the file layer (through the kiocb).
+pub const LINK_CALL: u8 = 1;
+/// Its first page is in a file's page cache (buffered I/O, readahead, writeback): the inode.
+pub const LINK_PAGE: u8 = 2;
+
+/// What the block program reads to link a bio to its cause, from BTF and kallsyms; all zero
+/// (`enabled` 0) where something is missing: requests then name their submitter only.
+///
+/// An iomap O_DIRECT bio has `bi_end_io == iomap_dio_bio_end_io` and `bi_private` = the
+/// `struct iomap_dio *`, whose first member is the caller's `struct kiocb *`; a split clone has
+/// `bi_end_io == bio_chain_endio` and `bi_private` = its parent bio. A page-cache bio's first
+/// page has `mapping` → `host` (the inode). See docs/notes-issue-23.md.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BioLink {
+    pub enabled: u32,
+    pub bio_end_io: u32,
+    pub bio_private: u32,
+    pub bio_io_vec: u32,
+    pub page_mapping: u32,
+    pub mapping_host: u32,
+    pub inode_ino: u32,
+    /// `task_struct.flags` (`PF_KTHREAD`: the kernel's own work).
+    pub task_flags: u32,
+    /// Addresses of `iomap_dio_bio_end_io` and `bio_chain_endio` (0: unknown).
+    pub dio_end_io: u64,
+    pub chain_end_io: u64,
+}
+
+impl BioLink {
+    pub const OFF: BioLink = BioLink {
+        enabled: 0,
+        bio_end_io: 0,
+        bio_private: 0,
+        bio_io_vec: 0,
+        page_mapping: 0,
+        mapping_host: 0,
+        inode_ino: 0,
+        task_flags: 0,
+        dio_end_io: 0,
+        chain_end_io: 0,
+    };
+}
+
+/// `PF_KTHREAD` in `task_struct.flags` (include/linux/sched.h; a `#define`, not in BTF).
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Key of the per-process block counts (`GDS_BLOCK_PROCS`): the submitter's process, the
+/// request's op, its origin and link.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockProcKey {
+    pub tgid: u32,
+    pub op: u8,
+    pub origin: u8,
+    pub link: u8,
+    pub _pad: u8,
+}
+
+/// Block requests completed and their bytes (atomic adds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockProcStats {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+pub const MAP_BLOCK_PROCS: &str = "GDS_BLOCK_PROCS";
+pub const BLOCK_PROCS_MAX: u32 = 4096;
 
 /// A block request between `block_rq_issue` and `block_rq_complete`.
 #[repr(C)]
@@ -175,6 +258,8 @@ pub struct DevConfig {
     /// Telling P2PDMA pages from host pages (see [`PeerCheck`]); all zero when the kernel has
     /// no P2PDMA, so the block programs read nothing more.
     pub peer: PeerCheck,
+    /// Linking a bio to the file call or page cache it came from.
+    pub link: BioLink,
 }
 
 /// What the block program needs to do the kernel's `is_pci_p2pdma_page()` on the first page of
@@ -223,6 +308,7 @@ impl DevConfig {
         _pad: 0,
         rq_size: 0,
         peer: PeerCheck::OFF,
+        link: BioLink::OFF,
     };
 }
 
@@ -290,4 +376,6 @@ mod pod {
     unsafe impl aya::Pod for Submitter {}
     unsafe impl aya::Pod for DevConfig {}
     unsafe impl aya::Pod for NvmeRuntime {}
+    unsafe impl aya::Pod for BlockProcKey {}
+    unsafe impl aya::Pod for BlockProcStats {}
 }

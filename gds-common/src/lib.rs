@@ -146,3 +146,5 @@ pub mod device;
 pub use device::*;
 
 pub mod cufile;
+
+pub mod file;

@@ -38,6 +38,10 @@ counted_enum! {
         BlockInflightFull = 6 => "block_inflight_full",
         /// `block_rq_complete` for a request whose issue was not seen.
         BlockNoStart = 7 => "block_no_start",
+        /// The file-call in-flight map was full at the start of a call.
+        FileInflightFull = 8 => "file_inflight_full",
+        /// A file call ended whose start was not seen (attached mid-call).
+        FileNoStart = 9 => "file_no_start",
     }
 }
 
@@ -61,7 +65,7 @@ pub struct OpcodeCpuStats {
 }
 
 /// Per-CPU statistics not tied to an opcode: the one value of a one-entry `PerCpuArray`
-/// (`GDS_URING_STATS`). 184 bytes.
+/// (`GDS_URING_STATS`). 216 bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UringCpuStats {
@@ -85,7 +89,7 @@ pub struct UringCpuStats {
 }
 
 /// Number of [`UringCpuStats::scratch`] words.
-pub const SCRATCH_WORDS: usize = 8;
+pub const SCRATCH_WORDS: usize = 10;
 
 /// Which program owns which scratch word.
 #[repr(usize)]
@@ -99,6 +103,8 @@ pub enum Scratch {
     BlockComplete = 5,
     BlockGetrq = 6,
     UringPollArm = 7,
+    FileBegin = 8,
+    FileComplete = 9,
 }
 
 /// A request between submission and completion, keyed by its `struct io_kiocb *`.
@@ -260,5 +266,5 @@ mod pod {
 // Sizes the doc comments state, and no implicit padding in the config (aya::Pod copies every
 // byte of it into the object).
 const _: () = assert!(core::mem::size_of::<OpcodeCpuStats>() == 320);
-const _: () = assert!(core::mem::size_of::<UringCpuStats>() == 184);
+const _: () = assert!(core::mem::size_of::<UringCpuStats>() == 216);
 const _: () = assert!(core::mem::size_of::<UringConfig>() == 24 + 8 * OPCODE_WORDS + 24 + 14 * 4);

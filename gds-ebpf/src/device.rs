@@ -27,21 +27,26 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight,
+    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_PROCS_MAX, BlockProcKey, BlockProcStats,
+    LINK_CALL, LINK_PAGE, PF_KTHREAD,
+    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD}, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight,
     DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK,
     KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST,
     MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, Submitter,
     log2_bucket,
 };
 
-use crate::maps::{PEER_IO, as_scalar, entry_mut, index, stats};
+use crate::{
+    file::FILE_INFLIGHT,
+    maps::{PEER_IO, as_scalar, entry_mut, index, stats},
+};
 
 #[unsafe(no_mangle)]
 static GDS_DEV_CONFIG: DevConfig = DevConfig::DEFAULT;
@@ -68,6 +73,11 @@ static BLOCK_INFLIGHT: HashMap<u64, BlockInflight> =
 #[map(name = "GDS_BIO_SUBMITTER")]
 static BIO_SUBMITTER: LruHashMap<u64, Submitter> =
     LruHashMap::with_max_entries(BIO_SUBMITTER_MAX, 0);
+
+/// Block requests per submitting process, op, origin and link (`BlockProcKey`).
+#[map(name = "GDS_BLOCK_PROCS")]
+static BLOCK_PROCS: LruHashMap<BlockProcKey, BlockProcStats> =
+    LruHashMap::with_max_entries(BLOCK_PROCS_MAX, 0);
 
 /// All-zero histogram in read-only data: inserted from here, so no 300-byte stack copy.
 static ZERO_HIST: DevHist = DevHist::ZERO;
@@ -146,7 +156,7 @@ pub(crate) fn record_stages(e: &InflightReq, now: u64) {
     let key = |kind| DevHistKey {
         dev: e.nvme_dev,
         kind,
-        code: 0,
+        code: ORIGIN_URING_CMD,
         flags: 0,
     };
     hist_add(
@@ -340,13 +350,87 @@ fn count_peer_io() {
 pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
     let bio = as_scalar(s, Scratch::BlockGetrq, ctx.arg(0));
-    let who = Submitter {
+    let mut who = Submitter {
         pid_tgid: bpf_get_current_pid_tgid(),
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or_default(),
+        ..Submitter::default()
     };
+    if dconf!(link.enabled) != 0 {
+        link_bio(bio, &mut who);
+    }
     let _ = BIO_SUBMITTER.insert(&bio, &who, BPF_ANY as u64);
     0
+}
+
+/// Links `bio` to what caused it (see `BioLink`): the O_DIRECT file call through its kiocb,
+/// else the file whose page cache the first page belongs to; the origin from the call, else
+/// from the submitting task (a kernel thread: `kernel`; a user thread: `syscall`).
+#[inline(always)]
+fn link_bio(bio: u64, who: &mut Submitter) {
+    // Split clones point at their parent; a 1 MiB bio split in 3 is 2 levels at most.
+    let mut b = bio;
+    let mut end_io: u64 = rd(b + dconf!(link.bio_end_io) as u64);
+    let chain = dconf!(link.chain_end_io);
+    let mut hops = 0;
+    while hops < 4 && chain != 0 && end_io == chain {
+        b = rd(b + dconf!(link.bio_private) as u64);
+        end_io = rd(b + dconf!(link.bio_end_io) as u64);
+        hops += 1;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let flags: u32 = rd(task + dconf!(link.task_flags) as u64);
+    who.origin = if flags & PF_KTHREAD != 0 {
+        ORIGIN_KERNEL
+    } else {
+        ORIGIN_SYSCALL
+    };
+    let dio_end_io = dconf!(link.dio_end_io);
+    if dio_end_io != 0 && end_io == dio_end_io {
+        let dio: u64 = rd(b + dconf!(link.bio_private) as u64);
+        let kiocb: u64 = rd(dio);
+        if let Some(c) = FILE_INFLIGHT.get_ptr(&kiocb) {
+            // SAFETY: map value pointer; fields copied.
+            unsafe {
+                who.call_pid_tgid = (*c).pid_tgid;
+                who.call_start_ns = (*c).start_ns;
+                who.ino = (*c).ino;
+                who.origin = (*c).origin;
+            }
+            who.link = LINK_CALL;
+            return;
+        } else if entry_mut(kiocb).is_some() {
+            who.origin = ORIGIN_URING;
+            return;
+        }
+    }
+    // The syscalls tier keys calls by thread: a request submitted during the thread's call.
+    if let Some(c) = FILE_INFLIGHT.get_ptr(&who.pid_tgid) {
+        // SAFETY: map value pointer; fields copied.
+        unsafe {
+            who.call_pid_tgid = (*c).pid_tgid;
+            who.call_start_ns = (*c).start_ns;
+            who.ino = (*c).ino;
+            who.origin = (*c).origin;
+        }
+        who.link = LINK_CALL;
+        return;
+    }
+    let vecs: u64 = rd(b + dconf!(link.bio_io_vec) as u64);
+    let page: u64 = rd(vecs);
+    if page == 0 {
+        return;
+    }
+    let mapping: u64 = rd(page + dconf!(link.page_mapping) as u64);
+    // The low bits tag anonymous and movable pages (PAGE_MAPPING_FLAGS): no file behind them.
+    if mapping == 0 || mapping & 3 != 0 {
+        return;
+    }
+    let host: u64 = rd(mapping + dconf!(link.mapping_host) as u64);
+    if host != 0 {
+        who.ino = rd(host + dconf!(link.inode_ino) as u64);
+        who.link = LINK_PAGE;
+    }
 }
 
 /// `block_rq_issue(struct request *rq)` (5.11+).
@@ -417,5 +501,60 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
         },
         now.saturating_sub(v.issue_ns),
     );
+    let w = &v.submitter;
+    if w.pid_tgid != 0 {
+        count_block_proc(
+            BlockProcKey {
+                tgid: (w.pid_tgid >> 32) as u32,
+                op: v.op,
+                origin: w.origin,
+                link: w.link,
+                _pad: 0,
+            },
+            v.bytes as u64,
+        );
+    }
+    // A request of a file call: from the call's start to the issue (queue), then the device.
+    if w.link == LINK_CALL && w.call_start_ns != 0 {
+        let key = |kind| DevHistKey {
+            dev: v.dev,
+            kind,
+            code: w.origin,
+            flags: 0,
+        };
+        hist_add(
+            key(KIND_STAGE_QUEUE),
+            v.issue_ns.saturating_sub(w.call_start_ns),
+        );
+        hist_add(key(KIND_STAGE_DEVICE), now.saturating_sub(v.issue_ns));
+    }
     0
+}
+
+#[inline(always)]
+fn count_block_proc(key: BlockProcKey, bytes: u64) {
+    match BLOCK_PROCS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; completions on several CPUs add at once.
+        Some(p) => unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).requests, 1);
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).bytes, bytes);
+        },
+        None => {
+            let v = BlockProcStats { requests: 1, bytes };
+            if BLOCK_PROCS.insert(&key, &v, BPF_NOEXIST as u64).is_err() {
+                if let Some(p) = BLOCK_PROCS.get_ptr_mut(&key) {
+                    unsafe {
+                        core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                            &raw mut (*p).requests,
+                            1,
+                        );
+                        core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                            &raw mut (*p).bytes,
+                            bytes,
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

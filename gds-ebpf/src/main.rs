@@ -10,6 +10,7 @@
 
 mod cufile;
 mod device;
+mod file;
 mod floor;
 mod maps;
 mod uring;

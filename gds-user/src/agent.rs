@@ -22,7 +22,7 @@ use gds_api::{
     stall::{StallChange, StallDetector},
 };
 use gds_host::{tracefs, units::parse_duration};
-use gds_trace::{AttachMode, TraceOptions, UringTracer, raw_event};
+use gds_trace::{AttachMode, FileHooks, TraceOptions, UringTracer, raw_event};
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -69,6 +69,12 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "USER",
           value_parser = gds_host::users::parse)]
     pub cufile_users: Vec<u32>,
+    /// Hooks of the file layer (synchronous read/write calls): auto (fentry, else kprobes,
+    /// else tracepoints), or one of them; `syscalls` traces every read/write system call and
+    /// slows every syscall of every process; `off`. `/debug/layers` says what is used and
+    /// what it cannot see.
+    #[arg(long, value_enum, default_value_t = FileHooks::Auto)]
+    pub file_hooks: FileHooks,
 }
 
 impl RunArgs {
@@ -93,6 +99,7 @@ impl RunArgs {
             max_inflight: self.max_inflight,
             attach: self.attach,
             cufile_users: self.cufile_users.clone(),
+            file_hooks: self.file_hooks,
         }
     }
 }

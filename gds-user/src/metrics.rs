@@ -26,7 +26,7 @@ pub struct TraceCollector {
 }
 
 /// The families [`TraceCollector`] exports.
-const TRACE_FAMILIES: [Family; 18] = [
+const TRACE_FAMILIES: [Family; 22] = [
     f::URING_REQUESTS,
     f::URING_DURATION,
     f::URING_ERRORS,
@@ -45,6 +45,10 @@ const TRACE_FAMILIES: [Family; 18] = [
     f::CUFILE_REQUESTED,
     f::CUFILE_LIBRARIES,
     f::CUFILE_BENEATH,
+    f::FILE_REQUESTS,
+    f::FILE_BYTES,
+    f::FILE_DURATION,
+    f::FILE_ERRORS,
 ];
 
 impl TraceCollector {
@@ -82,7 +86,11 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         .iter()
         .map(|r| {
             log2_histogram(
-                labels(&[("stage", r.stage.label()), ("disk", &r.disk)]),
+                labels(&[
+                    ("stage", r.stage.label()),
+                    ("disk", &r.disk),
+                    ("origin", &r.origin),
+                ]),
                 &r.latency.buckets,
                 r.latency.sum_ns,
             )
@@ -140,6 +148,20 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         .iter()
         .map(|(link, n)| counter(labels(&[("link", link)]), *n as f64))
         .collect();
+    let (mut f_calls, mut f_bytes, mut f_hist) = (vec![], vec![], vec![]);
+    let mut f_errors: std::collections::BTreeMap<&str, u64> = Default::default();
+    for r in &s.file.ops {
+        let direct = gds_api::model::labels::file_direct(r.direct);
+        let l = || labels(&[("op", &r.op), ("direct", direct)]);
+        f_calls.push(counter(l(), r.calls as f64));
+        f_bytes.push(counter(l(), r.bytes as f64));
+        f_hist.push(log2_histogram(l(), &r.latency.buckets, r.latency.sum_ns));
+        *f_errors.entry(&r.op).or_default() += r.errors;
+    }
+    let f_errors = f_errors
+        .into_iter()
+        .map(|(op, n)| counter(labels(&[("op", op)]), n as f64))
+        .collect();
     [
         (f::URING_REQUESTS, requests),
         (f::URING_DURATION, durations),
@@ -159,6 +181,10 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         (f::CUFILE_REQUESTED, cf_asked),
         (f::CUFILE_LIBRARIES, vec![gauge(vec![], c.libraries as f64)]),
         (f::CUFILE_BENEATH, cf_beneath),
+        (f::FILE_REQUESTS, f_calls),
+        (f::FILE_BYTES, f_bytes),
+        (f::FILE_DURATION, f_hist),
+        (f::FILE_ERRORS, f_errors),
     ]
     .into_iter()
     .filter(|(_, m)| !m.is_empty())

@@ -25,7 +25,7 @@ const DEVICE_FAMILIES: [&str; 3] = ["gds_block_", "gds_nvme_", "gds_request_stag
 /// Labels a series may carry at all: none of them can take a value per process. (`error`: a
 /// fixed table of CUfileOpError names plus `errno`/`unknown`; `link`: four words; `memory`:
 /// `host`, `p2pdma`, `unknown`; `user`: `trusted` or `other`, never a user name or uid.)
-const BOUNDED_LABELS: [&str; 22] = [
+const BOUNDED_LABELS: [&str; 24] = [
     "opcode",
     "reason",
     "layer",
@@ -49,6 +49,10 @@ const BOUNDED_LABELS: [&str; 22] = [
     "user",
     // gds_stalls_total: one of model::CauseKind::ALL.
     "cause",
+    // gds_file_*: `true` or `false`.
+    "direct",
+    // gds_request_stage_duration_seconds: one of model::labels::origin's five words.
+    "origin",
 ];
 
 /// In the forked child: rename, one NOP through a fresh ring, exit. Never returns; never
@@ -215,7 +219,7 @@ fn ten_thousand_pids_add_no_series() {
         );
         for label in label_names(key) {
             assert!(
-                ["disk", "op", "opcode", "stage", "status", "memory", "le"]
+                ["disk", "op", "opcode", "stage", "status", "memory", "origin", "le"]
                     .contains(&label.as_str()),
                 "device series {key} carries {label:?}"
             );

@@ -46,7 +46,8 @@ enum Command {
     /// Boot kernels 6.1 and 6.12 in QEMU with emulated NVMe and run the guest scenarios.
     VmTest(vm::VmTestArgs),
     /// Tracing overhead benchmarks: io_uring NOPs and cached 4 KiB reads, agent attached vs not;
-    /// cuFile calls and the preads beneath them, traced vs not.
+    /// cuFile calls and the preads beneath them, traced vs not; 4 KiB O_DIRECT preads and getpid
+    /// with the file layer's default and syscall hooks.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -86,7 +87,8 @@ fn main() -> Result<()> {
         Command::Bench { args } => {
             setup::ensure_prerequisites()?;
             // io_uring (trace_overhead, which takes the extra arguments), then cuFile uprobes on
-            // the real libcufile from PyPI, per call (cufile_overhead ignores them).
+            // the real libcufile from PyPI, per call, then the file layer (cufile_overhead and
+            // file_overhead ignore them).
             let mut cmd = setup::cargo();
             cmd.args(["bench", "--package", "gds-user"])
                 .args([
@@ -94,6 +96,8 @@ fn main() -> Result<()> {
                     "trace_overhead",
                     "--bench",
                     "cufile_overhead",
+                    "--bench",
+                    "file_overhead",
                     "--",
                 ])
                 .args(&args)

@@ -120,8 +120,10 @@ pub const NVME_DURATION: Family = family(
 pub const STAGE_DURATION: Family = family(
     "gds_request_stage_duration_seconds",
     Histogram,
-    &["stage", "disk"],
-    "io_uring passthrough latency split into stages (queue, device, completion), by disk.",
+    &["stage", "disk", "origin"],
+    "Request latency split into stages (queue, device, completion), by disk and origin: \
+     uring_cmd (io_uring passthrough: all three stages), syscall or uring (the block requests \
+     of an O_DIRECT file call: queue from the call's start to the request's issue, device).",
 );
 pub const NVME_ERRORS: Family = family(
     "gds_nvme_errors_total",
@@ -263,6 +265,32 @@ pub const CUFILE_BENEATH: Family = family(
      made inside another (nested).",
 );
 
+pub const FILE_REQUESTS: Family = family(
+    "gds_file_requests_total",
+    Counter,
+    &["op", "direct"],
+    "File read/write calls that ended (errors included), by operation and O_DIRECT (true, \
+     false); which calls are seen depends on the file layer's hooks (/debug/layers).",
+);
+pub const FILE_BYTES: Family = family(
+    "gds_file_bytes_total",
+    Counter,
+    &["op", "direct"],
+    "Bytes file read/write calls returned as done, by operation and O_DIRECT.",
+);
+pub const FILE_DURATION: Family = family(
+    "gds_file_request_duration_seconds",
+    Histogram,
+    &["op", "direct"],
+    "Duration of file read/write calls, start to return, by operation and O_DIRECT.",
+);
+pub const FILE_ERRORS: Family = family(
+    "gds_file_errors_total",
+    Counter,
+    &["op"],
+    "File read/write calls that returned an error, by operation.",
+);
+
 /// Every family with a fixed name, agent first, then the data path's (`read`/`bench
 /// --metrics-listen`).
 pub const ALL: &[Family] = &[
@@ -293,6 +321,10 @@ pub const ALL: &[Family] = &[
     CUFILE_REQUESTED,
     CUFILE_LIBRARIES,
     CUFILE_BENEATH,
+    FILE_REQUESTS,
+    FILE_BYTES,
+    FILE_DURATION,
+    FILE_ERRORS,
     PIPELINE_BYTES,
     PIPELINE_DURATION,
 ];

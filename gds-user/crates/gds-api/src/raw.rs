@@ -9,7 +9,8 @@
 use std::collections::BTreeSet;
 
 use gds_common::{
-    BlockInflight, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
+    BlockInflight, BlockProcKey, BlockProcStats, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
+    file::{FileCall, FileProcKey, FileProcStats, FileRowStats},
     cufile::{
         CUFILE_COUNTS, CufileCall, CufileErrKey, CufileFileKey, CufileFileStats, CufileOpStats,
     },
@@ -43,10 +44,19 @@ pub enum Layer {
     Nvme,
     /// A cuFile call: entered, not yet returned.
     Cufile,
+    /// A file read/write call (O_DIRECT through iomap, or a read/write system call): started,
+    /// not yet returned.
+    File,
 }
 
 impl Layer {
-    pub const ALL: [Layer; 4] = [Layer::Uring, Layer::Block, Layer::Nvme, Layer::Cufile];
+    pub const ALL: [Layer; 5] = [
+        Layer::Uring,
+        Layer::Block,
+        Layer::Nvme,
+        Layer::Cufile,
+        Layer::File,
+    ];
 
     pub const fn label(self) -> &'static str {
         match self {
@@ -54,6 +64,7 @@ impl Layer {
             Layer::Block => "block",
             Layer::Nvme => "nvme",
             Layer::Cufile => "cufile",
+            Layer::File => "file",
         }
     }
 }
@@ -93,6 +104,8 @@ pub trait Source {
     fn task_filter(&self) -> TaskFilter;
     /// How each layer is traced now (`/debug/layers`).
     fn layers(&self) -> Layers;
+    /// The file layer's statistics (empty where it is off).
+    fn file_raw(&self) -> FileRaw;
 }
 
 /// Which processes are traced (`--pid`, `--comm`).
@@ -196,6 +209,12 @@ pub enum LayerDetail {
         /// libcufile files attached now.
         libraries: usize,
     },
+    File {
+        /// The hooks in use (`fentry`, `kprobe`, `tracepoint`, `syscalls`, `off`).
+        hooks: String,
+        /// What these hooks cannot see, one phrase each.
+        blind_to: Vec<String>,
+    },
 }
 
 /// One entry of a layer's in-flight table, as the kernel recorded it; what
@@ -211,6 +230,16 @@ pub enum Inflight {
     Nvme(u64, NvmeInflight),
     /// A cuFile call entered and not returned, keyed by thread (`pid_tgid`).
     Cufile(u64, CufileCall),
+    /// A file call started and not ended, keyed by `struct kiocb *` or thread (`pid_tgid`).
+    File(u64, FileCall),
+}
+
+/// The file layer's maps at one instant: the statistics rows summed over CPUs (indexed by
+/// `gds_common::file::file_row`) and the per-process counts.
+#[derive(Debug, Clone, Default)]
+pub struct FileRaw {
+    pub rows: Vec<FileRowStats>,
+    pub procs: Vec<(FileProcKey, FileProcStats)>,
 }
 
 /// Per-disk statistics summed over CPUs.
@@ -218,6 +247,8 @@ pub enum Inflight {
 pub struct DeviceSnapshot {
     pub hists: Vec<(DevHistKey, DevHist)>,
     pub errors: Vec<(NvmeErrKey, u64)>,
+    /// Block requests per submitting process, op, origin and link.
+    pub procs: Vec<(BlockProcKey, BlockProcStats)>,
 }
 
 /// A libcufile copy, as `/debug/cufile` lists it.

@@ -78,7 +78,12 @@ impl StallDetector {
             seen.insert(r.key);
             if let Some(s) = self.active.get_mut(&r.key) {
                 // A stall can move on (e.g. issued to the device after waiting in a queue).
+                // The file path the evidence found stays (the decoder may not read it).
+                let file = s.evidence.as_ref().and_then(|e| e.file.clone());
                 s.request = r.clone();
+                if file.is_some() {
+                    s.request.target.file = file;
+                }
                 s.request.age_seconds = age as f64 / 1e9;
                 s.stage_description = r.stage.describe_in(r.layer).into();
                 continue;
@@ -86,6 +91,9 @@ impl StallDetector {
             let mut request = r.clone();
             request.age_seconds = age as f64 / 1e9;
             let (cause, evidence) = explain(&request);
+            if let Some(f) = evidence.as_ref().and_then(|e| e.file.clone()) {
+                request.target.file = Some(f);
+            }
             let stall = Stall {
                 stage_description: r.stage.describe_in(r.layer).into(),
                 request,

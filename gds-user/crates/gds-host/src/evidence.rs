@@ -593,6 +593,31 @@ fn trail(group: &str) -> &str {
     group.trim_end_matches('/')
 }
 
+/// Descriptors of a process looked at when naming a file by its inode.
+pub const FDS_MAX: usize = 4096;
+
+/// The path of a descriptor of process `pid` open on the file (`dev`, `ino`), `dev` as the
+/// kernel encodes it (`major << 20 | minor`); `Ok(None)` when none of its first [`FDS_MAX`]
+/// descriptors is. Reading another process's `/proc/PID/fd` needs ptrace access (the
+/// evidence thread's CAP_SYS_PTRACE).
+pub fn fd_path(root: &HostRoot, pid: u32, dev: u32, ino: u64) -> Result<Option<String>, ReadError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = format!("/proc/{pid}/fd");
+    for fd in root.list_dir(&dir, FDS_MAX)? {
+        let link = format!("{dir}/{fd}");
+        let Ok(meta) = std::fs::metadata(root.path(&link)) else {
+            continue;
+        };
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        if meta.ino() == ino && (major << 20 | (minor & 0xf_ffff)) == dev {
+            return std::fs::read_link(root.path(&link))
+                .map(|p| Some(p.display().to_string()))
+                .map_err(|e| ReadError::from_io(&link, &e));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,25 @@ pub struct BpfHooks {
     pub fentry: Load,
     /// fexit on `vfs_read`.
     pub fexit: Load,
+    /// The hooks `gds-agent run --file-hooks auto` takes here, and what they cannot see.
+    pub file_hooks: String,
+}
+
+/// What `--file-hooks auto` chooses on a kernel with `btf` (the rule of `gds_trace::FilePlan`:
+/// fentry, else kprobes — neither built yet — else the iomap tracepoints; never syscalls).
+fn file_hooks(btf: &gds_host::btf::Btf) -> String {
+    if ["iomap_dio_rw_begin", "iomap_dio_complete"]
+        .iter()
+        .all(|tp| btf.has_tracepoint(tp))
+    {
+        "tracepoint (iomap_dio_rw_begin/complete: O_DIRECT calls of ext4, xfs, btrfs; not \
+         buffered calls, fsync or block devices; fentry/kprobe tiers not built yet)"
+            .into()
+    } else {
+        "off (no iomap direct-I/O tracepoints, kernel before 6.4; --file-hooks syscalls \
+         traces every read/write system call at a cost to every syscall)"
+            .into()
+    }
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -101,6 +120,7 @@ pub fn probe() -> Result<BpfHooks, String> {
         raw_tracepoint: try_load(BPF_PROG_TYPE_RAW_TRACEPOINT, 0, 0).into(),
         fentry: tracing(BPF_TRACE_FENTRY, vfs_read, "vfs_read").into(),
         fexit: tracing(BPF_TRACE_FEXIT, vfs_read, "vfs_read").into(),
+        file_hooks: file_hooks(&btf),
     })
 }
 

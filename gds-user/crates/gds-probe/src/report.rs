@@ -466,6 +466,11 @@ impl Report {
                 )
             }),
         );
+        row(
+            o,
+            "file layer",
+            &show(&k.bpf_hooks, |h| h.file_hooks.clone()),
+        );
 
         section(o, "Verdict");
         if self.verdicts.is_empty() {

@@ -9,7 +9,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
     programs::BtfTracePoint,
 };
-use gds_common::{DevConfig, DevHist, DevHistKey, MAP_DEV_HIST, MAP_NVME_ERRORS, NvmeErrKey};
+use gds_common::{BioLink, BlockProcKey, BlockProcStats, MAP_BLOCK_PROCS, DevConfig, DevHist, DevHistKey, MAP_DEV_HIST, MAP_NVME_ERRORS, NvmeErrKey};
 
 use super::{TraceError, program, take_map};
 use gds_api::raw::{DeviceSnapshot, DiskNames, PeerMemory};
@@ -35,7 +35,50 @@ pub fn resolve(btf: &Btf) -> Result<(DevConfig, PeerMemory), gds_host::btf::BtfE
     c.rq_size = btf.struct_size("request")?;
     let (peer, memory) = super::peer::resolve(btf);
     c.peer = peer;
+    c.link = bio_link(btf, std::path::Path::new("/proc/kallsyms")).unwrap_or(BioLink::OFF);
     Ok((c, memory))
+}
+
+/// What the block program needs to link a bio to its cause (`BioLink`): offsets from BTF,
+/// the two completion functions' addresses from `kallsyms` (None where any is missing, or
+/// addresses are hidden: the link is then off and requests name their submitter only).
+fn bio_link(btf: &Btf, kallsyms: &std::path::Path) -> Option<BioLink> {
+    let off = |s: &str, m: &[&str]| btf.member_offset(s, m).ok();
+    let (dio, chain) = kernel_addresses(kallsyms, ["iomap_dio_bio_end_io", "bio_chain_endio"])?;
+    Some(BioLink {
+        enabled: 1,
+        bio_end_io: off("bio", &["bi_end_io"])?,
+        bio_private: off("bio", &["bi_private"])?,
+        bio_io_vec: off("bio", &["bi_io_vec"])?,
+        page_mapping: off("page", &["mapping"])?,
+        mapping_host: off("address_space", &["host"])?,
+        inode_ino: off("inode", &["i_ino"])?,
+        task_flags: off("task_struct", &["flags"])?,
+        dio_end_io: dio,
+        chain_end_io: chain,
+    })
+}
+
+/// The addresses of two kernel text symbols from `kallsyms` (streamed; a hidden address, 0,
+/// counts as missing).
+fn kernel_addresses(path: &std::path::Path, names: [&str; 2]) -> Option<(u64, u64)> {
+    use std::io::BufRead as _;
+    let f = std::fs::File::open(path).ok()?;
+    let mut found = [0u64; 2];
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.ok()?;
+        let mut it = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            found[i] = u64::from_str_radix(addr, 16).unwrap_or(0);
+            if found.iter().all(|a| *a != 0) {
+                break;
+            }
+        }
+    }
+    (found.iter().all(|a| *a != 0)).then_some((found[0], found[1]))
 }
 
 /// Loads program `prog` of the object for BTF tracepoint `tp` and attaches it.
@@ -103,6 +146,7 @@ pub(crate) fn tracepoint_btf(btf: &Btf, tps: &[&str]) -> Result<aya::Btf, TraceE
 pub struct DeviceMaps {
     hist: PerCpuHashMap<MapData, DevHistKey, DevHist>,
     errors: PerCpuHashMap<MapData, NvmeErrKey, u64>,
+    procs: HashMap<MapData, BlockProcKey, BlockProcStats>,
     names: Mutex<StdHashMap<u32, String>>,
 }
 
@@ -125,6 +169,7 @@ impl DeviceMaps {
         Ok(DeviceMaps {
             hist: take_map(ebpf, MAP_DEV_HIST)?,
             errors: take_map(ebpf, MAP_NVME_ERRORS)?,
+            procs: take_map(ebpf, MAP_BLOCK_PROCS)?,
             names: Mutex::new(StdHashMap::new()),
         })
     }
@@ -146,6 +191,8 @@ impl DeviceMaps {
         for (key, per_cpu) in self.errors.iter().flatten() {
             snap.errors.push((key, per_cpu.iter().sum()));
         }
+        snap.procs = self.procs.iter().filter_map(Result::ok).collect();
+        snap.procs.sort_by_key(|(k, _)| *k);
         snap.hists.sort_by_key(|(k, _)| *k);
         snap.errors.sort_by_key(|(k, _)| *k);
         snap
@@ -227,5 +274,22 @@ mod tests {
         }
         let e = tracepoint_btf(&btf, &["no_such_tracepoint"]).unwrap_err();
         assert!(e.to_string().contains("no_such_tracepoint"), "{e}");
+    }
+
+    /// Here (root, kallsyms readable) the link resolves, with the addresses kallsyms lists;
+    /// a kallsyms without them, or with hidden addresses, turns it off.
+    #[test]
+    fn bio_link_from_btf_and_kallsyms() {
+        let btf = Btf::from_sys().unwrap();
+        let link = bio_link(&btf, std::path::Path::new("/proc/kallsyms")).unwrap();
+        assert_eq!(link.enabled, 1);
+        assert_ne!(link.dio_end_io, link.chain_end_io);
+        assert_eq!(link.bio_private, btf.member_offset("bio", &["bi_private"]).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("kallsyms");
+        std::fs::write(&fake, "0 T iomap_dio_bio_end_io\n0 t bio_chain_endio\n").unwrap();
+        assert!(bio_link(&btf, &fake).is_none(), "hidden addresses");
+        std::fs::write(&fake, "ffffffff81000000 T iomap_dio_bio_end_io\n").unwrap();
+        assert!(bio_link(&btf, &fake).is_none(), "one missing");
     }
 }

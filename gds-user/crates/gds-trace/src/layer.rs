@@ -32,6 +32,8 @@ pub struct Start<'a> {
     /// Every map's descriptor, taken right after loading (before any layer took a map): the
     /// cuFile programs are loaded again against them for multi-uprobe links.
     pub map_fds: &'a [(String, OwnedFd)],
+    /// The file layer's hooks and offsets, chosen before loading (its config is read-only).
+    pub file: &'a super::FilePlan,
 }
 
 /// A traced layer: attached to the loaded object, it serves its own part of reading and of

@@ -10,6 +10,7 @@ mod device;
 mod elf;
 mod error;
 mod events;
+mod file;
 mod filewatch;
 mod inflight;
 mod layer;
@@ -30,6 +31,7 @@ pub use cufile::{
 pub use device::DeviceMaps;
 pub use error::TraceError;
 pub use events::raw_event;
+pub use file::{FileHooks, FileLayer, FilePlan};
 pub use inflight::InflightRequest;
 pub use layer::{Start, TracedLayer};
 pub use nvme::NvmeLayer;
@@ -39,12 +41,14 @@ pub use uring::UringLayer;
 
 /// Every traced layer, in the order they attach after the object is loaded: where a layer is
 /// registered, and the only place. io_uring first (it must attach, or the agent stops); then
-/// block, whose submitter program must be attached before NVMe commands name it; NVMe; cuFile.
-pub(crate) const LAYERS: [layer::AttachLayer; 4] = [
+/// block, whose submitter program must be attached before NVMe commands name it; NVMe; cuFile;
+/// the file layer.
+pub(crate) const LAYERS: [layer::AttachLayer; 5] = [
     layer::attach::<UringLayer>,
     layer::attach::<BlockLayer>,
     layer::attach::<NvmeLayer>,
     layer::attach::<CufileLayer>,
+    layer::attach::<FileLayer>,
 ];
 
 use aya::{Ebpf, include_bytes_aligned};

@@ -7,6 +7,7 @@ use aya::{
     maps::{MapData, RingBuf},
 };
 use gds_common::cufile::{CUFILE_TRUSTED_MAX, CufileConfig, NO_UID};
+use gds_common::file::FileConfig;
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DevConfig, MAP_EVENTS, MAP_URING_INFLIGHT, MAP_URING_SLOTS,
     NvmeErrKey, OPCODE_WORDS, UringConfig,
@@ -24,7 +25,7 @@ use super::{
     uring::UringLayer,
 };
 use gds_api::raw::{
-    CufileRaw, DeviceSnapshot, DiskNames, Inflight, Layer, Layers, LibraryFailure, LibraryInfo,
+    CufileRaw, DeviceSnapshot, DiskNames, FileRaw, Inflight, Layer, Layers, LibraryFailure, LibraryInfo,
     PeerMemory, Source, TaskFilter, UringSnapshot,
 };
 use gds_host::{btf::Btf, tracefs};
@@ -48,6 +49,8 @@ pub struct TraceOptions {
     /// Uids whose cuFile calls count as trusted besides root (`--cufile-users`); the
     /// `--pid`/`--comm` filters above apply to the cuFile layer too.
     pub cufile_users: Vec<u32>,
+    /// Which hooks the file layer uses (`--file-hooks`).
+    pub file_hooks: super::FileHooks,
 }
 
 impl Default for TraceOptions {
@@ -61,6 +64,7 @@ impl Default for TraceOptions {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             attach: AttachMode::Auto,
             cufile_users: Vec::new(),
+            file_hooks: super::FileHooks::Auto,
         }
     }
 }
@@ -223,11 +227,14 @@ impl UringTracer {
             PeerMemory::Unknown("block tracing is off".into()),
         ));
 
+        let file_plan = super::FilePlan::choose(opts.file_hooks, btf_parsed.as_ref().ok());
+
         raise_memlock();
         let mut ebpf = loader
             .override_global(UringConfig::SYMBOL, &attach.config, true)
             .override_global(DevConfig::SYMBOL, &dev_config, true)
             .override_global(CufileConfig::SYMBOL, &cufile_config, true)
+            .override_global(FileConfig::SYMBOL, &file_plan.config, true)
             .map_max_entries(MAP_URING_INFLIGHT, opts.max_inflight)
             .map_max_entries(MAP_URING_SLOTS, opts.slots())
             .load(EBPF_OBJECT)
@@ -251,6 +258,7 @@ impl UringTracer {
             devices: devices_possible,
             peer: &peer,
             map_fds: &map_fds,
+            file: &file_plan,
         };
         let layers = super::LAYERS
             .iter()
@@ -518,6 +526,12 @@ impl Source for UringTracer {
 
     fn layers(&self) -> Layers {
         UringTracer::layers(self)
+    }
+
+    fn file_raw(&self) -> FileRaw {
+        self.layer::<super::FileLayer>()
+            .map(super::FileLayer::raw)
+            .unwrap_or_default()
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use gds_common::{
     BlockInflight, InflightSlot, NvmeInflight, SlowUringEvent, Submitter, cufile::CufileCall,
+    file::FileCall,
 };
 
 use super::{
@@ -237,6 +238,54 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    /// A file call in flight (`key`: its `struct kiocb *` or thread). The file is the path of
+    /// a descriptor of the process open on the call's (device, inode), found in `/proc` now,
+    /// else `inode N on DISK`.
+    pub fn file(&mut self, key: u64, c: &FileCall, now_ns: u64) -> Request {
+        let (tgid, tid) = ((c.pid_tgid >> 32) as u32, c.pid_tgid as u32);
+        let disk = self.disks.disk_name(c.dev);
+        // Works where the agent may read the process's descriptors; a stall's evidence, read
+        // by the thread that keeps CAP_SYS_PTRACE, names it everywhere else.
+        let root = gds_host::bounded::HostRoot::new("/");
+        let file = gds_host::evidence::fd_path(&root, tgid, c.dev, c.ino)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| format!("inode {} on {disk}", c.ino));
+        Request {
+            layer: Layer::File,
+            opcode: if c.direct != 0 {
+                format!("{} O_DIRECT", labels::file_op(c.op))
+            } else {
+                labels::file_op(c.op).to_owned()
+            },
+            ctx: Context {
+                pid: tgid,
+                tid,
+                comm: comm_text(&c.comm),
+                cgroup: self.cgroup(tgid, tid),
+                cgroup_id: Some(c.cgroup),
+            },
+            target: Target {
+                disk,
+                file: Some(file),
+                bytes: (c.bytes != 0).then_some(c.bytes),
+                inode: Some(c.ino),
+                file_dev: Some(c.dev),
+                ..Target::default()
+            },
+            origin: None,
+            age_seconds: now_ns.saturating_sub(c.start_ns) as f64 / 1e9,
+            stage: Stage::Queue,
+            nvme: None,
+            poll_armed: false,
+            key: RequestKey {
+                layer: Layer::File,
+                req: key,
+                start_ns: c.start_ns,
+            },
+        }
+    }
+
     /// One in-flight entry, `now_ns` being the scan's time (taken after the kernel tables
     /// were read, so no age is negative).
     pub fn request(&mut self, slot: &InflightSlot, now_ns: u64) -> Request {
@@ -336,14 +385,15 @@ impl<'a> Decoder<'a> {
 /// `--pid`/`--comm` here, by their submitter (see [`Source::task_filter`]); the kernel
 /// filtered the others already.
 pub fn inflight<S: Source + ?Sized>(tracer: &S) -> (Vec<Request>, u64) {
-    let (mut raw, mut block, mut nvme, mut calls) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut block, mut nvme, mut calls, mut files) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for entry in tracer.inflight() {
         match entry {
             Inflight::Uring(r) => raw.push(r),
             Inflight::Block(rq, b) => block.push((rq, b)),
             Inflight::Nvme(rq, n) => nvme.push((rq, n)),
             Inflight::Cufile(id, c) => calls.push((id, c)),
+            Inflight::File(key, c) => files.push((key, c)),
         }
     }
     let now = monotonic_ns();
@@ -376,6 +426,7 @@ pub fn inflight<S: Source + ?Sized>(tracer: &S) -> (Vec<Request>, u64) {
             .filter(|r| keep(r)),
     );
     out.extend(calls.iter().map(|(id, c)| d.cufile(*id, c, now)));
+    out.extend(files.iter().map(|(key, c)| d.file(*key, c, now)));
     out.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
     (out, now)
 }

@@ -125,6 +125,9 @@ pub struct Evidence {
     /// What could not be read (a thread gone, no permission): the evidence is partial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// A file call's file: the path of the caller's descriptor open on its inode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// How long the reads took, microseconds: the capture's cost, paid once per stall.
     #[serde(default)]
     pub capture_us: u64,
@@ -332,6 +335,14 @@ pub fn capture(root: &HostRoot, req: &Request) -> Evidence {
         }
         match host::task_cgroups(root, pid, tid) {
             Ok(c) => ev.cgroups = Some(c),
+            Err(e) => ev.missing.push(e.to_string()),
+        }
+    }
+    if let (Some(ino), Some(dev)) = (req.target.inode, req.target.file_dev)
+        && pid != 0
+    {
+        match host::fd_path(root, pid, dev, ino) {
+            Ok(path) => ev.file = path,
             Err(e) => ev.missing.push(e.to_string()),
         }
     }

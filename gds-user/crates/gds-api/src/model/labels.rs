@@ -186,6 +186,43 @@ pub fn nvme_status(status: u16) -> &'static str {
     gds_nvme::NvmeStatus(status).name()
 }
 
+/// File call operations (`op` of the `gds_file_*` families; `gds_common::file::FILE_OP_*`).
+pub fn file_op(op: u8) -> &'static str {
+    match op {
+        gds_common::file::FILE_OP_READ => "read",
+        gds_common::file::FILE_OP_WRITE => "write",
+        gds_common::file::FILE_OP_FSYNC => "fsync",
+        _ => "other",
+    }
+}
+
+/// What caused a request (`origin` of `gds_request_stage_duration_seconds`;
+/// `gds_common::file::ORIGIN_*`).
+pub fn origin(code: u8) -> &'static str {
+    use gds_common::file::*;
+    match code {
+        ORIGIN_SYSCALL => "syscall",
+        ORIGIN_URING => "uring",
+        ORIGIN_URING_CMD => "uring_cmd",
+        ORIGIN_KERNEL => "kernel",
+        _ => "unknown",
+    }
+}
+
+/// How a block request was linked to its cause (`gds_common::LINK_*`).
+pub fn block_link(link: u8) -> &'static str {
+    match link {
+        gds_common::LINK_CALL => "call",
+        gds_common::LINK_PAGE => "page",
+        _ => "none",
+    }
+}
+
+/// The `direct` label: `true` for O_DIRECT calls.
+pub fn file_direct(direct: bool) -> &'static str {
+    if direct { "true" } else { "false" }
+}
+
 /// Block request operation names (`enum req_op`).
 pub fn block_op(op: u8) -> &'static str {
     match op {

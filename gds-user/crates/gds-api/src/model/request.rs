@@ -135,6 +135,11 @@ pub struct Target {
     /// Bytes asked (block, cuFile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// A file call's file: inode and device (`major << 20 | minor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_dev: Option<u32>,
 }
 
 impl Default for Target {
@@ -145,6 +150,8 @@ impl Default for Target {
             sector: None,
             lba: None,
             bytes: None,
+            inode: None,
+            file_dev: None,
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct NvmeRow {
 pub struct StageRow {
     pub disk: String,
     pub stage: Stage,
+    /// What the requests came from: `uring_cmd` (passthrough), `syscall`, `uring`, `kernel`
+    /// (`labels::origin`).
+    #[serde(default)]
+    pub origin: String,
     pub latency: Histogram,
 }
 
@@ -90,6 +94,19 @@ pub struct BlockRow {
     #[serde(default)]
     pub memory: String,
     pub latency: Histogram,
+}
+
+/// Block requests of one submitting process, by op, origin and link (`call`: to an O_DIRECT
+/// file call; `page`: to a file's page cache; `none`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub op: String,
+    pub origin: String,
+    pub link: String,
+    pub requests: u64,
+    pub bytes: u64,
 }
 
 /// NVMe completions with one error status on one disk.
@@ -219,6 +236,87 @@ impl CufileStats {
     }
 }
 
+/// File calls of one operation, O_DIRECT or not, over every process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileOpRow {
+    pub op: String,
+    pub direct: bool,
+    pub calls: u64,
+    pub errors: u64,
+    pub bytes_asked: u64,
+    /// Bytes the calls returned as done.
+    pub bytes: u64,
+    pub latency: Histogram,
+}
+
+/// File calls of one process on one file, by operation and directness (from the kernel's
+/// table, LRU-bounded: `gds_common::file::FILE_PROCS_MAX` rows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    /// The file's device (`major << 20 | minor`) and inode.
+    pub dev: u32,
+    pub ino: u64,
+    pub op: String,
+    pub direct: bool,
+    pub calls: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub sum_ns: u64,
+}
+
+/// The file layer's aggregates (part of [`Stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FileStats {
+    /// Rows with any call, in (op, direct) order.
+    pub ops: Vec<FileOpRow>,
+    /// Rows by pid, file, op and directness.
+    pub processes: Vec<FileProcessRow>,
+}
+
+impl FileStats {
+    pub fn decode(raw: &crate::raw::FileRaw) -> FileStats {
+        let mut out = FileStats::default();
+        for (row, r) in raw.rows.iter().enumerate() {
+            if r.calls == 0 {
+                continue;
+            }
+            out.ops.push(FileOpRow {
+                op: labels::file_op((row / 2) as u8).to_owned(),
+                direct: row % 2 == 1,
+                calls: r.calls,
+                errors: r.errors,
+                bytes_asked: r.bytes_asked,
+                bytes: r.bytes_done,
+                latency: Histogram::new(&r.buckets, r.sum_ns),
+            });
+        }
+        let mut comms = std::collections::HashMap::new();
+        let mut procs: Vec<_> = raw.procs.clone();
+        procs.sort_by_key(|(k, _)| *k);
+        for (k, v) in procs {
+            let comm = comms
+                .entry(k.tgid)
+                .or_insert_with(|| super::decode::proc_comm(k.tgid))
+                .clone();
+            out.processes.push(FileProcessRow {
+                pid: k.tgid,
+                comm,
+                dev: k.dev,
+                ino: k.ino,
+                op: labels::file_op(k.op).to_owned(),
+                direct: k.direct != 0,
+                calls: v.calls,
+                bytes: v.bytes,
+                errors: v.errors,
+                sum_ns: v.sum_ns,
+            });
+        }
+        out
+    }
+}
+
 /// When each group of counters in [`Stats`] was read, in CLOCK_MONOTONIC nanoseconds.
 ///
 /// The groups come from different maps read one after another, and under load (50 concurrent
@@ -234,6 +332,9 @@ pub struct ReadTimes {
     pub devices_ns: u64,
     /// The cuFile aggregates: `cufile` (and the cuFile drop reasons).
     pub cufile_ns: u64,
+    /// The file layer's counters: `file`.
+    #[serde(default)]
+    pub file_ns: u64,
 }
 
 /// Waiting within a read (its wall time minus the CPU time the reading thread spent) beyond
@@ -284,6 +385,9 @@ pub struct Stats {
     pub nvme: Vec<NvmeRow>,
     pub stages: Vec<StageRow>,
     pub block: Vec<BlockRow>,
+    /// Block requests per submitting process (LRU-bounded in the kernel).
+    #[serde(default)]
+    pub block_processes: Vec<BlockProcessRow>,
     pub nvme_errors: Vec<NvmeErrorRow>,
     /// Every drop reason, zero or not.
     pub drops: Vec<DropRow>,
@@ -292,6 +396,9 @@ pub struct Stats {
     /// cuFile calls, over every process.
     #[serde(default)]
     pub cufile: CufileStats,
+    /// File calls (read, write) over every process, and per process.
+    #[serde(default)]
+    pub file: FileStats,
     /// When each group of these counters was read (0 from agents before they were carried).
     #[serde(default)]
     pub read_ns: ReadTimes,
@@ -354,6 +461,7 @@ impl Stats {
                 (_, Some(stage)) => stats.stages.push(StageRow {
                     disk,
                     stage,
+                    origin: labels::origin(k.code).to_owned(),
                     latency,
                 }),
                 (KIND_BLOCK, _) => stats.block.push(BlockRow {
@@ -365,6 +473,22 @@ impl Stats {
                 }),
                 _ => {}
             }
+        }
+        let mut comms = std::collections::HashMap::new();
+        for (k, v) in &dev.procs {
+            let comm = comms
+                .entry(k.tgid)
+                .or_insert_with(|| super::decode::proc_comm(k.tgid))
+                .clone();
+            stats.block_processes.push(BlockProcessRow {
+                pid: k.tgid,
+                comm,
+                op: labels::block_op(k.op).to_owned(),
+                origin: labels::origin(k.origin).to_owned(),
+                link: labels::block_link(k.link).to_owned(),
+                requests: v.requests,
+                bytes: v.bytes,
+            });
         }
         // Several raw statuses share a name (DNR/More bits are masked in the kernel).
         let mut by_name: std::collections::BTreeMap<(String, &'static str), u64> =
@@ -386,6 +510,9 @@ impl Stats {
         let (raw, cufile_ns) = read_at(|| tracer.cufile_raw())?;
         stats.read_ns.cufile_ns = cufile_ns;
         stats.cufile = CufileStats::decode(&raw, libraries, &mut stats.drops);
+        let (file, file_ns) = read_at(|| Ok::<_, S::Error>(tracer.file_raw()))?;
+        stats.read_ns.file_ns = file_ns;
+        stats.file = FileStats::decode(&file);
         Ok((stats, raw))
     }
 

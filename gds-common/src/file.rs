@@ -1,0 +1,209 @@
+//! The synchronous file I/O layer: read/write calls on files (pread, read, readv, write, …),
+//! whichever hooks the host allows (`--file-hooks`): the iomap direct-I/O tracepoints
+//! (`iomap_dio_rw_begin`/`iomap_dio_complete`, O_DIRECT calls of ext4, xfs and btrfs, kernels
+//! 6.4+), or the `raw_syscalls` tracepoints (`sys_enter`/`sys_exit`, every read and write
+//! system call, at a cost to every syscall of every process).
+
+use crate::{COMM_LEN, HIST_BUCKETS};
+
+/// Operations, in [`FileCall::op`] and the statistics' rows (`op` label).
+pub const FILE_OP_READ: u8 = 0;
+pub const FILE_OP_WRITE: u8 = 1;
+pub const FILE_OP_FSYNC: u8 = 2;
+pub const FILE_OPS: usize = 3;
+/// Statistics rows: `op * 2 + direct`.
+pub const FILE_ROWS: usize = FILE_OPS * 2;
+
+/// The row of `op` (O_DIRECT or not) in `GDS_FILE_STATS`.
+#[inline(always)]
+pub const fn file_row(op: u8, direct: bool) -> u32 {
+    op as u32 * 2 + direct as u32
+}
+
+/// Which programs user space attached ([`FileConfig::tier`]), so each knows its key.
+pub const FILE_TIER_OFF: u32 = 0;
+pub const FILE_TIER_TRACEPOINT: u32 = 1;
+pub const FILE_TIER_SYSCALLS: u32 = 2;
+
+/// Where a call came from ([`FileCall::origin`], and the `origin` label of the block requests
+/// linked to it).
+pub const ORIGIN_UNKNOWN: u8 = 0;
+/// A system call (read, pread, write, …) of the thread itself.
+pub const ORIGIN_SYSCALL: u8 = 1;
+/// An io_uring request (the kiocb of a READ/WRITE is inside the `struct io_kiocb`).
+pub const ORIGIN_URING: u8 = 2;
+/// An io_uring passthrough command (`URING_CMD`): stages of NVMe passthrough.
+pub const ORIGIN_URING_CMD: u8 = 3;
+/// The kernel's own work (writeback, journal, readahead workers: a kernel thread).
+pub const ORIGIN_KERNEL: u8 = 4;
+
+/// A file call between its start and its end. Keyed by `struct kiocb *` (tracepoint tier)
+/// or by the thread's `pid_tgid` (syscalls tier). 80 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileCall {
+    pub start_ns: u64,
+    /// `bpf_get_current_pid_tgid()` of the thread that started it.
+    pub pid_tgid: u64,
+    pub cgroup: u64,
+    /// Inode number of the file.
+    pub ino: u64,
+    /// File offset the call starts at (`ki_pos`; the syscall's offset argument).
+    pub pos: u64,
+    /// Bytes asked (`iov_iter_count`; the syscall's count, 0 for vectors).
+    pub bytes: u64,
+    pub comm: [u8; COMM_LEN],
+    /// `MKDEV` of the file system's device (`sb->s_dev`, as the programs build device ids).
+    pub dev: u32,
+    pub op: u8,
+    /// 1 for O_DIRECT (`IOCB_DIRECT`; `O_DIRECT` in the file's flags).
+    pub direct: u8,
+    pub origin: u8,
+    pub _pad: u8,
+}
+
+/// One row of the file statistics (per CPU): calls that ended, their latency histogram,
+/// bytes asked and returned, errors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileRowStats {
+    pub buckets: [u64; HIST_BUCKETS],
+    pub calls: u64,
+    pub sum_ns: u64,
+    pub bytes_asked: u64,
+    pub bytes_done: u64,
+    pub errors: u64,
+}
+
+impl FileRowStats {
+    pub const ZERO: FileRowStats = FileRowStats {
+        buckets: [0; HIST_BUCKETS],
+        calls: 0,
+        sum_ns: 0,
+        bytes_asked: 0,
+        bytes_done: 0,
+        errors: 0,
+    };
+}
+
+/// Key of the per-process, per-file counts (`GDS_FILE_PROCS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileProcKey {
+    pub tgid: u32,
+    /// The file: device (`MKDEV`) and inode.
+    pub dev: u32,
+    pub ino: u64,
+    pub op: u8,
+    pub direct: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Counts of one process, operation and directness (atomic adds: threads share it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileProcStats {
+    pub calls: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub sum_ns: u64,
+}
+
+/// Offsets and constants for the file programs (`GDS_FILE_CONFIG`), from BTF and kallsyms.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileConfig {
+    /// [`FILE_TIER_OFF`], [`FILE_TIER_TRACEPOINT`] or [`FILE_TIER_SYSCALLS`].
+    pub tier: u32,
+    pub kiocb_filp: u32,
+    pub kiocb_pos: u32,
+    pub kiocb_flags: u32,
+    pub file_inode: u32,
+    pub file_flags: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub inode_mode: u32,
+    pub sb_dev: u32,
+    /// `iov_iter.count` and `iov_iter.data_source` (true: data flows from the iterator, a write).
+    pub iter_count: u32,
+    pub iter_source: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.fd`, `fdtable.max_fds`: a
+    /// descriptor's `struct file *` in the syscalls tier.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    /// `pt_regs` offsets of the first three syscall arguments (x86-64: di, si, dx) and r10.
+    pub regs_arg0: u32,
+    pub regs_arg1: u32,
+    pub regs_arg2: u32,
+    pub regs_arg3: u32,
+    /// Per syscall number below [`SYSCALL_TABLE`]: 0 (not traced) or [`SYSCALL_TRACED`] |
+    /// the op | [`SYSCALL_COUNT_ARG2`] | [`SYSCALL_POS_ARG3`] (the architecture's numbers are
+    /// user space's business: `trace::file`).
+    pub syscall_ops: [u8; SYSCALL_TABLE],
+}
+
+/// Syscall numbers the syscalls tier looks up (x86-64's and arm64's read/write families are
+/// all below it).
+pub const SYSCALL_TABLE: usize = 512;
+pub const SYSCALL_TRACED: u8 = 0x80;
+pub const SYSCALL_OP_MASK: u8 = 0x03;
+/// The byte count is the third argument (read, write, pread64, pwrite64).
+pub const SYSCALL_COUNT_ARG2: u8 = 0x04;
+/// The file offset is the fourth argument (pread64, pwrite64, preadv*, pwritev*).
+pub const SYSCALL_POS_ARG3: u8 = 0x08;
+
+impl FileConfig {
+    pub const SYMBOL: &'static str = "GDS_FILE_CONFIG";
+    pub const DEFAULT: FileConfig = FileConfig {
+        tier: FILE_TIER_OFF,
+        kiocb_filp: 0,
+        kiocb_pos: 0,
+        kiocb_flags: 0,
+        file_inode: 0,
+        file_flags: 0,
+        inode_ino: 0,
+        inode_sb: 0,
+        inode_mode: 0,
+        sb_dev: 0,
+        iter_count: 0,
+        iter_source: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_fd: 0,
+        fdt_max_fds: 0,
+        regs_arg0: 0,
+        regs_arg1: 0,
+        regs_arg2: 0,
+        regs_arg3: 0,
+        syscall_ops: [0; SYSCALL_TABLE],
+    };
+}
+
+/// `IOCB_DIRECT` in `kiocb.ki_flags` (include/linux/fs.h: `1 << 17` since 5.9; it is a
+/// `#define`, so not in BTF).
+pub const IOCB_DIRECT: u32 = 1 << 17;
+/// `O_DIRECT` in `file.f_flags` (x86-64, arm64 differs: `0o200000`).
+#[cfg(not(target_arch = "aarch64"))]
+pub const O_DIRECT: u32 = 0o40000;
+#[cfg(target_arch = "aarch64")]
+pub const O_DIRECT: u32 = 0o200000;
+
+pub const MAP_FILE_INFLIGHT: &str = "GDS_FILE_INFLIGHT";
+pub const MAP_FILE_STATS: &str = "GDS_FILE_STATS";
+pub const MAP_FILE_PROCS: &str = "GDS_FILE_PROCS";
+/// Calls tracked at once; a call beyond is counted (`file_inflight_full`), never timed.
+pub const FILE_INFLIGHT_MAX: u32 = 16384;
+/// Process × file × (op, direct) rows kept (LRU: processes that stop doing file I/O age out).
+pub const FILE_PROCS_MAX: u32 = 4096;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for FileCall {}
+    unsafe impl aya::Pod for FileRowStats {}
+    unsafe impl aya::Pod for FileProcKey {}
+    unsafe impl aya::Pod for FileProcStats {}
+    unsafe impl aya::Pod for FileConfig {}
+}

@@ -1,0 +1,301 @@
+//! The file layer: synchronous read/write calls on files, from whichever hooks user space
+//! attached (`--file-hooks`, `FileConfig::tier`):
+//!
+//! - **tracepoint**: `iomap_dio_rw_begin(kiocb, iter, dio_flags, done_before)` and
+//!   `iomap_dio_complete(kiocb, error, ret)` (6.4+): every O_DIRECT call of ext4, xfs and btrfs,
+//!   from any path (pread, readv, io_uring, aio, nvidia-fs), keyed by its `struct kiocb *`. The
+//!   begin runs in the calling thread; a synchronous call completes there too, an asynchronous
+//!   one in the completion context (the kiocb key works for both).
+//! - **syscalls**: `sys_enter`/`sys_exit` (raw tracepoints): every read/write-family system call
+//!   on a regular file or block device, keyed by the thread, O_DIRECT from the file's
+//!   `f_flags`. Any probe on these makes every syscall of every process take the slow path.
+//!
+//! Both end in [`end_call`]: per-CPU statistics per (op, direct) and per-process counts.
+
+use core::intrinsics::AtomicOrdering::Relaxed;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+use gds_common::{
+    DropReason, HIST_BUCKETS, Scratch,
+    file::{
+        FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS, FileCall,
+        FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
+        ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK,
+        SYSCALL_POS_ARG3, SYSCALL_TABLE, SYSCALL_TRACED, file_row,
+    },
+    log2_bucket,
+};
+
+use crate::maps::{as_scalar, entry_mut, index, stats, task_enabled};
+
+#[unsafe(no_mangle)]
+static GDS_FILE_CONFIG: FileConfig = FileConfig::DEFAULT;
+
+macro_rules! fconf {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&GDS_FILE_CONFIG.$field) }
+    };
+}
+
+/// File calls started and not ended: `struct kiocb *` (tracepoint tier) or `pid_tgid`
+/// (syscalls tier) → the call. Kernel addresses and thread ids never collide, and only one
+/// tier is attached at a time anyway.
+#[map(name = "GDS_FILE_INFLIGHT")]
+pub(crate) static FILE_INFLIGHT: HashMap<u64, FileCall> =
+    HashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
+
+#[map(name = "GDS_FILE_STATS")]
+static FILE_STATS: PerCpuArray<FileRowStats> = PerCpuArray::with_max_entries(FILE_ROWS as u32, 0);
+
+#[map(name = "GDS_FILE_PROCS")]
+static FILE_PROCS: LruHashMap<FileProcKey, FileProcStats> =
+    LruHashMap::with_max_entries(FILE_PROCS_MAX, 0);
+
+#[inline(always)]
+fn rd<T: Copy + Default>(addr: u64) -> T {
+    unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
+}
+
+#[inline(always)]
+fn count_drop(reason: DropReason) {
+    if let Some(s) = stats() {
+        s.drops[reason as usize] += 1;
+    }
+}
+
+/// Device and inode of `struct file *` `file` (`sb->s_dev` is already `MKDEV`-encoded as the
+/// block programs encode disks).
+#[inline(always)]
+fn file_id(file: u64) -> (u32, u64, u64) {
+    let inode: u64 = rd(file + fconf!(file_inode) as u64);
+    let ino: u64 = rd(inode + fconf!(inode_ino) as u64);
+    let sb: u64 = rd(inode + fconf!(inode_sb) as u64);
+    let dev: u32 = rd(sb + fconf!(sb_dev) as u64);
+    (dev, ino, inode)
+}
+
+/// A call of the current thread starting now.
+#[inline(always)]
+fn new_call(pid_tgid: u64, dev: u32, ino: u64, pos: u64, bytes: u64, op: u8, direct: bool) -> FileCall {
+    FileCall {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        pid_tgid,
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        ino,
+        pos,
+        bytes,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        dev,
+        op,
+        direct: direct as u8,
+        origin: ORIGIN_SYSCALL,
+        _pad: 0,
+    }
+}
+
+/// `iomap_dio_rw_begin(struct kiocb *iocb, struct iov_iter *iter, unsigned int dio_flags,
+/// size_t done_before)`: an O_DIRECT call enters iomap (ext4, xfs, btrfs).
+#[btf_tracepoint(function = "iomap_dio_rw_begin")]
+pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
+    let Some(s) = stats() else { return 0 };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !task_enabled((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let iter = as_scalar(s, Scratch::FileBegin, ctx.arg(1));
+    let iocb = as_scalar(s, Scratch::FileBegin, ctx.arg(0));
+    let filp: u64 = rd(iocb + fconf!(kiocb_filp) as u64);
+    let flags: u32 = rd(iocb + fconf!(kiocb_flags) as u64);
+    let pos: u64 = rd(iocb + fconf!(kiocb_pos) as u64);
+    let (dev, ino, _) = file_id(filp);
+    let bytes: u64 = rd(iter + fconf!(iter_count) as u64);
+    let source: u8 = rd(iter + fconf!(iter_source) as u64);
+    let op = if source != 0 { FILE_OP_WRITE } else { FILE_OP_READ };
+    let mut call = new_call(pid_tgid, dev, ino, pos, bytes, op, flags & IOCB_DIRECT != 0);
+    // io_uring's READ/WRITE kiocb is the first member of its `struct io_kiocb` (inside the
+    // command data at offset 0), so the kiocb is the io_uring request's key.
+    call.origin = if entry_mut(iocb).is_some() {
+        ORIGIN_URING
+    } else {
+        ORIGIN_SYSCALL
+    };
+    if FILE_INFLIGHT.insert(&iocb, &call, BPF_ANY as u64).is_err() {
+        count_drop(DropReason::FileInflightFull);
+    }
+    0
+}
+
+/// `iomap_dio_complete(struct kiocb *iocb, int error, ssize_t ret)`.
+#[btf_tracepoint(function = "iomap_dio_complete")]
+pub fn file_dio_complete(ctx: BtfTracePointContext) -> i32 {
+    let Some(s) = stats() else { return 0 };
+    let iocb = as_scalar(s, Scratch::FileComplete, ctx.arg(0));
+    let ret: i64 = ctx.arg(2);
+    let Some(c) = FILE_INFLIGHT.get_ptr(&iocb) else {
+        count_drop(DropReason::FileNoStart);
+        return 0;
+    };
+    // SAFETY: map value pointer, copied before the delete.
+    let c = unsafe { *c };
+    let _ = FILE_INFLIGHT.remove(&iocb);
+    end_call(&c, ret);
+    0
+}
+
+/// `sys_enter(struct pt_regs *regs, long id)`: a read/write-family system call on a regular
+/// file or block device starts (the table in `FileConfig::syscall_ops` says which numbers).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    let Some(i) = index(id, SYSCALL_TABLE) else {
+        return 0;
+    };
+    let what = unsafe { core::ptr::read_volatile(&GDS_FILE_CONFIG.syscall_ops[i]) };
+    if what & SYSCALL_TRACED == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !task_enabled((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    let fd: u64 = rd(regs + fconf!(regs_arg0) as u64);
+    // current->files->fdt->fd[fd]
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = rd(task + fconf!(task_files) as u64);
+    let fdt: u64 = rd(files + fconf!(files_fdt) as u64);
+    let max: u32 = rd(fdt + fconf!(fdt_max_fds) as u64);
+    if fd >= max as u64 {
+        return 0;
+    }
+    let fds: u64 = rd(fdt + fconf!(fdt_fd) as u64);
+    let file: u64 = rd(fds + fd * 8);
+    if file == 0 {
+        return 0;
+    }
+    let (dev, ino, inode) = file_id(file);
+    let mode: u16 = rd(inode + fconf!(inode_mode) as u64);
+    // Regular files and block devices only: pipes, sockets and terminals are not file I/O.
+    let kind = mode & 0xf000;
+    if kind != 0x8000 && kind != 0x6000 {
+        return 0;
+    }
+    let f_flags: u32 = rd(file + fconf!(file_flags) as u64);
+    let bytes: u64 = if what & SYSCALL_COUNT_ARG2 != 0 {
+        rd(regs + fconf!(regs_arg2) as u64)
+    } else {
+        0
+    };
+    let pos: u64 = if what & SYSCALL_POS_ARG3 != 0 {
+        rd(regs + fconf!(regs_arg3) as u64)
+    } else {
+        0
+    };
+    let call = new_call(
+        pid_tgid,
+        dev,
+        ino,
+        pos,
+        bytes,
+        what & SYSCALL_OP_MASK,
+        f_flags & O_DIRECT != 0,
+    );
+    if FILE_INFLIGHT.insert(&pid_tgid, &call, BPF_ANY as u64).is_err() {
+        count_drop(DropReason::FileInflightFull);
+    }
+    0
+}
+
+/// `sys_exit(struct pt_regs *regs, long ret)`: ends the thread's call if one is tracked.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn file_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(c) = FILE_INFLIGHT.get_ptr(&pid_tgid) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, copied before the delete.
+    let c = unsafe { *c };
+    let _ = FILE_INFLIGHT.remove(&pid_tgid);
+    let ret: i64 = ctx.arg(1);
+    end_call(&c, ret);
+    0
+}
+
+/// Counts an ended call: its row's histogram, bytes and errors, and its process's counts.
+#[inline(always)]
+fn end_call(c: &FileCall, ret: i64) {
+    let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(c.start_ns);
+    let done = if ret > 0 { ret as u64 } else { 0 };
+    let err = (ret < 0) as u64;
+    if let Some(p) = FILE_STATS.get_ptr_mut(file_row(c.op, c.direct != 0)) {
+        // SAFETY: per-CPU map value pointer.
+        let r = unsafe { &mut *p };
+        if let Some(b) =
+            index(log2_bucket(ns) as u64, HIST_BUCKETS).and_then(|i| r.buckets.get_mut(i))
+        {
+            *b += 1;
+        }
+        r.calls += 1;
+        r.sum_ns += ns;
+        r.bytes_asked += c.bytes;
+        r.bytes_done += done;
+        r.errors += err;
+    }
+    let key = FileProcKey {
+        tgid: (c.pid_tgid >> 32) as u32,
+        dev: c.dev,
+        ino: c.ino,
+        op: c.op,
+        direct: c.direct,
+        _pad: [0; 6],
+    };
+    match FILE_PROCS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; threads of one process add to it at once.
+        Some(p) => unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).calls, 1);
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).bytes, done);
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).errors, err);
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).sum_ns, ns);
+        },
+        None => {
+            let v = FileProcStats {
+                calls: 1,
+                bytes: done,
+                errors: err,
+                sum_ns: ns,
+            };
+            // Two threads may race to create it: the loser adds to the winner's.
+            if FILE_PROCS.insert(&key, &v, BPF_NOEXIST as u64).is_err() {
+                if let Some(p) = FILE_PROCS.get_ptr_mut(&key) {
+                    unsafe {
+                        core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                            &raw mut (*p).calls,
+                            1,
+                        );
+                        core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                            &raw mut (*p).bytes,
+                            done,
+                        );
+                        core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                            &raw mut (*p).errors,
+                            err,
+                        );
+                        core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                            &raw mut (*p).sum_ns,
+                            ns,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

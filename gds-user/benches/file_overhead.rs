@@ -1,0 +1,137 @@
+//! What the file layer costs the application, per call: 4 KiB O_DIRECT preads of a file on the
+//! host's disk (under the target directory) and a `getpid` loop, untraced, traced with the
+//! default hooks (`--file-hooks auto`: the iomap tracepoints here), untraced again (drift shows
+//! as a difference between the two untraced runs), then with `--file-hooks syscalls` (which
+//! puts a probe on every system call). One process, one run.
+//!
+//! `cargo xtask bench` (root).
+
+use std::{
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
+    time::{Duration, Instant},
+};
+
+use gds_trace::{FileHooks, TraceOptions, UringTracer};
+
+const ROUNDS: usize = 5;
+const ROUND_TIME: Duration = Duration::from_millis(400);
+const FILE_SIZE: usize = 64 << 20;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// ns per call of `f`, median of [`ROUNDS`] rounds of [`ROUND_TIME`].
+fn per_call(f: &mut dyn FnMut()) -> f64 {
+    let rounds = (0..ROUNDS)
+        .map(|_| {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < ROUND_TIME {
+                for _ in 0..16 {
+                    f();
+                }
+                n += 16;
+            }
+            start.elapsed().as_nanos() as f64 / n as f64
+        })
+        .collect();
+    median(rounds)
+}
+
+fn main() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("file_overhead: needs root to attach; skipped");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("file-overhead");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("data");
+    if std::fs::metadata(&path).map(|m| m.len() as usize).ok() != Some(FILE_SIZE) {
+        std::fs::write(&path, vec![7u8; FILE_SIZE]).unwrap();
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    let fd = file.as_raw_fd();
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: non-zero size; freed at the end.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    let mut off = 0i64;
+    let mut pread = || {
+        // SAFETY: the buffer is 4096 bytes, aligned for O_DIRECT.
+        let n = unsafe { libc::pread64(fd, buf.cast(), 4096, off) };
+        assert_eq!(n, 4096);
+        off = (off + 4096) % FILE_SIZE as i64;
+    };
+    let mut getpid = || {
+        // SAFETY: no preconditions; the raw syscall, not a cached value.
+        unsafe { libc::syscall(libc::SYS_getpid) };
+    };
+    for _ in 0..2 {
+        per_call(&mut pread);
+        per_call(&mut getpid);
+    }
+    let measure = |pread: &mut dyn FnMut(), getpid: &mut dyn FnMut()| {
+        (per_call(pread), per_call(getpid))
+    };
+    let untraced = measure(&mut pread, &mut getpid);
+    let tracer = UringTracer::start(&TraceOptions::default()).expect("attach the tracer");
+    let hooks = tracer
+        .layer::<gds_trace::FileLayer>()
+        .map(|l| l.hooks())
+        .unwrap_or(FileHooks::Off);
+    let traced = measure(&mut pread, &mut getpid);
+    let counted: u64 = gds_api::raw::Source::file_raw(&tracer)
+        .rows
+        .iter()
+        .map(|r| r.calls)
+        .sum();
+    drop(tracer);
+    let untraced2 = measure(&mut pread, &mut getpid);
+    let sys = UringTracer::start(&TraceOptions {
+        file_hooks: FileHooks::Syscalls,
+        ..Default::default()
+    })
+    .expect("attach the tracer with syscall hooks");
+    let syscalls = measure(&mut pread, &mut getpid);
+    drop(sys);
+    // SAFETY: allocated above with this layout; no call uses it any more.
+    unsafe { std::alloc::dealloc(buf, layout) };
+
+    println!(
+        "\nFile layer cost per call (median of {ROUNDS} rounds of {ROUND_TIME:?}); default hooks \
+         here: {}",
+        hooks.label()
+    );
+    println!(
+        "{:<30} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "", "untraced", "traced", "untraced", "added", "ratio", "syscalls", "ratio"
+    );
+    for (name, a, b, c, s) in [
+        (
+            "pread64 4 KiB O_DIRECT ns",
+            untraced.0,
+            traced.0,
+            untraced2.0,
+            syscalls.0,
+        ),
+        ("getpid ns", untraced.1, traced.1, untraced2.1, syscalls.1),
+    ] {
+        let base = (a + c) / 2.0;
+        println!(
+            "{name:<30} {a:>10.0} {b:>10.0} {c:>10.0} {:>+9.0} {:>8.3} {s:>10.0} {:>8.3}",
+            b - base,
+            base / b,
+            base / s
+        );
+    }
+    println!(
+        "file calls counted while traced with the default hooks: {counted} (ratio = untraced / \
+         traced calls per second)"
+    );
+}

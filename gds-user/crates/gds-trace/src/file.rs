@@ -1,0 +1,403 @@
+//! The file layer: synchronous read/write calls, with the hooks `--file-hooks` asks for and
+//! the host allows, chosen before loading (the programs' offsets and tier are read-only
+//! globals) and attached after.
+//!
+//! Tiers, best first (`auto` tries them in this order; `syscalls` only when asked for):
+//! - `fentry`, `kprobe`: the file systems' `read_iter`/`write_iter` keyed by the kiocb (every
+//!   path: syscalls, io_uring, aio, nvidia-fs; buffered and O_DIRECT). Not built yet: `auto`
+//!   goes on to the tracepoints, and naming them says so and does the same.
+//! - `tracepoint`: `iomap_dio_rw_begin`/`iomap_dio_complete` (6.4+): O_DIRECT calls of ext4,
+//!   xfs and btrfs, exactly, from every path. Costs nothing to other I/O or syscalls.
+//! - `syscalls`: `raw_syscalls` `sys_enter`/`sys_exit`: every read/write-family system call on
+//!   a regular file or block device, buffered or not; every syscall of every process then
+//!   takes the kernel's slow path (+40–70 ns each here, see docs/notes-issue-23.md).
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::RawTracePoint,
+};
+use gds_api::raw::{FileRaw, Inflight, Layer, LayerDetail, LayerEntry};
+use gds_common::file::{
+    FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_TIER_OFF, FILE_TIER_SYSCALLS,
+    FILE_TIER_TRACEPOINT, FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats,
+    MAP_FILE_INFLIGHT, MAP_FILE_PROCS, MAP_FILE_STATS, SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3,
+    SYSCALL_TABLE, SYSCALL_TRACED,
+};
+use gds_host::btf::{Btf, BtfError};
+use tracing::{info, warn};
+
+use super::{
+    TraceError,
+    device::{attach_btf, in_flight, tracepoint_btf},
+    layer::{Start, TracedLayer},
+    program, take_map,
+};
+
+/// Which hooks the file layer uses (`--file-hooks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileHooks {
+    /// fentry, else kprobes, else tracepoints (never syscalls: they slow every syscall).
+    #[default]
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+    /// `raw_syscalls` sys_enter/sys_exit: every read/write system call, at a cost to every
+    /// syscall of every process.
+    Syscalls,
+    Off,
+}
+
+impl FileHooks {
+    pub const fn label(self) -> &'static str {
+        match self {
+            FileHooks::Auto => "auto",
+            FileHooks::Fentry => "fentry",
+            FileHooks::Kprobe => "kprobe",
+            FileHooks::Tracepoint => "tracepoint",
+            FileHooks::Syscalls => "syscalls",
+            FileHooks::Off => "off",
+        }
+    }
+}
+
+const DIO_TPS: [&str; 2] = ["iomap_dio_rw_begin", "iomap_dio_complete"];
+
+/// What the tracepoint tier cannot see (on `/debug/layers`).
+const TRACEPOINT_BLIND: [&str; 4] = [
+    "buffered reads and writes (their block requests name the submitting thread)",
+    "fsync",
+    "O_DIRECT on block devices and on file systems without iomap direct I/O",
+    "calls that iomap ends before completing (zero-length, some errors) stay in flight",
+];
+/// What the syscalls tier cannot see.
+const SYSCALLS_BLIND: [&str; 3] = [
+    "io_uring, aio and nvidia-fs reads and writes (no read/write system call)",
+    "mmap page faults, sendfile, splice and copy_file_range",
+    "bytes asked of vector calls (readv, preadv, …): only bytes returned",
+];
+
+/// The hooks chosen before loading, with the programs' configuration.
+#[derive(Debug, Clone)]
+pub struct FilePlan {
+    pub hooks: FileHooks,
+    pub config: FileConfig,
+    /// Why these hooks, and what was passed over (said once at start and on `/debug/layers`).
+    pub notes: Vec<String>,
+}
+
+impl FilePlan {
+    /// Chooses the hooks for `asked` on this kernel (`btf`: its BTF) and resolves the offsets.
+    pub fn choose(asked: FileHooks, btf: Option<&Btf>) -> FilePlan {
+        let mut notes = Vec::new();
+        let off = |notes: Vec<String>| FilePlan {
+            hooks: FileHooks::Off,
+            config: FileConfig::DEFAULT,
+            notes,
+        };
+        if asked == FileHooks::Off {
+            return off(vec!["file layer off (--file-hooks off)".into()]);
+        }
+        let Some(btf) = btf else {
+            return off(vec![
+                "file layer off: it needs kernel BTF for its offsets".into(),
+            ]);
+        };
+        if matches!(
+            asked,
+            FileHooks::Auto | FileHooks::Fentry | FileHooks::Kprobe
+        ) {
+            if asked != FileHooks::Auto {
+                notes.push(format!(
+                    "--file-hooks {}: not built yet; using tracepoints",
+                    asked.label()
+                ));
+            } else {
+                notes.push("fentry and kprobe tiers not built yet".into());
+            }
+        }
+        let want_syscalls = asked == FileHooks::Syscalls;
+        let tier = if want_syscalls {
+            FILE_TIER_SYSCALLS
+        } else if DIO_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
+            FILE_TIER_TRACEPOINT
+        } else {
+            notes.push(
+                "file layer off: no iomap_dio_rw_begin/iomap_dio_complete tracepoints (kernels \
+                 before 6.4); --file-hooks syscalls traces every read/write system call"
+                    .into(),
+            );
+            return off(notes);
+        };
+        match resolve(btf, tier) {
+            Ok(config) => FilePlan {
+                hooks: if tier == FILE_TIER_SYSCALLS {
+                    FileHooks::Syscalls
+                } else {
+                    FileHooks::Tracepoint
+                },
+                config,
+                notes,
+            },
+            Err(e) => {
+                notes.push(format!("file layer off: {e}"));
+                off(notes)
+            }
+        }
+    }
+}
+
+/// The offsets the file programs read, from BTF.
+fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
+    let mut c = FileConfig::DEFAULT;
+    c.tier = tier;
+    c.kiocb_filp = btf.member_offset("kiocb", &["ki_filp"])?;
+    c.kiocb_pos = btf.member_offset("kiocb", &["ki_pos"])?;
+    c.kiocb_flags = btf.member_offset("kiocb", &["ki_flags"])?;
+    c.file_inode = btf.member_offset("file", &["f_inode"])?;
+    c.file_flags = btf.member_offset("file", &["f_flags"])?;
+    c.inode_ino = btf.member_offset("inode", &["i_ino"])?;
+    c.inode_sb = btf.member_offset("inode", &["i_sb"])?;
+    c.inode_mode = btf.member_offset("inode", &["i_mode"])?;
+    c.sb_dev = btf.member_offset("super_block", &["s_dev"])?;
+    c.iter_count = btf.member_offset("iov_iter", &["count"])?;
+    c.iter_source = btf.member_offset("iov_iter", &["data_source"])?;
+    if tier == FILE_TIER_SYSCALLS {
+        c.task_files = btf.member_offset("task_struct", &["files"])?;
+        c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
+        c.fdt_fd = btf.member_offset("fdtable", &["fd"])?;
+        c.fdt_max_fds = btf.member_offset("fdtable", &["max_fds"])?;
+        let [a0, a1, a2, a3] = syscall_arg_regs(btf)?;
+        (c.regs_arg0, c.regs_arg1, c.regs_arg2, c.regs_arg3) = (a0, a1, a2, a3);
+        for (nr, what) in syscall_table() {
+            if let Some(slot) = c.syscall_ops.get_mut(nr) {
+                *slot = what;
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// `pt_regs` offsets of the first four syscall arguments.
+#[cfg(target_arch = "x86_64")]
+fn syscall_arg_regs(btf: &Btf) -> Result<[u32; 4], BtfError> {
+    Ok([
+        btf.member_offset("pt_regs", &["di"])?,
+        btf.member_offset("pt_regs", &["si"])?,
+        btf.member_offset("pt_regs", &["dx"])?,
+        btf.member_offset("pt_regs", &["r10"])?,
+    ])
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn syscall_arg_regs(btf: &Btf) -> Result<[u32; 4], BtfError> {
+    // arm64: `struct pt_regs` starts with `regs[31]` (x0..x30) inside an anonymous union.
+    let base = btf.member_offset("pt_regs", &["regs"])?;
+    Ok([base, base + 8, base + 16, base + 24])
+}
+
+/// The read/write-family syscalls of this architecture: (number, what the program reads).
+fn syscall_table() -> Vec<(usize, u8)> {
+    let (r, w, s) = (
+        SYSCALL_TRACED | FILE_OP_READ,
+        SYSCALL_TRACED | FILE_OP_WRITE,
+        SYSCALL_TRACED | FILE_OP_FSYNC,
+    );
+    let (count, pos) = (SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3);
+    // (read, write, pread64, pwrite64, readv, writev, preadv, pwritev, preadv2, pwritev2,
+    // fsync, fdatasync)
+    #[cfg(target_arch = "x86_64")]
+    let nrs = [0, 1, 17, 18, 19, 20, 295, 296, 327, 328, 74, 75];
+    #[cfg(not(target_arch = "x86_64"))]
+    let nrs = [63, 64, 67, 68, 65, 66, 69, 70, 286, 287, 82, 83];
+    let what = [
+        r | count,
+        w | count,
+        r | count | pos,
+        w | count | pos,
+        r,
+        w,
+        r | pos,
+        w | pos,
+        r | pos,
+        w | pos,
+        s,
+        s,
+    ];
+    let table: Vec<(usize, u8)> = nrs.into_iter().zip(what).collect();
+    debug_assert!(table.iter().all(|(nr, _)| *nr < SYSCALL_TABLE));
+    table
+}
+
+/// The file layer, attached with the hooks its plan chose.
+pub struct FileLayer {
+    plan: FilePlan,
+    on: bool,
+    inflight: HashMap<MapData, u64, FileCall>,
+    stats: PerCpuArray<MapData, FileRowStats>,
+    procs: HashMap<MapData, FileProcKey, FileProcStats>,
+}
+
+impl FileLayer {
+    /// The hooks in use.
+    pub fn hooks(&self) -> FileHooks {
+        if self.on { self.plan.hooks } else { FileHooks::Off }
+    }
+
+    /// The statistics rows summed over CPUs, and the per-process counts.
+    pub fn raw(&self) -> FileRaw {
+        let mut rows = vec![FileRowStats::ZERO; FILE_ROWS];
+        if self.on {
+            for (i, row) in rows.iter_mut().enumerate() {
+                let Ok(per_cpu) = self.stats.get(&(i as u32), 0) else {
+                    continue;
+                };
+                for r in per_cpu.iter() {
+                    for (s, b) in row.buckets.iter_mut().zip(r.buckets.iter()) {
+                        *s += b;
+                    }
+                    row.calls += r.calls;
+                    row.sum_ns += r.sum_ns;
+                    row.bytes_asked += r.bytes_asked;
+                    row.bytes_done += r.bytes_done;
+                    row.errors += r.errors;
+                }
+            }
+        }
+        let procs = if self.on {
+            self.procs.iter().filter_map(Result::ok).collect()
+        } else {
+            Vec::new()
+        };
+        FileRaw { rows, procs }
+    }
+
+    fn blind_to(&self) -> Vec<String> {
+        let list: &[&str] = match self.hooks() {
+            FileHooks::Tracepoint => &TRACEPOINT_BLIND,
+            FileHooks::Syscalls => &SYSCALLS_BLIND,
+            FileHooks::Off => &["every file call"],
+            _ => &[],
+        };
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+}
+
+impl TracedLayer for FileLayer {
+    fn attach(ebpf: &mut Ebpf, start: &Start) -> Result<FileLayer, TraceError> {
+        let mut layer = FileLayer {
+            plan: start.file.clone(),
+            on: false,
+            inflight: take_map(ebpf, MAP_FILE_INFLIGHT)?,
+            stats: take_map(ebpf, MAP_FILE_STATS)?,
+            procs: take_map(ebpf, MAP_FILE_PROCS)?,
+        };
+        match layer.plan.hooks {
+            FileHooks::Tracepoint => {
+                let Some(btf) = start.btf else {
+                    return Ok(layer);
+                };
+                let aya_btf = tracepoint_btf(btf, &DIO_TPS)?;
+                attach_btf(ebpf, &aya_btf, "file_dio_begin", DIO_TPS[0])?;
+                attach_btf(ebpf, &aya_btf, "file_dio_complete", DIO_TPS[1])?;
+                layer.on = true;
+            }
+            FileHooks::Syscalls => {
+                for (prog, tp) in [("file_sys_exit", "sys_exit"), ("file_sys_enter", "sys_enter")]
+                {
+                    let p: &mut RawTracePoint = program(ebpf, prog)?;
+                    p.load()
+                        .and_then(|()| p.attach(tp).map(drop))
+                        .map_err(|source| TraceError::Program { name: prog, source })?;
+                }
+                layer.on = true;
+                warn!(
+                    "file layer: --file-hooks syscalls puts a probe on every system call of \
+                     every process (each takes the kernel's slow path, +40-70 ns here)"
+                );
+            }
+            _ => {}
+        }
+        debug_assert!(layer.on || layer.plan.config.tier == FILE_TIER_OFF || start.btf.is_none());
+        for note in &layer.plan.notes {
+            info!("file layer: {note}");
+        }
+        info!(
+            "file layer: hooks {}; cannot see: {}",
+            layer.hooks().label(),
+            layer.blind_to().join("; ")
+        );
+        Ok(layer)
+    }
+
+    fn layer(&self) -> Layer {
+        Layer::File
+    }
+
+    fn entry(&self) -> LayerEntry {
+        let how = match self.hooks() {
+            FileHooks::Tracepoint => {
+                "BTF tracepoints iomap_dio_rw_begin/iomap_dio_complete: O_DIRECT calls of \
+                 ext4, xfs and btrfs, exactly"
+                    .to_owned()
+            }
+            FileHooks::Syscalls => "raw tracepoints sys_enter/sys_exit: every read/write \
+                                    system call on a file (slows every syscall)"
+                .to_owned(),
+            _ => "off".to_owned(),
+        };
+        let mut why = vec![how];
+        why.extend(self.plan.notes.iter().cloned());
+        LayerEntry {
+            layer: Layer::File,
+            on: self.on,
+            why: why.join("; "),
+            detail: Some(LayerDetail::File {
+                hooks: self.hooks().label().to_owned(),
+                blind_to: self.blind_to(),
+            }),
+        }
+    }
+
+    fn inflight(&self, out: &mut Vec<Inflight>) {
+        if !self.on {
+            return;
+        }
+        out.extend(
+            in_flight(&self.inflight, |c| c.start_ns)
+                .into_iter()
+                .map(|(k, c)| Inflight::File(k, c)),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On this kernel (6.18 here, like CI): `auto` chooses the tracepoints and resolves every
+    /// offset; `syscalls` resolves the task and register offsets too; `off` is off.
+    #[test]
+    fn tiers_on_this_kernel() {
+        let btf = Btf::from_sys().unwrap();
+        let auto = FilePlan::choose(FileHooks::Auto, Some(&btf));
+        if DIO_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
+            assert_eq!(auto.hooks, FileHooks::Tracepoint, "{:?}", auto.notes);
+            assert_eq!(auto.config.tier, FILE_TIER_TRACEPOINT);
+            assert_eq!(
+                auto.config.kiocb_flags,
+                btf.member_offset("kiocb", &["ki_flags"]).unwrap()
+            );
+        }
+        let sys = FilePlan::choose(FileHooks::Syscalls, Some(&btf));
+        assert_eq!(sys.hooks, FileHooks::Syscalls, "{:?}", sys.notes);
+        assert_ne!(sys.config.task_files, 0);
+        assert_ne!(sys.config.syscall_ops[17] & SYSCALL_TRACED, 0);
+        assert_eq!(sys.config.syscall_ops[39], 0, "getpid is not traced");
+        let off = FilePlan::choose(FileHooks::Off, Some(&btf));
+        assert_eq!(off.hooks, FileHooks::Off);
+        assert_eq!(FilePlan::choose(FileHooks::Auto, None).hooks, FileHooks::Off);
+    }
+}
