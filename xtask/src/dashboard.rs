@@ -797,6 +797,60 @@ pub fn render() -> Value {
         ),
     );
 
+    l.row("Files: read and write calls, whatever issued them");
+    l.add(
+        8,
+        8,
+        timeseries(
+            "File calls per second",
+            "Read and write calls on files and block devices that ended, by operation and \
+             O_DIRECT. Which calls are seen depends on the host's file hooks (/debug/layers: \
+             fentry or kprobes see every call, tracepoints only O_DIRECT ones).",
+            "ops",
+            vec![q(
+                format!("sum by (op, direct) (rate(gds_file_requests_total{{{I}}}[{RI}]))"),
+                "{{op}} direct={{direct}}",
+            )],
+        ),
+    );
+    l.add(
+        8,
+        8,
+        stacked(timeseries(
+            "File bytes per second",
+            "Bytes the calls returned as done, by operation and O_DIRECT.",
+            "Bps",
+            vec![q(
+                format!("sum by (op, direct) (rate(gds_file_bytes_total{{{I}}}[{RI}]))"),
+                "{{op}} direct={{direct}}",
+            )],
+        )),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "File call latency p50 / p99 / p99.9",
+            "Duration of file calls, start to return, by operation and O_DIRECT: what the \
+             application waited. /debug/snapshot's file rows name the process and file.",
+            "s",
+            quantiles("gds_file_request_duration_seconds", I, "op, direct"),
+        ),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "File errors",
+            "File calls that returned an error, by operation.",
+            "ops",
+            vec![q(
+                format!("sum by (op) (rate(gds_file_errors_total{{{I}}}[{RI}]))"),
+                "{{op}}",
+            )],
+        ),
+    );
+
     l.row("Data path");
     l.add(
         8,
