@@ -136,6 +136,9 @@ pub struct Submitter {
     pub call_pid_tgid: u64,
     pub call_start_ns: u64,
     pub ino: u64,
+    /// The call's key in the file layer's in-flight table (the kiocb, or the thread in the
+    /// syscalls tier), so the completion can stamp it.
+    pub call_key: u64,
     /// `gds_common::file::ORIGIN_*`.
     pub origin: u8,
     /// [`LINK_NONE`], [`LINK_CALL`] or [`LINK_PAGE`].

@@ -60,6 +60,12 @@ pub struct FileCall {
     pub direct: u8,
     pub origin: u8,
     pub _pad: u8,
+    /// `MKDEV` of the disk its latest block request completed on, and when (0: none yet),
+    /// stamped by the block completion: the call's `completion` stage runs from then to its
+    /// return.
+    pub blk_dev: u32,
+    pub _pad2: u32,
+    pub last_done_ns: u64,
 }
 
 /// One row of the file statistics (per CPU): calls that ended, their latency histogram,

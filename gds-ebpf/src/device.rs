@@ -34,12 +34,12 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_PROCS_MAX, BlockProcKey, BlockProcStats,
-    LINK_CALL, LINK_PAGE, PF_KTHREAD,
-    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD}, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight,
-    DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK,
-    KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST,
-    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, Submitter,
+    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX,
+    BlockInflight, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason,
+    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
+    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA,
+    NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter,
+    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
 
@@ -397,6 +397,7 @@ fn link_bio(bio: u64, who: &mut Submitter) {
                 who.ino = (*c).ino;
                 who.origin = (*c).origin;
             }
+            who.call_key = kiocb;
             who.link = LINK_CALL;
             return;
         } else if entry_mut(kiocb).is_some() {
@@ -413,6 +414,7 @@ fn link_bio(bio: u64, who: &mut Submitter) {
             who.ino = (*c).ino;
             who.origin = (*c).origin;
         }
+        who.call_key = who.pid_tgid;
         who.link = LINK_CALL;
         return;
     }
@@ -527,6 +529,17 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
             v.issue_ns.saturating_sub(w.call_start_ns),
         );
         hist_add(key(KIND_STAGE_DEVICE), now.saturating_sub(v.issue_ns));
+        // Stamp the call (if it is still the same one): its return ends `completion`.
+        if let Some(c) = FILE_INFLIGHT.get_ptr_mut(&w.call_key) {
+            // SAFETY: map value pointer; a racing completion of a sibling request writes the
+            // same kind of values.
+            unsafe {
+                if (*c).start_ns == w.call_start_ns {
+                    (*c).blk_dev = v.dev;
+                    (*c).last_done_ns = now;
+                }
+            }
+        }
     }
     0
 }

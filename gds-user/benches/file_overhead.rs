@@ -76,9 +76,8 @@ fn main() {
         per_call(&mut pread);
         per_call(&mut getpid);
     }
-    let measure = |pread: &mut dyn FnMut(), getpid: &mut dyn FnMut()| {
-        (per_call(pread), per_call(getpid))
-    };
+    let measure =
+        |pread: &mut dyn FnMut(), getpid: &mut dyn FnMut()| (per_call(pread), per_call(getpid));
     let untraced = measure(&mut pread, &mut getpid);
     let tracer = UringTracer::start(&TraceOptions::default()).expect("attach the tracer");
     let hooks = tracer

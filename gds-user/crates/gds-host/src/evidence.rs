@@ -677,7 +677,11 @@ mod tests {
         std::fs::create_dir_all(unified.join("u")).unwrap();
         std::fs::write(unified.join("cgroup.controllers"), "io\n").unwrap();
         std::fs::write(unified.join("u/io.max"), "253:0 rbps=max wiops=10\n").unwrap();
-        std::fs::write(unified.join("io.latency"), "253:0 target=75\n8:0 target=10\n").unwrap();
+        std::fs::write(
+            unified.join("io.latency"),
+            "253:0 target=75\n8:0 target=10\n",
+        )
+        .unwrap();
         let cg = TaskCgroups {
             blkio: Some("/a/b".into()),
             unified: Some("/u".into()),
