@@ -859,7 +859,7 @@ fn start_prometheus(
     )?)
 }
 
-/// fio's io_uring engine as an unrelated program the agent traces.
+/// fio's io_uring engine (O_DIRECT) as an unrelated program the agent traces.
 fn start_fio(dir: &Path, seconds: u64) -> Result<Service> {
     Ok(Service::spawn(
         "fio",
@@ -869,6 +869,9 @@ fn start_fio(dir: &Path, seconds: u64) -> Result<Service> {
             format!("--filename={}", dir.join("fio.dat").display()),
             "--size=16M".to_owned(),
             "--rw=randread".to_owned(),
+            // O_DIRECT: the reads reach the disk, so the file layer, the block requests linked
+            // to their calls and the request stages have data too.
+            "--direct=1".to_owned(),
             "--bs=4k".to_owned(),
             "--iodepth=16".to_owned(),
             "--time_based".to_owned(),
