@@ -34,12 +34,12 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_PROCS_MAX, BlockProcKey, BlockProcStats,
-    LINK_CALL, LINK_PAGE, PF_KTHREAD,
-    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD}, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight,
-    DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK,
-    KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST,
-    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, Submitter,
+    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX,
+    BlockInflight, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason,
+    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
+    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA,
+    NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter,
+    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
 

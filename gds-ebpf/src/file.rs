@@ -29,8 +29,8 @@ use gds_common::{
     file::{
         FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS, FileCall,
         FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
-        ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK,
-        SYSCALL_POS_ARG3, SYSCALL_TABLE, SYSCALL_TRACED, file_row,
+        ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
+        SYSCALL_TABLE, SYSCALL_TRACED, file_row,
     },
     log2_bucket,
 };
@@ -85,7 +85,15 @@ fn file_id(file: u64) -> (u32, u64, u64) {
 
 /// A call of the current thread starting now.
 #[inline(always)]
-fn new_call(pid_tgid: u64, dev: u32, ino: u64, pos: u64, bytes: u64, op: u8, direct: bool) -> FileCall {
+fn new_call(
+    pid_tgid: u64,
+    dev: u32,
+    ino: u64,
+    pos: u64,
+    bytes: u64,
+    op: u8,
+    direct: bool,
+) -> FileCall {
     FileCall {
         start_ns: unsafe { bpf_ktime_get_ns() },
         pid_tgid,
@@ -119,7 +127,11 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     let (dev, ino, _) = file_id(filp);
     let bytes: u64 = rd(iter + fconf!(iter_count) as u64);
     let source: u8 = rd(iter + fconf!(iter_source) as u64);
-    let op = if source != 0 { FILE_OP_WRITE } else { FILE_OP_READ };
+    let op = if source != 0 {
+        FILE_OP_WRITE
+    } else {
+        FILE_OP_READ
+    };
     let mut call = new_call(pid_tgid, dev, ino, pos, bytes, op, flags & IOCB_DIRECT != 0);
     // io_uring's READ/WRITE kiocb is the first member of its `struct io_kiocb` (inside the
     // command data at offset 0), so the kiocb is the io_uring request's key.
@@ -209,7 +221,10 @@ pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
         what & SYSCALL_OP_MASK,
         f_flags & O_DIRECT != 0,
     );
-    if FILE_INFLIGHT.insert(&pid_tgid, &call, BPF_ANY as u64).is_err() {
+    if FILE_INFLIGHT
+        .insert(&pid_tgid, &call, BPF_ANY as u64)
+        .is_err()
+    {
         count_drop(DropReason::FileInflightFull);
     }
     0

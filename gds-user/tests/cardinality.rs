@@ -219,8 +219,10 @@ fn ten_thousand_pids_add_no_series() {
         );
         for label in label_names(key) {
             assert!(
-                ["disk", "op", "opcode", "stage", "status", "memory", "origin", "le"]
-                    .contains(&label.as_str()),
+                [
+                    "disk", "op", "opcode", "stage", "status", "memory", "origin", "le"
+                ]
+                .contains(&label.as_str()),
                 "device series {key} carries {label:?}"
             );
         }

@@ -220,21 +220,31 @@ fn default_hooks_count_every_o_direct_call_of_the_process() {
     assert_eq!(hooks, "tracepoint", "{:?}", after.layers);
     assert!(blind.iter().any(|b| b.contains("buffered")), "{blind:?}");
     let calls = (THREADS * N) as u64;
-    assert_eq!(direct, (calls, calls * MIB as u64), "O_DIRECT calls and bytes");
+    assert_eq!(
+        direct,
+        (calls, calls * MIB as u64),
+        "O_DIRECT calls and bytes"
+    );
     assert_eq!(buffered, (0, 0), "the tracepoints see no buffered call");
     // Every byte of the O_DIRECT calls reached the disk in block requests linked to them;
     // the buffered ones' requests name this process and the file's page cache.
-    assert_eq!(linked_call, calls * MIB as u64, "block bytes linked to the calls");
+    assert_eq!(
+        linked_call,
+        calls * MIB as u64,
+        "block bytes linked to the calls"
+    );
     assert!(
         linked_page >= calls * MIB as u64,
         "block bytes of the buffered reads: {linked_page}"
     );
     let m = agent.scrape();
     assert!(
-        m.0.iter().any(|(k, v)| k.starts_with("gds_request_stage_duration_seconds_count")
-            && k.contains("origin=\"syscall\"")
-            && k.contains("stage=\"queue\"")
-            && *v >= calls as f64),
+        m.0.iter().any(
+            |(k, v)| k.starts_with("gds_request_stage_duration_seconds_count")
+                && k.contains("origin=\"syscall\"")
+                && k.contains("stage=\"queue\"")
+                && *v >= calls as f64
+        ),
         "no syscall-origin queue stage series with the calls' requests"
     );
     // The metric has them too (every process: at least ours).
@@ -262,8 +272,16 @@ fn syscalls_hooks_count_every_call_of_both_kinds() {
     assert!(on, "{:?}\n{}", after.layers, agent.log());
     assert_eq!(hooks, "syscalls");
     let calls = (THREADS * N) as u64;
-    assert_eq!(direct, (calls, calls * MIB as u64), "O_DIRECT calls and bytes");
-    assert_eq!(buffered, (calls, calls * MIB as u64), "buffered calls and bytes");
+    assert_eq!(
+        direct,
+        (calls, calls * MIB as u64),
+        "O_DIRECT calls and bytes"
+    );
+    assert_eq!(
+        buffered,
+        (calls, calls * MIB as u64),
+        "buffered calls and bytes"
+    );
     // Here a call is its thread's system call: every block read the pool's threads submitted
     // during one is linked to it, O_DIRECT and buffered (readahead beyond what was asked too).
     assert!(
@@ -294,7 +312,10 @@ impl Throttle {
     /// `None` (with a SKIPPED line) where cgroup v1 blkio is not mounted; CI has it.
     fn new(path: &Path, read_bps: u64) -> Option<Throttle> {
         use std::os::unix::fs::MetadataExt as _;
-        if !Path::new(BLKIO).join("blkio.throttle.read_bps_device").exists() {
+        if !Path::new(BLKIO)
+            .join("blkio.throttle.read_bps_device")
+            .exists()
+        {
             assert!(std::env::var_os("CI").is_none(), "{BLKIO} is missing");
             eprintln!("SKIPPED: no cgroup v1 blkio throttling at {BLKIO}");
             return None;
@@ -372,7 +393,12 @@ fn held_o_direct_read_is_a_file_stall() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let stall = loop {
         let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        if let Some(s) = report["active"].as_array().unwrap().iter().find(|s| ours(s)) {
+        if let Some(s) = report["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| ours(s))
+        {
             break s.clone();
         }
         assert!(
@@ -390,10 +416,16 @@ fn held_o_direct_read_is_a_file_stall() {
     assert_eq!(stall["file"], path.display().to_string(), "{stall}");
     let group = throttle.0.file_name().unwrap().to_str().unwrap();
     assert_eq!(stall["cgroup"]["path"], format!("/{group}"), "{stall}");
-    assert!(stall["disk"].as_str().is_some_and(|d| d != "unknown"), "{stall}");
+    assert!(
+        stall["disk"].as_str().is_some_and(|d| d != "unknown"),
+        "{stall}"
+    );
     let (n, took) = reader.join().unwrap();
     assert_eq!(n, LEN as isize);
-    assert!(took >= std::time::Duration::from_millis(600), "not held: {took:?}");
+    assert!(
+        took >= std::time::Duration::from_millis(600),
+        "not held: {took:?}"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
         let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
@@ -401,7 +433,10 @@ fn held_o_direct_read_is_a_file_stall() {
         if !active && report["ended"].as_array().unwrap().iter().any(ours) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never ended: {report}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ended: {report}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let log = agent.log();

@@ -9,11 +9,12 @@
 use std::collections::BTreeSet;
 
 use gds_common::{
-    BlockInflight, BlockProcKey, BlockProcStats, DROP_REASONS, DevHist, DevHistKey, InflightSlot, NvmeErrKey, NvmeInflight,
-    file::{FileCall, FileProcKey, FileProcStats, FileRowStats},
+    BlockInflight, BlockProcKey, BlockProcStats, DROP_REASONS, DevHist, DevHistKey, InflightSlot,
+    NvmeErrKey, NvmeInflight,
     cufile::{
         CUFILE_COUNTS, CufileCall, CufileErrKey, CufileFileKey, CufileFileStats, CufileOpStats,
     },
+    file::{FileCall, FileProcKey, FileProcStats, FileRowStats},
 };
 use gds_host::kmod::Residence;
 

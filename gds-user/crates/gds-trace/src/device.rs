@@ -9,7 +9,10 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
     programs::BtfTracePoint,
 };
-use gds_common::{BioLink, BlockProcKey, BlockProcStats, MAP_BLOCK_PROCS, DevConfig, DevHist, DevHistKey, MAP_DEV_HIST, MAP_NVME_ERRORS, NvmeErrKey};
+use gds_common::{
+    BioLink, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, MAP_BLOCK_PROCS,
+    MAP_DEV_HIST, MAP_NVME_ERRORS, NvmeErrKey,
+};
 
 use super::{TraceError, program, take_map};
 use gds_api::raw::{DeviceSnapshot, DiskNames, PeerMemory};
@@ -271,7 +274,10 @@ mod tests {
         let link = bio_link(&btf, std::path::Path::new("/proc/kallsyms")).unwrap();
         assert_eq!(link.enabled, 1);
         assert_ne!(link.dio_end_io, link.chain_end_io);
-        assert_eq!(link.bio_private, btf.member_offset("bio", &["bi_private"]).unwrap());
+        assert_eq!(
+            link.bio_private,
+            btf.member_offset("bio", &["bi_private"]).unwrap()
+        );
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("kallsyms");
         std::fs::write(&fake, "0 T iomap_dio_bio_end_io\n0 t bio_chain_endio\n").unwrap();

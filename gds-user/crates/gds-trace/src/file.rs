@@ -243,7 +243,11 @@ pub struct FileLayer {
 impl FileLayer {
     /// The hooks in use.
     pub fn hooks(&self) -> FileHooks {
-        if self.on { self.plan.hooks } else { FileHooks::Off }
+        if self.on {
+            self.plan.hooks
+        } else {
+            FileHooks::Off
+        }
     }
 
     /// The statistics rows summed over CPUs, and the per-process counts.
@@ -305,8 +309,10 @@ impl TracedLayer for FileLayer {
                 layer.on = true;
             }
             FileHooks::Syscalls => {
-                for (prog, tp) in [("file_sys_exit", "sys_exit"), ("file_sys_enter", "sys_enter")]
-                {
+                for (prog, tp) in [
+                    ("file_sys_exit", "sys_exit"),
+                    ("file_sys_enter", "sys_enter"),
+                ] {
                     let p: &mut RawTracePoint = program(ebpf, prog)?;
                     p.load()
                         .and_then(|()| p.attach(tp).map(drop))
@@ -398,6 +404,9 @@ mod tests {
         assert_eq!(sys.config.syscall_ops[39], 0, "getpid is not traced");
         let off = FilePlan::choose(FileHooks::Off, Some(&btf));
         assert_eq!(off.hooks, FileHooks::Off);
-        assert_eq!(FilePlan::choose(FileHooks::Auto, None).hooks, FileHooks::Off);
+        assert_eq!(
+            FilePlan::choose(FileHooks::Auto, None).hooks,
+            FileHooks::Off
+        );
     }
 }

@@ -25,8 +25,8 @@ use super::{
     uring::UringLayer,
 };
 use gds_api::raw::{
-    CufileRaw, DeviceSnapshot, DiskNames, FileRaw, Inflight, Layer, Layers, LibraryFailure, LibraryInfo,
-    PeerMemory, Source, TaskFilter, UringSnapshot,
+    CufileRaw, DeviceSnapshot, DiskNames, FileRaw, Inflight, Layer, Layers, LibraryFailure,
+    LibraryInfo, PeerMemory, Source, TaskFilter, UringSnapshot,
 };
 use gds_host::{btf::Btf, tracefs};
 
