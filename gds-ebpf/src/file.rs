@@ -65,6 +65,13 @@ fn rd<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
 }
 
+/// Direct load of a field of a kernel object reached from a BTF program's argument. `off`
+/// must come from the read-only config so the verifier sees a constant offset.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+    unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
+}
+
 #[inline(always)]
 fn count_drop(reason: DropReason) {
     if let Some(s) = stats() {
@@ -119,14 +126,28 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     if !task_enabled((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let iter = as_scalar(s, Scratch::FileBegin, ctx.arg(1));
-    let iocb = as_scalar(s, Scratch::FileBegin, ctx.arg(0));
-    let filp: u64 = rd(iocb + fconf!(kiocb_filp) as u64);
-    let flags: u32 = rd(iocb + fconf!(kiocb_flags) as u64);
-    let pos: u64 = rd(iocb + fconf!(kiocb_pos) as u64);
-    let (dev, ino, _) = file_id(filp);
-    let bytes: u64 = rd(iter + fconf!(iter_count) as u64);
-    let source: u8 = rd(iter + fconf!(iter_source) as u64);
+    // Direct loads through the typed arguments (the verifier follows the BTF types from
+    // kiocb to file, inode and super_block; offsets are constants from `.rodata`), where
+    // `bpf_probe_read_kernel` costs a helper call each (~40 ns here with the mitigations).
+    let (kiocb, iter): (u64, u64) = (ctx.arg(0), ctx.arg(1));
+    let iocb = as_scalar(s, Scratch::FileBegin, kiocb);
+    let (flags, pos, bytes, source, dev, ino) = unsafe {
+        let filp: u64 = field(kiocb, fconf!(kiocb_filp));
+        let inode: u64 = field(filp, fconf!(file_inode));
+        let sb: u64 = field(inode, fconf!(inode_sb));
+        (
+            field::<u32>(kiocb, fconf!(kiocb_flags)),
+            field::<u64>(kiocb, fconf!(kiocb_pos)),
+            field::<u64>(iter, fconf!(iter_count)),
+            field::<u8>(iter, fconf!(iter_source)),
+            field::<u32>(sb, fconf!(sb_dev)),
+            field::<u64>(inode, fconf!(inode_ino)),
+        )
+    };
+    // A zero-length call returns before iomap allocates its dio: no complete would follow.
+    if bytes == 0 {
+        return 0;
+    }
     let op = if source != 0 {
         FILE_OP_WRITE
     } else {

@@ -70,7 +70,8 @@ const TRACEPOINT_BLIND: [&str; 4] = [
     "buffered reads and writes (their block requests name the submitting thread)",
     "fsync",
     "O_DIRECT on block devices and on file systems without iomap direct I/O",
-    "calls that iomap ends before completing (zero-length, some errors) stay in flight",
+    "zero-length calls; calls iomap ends before completing (early errors, -EAGAIN under \
+     IOCB_NOWAIT, -ENOTBLK fallbacks) stay in flight until their kiocb is reused",
 ];
 /// What the syscalls tier cannot see.
 const SYSCALLS_BLIND: [&str; 3] = [
