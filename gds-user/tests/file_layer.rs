@@ -445,4 +445,11 @@ fn held_o_direct_read_is_a_file_stall() {
             .any(|l| l.contains("stall detected") && l.contains("gds-file-rd")),
         "{log}"
     );
+    // blk-throttle's worker submitted the held bio; its request still counts for this
+    // process, linked to the call.
+    assert!(
+        block_read_bytes(&snapshot(&agent), "call") >= LEN as u64,
+        "{:?}",
+        snapshot(&agent).stats.block_processes
+    );
 }
