@@ -5,7 +5,8 @@
 //!   `iomap_dio_complete(kiocb, error, ret)` (6.4+): every O_DIRECT call of ext4, xfs and btrfs,
 //!   from any path (pread, readv, io_uring, aio, nvidia-fs), keyed by its `struct kiocb *`. The
 //!   begin runs in the calling thread; a synchronous call completes there too, an asynchronous
-//!   one in the completion context (the kiocb key works for both).
+//!   one in the completion context (the kiocb key works for both). With them, ext4's
+//!   `ext4_sync_file_enter`/`_exit`: fsync of ext4 files, keyed by the thread.
 //! - **syscalls**: `sys_enter`/`sys_exit` (raw tracepoints): every read/write-family system call
 //!   on a regular file or block device, keyed by the thread, O_DIRECT from the file's
 //!   `f_flags`. Any probe on these makes every syscall of every process take the slow path.
@@ -27,8 +28,8 @@ use aya_ebpf::{
 use gds_common::{
     DropReason, HIST_BUCKETS, Scratch,
     file::{
-        FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS, FileCall,
-        FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
+        FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS,
+        FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
         ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
         SYSCALL_TABLE, SYSCALL_TRACED, file_row,
     },
@@ -181,6 +182,48 @@ pub fn file_dio_complete(ctx: BtfTracePointContext) -> i32 {
     let c = unsafe { *c };
     let _ = FILE_INFLIGHT.remove(&iocb);
     end_call(&c, ret);
+    0
+}
+
+/// `ext4_sync_file_enter(struct file *file, int datasync)`: an fsync of an ext4 file starts,
+/// in the calling thread (keyed by it; the call is synchronous).
+#[btf_tracepoint(function = "ext4_sync_file_enter")]
+pub fn file_ext4_fsync_enter(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !task_enabled((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    let (dev, ino) = unsafe {
+        let inode: u64 = field(file, fconf!(file_inode));
+        let sb: u64 = field(inode, fconf!(inode_sb));
+        (
+            field::<u32>(sb, fconf!(sb_dev)),
+            field::<u64>(inode, fconf!(inode_ino)),
+        )
+    };
+    let call = new_call(pid_tgid, dev, ino, 0, 0, FILE_OP_FSYNC, false);
+    if FILE_INFLIGHT
+        .insert(&pid_tgid, &call, BPF_ANY as u64)
+        .is_err()
+    {
+        count_drop(DropReason::FileInflightFull);
+    }
+    0
+}
+
+/// `ext4_sync_file_exit(struct inode *inode, int ret)`.
+#[btf_tracepoint(function = "ext4_sync_file_exit")]
+pub fn file_ext4_fsync_exit(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(c) = FILE_INFLIGHT.get_ptr(&pid_tgid) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, copied before the delete.
+    let c = unsafe { *c };
+    let _ = FILE_INFLIGHT.remove(&pid_tgid);
+    let ret: i32 = ctx.arg(1);
+    end_call(&c, ret as i64);
     0
 }
 
