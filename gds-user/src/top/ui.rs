@@ -8,7 +8,7 @@ use ratatui::{
     widgets::{Block, Borders, Row, Table},
 };
 
-use super::model::{CufileProcRow, RateRow, View};
+use super::model::{CufileProcRow, FileProcRow, RateRow, View};
 
 fn secs(s: Option<f64>) -> String {
     match s {
@@ -110,6 +110,40 @@ fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
     )
 }
 
+fn file_table(rows: &[FileProcRow]) -> Table<'_> {
+    let header = Row::new(["PID", "COMM", "CALLS/s", "MB/s", "MEAN", "BUSIEST FILE"]).style(bold());
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            Row::new([
+                r.pid.to_string(),
+                r.comm.clone(),
+                rate(r.calls_per_s),
+                format!("{:.1}", r.bytes_per_s / 1e6),
+                secs(r.mean),
+                r.busiest.clone(),
+            ])
+        })
+        .collect();
+    Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(16),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Min(10),
+        ],
+    )
+    .header(header)
+    .block(
+        Block::default()
+            .borders(Borders::ALL)
+            .title("files by process"),
+    )
+}
+
 /// The screen before the agent's first snapshot: the header, saying what top waits for (or
 /// what failed).
 pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
@@ -136,8 +170,13 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
     let has_block = !view.block_disks.is_empty();
     let has_nvme = !view.nvme_disks.is_empty();
     let has_cufile = !view.cufile_ops.is_empty() || !view.cufile_procs.is_empty();
+    let has_file = !view.file_ops.is_empty() || !view.file_procs.is_empty();
     // Shares of the screen below the header: the panels shown split what the layers take.
-    let layers = 1 + u16::from(has_block) + u16::from(has_nvme) + u16::from(has_cufile);
+    let layers = 1
+        + u16::from(has_block)
+        + u16::from(has_nvme)
+        + u16::from(has_cufile)
+        + u16::from(has_file);
     let share = |on: bool| Constraint::Percentage(if on { 66 / layers } else { 0 });
     let chunks = Layout::vertical([
         Constraint::Length(1),
@@ -145,6 +184,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
         share(has_block),
         share(has_nvme),
         share(has_cufile),
+        share(has_file),
         Constraint::Percentage(if layers > 1 { 17 } else { 33 }),
         Constraint::Min(4),
     ])
@@ -194,6 +234,12 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
         );
         f.render_widget(cufile_table(&view.cufile_procs), halves[1]);
     }
+    if has_file {
+        let halves = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)])
+            .split(chunks[5]);
+        f.render_widget(rate_table("files by op", &view.file_ops, "OP"), halves[0]);
+        f.render_widget(file_table(&view.file_procs), halves[1]);
+    }
 
     let rows: Vec<Row> = view
         .inflight
@@ -229,7 +275,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
                     .borders(Borders::ALL)
                     .title("slowest in flight"),
             ),
-        chunks[5],
+        chunks[6],
     );
 
     let stall_rows: Vec<Row> = view
@@ -276,7 +322,7 @@ pub fn draw(f: &mut Frame, view: &View, status: &str, error: Option<&str>) {
             Row::new(["STATE", "TIME", "LAYER", "PID", "COMM", "OPCODE", "WHERE"]).style(bold()),
         )
         .block(Block::default().borders(Borders::ALL).title("stalls")),
-        chunks[6],
+        chunks[7],
     );
 }
 
