@@ -66,6 +66,37 @@ fn rd<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
 }
 
+/// The offsets the direct loads use, read from the config (constants to the verifier) before
+/// any `unsafe` load.
+struct Offsets {
+    kiocb_filp: u32,
+    kiocb_flags: u32,
+    kiocb_pos: u32,
+    file_inode: u32,
+    inode_sb: u32,
+    inode_ino: u32,
+    sb_dev: u32,
+    iter_count: u32,
+    iter_source: u32,
+}
+
+impl Offsets {
+    #[inline(always)]
+    fn read() -> Offsets {
+        Offsets {
+            kiocb_filp: fconf!(kiocb_filp),
+            kiocb_flags: fconf!(kiocb_flags),
+            kiocb_pos: fconf!(kiocb_pos),
+            file_inode: fconf!(file_inode),
+            inode_sb: fconf!(inode_sb),
+            inode_ino: fconf!(inode_ino),
+            sb_dev: fconf!(sb_dev),
+            iter_count: fconf!(iter_count),
+            iter_source: fconf!(iter_source),
+        }
+    }
+}
+
 /// Direct load of a field of a kernel object reached from a BTF program's argument. `off`
 /// must come from the read-only config so the verifier sees a constant offset.
 #[inline(always)]
@@ -132,17 +163,18 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     // `bpf_probe_read_kernel` costs a helper call each (~40 ns here with the mitigations).
     let (kiocb, iter): (u64, u64) = (ctx.arg(0), ctx.arg(1));
     let iocb = as_scalar(s, Scratch::FileBegin, kiocb);
+    let off = Offsets::read();
     let (flags, pos, bytes, source, dev, ino) = unsafe {
-        let filp: u64 = field(kiocb, fconf!(kiocb_filp));
-        let inode: u64 = field(filp, fconf!(file_inode));
-        let sb: u64 = field(inode, fconf!(inode_sb));
+        let filp: u64 = field(kiocb, off.kiocb_filp);
+        let inode: u64 = field(filp, off.file_inode);
+        let sb: u64 = field(inode, off.inode_sb);
         (
-            field::<u32>(kiocb, fconf!(kiocb_flags)),
-            field::<u64>(kiocb, fconf!(kiocb_pos)),
-            field::<u64>(iter, fconf!(iter_count)),
-            field::<u8>(iter, fconf!(iter_source)),
-            field::<u32>(sb, fconf!(sb_dev)),
-            field::<u64>(inode, fconf!(inode_ino)),
+            field::<u32>(kiocb, off.kiocb_flags),
+            field::<u64>(kiocb, off.kiocb_pos),
+            field::<u64>(iter, off.iter_count),
+            field::<u8>(iter, off.iter_source),
+            field::<u32>(sb, off.sb_dev),
+            field::<u64>(inode, off.inode_ino),
         )
     };
     // A zero-length call returns before iomap allocates its dio: no complete would follow.
@@ -194,12 +226,13 @@ pub fn file_ext4_fsync_enter(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let file: u64 = ctx.arg(0);
+    let off = Offsets::read();
     let (dev, ino) = unsafe {
-        let inode: u64 = field(file, fconf!(file_inode));
-        let sb: u64 = field(inode, fconf!(inode_sb));
+        let inode: u64 = field(file, off.file_inode);
+        let sb: u64 = field(inode, off.inode_sb);
         (
-            field::<u32>(sb, fconf!(sb_dev)),
-            field::<u64>(inode, fconf!(inode_ino)),
+            field::<u32>(sb, off.sb_dev),
+            field::<u64>(inode, off.inode_ino),
         )
     };
     let call = new_call(pid_tgid, dev, ino, 0, 0, FILE_OP_FSYNC, false);

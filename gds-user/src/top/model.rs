@@ -168,8 +168,16 @@ fn by_file_op(s: &Snapshot) -> BTreeMap<String, Totals> {
 
 /// Per process over the interval, busiest first (a row new in `cur` counts from zero).
 fn file_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<FileProcRow> {
-    // (pid, comm) → (calls, bytes, ns, busiest (bytes, ino))
-    let mut by_pid: BTreeMap<u32, (String, u64, u64, u64, (u64, u64))> = BTreeMap::new();
+    #[derive(Default)]
+    struct Sum {
+        comm: String,
+        calls: u64,
+        bytes: u64,
+        ns: u64,
+        /// (bytes, inode) of the file with the most bytes.
+        busiest: (u64, u64),
+    }
+    let mut by_pid: BTreeMap<u32, Sum> = BTreeMap::new();
     for r in &cur.stats.file.processes {
         let before = prev.stats.file.processes.iter().find(|q| {
             (q.pid, q.dev, q.ino, &q.op, q.direct) == (r.pid, r.dev, r.ino, &r.op, r.direct)
@@ -185,25 +193,26 @@ fn file_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<FileProcRow> {
         if calls == 0 {
             continue;
         }
-        let e = by_pid
-            .entry(r.pid)
-            .or_insert_with(|| (r.comm.clone(), 0, 0, 0, (0, 0)));
-        e.1 += calls;
-        e.2 += bytes;
-        e.3 += ns;
-        if bytes >= e.4.0 {
-            e.4 = (bytes, r.ino);
+        let e = by_pid.entry(r.pid).or_insert_with(|| Sum {
+            comm: r.comm.clone(),
+            ..Sum::default()
+        });
+        e.calls += calls;
+        e.bytes += bytes;
+        e.ns += ns;
+        if bytes >= e.busiest.0 {
+            e.busiest = (bytes, r.ino);
         }
     }
     let mut rows: Vec<FileProcRow> = by_pid
         .into_iter()
-        .map(|(pid, (comm, calls, bytes, ns, (_, ino)))| FileProcRow {
+        .map(|(pid, e)| FileProcRow {
             pid,
-            comm,
-            calls_per_s: calls as f64 / dt,
-            bytes_per_s: bytes as f64 / dt,
-            mean: (calls > 0).then(|| ns as f64 / calls as f64 / 1e9),
-            busiest: format!("inode {ino}"),
+            comm: e.comm,
+            calls_per_s: e.calls as f64 / dt,
+            bytes_per_s: e.bytes as f64 / dt,
+            mean: (e.calls > 0).then(|| e.ns as f64 / e.calls as f64 / 1e9),
+            busiest: format!("inode {}", e.busiest.1),
         })
         .collect();
     rows.sort_by(|a, b| b.bytes_per_s.total_cmp(&a.bytes_per_s));
