@@ -796,6 +796,59 @@ pub fn render() -> Value {
         ),
     );
 
+    l.row("File calls: read, write and fsync, by the hooks the host allows");
+    l.add(
+        8,
+        8,
+        timeseries(
+            "File calls per second",
+            "File read/write/fsync calls that ended, by operation and O_DIRECT. Which calls \
+             are seen depends on the file layer's hooks (/debug/layers: tracepoint = O_DIRECT \
+             of ext4/xfs/btrfs and ext4 fsync; syscalls = every read/write system call).",
+            "ops",
+            vec![q(
+                format!("sum by (op, direct) (rate(gds_file_requests_total{{{I}}}[{RI}]))"),
+                "{{op}} direct={{direct}}",
+            )],
+        ),
+    );
+    l.add(
+        8,
+        8,
+        stacked(timeseries(
+            "File bytes per second",
+            "Bytes file calls returned as done, by operation and O_DIRECT.",
+            "Bps",
+            vec![q(
+                format!("sum by (op, direct) (rate(gds_file_bytes_total{{{I}}}[{RI}]))"),
+                "{{op}} direct={{direct}}",
+            )],
+        )),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "File call latency p50 / p99 / p99.9",
+            "Duration of file calls, start to return, by operation (O_DIRECT or not together).",
+            "s",
+            quantiles("gds_file_request_duration_seconds", I, "op"),
+        ),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "File call errors",
+            "File calls that returned an error, by operation.",
+            "ops",
+            vec![q(
+                format!("sum by (op) (rate(gds_file_errors_total{{{I}}}[{RI}]))"),
+                "{{op}}",
+            )],
+        ),
+    );
+
     l.row("Data path");
     l.add(
         8,
