@@ -166,8 +166,12 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     c.inode_sb = btf.member_offset("inode", &["i_sb"])?;
     c.inode_mode = btf.member_offset("inode", &["i_mode"])?;
     c.sb_dev = btf.member_offset("super_block", &["s_dev"])?;
-    c.iter_count = btf.member_offset("iov_iter", &["count"])?;
-    c.iter_source = btf.member_offset("iov_iter", &["data_source"])?;
+    if tier == FILE_TIER_TRACEPOINT {
+        // `data_source` since 6.0 (the direction was bits of `type` before); the tracepoints
+        // it serves are 6.4+.
+        c.iter_count = btf.member_offset("iov_iter", &["count"])?;
+        c.iter_source = btf.member_offset("iov_iter", &["data_source"])?;
+    }
     if tier == FILE_TIER_SYSCALLS {
         c.task_files = btf.member_offset("task_struct", &["files"])?;
         c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
