@@ -195,8 +195,8 @@ impl BioLink {
 /// `PF_KTHREAD` in `task_struct.flags` (include/linux/sched.h; a `#define`, not in BTF).
 pub const PF_KTHREAD: u32 = 0x0020_0000;
 
-/// Key of the per-process block counts (`GDS_BLOCK_PROCS`): the submitter's process, the
-/// request's op, its origin and link.
+/// Key of the per-process block counts (`GDS_BLOCK_PROCS`): the process of the file call the
+/// request is linked to, else the submitter's; the request's op, its origin and link.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockProcKey {

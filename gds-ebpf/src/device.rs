@@ -504,10 +504,17 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
         now.saturating_sub(v.issue_ns),
     );
     let w = &v.submitter;
-    if w.pid_tgid != 0 {
+    // A request of a file call counts for the call's process, whoever submitted it (a bio
+    // held by blk-throttle is submitted by the throttle's worker).
+    let owner = if w.call_pid_tgid != 0 {
+        w.call_pid_tgid
+    } else {
+        w.pid_tgid
+    };
+    if owner != 0 {
         count_block_proc(
             BlockProcKey {
-                tgid: (w.pid_tgid >> 32) as u32,
+                tgid: (owner >> 32) as u32,
                 op: v.op,
                 origin: w.origin,
                 link: w.link,

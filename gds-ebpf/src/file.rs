@@ -5,7 +5,8 @@
 //!   `iomap_dio_complete(kiocb, error, ret)` (6.4+): every O_DIRECT call of ext4, xfs and btrfs,
 //!   from any path (pread, readv, io_uring, aio, nvidia-fs), keyed by its `struct kiocb *`. The
 //!   begin runs in the calling thread; a synchronous call completes there too, an asynchronous
-//!   one in the completion context (the kiocb key works for both).
+//!   one in the completion context (the kiocb key works for both). With them, ext4's
+//!   `ext4_sync_file_enter`/`_exit`: fsync of ext4 files, keyed by the thread.
 //! - **syscalls**: `sys_enter`/`sys_exit` (raw tracepoints): every read/write-family system call
 //!   on a regular file or block device, keyed by the thread, O_DIRECT from the file's
 //!   `f_flags`. Any probe on these makes every syscall of every process take the slow path.
@@ -27,8 +28,8 @@ use aya_ebpf::{
 use gds_common::{
     DropReason, HIST_BUCKETS, Scratch,
     file::{
-        FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS, FileCall,
-        FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
+        FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS,
+        FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
         ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
         SYSCALL_TABLE, SYSCALL_TRACED, file_row,
     },
@@ -63,6 +64,44 @@ static FILE_PROCS: LruHashMap<FileProcKey, FileProcStats> =
 #[inline(always)]
 fn rd<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
+}
+
+/// The offsets the direct loads use, read from the config (constants to the verifier) before
+/// any `unsafe` load.
+struct Offsets {
+    kiocb_filp: u32,
+    kiocb_flags: u32,
+    kiocb_pos: u32,
+    file_inode: u32,
+    inode_sb: u32,
+    inode_ino: u32,
+    sb_dev: u32,
+    iter_count: u32,
+    iter_source: u32,
+}
+
+impl Offsets {
+    #[inline(always)]
+    fn read() -> Offsets {
+        Offsets {
+            kiocb_filp: fconf!(kiocb_filp),
+            kiocb_flags: fconf!(kiocb_flags),
+            kiocb_pos: fconf!(kiocb_pos),
+            file_inode: fconf!(file_inode),
+            inode_sb: fconf!(inode_sb),
+            inode_ino: fconf!(inode_ino),
+            sb_dev: fconf!(sb_dev),
+            iter_count: fconf!(iter_count),
+            iter_source: fconf!(iter_source),
+        }
+    }
+}
+
+/// Direct load of a field of a kernel object reached from a BTF program's argument. `off`
+/// must come from the read-only config so the verifier sees a constant offset.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+    unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 
 #[inline(always)]
@@ -122,14 +161,29 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     if !task_enabled((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let iter = as_scalar(s, Scratch::FileBegin, ctx.arg(1));
-    let iocb = as_scalar(s, Scratch::FileBegin, ctx.arg(0));
-    let filp: u64 = rd(iocb + fconf!(kiocb_filp) as u64);
-    let flags: u32 = rd(iocb + fconf!(kiocb_flags) as u64);
-    let pos: u64 = rd(iocb + fconf!(kiocb_pos) as u64);
-    let (dev, ino, _) = file_id(filp);
-    let bytes: u64 = rd(iter + fconf!(iter_count) as u64);
-    let source: u8 = rd(iter + fconf!(iter_source) as u64);
+    // Direct loads through the typed arguments (the verifier follows the BTF types from
+    // kiocb to file, inode and super_block; offsets are constants from `.rodata`), where
+    // `bpf_probe_read_kernel` costs a helper call each (~40 ns here with the mitigations).
+    let (kiocb, iter): (u64, u64) = (ctx.arg(0), ctx.arg(1));
+    let iocb = as_scalar(s, Scratch::FileBegin, kiocb);
+    let off = Offsets::read();
+    let (flags, pos, bytes, source, dev, ino) = unsafe {
+        let filp: u64 = field(kiocb, off.kiocb_filp);
+        let inode: u64 = field(filp, off.file_inode);
+        let sb: u64 = field(inode, off.inode_sb);
+        (
+            field::<u32>(kiocb, off.kiocb_flags),
+            field::<u64>(kiocb, off.kiocb_pos),
+            field::<u64>(iter, off.iter_count),
+            field::<u8>(iter, off.iter_source),
+            field::<u32>(sb, off.sb_dev),
+            field::<u64>(inode, off.inode_ino),
+        )
+    };
+    // A zero-length call returns before iomap allocates its dio: no complete would follow.
+    if bytes == 0 {
+        return 0;
+    }
     let op = if source != 0 {
         FILE_OP_WRITE
     } else {
@@ -163,6 +217,49 @@ pub fn file_dio_complete(ctx: BtfTracePointContext) -> i32 {
     let c = unsafe { *c };
     let _ = FILE_INFLIGHT.remove(&iocb);
     end_call(&c, ret);
+    0
+}
+
+/// `ext4_sync_file_enter(struct file *file, int datasync)`: an fsync of an ext4 file starts,
+/// in the calling thread (keyed by it; the call is synchronous).
+#[btf_tracepoint(function = "ext4_sync_file_enter")]
+pub fn file_ext4_fsync_enter(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !task_enabled((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    let off = Offsets::read();
+    let (dev, ino) = unsafe {
+        let inode: u64 = field(file, off.file_inode);
+        let sb: u64 = field(inode, off.inode_sb);
+        (
+            field::<u32>(sb, off.sb_dev),
+            field::<u64>(inode, off.inode_ino),
+        )
+    };
+    let call = new_call(pid_tgid, dev, ino, 0, 0, FILE_OP_FSYNC, false);
+    if FILE_INFLIGHT
+        .insert(&pid_tgid, &call, BPF_ANY as u64)
+        .is_err()
+    {
+        count_drop(DropReason::FileInflightFull);
+    }
+    0
+}
+
+/// `ext4_sync_file_exit(struct inode *inode, int ret)`.
+#[btf_tracepoint(function = "ext4_sync_file_exit")]
+pub fn file_ext4_fsync_exit(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(c) = FILE_INFLIGHT.get_ptr(&pid_tgid) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, copied before the delete.
+    let c = unsafe { *c };
+    let _ = FILE_INFLIGHT.remove(&pid_tgid);
+    let ret: i32 = ctx.arg(1);
+    end_call(&c, ret as i64);
     0
 }
 

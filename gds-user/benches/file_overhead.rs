@@ -1,8 +1,8 @@
 //! What the file layer costs the application, per call: 4 KiB O_DIRECT preads of a file on the
 //! host's disk (under the target directory) and a `getpid` loop, untraced, traced with the
-//! default hooks (`--file-hooks auto`: the iomap tracepoints here), untraced again (drift shows
-//! as a difference between the two untraced runs), then with `--file-hooks syscalls` (which
-//! puts a probe on every system call). One process, one run.
+//! default hooks (`--file-hooks auto`: the iomap tracepoints here; the whole agent's programs,
+//! block layer included) and with `--file-hooks syscalls` (which puts a probe on every system
+//! call), interleaved. One process, one run.
 //!
 //! `cargo xtask bench` (root).
 
@@ -13,8 +13,10 @@ use std::{
 
 use gds_trace::{FileHooks, TraceOptions, UringTracer};
 
-const ROUNDS: usize = 5;
-const ROUND_TIME: Duration = Duration::from_millis(400);
+const ROUNDS: usize = 3;
+const ROUND_TIME: Duration = Duration::from_millis(300);
+/// Untraced / default hooks / syscall hooks, interleaved this many times.
+const CYCLES: usize = 5;
 const FILE_SIZE: usize = 64 << 20;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -78,55 +80,61 @@ fn main() {
     }
     let measure =
         |pread: &mut dyn FnMut(), getpid: &mut dyn FnMut()| (per_call(pread), per_call(getpid));
-    let untraced = measure(&mut pread, &mut getpid);
-    let tracer = UringTracer::start(&TraceOptions::default()).expect("attach the tracer");
-    let hooks = tracer
-        .layer::<gds_trace::FileLayer>()
-        .map(|l| l.hooks())
-        .unwrap_or(FileHooks::Off);
-    let traced = measure(&mut pread, &mut getpid);
-    let counted: u64 = gds_api::raw::Source::file_raw(&tracer)
-        .rows
-        .iter()
-        .map(|r| r.calls)
-        .sum();
-    drop(tracer);
-    let untraced2 = measure(&mut pread, &mut getpid);
-    let sys = UringTracer::start(&TraceOptions {
-        file_hooks: FileHooks::Syscalls,
-        ..Default::default()
-    })
-    .expect("attach the tracer with syscall hooks");
-    let syscalls = measure(&mut pread, &mut getpid);
-    drop(sys);
+    // Modes interleaved, CYCLES times, the median of each kept: on a shared machine the load
+    // changes over a run, and all modes should see the same.
+    let (mut untraced, mut traced, mut syscalls) = (vec![], vec![], vec![]);
+    let mut hooks = FileHooks::Off;
+    let mut counted = 0u64;
+    for _ in 0..CYCLES {
+        untraced.push(measure(&mut pread, &mut getpid));
+        let tracer = UringTracer::start(&TraceOptions::default()).expect("attach the tracer");
+        hooks = tracer
+            .layer::<gds_trace::FileLayer>()
+            .map(|l| l.hooks())
+            .unwrap_or(FileHooks::Off);
+        traced.push(measure(&mut pread, &mut getpid));
+        counted += gds_api::raw::Source::file_raw(&tracer)
+            .rows
+            .iter()
+            .map(|r| r.calls)
+            .sum::<u64>();
+        drop(tracer);
+        let sys = UringTracer::start(&TraceOptions {
+            file_hooks: FileHooks::Syscalls,
+            ..Default::default()
+        })
+        .expect("attach the tracer with syscall hooks");
+        syscalls.push(measure(&mut pread, &mut getpid));
+        drop(sys);
+    }
+    let med =
+        |v: &[(f64, f64)], which: fn(&(f64, f64)) -> f64| median(v.iter().map(which).collect());
     // SAFETY: allocated above with this layout; no call uses it any more.
     unsafe { std::alloc::dealloc(buf, layout) };
 
     println!(
-        "\nFile layer cost per call (median of {ROUNDS} rounds of {ROUND_TIME:?}); default hooks \
-         here: {}",
+        "\nFile layer cost per call (median of {CYCLES} interleaved cycles of {ROUNDS} rounds of \
+         {ROUND_TIME:?}); default hooks here: {}",
         hooks.label()
     );
     println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10} {:>8}",
-        "", "untraced", "traced", "untraced", "added", "ratio", "syscalls", "ratio"
+        "{:<30} {:>10} {:>10} {:>9} {:>8} {:>10} {:>9} {:>8}",
+        "", "untraced", "default", "added", "ratio", "syscalls", "added", "ratio"
     );
-    for (name, a, b, c, s) in [
-        (
-            "pread64 4 KiB O_DIRECT ns",
-            untraced.0,
-            traced.0,
-            untraced2.0,
-            syscalls.0,
-        ),
-        ("getpid ns", untraced.1, traced.1, untraced2.1, syscalls.1),
-    ] {
-        let base = (a + c) / 2.0;
+    let first: fn(&(f64, f64)) -> f64 = |p| p.0;
+    let second: fn(&(f64, f64)) -> f64 = |p| p.1;
+    for (name, which) in [("pread64 4 KiB O_DIRECT ns", first), ("getpid ns", second)] {
+        let (a, b, s) = (
+            med(&untraced, which),
+            med(&traced, which),
+            med(&syscalls, which),
+        );
         println!(
-            "{name:<30} {a:>10.0} {b:>10.0} {c:>10.0} {:>+9.0} {:>8.3} {s:>10.0} {:>8.3}",
-            b - base,
-            base / b,
-            base / s
+            "{name:<30} {a:>10.0} {b:>10.0} {:>+9.0} {:>8.3} {s:>10.0} {:>+9.0} {:>8.3}",
+            b - a,
+            a / b,
+            s - a,
+            a / s
         );
     }
     println!(

@@ -258,6 +258,28 @@ fn default_hooks_count_every_o_direct_call_of_the_process() {
     assert!(m.value("gds_file_request_duration_seconds_count", &l) >= calls as f64);
     let log = agent.log();
     assert!(log.contains("file layer: hooks tracepoint"), "{log}");
+    // ext4's fsync (the target directory is on ext4 here), one call on one file.
+    let synced = path_of("default").with_extension("fsync");
+    let mut f = std::fs::File::create(&synced).unwrap();
+    f.write_all(b"x").unwrap();
+    f.sync_all().unwrap();
+    let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap());
+    let s = snapshot(&agent);
+    let fsyncs: u64 = s
+        .stats
+        .file
+        .processes
+        .iter()
+        .filter(|r| r.pid == std::process::id() && r.ino == ino && r.op == "fsync")
+        .map(|r| r.calls)
+        .sum();
+    assert_eq!(fsyncs, 1, "{:?}", s.stats.file.processes);
+}
+
+fn path_of(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("file-layer")
+        .join(name)
 }
 
 #[test]
@@ -448,5 +470,12 @@ fn held_o_direct_read_is_a_file_stall() {
         log.lines()
             .any(|l| l.contains("stall detected") && l.contains("gds-file-rd")),
         "{log}"
+    );
+    // blk-throttle's worker submitted the held bio; its request still counts for this
+    // process, linked to the call.
+    assert!(
+        block_read_bytes(&snapshot(&agent), "call") >= LEN as u64,
+        "{:?}",
+        snapshot(&agent).stats.block_processes
     );
 }

@@ -797,15 +797,15 @@ pub fn render() -> Value {
         ),
     );
 
-    l.row("Files: read and write calls, whatever issued them");
+    l.row("File calls: read, write and fsync, by the hooks the host allows");
     l.add(
         8,
         8,
         timeseries(
             "File calls per second",
-            "Read and write calls on files and block devices that ended, by operation and \
-             O_DIRECT. Which calls are seen depends on the host's file hooks (/debug/layers: \
-             fentry or kprobes see every call, tracepoints only O_DIRECT ones).",
+            "File read/write/fsync calls that ended, by operation and O_DIRECT. Which calls \
+             are seen depends on the file layer's hooks (/debug/layers: tracepoint = O_DIRECT \
+             of ext4/xfs/btrfs and ext4 fsync; syscalls = every read/write system call).",
             "ops",
             vec![q(
                 format!("sum by (op, direct) (rate(gds_file_requests_total{{{I}}}[{RI}]))"),
@@ -818,7 +818,7 @@ pub fn render() -> Value {
         8,
         stacked(timeseries(
             "File bytes per second",
-            "Bytes the calls returned as done, by operation and O_DIRECT.",
+            "Bytes file calls returned as done, by operation and O_DIRECT.",
             "Bps",
             vec![q(
                 format!("sum by (op, direct) (rate(gds_file_bytes_total{{{I}}}[{RI}]))"),
@@ -841,7 +841,7 @@ pub fn render() -> Value {
         8,
         8,
         timeseries(
-            "File errors",
+            "File call errors",
             "File calls that returned an error, by operation.",
             "ops",
             vec![q(

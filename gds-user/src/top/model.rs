@@ -31,6 +31,20 @@ pub struct CufileProcRow {
     pub reason: String,
 }
 
+/// A process's file calls over the interval (the file layer's per-process-and-file rows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileProcRow {
+    pub pid: u32,
+    pub comm: String,
+    pub calls_per_s: f64,
+    /// Bytes returned per second.
+    pub bytes_per_s: f64,
+    /// Mean call time over the interval, seconds.
+    pub mean: Option<f64>,
+    /// The file it moved most bytes of in the interval (`inode N`: the table keys by inode).
+    pub busiest: String,
+}
+
 /// Everything the screen shows.
 #[derive(Debug, Clone, Default)]
 pub struct View {
@@ -42,6 +56,9 @@ pub struct View {
     /// cuFile per operation (calls/s, p50/p99, errors/s) and per process.
     pub cufile_ops: Vec<RateRow>,
     pub cufile_procs: Vec<CufileProcRow>,
+    /// File calls per operation (`read`, `read O_DIRECT`, …) and per process.
+    pub file_ops: Vec<RateRow>,
+    pub file_procs: Vec<FileProcRow>,
     pub total_iops: f64,
     pub inflight_total: u64,
     pub drops: u64,
@@ -142,6 +159,76 @@ fn by_cufile_op(s: &Snapshot) -> BTreeMap<String, Totals> {
     m
 }
 
+/// Per operation and O_DIRECT (`read O_DIRECT`).
+fn by_file_op(s: &Snapshot) -> BTreeMap<String, Totals> {
+    let mut m: BTreeMap<String, Totals> = BTreeMap::new();
+    for o in &s.stats.file.ops {
+        let key = if o.direct {
+            format!("{} O_DIRECT", o.op)
+        } else {
+            o.op.clone()
+        };
+        let t = m.entry(key).or_default();
+        t.count += o.calls;
+        t.errors += o.errors;
+        add(&mut t.latency, &o.latency);
+    }
+    m
+}
+
+/// Per process over the interval, busiest first (a row new in `cur` counts from zero).
+fn file_procs(prev: &Snapshot, cur: &Snapshot, dt: f64) -> Vec<FileProcRow> {
+    #[derive(Default)]
+    struct Sum {
+        comm: String,
+        calls: u64,
+        bytes: u64,
+        ns: u64,
+        /// (bytes, inode) of the file with the most bytes.
+        busiest: (u64, u64),
+    }
+    let mut by_pid: BTreeMap<u32, Sum> = BTreeMap::new();
+    for r in &cur.stats.file.processes {
+        let before = prev.stats.file.processes.iter().find(|q| {
+            (q.pid, q.dev, q.ino, &q.op, q.direct) == (r.pid, r.dev, r.ino, &r.op, r.direct)
+        });
+        let (calls, bytes, ns) = match before {
+            Some(b) => (
+                r.calls.saturating_sub(b.calls),
+                r.bytes.saturating_sub(b.bytes),
+                r.sum_ns.saturating_sub(b.sum_ns),
+            ),
+            None => (r.calls, r.bytes, r.sum_ns),
+        };
+        if calls == 0 {
+            continue;
+        }
+        let e = by_pid.entry(r.pid).or_insert_with(|| Sum {
+            comm: r.comm.clone(),
+            ..Sum::default()
+        });
+        e.calls += calls;
+        e.bytes += bytes;
+        e.ns += ns;
+        if bytes >= e.busiest.0 {
+            e.busiest = (bytes, r.ino);
+        }
+    }
+    let mut rows: Vec<FileProcRow> = by_pid
+        .into_iter()
+        .map(|(pid, e)| FileProcRow {
+            pid,
+            comm: e.comm,
+            calls_per_s: e.calls as f64 / dt,
+            bytes_per_s: e.bytes as f64 / dt,
+            mean: (e.calls > 0).then(|| e.ns as f64 / e.calls as f64 / 1e9),
+            busiest: format!("inode {}", e.busiest.1),
+        })
+        .collect();
+    rows.sort_by(|a, b| b.bytes_per_s.total_cmp(&a.bytes_per_s));
+    rows
+}
+
 /// Per process, from the two snapshots' counters (a process new in `cur` counts from zero).
 /// A process missing from `prev` while `prev` left processes out (`cufile.omitted`) may have
 /// been one of those: its rate is unknown, and it waits for the next interval.
@@ -217,6 +304,8 @@ pub struct ReadAt {
     pub cufile_ops_ns: u64,
     /// cuFile per-process counters.
     pub cufile_procs_ns: u64,
+    /// File layer counters (per operation and per process).
+    pub file_ns: u64,
 }
 
 impl ReadAt {
@@ -233,6 +322,7 @@ impl ReadAt {
             } else {
                 s.cufile.read_ns
             },
+            file_ns: or_taken(s.stats.read_ns.file_ns),
         }
     }
 }
@@ -261,6 +351,9 @@ impl View {
             seconds(a.cufile_ops_ns, b.cufile_ops_ns),
         );
         let cufile_procs = cufile_procs(prev, cur, seconds(a.cufile_procs_ns, b.cufile_procs_ns));
+        let file_dt = seconds(a.file_ns, b.file_ns);
+        let file_ops = rates(&by_file_op(prev), &by_file_op(cur), file_dt);
+        let file_procs = file_procs(prev, cur, file_dt);
         let mut ended = cur.stalls.ended.clone();
         ended.reverse();
         View {
@@ -271,6 +364,8 @@ impl View {
             nvme_disks,
             cufile_ops,
             cufile_procs,
+            file_ops,
+            file_procs,
             inflight_total: cur.stats.inflight,
             drops: cur.stats.dropped(),
             inflight: cur.inflight.clone(),
@@ -512,5 +607,58 @@ mod tests {
         assert_eq!(p.compat_share, Some(1.0));
         assert_eq!(p.path, "compat");
         assert_eq!(p.reason, "nvidia-fs not loaded");
+    }
+
+    /// Files: per operation (O_DIRECT apart) and per process over the interval, the process's
+    /// busiest file by bytes; a process idle in the interval is not listed.
+    #[test]
+    fn file_rates_from_two_snapshots() {
+        use gds_api::model::stats::{FileOpRow, FileProcessRow};
+        let proc_row = |pid, ino, calls, bytes| FileProcessRow {
+            pid,
+            comm: format!("p{pid}"),
+            dev: 1,
+            ino,
+            op: "read".into(),
+            direct: true,
+            calls,
+            bytes,
+            errors: 0,
+            sum_ns: calls * 1_000_000,
+        };
+        let mut a = snapshot(1_000_000_000, 0, 0, 0, 0);
+        let mut b = snapshot(3_000_000_000, 0, 0, 0, 0);
+        let op_row = |calls| FileOpRow {
+            op: "read".into(),
+            direct: true,
+            calls,
+            errors: 0,
+            bytes_asked: 0,
+            bytes: 0,
+            latency: Histogram::new(&[0; HIST_BUCKETS], 0),
+        };
+        a.stats.file.ops = vec![op_row(10)];
+        b.stats.file.ops = vec![op_row(30)];
+        a.stats.file.processes = vec![proc_row(7, 100, 10, 10 << 20), proc_row(8, 5, 4, 4)];
+        b.stats.file.processes = vec![
+            proc_row(7, 100, 20, 30 << 20),
+            proc_row(7, 101, 2, 1 << 20),
+            proc_row(8, 5, 4, 4),
+        ];
+        b.stats.read_ns.file_ns = 3_000_000_000;
+        a.stats.read_ns.file_ns = 1_000_000_000;
+        let v = View::compute(&a, &b);
+        assert_eq!(v.file_ops.len(), 1);
+        assert_eq!(
+            (v.file_ops[0].key.as_str(), v.file_ops[0].iops),
+            ("read O_DIRECT", 10.0)
+        );
+        assert_eq!(v.file_procs.len(), 1, "{:?}", v.file_procs);
+        let p = &v.file_procs[0];
+        assert_eq!((p.pid, p.comm.as_str()), (7, "p7"));
+        assert_eq!(p.calls_per_s, 6.0);
+        assert_eq!(p.bytes_per_s, (21 << 20) as f64 / 2.0);
+        assert_eq!(p.busiest, "inode 100");
+        assert_eq!(p.mean, Some(0.001));
     }
 }

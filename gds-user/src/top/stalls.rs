@@ -105,6 +105,7 @@ mod tests {
                 stage: Stage::Device,
                 nvme: None,
                 poll_armed: false,
+                block_cause: None,
                 key: Default::default(),
             },
             stage_description: "at the device".into(),

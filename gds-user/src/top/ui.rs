@@ -10,7 +10,7 @@ use ratatui::{
 
 use super::{
     evidence,
-    model::{CufileProcRow, RateRow, View},
+    model::{CufileProcRow, FileProcRow, RateRow, View},
     nav::Opened,
 };
 
@@ -114,6 +114,40 @@ fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
     )
 }
 
+fn file_table(rows: &[FileProcRow]) -> Table<'_> {
+    let header = Row::new(["PID", "COMM", "CALLS/s", "MB/s", "MEAN", "BUSIEST FILE"]).style(bold());
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            Row::new([
+                r.pid.to_string(),
+                r.comm.clone(),
+                rate(r.calls_per_s),
+                format!("{:.1}", r.bytes_per_s / 1e6),
+                secs(r.mean),
+                r.busiest.clone(),
+            ])
+        })
+        .collect();
+    Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(16),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Min(10),
+        ],
+    )
+    .header(header)
+    .block(
+        Block::default()
+            .borders(Borders::ALL)
+            .title("files by process"),
+    )
+}
+
 /// The screen before the agent's first snapshot: the header, saying what top waits for (or
 /// what failed).
 pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
@@ -147,8 +181,13 @@ pub fn draw(
     let has_block = !view.block_disks.is_empty();
     let has_nvme = !view.nvme_disks.is_empty();
     let has_cufile = !view.cufile_ops.is_empty() || !view.cufile_procs.is_empty();
+    let has_file = !view.file_ops.is_empty() || !view.file_procs.is_empty();
     // Shares of the screen below the header: the panels shown split what the layers take.
-    let layers = 1 + u16::from(has_block) + u16::from(has_nvme) + u16::from(has_cufile);
+    let layers = 1
+        + u16::from(has_block)
+        + u16::from(has_nvme)
+        + u16::from(has_cufile)
+        + u16::from(has_file);
     let share = |on: bool| Constraint::Percentage(if on { 66 / layers } else { 0 });
     let chunks = Layout::vertical([
         Constraint::Length(1),
@@ -156,6 +195,7 @@ pub fn draw(
         share(has_block),
         share(has_nvme),
         share(has_cufile),
+        share(has_file),
         Constraint::Percentage(if layers > 1 { 17 } else { 33 }),
         Constraint::Min(4),
     ])
@@ -205,6 +245,12 @@ pub fn draw(
         );
         f.render_widget(cufile_table(&view.cufile_procs), halves[1]);
     }
+    if has_file {
+        let halves = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)])
+            .split(chunks[5]);
+        f.render_widget(rate_table("files by op", &view.file_ops, "OP"), halves[0]);
+        f.render_widget(file_table(&view.file_procs), halves[1]);
+    }
 
     let rows: Vec<Row> = view
         .inflight
@@ -240,7 +286,7 @@ pub fn draw(
                     .borders(Borders::ALL)
                     .title("slowest in flight"),
             ),
-        chunks[5],
+        chunks[6],
     );
 
     let stall_rows: Vec<Row> = view
@@ -302,7 +348,7 @@ pub fn draw(
                     "stalls"
                 }),
         ),
-        chunks[6],
+        chunks[7],
         &mut state,
     );
 }

@@ -209,6 +209,7 @@ mod tests {
             stage: Stage::Queue,
             nvme: None,
             poll_armed: false,
+            block_cause: None,
             key: RequestKey {
                 layer: Layer::Uring,
                 req,

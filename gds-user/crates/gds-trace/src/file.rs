@@ -64,13 +64,17 @@ impl FileHooks {
 }
 
 const DIO_TPS: [&str; 2] = ["iomap_dio_rw_begin", "iomap_dio_complete"];
+/// ext4's fsync, beside the iomap tracepoints (in vmlinux BTF where ext4 is built in; in the
+/// ext4 module's on generic distribution kernels, not looked at yet).
+const EXT4_FSYNC_TPS: [&str; 2] = ["ext4_sync_file_enter", "ext4_sync_file_exit"];
 
 /// What the tracepoint tier cannot see (on `/debug/layers`).
 const TRACEPOINT_BLIND: [&str; 4] = [
     "buffered reads and writes (their block requests name the submitting thread)",
-    "fsync",
+    "fsync except ext4's (and ext4's where ext4 is a module)",
     "O_DIRECT on block devices and on file systems without iomap direct I/O",
-    "calls that iomap ends before completing (zero-length, some errors) stay in flight",
+    "zero-length calls; calls iomap ends before completing (early errors, -EAGAIN under \
+     IOCB_NOWAIT, -ENOTBLK fallbacks) stay in flight until their kiocb is reused",
 ];
 /// What the syscalls tier cannot see.
 const SYSCALLS_BLIND: [&str; 3] = [
@@ -162,8 +166,12 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     c.inode_sb = btf.member_offset("inode", &["i_sb"])?;
     c.inode_mode = btf.member_offset("inode", &["i_mode"])?;
     c.sb_dev = btf.member_offset("super_block", &["s_dev"])?;
-    c.iter_count = btf.member_offset("iov_iter", &["count"])?;
-    c.iter_source = btf.member_offset("iov_iter", &["data_source"])?;
+    if tier == FILE_TIER_TRACEPOINT {
+        // `data_source` since 6.0 (the direction was bits of `type` before); the tracepoints
+        // it serves are 6.4+.
+        c.iter_count = btf.member_offset("iov_iter", &["count"])?;
+        c.iter_source = btf.member_offset("iov_iter", &["data_source"])?;
+    }
     if tier == FILE_TIER_SYSCALLS {
         c.task_files = btf.member_offset("task_struct", &["files"])?;
         c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
@@ -235,6 +243,8 @@ fn syscall_table() -> Vec<(usize, u8)> {
 pub struct FileLayer {
     plan: FilePlan,
     on: bool,
+    /// ext4's fsync tracepoints are attached too (tracepoint tier).
+    ext4_fsync: bool,
     inflight: HashMap<MapData, u64, FileCall>,
     stats: PerCpuArray<MapData, FileRowStats>,
     procs: HashMap<MapData, FileProcKey, FileProcStats>,
@@ -294,6 +304,7 @@ impl TracedLayer for FileLayer {
         let mut layer = FileLayer {
             plan: start.file.clone(),
             on: false,
+            ext4_fsync: false,
             inflight: take_map(ebpf, MAP_FILE_INFLIGHT)?,
             stats: take_map(ebpf, MAP_FILE_STATS)?,
             procs: take_map(ebpf, MAP_FILE_PROCS)?,
@@ -306,6 +317,17 @@ impl TracedLayer for FileLayer {
                 let aya_btf = tracepoint_btf(btf, &DIO_TPS)?;
                 attach_btf(ebpf, &aya_btf, "file_dio_begin", DIO_TPS[0])?;
                 attach_btf(ebpf, &aya_btf, "file_dio_complete", DIO_TPS[1])?;
+                if EXT4_FSYNC_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
+                    let fsync_btf = tracepoint_btf(btf, &EXT4_FSYNC_TPS)?;
+                    attach_btf(ebpf, &fsync_btf, "file_ext4_fsync_enter", EXT4_FSYNC_TPS[0])?;
+                    attach_btf(ebpf, &fsync_btf, "file_ext4_fsync_exit", EXT4_FSYNC_TPS[1])?;
+                    layer.ext4_fsync = true;
+                } else {
+                    layer
+                        .plan
+                        .notes
+                        .push("ext4 fsync not traced: no ext4_sync_file_* in vmlinux BTF".into());
+                }
                 layer.on = true;
             }
             FileHooks::Syscalls => {
@@ -344,11 +366,15 @@ impl TracedLayer for FileLayer {
 
     fn entry(&self) -> LayerEntry {
         let how = match self.hooks() {
-            FileHooks::Tracepoint => {
+            FileHooks::Tracepoint => format!(
                 "BTF tracepoints iomap_dio_rw_begin/iomap_dio_complete: O_DIRECT calls of \
-                 ext4, xfs and btrfs, exactly"
-                    .to_owned()
-            }
+                 ext4, xfs and btrfs, exactly{}",
+                if self.ext4_fsync {
+                    "; ext4_sync_file_enter/exit: fsync of ext4 files"
+                } else {
+                    ""
+                }
+            ),
             FileHooks::Syscalls => "raw tracepoints sys_enter/sys_exit: every read/write \
                                     system call on a file (slows every syscall)"
                 .to_owned(),

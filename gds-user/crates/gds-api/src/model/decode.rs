@@ -11,8 +11,8 @@ use gds_common::{
 use super::{
     labels,
     request::{
-        Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage, Target,
-        UringOrigin,
+        BlockCause, Context, Layer, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage,
+        Target, UringOrigin,
     },
 };
 use crate::raw::{DiskNames, Inflight, Source};
@@ -131,6 +131,13 @@ impl<'a> Decoder<'a> {
             ),
             _ => (self.submitter(&b.submitter), None),
         };
+        let w = &b.submitter;
+        let block_cause = (w.pid_tgid != 0 && w.origin != 0).then(|| BlockCause {
+            origin: labels::origin(w.origin).to_owned(),
+            via: labels::block_link(w.link).to_owned(),
+            call_pid: (w.call_pid_tgid != 0).then_some((w.call_pid_tgid >> 32) as u32),
+            call_tid: (w.call_pid_tgid != 0).then_some(w.call_pid_tgid as u32),
+        });
         Request {
             layer: Layer::Block,
             opcode: labels::block_op(b.op).to_owned(),
@@ -139,6 +146,7 @@ impl<'a> Decoder<'a> {
                 disk: self.disks.disk_name(b.dev),
                 sector: (!passthrough).then_some(b.sector),
                 bytes: Some(b.bytes.into()),
+                inode: (b.submitter.ino != 0).then_some(b.submitter.ino),
                 ..Target::default()
             },
             origin,
@@ -146,6 +154,7 @@ impl<'a> Decoder<'a> {
             stage: Stage::Device,
             nvme: None,
             poll_armed: false,
+            block_cause,
             key: RequestKey {
                 layer: Layer::Block,
                 req: rq,
@@ -191,6 +200,7 @@ impl<'a> Decoder<'a> {
             age_seconds: now_ns.saturating_sub(n.setup_ns) as f64 / 1e9,
             stage: Stage::Device,
             poll_armed: false,
+            block_cause: None,
             nvme: Some(NvmeCommand {
                 qid: n.qid,
                 cid: n.cid,
@@ -230,6 +240,7 @@ impl<'a> Decoder<'a> {
             stage: Stage::Queue,
             nvme: None,
             poll_armed: false,
+            block_cause: None,
             key: RequestKey {
                 layer: Layer::Cufile,
                 req: id,
@@ -278,6 +289,7 @@ impl<'a> Decoder<'a> {
             stage: Stage::Queue,
             nvme: None,
             poll_armed: false,
+            block_cause: None,
             key: RequestKey {
                 layer: Layer::File,
                 req: key,
@@ -318,6 +330,7 @@ impl<'a> Decoder<'a> {
             stage: stage_of(e),
             nvme,
             poll_armed: e.poll_armed_ns != 0,
+            block_cause: None,
             key: RequestKey {
                 layer: Layer::Uring,
                 req: slot.req,

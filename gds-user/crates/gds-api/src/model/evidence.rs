@@ -563,6 +563,7 @@ mod tests {
             stage,
             nvme: None,
             poll_armed: false,
+            block_cause: None,
             key: Default::default(),
         }
     }

@@ -17,8 +17,8 @@ pub mod stats;
 pub use decode::{Decoder, inflight};
 pub use evidence::{Cause, CauseKind, Evidence};
 pub use request::{
-    Context, Layer, LayerStalls, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme, Stage,
-    Stall, StallReport, StallTotal, Target, UringOrigin,
+    BlockCause, Context, Layer, LayerStalls, NvmeCommand, Request, RequestKey, SlowEvent, SlowNvme,
+    Stage, Stall, StallReport, StallTotal, Target, UringOrigin,
 };
 pub use stats::{Histogram, ReadTimes, Stats};
 

@@ -117,6 +117,22 @@ pub struct UringOrigin {
     pub req: String,
 }
 
+/// What caused a block request, as the block program linked it at `block_getrq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockCause {
+    /// `syscall`, `uring`, `kernel` (`labels::origin`).
+    pub origin: String,
+    /// `call` (an O_DIRECT file call, or the thread's call in the syscalls tier), `page` (a
+    /// file's page cache), `none`.
+    pub via: String,
+    /// The file call's process and thread (`call` only): the request's context names the
+    /// submitter, which differs when a worker submitted it (blk-throttle, writeback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_tid: Option<u32>,
+}
+
 /// What a request reads or writes, as far as its layer knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
@@ -182,6 +198,9 @@ pub struct Request {
     /// eventfd) had nothing for it and it waits to be woken, with no thread blocked for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub poll_armed: bool,
+    /// Block: what caused it (the file call, the page cache, the kernel), where linked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_cause: Option<BlockCause>,
     #[serde(skip)]
     pub key: RequestKey,
 }

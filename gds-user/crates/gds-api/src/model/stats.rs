@@ -570,4 +570,48 @@ mod tests {
         );
         assert_eq!(prev.quantile_since(Some(&prev), 0.5), None, "idle interval");
     }
+
+    /// The file rows are named by their index (`op * 2 + direct`), empty rows left out, and
+    /// the per-process rows sorted by process and file.
+    #[test]
+    fn file_rows_by_op_and_direct() {
+        use gds_common::file::{
+            FILE_OP_FSYNC, FILE_OP_READ, FILE_ROWS, FileProcKey, FileProcStats, FileRowStats,
+            file_row,
+        };
+        let mut rows = vec![FileRowStats::ZERO; FILE_ROWS];
+        let r = &mut rows[file_row(FILE_OP_READ, true) as usize];
+        r.calls = 3;
+        r.bytes_done = 3 << 20;
+        r.buckets[20] = 3;
+        rows[file_row(FILE_OP_FSYNC, false) as usize].calls = 1;
+        let key = |tgid, ino| FileProcKey {
+            tgid,
+            dev: 1,
+            ino,
+            op: FILE_OP_READ,
+            direct: 1,
+            _pad: [0; 6],
+        };
+        let stats = |calls| FileProcStats {
+            calls,
+            ..Default::default()
+        };
+        let raw = crate::raw::FileRaw {
+            rows,
+            procs: vec![(key(9, 2), stats(1)), (key(9, 1), stats(2))],
+        };
+        let f = FileStats::decode(&raw);
+        let named: Vec<(&str, bool, u64)> = f
+            .ops
+            .iter()
+            .map(|o| (o.op.as_str(), o.direct, o.calls))
+            .collect();
+        assert_eq!(named, [("read", true, 3), ("fsync", false, 1)]);
+        assert_eq!(f.ops[0].bytes, 3 << 20);
+        assert_eq!(f.ops[0].latency.count, 3);
+        let inodes: Vec<u64> = f.processes.iter().map(|p| p.ino).collect();
+        assert_eq!(inodes, [1, 2]);
+        assert!(f.processes.iter().all(|p| p.op == "read" && p.direct));
+    }
 }
