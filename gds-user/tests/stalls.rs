@@ -192,10 +192,13 @@ fn pipe_read_in_io_wq_is_waiting_for_data_with_the_threads_stacks() {
         threads[0]["state"] == "R" || !stack_of(&threads[0]).is_empty(),
         "the submitter's stack: {stall}"
     );
+    // What one capture costs: its time, and the memory a stall keeps for it (its JSON).
+    let kept = stall["evidence"].to_string().len();
     println!(
-        "io_uring stall evidence (2 threads) captured in {} µs",
+        "io_uring stall evidence (2 threads) captured in {} µs, {kept} bytes kept",
         stall["evidence"]["capture_us"]
     );
+    assert!(kept < 64 << 10, "one capture keeps {kept} bytes");
     let log = agent.log();
     assert!(
         log.lines()
