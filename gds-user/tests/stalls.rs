@@ -353,6 +353,48 @@ fn wait_ended(
     }
 }
 
+/// Reads in a blkio group throttled to 1 read/s: the ones held past the threshold are stalls
+/// of cause `throttled`, naming the group and its limit (`riops=1`), each reported ended.
+#[test]
+fn reads_throttled_to_one_read_a_second_are_throttled_naming_the_limit() {
+    let _g = serial();
+    let Some(lo) = ThrottledLoop::new_iops(1) else {
+        return;
+    };
+    let agent = Agent::start(&[
+        "--pid",
+        &std::process::id().to_string(),
+        "--stall-threshold",
+        "500ms",
+        "--stall-interval",
+        "100ms",
+    ]);
+    // Three 4 KiB reads at once: the throttle lets one a second through.
+    let readers: Vec<_> = (0..3u64).map(|i| lo.read(i << 20, 4096)).collect();
+    let name = lo.name().to_owned();
+    let ours = |s: &serde_json::Value| s["layer"] == "block" && s["disk"] == name.as_str();
+    let stall = wait_stall(&agent, Duration::from_secs(5), ours);
+    let group = lo.cgroup.file_name().unwrap().to_str().unwrap();
+    assert_eq!(stall["cause"]["kind"], "throttled", "{stall}");
+    let because = stall["cause"]["because"].as_str().unwrap();
+    assert_eq!(
+        because,
+        format!(
+            "cgroup /{group} (v1) blkio.throttle.read_iops_device {} riops=1",
+            stall["evidence"]["limits"][0]["device"].as_str().unwrap()
+        ),
+        "{stall}"
+    );
+    for (_, r) in readers {
+        let (n, _) = r.join().unwrap();
+        assert_eq!(n, 4096);
+    }
+    // Every stall of ours ends, still throttled, once the reads returned.
+    let ended = wait_ended(&agent, Duration::from_secs(3), ours);
+    assert_eq!(ended["cause"]["kind"], "throttled", "{ended}");
+    assert!(ended["total_seconds"].as_f64().unwrap() >= 0.5, "{ended}");
+}
+
 /// A plain O_DIRECT `pread` (no io_uring) held past the threshold is a stall of layer `block`
 /// naming the disk, the sector, the reading thread's process, thread, name and cgroup; it is
 /// reported ended once the read returns, and counted in `gds_stalls_total{layer="block"}`.

@@ -23,16 +23,27 @@ pub struct ThrottledLoop {
     pub cgroup: PathBuf,
     /// `major:minor` of the throttled disk (the one under the loop device's file).
     disk: String,
+    /// The group's rule file (`blkio.throttle.read_bps_device`, `…read_iops_device`).
+    rule: &'static str,
     _dir: tempfile::TempDir,
 }
 
 const BLKIO: &str = "/sys/fs/cgroup/blkio";
 
 impl ThrottledLoop {
-    /// `None` (with a SKIPPED line) where cgroup v1 blkio is not mounted; CI has it.
+    /// Reads throttled to `read_bps` bytes a second. `None` (with a SKIPPED line) where
+    /// cgroup v1 blkio is not mounted; CI has it.
     pub fn new(read_bps: u64) -> Option<ThrottledLoop> {
-        let rule = Path::new(BLKIO).join("blkio.throttle.read_bps_device");
-        if !rule.exists() {
+        Self::with_rule("blkio.throttle.read_bps_device", read_bps)
+    }
+
+    /// Reads throttled to `read_iops` a second.
+    pub fn new_iops(read_iops: u64) -> Option<ThrottledLoop> {
+        Self::with_rule("blkio.throttle.read_iops_device", read_iops)
+    }
+
+    fn with_rule(rule: &'static str, limit: u64) -> Option<ThrottledLoop> {
+        if !Path::new(BLKIO).join(rule).exists() {
             assert!(std::env::var_os("CI").is_none(), "{BLKIO} is missing");
             eprintln!("SKIPPED: no cgroup v1 blkio throttling at {BLKIO}");
             return None;
@@ -58,15 +69,12 @@ impl ThrottledLoop {
         };
         let cgroup = Path::new(BLKIO).join(format!("gds-stall-{}", std::process::id()));
         let _ = std::fs::create_dir(&cgroup);
-        std::fs::write(
-            cgroup.join("blkio.throttle.read_bps_device"),
-            format!("{} {read_bps}", disk.trim()),
-        )
-        .unwrap();
+        std::fs::write(cgroup.join(rule), format!("{} {limit}", disk.trim())).unwrap();
         Some(ThrottledLoop {
             dev,
             cgroup,
             disk: disk.trim().to_owned(),
+            rule,
             _dir: dir,
         })
     }
@@ -75,11 +83,12 @@ impl ThrottledLoop {
         self.dev.trim_start_matches("/dev/")
     }
 
-    /// Sets the group's read limit on the disk; 0 removes it, which lets a held read go.
-    pub fn set_read_bps(&self, read_bps: u64) {
+    /// Sets the group's read limit (its rule's unit) on the disk; 0 removes it, which lets a
+    /// held read go.
+    pub fn set_read_bps(&self, limit: u64) {
         std::fs::write(
-            self.cgroup.join("blkio.throttle.read_bps_device"),
-            format!("{} {read_bps}", self.disk),
+            self.cgroup.join(self.rule),
+            format!("{} {limit}", self.disk),
         )
         .unwrap();
     }
@@ -123,10 +132,7 @@ impl Drop for ThrottledLoop {
     fn drop(&mut self) {
         // A read still held (a test that failed) goes, so that the group can be removed and
         // the process can exit.
-        let _ = std::fs::write(
-            self.cgroup.join("blkio.throttle.read_bps_device"),
-            format!("{} 0", self.disk),
-        );
+        let _ = std::fs::write(self.cgroup.join(self.rule), format!("{} 0", self.disk));
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
         let _ = std::fs::remove_dir(&self.cgroup);
     }
