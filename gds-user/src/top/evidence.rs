@@ -236,6 +236,7 @@ pub(crate) mod tests {
                 nvme: None,
                 poll_armed: false,
                 key: Default::default(),
+                block_cause: None,
             },
             stage_description: "at the device".into(),
             total_seconds: None,
@@ -262,6 +263,7 @@ pub(crate) mod tests {
                     nr_requests: Some(128),
                     scheduler: Some("none".into()),
                     lower: vec!["254:0".into()],
+                    ..Default::default()
                 }),
                 cgroups: Some(TaskCgroups {
                     blkio: Some("/g".into()),
@@ -277,6 +279,7 @@ pub(crate) mod tests {
                 }],
                 missing: vec!["/proc/10/task/12: gone".into()],
                 capture_us: 410,
+                ..Default::default()
             }),
         }
     }
