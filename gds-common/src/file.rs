@@ -60,11 +60,13 @@ pub struct FileCall {
     pub direct: u8,
     pub origin: u8,
     pub _pad: u8,
-    /// `MKDEV` of the disk its latest block request completed on, and when (0: none yet),
-    /// stamped by the block completion: the call's `completion` stage runs from then to its
-    /// return.
+    /// Stamped by the completions of the block requests linked to it: the disk, the first
+    /// request's issue and the last one's completion (0: none yet). At its return the call's
+    /// stages are queue (start → first issue), device (→ last completion) and completion
+    /// (→ return): they add up to the call's duration, however many requests it became.
     pub blk_dev: u32,
     pub _pad2: u32,
+    pub first_issue_ns: u64,
     pub last_done_ns: u64,
 }
 

@@ -523,29 +523,42 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
             v.bytes as u64,
         );
     }
-    // A request of a file call: from the call's start to the issue (queue), then the device.
+    // A request of a file call stamps the call (if it is still the same one); the call adds
+    // its stages when it returns. Concurrent completions of one call's requests may race on
+    // the stamps: a stage then moves by the gap between two of its requests, no more.
     if w.link == LINK_CALL && w.call_start_ns != 0 {
-        let key = |kind| DevHistKey {
-            dev: v.dev,
-            kind,
-            code: w.origin,
-            flags: 0,
-        };
-        hist_add(
-            key(KIND_STAGE_QUEUE),
-            v.issue_ns.saturating_sub(w.call_start_ns),
-        );
-        hist_add(key(KIND_STAGE_DEVICE), now.saturating_sub(v.issue_ns));
-        // Stamp the call (if it is still the same one): its return ends `completion`.
-        if let Some(c) = FILE_INFLIGHT.get_ptr_mut(&w.call_key) {
-            // SAFETY: map value pointer; a racing completion of a sibling request writes the
-            // same kind of values.
-            unsafe {
+        let stamped = match FILE_INFLIGHT.get_ptr_mut(&w.call_key) {
+            // SAFETY: map value pointer.
+            Some(c) => unsafe {
                 if (*c).start_ns == w.call_start_ns {
                     (*c).blk_dev = v.dev;
-                    (*c).last_done_ns = now;
+                    if (*c).first_issue_ns == 0 || v.issue_ns < (*c).first_issue_ns {
+                        (*c).first_issue_ns = v.issue_ns;
+                    }
+                    if now > (*c).last_done_ns {
+                        (*c).last_done_ns = now;
+                    }
+                    true
+                } else {
+                    false
                 }
-            }
+            },
+            None => false,
+        };
+        // The call ended first (an asynchronous one completed by another path): this
+        // request's own queue and device, so nothing is lost.
+        if !stamped {
+            let key = |kind| DevHistKey {
+                dev: v.dev,
+                kind,
+                code: w.origin,
+                flags: 0,
+            };
+            hist_add(
+                key(KIND_STAGE_QUEUE),
+                v.issue_ns.saturating_sub(w.call_start_ns),
+            );
+            hist_add(key(KIND_STAGE_DEVICE), now.saturating_sub(v.issue_ns));
         }
     }
     0

@@ -148,6 +148,7 @@ fn new_call(
         _pad: 0,
         blk_dev: 0,
         _pad2: 0,
+        first_issue_ns: 0,
         last_done_ns: 0,
     }
 }
@@ -350,18 +351,24 @@ pub fn file_sys_exit(ctx: RawTracePointContext) -> i32 {
 fn end_call(c: &FileCall, ret: i64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let ns = now.saturating_sub(c.start_ns);
-    // The last of its block requests completed: from then to the return is `completion`
-    // (waking the caller, the file system's end of the call); queue and device were added at
-    // the block completion.
-    if c.last_done_ns != 0 {
+    // Its block requests' stages, once per call: they add up to its duration.
+    if c.last_done_ns != 0 && c.first_issue_ns != 0 {
+        let first = c.first_issue_ns.max(c.start_ns);
+        let last = c.last_done_ns.max(first);
+        let key = |kind| gds_common::device::DevHistKey {
+            dev: c.blk_dev,
+            kind,
+            code: c.origin,
+            flags: 0,
+        };
         crate::device::hist_add(
-            gds_common::device::DevHistKey {
-                dev: c.blk_dev,
-                kind: gds_common::device::KIND_STAGE_COMPLETION,
-                code: c.origin,
-                flags: 0,
-            },
-            now.saturating_sub(c.last_done_ns),
+            key(gds_common::device::KIND_STAGE_QUEUE),
+            first - c.start_ns,
+        );
+        crate::device::hist_add(key(gds_common::device::KIND_STAGE_DEVICE), last - first);
+        crate::device::hist_add(
+            key(gds_common::device::KIND_STAGE_COMPLETION),
+            now.saturating_sub(last),
         );
     }
     let done = if ret > 0 { ret as u64 } else { 0 };

@@ -282,6 +282,46 @@ fn path_of(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A linked call's stages (queue: start → its first request's issue, device: → its last
+/// request's completion, completion: → return) add up to the call's duration: over this
+/// process's O_DIRECT reads, the stage sums equal the calls' total time within 1 %.
+#[test]
+fn stage_sums_equal_the_calls_time() {
+    require_root();
+    let _g = serial();
+    let pid = std::process::id().to_string();
+    let Pool { agent, .. } = run_pool("stages", &["--pid", &pid]);
+    let m = agent.scrape();
+    let sum_of = |prefix: &str, has: &[&str]| -> f64 {
+        m.0.iter()
+            .filter(|(k, _)| k.starts_with(prefix) && has.iter().all(|h| k.contains(h)))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    let stages = sum_of(
+        "gds_request_stage_duration_seconds_sum",
+        &["origin=\"syscall\""],
+    );
+    let calls = sum_of(
+        "gds_file_request_duration_seconds_sum",
+        &["op=\"read\"", "direct=\"true\""],
+    );
+    let n = sum_of(
+        "gds_file_requests_total",
+        &["op=\"read\"", "direct=\"true\""],
+    );
+    assert_eq!(
+        n,
+        (THREADS * N) as f64,
+        "only this process's O_DIRECT reads"
+    );
+    println!("stage sums {stages:.6} s, the calls' time {calls:.6} s");
+    assert!(
+        calls > 0.0 && (stages - calls).abs() <= 0.01 * calls,
+        "stage sums {stages} s vs calls {calls} s"
+    );
+}
+
 #[test]
 fn syscalls_hooks_count_every_call_of_both_kinds() {
     require_root();
