@@ -122,8 +122,9 @@ pub const STAGE_DURATION: Family = family(
     Histogram,
     &["stage", "disk", "origin"],
     "Request latency split into stages (queue, device, completion), by disk and origin: \
-     uring_cmd (io_uring passthrough: all three stages), syscall or uring (the block requests \
-     of an O_DIRECT file call: queue from the call's start to the request's issue, device).",
+     uring_cmd (io_uring passthrough), syscall or uring (an O_DIRECT file call, once per call: \
+     queue to its first request's issue, device to its last completion, completion to its \
+     return).",
 );
 pub const NVME_ERRORS: Family = family(
     "gds_nvme_errors_total",
