@@ -34,17 +34,18 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_PROCS_MAX, BlockProcKey, BlockProcStats,
-    LINK_CALL, LINK_PAGE, PF_KTHREAD,
-    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD}, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BlockInflight,
-    DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK,
-    KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, MEMORY_HOST,
-    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, Scratch, Submitter,
+    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX,
+    BlockInflight, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason,
+    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
+    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA,
+    NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter,
+    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
 
 use crate::{
     file::FILE_INFLIGHT,
+    file_kiocb::FILE_THREAD,
     maps::{PEER_IO, as_scalar, entry_mut, index, stats},
 };
 
@@ -404,8 +405,12 @@ fn link_bio(bio: u64, who: &mut Submitter) {
             return;
         }
     }
-    // The syscalls tier keys calls by thread: a request submitted during the thread's call.
-    if let Some(c) = FILE_INFLIGHT.get_ptr(&who.pid_tgid) {
+    // The syscalls tier keys calls by thread, the kiocb tier names the thread's synchronous
+    // call: a request submitted during the thread's call (block-device O_DIRECT's on-stack bio).
+    let key = unsafe { FILE_THREAD.get(&who.pid_tgid) }
+        .copied()
+        .unwrap_or(who.pid_tgid);
+    if let Some(c) = FILE_INFLIGHT.get_ptr(&key) {
         // SAFETY: map value pointer; fields copied.
         unsafe {
             who.call_pid_tgid = (*c).pid_tgid;

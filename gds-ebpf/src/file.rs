@@ -29,8 +29,8 @@ use gds_common::{
     file::{
         FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS, FileCall,
         FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
-        ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK,
-        SYSCALL_POS_ARG3, SYSCALL_TABLE, SYSCALL_TRACED, file_row,
+        ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
+        SYSCALL_TABLE, SYSCALL_TRACED, file_row,
     },
     log2_bucket,
 };
@@ -38,7 +38,7 @@ use gds_common::{
 use crate::maps::{as_scalar, entry_mut, index, stats, task_enabled};
 
 #[unsafe(no_mangle)]
-static GDS_FILE_CONFIG: FileConfig = FileConfig::DEFAULT;
+pub(crate) static GDS_FILE_CONFIG: FileConfig = FileConfig::DEFAULT;
 
 macro_rules! fconf {
     ($field:ident) => {
@@ -61,12 +61,12 @@ static FILE_PROCS: LruHashMap<FileProcKey, FileProcStats> =
     LruHashMap::with_max_entries(FILE_PROCS_MAX, 0);
 
 #[inline(always)]
-fn rd<T: Copy + Default>(addr: u64) -> T {
+pub(crate) fn rd<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
 }
 
 #[inline(always)]
-fn count_drop(reason: DropReason) {
+pub(crate) fn count_drop(reason: DropReason) {
     if let Some(s) = stats() {
         s.drops[reason as usize] += 1;
     }
@@ -75,7 +75,7 @@ fn count_drop(reason: DropReason) {
 /// Device and inode of `struct file *` `file` (`sb->s_dev` is already `MKDEV`-encoded as the
 /// block programs encode disks).
 #[inline(always)]
-fn file_id(file: u64) -> (u32, u64, u64) {
+pub(crate) fn file_id(file: u64) -> (u32, u64, u64) {
     let inode: u64 = rd(file + fconf!(file_inode) as u64);
     let ino: u64 = rd(inode + fconf!(inode_ino) as u64);
     let sb: u64 = rd(inode + fconf!(inode_sb) as u64);
@@ -85,7 +85,15 @@ fn file_id(file: u64) -> (u32, u64, u64) {
 
 /// A call of the current thread starting now.
 #[inline(always)]
-fn new_call(pid_tgid: u64, dev: u32, ino: u64, pos: u64, bytes: u64, op: u8, direct: bool) -> FileCall {
+pub(crate) fn new_call(
+    pid_tgid: u64,
+    dev: u32,
+    ino: u64,
+    pos: u64,
+    bytes: u64,
+    op: u8,
+    direct: bool,
+) -> FileCall {
     FileCall {
         start_ns: unsafe { bpf_ktime_get_ns() },
         pid_tgid,
@@ -98,7 +106,7 @@ fn new_call(pid_tgid: u64, dev: u32, ino: u64, pos: u64, bytes: u64, op: u8, dir
         op,
         direct: direct as u8,
         origin: ORIGIN_SYSCALL,
-        _pad: 0,
+        flags: 0,
     }
 }
 
@@ -119,7 +127,11 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     let (dev, ino, _) = file_id(filp);
     let bytes: u64 = rd(iter + fconf!(iter_count) as u64);
     let source: u8 = rd(iter + fconf!(iter_source) as u64);
-    let op = if source != 0 { FILE_OP_WRITE } else { FILE_OP_READ };
+    let op = if source != 0 {
+        FILE_OP_WRITE
+    } else {
+        FILE_OP_READ
+    };
     let mut call = new_call(pid_tgid, dev, ino, pos, bytes, op, flags & IOCB_DIRECT != 0);
     // io_uring's READ/WRITE kiocb is the first member of its `struct io_kiocb` (inside the
     // command data at offset 0), so the kiocb is the io_uring request's key.
@@ -209,7 +221,10 @@ pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
         what & SYSCALL_OP_MASK,
         f_flags & O_DIRECT != 0,
     );
-    if FILE_INFLIGHT.insert(&pid_tgid, &call, BPF_ANY as u64).is_err() {
+    if FILE_INFLIGHT
+        .insert(&pid_tgid, &call, BPF_ANY as u64)
+        .is_err()
+    {
         count_drop(DropReason::FileInflightFull);
     }
     0
@@ -232,7 +247,7 @@ pub fn file_sys_exit(ctx: RawTracePointContext) -> i32 {
 
 /// Counts an ended call: its row's histogram, bytes and errors, and its process's counts.
 #[inline(always)]
-fn end_call(c: &FileCall, ret: i64) {
+pub(crate) fn end_call(c: &FileCall, ret: i64) {
     let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(c.start_ns);
     let done = if ret > 0 { ret as u64 } else { 0 };
     let err = (ret < 0) as u64;
