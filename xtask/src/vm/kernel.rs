@@ -315,6 +315,13 @@ fn visit(
     if depth > 32 {
         bail!("module dependencies nest deeper than 32 at {name}");
     }
+    // A softdep may name an alias: ext4's `pre: crypto-crc32c` is the crypto algorithm, which
+    // `crc32c_generic.ko` provides (without it mounting a metadata_csum ext4 fails, ENOENT).
+    let name = if matches!(name, "crc32c" | "crypto_crc32c") && !files.contains_key(name) {
+        "crc32c_generic"
+    } else {
+        name
+    };
     if !seen.insert(name.to_string()) {
         return Ok(());
     }

@@ -245,13 +245,68 @@ fn kiocb(c: &Ctx, hooks: &str) -> Result<String> {
 }
 
 fn kiocb_on_fs(c: &Ctx, hooks: &str, blk: &str) -> Result<String> {
-    let me = std::process::id();
     let file = format!("{MOUNT}/pool");
     let ino = make_file(&file, THREADS * N * 2)?;
     let fio_file = format!("{MOUNT}/fio");
     let fio_ino = make_file(&fio_file, (FIO_IOS as usize * 4096).div_ceil(MIB))?;
     let log = format!("/tmp/agent-file-{hooks}.log");
-    let _agent = start_agent_logged(c, &["--file-hooks", hooks], &log)?;
+    let agent = start_agent_logged(c, &["--file-hooks", hooks], &log)?;
+    let r = checks(c, hooks, blk, &log, (&file, ino), (&fio_file, fio_ino));
+    if r.is_err() {
+        let pid = agent.0.id();
+        let mut lines = vec![format!(
+            "loadavg {}",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        )];
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+            let p = t.path();
+            let rd = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let stat = rd("stat");
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            lines.push(format!(
+                "task {:?} {} state {:?} wchan {} stack {}",
+                t.file_name(),
+                rd("comm").trim(),
+                state,
+                rd("wchan"),
+                rd("stack").replace('\n', " <- ")
+            ));
+        }
+        c.detail(lines.join("\n"));
+        // What the agent and the kernel said, to tell why.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        c.detail(format!(
+            "agent log tail:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        ));
+        if let Ok((_, o, _)) = run("dmesg", &[]) {
+            let lines: Vec<&str> = o.lines().collect();
+            c.detail(format!(
+                "dmesg tail:\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            ));
+        }
+    }
+    r
+}
+
+fn checks(
+    c: &Ctx,
+    hooks: &str,
+    blk: &str,
+    log: &str,
+    (file, ino): (&str, u64),
+    (fio_file, fio_ino): (&str, u64),
+) -> Result<String> {
+    let me = std::process::id();
     let e = layer_entry(Layer::File)?;
     let Some(LayerDetail::File {
         hooks: used,
@@ -284,7 +339,7 @@ fn kiocb_on_fs(c: &Ctx, hooks: &str, blk: &str) -> Result<String> {
 
     // The pool.
     let before = snapshot()?;
-    read_pool(&file)?;
+    read_pool(file)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let after = snapshot()?;
     let delta = |direct| {
@@ -313,32 +368,6 @@ fn kiocb_on_fs(c: &Ctx, hooks: &str, blk: &str) -> Result<String> {
         linked >= want * MIB as u64,
         "block bytes linked to the pool's calls: {linked}"
     );
-
-    // fio, four ways.
-    let mut fio_lines = Vec::new();
-    for (engine, direct) in [
-        ("psync", false),
-        ("psync", true),
-        ("io_uring", false),
-        ("io_uring", true),
-    ] {
-        drop_cache(&fio_file)?;
-        let (pid, issued) = fio(&fio_file, engine, direct)?;
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let s = snapshot()?;
-        let (n, bytes) = calls(&s, pid, fio_ino, "read", direct);
-        let line = format!(
-            "fio {engine} direct={}: issued {issued}, counted {n} calls {bytes} bytes",
-            direct as u8
-        );
-        c.detail(&line);
-        ensure!(n == issued, "{line}");
-        ensure!(bytes == issued * 4096, "{line}");
-        fio_lines.push(format!(
-            "{engine}/{}={n}",
-            if direct { "direct" } else { "buf" }
-        ));
-    }
 
     // The block device.
     let dev_ino = std::fs::metadata(blk)?.ino();
@@ -379,7 +408,50 @@ fn kiocb_on_fs(c: &Ctx, hooks: &str, blk: &str) -> Result<String> {
     );
     ensure!(rbytes == BLK_READS * MIB as u64, "{line}");
     ensure!(nvme as u64 == reqs, "{line}");
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    // fio, four ways.
+    let mut fio_lines = Vec::new();
+    for (engine, direct) in [
+        ("psync", false),
+        ("psync", true),
+        ("io_uring", true),
+        ("io_uring", false),
+    ] {
+        drop_cache(fio_file)?;
+        let (pid, issued) = fio(fio_file, engine, direct)?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let mut m = metrics();
+        while m.is_err() && t0.elapsed().as_secs() < 90 {
+            m = metrics();
+        }
+        let m = m?;
+        c.detail(format!(
+            "after fio {engine} direct={} (metrics took {:.1} s): {}",
+            direct as u8,
+            t0.elapsed().as_secs_f64(),
+            m.lines()
+                .filter(|l| (l.starts_with("gds_file_requests_total")
+                    || l.starts_with("gds_oldest_inflight_seconds")
+                    || (l.starts_with("gds_trace_dropped_total") && !l.ends_with(" 0"))))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+        let s = snapshot()?;
+        let (n, bytes) = calls(&s, pid, fio_ino, "read", direct);
+        let line = format!(
+            "fio {engine} direct={}: issued {issued}, counted {n} calls {bytes} bytes",
+            direct as u8
+        );
+        c.detail(&line);
+        ensure!(n == issued, "{line}");
+        ensure!(bytes == issued * 4096, "{line}");
+        fio_lines.push(format!(
+            "{engine}/{}={n}",
+            if direct { "direct" } else { "buf" }
+        ));
+    }
+
+    let log = std::fs::read_to_string(log).unwrap_or_default();
     ensure!(
         log.contains(&format!("file layer: hooks {hooks}")),
         "the log does not say the hooks: {log}"
