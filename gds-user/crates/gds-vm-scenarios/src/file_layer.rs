@@ -249,6 +249,21 @@ fn kiocb_on_fs(c: &Ctx, hooks: &str, blk: &str) -> Result<String> {
     let ino = make_file(&file, THREADS * N * 2)?;
     let fio_file = format!("{MOUNT}/fio");
     let fio_ino = make_file(&fio_file, (FIO_IOS as usize * 4096).div_ceil(MIB))?;
+    if hooks == "fentry" {
+        // What `gds-agent probe` says `auto` takes here: it attaches, not only loads.
+        let (ok, o, e) = run(&c.agent, &["probe"])?;
+        let line = o
+            .lines()
+            .find(|l| l.trim_start().starts_with("file layer"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        c.detail(format!("gds-agent probe: {line}"));
+        ensure!(
+            ok && line.contains("fentry (read_iter"),
+            "gds-agent probe does not say fentry: {line:?} {e}"
+        );
+    }
     let log = format!("/tmp/agent-file-{hooks}.log");
     let agent = start_agent_logged(c, &["--file-hooks", hooks], &log)?;
     let r = checks(c, hooks, blk, &log, (&file, ino), (&fio_file, fio_ino));
