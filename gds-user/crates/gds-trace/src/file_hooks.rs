@@ -552,6 +552,31 @@ fn module_btf_fd(module: &str) -> io::Result<OwnedFd> {
     ))
 }
 
+/// The kiocb tier `asked` allows (`auto`: fentry, else kprobes), attached; None with the
+/// reasons in `notes` when neither could be.
+pub(crate) fn attach_best(
+    ebpf: &mut Ebpf,
+    start: &Start,
+    btf: &Btf,
+    asked: super::FileHooks,
+    notes: &mut Vec<String>,
+) -> Option<KiocbHooks> {
+    use super::FileHooks;
+    if matches!(asked, FileHooks::Auto | FileHooks::Fentry) {
+        match attach_fentry(ebpf, start, btf) {
+            Ok(h) => return Some(h),
+            Err(e) => notes.push(format!("fentry: {e}")),
+        }
+    }
+    if matches!(asked, FileHooks::Auto | FileHooks::Kprobe) {
+        match attach_kprobe(ebpf, start, btf) {
+            Ok(h) => return Some(h),
+            Err(e) => notes.push(format!("kprobe: {e}")),
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,29 +616,4 @@ mod tests {
             "load refused: EPERM (a, c); module xfs not loaded (b)"
         );
     }
-}
-
-/// The kiocb tier `asked` allows (`auto`: fentry, else kprobes), attached; None with the
-/// reasons in `notes` when neither could be.
-pub(crate) fn attach_best(
-    ebpf: &mut Ebpf,
-    start: &Start,
-    btf: &Btf,
-    asked: super::FileHooks,
-    notes: &mut Vec<String>,
-) -> Option<KiocbHooks> {
-    use super::FileHooks;
-    if matches!(asked, FileHooks::Auto | FileHooks::Fentry) {
-        match attach_fentry(ebpf, start, btf) {
-            Ok(h) => return Some(h),
-            Err(e) => notes.push(format!("fentry: {e}")),
-        }
-    }
-    if matches!(asked, FileHooks::Auto | FileHooks::Kprobe) {
-        match attach_kprobe(ebpf, start, btf) {
-            Ok(h) => return Some(h),
-            Err(e) => notes.push(format!("kprobe: {e}")),
-        }
-    }
-    None
 }

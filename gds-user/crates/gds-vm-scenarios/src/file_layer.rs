@@ -445,9 +445,11 @@ fn checks(
             direct as u8,
             t0.elapsed().as_secs_f64(),
             m.lines()
-                .filter(|l| (l.starts_with("gds_file_requests_total")
-                    || l.starts_with("gds_oldest_inflight_seconds")
-                    || (l.starts_with("gds_trace_dropped_total") && !l.ends_with(" 0"))))
+                .filter(|l| {
+                    l.starts_with("gds_file_requests_total")
+                        || l.starts_with("gds_oldest_inflight_seconds")
+                        || (l.starts_with("gds_trace_dropped_total") && !l.ends_with(" 0"))
+                })
                 .collect::<Vec<_>>()
                 .join(" | ")
         ));
