@@ -68,7 +68,7 @@ fn file_hooks(btf: &gds_host::btf::Btf) -> String {
         String::new()
     } else {
         format!(
-            "; not loaded now, so not hooked: {} (their calls are not seen)",
+            "; not loaded now: {} (hooked when they load)",
             modules.join(", ")
         )
     };

@@ -241,7 +241,7 @@ pub struct FileLayer {
     on: bool,
     /// The hooks attached (the plan's `auto` resolved), and the kiocb tier's links.
     used: FileHooks,
-    kiocb: Option<KiocbHooks>,
+    kiocb: std::sync::Mutex<Option<KiocbHooks>>,
     inflight: HashMap<MapData, u64, FileCall>,
     stats: PerCpuArray<MapData, FileRowStats>,
     procs: HashMap<MapData, FileProcKey, FileProcStats>,
@@ -290,7 +290,9 @@ impl FileLayer {
             FileHooks::Auto => &[],
         };
         let mut out: Vec<String> = list.iter().map(|s| (*s).to_owned()).collect();
-        if let Some(k) = self.kiocb.as_ref().filter(|_| self.on) {
+        if let Ok(k) = self.kiocb.lock()
+            && let Some(k) = k.as_ref().filter(|_| self.on)
+        {
             out.extend(k.missing.iter().cloned());
         }
         out
@@ -306,7 +308,7 @@ impl TracedLayer for FileLayer {
             stats: take_map(ebpf, MAP_FILE_STATS)?,
             procs: take_map(ebpf, MAP_FILE_PROCS)?,
             used: start.file.hooks,
-            kiocb: None,
+            kiocb: std::sync::Mutex::new(None),
         };
         if matches!(
             layer.plan.hooks,
@@ -320,7 +322,7 @@ impl TracedLayer for FileLayer {
                     KiocbKind::Fentry => FileHooks::Fentry,
                     KiocbKind::Kprobe => FileHooks::Kprobe,
                 };
-                layer.kiocb = Some(k);
+                layer.kiocb = std::sync::Mutex::new(Some(k));
                 layer.on = true;
             } else if DIO_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
                 layer.used = FileHooks::Tracepoint;
@@ -398,8 +400,9 @@ impl TracedLayer for FileLayer {
                     "kprobe/kretprobe"
                 },
                 self.kiocb
-                    .as_ref()
-                    .map(|k| k.hooked.join(", "))
+                    .lock()
+                    .ok()
+                    .and_then(|k| k.as_ref().map(|k| k.hooked.join(", ")))
                     .unwrap_or_default()
             ),
             _ => "off".to_owned(),
@@ -414,6 +417,14 @@ impl TracedLayer for FileLayer {
                 hooks: self.hooks().label().to_owned(),
                 blind_to: self.blind_to(),
             }),
+        }
+    }
+
+    /// fentry/kprobe tiers: hooks the functions of a file-system module loaded since start.
+    fn refresh(&self, ebpf: &std::sync::Mutex<Ebpf>) -> Vec<String> {
+        match self.kiocb.lock() {
+            Ok(mut k) => k.as_mut().map(|k| k.refresh(ebpf)).unwrap_or_default(),
+            Err(_) => Vec::new(),
         }
     }
 

@@ -12,7 +12,11 @@
 //!
 //! Whether fentry works is answered by trying (the libbpf-tools pattern): this project's dev VM
 //! refuses every fentry load (EPERM) and has no kprobes; 6.1 refuses fentry on functions of 7
-//! arguments (not these). A module that is not loaded at start is named on `/debug/layers`.
+//! arguments (not these). A module that is not loaded at start is named on `/debug/layers`
+//! and hooked when it loads ([`KiocbHooks::refresh`], on the cuFile thread's tick: the one
+//! thread that keeps the capabilities loading programs needs). While fentry programs are
+//! attached to a module's functions the kernel holds the module: it cannot be unloaded
+//! (kprobes do not hold it).
 
 use std::{
     collections::HashSet,
@@ -69,7 +73,145 @@ pub(crate) struct KiocbHooks {
     pub hooked: Vec<String>,
     /// "function: why" for each target not hooked.
     pub missing: Vec<String>,
-    _links: Vec<OwnedFd>,
+    links: Vec<OwnedFd>,
+    /// fentry: the relocated programs, and the map descriptors their instructions name, kept
+    /// to hook a file-system module loaded later.
+    later: Option<(Relocated, Vec<(String, OwnedFd)>)>,
+}
+
+impl KiocbHooks {
+    /// The modules named "not loaded" in `missing` that are loaded now.
+    fn appeared(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = TARGETS
+            .iter()
+            .map(|(_, m, _)| *m)
+            .filter(|m| {
+                !m.is_empty()
+                    && self
+                        .missing
+                        .iter()
+                        .any(|x| x.contains(&format!("module {m} not loaded")))
+                    && std::path::Path::new("/sys/module")
+                        .join(m)
+                        .join("initstate")
+                        .exists()
+            })
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// Hooks the targets of file-system modules loaded since start (checked on the device
+    /// refresh tick: one `stat` per module missing). Returns the changes to log.
+    pub(crate) fn refresh(&mut self, ebpf: &std::sync::Mutex<Ebpf>) -> Vec<String> {
+        let modules = self.appeared();
+        if modules.is_empty() {
+            return Vec::new();
+        }
+        let mut changes = Vec::new();
+        for module in modules {
+            let names: Vec<&'static str> = TARGETS
+                .iter()
+                .filter(|(_, m, _)| *m == module)
+                .map(|(n, _, _)| *n)
+                .collect();
+            self.missing
+                .retain(|x| !names.iter().any(|n| x.starts_with(&format!("{n}: "))));
+            let mut missing = Vec::new();
+            match self.kind {
+                KiocbKind::Fentry => {
+                    let Some((progs, _)) = &self.later else {
+                        continue;
+                    };
+                    let targets = Btf::from_sys_module(module)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            module_btf_fd(module)
+                                .map_err(|e| e.to_string())
+                                .map(|fd| (b, fd))
+                        });
+                    match targets {
+                        Ok((btf, fd)) => {
+                            for (name, m, nargs) in TARGETS.iter().filter(|t| t.1 == module) {
+                                let r = btf
+                                    .func_id(name)
+                                    .ok_or_else(|| {
+                                        HookError::Program(format!("not in module {m}'s BTF"))
+                                    })
+                                    .and_then(|id| fentry_target(progs, id, *nargs, Some(&fd)));
+                                match r {
+                                    Ok(l) => {
+                                        self.links.extend(l);
+                                        self.hooked.push((*name).to_owned());
+                                    }
+                                    Err(e) => missing.push(format!("{name}: {e}")),
+                                }
+                            }
+                        }
+                        Err(e) => missing.extend(names.iter().map(|n| format!("{n}: {e}"))),
+                    }
+                }
+                KiocbKind::Kprobe => {
+                    let Ok(mut ebpf) = ebpf.lock() else {
+                        continue;
+                    };
+                    for name in &names {
+                        match kprobe_target(&mut ebpf, name) {
+                            Ok(()) => self.hooked.push((*name).to_owned()),
+                            Err(e) => missing.push(format!("{name}: {e}")),
+                        }
+                    }
+                }
+            }
+            changes.push(if missing.is_empty() {
+                format!(
+                    "file layer: module {module} loaded: hooked {}",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "file layer: module {module} loaded: not hooked: {}",
+                    summarize(&missing)
+                )
+            });
+            self.missing.extend(missing);
+        }
+        changes
+    }
+}
+
+/// fentry and fexit of one target (the exit first: a call whose start is seen must have its
+/// end seen too).
+fn fentry_target(
+    progs: &Relocated,
+    id: u32,
+    nargs: u8,
+    obj: Option<&OwnedFd>,
+) -> Result<[OwnedFd; 2], HookError> {
+    let exit = if nargs == 3 {
+        "file_kiocb_exit3"
+    } else {
+        "file_kiocb_exit2"
+    };
+    let x = progs.attach(exit, BPF_TRACE_FEXIT, id, obj)?;
+    let e = progs.attach("file_kiocb_entry", BPF_TRACE_FENTRY, id, obj)?;
+    Ok([x, e])
+}
+
+/// kretprobe and kprobe of one target (return probe first, as for fentry); the entry's
+/// failure takes the return probe back off.
+fn kprobe_target(ebpf: &mut Ebpf, name: &str) -> Result<(), aya::programs::ProgramError> {
+    let ret = program::<KProbe>(ebpf, "file_kiocb_kretprobe")
+        .map_err(|_| aya::programs::ProgramError::NotLoaded)?
+        .attach(name, 0)?;
+    let entry = program::<KProbe>(ebpf, "file_kiocb_kprobe")
+        .map_err(|_| aya::programs::ProgramError::NotLoaded)?
+        .attach(name, 0);
+    if let Err(e) = entry {
+        let _ = program::<KProbe>(ebpf, "file_kiocb_kretprobe").map(|p| p.detach(ret));
+        return Err(e);
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +262,9 @@ fn resolve(btf: &Btf, missing: &mut Vec<String>) -> Vec<Resolved> {
             modules.push((module, loaded));
         }
         let Some((_, Some((mbtf, fd)))) = modules.iter().find(|(m, _)| *m == module) else {
-            missing.push(format!("{name}: module {module} not loaded"));
+            missing.push(format!(
+                "{name}: module {module} not loaded (hooked when it loads)"
+            ));
             continue;
         };
         match (mbtf.func_id(name), fd.try_clone()) {
@@ -149,9 +293,16 @@ pub(crate) fn attach_fentry(
     if targets.is_empty() {
         return Err(HookError::Nothing(summarize(&missing)));
     }
+    // Own copies of the map descriptors: the relocated instructions name them, and they must
+    // stay open for modules loaded later (the start's copies are closed after attaching).
+    let map_fds: Vec<(String, OwnedFd)> = start
+        .map_fds
+        .iter()
+        .filter_map(|(n, fd)| fd.try_clone().ok().map(|fd| (n.clone(), fd)))
+        .collect();
     let progs = Relocated::load(
         super::EBPF_OBJECT,
-        start.map_fds,
+        &map_fds,
         &[
             "file_kiocb_entry",
             "file_kiocb_exit2",
@@ -161,29 +312,13 @@ pub(crate) fn attach_fentry(
     )?;
     let mut links = Vec::new();
     let mut hooked = Vec::new();
-    let mut first_err = None;
     for t in &targets {
-        let exit = if t.nargs == 3 {
-            "file_kiocb_exit3"
-        } else {
-            "file_kiocb_exit2"
-        };
-        // The exit first: a call whose start is seen must have its end seen too.
-        let r = progs
-            .attach(exit, BPF_TRACE_FEXIT, t.id, t.obj.as_ref())
-            .and_then(|x| {
-                let e = progs.attach("file_kiocb_entry", BPF_TRACE_FENTRY, t.id, t.obj.as_ref())?;
-                Ok([x, e])
-            });
-        match r {
+        match fentry_target(&progs, t.id, t.nargs, t.obj.as_ref()) {
             Ok(l) => {
                 links.extend(l);
                 hooked.push(t.name.to_owned());
             }
-            Err(e) => {
-                missing.push(format!("{}: {e}", t.name));
-                first_err.get_or_insert(e);
-            }
+            Err(e) => missing.push(format!("{}: {e}", t.name)),
         }
     }
     if hooked.is_empty() {
@@ -202,7 +337,8 @@ pub(crate) fn attach_fentry(
         kind: KiocbKind::Fentry,
         hooked,
         missing,
-        _links: links,
+        links,
+        later: Some((progs, map_fds)),
     })
 }
 
@@ -220,26 +356,9 @@ pub(crate) fn attach_kprobe(
             .map_err(|e| HookError::Program(format!("{prog}: {e}")))?;
     }
     for (name, module, _) in TARGETS {
-        // The return probe first, as for fentry.
-        let ret = program::<KProbe>(ebpf, "file_kiocb_kretprobe")
-            .map_err(|e| HookError::Program(e.to_string()))?
-            .attach(name, 0);
-        let ret = match ret {
-            Ok(id) => id,
-            Err(e) => {
-                missing.push(kprobe_missing(btf, name, module, &e));
-                continue;
-            }
-        };
-        let entry = program::<KProbe>(ebpf, "file_kiocb_kprobe")
-            .map_err(|e| HookError::Program(e.to_string()))?
-            .attach(name, 0);
-        match entry {
-            Ok(_) => hooked.push(name.to_owned()),
-            Err(e) => {
-                let _ = program::<KProbe>(ebpf, "file_kiocb_kretprobe").map(|p| p.detach(ret));
-                missing.push(kprobe_missing(btf, name, module, &e));
-            }
+        match kprobe_target(ebpf, name) {
+            Ok(()) => hooked.push(name.to_owned()),
+            Err(e) => missing.push(kprobe_missing(btf, name, module, &e)),
         }
     }
     if hooked.is_empty() {
@@ -260,7 +379,8 @@ pub(crate) fn attach_kprobe(
         kind: KiocbKind::Kprobe,
         hooked,
         missing,
-        _links: Vec::new(),
+        links: Vec::new(),
+        later: None,
     })
 }
 
@@ -274,7 +394,7 @@ fn kprobe_missing(btf: &Btf, name: &str, module: &str, e: &aya::programs::Progra
             .join(module)
             .exists()
     {
-        format!("{name}: module {module} not loaded")
+        format!("{name}: module {module} not loaded (hooked when it loads)")
     } else {
         format!("{name}: {e}")
     }
