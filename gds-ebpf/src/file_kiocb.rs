@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use gds_common::{
@@ -45,9 +45,11 @@ macro_rules! kconf {
 
 /// Thread → the kiocb of its synchronous call: what the kretprobe ends (it has no arguments),
 /// and what a block request the thread submits links to when the bio does not name the call
-/// (block-device O_DIRECT: an on-stack bio with `submit_bio_wait`).
+/// (block-device O_DIRECT: an on-stack bio with `submit_bio_wait`). LRU: a return the
+/// kretprobe missed (its `maxactive` instances all busy) leaves an entry no exit removes.
 #[map(name = "GDS_FILE_THREAD")]
-pub(crate) static FILE_THREAD: HashMap<u64, u64> = HashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
+pub(crate) static FILE_THREAD: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
 
 /// A `read_iter`/`write_iter` call starts: `iocb` and `iter` are its arguments.
 #[inline(always)]
