@@ -24,6 +24,9 @@ pub const fn file_row(op: u8, direct: bool) -> u32 {
 pub const FILE_TIER_OFF: u32 = 0;
 pub const FILE_TIER_TRACEPOINT: u32 = 1;
 pub const FILE_TIER_SYSCALLS: u32 = 2;
+/// fentry/fexit or kprobe/kretprobe on the file systems' `read_iter`/`write_iter`, keyed by
+/// the kiocb (`gds-ebpf` `file_kiocb`).
+pub const FILE_TIER_KIOCB: u32 = 3;
 
 /// Where a call came from ([`FileCall::origin`], and the `origin` label of the block requests
 /// linked to it).
@@ -59,7 +62,8 @@ pub struct FileCall {
     /// 1 for O_DIRECT (`IOCB_DIRECT`; `O_DIRECT` in the file's flags).
     pub direct: u8,
     pub origin: u8,
-    pub _pad: u8,
+    /// [`FILE_CALL_ASYNC`]: the call ends at its completion, not when `read_iter` returns.
+    pub flags: u8,
     /// Stamped by the completions of the block requests linked to it: the disk, the first
     /// request's issue and the last one's completion (0: none yet). At its return the call's
     /// stages are queue (start → first issue), device (→ last completion) and completion
@@ -69,6 +73,11 @@ pub struct FileCall {
     pub first_issue_ns: u64,
     pub last_done_ns: u64,
 }
+
+/// [`FileCall::flags`]: an asynchronous kiocb (io_uring, aio): `read_iter` may return
+/// `-EIOCBQUEUED` or `-EAGAIN` and be called again for the same request; the call ends at the
+/// request's completion.
+pub const FILE_CALL_ASYNC: u8 = 1;
 
 /// One row of the file statistics (per CPU): calls that ended, their latency histogram,
 /// bytes asked and returned, errors.
@@ -126,6 +135,9 @@ pub struct FileConfig {
     pub kiocb_filp: u32,
     pub kiocb_pos: u32,
     pub kiocb_flags: u32,
+    /// `kiocb.ki_complete`: NULL for a synchronous call (ends when `read_iter` returns), else
+    /// the completion an asynchronous one (io_uring, aio) ends at.
+    pub kiocb_complete: u32,
     pub file_inode: u32,
     pub file_flags: u32,
     pub inode_ino: u32,
@@ -169,6 +181,7 @@ impl FileConfig {
         kiocb_filp: 0,
         kiocb_pos: 0,
         kiocb_flags: 0,
+        kiocb_complete: 0,
         file_inode: 0,
         file_flags: 0,
         inode_ino: 0,
@@ -201,6 +214,9 @@ pub const O_DIRECT: u32 = 0o200000;
 pub const MAP_FILE_INFLIGHT: &str = "GDS_FILE_INFLIGHT";
 pub const MAP_FILE_STATS: &str = "GDS_FILE_STATS";
 pub const MAP_FILE_PROCS: &str = "GDS_FILE_PROCS";
+/// Thread (`pid_tgid`) → the kiocb of its synchronous call in the kiocb tier: what a
+/// kretprobe ends, and what a block request the thread submits links to.
+pub const MAP_FILE_THREAD: &str = "GDS_FILE_THREAD";
 /// Calls tracked at once; a call beyond is counted (`file_inflight_full`), never timed.
 pub const FILE_INFLIGHT_MAX: u32 = 16384;
 /// Process × file × (op, direct) rows kept (LRU: processes that stop doing file I/O age out).

@@ -45,6 +45,7 @@ use gds_common::{
 
 use crate::{
     file::FILE_INFLIGHT,
+    file_kiocb::FILE_THREAD,
     maps::{PEER_IO, as_scalar, entry_mut, index, stats},
 };
 
@@ -405,8 +406,12 @@ fn link_bio(bio: u64, who: &mut Submitter) {
             return;
         }
     }
-    // The syscalls tier keys calls by thread: a request submitted during the thread's call.
-    if let Some(c) = FILE_INFLIGHT.get_ptr(&who.pid_tgid) {
+    // The syscalls tier keys calls by thread, the kiocb tier names the thread's synchronous
+    // call: a request submitted during the thread's call (block-device O_DIRECT's on-stack bio).
+    let key = unsafe { FILE_THREAD.get(&who.pid_tgid) }
+        .copied()
+        .unwrap_or(who.pid_tgid);
+    if let Some(c) = FILE_INFLIGHT.get_ptr(&key) {
         // SAFETY: map value pointer; fields copied.
         unsafe {
             who.call_pid_tgid = (*c).pid_tgid;
@@ -414,7 +419,7 @@ fn link_bio(bio: u64, who: &mut Submitter) {
             who.ino = (*c).ino;
             who.origin = (*c).origin;
         }
-        who.call_key = who.pid_tgid;
+        who.call_key = key;
         who.link = LINK_CALL;
         return;
     }

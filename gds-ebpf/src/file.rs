@@ -39,7 +39,7 @@ use gds_common::{
 use crate::maps::{as_scalar, entry_mut, index, stats, task_enabled};
 
 #[unsafe(no_mangle)]
-static GDS_FILE_CONFIG: FileConfig = FileConfig::DEFAULT;
+pub(crate) static GDS_FILE_CONFIG: FileConfig = FileConfig::DEFAULT;
 
 macro_rules! fconf {
     ($field:ident) => {
@@ -62,7 +62,7 @@ static FILE_PROCS: LruHashMap<FileProcKey, FileProcStats> =
     LruHashMap::with_max_entries(FILE_PROCS_MAX, 0);
 
 #[inline(always)]
-fn rd<T: Copy + Default>(addr: u64) -> T {
+pub(crate) fn rd<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
 }
 
@@ -105,7 +105,7 @@ unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
 }
 
 #[inline(always)]
-fn count_drop(reason: DropReason) {
+pub(crate) fn count_drop(reason: DropReason) {
     if let Some(s) = stats() {
         s.drops[reason as usize] += 1;
     }
@@ -114,7 +114,7 @@ fn count_drop(reason: DropReason) {
 /// Device and inode of `struct file *` `file` (`sb->s_dev` is already `MKDEV`-encoded as the
 /// block programs encode disks).
 #[inline(always)]
-fn file_id(file: u64) -> (u32, u64, u64) {
+pub(crate) fn file_id(file: u64) -> (u32, u64, u64) {
     let inode: u64 = rd(file + fconf!(file_inode) as u64);
     let ino: u64 = rd(inode + fconf!(inode_ino) as u64);
     let sb: u64 = rd(inode + fconf!(inode_sb) as u64);
@@ -124,7 +124,7 @@ fn file_id(file: u64) -> (u32, u64, u64) {
 
 /// A call of the current thread starting now.
 #[inline(always)]
-fn new_call(
+pub(crate) fn new_call(
     pid_tgid: u64,
     dev: u32,
     ino: u64,
@@ -145,7 +145,7 @@ fn new_call(
         op,
         direct: direct as u8,
         origin: ORIGIN_SYSCALL,
-        _pad: 0,
+        flags: 0,
         blk_dev: 0,
         _pad2: 0,
         first_issue_ns: 0,
@@ -348,7 +348,7 @@ pub fn file_sys_exit(ctx: RawTracePointContext) -> i32 {
 
 /// Counts an ended call: its row's histogram, bytes and errors, and its process's counts.
 #[inline(always)]
-fn end_call(c: &FileCall, ret: i64) {
+pub(crate) fn end_call(c: &FileCall, ret: i64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let ns = now.saturating_sub(c.start_ns);
     // Its block requests' stages, once per call: they add up to its duration.

@@ -11,6 +11,7 @@
 mod cufile;
 mod device;
 mod file;
+mod file_kiocb;
 mod floor;
 mod maps;
 mod uring;

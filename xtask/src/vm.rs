@@ -257,7 +257,13 @@ impl BootReport {
 
 /// Install the host tools the harness needs (qemu, busybox, cpio; fio is the throughput peer).
 pub fn ensure_tools() -> Result<()> {
-    crate::setup::apt_install(&["qemu-system-x86", "busybox-static", "cpio", "fio"])
+    crate::setup::apt_install(&[
+        "qemu-system-x86",
+        "busybox-static",
+        "cpio",
+        "fio",
+        "e2fsprogs",
+    ])
 }
 
 /// Build (or locate) the guest binaries: gds-agent and gds-vm-scenarios, plus fio.
@@ -293,6 +299,8 @@ pub fn guest_binaries(args: &VmTestArgs) -> Result<Vec<(PathBuf, String)>> {
         bins.push((p, name.to_string()));
     }
     bins.push((PathBuf::from("/usr/bin/fio"), "fio".to_string()));
+    // A real ext4 for the file-layer scenarios (busybox's mke2fs makes ext2 only).
+    bins.push((PathBuf::from("/sbin/mke2fs"), "mkfs.ext4".to_string()));
     bins.push((standin_libcufile()?, "libcufile.so.0".to_string()));
     Ok(bins)
 }

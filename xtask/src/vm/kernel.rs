@@ -3,8 +3,9 @@
 //! Two flavours per series: the cloud image (`linux-image-6.12…-cloud-amd64`), which builds
 //! NVMe in, and the generic one (`linux-image-6.12…+deb12-amd64`, like Ubuntu's and RHEL's
 //! kernels), which builds `nvme` and `nvme_core` as modules with module BTF. For a generic
-//! kernel the NVMe modules and everything they depend on (hard and `softdep pre:`) are
-//! unpacked from the package, decompressed, and listed in load order, for the guest's
+//! kernel the NVMe modules, ext4 (a module there too: the file-layer scenarios hook its
+//! functions through its module BTF) and everything they depend on (hard and `softdep pre:`)
+//! are unpacked from the package, decompressed, and listed in load order, for the guest's
 //! `/init` to `insmod`. A series is named `6.12` (cloud) or `6.12-generic`.
 
 use std::path::{Path, PathBuf};
@@ -25,8 +26,8 @@ pub struct GuestKernel {
     pub modules: Vec<PathBuf>,
 }
 
-/// The module the generic kernels' guests need, with its dependencies.
-const NVME_MODULE: &str = "nvme";
+/// The modules the generic kernels' guests load, with their dependencies.
+const GUEST_MODULES: [&str; 2] = ["nvme", "ext4"];
 
 /// `6.12` → (`6.12`, cloud); `6.12-generic` → (`6.12`, generic).
 fn split_series(series: &str) -> (&str, bool) {
@@ -130,9 +131,15 @@ pub fn fetch(series: &str, cache: &Path) -> Result<GuestKernel> {
     let vmlinuz = dir.join("vmlinuz");
     let package_file = dir.join("PACKAGE");
     let modules_file = dir.join("MODULES");
+    let (_, generic) = split_series(series);
     if vmlinuz.is_file()
         && let Ok(package) = std::fs::read_to_string(&package_file)
         && let Ok(modules) = std::fs::read_to_string(&modules_file)
+        // A cache made before a module joined the list is unpacked again.
+        && (!generic
+            || GUEST_MODULES
+                .iter()
+                .all(|m| modules.lines().any(|l| l == format!("{m}.ko"))))
     {
         return Ok(GuestKernel {
             series: series.to_string(),
@@ -144,7 +151,6 @@ pub fn fetch(series: &str, cache: &Path) -> Result<GuestKernel> {
                 .collect(),
         });
     }
-    let (_, generic) = split_series(series);
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs)?;
     let names = candidates(series)?;
@@ -152,14 +158,20 @@ pub fn fetch(series: &str, cache: &Path) -> Result<GuestKernel> {
         bail!("apt knows no linux-image package for kernel {series} (is this Debian 12?)");
     }
     for name in names.iter().take(3) {
-        eprintln!("xtask vm: fetching kernel {name}");
         let before: Vec<_> = list_debs(&debs)?;
-        let ok = Command::new("apt-get")
-            .args(["download", "-qq", name])
-            .current_dir(&debs)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let cached = before.iter().any(|d| {
+            d.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}_")))
+        });
+        let ok = cached || {
+            eprintln!("xtask vm: fetching kernel {name}");
+            Command::new("apt-get")
+                .args(["download", "-qq", name])
+                .current_dir(&debs)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
         if !ok {
             continue;
         }
@@ -184,8 +196,8 @@ pub fn fetch(series: &str, cache: &Path) -> Result<GuestKernel> {
             .with_context(|| format!("{name} has no boot/vmlinuz-*"))?;
         std::fs::copy(&image, &vmlinuz)?;
         let modules = if generic {
-            unpack_modules(&unpack, &dir.join("modules"), NVME_MODULE)
-                .with_context(|| format!("NVMe modules of {name}"))?
+            unpack_modules(&unpack, &dir.join("modules"), &GUEST_MODULES)
+                .with_context(|| format!("NVMe and ext4 modules of {name}"))?
         } else {
             Vec::new()
         };
@@ -257,9 +269,9 @@ fn prerequisites(ko: &[u8]) -> Vec<String> {
     deps
 }
 
-/// Decompresses `target` and every module it needs from an unpacked kernel package into
+/// Decompresses `targets` and every module they need from an unpacked kernel package into
 /// `out`, and returns them in load order (dependencies first).
-fn unpack_modules(pkg: &Path, out: &Path, target: &str) -> Result<Vec<PathBuf>> {
+fn unpack_modules(pkg: &Path, out: &Path, targets: &[&str]) -> Result<Vec<PathBuf>> {
     let mut files = std::collections::HashMap::new();
     let mut stack = vec![pkg.join("lib/modules"), pkg.join("usr/lib/modules")];
     while let Some(d) = stack.pop() {
@@ -286,7 +298,9 @@ fn unpack_modules(pkg: &Path, out: &Path, target: &str) -> Result<Vec<PathBuf>> 
     std::fs::create_dir_all(out)?;
     let mut order = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    visit(&canonical(target), &files, out, &mut seen, &mut order, 0)?;
+    for target in targets {
+        visit(&canonical(target), &files, out, &mut seen, &mut order, 0)?;
+    }
     Ok(order)
 }
 
@@ -301,6 +315,13 @@ fn visit(
     if depth > 32 {
         bail!("module dependencies nest deeper than 32 at {name}");
     }
+    // A softdep may name an alias: ext4's `pre: crypto-crc32c` is the crypto algorithm, which
+    // `crc32c_generic.ko` provides (without it mounting a metadata_csum ext4 fails, ENOENT).
+    let name = if matches!(name, "crc32c" | "crypto_crc32c") && !files.contains_key(name) {
+        "crc32c_generic"
+    } else {
+        name
+    };
     if !seen.insert(name.to_string()) {
         return Ok(());
     }

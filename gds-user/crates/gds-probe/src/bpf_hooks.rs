@@ -50,16 +50,53 @@ pub struct BpfHooks {
     pub file_hooks: String,
 }
 
-/// What `--file-hooks auto` chooses on a kernel with `btf` (the rule of `gds_trace::FilePlan`:
-/// fentry, else kprobes — neither built yet — else the iomap tracepoints; never syscalls).
+/// What `--file-hooks auto` chooses on a kernel with `btf` (the rule of `gds_trace`'s file
+/// layer: fentry, else kprobes, else the iomap tracepoints; never syscalls). fentry is tried
+/// by attaching an empty program to `blkdev_read_iter` (a load alone says yes where an attach
+/// says no: 6.1 loads fentry on 7-argument functions and refuses the attach); kprobes by the
+/// perf `kprobe` event source aya attaches through.
 fn file_hooks(btf: &gds_host::btf::Btf) -> String {
-    if ["iomap_dio_rw_begin", "iomap_dio_complete"]
+    let modules = ["ext4", "xfs", "btrfs"]
+        .iter()
+        .filter(|m| {
+            btf.func_id(&format!("{m}_file_read_iter")).is_none()
+                && !std::path::Path::new("/sys/kernel/btf").join(m).exists()
+        })
+        .copied()
+        .collect::<Vec<_>>();
+    let not_loaded = if modules.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; not loaded now: {} (hooked when they load)",
+            modules.join(", ")
+        )
+    };
+    let fentry = btf
+        .func_id("blkdev_read_iter")
+        .ok_or_else(|| "blkdev_read_iter is not in the kernel's BTF".to_owned())
+        .and_then(|id| try_attach(BPF_TRACE_FENTRY, id));
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    if fentry.is_ok() {
+        format!(
+            "fentry (read_iter/write_iter of ext4, xfs, btrfs, block devices: every call; \
+             not fsync, mmap faults, splice{not_loaded})"
+        )
+    } else if kprobes {
+        format!(
+            "kprobe (fentry refused: {}; read_iter/write_iter of ext4, xfs, btrfs, block \
+             devices: every call; not fsync, mmap faults, splice{not_loaded})",
+            fentry.err().unwrap_or_default()
+        )
+    } else if ["iomap_dio_rw_begin", "iomap_dio_complete"]
         .iter()
         .all(|tp| btf.has_tracepoint(tp))
     {
-        "tracepoint (iomap_dio_rw_begin/complete: O_DIRECT calls of ext4, xfs, btrfs; not \
-         buffered calls, fsync or block devices; fentry/kprobe tiers not built yet)"
-            .into()
+        format!(
+            "tracepoint (fentry refused: {}; no kprobes; iomap_dio_rw_begin/complete: O_DIRECT \
+             calls of ext4, xfs, btrfs; not buffered calls, fsync or block devices)",
+            fentry.err().unwrap_or_default()
+        )
     } else {
         "off (no iomap direct-I/O tracepoints, kernel before 6.4; --file-hooks syscalls \
          traces every read/write system call at a cost to every syscall)"
@@ -77,6 +114,43 @@ const BPF_TRACE_FEXIT: u32 = 25;
 /// Loads `r0 = 0; exit` as a program of `prog_type` (with `attach_type` at `btf_id` for the
 /// tracing kinds) and closes it.
 fn try_load(prog_type: u32, attach_type: u32, btf_id: u32) -> Result<(), String> {
+    let fd = load(prog_type, attach_type, btf_id)?;
+    // SAFETY: closing the fd we were just given.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Loads an empty tracing program for `attach_type` at `btf_id`, attaches it
+/// (`BPF_RAW_TRACEPOINT_OPEN` with no name) and closes both.
+fn try_attach(attach_type: u32, btf_id: u32) -> Result<(), String> {
+    const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+    let prog = load(BPF_PROG_TYPE_TRACING, attach_type, btf_id)?;
+    // union bpf_attr, raw_tracepoint part: name @0 (NULL: the program's target), prog_fd @8.
+    let mut attr = [0u8; 16];
+    attr[8..12].copy_from_slice(&(prog as u32).to_ne_bytes());
+    // SAFETY: bpf(2) with a valid attr of the size given.
+    let link = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_RAW_TRACEPOINT_OPEN,
+            attr.as_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    let r = if link < 0 {
+        Err(format!("attach: {}", std::io::Error::last_os_error()))
+    } else {
+        // SAFETY: closing the fd we were just given.
+        unsafe { libc::close(link as i32) };
+        Ok(())
+    };
+    // SAFETY: as above.
+    unsafe { libc::close(prog) };
+    r
+}
+
+/// `r0 = 0; exit` loaded as described at [`try_load`]: its descriptor.
+fn load(prog_type: u32, attach_type: u32, btf_id: u32) -> Result<i32, String> {
     // BPF_MOV64_IMM(r0, 0); BPF_EXIT_INSN().
     let insns: [u64; 2] = [0xb7, 0x95];
     let license = b"GPL\0";
@@ -101,9 +175,7 @@ fn try_load(prog_type: u32, attach_type: u32, btf_id: u32) -> Result<(), String>
     if fd < 0 {
         return Err(std::io::Error::last_os_error().to_string());
     }
-    // SAFETY: closing the fd we were just given.
-    unsafe { libc::close(fd as i32) };
-    Ok(())
+    Ok(fd as i32)
 }
 
 /// Tries each kind on the running kernel (needs CAP_BPF + CAP_PERFMON, or root).

@@ -4,8 +4,9 @@
 //!
 //! Tiers, best first (`auto` tries them in this order; `syscalls` only when asked for):
 //! - `fentry`, `kprobe`: the file systems' `read_iter`/`write_iter` keyed by the kiocb (every
-//!   path: syscalls, io_uring, aio, nvidia-fs; buffered and O_DIRECT). Not built yet: `auto`
-//!   goes on to the tracepoints, and naming them says so and does the same.
+//!   path: syscalls, io_uring, aio, nvidia-fs; buffered and O_DIRECT): [`super::file_hooks`].
+//!   Whether they work is known only by attaching: `auto` tries fentry, then kprobes, then the
+//!   tracepoints; naming one tries it alone before the tracepoints.
 //! - `tracepoint`: `iomap_dio_rw_begin`/`iomap_dio_complete` (6.4+): O_DIRECT calls of ext4,
 //!   xfs and btrfs, exactly, from every path. Costs nothing to other I/O or syscalls.
 //! - `syscalls`: `raw_syscalls` `sys_enter`/`sys_exit`: every read/write-family system call on
@@ -19,7 +20,7 @@ use aya::{
 };
 use gds_api::raw::{FileRaw, Inflight, Layer, LayerDetail, LayerEntry};
 use gds_common::file::{
-    FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_TIER_OFF, FILE_TIER_SYSCALLS,
+    FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS,
     FILE_TIER_TRACEPOINT, FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats,
     MAP_FILE_INFLIGHT, MAP_FILE_PROCS, MAP_FILE_STATS, SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3,
     SYSCALL_TABLE, SYSCALL_TRACED,
@@ -30,6 +31,7 @@ use tracing::{info, warn};
 use super::{
     TraceError,
     device::{attach_btf, in_flight, tracepoint_btf},
+    file_hooks::{KIOCB_BLIND, KiocbHooks, KiocbKind},
     layer::{Start, TracedLayer},
     program, take_map,
 };
@@ -113,14 +115,15 @@ impl FilePlan {
             asked,
             FileHooks::Auto | FileHooks::Fentry | FileHooks::Kprobe
         ) {
-            if asked != FileHooks::Auto {
-                notes.push(format!(
-                    "--file-hooks {}: not built yet; using tracepoints",
-                    asked.label()
-                ));
-            } else {
-                notes.push("fentry and kprobe tiers not built yet".into());
-            }
+            // Decided when attaching (the tracepoint tier reads the same offsets).
+            return match resolve(btf, FILE_TIER_KIOCB) {
+                Ok(config) => FilePlan {
+                    hooks: asked,
+                    config,
+                    notes,
+                },
+                Err(e) => off(vec![format!("file layer off: {e}")]),
+            };
         }
         let want_syscalls = asked == FileHooks::Syscalls;
         let tier = if want_syscalls {
@@ -160,6 +163,7 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     c.kiocb_filp = btf.member_offset("kiocb", &["ki_filp"])?;
     c.kiocb_pos = btf.member_offset("kiocb", &["ki_pos"])?;
     c.kiocb_flags = btf.member_offset("kiocb", &["ki_flags"])?;
+    c.kiocb_complete = btf.member_offset("kiocb", &["ki_complete"])?;
     c.file_inode = btf.member_offset("file", &["f_inode"])?;
     c.file_flags = btf.member_offset("file", &["f_flags"])?;
     c.inode_ino = btf.member_offset("inode", &["i_ino"])?;
@@ -245,6 +249,9 @@ pub struct FileLayer {
     on: bool,
     /// ext4's fsync tracepoints are attached too (tracepoint tier).
     ext4_fsync: bool,
+    /// The hooks attached (the plan's `auto` resolved), and the kiocb tier's links.
+    used: FileHooks,
+    kiocb: std::sync::Mutex<Option<KiocbHooks>>,
     inflight: HashMap<MapData, u64, FileCall>,
     stats: PerCpuArray<MapData, FileRowStats>,
     procs: HashMap<MapData, FileProcKey, FileProcStats>,
@@ -253,11 +260,7 @@ pub struct FileLayer {
 impl FileLayer {
     /// The hooks in use.
     pub fn hooks(&self) -> FileHooks {
-        if self.on {
-            self.plan.hooks
-        } else {
-            FileHooks::Off
-        }
+        if self.on { self.used } else { FileHooks::Off }
     }
 
     /// The statistics rows summed over CPUs, and the per-process counts.
@@ -292,10 +295,17 @@ impl FileLayer {
         let list: &[&str] = match self.hooks() {
             FileHooks::Tracepoint => &TRACEPOINT_BLIND,
             FileHooks::Syscalls => &SYSCALLS_BLIND,
+            FileHooks::Fentry | FileHooks::Kprobe => &KIOCB_BLIND,
             FileHooks::Off => &["every file call"],
-            _ => &[],
+            FileHooks::Auto => &[],
         };
-        list.iter().map(|s| (*s).to_owned()).collect()
+        let mut out: Vec<String> = list.iter().map(|s| (*s).to_owned()).collect();
+        if let Ok(k) = self.kiocb.lock()
+            && let Some(k) = k.as_ref().filter(|_| self.on)
+        {
+            out.extend(k.missing.iter().cloned());
+        }
+        out
     }
 }
 
@@ -308,8 +318,38 @@ impl TracedLayer for FileLayer {
             inflight: take_map(ebpf, MAP_FILE_INFLIGHT)?,
             stats: take_map(ebpf, MAP_FILE_STATS)?,
             procs: take_map(ebpf, MAP_FILE_PROCS)?,
+            used: start.file.hooks,
+            kiocb: std::sync::Mutex::new(None),
         };
-        match layer.plan.hooks {
+        if matches!(
+            layer.plan.hooks,
+            FileHooks::Auto | FileHooks::Fentry | FileHooks::Kprobe
+        ) && let Some(btf) = start.btf
+        {
+            let asked = layer.plan.hooks;
+            let mut why = Vec::new();
+            if let Some(k) = super::file_hooks::attach_best(ebpf, start, btf, asked, &mut why) {
+                layer.used = match k.kind {
+                    KiocbKind::Fentry => FileHooks::Fentry,
+                    KiocbKind::Kprobe => FileHooks::Kprobe,
+                };
+                layer.kiocb = std::sync::Mutex::new(Some(k));
+                layer.on = true;
+            } else if DIO_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
+                layer.used = FileHooks::Tracepoint;
+                why.push("using the iomap tracepoints".into());
+            } else {
+                layer.used = FileHooks::Off;
+                why.push(
+                    "no iomap_dio_rw_begin/iomap_dio_complete tracepoints (kernels before 6.4) \
+                     either: file layer off (--file-hooks syscalls traces every read/write \
+                     system call)"
+                        .into(),
+                );
+            }
+            layer.plan.notes.extend(why);
+        }
+        match layer.used {
             FileHooks::Tracepoint => {
                 let Some(btf) = start.btf else {
                     return Ok(layer);
@@ -348,7 +388,7 @@ impl TracedLayer for FileLayer {
             }
             _ => {}
         }
-        debug_assert!(layer.on || layer.plan.config.tier == FILE_TIER_OFF || start.btf.is_none());
+        debug_assert!(layer.on || layer.used == FileHooks::Off || start.btf.is_none());
         for note in &layer.plan.notes {
             info!("file layer: {note}");
         }
@@ -378,6 +418,19 @@ impl TracedLayer for FileLayer {
             FileHooks::Syscalls => "raw tracepoints sys_enter/sys_exit: every read/write \
                                     system call on a file (slows every syscall)"
                 .to_owned(),
+            FileHooks::Fentry | FileHooks::Kprobe => format!(
+                "{} on {}: every call, buffered and O_DIRECT, from every path",
+                if self.used == FileHooks::Fentry {
+                    "fentry/fexit"
+                } else {
+                    "kprobe/kretprobe"
+                },
+                self.kiocb
+                    .lock()
+                    .ok()
+                    .and_then(|k| k.as_ref().map(|k| k.hooked.join(", ")))
+                    .unwrap_or_default()
+            ),
             _ => "off".to_owned(),
         };
         let mut why = vec![how];
@@ -390,6 +443,14 @@ impl TracedLayer for FileLayer {
                 hooks: self.hooks().label().to_owned(),
                 blind_to: self.blind_to(),
             }),
+        }
+    }
+
+    /// fentry/kprobe tiers: hooks the functions of a file-system module loaded since start.
+    fn refresh(&self, ebpf: &std::sync::Mutex<Ebpf>) -> Vec<String> {
+        match self.kiocb.lock() {
+            Ok(mut k) => k.as_mut().map(|k| k.refresh(ebpf)).unwrap_or_default(),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -415,13 +476,20 @@ mod tests {
     fn tiers_on_this_kernel() {
         let btf = Btf::from_sys().unwrap();
         let auto = FilePlan::choose(FileHooks::Auto, Some(&btf));
+        // fentry, kprobes or tracepoints: known only by attaching (`file_layer` tests).
+        assert_eq!(auto.hooks, FileHooks::Auto, "{:?}", auto.notes);
+        assert_eq!(auto.config.tier, FILE_TIER_KIOCB);
+        assert_eq!(
+            auto.config.kiocb_flags,
+            btf.member_offset("kiocb", &["ki_flags"]).unwrap()
+        );
+        assert_eq!(
+            auto.config.kiocb_complete,
+            btf.member_offset("kiocb", &["ki_complete"]).unwrap()
+        );
+        let tp = FilePlan::choose(FileHooks::Tracepoint, Some(&btf));
         if DIO_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
-            assert_eq!(auto.hooks, FileHooks::Tracepoint, "{:?}", auto.notes);
-            assert_eq!(auto.config.tier, FILE_TIER_TRACEPOINT);
-            assert_eq!(
-                auto.config.kiocb_flags,
-                btf.member_offset("kiocb", &["ki_flags"]).unwrap()
-            );
+            assert_eq!(tp.config.tier, FILE_TIER_TRACEPOINT);
         }
         let sys = FilePlan::choose(FileHooks::Syscalls, Some(&btf));
         assert_eq!(sys.hooks, FileHooks::Syscalls, "{:?}", sys.notes);

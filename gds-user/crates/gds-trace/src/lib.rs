@@ -11,6 +11,7 @@ mod elf;
 mod error;
 mod events;
 mod file;
+mod file_hooks;
 mod filewatch;
 mod inflight;
 mod layer;

@@ -304,8 +304,13 @@ impl UringTracer {
 
     /// Attaches to libcufile copies and their processes that appeared, detaches from those
     /// gone, and forgets what exited processes left in the maps. Returns the changes to log.
+    ///
+    /// Also hooks file-system modules loaded since start (the file layer's fentry/kprobe
+    /// tiers): loading fentry programs, opening kprobes and walking the kernel's BTF objects
+    /// need the capabilities only the cuFile thread keeps.
     pub fn refresh_cufile(&self) -> Vec<String> {
-        let changes = self.refresh(Layer::Cufile);
+        let mut changes = self.refresh(Layer::Cufile);
+        changes.extend(self.refresh(Layer::File));
         let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
         self.peer_io.prune(&alive);
         changes

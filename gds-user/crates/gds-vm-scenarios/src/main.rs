@@ -16,6 +16,7 @@
 //! knows which results to expect.
 
 mod agent;
+mod file_layer;
 mod modules;
 mod nvme;
 mod p2pdma;
@@ -92,6 +93,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(stall_cause::scenarios());
     all.extend(uring::scenarios());
     all.extend(modules::scenarios());
+    all.extend(file_layer::scenarios());
     all.extend(p2pdma::scenarios());
     all.extend(selftest::scenarios());
     all
