@@ -175,6 +175,16 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
         // it serves are 6.4+.
         c.iter_count = btf.member_offset("iov_iter", &["count"])?;
         c.iter_source = btf.member_offset("iov_iter", &["data_source"])?;
+    } else if tier == FILE_TIER_KIOCB
+        && let (Ok(count), Ok(source)) = (
+            btf.member_offset("iov_iter", &["count"]),
+            btf.member_offset("iov_iter", &["data_source"]),
+        )
+    {
+        // The kiocb tier falls back to the tracepoints when neither fentry nor kprobes attach
+        // (decided after loading): their program, verified at load with direct loads, needs
+        // these too.
+        (c.iter_count, c.iter_source) = (count, source);
     }
     if tier == FILE_TIER_SYSCALLS {
         c.task_files = btf.member_offset("task_struct", &["files"])?;
@@ -486,6 +496,11 @@ mod tests {
         assert_eq!(
             auto.config.kiocb_complete,
             btf.member_offset("kiocb", &["ki_complete"]).unwrap()
+        );
+        // What the tracepoints read if `auto` falls back to them (as here).
+        assert_eq!(
+            auto.config.iter_count,
+            btf.member_offset("iov_iter", &["count"]).unwrap()
         );
         let tp = FilePlan::choose(FileHooks::Tracepoint, Some(&btf));
         if DIO_TPS.iter().all(|tp| btf.has_tracepoint(tp)) {
