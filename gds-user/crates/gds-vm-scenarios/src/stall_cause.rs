@@ -266,8 +266,12 @@ fn reset(c: &Ctx) -> Result<String> {
         finished = rd.iter().all(|r| r.is_finished());
         let r = stalls()?;
         for s in ours(&r, &disk) {
-            if !all.iter().any(|x| same(x, s)) {
-                all.push(s.clone());
+            // The latest state of each: a stall first seen active is kept with its total once
+            // it is seen ended.
+            match all.iter_mut().find(|x| same(x, s)) {
+                Some(x) if s.total_seconds.is_some() => *x = s.clone(),
+                Some(_) => {}
+                None => all.push(s.clone()),
             }
         }
         std::thread::sleep(Duration::from_millis(20));
