@@ -35,8 +35,8 @@ for round in 1 2; do
 for v in before after; do
   [ -x .device/$v/trace_overhead ] || continue
   echo "== $v round $round trace_overhead"; .device/$v/trace_overhead --bench 2>&1 | tail -16
-  echo "== $v round $round cufile_overhead"; GDS_LIBCUFILE=$LIB .device/$v/cufile_overhead --bench 2>&1 | tail -8
+  [ -n "${CUFILE_BENCH:-}" ] && { echo "== $v round $round cufile_overhead"; GDS_LIBCUFILE=$LIB .device/$v/cufile_overhead --bench 2>&1 | tail -8; }
 done
 done 2>&1 | tee $OUT/bench.txt
-[ -x .device/after/file_overhead ] && { echo "== file_overhead"; .device/after/file_overhead --bench 2>&1 | tail -16; } | tee -a $OUT/bench.txt
+[ -n "${FILE_BENCH:-}" ] && [ -x .device/after/file_overhead ] && { echo "== file_overhead"; .device/after/file_overhead --bench 2>&1 | tail -16; } | tee -a $OUT/bench.txt
 cd $OUT && tar czf results.tgz *.txt *.json *.log && rm -f *.txt *.json *.log
