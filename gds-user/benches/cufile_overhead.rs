@@ -6,6 +6,8 @@
 //!
 //! `cargo xtask bench` (root; `cargo xtask setup` installs the library).
 
+mod timing;
+
 use std::{
     os::fd::AsRawFd,
     time::{Duration, Instant},
@@ -18,27 +20,9 @@ const ROUND_TIME: Duration = Duration::from_millis(400);
 
 type CuFileRead = unsafe extern "C" fn(*mut u8, *mut u8, usize, i64, i64) -> isize;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 /// ns per call of `f`, median of [`ROUNDS`] rounds of [`ROUND_TIME`].
 fn per_call(f: &mut dyn FnMut()) -> f64 {
-    let rounds = (0..ROUNDS)
-        .map(|_| {
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed() < ROUND_TIME {
-                for _ in 0..64 {
-                    f();
-                }
-                n += 64;
-            }
-            start.elapsed().as_nanos() as f64 / n as f64
-        })
-        .collect();
-    median(rounds)
+    timing::per_call(ROUNDS, ROUND_TIME, 64, f)
 }
 
 fn main() {

@@ -6,9 +6,12 @@
 //!
 //! `cargo xtask bench` (root).
 
+mod timing;
+use timing::median;
+
 use std::{
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use gds_trace::{FileHooks, TraceOptions, UringTracer};
@@ -19,27 +22,9 @@ const ROUND_TIME: Duration = Duration::from_millis(300);
 const CYCLES: usize = 5;
 const FILE_SIZE: usize = 64 << 20;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 /// ns per call of `f`, median of [`ROUNDS`] rounds of [`ROUND_TIME`].
 fn per_call(f: &mut dyn FnMut()) -> f64 {
-    let rounds = (0..ROUNDS)
-        .map(|_| {
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed() < ROUND_TIME {
-                for _ in 0..16 {
-                    f();
-                }
-                n += 16;
-            }
-            start.elapsed().as_nanos() as f64 / n as f64
-        })
-        .collect();
-    median(rounds)
+    timing::per_call(ROUNDS, ROUND_TIME, 16, f)
 }
 
 fn main() {

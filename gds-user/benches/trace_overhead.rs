@@ -6,6 +6,9 @@
 //!
 //! `cargo xtask bench` (root). Prints ops/s per variant, added ns per request, and ratios.
 
+mod timing;
+use timing::median;
+
 use std::{
     io::Write as _,
     os::fd::AsRawFd,
@@ -60,11 +63,6 @@ fn run(ring: &mut IoUring, make: &dyn Fn(usize) -> io_uring::squeue::Entry) -> f
         ops += BATCH;
     }
     start.elapsed().as_nanos() as f64 / ops as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// ns per request of each variant, in `VARIANTS` order.
