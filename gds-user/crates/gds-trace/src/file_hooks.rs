@@ -19,7 +19,6 @@
 //! (kprobes do not hold it).
 
 use std::{
-    collections::HashSet,
     ffi::CString,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -226,6 +225,17 @@ pub(crate) enum HookError {
     Nothing(String),
     #[error("{0}")]
     Program(String),
+}
+
+impl From<super::umulti::Unready> for HookError {
+    fn from(e: super::umulti::Unready) -> Self {
+        use super::umulti::Unready;
+        match e {
+            Unready::Parse(e) => HookError::Parse(e),
+            Unready::Relocate(e) => HookError::Relocate(e),
+            Unready::Missing(n) => HookError::Missing(n),
+        }
+    }
 }
 
 /// A target function resolved in BTF: its type id and the module BTF's descriptor (None:
@@ -457,27 +467,7 @@ impl Relocated {
         maps: &[(String, OwnedFd)],
         names: &[&'static str],
     ) -> Result<Relocated, HookError> {
-        let mut obj =
-            aya_obj::Object::parse(object).map_err(|e| HookError::Parse(e.to_string()))?;
-        let defs = obj.maps.clone();
-        let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-        obj.relocate_maps(
-            maps.iter()
-                .filter_map(|(n, fd)| defs.get(n).map(|d| (n.as_str(), fd.as_raw_fd(), d))),
-            &text,
-        )
-        .map_err(|e| HookError::Relocate(e.to_string()))?;
-        obj.relocate_calls(&text)
-            .map_err(|e| HookError::Relocate(e.to_string()))?;
-        let mut progs = Vec::new();
-        for &name in names {
-            let p = obj.programs.get(name).ok_or(HookError::Missing(name))?;
-            let f = obj
-                .functions
-                .get(&p.function_key())
-                .ok_or(HookError::Missing(name))?;
-            progs.push((name, f.instructions.clone()));
-        }
+        let progs = super::umulti::relocated(object, maps, names)?;
         Ok(Relocated { progs })
     }
 

@@ -52,6 +52,55 @@ pub enum MultiError {
     },
 }
 
+/// Why an object's programs could not be made ready to load against aya's maps.
+#[derive(Debug)]
+pub(crate) enum Unready {
+    Parse(String),
+    Relocate(String),
+    Missing(&'static str),
+}
+
+impl From<Unready> for MultiError {
+    fn from(e: Unready) -> Self {
+        match e {
+            Unready::Parse(e) => MultiError::Parse(e),
+            Unready::Relocate(e) => MultiError::Relocate(e),
+            Unready::Missing(n) => MultiError::Missing(n),
+        }
+    }
+}
+
+/// The instructions of `names` in `object` (parsed again), their map references pointing at
+/// the descriptors in `maps` and their calls resolved: what loading a program ourselves, beside
+/// aya, takes (multi-uprobe links here, fentry against module BTF in `file_hooks`).
+pub(crate) fn relocated(
+    object: &[u8],
+    maps: &[(String, OwnedFd)],
+    names: &[&'static str],
+) -> Result<Vec<(&'static str, Vec<aya_obj::generated::bpf_insn>)>, Unready> {
+    let mut obj = aya_obj::Object::parse(object).map_err(|e| Unready::Parse(e.to_string()))?;
+    let defs = obj.maps.clone();
+    let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
+    obj.relocate_maps(
+        maps.iter()
+            .filter_map(|(n, fd)| defs.get(n).map(|d| (n.as_str(), fd.as_raw_fd(), d))),
+        &text,
+    )
+    .map_err(|e| Unready::Relocate(e.to_string()))?;
+    obj.relocate_calls(&text)
+        .map_err(|e| Unready::Relocate(e.to_string()))?;
+    let mut progs = Vec::new();
+    for &name in names {
+        let p = obj.programs.get(name).ok_or(Unready::Missing(name))?;
+        let f = obj
+            .functions
+            .get(&p.function_key())
+            .ok_or(Unready::Missing(name))?;
+        progs.push((name, f.instructions.clone()));
+    }
+    Ok(progs)
+}
+
 /// The file descriptors of every map aya created, by name (duplicated: they outlive the maps
 /// taken out of the object later).
 pub fn map_fds(ebpf: &Ebpf) -> Vec<(String, OwnedFd)> {
@@ -100,26 +149,9 @@ impl MultiPrograms {
         maps: &[(String, OwnedFd)],
         names: &[&'static str],
     ) -> Result<MultiPrograms, MultiError> {
-        let mut obj =
-            aya_obj::Object::parse(object).map_err(|e| MultiError::Parse(e.to_string()))?;
-        let defs = obj.maps.clone();
-        let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-        obj.relocate_maps(
-            maps.iter()
-                .filter_map(|(n, fd)| defs.get(n).map(|d| (n.as_str(), fd.as_raw_fd(), d))),
-            &text,
-        )
-        .map_err(|e| MultiError::Relocate(e.to_string()))?;
-        obj.relocate_calls(&text)
-            .map_err(|e| MultiError::Relocate(e.to_string()))?;
         let mut progs = BTreeMap::new();
-        for &name in names {
-            let p = obj.programs.get(name).ok_or(MultiError::Missing(name))?;
-            let f = obj
-                .functions
-                .get(&p.function_key())
-                .ok_or(MultiError::Missing(name))?;
-            progs.insert(name, prog_load(&f.instructions, name)?);
+        for (name, insns) in relocated(object, maps, names)? {
+            progs.insert(name, prog_load(&insns, name)?);
         }
         Ok(MultiPrograms { progs })
     }
