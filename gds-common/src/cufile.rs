@@ -132,6 +132,12 @@ counted_enum! {
         /// A row, handle, call in flight or error code of an untrusted user's process refused:
         /// the untrusted share of that table is full (the trusted tables are not touched).
         UntrustedTableFull = 11 => "cufile_untrusted_table_full",
+        /// A file registered with cuFile that the file layer's hooks do not see (a file system
+        /// the kiocb tier does not hook): libc probes are asked for its process.
+        BeneathUnseen = 12 => "unseen",
+        /// A file registered with cuFile whose inode could not be remembered (its table is
+        /// full): the file layer's calls on it are not linked to its cuFile calls.
+        InodeTableFull = 13 => "cufile_inode_table_full",
     }
 }
 
@@ -251,6 +257,17 @@ pub struct CufileFileStats {
     pub owned_handles: u64,
 }
 
+/// Key of the files registered with cuFile, by what the file layer knows of a call: the
+/// process and the file's device and inode (`GDS_CUFILE_INODES`, value: the descriptor it was
+/// registered with, i.e. its row's `fd`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CufileInodeKey {
+    pub tgid: u32,
+    pub dev: u32,
+    pub ino: u64,
+}
+
 /// Key of the registered handles (`GDS_CUFILE_HANDLES`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -267,6 +284,17 @@ pub const MAP_CUFILE_CALLS: &str = "GDS_CUFILE_CALLS";
 pub const MAP_CUFILE_FILES: &str = "GDS_CUFILE_FILES";
 pub const MAP_CUFILE_HANDLES: &str = "GDS_CUFILE_HANDLES";
 pub const MAP_CUFILE_DLOPEN: &str = "GDS_CUFILE_DLOPEN";
+/// Registered files by inode (LRU, both shares): how a call the file layer sees is linked to
+/// the cuFile call in flight on its file.
+pub const MAP_CUFILE_INODES: &str = "GDS_CUFILE_INODES";
+pub const MAP_CUFILE_INODES_OTHER: &str = "GDS_CUFILE_INODES_OTHER";
+/// Processes that registered a file the file layer does not see (LRU): user space attaches
+/// libc probes beneath cuFile in them.
+pub const MAP_CUFILE_LIBC: &str = "GDS_CUFILE_LIBC";
+pub const CUFILE_LIBC_MAX: u32 = 1024;
+/// [`MAP_CUFILE_LIBC`] values: the kernel asks, user space answers once attached.
+pub const LIBC_ASKED: u8 = 1;
+pub const LIBC_ATTACHED: u8 = 2;
 /// The untrusted share's tables (see [`USER_OTHER`]).
 pub const MAP_CUFILE_ERRORS_OTHER: &str = "GDS_CUFILE_ERRORS_OTHER";
 pub const MAP_CUFILE_CALLS_OTHER: &str = "GDS_CUFILE_CALLS_OTHER";
@@ -347,6 +375,7 @@ mod pod {
     unsafe impl aya::Pod for CufileFileKey {}
     unsafe impl aya::Pod for CufileFileStats {}
     unsafe impl aya::Pod for CufileHandleKey {}
+    unsafe impl aya::Pod for CufileInodeKey {}
     unsafe impl aya::Pod for CufileConfig {}
 }
 

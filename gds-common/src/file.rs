@@ -153,6 +153,10 @@ pub struct FileConfig {
     pub files_fdt: u32,
     pub fdt_fd: u32,
     pub fdt_max_fds: u32,
+    /// `file.f_op` and `file_operations.read_iter`: which function reads a file, i.e. whether
+    /// the kiocb tier's hooks see its calls ([`MAP_FILE_HOOKED`]).
+    pub file_f_op: u32,
+    pub fop_read_iter: u32,
     /// `pt_regs` offsets of the first three syscall arguments (x86-64: di, si, dx) and r10.
     pub regs_arg0: u32,
     pub regs_arg1: u32,
@@ -194,6 +198,8 @@ impl FileConfig {
         files_fdt: 0,
         fdt_fd: 0,
         fdt_max_fds: 0,
+        file_f_op: 0,
+        fop_read_iter: 0,
         regs_arg0: 0,
         regs_arg1: 0,
         regs_arg2: 0,
@@ -217,6 +223,22 @@ pub const MAP_FILE_PROCS: &str = "GDS_FILE_PROCS";
 /// Thread (`pid_tgid`) → the kiocb of its synchronous call in the kiocb tier: what a
 /// kretprobe ends, and what a block request the thread submits links to.
 pub const MAP_FILE_THREAD: &str = "GDS_FILE_THREAD";
+/// What the file layer's hooks see (`GDS_FILE_SEES`, entry 0: one of `FILE_SEES_*`), written
+/// by user space once they are attached (the kiocb tier may fall back to the tracepoints after
+/// loading, so it is not load-time configuration). The cuFile layer links the I/O beneath its
+/// calls from the file layer where it sees it, and asks for libc probes only where not.
+pub const MAP_FILE_SEES: &str = "GDS_FILE_SEES";
+/// The file layer sees no file's every call (off, or the tracepoint tier: O_DIRECT only).
+pub const FILE_SEES_NONE: u32 = 0;
+/// Every read/write system call on every file (the syscalls tier).
+pub const FILE_SEES_ALL: u32 = 1;
+/// Every call of the files whose `f_op->read_iter` is hooked (the kiocb tier): their
+/// addresses are the keys of [`MAP_FILE_HOOKED`].
+pub const FILE_SEES_HOOKED: u32 = 2;
+/// Addresses of the `read_iter` functions the kiocb tier hooks (from kallsyms; a module's are
+/// added when it loads).
+pub const MAP_FILE_HOOKED: &str = "GDS_FILE_HOOKED";
+pub const FILE_HOOKED_MAX: u32 = 16;
 /// Calls tracked at once; a call beyond is counted (`file_inflight_full`), never timed.
 pub const FILE_INFLIGHT_MAX: u32 = 16384;
 /// Process × file × (op, direct) rows kept (LRU: processes that stop doing file I/O age out).

@@ -22,6 +22,9 @@
 //! `UntrustedTableFull`).
 //!
 //! Imports nothing of the io_uring or device programs: a separate layer with its own maps.
+//! Where the file layer sees every call on a registered file (kiocb hooks on its file system,
+//! or the syscalls tier), the file layer tells this one of each read and write instead
+//! ([`file_call`]), and user space attaches no libc probes: see `gds-trace`'s `cufile.rs`.
 
 use core::intrinsics::AtomicOrdering::Relaxed;
 
@@ -33,26 +36,30 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use gds_common::{
     HIST_BUCKETS,
     cufile::{
         BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_ERRORS_MAX, CUFILE_FILES_MAX,
-        CUFILE_INFLIGHT_MAX, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER,
+        CUFILE_INFLIGHT_MAX, CUFILE_LIBC_MAX, CUFILE_OP_BATCH_SUBMIT, CUFILE_OP_BUF_REGISTER,
         CUFILE_OP_HANDLE_DEREGISTER, CUFILE_OP_HANDLE_REGISTER, CUFILE_OP_READ,
         CUFILE_OP_READ_ASYNC, CUFILE_OP_WRITE, CUFILE_OP_WRITE_ASYNC, CUFILE_OPS,
         CUFILE_OTHER_ERRORS_MAX, CUFILE_OTHER_FILES_MAX, CUFILE_OTHER_INFLIGHT_MAX, CUFILE_PATHS,
         CUFILE_PROCESS_QUOTA, CUFILE_TRUSTED_MAX, CUFILE_USERS, CufileCall, CufileConfig,
         CufileCount, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats, CufileHandleKey,
-        CufileOpStats, PATH_COMPAT, PATH_NVFS, PATH_P2PDMA, PATH_UNKNOWN, PROCESS_ROW, USER_OTHER,
-        USER_TRUSTED, abi, is_nvfs_io,
+        CufileInodeKey, CufileOpStats, LIBC_ASKED, LIBC_ATTACHED, PATH_COMPAT, PATH_NVFS,
+        PATH_P2PDMA, PATH_UNKNOWN, PROCESS_ROW, USER_OTHER, USER_TRUSTED, abi, is_nvfs_io,
     },
     log2_bucket,
 };
 
-use crate::maps::{index, peer_ios, task_enabled};
+use crate::{
+    file::{fd_file, file_id, sees, sees_file},
+    maps::{index, peer_ios, task_enabled},
+};
+use gds_common::file::FILE_SEES_NONE;
 
 /// Which uids are trusted besides root (`--cufile-users`), set by user space at load.
 #[unsafe(no_mangle)]
@@ -98,6 +105,23 @@ static FILES_OTHER: HashMap<CufileFileKey, CufileFileStats> =
 static HANDLES_OTHER: HashMap<CufileHandleKey, i32> =
     HashMap::with_max_entries(CUFILE_OTHER_INFLIGHT_MAX, 0);
 
+/// Registered files by inode: what links a call the file layer sees to its cuFile call. LRU,
+/// as big as the handles table: a process of the share can only push out the share's own.
+#[map(name = "GDS_CUFILE_INODES")]
+static INODES: LruHashMap<CufileInodeKey, i32> =
+    LruHashMap::with_max_entries(CUFILE_INFLIGHT_MAX, 0);
+
+#[map(name = "GDS_CUFILE_INODES_OTHER")]
+static INODES_OTHER: LruHashMap<CufileInodeKey, i32> =
+    LruHashMap::with_max_entries(CUFILE_OTHER_INFLIGHT_MAX, 0);
+
+/// Processes that registered a file the file layer does not see: user space attaches libc
+/// probes in them (it keeps what it read, so an entry pushed out later changes nothing) and
+/// says so ([`LIBC_ATTACHED`]): from then on the probes count the process's I/O, not the file
+/// layer.
+#[map(name = "GDS_CUFILE_LIBC")]
+static LIBC: LruHashMap<u32, u8> = LruHashMap::with_max_entries(CUFILE_LIBC_MAX, 0);
+
 /// The tables and counters of one user share. The programs are instantiated once per share
 /// (`enter::<Trusted>` and `enter::<Other>`): each instance names its maps as constants, which
 /// the verifier needs to inline lookups and which keeps one share's code from ever touching
@@ -108,6 +132,7 @@ trait Share {
     fn handles() -> &'static HashMap<CufileHandleKey, i32>;
     fn calls() -> &'static HashMap<u64, CufileCall>;
     fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64>;
+    fn inodes() -> &'static LruHashMap<CufileInodeKey, i32>;
 }
 
 /// Root and the uids of `--cufile-users`.
@@ -133,6 +158,10 @@ impl Share for Trusted {
     fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
         &ERRORS
     }
+    #[inline(always)]
+    fn inodes() -> &'static LruHashMap<CufileInodeKey, i32> {
+        &INODES
+    }
 }
 
 impl Share for Other {
@@ -152,6 +181,10 @@ impl Share for Other {
     #[inline(always)]
     fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
         &ERRORS_OTHER
+    }
+    #[inline(always)]
+    fn inodes() -> &'static LruHashMap<CufileInodeKey, i32> {
+        &INODES_OTHER
     }
 }
 
@@ -351,6 +384,87 @@ fn forget_handle<S: Share>(tgid: u32, handle: u64) {
         if let Some(p) = S::files().get_ptr_mut(&owner) {
             // SAFETY: map value pointer; only handles counted in were removed.
             add(unsafe { &raw mut (*p).owned_handles }, u64::MAX);
+        }
+    }
+}
+
+/// Where the file layer sees the calls on `fd` (registered by `tgid`), remembers its inode, so
+/// those calls link to the cuFile call in flight on it ([`file_call`]); where it does not,
+/// asks user space for libc probes in the process (and tells it now, as a `dlopen` does).
+#[inline(always)]
+fn remember_inode<S: Share>(tgid: u32, fd: i32) {
+    if sees() == FILE_SEES_NONE {
+        return;
+    }
+    let file = fd_file(fd as u64);
+    if file == 0 {
+        return;
+    }
+    if !sees_file(file) {
+        count(CufileCount::BeneathUnseen);
+        // SAFETY: map read.
+        if unsafe { LIBC.get(&tgid) }.is_none() {
+            let _ = LIBC.insert(&tgid, &LIBC_ASKED, BPF_ANY as u64);
+            let _ = DLOPEN.output::<u32>(&tgid, 0);
+        }
+        return;
+    }
+    let (dev, ino, _) = file_id(file);
+    let key = CufileInodeKey { tgid, dev, ino };
+    if S::inodes().insert(&key, &fd, BPF_ANY as u64).is_err() {
+        count(CufileCount::InodeTableFull);
+    }
+}
+
+/// A read or write on file (`dev`, `ino`) of process `tgid` starts, seen by the file layer:
+/// the kernel-side replacement for the libc probes ([`beneath_enter`]), linked the same way
+/// (by the file, not the thread: cuFile hands its I/O to worker threads) and counted in the
+/// same counters. Costs one array read where the file layer sees no file's every call.
+#[inline(always)]
+pub(crate) fn file_call(tgid: u32, dev: u32, ino: u64, asked: u64) {
+    if sees() == FILE_SEES_NONE {
+        return;
+    }
+    if trusted() {
+        file_call_in::<Trusted>(tgid, dev, ino, asked);
+    } else {
+        file_call_in::<Other>(tgid, dev, ino, asked);
+    }
+}
+
+#[inline(always)]
+fn file_call_in<S: Share>(tgid: u32, dev: u32, ino: u64, asked: u64) {
+    let key = CufileInodeKey { tgid, dev, ino };
+    // SAFETY: map value read.
+    let Some(fd) = (unsafe { S::inodes().get(&key) }).copied() else {
+        return;
+    };
+    // SAFETY: map value read.
+    if unsafe { LIBC.get(&tgid) }.copied() == Some(LIBC_ATTACHED) {
+        // Its libc probes count every pread and pwrite of the process already.
+        return;
+    }
+    if let Some(r) = S::files().get_ptr_mut(&CufileFileKey { tgid, fd }) {
+        // SAFETY: map value pointer.
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*r).active) != 0 {
+                add(&raw mut (*r).compat_ios, 1);
+                add(&raw mut (*r).compat_bytes, asked);
+                count(CufileCount::BeneathLinked);
+                return;
+            }
+        }
+    }
+    count(CufileCount::BeneathUnlinked);
+    let owner = CufileFileKey {
+        tgid,
+        fd: PROCESS_ROW,
+    };
+    if let Some(p) = S::files().get_ptr_mut(&owner) {
+        // SAFETY: map value pointer.
+        unsafe {
+            add(&raw mut (*p).outside_ios, 1);
+            add(&raw mut (*p).outside_bytes, asked);
         }
     }
 }
@@ -589,6 +703,7 @@ fn exit<S: Share>(ctx: &RetProbeContext, id: u64) {
 
     if op == CUFILE_OP_HANDLE_REGISTER && code == 0 && call.fd >= 0 {
         remember_handle::<S>(tgid, read_user::<u64>(call.handle), call.fd);
+        remember_inode::<S>(tgid, call.fd);
     } else if op == CUFILE_OP_HANDLE_DEREGISTER {
         forget_handle::<S>(tgid, call.handle);
     }

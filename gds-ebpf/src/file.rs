@@ -22,14 +22,15 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
     DropReason, HIST_BUCKETS, Scratch,
     file::{
-        FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS,
-        FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
+        FILE_HOOKED_MAX, FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE,
+        FILE_PROCS_MAX, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED, FILE_SEES_NONE, FileCall,
+        FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
         ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
         SYSCALL_TABLE, SYSCALL_TRACED, file_row,
     },
@@ -60,6 +61,50 @@ static FILE_STATS: PerCpuArray<FileRowStats> = PerCpuArray::with_max_entries(FIL
 #[map(name = "GDS_FILE_PROCS")]
 static FILE_PROCS: LruHashMap<FileProcKey, FileProcStats> =
     LruHashMap::with_max_entries(FILE_PROCS_MAX, 0);
+
+/// What the hooks attached see (`FILE_SEES_*`, written by user space after attaching).
+#[map(name = "GDS_FILE_SEES")]
+static SEES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The kiocb tier's hooked `read_iter` functions, by address.
+#[map(name = "GDS_FILE_HOOKED")]
+static HOOKED: HashMap<u64, u8> = HashMap::with_max_entries(FILE_HOOKED_MAX, 0);
+
+/// What the hooks attached see: `FILE_SEES_*`.
+#[inline(always)]
+pub(crate) fn sees() -> u32 {
+    SEES.get(0).copied().unwrap_or(FILE_SEES_NONE)
+}
+
+/// Whether the hooks attached see every read and write call on `file` (a `struct file *`).
+#[inline(always)]
+pub(crate) fn sees_file(file: u64) -> bool {
+    match sees() {
+        FILE_SEES_ALL => true,
+        FILE_SEES_HOOKED => {
+            let fop: u64 = rd(file + fconf!(file_f_op) as u64);
+            let read_iter: u64 = rd(fop + fconf!(fop_read_iter) as u64);
+            // SAFETY: map value read.
+            read_iter != 0 && unsafe { HOOKED.get(&read_iter) }.is_some()
+        }
+        _ => false,
+    }
+}
+
+/// The `struct file *` of descriptor `fd` of the current process (0: none), as
+/// `current->files->fdt->fd[fd]`.
+#[inline(always)]
+pub(crate) fn fd_file(fd: u64) -> u64 {
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = rd(task + fconf!(task_files) as u64);
+    let fdt: u64 = rd(files + fconf!(files_fdt) as u64);
+    let max: u32 = rd(fdt + fconf!(fdt_max_fds) as u64);
+    if files == 0 || fd >= max as u64 {
+        return 0;
+    }
+    let fds: u64 = rd(fdt + fconf!(fdt_fd) as u64);
+    rd(fds + fd * 8)
+}
 
 #[inline(always)]
 pub(crate) fn rd<T: Copy + Default>(addr: u64) -> T {
@@ -120,6 +165,15 @@ pub(crate) fn file_id(file: u64) -> (u32, u64, u64) {
     let sb: u64 = rd(inode + fconf!(inode_sb) as u64);
     let dev: u32 = rd(sb + fconf!(sb_dev) as u64);
     (dev, ino, inode)
+}
+
+/// Tells the cuFile layer of a read or write starting (it links it to the cuFile call in
+/// flight on its file, where there is one).
+#[inline(always)]
+pub(crate) fn beneath_cufile(c: &FileCall) {
+    if c.op == FILE_OP_READ || c.op == FILE_OP_WRITE {
+        crate::cufile::file_call((c.pid_tgid >> 32) as u32, c.dev, c.ino, c.bytes);
+    }
 }
 
 /// A call of the current thread starting now.
@@ -282,16 +336,7 @@ pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
     }
     let regs: u64 = ctx.arg(0);
     let fd: u64 = rd(regs + fconf!(regs_arg0) as u64);
-    // current->files->fdt->fd[fd]
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = rd(task + fconf!(task_files) as u64);
-    let fdt: u64 = rd(files + fconf!(files_fdt) as u64);
-    let max: u32 = rd(fdt + fconf!(fdt_max_fds) as u64);
-    if fd >= max as u64 {
-        return 0;
-    }
-    let fds: u64 = rd(fdt + fconf!(fdt_fd) as u64);
-    let file: u64 = rd(fds + fd * 8);
+    let file = fd_file(fd);
     if file == 0 {
         return 0;
     }
@@ -322,6 +367,7 @@ pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
         what & SYSCALL_OP_MASK,
         f_flags & O_DIRECT != 0,
     );
+    beneath_cufile(&call);
     if FILE_INFLIGHT
         .insert(&pid_tgid, &call, BPF_ANY as u64)
         .is_err()

@@ -33,7 +33,9 @@ use gds_common::{
 };
 
 use crate::{
-    file::{FILE_INFLIGHT, GDS_FILE_CONFIG, count_drop, end_call, file_id, new_call, rd},
+    file::{
+        FILE_INFLIGHT, GDS_FILE_CONFIG, beneath_cufile, count_drop, end_call, file_id, new_call, rd,
+    },
     maps::{as_scalar, entry_mut, stats, task_enabled},
 };
 
@@ -87,6 +89,7 @@ fn begin(iocb: u64, iter: u64) {
     } else {
         let _ = FILE_THREAD.insert(&pid_tgid, &iocb, BPF_ANY as u64);
     }
+    beneath_cufile(&call);
     if FILE_INFLIGHT.insert(&iocb, &call, BPF_ANY as u64).is_err() {
         count_drop(DropReason::FileInflightFull);
     }

@@ -12,74 +12,14 @@
 
 mod common;
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::{
-    Agent, LineChild, Metrics, build_standin, cufile_lock, require_root, setpriv_nobody, within,
+    Agent, Driver, Metrics, StandinFixtures as Fixtures, cufile_lock, require_root, setpriv_nobody,
+    within,
 };
 use gds_api::model::cufile::{CufileProcess, CufileReport};
 use gds_common::cufile::{CUFILE_FILES_MAX, CUFILE_INFLIGHT_MAX, CUFILE_PROCESS_QUOTA};
-
-/// The stand-in library, the driver and a data file, in a directory every user may read.
-struct Fixtures {
-    dir: tempfile::TempDir,
-}
-
-impl Fixtures {
-    /// Builds both with the host's C compiler (the one Rust links with).
-    fn build() -> Fixtures {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (lib, driver) = build_standin(dir.path());
-        let data = dir.path().join("data");
-        std::fs::write(&data, vec![7u8; 1 << 20]).unwrap();
-        for f in [&lib, &driver, &data] {
-            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        Fixtures { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// The driver under another name (its command name, for `--comm`).
-    fn driver_named(&self, name: &str) -> PathBuf {
-        let p = self.path(name);
-        std::fs::copy(self.path("cufile-driver"), &p).unwrap();
-        p
-    }
-}
-
-/// `fixtures/cufile_driver.c`, driven line by line.
-struct Driver(LineChild);
-
-impl Driver {
-    /// `wrapper… driver LIBRARY` (a wrapper must exec the driver: its pid is the driver's).
-    fn spawn(fx: &Fixtures, wrapper: &[String], driver: &Path) -> Driver {
-        let mut argv: Vec<String> = wrapper.to_vec();
-        argv.push(driver.display().to_string());
-        argv.push(fx.path("libcufile.so.0").display().to_string());
-        Driver(LineChild::spawn(&argv, fx.dir.path()))
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        self.0.cmd(line)
-    }
-
-    /// dlopen; returns the process id.
-    fn load(&mut self) -> u32 {
-        self.0.cmd_pid("load")
-    }
-
-    fn exit(self) {
-        self.0.exit()
-    }
-}
 
 fn report(agent: &Agent) -> CufileReport {
     serde_json::from_str(&agent.get("/debug/cufile")).expect("/debug/cufile is a CufileReport")

@@ -6,6 +6,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -156,4 +157,61 @@ pub fn build_standin(dir: &Path) -> (PathBuf, PathBuf) {
         "-ldl",
     ]);
     (lib, driver)
+}
+
+/// The stand-in library, the driver and a data file, in a directory every user may read.
+pub struct StandinFixtures {
+    pub dir: tempfile::TempDir,
+}
+
+impl StandinFixtures {
+    /// Builds both with the host's C compiler (the one Rust links with).
+    pub fn build() -> StandinFixtures {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (lib, driver) = build_standin(dir.path());
+        let data = dir.path().join("data");
+        std::fs::write(&data, vec![7u8; 1 << 20]).unwrap();
+        for f in [&lib, &driver, &data] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        StandinFixtures { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The driver under another name (its command name, for `--comm`).
+    pub fn driver_named(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::copy(self.path("cufile-driver"), &p).unwrap();
+        p
+    }
+}
+
+/// `fixtures/cufile_driver.c`, driven line by line.
+pub struct Driver(pub LineChild);
+
+impl Driver {
+    /// `wrapper… driver LIBRARY` (a wrapper must exec the driver: its pid is the driver's).
+    pub fn spawn(fx: &StandinFixtures, wrapper: &[String], driver: &Path) -> Driver {
+        let mut argv: Vec<String> = wrapper.to_vec();
+        argv.push(driver.display().to_string());
+        argv.push(fx.path("libcufile.so.0").display().to_string());
+        Driver(LineChild::spawn(&argv, fx.dir.path()))
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.0.cmd(line)
+    }
+
+    /// dlopen; returns the process id.
+    pub fn load(&mut self) -> u32 {
+        self.0.cmd_pid("load")
+    }
+
+    pub fn exit(self) {
+        self.0.exit()
+    }
 }

@@ -13,7 +13,9 @@ use std::{
 };
 
 #[allow(unused_imports)]
-pub use cufile::{LineChild, build_standin, cc, libcufile, require_libcufile};
+pub use cufile::{
+    Driver, LineChild, StandinFixtures, build_standin, cc, libcufile, require_libcufile,
+};
 use gds_api::client;
 pub use gds_testkit::{promtext, service::Service};
 #[allow(unused_imports)]

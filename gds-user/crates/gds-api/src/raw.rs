@@ -209,6 +209,14 @@ pub enum LayerDetail {
     Cufile {
         /// libcufile files attached now.
         libraries: usize,
+        /// Where the calls beneath cuFile's (compat `pread`/`pwrite`) are seen: `file layer`
+        /// (its hooks see every call on the file: no libc probes), or `libc probes`.
+        #[serde(default)]
+        beneath: String,
+        /// Processes with libc probes beneath cuFile now (every cuFile process where the file
+        /// layer sees no file's every call; else those that registered a file it does not see).
+        #[serde(default)]
+        libc_probes: Vec<u32>,
     },
     File {
         /// The hooks in use (`fentry`, `kprobe`, `tracepoint`, `syscalls`, `off`).
@@ -349,7 +357,11 @@ mod tests {
                     layer: Layer::Cufile,
                     on: true,
                     why: "uprobes".into(),
-                    detail: Some(LayerDetail::Cufile { libraries: 2 }),
+                    detail: Some(LayerDetail::Cufile {
+                        libraries: 2,
+                        beneath: "libc probes".into(),
+                        libc_probes: vec![7],
+                    }),
                 },
             ],
             warnings: vec!["--pid 7: no such process now".into()],

@@ -66,10 +66,12 @@ use gds_common::HIST_BUCKETS;
 use gds_common::cufile::{
     BENEATH_IOCTL, BENEATH_PREAD, BENEATH_PWRITE, CUFILE_OP_TABLE, CUFILE_OPS, CUFILE_PATHS,
     CUFILE_USERS, CufileCall, CufileCpuStats, CufileErrKey, CufileFileKey, CufileFileStats,
-    CufileHandleKey, CufileOpStats, MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER, MAP_CUFILE_ERRORS,
-    MAP_CUFILE_ERRORS_OTHER, MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER, MAP_CUFILE_HANDLES,
-    MAP_CUFILE_HANDLES_OTHER, MAP_CUFILE_OPS, MAP_CUFILE_STATS, USER_OTHER, USER_TRUSTED,
+    CufileHandleKey, CufileOpStats, LIBC_ATTACHED, MAP_CUFILE_CALLS, MAP_CUFILE_CALLS_OTHER,
+    MAP_CUFILE_ERRORS, MAP_CUFILE_ERRORS_OTHER, MAP_CUFILE_FILES, MAP_CUFILE_FILES_OTHER,
+    MAP_CUFILE_HANDLES, MAP_CUFILE_HANDLES_OTHER, MAP_CUFILE_LIBC, MAP_CUFILE_OPS,
+    MAP_CUFILE_STATS, USER_OTHER, USER_TRUSTED,
 };
+use gds_common::file::{FILE_SEES_ALL, FILE_SEES_NONE, MAP_FILE_SEES};
 
 use super::{
     TraceError,
@@ -177,6 +179,8 @@ struct AttachedLib {
 /// One process that maps libcufile, with its libc probes.
 struct TracedProcess {
     nvfs: bool,
+    /// Its `pread64`/`pwrite64` are probed (else the file layer tells the cuFile programs).
+    libc: bool,
     links: Vec<Link>,
 }
 
@@ -238,6 +242,10 @@ pub struct CufileView {
     pub libraries: Vec<LibraryInfo>,
     pub failures: Vec<LibraryFailure>,
     pub limits: Limits,
+    /// Where the I/O beneath cuFile calls is seen (see [`Beneath`]).
+    pub beneath: &'static str,
+    /// Processes with libc probes now.
+    pub libc_probes: Vec<u32>,
 }
 
 /// Which processes the cuFile layer attaches for (`--pid`, `--comm`).
@@ -290,6 +298,10 @@ pub struct CufileTracing {
     logged: (u32, Instant),
     /// Time spent on notifications in the current second, and when it began.
     notify_spent: (Duration, Instant),
+    /// Processes the kernel asked libc probes for (`GDS_CUFILE_LIBC`; None: not in the object).
+    libc_asked: Option<HashMap<MapData, u32, u8>>,
+    /// [`Beneath::label`] at the last scan.
+    beneath: &'static str,
 }
 
 impl CufileTracing {
@@ -343,6 +355,8 @@ impl CufileTracing {
             closing: Default::default(),
             limits: Limits::default(),
             logged: (0, Instant::now()),
+            libc_asked: take_map(ebpf, MAP_CUFILE_LIBC).ok(),
+            beneath: "libc probes",
             notify_spent: (Duration::ZERO, Instant::now()),
         })
     }
@@ -404,6 +418,13 @@ impl CufileTracing {
             libraries: self.libraries(),
             failures: self.failed.values().cloned().collect(),
             limits: self.limits.clone(),
+            beneath: self.beneath,
+            libc_probes: self
+                .procs
+                .iter()
+                .filter(|(_, p)| p.libc)
+                .map(|(pid, _)| *pid)
+                .collect(),
         }
     }
 
@@ -831,16 +852,24 @@ impl CufileTracing {
             }
         }
 
-        // Processes: libc probes for each process that maps libcufile.
-        if full {
-            let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.procs)
-                .into_iter()
-                .partition(|(pid, p)| users.contains_key(pid) && p.nvfs == nvfs_loaded);
-            self.procs = keep;
-            // Scoped to their process: harmless once it exited, closed in the background.
-            self.releaser
-                .close_later(gone.into_values().flat_map(|p| p.links).collect());
-        }
+        // Processes: libc probes for each process that maps libcufile, unless the file layer
+        // sees its calls (see [`Beneath`]).
+        let beneath = Beneath::read(ebpf, self.libc_asked.as_ref());
+        self.beneath = beneath.label();
+        let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|(pid, p)| {
+                let scanned = users.contains_key(pid);
+                // A notification's scan looks at its pids only: the others stay as they are.
+                if !full && !scanned {
+                    return true;
+                }
+                scanned && p.nvfs == nvfs_loaded && p.libc == beneath.libc(*pid)
+            });
+        self.procs = keep;
+        // Scoped to their process: harmless once it exited, closed in the background.
+        self.releaser
+            .close_later(gone.into_values().flat_map(|p| p.links).collect());
         for (pid, (_, libcs)) in &users {
             if self.procs.contains_key(pid) {
                 continue;
@@ -856,10 +885,17 @@ impl CufileTracing {
                 self.limits.processes += 1;
                 continue;
             }
-            let links = match libcs.first() {
+            let libc = beneath.libc(*pid);
+            let links = match libcs.first().filter(|_| libc || nvfs_loaded) {
                 Some(m) => {
-                    match attach_beneath(&self.attacher, ebpf, &self.releaser, *pid, m, nvfs_loaded)
-                    {
+                    match attach_beneath(
+                        &self.attacher,
+                        ebpf,
+                        &self.releaser,
+                        *pid,
+                        m,
+                        (libc, nvfs_loaded),
+                    ) {
                         Ok(links) => links,
                         Err(_) if !m.via.exists() => continue,
                         Err(e) => {
@@ -876,10 +912,17 @@ impl CufileTracing {
                 }
                 None => Vec::new(),
             };
+            if libc && beneath.sees != FILE_SEES_NONE {
+                // From now on the probes count this process's I/O, not the file layer.
+                if let Some(m) = self.libc_asked.as_mut() {
+                    let _ = m.insert(pid, LIBC_ATTACHED, 0);
+                }
+            }
             self.procs.insert(
                 *pid,
                 TracedProcess {
                     nvfs: nvfs_loaded,
+                    libc,
                     links,
                 },
             );
@@ -1220,18 +1263,77 @@ fn attach_loader(
     })
 }
 
-/// Attaches the libc probes beneath cuFile in process `pid` only.
+/// Where the calls beneath cuFile's are seen, read at each scan: the file layer's hooks
+/// (`GDS_FILE_SEES`, which the file layer writes once attached) and the processes the kernel
+/// asked libc probes for (they registered a file on a file system the hooks do not see).
+///
+/// Why: a uprobe on libc's `pread64` costs every `pread64` of the process two traps (+3 µs
+/// here, +7.6 µs on the H100 host), where the file layer's hook costs what any traced file
+/// call costs. So where the file layer sees every call on a registered file (kiocb hooks on
+/// its file system, or the syscalls tier), the kernel links those calls to the cuFile call in
+/// flight on the file by inode, and libc probes go only where it cannot.
+struct Beneath {
+    sees: u32,
+    asked: BTreeSet<u32>,
+}
+
+impl Beneath {
+    fn read(ebpf: &Mutex<Ebpf>, asked: Option<&HashMap<MapData, u32, u8>>) -> Beneath {
+        let sees = ebpf
+            .lock()
+            .ok()
+            .and_then(|e| {
+                let m = e.map(MAP_FILE_SEES)?;
+                let a = aya::maps::Array::<_, u32>::try_from(m).ok()?;
+                a.get(&0, 0).ok()
+            })
+            .unwrap_or(FILE_SEES_NONE);
+        let asked = if sees == FILE_SEES_NONE {
+            BTreeSet::new()
+        } else {
+            asked
+                .map(|m| m.keys().filter_map(Result::ok).collect())
+                .unwrap_or_default()
+        };
+        Beneath { sees, asked }
+    }
+
+    /// Whether process `pid` gets libc probes on `pread64`/`pwrite64`.
+    fn libc(&self, pid: u32) -> bool {
+        self.sees == FILE_SEES_NONE || self.asked.contains(&pid)
+    }
+
+    fn label(&self) -> &'static str {
+        match self.sees {
+            FILE_SEES_NONE => "libc probes",
+            FILE_SEES_ALL => "file layer (every read/write system call)",
+            _ => {
+                "file layer (files on the file systems it hooks; libc probes in processes \
+                  with a file elsewhere)"
+            }
+        }
+    }
+}
+
+/// Attaches the libc probes beneath cuFile in process `pid` only: `pread64`/`pwrite64` where
+/// `reads`, `ioctl` where nvidia-fs is loaded.
 fn attach_beneath(
     at: &Attacher,
     ebpf: &Mutex<Ebpf>,
     releaser: &Releaser,
     pid: u32,
     libc: &Mapping,
-    nvfs_loaded: bool,
+    (reads, nvfs_loaded): (bool, bool),
 ) -> Result<Vec<Link>, TraceError> {
     let wanted: Vec<&'static str> = BENEATH
         .iter()
-        .filter(|(_, k)| nvfs_loaded || *k != BENEATH_IOCTL)
+        .filter(|(_, k)| {
+            if *k == BENEATH_IOCTL {
+                nvfs_loaded
+            } else {
+                reads
+            }
+        })
         .map(|(n, _)| *n)
         .collect();
     let (file, symbols) = open_and_read(libc, &wanted)?;
@@ -1541,10 +1643,11 @@ impl super::layer::TracedLayer for CufileLayer {
             layer: gds_api::raw::Layer::Cufile,
             on: self.tracing.is_some(),
             why: format!(
-                "{}; {}; {} libcufile file(s) attached now{}",
+                "{}; {}; {} libcufile file(s) attached now; I/O beneath seen by {}{}",
                 self.why,
                 v.attach,
                 v.libraries.len(),
+                v.beneath,
                 if limits.is_empty() {
                     String::new()
                 } else {
@@ -1553,6 +1656,8 @@ impl super::layer::TracedLayer for CufileLayer {
             ),
             detail: Some(gds_api::raw::LayerDetail::Cufile {
                 libraries: v.libraries.len(),
+                beneath: v.beneath.to_owned(),
+                libc_probes: v.libc_probes,
             }),
         }
     }

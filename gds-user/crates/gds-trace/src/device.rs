@@ -47,7 +47,9 @@ pub fn resolve(btf: &Btf) -> Result<(DevConfig, PeerMemory), gds_host::btf::BtfE
 /// addresses are hidden: the link is then off and requests name their submitter only).
 fn bio_link(btf: &Btf, kallsyms: &std::path::Path) -> Option<BioLink> {
     let off = |s: &str, m: &[&str]| btf.member_offset(s, m).ok();
-    let (dio, chain) = kernel_addresses(kallsyms, ["iomap_dio_bio_end_io", "bio_chain_endio"])?;
+    let [dio, chain] =
+        super::kallsyms::addresses(kallsyms, ["iomap_dio_bio_end_io", "bio_chain_endio"]);
+    let (dio, chain) = (dio?, chain?);
     Some(BioLink {
         enabled: 1,
         bio_end_io: off("bio", &["bi_end_io"])?,
@@ -60,28 +62,6 @@ fn bio_link(btf: &Btf, kallsyms: &std::path::Path) -> Option<BioLink> {
         dio_end_io: dio,
         chain_end_io: chain,
     })
-}
-
-/// The addresses of two kernel text symbols from `kallsyms` (streamed; a hidden address, 0,
-/// counts as missing).
-fn kernel_addresses(path: &std::path::Path, names: [&str; 2]) -> Option<(u64, u64)> {
-    use std::io::BufRead as _;
-    let f = std::fs::File::open(path).ok()?;
-    let mut found = [0u64; 2];
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line.ok()?;
-        let mut it = line.split_whitespace();
-        let (Some(addr), Some(_kind), Some(name)) = (it.next(), it.next(), it.next()) else {
-            continue;
-        };
-        if let Some(i) = names.iter().position(|n| *n == name) {
-            found[i] = u64::from_str_radix(addr, 16).unwrap_or(0);
-            if found.iter().all(|a| *a != 0) {
-                break;
-            }
-        }
-    }
-    (found.iter().all(|a| *a != 0)).then_some((found[0], found[1]))
 }
 
 /// Loads program `prog` of the object for BTF tracepoint `tp` and attaches it.

@@ -15,14 +15,15 @@
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::RawTracePoint,
 };
 use gds_api::raw::{FileRaw, Inflight, Layer, LayerDetail, LayerEntry};
 use gds_common::file::{
-    FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS,
-    FILE_TIER_TRACEPOINT, FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats,
-    MAP_FILE_INFLIGHT, MAP_FILE_PROCS, MAP_FILE_STATS, SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3,
+    FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED,
+    FILE_SEES_NONE, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS, FILE_TIER_TRACEPOINT, FileCall,
+    FileConfig, FileProcKey, FileProcStats, FileRowStats, MAP_FILE_HOOKED, MAP_FILE_INFLIGHT,
+    MAP_FILE_PROCS, MAP_FILE_SEES, MAP_FILE_STATS, SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3,
     SYSCALL_TABLE, SYSCALL_TRACED,
 };
 use gds_host::btf::{Btf, BtfError};
@@ -31,7 +32,7 @@ use tracing::{info, warn};
 use super::{
     TraceError,
     device::{attach_btf, in_flight, tracepoint_btf},
-    file_hooks::{KIOCB_BLIND, KiocbHooks, KiocbKind},
+    file_hooks::{KIOCB_BLIND, KiocbHooks, KiocbKind, TARGETS},
     layer::{Start, TracedLayer},
     program, take_map,
 };
@@ -156,6 +157,19 @@ impl FilePlan {
     }
 }
 
+/// The kallsyms addresses of the `read_iter` functions among `hooked`: a file read by one of
+/// them is one whose every call the kiocb tier sees.
+fn read_iter_addresses(hooked: &[String]) -> Vec<u64> {
+    let names = TARGETS.map(|(n, _, _)| n);
+    let addrs = super::kallsyms::addresses(std::path::Path::new("/proc/kallsyms"), names);
+    names
+        .iter()
+        .zip(addrs)
+        .filter(|(n, _)| n.ends_with("_read_iter") && hooked.iter().any(|h| h == *n))
+        .filter_map(|(_, a)| a)
+        .collect()
+}
+
 /// The offsets the file programs read, from BTF.
 fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     let mut c = FileConfig::DEFAULT;
@@ -186,11 +200,15 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
         // these too.
         (c.iter_count, c.iter_source) = (count, source);
     }
+    // A descriptor's file (the syscalls tier's calls; the cuFile layer's registered files,
+    // whatever the tier) and which function reads it (what the kiocb tier sees).
+    c.task_files = btf.member_offset("task_struct", &["files"])?;
+    c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
+    c.fdt_fd = btf.member_offset("fdtable", &["fd"])?;
+    c.fdt_max_fds = btf.member_offset("fdtable", &["max_fds"])?;
+    c.file_f_op = btf.member_offset("file", &["f_op"])?;
+    c.fop_read_iter = btf.member_offset("file_operations", &["read_iter"])?;
     if tier == FILE_TIER_SYSCALLS {
-        c.task_files = btf.member_offset("task_struct", &["files"])?;
-        c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
-        c.fdt_fd = btf.member_offset("fdtable", &["fd"])?;
-        c.fdt_max_fds = btf.member_offset("fdtable", &["max_fds"])?;
         let [a0, a1, a2, a3] = syscall_arg_regs(btf)?;
         (c.regs_arg0, c.regs_arg1, c.regs_arg2, c.regs_arg3) = (a0, a1, a2, a3);
         for (nr, what) in syscall_table() {
@@ -301,6 +319,54 @@ impl FileLayer {
         FileRaw { rows, procs }
     }
 
+    /// What the hooks attached see, for the cuFile layer (`GDS_FILE_SEES`, `GDS_FILE_HOOKED`):
+    /// every call (syscalls tier), every call of the files the hooked `read_iter` functions
+    /// read (kiocb tier; their addresses from kallsyms), or nothing it can rely on. Returns a
+    /// note where the kiocb tier's functions have no address (kallsyms hidden).
+    fn publish_sees(&self, ebpf: &mut Ebpf) -> Option<String> {
+        let hooked: Vec<String> = self
+            .kiocb
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().map(|k| k.hooked.clone()))
+            .unwrap_or_default();
+        let (sees, addrs) = match self.hooks() {
+            FileHooks::Syscalls => (FILE_SEES_ALL, Vec::new()),
+            FileHooks::Fentry | FileHooks::Kprobe => {
+                let addrs = read_iter_addresses(&hooked);
+                if addrs.is_empty() {
+                    (FILE_SEES_NONE, addrs)
+                } else {
+                    (FILE_SEES_HOOKED, addrs)
+                }
+            }
+            _ => (FILE_SEES_NONE, Vec::new()),
+        };
+        let written = (|| -> Result<(), aya::maps::MapError> {
+            if let Some(m) = ebpf.map_mut(MAP_FILE_HOOKED) {
+                let mut m = HashMap::<_, u64, u8>::try_from(m)?;
+                for a in &addrs {
+                    m.insert(a, 1, 0)?;
+                }
+            }
+            if let Some(m) = ebpf.map_mut(MAP_FILE_SEES) {
+                Array::<_, u32>::try_from(m)?.set(0, sees, 0)?;
+            }
+            Ok(())
+        })();
+        match written {
+            Err(e) => Some(format!(
+                "the cuFile layer takes no calls from this layer ({e}): libc probes beneath it"
+            )),
+            Ok(()) if sees == FILE_SEES_NONE && self.on && !hooked.is_empty() => Some(
+                "no kallsyms addresses for the hooked read_iter functions (kptr_restrict?): \
+                 the cuFile layer uses libc probes beneath it"
+                    .into(),
+            ),
+            Ok(()) => None,
+        }
+    }
+
     fn blind_to(&self) -> Vec<String> {
         let list: &[&str] = match self.hooks() {
             FileHooks::Tracepoint => &TRACEPOINT_BLIND,
@@ -399,6 +465,8 @@ impl TracedLayer for FileLayer {
             _ => {}
         }
         debug_assert!(layer.on || layer.used == FileHooks::Off || start.btf.is_none());
+        let note = layer.publish_sees(ebpf);
+        layer.plan.notes.extend(note);
         for note in &layer.plan.notes {
             info!("file layer: {note}");
         }
@@ -458,10 +526,17 @@ impl TracedLayer for FileLayer {
 
     /// fentry/kprobe tiers: hooks the functions of a file-system module loaded since start.
     fn refresh(&self, ebpf: &std::sync::Mutex<Ebpf>) -> Vec<String> {
-        match self.kiocb.lock() {
+        let changes = match self.kiocb.lock() {
             Ok(mut k) => k.as_mut().map(|k| k.refresh(ebpf)).unwrap_or_default(),
             Err(_) => Vec::new(),
+        };
+        if !changes.is_empty()
+            && let Ok(mut e) = ebpf.lock()
+            && let Some(note) = self.publish_sees(&mut e)
+        {
+            warn!("file layer: {note}");
         }
+        changes
     }
 
     fn inflight(&self, out: &mut Vec<Inflight>) {

@@ -14,6 +14,7 @@ mod file;
 mod file_hooks;
 mod filewatch;
 mod inflight;
+mod kallsyms;
 mod layer;
 mod lease;
 mod nvme;

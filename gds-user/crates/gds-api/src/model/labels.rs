@@ -404,7 +404,10 @@ pub fn cufile_error(op: u32, code: i32) -> &'static str {
 /// `gds_trace_dropped_total{reason}`, the rest to `gds_cufile_beneath_total{link}`.
 pub fn cufile_count(c: gds_common::cufile::CufileCount) -> (&'static str, bool) {
     use gds_common::cufile::CufileCount::*;
-    let drop = !matches!(c, Nested | BeneathLinked | BeneathUnlinked | NvfsIoctls);
+    let drop = !matches!(
+        c,
+        Nested | BeneathLinked | BeneathUnlinked | NvfsIoctls | BeneathUnseen
+    );
     (c.label(), drop)
 }
 
