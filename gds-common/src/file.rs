@@ -39,6 +39,34 @@ pub const ORIGIN_URING: u8 = 2;
 pub const ORIGIN_URING_CMD: u8 = 3;
 /// The kernel's own work (writeback, journal, readahead workers: a kernel thread).
 pub const ORIGIN_KERNEL: u8 = 4;
+/// nvidia-fs (GDS proper): the read or write its ioctl started on the file system, with its
+/// own completion (`nvfs_io_complete`) in the kiocb.
+pub const ORIGIN_NVFS: u8 = 5;
+
+/// Where a call the kiocb tier sees at `read_iter`/`write_iter` came from, by what its program
+/// knows there: the kiocb's completion (`ki_complete`; 0 for a synchronous call), nvidia-fs's
+/// completion function (`nvfs_io_complete` from kallsyms; 0 where nvidia-fs is not loaded) and
+/// whether the kiocb is an io_uring request's.
+///
+/// nvidia-fs's ioctl sets up a kiocb of its own and calls `read_iter` with `nvfs_io_complete`
+/// as its completion (asynchronous mode, the one cuFile's reads use); its synchronous mode
+/// (no completion) is a plain call of the ioctl's thread, `syscall`, as the ioctl is one.
+#[inline(always)]
+pub const fn kiocb_origin(complete: u64, nvfs_complete: u64, uring: bool) -> u8 {
+    if complete == 0 {
+        ORIGIN_SYSCALL
+    } else if nvfs_complete != 0 && complete == nvfs_complete {
+        ORIGIN_NVFS
+    } else if uring {
+        ORIGIN_URING
+    } else {
+        ORIGIN_SYSCALL
+    }
+}
+
+/// nvidia-fs's completion function's address (`GDS_FILE_NVFS`, entry 0; 0 while nvidia-fs is
+/// not loaded), written by user space when it finds the module.
+pub const MAP_FILE_NVFS: &str = "GDS_FILE_NVFS";
 
 /// A file call between its start and its end. Keyed by `struct kiocb *` (tracepoint tier)
 /// or by the thread's `pid_tgid` (syscalls tier). 80 bytes.
@@ -243,6 +271,28 @@ pub const FILE_HOOKED_MAX: u32 = 16;
 pub const FILE_INFLIGHT_MAX: u32 = 16384;
 /// Process × file × (op, direct) rows kept (LRU: processes that stop doing file I/O age out).
 pub const FILE_PROCS_MAX: u32 = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NVFS: u64 = 0xffff_ffff_c0de_0000;
+    const AIO: u64 = 0xffff_ffff_8100_1000;
+
+    #[test]
+    fn nvidia_fs_reads_are_told_by_their_completion() {
+        // The ioctl's asynchronous read: nvidia-fs's completion in its kiocb.
+        assert_eq!(kiocb_origin(NVFS, NVFS, false), ORIGIN_NVFS);
+        // An io_uring read and an aio read complete elsewhere.
+        assert_eq!(kiocb_origin(AIO, NVFS, true), ORIGIN_URING);
+        assert_eq!(kiocb_origin(AIO, NVFS, false), ORIGIN_SYSCALL);
+        // A synchronous call (nvidia-fs's sync mode included) is its thread's system call.
+        assert_eq!(kiocb_origin(0, NVFS, false), ORIGIN_SYSCALL);
+        // nvidia-fs not loaded: nothing is nvidia-fs's, even a zero completion.
+        assert_eq!(kiocb_origin(AIO, 0, false), ORIGIN_SYSCALL);
+        assert_eq!(kiocb_origin(0, 0, false), ORIGIN_SYSCALL);
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

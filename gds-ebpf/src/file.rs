@@ -70,6 +70,16 @@ static SEES: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "GDS_FILE_HOOKED")]
 static HOOKED: HashMap<u64, u8> = HashMap::with_max_entries(FILE_HOOKED_MAX, 0);
 
+/// nvidia-fs's completion function (0: not loaded), written by user space.
+#[map(name = "GDS_FILE_NVFS")]
+static NVFS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// nvidia-fs's completion function's address, 0 while nvidia-fs is not loaded.
+#[inline(always)]
+pub(crate) fn nvfs_complete() -> u64 {
+    NVFS.get(0).copied().unwrap_or(0)
+}
+
 /// What the hooks attached see: `FILE_SEES_*`.
 #[inline(always)]
 pub(crate) fn sees() -> u32 {

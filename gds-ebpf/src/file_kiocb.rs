@@ -28,13 +28,14 @@ use gds_common::{
     DropReason, Scratch,
     file::{
         FILE_CALL_ASYNC, FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, IOCB_DIRECT,
-        ORIGIN_SYSCALL, ORIGIN_URING,
+        kiocb_origin,
     },
 };
 
 use crate::{
     file::{
-        FILE_INFLIGHT, GDS_FILE_CONFIG, beneath_cufile, count_drop, end_call, file_id, new_call, rd,
+        FILE_INFLIGHT, GDS_FILE_CONFIG, beneath_cufile, count_drop, end_call, file_id, new_call,
+        nvfs_complete, rd,
     },
     maps::{as_scalar, entry_mut, stats, task_enabled},
 };
@@ -81,11 +82,7 @@ fn begin(iocb: u64, iter: u64) {
     if complete != 0 {
         call.flags = FILE_CALL_ASYNC;
         // io_uring's kiocb is at the start of its `struct io_kiocb`: the request's key.
-        call.origin = if entry_mut(iocb).is_some() {
-            ORIGIN_URING
-        } else {
-            ORIGIN_SYSCALL
-        };
+        call.origin = kiocb_origin(complete, nvfs_complete(), entry_mut(iocb).is_some());
     } else {
         let _ = FILE_THREAD.insert(&pid_tgid, &iocb, BPF_ANY as u64);
     }

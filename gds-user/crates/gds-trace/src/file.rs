@@ -22,7 +22,7 @@ use gds_api::raw::{FileRaw, Inflight, Layer, LayerDetail, LayerEntry};
 use gds_common::file::{
     FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED,
     FILE_SEES_NONE, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS, FILE_TIER_TRACEPOINT, FileCall,
-    FileConfig, FileProcKey, FileProcStats, FileRowStats, MAP_FILE_HOOKED, MAP_FILE_INFLIGHT,
+    FileConfig, FileProcKey, FileProcStats, FileRowStats, MAP_FILE_HOOKED, MAP_FILE_INFLIGHT, MAP_FILE_NVFS,
     MAP_FILE_PROCS, MAP_FILE_SEES, MAP_FILE_STATS, SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3,
     SYSCALL_TABLE, SYSCALL_TRACED,
 };
@@ -280,6 +280,8 @@ pub struct FileLayer {
     /// The hooks attached (the plan's `auto` resolved), and the kiocb tier's links.
     used: FileHooks,
     kiocb: std::sync::Mutex<Option<KiocbHooks>>,
+    /// nvidia-fs's completion was found and written for the programs (`GDS_FILE_NVFS`).
+    nvfs_known: std::sync::atomic::AtomicBool,
     inflight: HashMap<MapData, u64, FileCall>,
     stats: PerCpuArray<MapData, FileRowStats>,
     procs: HashMap<MapData, FileProcKey, FileProcStats>,
@@ -367,6 +369,36 @@ impl FileLayer {
         }
     }
 
+    /// Once nvidia-fs is loaded, gives the programs its completion function (`nvfs_io_complete`
+    /// from kallsyms), which marks the reads its ioctl starts (origin `nvfs`; see
+    /// `gds_common::file::kiocb_origin`). One `stat` per call until then.
+    fn publish_nvfs(&self, ebpf: &mut Ebpf) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.nvfs_known.load(Relaxed) || !std::path::Path::new("/sys/module/nvidia_fs").exists()
+        {
+            return;
+        }
+        let [addr] = super::kallsyms::addresses(
+            std::path::Path::new("/proc/kallsyms"),
+            ["nvfs_io_complete"],
+        );
+        let Some(addr) = addr else {
+            warn!(
+                "file layer: nvidia-fs is loaded but kallsyms has no nvfs_io_complete: its \
+                 reads are not told apart (origin syscall)"
+            );
+            self.nvfs_known.store(true, Relaxed);
+            return;
+        };
+        if let Some(m) = ebpf.map_mut(MAP_FILE_NVFS)
+            && let Ok(mut a) = Array::<_, u64>::try_from(m)
+            && a.set(0, addr, 0).is_ok()
+        {
+            info!("file layer: nvidia-fs loaded: its reads are origin nvfs");
+            self.nvfs_known.store(true, Relaxed);
+        }
+    }
+
     fn blind_to(&self) -> Vec<String> {
         let list: &[&str] = match self.hooks() {
             FileHooks::Tracepoint => &TRACEPOINT_BLIND,
@@ -396,6 +428,7 @@ impl TracedLayer for FileLayer {
             procs: take_map(ebpf, MAP_FILE_PROCS)?,
             used: start.file.hooks,
             kiocb: std::sync::Mutex::new(None),
+            nvfs_known: Default::default(),
         };
         if matches!(
             layer.plan.hooks,
@@ -467,6 +500,7 @@ impl TracedLayer for FileLayer {
         debug_assert!(layer.on || layer.used == FileHooks::Off || start.btf.is_none());
         let note = layer.publish_sees(ebpf);
         layer.plan.notes.extend(note);
+        layer.publish_nvfs(ebpf);
         for note in &layer.plan.notes {
             info!("file layer: {note}");
         }
@@ -530,11 +564,13 @@ impl TracedLayer for FileLayer {
             Ok(mut k) => k.as_mut().map(|k| k.refresh(ebpf)).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        if !changes.is_empty()
-            && let Ok(mut e) = ebpf.lock()
-            && let Some(note) = self.publish_sees(&mut e)
-        {
-            warn!("file layer: {note}");
+        if let Ok(mut e) = ebpf.lock() {
+            if !changes.is_empty()
+                && let Some(note) = self.publish_sees(&mut e)
+            {
+                warn!("file layer: {note}");
+            }
+            self.publish_nvfs(&mut e);
         }
         changes
     }

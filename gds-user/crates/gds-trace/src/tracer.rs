@@ -190,6 +190,13 @@ impl UringTracer {
         let mut loader = EbpfLoader::new();
         loader.btf(None);
         let btf_parsed = Btf::from_sys();
+        if let Some(values) = btf_parsed
+            .as_ref()
+            .ok()
+            .and_then(|b| b.enum_values("io_uring_op"))
+        {
+            gds_api::model::labels::learn_opcodes(&values);
+        }
         let tracefs_dir = match tracefs::ensure_mounted() {
             Ok((dir, mounted)) => {
                 if mounted {

@@ -16,12 +16,14 @@
 //! knows which results to expect.
 
 mod agent;
+mod cufile_beneath;
 mod file_layer;
 mod modules;
 mod nvme;
 mod p2pdma;
 mod selftest;
 mod stall_cause;
+mod standin;
 mod tracing;
 mod uring;
 mod util;
@@ -94,6 +96,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(uring::scenarios());
     all.extend(modules::scenarios());
     all.extend(file_layer::scenarios());
+    all.extend(cufile_beneath::scenarios());
     all.extend(p2pdma::scenarios());
     all.extend(selftest::scenarios());
     all

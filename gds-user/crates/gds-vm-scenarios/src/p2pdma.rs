@@ -10,13 +10,14 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gds_datapath::p2p::{P2pMem, providers};
 use gds_nvme::{DmaBuffer, NvmeReadCmd, NvmeRing, UringCmdOp, namespace_geometry};
 
 use crate::agent::{Agent, counter};
+use crate::standin::Standin;
 use crate::nvme::{MAIN_SERIAL, find_ns};
 use crate::tracing::{json, layer_entry, metrics, wait_metrics};
 use crate::{Ctx, Scenario};
@@ -55,30 +56,6 @@ fn peer_memory(c: &Ctx) -> Result<P2pMem> {
     Ok(P2pMem::map(&provider.dir, 1 << 20)?)
 }
 
-/// Stand-in libcufile (`gds-user/tests/fixtures/libcufile_standin.c`: why it exists).
-const STANDIN: &str = "/bin/libcufile.so.0";
-
-#[repr(C)]
-struct Descr {
-    ty: i32,
-    _pad: i32,
-    fd: i32,
-    _rest: [u8; 52],
-}
-
-type Register = unsafe extern "C" fn(*mut usize, *const Descr) -> u64;
-type Read = unsafe extern "C" fn(usize, *mut u8, usize, i64, i64) -> isize;
-
-/// `name` from the library `lib` (a dlopen handle).
-fn symbol<T: Copy>(lib: *mut libc::c_void, name: &str) -> Result<T> {
-    let cname = std::ffi::CString::new(name)?;
-    // SAFETY: a valid handle and a C string; the symbol's type is the caller's.
-    let p = unsafe { libc::dlsym(lib, cname.as_ptr()) };
-    ensure!(!p.is_null(), "{STANDIN} has no {name}");
-    // SAFETY: T is a function pointer type of the symbol's signature.
-    Ok(unsafe { std::mem::transmute_copy(&p) })
-}
-
 fn cufile_path(c: &Ctx) -> Result<String> {
     const PEER: u64 = 24;
     const HOST: u64 = 16;
@@ -90,43 +67,10 @@ fn cufile_path(c: &Ctx) -> Result<String> {
     let me = std::process::id() as u64;
     let m0 = metrics()?;
 
-    let path = std::ffi::CString::new(STANDIN)?;
-    // SAFETY: dlopen of a plain shared library; never closed (the process ends first).
-    let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
-    ensure!(!lib.is_null(), "dlopen {STANDIN} failed");
-    let register: Register = symbol(lib, "cuFileHandleRegister")?;
-    let read: Read = symbol(lib, "cuFileRead")?;
-    // The agent attaches within milliseconds of the dlopen (the loader's notification).
-    let start = Instant::now();
-    loop {
-        let r = json("/debug/cufile")?;
-        let attached = r["libraries"].as_array().into_iter().flatten().any(|l| {
-            l["pids"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(me)))
-        });
-        if attached {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(2),
-            "stand-in libcufile not attached 2 s after dlopen: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    c.detail(format!("attached {:?} after dlopen", start.elapsed()));
+    let standin = Standin::open(c, me)?;
 
     let f = crate::util::open_direct(&ns.blk, false)?;
-    let descr = Descr {
-        ty: 1,
-        _pad: 0,
-        fd: f.as_raw_fd(),
-        _rest: [0; 52],
-    };
-    let mut fh = 0usize;
-    // SAFETY: cuFile's signature; both pointers live across the call.
-    let err = unsafe { register(&mut fh, &descr) };
-    ensure!(err as u32 == 0, "cuFileHandleRegister: {err:#x}");
+    let fh = standin.register(f.as_raw_fd())?;
     let mut host = DmaBuffer::new(BLOCK);
     // (buffer, its slots of BLOCK bytes, calls, what it is)
     let targets = [
@@ -138,7 +82,7 @@ fn cufile_path(c: &Ctx) -> Result<String> {
             let buf_off = ((i % slots) as usize * BLOCK) as i64;
             let file_off = (6 << 20) + (i * BLOCK as u64) as i64;
             // SAFETY: buf + buf_off + BLOCK lies inside the buffer, which outlives the call.
-            let n = unsafe { read(fh, buf, BLOCK, file_off, buf_off) };
+            let n = unsafe { (standin.read)(fh, buf, BLOCK, file_off, buf_off) };
             ensure!(
                 n == BLOCK as isize,
                 "cuFileRead {i} into {what} returned {n}"

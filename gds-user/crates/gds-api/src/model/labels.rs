@@ -75,20 +75,28 @@ const NAMES: &[&str] = &[
     "PIPE",
 ];
 
-/// io_uring opcode names of the running kernel: `enum io_uring_op` from its BTF (so a kernel
-/// newer than this table names its new opcodes), else the table above.
+/// io_uring opcode names of the running kernel, once [`learn_opcodes`] was told them; the table
+/// above until then.
+static NAMES_NOW: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Names the running kernel's io_uring opcodes from its `enum io_uring_op` (`values`, from its
+/// BTF), so a kernel newer than the table above names its new opcodes. The tracer calls it at
+/// start with the BTF it parsed anyway: parsing it here, lazily, put a second whole-BTF parse
+/// (tens of ms natively, seconds under emulation) inside the first `/metrics` or `/debug`
+/// answer that named an opcode. Later calls change nothing.
+pub fn learn_opcodes(values: &[(String, i64)]) {
+    let t = opcode_table(values);
+    if !t.is_empty() {
+        let _ = NAMES_NOW.set(t);
+    }
+}
+
 fn opcode_names() -> &'static [String] {
-    static NAMES_NOW: OnceLock<Vec<String>> = OnceLock::new();
-    NAMES_NOW.get_or_init(|| {
-        let from_btf = gds_host::btf::Btf::from_sys()
-            .ok()
-            .and_then(|btf| btf.enum_values("io_uring_op"))
-            .map(|values| opcode_table(&values));
-        match from_btf {
-            Some(t) if !t.is_empty() => t,
-            _ => NAMES.iter().map(|s| (*s).to_owned()).collect(),
-        }
-    })
+    static TABLE: OnceLock<Vec<String>> = OnceLock::new();
+    match NAMES_NOW.get() {
+        Some(t) => t,
+        None => TABLE.get_or_init(|| NAMES.iter().map(|s| (*s).to_owned()).collect()),
+    }
 }
 
 /// Index = opcode value, from `IORING_OP_*` enumerators (`IORING_OP_LAST` left out); a gap,
@@ -205,6 +213,7 @@ pub fn origin(code: u8) -> &'static str {
         ORIGIN_URING => "uring",
         ORIGIN_URING_CMD => "uring_cmd",
         ORIGIN_KERNEL => "kernel",
+        ORIGIN_NVFS => "nvfs",
         _ => "unknown",
     }
 }
