@@ -1,8 +1,9 @@
 //! What cuFile tracing costs the application, per call: `cuFileRead` (its uprobe and uretprobe;
 //! with a null handle it returns at once, so the probes are the whole difference) and a 4 KiB
 //! `pread64` of a page-cache-resident file in a process that maps libcufile (the libc probes
-//! beneath). Untraced, traced, untraced again (drift shows as a difference between the two
-//! untraced runs), in one process, with the real libcufile from PyPI.
+//! beneath, or the file layer where it sees every call: `--file-hooks syscalls` here). Untraced,
+//! traced (default hooks, then syscalls), untraced again (drift shows as a difference between
+//! the two untraced runs), in one process, with the real libcufile from PyPI.
 //!
 //! `cargo xtask bench` (root; `cargo xtask setup` installs the library).
 
@@ -13,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gds_trace::{TraceOptions, UringTracer};
+use gds_trace::{FileHooks, TraceOptions, UringTracer};
 
 const ROUNDS: usize = 5;
 const ROUND_TIME: Duration = Duration::from_millis(400);
@@ -72,56 +73,61 @@ fn main() {
     }
 
     let untraced = (per_call(&mut api), per_call(&mut pread));
-    let tracer = UringTracer::start(&TraceOptions::default()).expect("attach the tracer");
-    let t = Instant::now();
-    tracer.refresh_cufile_pids(&[std::process::id()]);
-    let attach = t.elapsed();
-    assert!(
-        tracer
-            .cufile_libraries()
-            .0
-            .iter()
-            .any(|l| l.pids.contains(&std::process::id())),
-        "libcufile not attached"
-    );
-    let traced = (per_call(&mut api), per_call(&mut pread));
-    let raw = tracer.cufile_raw().unwrap();
-    let counted: u64 = raw.ops.iter().map(|o| o.calls).sum();
-    let t = Instant::now();
-    drop(tracer);
-    let detach = t.elapsed();
+    // The default hooks, then the syscalls tier (the file layer sees every call: no libc
+    // probes beneath cuFile, the kernel links the preads). Where `auto` finds fentry or
+    // kprobes (distribution kernels) the default run is already the file layer's.
+    let mut runs = Vec::new();
+    for hooks in [FileHooks::Auto, FileHooks::Syscalls] {
+        let opts = TraceOptions {
+            file_hooks: hooks,
+            ..TraceOptions::default()
+        };
+        let tracer = UringTracer::start(&opts).expect("attach the tracer");
+        let t = Instant::now();
+        tracer.refresh_cufile_pids(&[std::process::id()]);
+        let attach = t.elapsed();
+        assert!(
+            tracer
+                .cufile_libraries()
+                .0
+                .iter()
+                .any(|l| l.pids.contains(&std::process::id())),
+            "libcufile not attached"
+        );
+        let beneath = tracer.cufile_view().beneath;
+        let traced = (per_call(&mut api), per_call(&mut pread));
+        let raw = tracer.cufile_raw().unwrap();
+        let counted: u64 = raw.ops.iter().map(|o| o.calls).sum();
+        let t = Instant::now();
+        drop(tracer);
+        runs.push((hooks, beneath, traced, attach, t.elapsed(), counted));
+    }
     let untraced2 = (per_call(&mut api), per_call(&mut pread));
 
     println!("\ncuFile tracing cost per call (median of {ROUNDS} rounds of {ROUND_TIME:?})");
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "{:<52} {:>10} {:>10} {:>10} {:>9} {:>8}",
         "", "untraced", "traced", "untraced", "added", "ratio"
     );
-    for (name, a, b, c) in [
-        (
-            "cuFileRead (null handle) ns",
-            untraced.0,
-            traced.0,
-            untraced2.0,
-        ),
-        (
-            "pread64 4 KiB, page cache ns",
-            untraced.1,
-            traced.1,
-            untraced2.1,
-        ),
-    ] {
-        let base = (a + c) / 2.0;
+    for (hooks, beneath, traced, attach, detach, counted) in &runs {
+        for (name, a, b, c) in [
+            ("cuFileRead (null handle) ns", untraced.0, traced.0, untraced2.0),
+            ("pread64 4 KiB, page cache ns", untraced.1, traced.1, untraced2.1),
+        ] {
+            let base = (a + c) / 2.0;
+            let name = format!("{name} [--file-hooks {}]", hooks.label());
+            println!(
+                "{name:<52} {a:>10.0} {b:>10.0} {c:>10.0} {:>+9.0} {:>8.3}",
+                b - base,
+                base / b
+            );
+        }
         println!(
-            "{name:<34} {a:>10.0} {b:>10.0} {c:>10.0} {:>+9.0} {:>8.3}",
-            b - base,
-            base / b
+            "  --file-hooks {}: beneath seen by {beneath}; attach {attach:?}, detach {detach:?}, \
+             cuFile calls counted {counted}",
+            hooks.label()
         );
     }
-    println!(
-        "attach (14 functions, 2 probes each, + libc beneath): {attach:?}; detach at shutdown: \
-         {detach:?}; cuFile calls counted while traced: {counted}"
-    );
     println!(
         "(ratio = untraced/traced calls per second; a compat cuFileRead of 16 MiB takes ~10 ms and \
          makes one to four preads, so the added time per call is what it costs)"

@@ -312,8 +312,20 @@ impl CufileTracing {
         ebpf: &mut Ebpf,
         maps: &[(String, std::os::fd::OwnedFd)],
         filter: ProcessFilter,
+        btf: Option<&gds_host::btf::Btf>,
     ) -> Result<CufileTracing, TraceError> {
-        let multi = match MultiPrograms::load(super::EBPF_OBJECT, maps, &PROGRAMS) {
+        // Before 6.6 a program loads with the uprobe_multi attach type (the kernel does not
+        // check it for kprobe programs) and only the link fails (EINVAL, seen on Debian's
+        // 6.1): so ask the kernel's BTF whether the attach type exists before choosing.
+        let kernel_has_multi = btf
+            .and_then(|b| b.enum_values("bpf_attach_type"))
+            .is_none_or(|v| v.iter().any(|(n, _)| n == "BPF_TRACE_UPROBE_MULTI"));
+        let multi = if kernel_has_multi {
+            MultiPrograms::load(super::EBPF_OBJECT, maps, &PROGRAMS).map_err(|e| e.to_string())
+        } else {
+            Err("the kernel has no BPF_TRACE_UPROBE_MULTI (Linux before 6.6)".to_owned())
+        };
+        let multi = match multi {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::info!(
@@ -1598,6 +1610,7 @@ impl super::layer::TracedLayer for CufileLayer {
                     pid: start.opts.pid,
                     comm: start.opts.comm.clone(),
                 },
+                start.btf,
             ) {
                 Ok(c) => {
                     let mut why =
