@@ -27,8 +27,7 @@ use aya_ebpf::{
 use gds_common::{
     DropReason, Scratch,
     file::{
-        FILE_CALL_ASYNC, FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, IOCB_DIRECT,
-        kiocb_origin,
+        FILE_CALL_ASYNC, FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, IOCB_DIRECT, kiocb_origin,
     },
 };
 

@@ -111,8 +111,18 @@ fn main() {
     );
     for (hooks, beneath, traced, attach, detach, counted) in &runs {
         for (name, a, b, c) in [
-            ("cuFileRead (null handle) ns", untraced.0, traced.0, untraced2.0),
-            ("pread64 4 KiB, page cache ns", untraced.1, traced.1, untraced2.1),
+            (
+                "cuFileRead (null handle) ns",
+                untraced.0,
+                traced.0,
+                untraced2.0,
+            ),
+            (
+                "pread64 4 KiB, page cache ns",
+                untraced.1,
+                traced.1,
+                untraced2.1,
+            ),
         ] {
             let base = (a + c) / 2.0;
             let name = format!("{name} [--file-hooks {}]", hooks.label());

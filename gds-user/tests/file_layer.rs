@@ -9,9 +9,10 @@ use std::{
     io::Write as _,
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
-use common::{Agent, require_root, serial};
+use common::{Agent, require_root, serial, wait_ended, wait_stall};
 use gds_api::model::{Layer, Snapshot};
 use gds_api::raw::LayerDetail;
 
@@ -456,24 +457,7 @@ fn held_o_direct_read_is_a_file_stall() {
         .unwrap();
     let tid = tid_rx.recv().unwrap();
     let ours = |s: &serde_json::Value| s["layer"] == "file" && s["tid"] == tid;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let stall = loop {
-        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        if let Some(s) = report["active"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| ours(s))
-        {
-            break s.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no file stall: {report}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let stall = wait_stall(&agent, Duration::from_secs(5), ours);
     assert_eq!(stall["pid"], std::process::id(), "{stall}");
     assert_eq!(stall["comm"], "gds-file-rd", "{stall}");
     assert_eq!(stall["opcode"], "read O_DIRECT", "{stall}");
@@ -492,19 +476,7 @@ fn held_o_direct_read_is_a_file_stall() {
         took >= std::time::Duration::from_millis(600),
         "not held: {took:?}"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    loop {
-        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        let active = report["active"].as_array().unwrap().iter().any(ours);
-        if !active && report["ended"].as_array().unwrap().iter().any(ours) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never ended: {report}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_ended(&agent, Duration::from_secs(3), ours);
     let log = agent.log();
     assert!(
         log.lines()

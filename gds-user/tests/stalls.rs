@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, PipeRead, ThrottledLoop, serial};
+use common::{Agent, PipeRead, ThrottledLoop, serial, wait_ended, wait_stall};
 use io_uring::{IoUring, opcode, types};
 
 #[test]
@@ -301,56 +301,6 @@ fn ten_thousand_inflight_requests_are_tracked_and_scanned() {
     let log = agent.log();
     assert_eq!(log.matches("stall detected").count(), K);
     assert_eq!(log.matches("stall ended").count(), K);
-}
-
-/// An active stall of `layer` matching `pick`, waited for up to `within`.
-fn wait_stall(
-    agent: &Agent,
-    within: Duration,
-    pick: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        if let Some(s) = report["active"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| pick(s))
-        {
-            return s.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no such stall: {report}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// An ended stall matching `pick`, waited for up to `within`.
-fn wait_ended(
-    agent: &Agent,
-    within: Duration,
-    pick: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        let active = report["active"].as_array().unwrap().iter().any(&pick);
-        if let Some(s) = report["ended"].as_array().unwrap().iter().find(|s| pick(s))
-            && !active
-        {
-            return s.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stall never ended: {report}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Reads in a blkio group throttled to 1 read/s: the ones held past the threshold are stalls

@@ -386,3 +386,53 @@ pub fn serve_after_head(listener: TcpListener, answer: fn(std::net::TcpStream)) 
         }
     });
 }
+
+/// An active stall on `/debug/stalls` matching `pick`, waited for up to `within`.
+pub fn wait_stall(
+    agent: &Agent,
+    within: Duration,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+        if let Some(s) = report["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| pick(s))
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such stall: {report}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An ended stall matching `pick`, waited for up to `within`.
+pub fn wait_ended(
+    agent: &Agent,
+    within: Duration,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+        let active = report["active"].as_array().unwrap().iter().any(&pick);
+        if let Some(s) = report["ended"].as_array().unwrap().iter().find(|s| pick(s))
+            && !active
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stall never ended: {report}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -162,7 +162,9 @@ fn checks(c: &Ctx, hooks: &str) -> Result<String> {
     let m2 = metrics()?;
     let unseen = beneath_calls(&m2, "unseen") - unseen0;
     ensure!(unseen == 1.0, "unseen registrations: {unseen}");
-    c.detail(format!("tmpfs file registered: libc probes attached {took:?} later"));
+    c.detail(format!(
+        "tmpfs file registered: libc probes attached {took:?} later"
+    ));
 
     // Now the probes count: every read once, on either file.
     standin.reads(gh, READS, SIZE)?;

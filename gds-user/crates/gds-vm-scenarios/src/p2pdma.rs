@@ -17,8 +17,8 @@ use gds_datapath::p2p::{P2pMem, providers};
 use gds_nvme::{DmaBuffer, NvmeReadCmd, NvmeRing, UringCmdOp, namespace_geometry};
 
 use crate::agent::{Agent, counter};
-use crate::standin::Standin;
 use crate::nvme::{MAIN_SERIAL, find_ns};
+use crate::standin::Standin;
 use crate::tracing::{json, layer_entry, metrics, wait_metrics};
 use crate::{Ctx, Scenario};
 
