@@ -387,52 +387,50 @@ pub fn serve_after_head(listener: TcpListener, answer: fn(std::net::TcpStream)) 
     });
 }
 
-/// An active stall on `/debug/stalls` matching `pick`, waited for up to `within`.
-pub fn wait_stall(
+/// Polls `/debug/stalls` every 20 ms for up to `within` until `find` picks something from the
+/// report; panics with `what`, the report and the agent's log past it.
+fn poll_stalls(
     agent: &Agent,
     within: Duration,
-    pick: impl Fn(&serde_json::Value) -> bool,
+    what: &str,
+    find: impl Fn(&serde_json::Value) -> Option<serde_json::Value>,
 ) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
         let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        if let Some(s) = report["active"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| pick(s))
-        {
-            return s.clone();
+        if let Some(s) = find(&report) {
+            return s;
         }
         assert!(
             Instant::now() < deadline,
-            "no such stall: {report}\n{}",
+            "{what}: {report}\n{}",
             agent.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// An ended stall matching `pick`, waited for up to `within`.
+/// An active stall on `/debug/stalls` matching `pick`, waited for up to `within`.
+pub fn wait_stall(
+    agent: &Agent,
+    within: Duration,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    poll_stalls(agent, within, "no such stall", |r| {
+        r["active"].as_array()?.iter().find(|s| pick(s)).cloned()
+    })
+}
+
+/// An ended stall matching `pick` (and none active), waited for up to `within`.
 pub fn wait_ended(
     agent: &Agent,
     within: Duration,
     pick: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        let active = report["active"].as_array().unwrap().iter().any(&pick);
-        if let Some(s) = report["ended"].as_array().unwrap().iter().find(|s| pick(s))
-            && !active
-        {
-            return s.clone();
+    poll_stalls(agent, within, "stall never ended", |r| {
+        if r["active"].as_array()?.iter().any(&pick) {
+            return None;
         }
-        assert!(
-            Instant::now() < deadline,
-            "stall never ended: {report}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        r["ended"].as_array()?.iter().find(|s| pick(s)).cloned()
+    })
 }
