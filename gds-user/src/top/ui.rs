@@ -40,8 +40,25 @@ fn bold() -> Style {
     Style::default().add_modifier(Modifier::BOLD)
 }
 
+/// Width of a column: a fixed number of cells, or what is left (at least this many).
+#[derive(Clone, Copy)]
+enum W {
+    Fixed(u16),
+    Rest(u16),
+}
+
+/// One table of the screen: its columns (header and width each, in order), rows and title.
+fn table<'a>(title: &'a str, columns: &[(&'a str, W)], rows: Vec<Row<'a>>) -> Table<'a> {
+    let widths = columns.iter().map(|(_, w)| match *w {
+        W::Fixed(n) => Constraint::Length(n),
+        W::Rest(n) => Constraint::Min(n),
+    });
+    Table::new(rows, widths)
+        .header(Row::new(columns.iter().map(|(h, _)| *h)).style(bold()))
+        .block(Block::default().borders(Borders::ALL).title(title))
+}
+
 fn rate_table<'a>(title: &'a str, rows: &[RateRow], first: &'a str) -> Table<'a> {
-    let header = Row::new([first, "IOPS", "p50", "p99", "ERR/s"]).style(bold());
     let rows: Vec<Row> = rows
         .iter()
         .map(|r| {
@@ -54,31 +71,20 @@ fn rate_table<'a>(title: &'a str, rows: &[RateRow], first: &'a str) -> Table<'a>
             ])
         })
         .collect();
-    Table::new(
-        rows,
-        [
-            Constraint::Min(12),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(7),
+    table(
+        title,
+        &[
+            (first, W::Rest(12)),
+            ("IOPS", W::Fixed(8)),
+            ("p50", W::Fixed(8)),
+            ("p99", W::Fixed(8)),
+            ("ERR/s", W::Fixed(7)),
         ],
+        rows,
     )
-    .header(header)
-    .block(Block::default().borders(Borders::ALL).title(title))
 }
 
 fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
-    let header = Row::new([
-        "PID",
-        "COMM",
-        "CALLS/s",
-        "GB/s",
-        "COMPAT",
-        "PATH",
-        "WHY COMPAT",
-    ])
-    .style(bold());
     let rows: Vec<Row> = rows
         .iter()
         .map(|r| {
@@ -94,28 +100,22 @@ fn cufile_table(rows: &[CufileProcRow]) -> Table<'_> {
             ])
         })
         .collect();
-    Table::new(
-        rows,
-        [
-            Constraint::Length(8),
-            Constraint::Length(16),
-            Constraint::Length(8),
-            Constraint::Length(7),
-            Constraint::Length(7),
-            Constraint::Length(8),
-            Constraint::Min(10),
+    table(
+        "cuFile by process (path the I/O beneath took)",
+        &[
+            ("PID", W::Fixed(8)),
+            ("COMM", W::Fixed(16)),
+            ("CALLS/s", W::Fixed(8)),
+            ("GB/s", W::Fixed(7)),
+            ("COMPAT", W::Fixed(7)),
+            ("PATH", W::Fixed(8)),
+            ("WHY COMPAT", W::Rest(10)),
         ],
-    )
-    .header(header)
-    .block(
-        Block::default()
-            .borders(Borders::ALL)
-            .title("cuFile by process (path the I/O beneath took)"),
+        rows,
     )
 }
 
 fn file_table(rows: &[FileProcRow]) -> Table<'_> {
-    let header = Row::new(["PID", "COMM", "CALLS/s", "MB/s", "MEAN", "BUSIEST FILE"]).style(bold());
     let rows: Vec<Row> = rows
         .iter()
         .map(|r| {
@@ -129,22 +129,17 @@ fn file_table(rows: &[FileProcRow]) -> Table<'_> {
             ])
         })
         .collect();
-    Table::new(
-        rows,
-        [
-            Constraint::Length(8),
-            Constraint::Length(16),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Min(10),
+    table(
+        "files by process",
+        &[
+            ("PID", W::Fixed(8)),
+            ("COMM", W::Fixed(16)),
+            ("CALLS/s", W::Fixed(8)),
+            ("MB/s", W::Fixed(8)),
+            ("MEAN", W::Fixed(8)),
+            ("BUSIEST FILE", W::Rest(10)),
         ],
-    )
-    .header(header)
-    .block(
-        Block::default()
-            .borders(Borders::ALL)
-            .title("files by process"),
+        rows,
     )
 }
 
@@ -268,24 +263,19 @@ pub fn draw(
         .collect();
     // WHERE gets what is left: on an 80-column terminal, enough for a disk and sector or an
     // io_uring request's user_data.
-    let widths = [
-        Constraint::Length(8),
-        Constraint::Length(14),
-        Constraint::Length(8),
-        Constraint::Length(12),
-        Constraint::Length(8),
-        Constraint::Min(10),
-    ];
     f.render_widget(
-        Table::new(rows, widths)
-            .header(
-                Row::new(["AGE", "LAYER STAGE", "PID", "COMM", "OPCODE", "WHERE"]).style(bold()),
-            )
-            .block(
-                Block::default()
-                    .borders(Borders::ALL)
-                    .title("slowest in flight"),
-            ),
+        table(
+            "slowest in flight",
+            &[
+                ("AGE", W::Fixed(8)),
+                ("LAYER STAGE", W::Fixed(14)),
+                ("PID", W::Fixed(8)),
+                ("COMM", W::Fixed(12)),
+                ("OPCODE", W::Fixed(8)),
+                ("WHERE", W::Rest(10)),
+            ],
+            rows,
+        ),
         chunks[6],
     );
 
@@ -319,35 +309,25 @@ pub fn draw(
     // CAUSE fits its longest label (waiting_for_data); WHERE keeps a dozen columns at 80.
     let mut state = TableState::default().with_selected(selected);
     f.render_stateful_widget(
-        Table::new(
-            stall_rows,
-            [
-                Constraint::Length(7),
-                Constraint::Length(7),
-                Constraint::Length(6),
-                Constraint::Length(16),
-                Constraint::Length(7),
-                Constraint::Length(10),
-                Constraint::Length(6),
-                Constraint::Min(8),
+        table(
+            if selected.is_some() {
+                "stalls (↑↓ select, Enter: why it is stuck)"
+            } else {
+                "stalls"
+            },
+            &[
+                ("STATE", W::Fixed(7)),
+                ("TIME", W::Fixed(7)),
+                ("LAYER", W::Fixed(6)),
+                ("CAUSE", W::Fixed(16)),
+                ("PID", W::Fixed(7)),
+                ("COMM", W::Fixed(10)),
+                ("OPCODE", W::Fixed(6)),
+                ("WHERE", W::Rest(8)),
             ],
+            stall_rows,
         )
-        .header(
-            Row::new([
-                "STATE", "TIME", "LAYER", "CAUSE", "PID", "COMM", "OPCODE", "WHERE",
-            ])
-            .style(bold()),
-        )
-        .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(if selected.is_some() {
-                    "stalls (↑↓ select, Enter: why it is stuck)"
-                } else {
-                    "stalls"
-                }),
-        ),
+        .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED)),
         chunks[7],
         &mut state,
     );
