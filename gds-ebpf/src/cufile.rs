@@ -140,53 +140,46 @@ struct Trusted;
 /// Everyone else.
 struct Other;
 
-impl Share for Trusted {
-    const USER: usize = USER_TRUSTED;
-    #[inline(always)]
-    fn files() -> &'static HashMap<CufileFileKey, CufileFileStats> {
-        &FILES
-    }
-    #[inline(always)]
-    fn handles() -> &'static HashMap<CufileHandleKey, i32> {
-        &HANDLES
-    }
-    #[inline(always)]
-    fn calls() -> &'static HashMap<u64, CufileCall> {
-        &CALLS
-    }
-    #[inline(always)]
-    fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
-        &ERRORS
-    }
-    #[inline(always)]
-    fn inodes() -> &'static LruHashMap<CufileInodeKey, i32> {
-        &INODES
-    }
+/// A share's tables, by name: each instance of a program names its maps as constants.
+macro_rules! share {
+    ($share:ident, $user:expr, $files:ident, $handles:ident, $calls:ident, $errors:ident,
+     $inodes:ident) => {
+        impl Share for $share {
+            const USER: usize = $user;
+            #[inline(always)]
+            fn files() -> &'static HashMap<CufileFileKey, CufileFileStats> {
+                &$files
+            }
+            #[inline(always)]
+            fn handles() -> &'static HashMap<CufileHandleKey, i32> {
+                &$handles
+            }
+            #[inline(always)]
+            fn calls() -> &'static HashMap<u64, CufileCall> {
+                &$calls
+            }
+            #[inline(always)]
+            fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
+                &$errors
+            }
+            #[inline(always)]
+            fn inodes() -> &'static LruHashMap<CufileInodeKey, i32> {
+                &$inodes
+            }
+        }
+    };
 }
 
-impl Share for Other {
-    const USER: usize = USER_OTHER;
-    #[inline(always)]
-    fn files() -> &'static HashMap<CufileFileKey, CufileFileStats> {
-        &FILES_OTHER
-    }
-    #[inline(always)]
-    fn handles() -> &'static HashMap<CufileHandleKey, i32> {
-        &HANDLES_OTHER
-    }
-    #[inline(always)]
-    fn calls() -> &'static HashMap<u64, CufileCall> {
-        &CALLS_OTHER
-    }
-    #[inline(always)]
-    fn errors() -> &'static PerCpuHashMap<CufileErrKey, u64> {
-        &ERRORS_OTHER
-    }
-    #[inline(always)]
-    fn inodes() -> &'static LruHashMap<CufileInodeKey, i32> {
-        &INODES_OTHER
-    }
-}
+share!(Trusted, USER_TRUSTED, FILES, HANDLES, CALLS, ERRORS, INODES);
+share!(
+    Other,
+    USER_OTHER,
+    FILES_OTHER,
+    HANDLES_OTHER,
+    CALLS_OTHER,
+    ERRORS_OTHER,
+    INODES_OTHER
+);
 
 /// Counts a table of share `S` full: the trusted table's own reason, or `UntrustedTableFull`.
 #[inline(always)]
