@@ -255,9 +255,13 @@ pub struct DevConfig {
     pub rq_bio: u32,
     pub rq_sector: u32,
     pub rq_data_len: u32,
-    pub _pad: u32,
+    /// `task_struct.pid`, `.tgid` and `.comm`: `block_getrq` reads its submitter straight from
+    /// `bpf_get_current_task_btf()` (direct loads), not through three helper calls.
+    pub task_pid: u32,
     /// `sizeof(struct request)`: the NVMe driver's `struct nvme_request` follows it.
     pub rq_size: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
     /// Telling P2PDMA pages from host pages (see [`PeerCheck`]); all zero when the kernel has
     /// no P2PDMA, so the block programs read nothing more.
     pub peer: PeerCheck,
@@ -308,8 +312,10 @@ impl DevConfig {
         rq_bio: 0,
         rq_sector: 0,
         rq_data_len: 0,
-        _pad: 0,
+        task_pid: 0,
         rq_size: 0,
+        task_tgid: 0,
+        task_comm: 0,
         peer: PeerCheck::OFF,
         link: BioLink::OFF,
     };

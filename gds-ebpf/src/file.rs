@@ -100,7 +100,7 @@ impl Offsets {
 /// Direct load of a field of a kernel object reached from a BTF program's argument. `off`
 /// must come from the read-only config so the verifier sees a constant offset.
 #[inline(always)]
-unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+pub(crate) unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 

@@ -36,6 +36,9 @@ pub fn resolve(btf: &Btf) -> Result<(DevConfig, PeerMemory), gds_host::btf::BtfE
     c.rq_sector = btf.member_offset("request", &["__sector"])?;
     c.rq_data_len = btf.member_offset("request", &["__data_len"])?;
     c.rq_size = btf.struct_size("request")?;
+    c.task_pid = btf.member_offset("task_struct", &["pid"])?;
+    c.task_tgid = btf.member_offset("task_struct", &["tgid"])?;
+    c.task_comm = btf.member_offset("task_struct", &["comm"])?;
     let (peer, memory) = super::peer::resolve(btf);
     c.peer = peer;
     c.link = bio_link(btf, std::path::Path::new("/proc/kallsyms")).unwrap_or(BioLink::OFF);
