@@ -39,12 +39,11 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX,
-    BlockInflight, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason,
-    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
-    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA,
-    NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter,
-    UringCpuStats,
+    BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX, BlockInflight,
+    BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA,
+    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
+    KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA, NVME_INFLIGHT_MAX,
+    NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter, UringCpuStats,
     file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
@@ -71,15 +70,19 @@ static NVME_RUNTIME: Array<NvmeRuntime> = Array::with_max_entries(1, 0);
 #[map(name = "GDS_NVME_INFLIGHT")]
 static NVME_INFLIGHT: HashMap<u64, NvmeInflight> = HashMap::with_max_entries(NVME_INFLIGHT_MAX, 0);
 
+/// Block requests by first bio (see `MAP_BLOCK_INFLIGHT`): created at [`block_getrq`] with
+/// the submitter, filled in place at [`block_issue`], deleted at [`block_complete`].
 #[map(name = "GDS_BLOCK_INFLIGHT")]
-static BLOCK_INFLIGHT: HashMap<u64, BlockInflight> =
-    HashMap::with_max_entries(BLOCK_INFLIGHT_MAX, 0);
+static BLOCK_INFLIGHT: LruHashMap<u64, BlockInflight> =
+    LruHashMap::with_max_entries(BLOCK_INFLIGHT_MAX, 0);
 
-/// The submitter of each new request's first bio, `struct bio *` → [`Submitter`] (see
-/// [`block_getrq`]).
-#[map(name = "GDS_BIO_SUBMITTER")]
-static BIO_SUBMITTER: LruHashMap<u64, Submitter> =
-    LruHashMap::with_max_entries(BIO_SUBMITTER_MAX, 0);
+/// A request's key in [`BLOCK_INFLIGHT`]: its first bio, or the request itself when it has no
+/// bio (a flush, a passthrough command without data). Bios and requests are distinct objects,
+/// so the two never collide.
+#[inline(always)]
+fn block_key(bio: u64, rq: u64) -> u64 {
+    if bio != 0 { bio } else { rq }
+}
 
 /// Block requests per submitting process, op, origin and link (`BlockProcKey`).
 #[map(name = "GDS_BLOCK_PROCS")]
@@ -88,6 +91,19 @@ static BLOCK_PROCS: LruHashMap<BlockProcKey, BlockProcStats> =
 
 /// All-zero histogram in read-only data: inserted from here, so no 300-byte stack copy.
 static ZERO_HIST: DevHist = DevHist::ZERO;
+
+/// All-zero in-flight entry in read-only data, copied word by word to start a new one: a
+/// struct literal with zeroed fields makes LLVM call a byte-by-byte `memset` (five
+/// instructions a byte, ~80 bytes for an entry), the copy is 18 loads and stores.
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_INFLIGHT: BlockInflight = unsafe { core::mem::zeroed() };
+
+/// A zeroed [`BlockInflight`] on the stack (see [`ZERO_INFLIGHT`]).
+#[inline(always)]
+fn zero_inflight() -> BlockInflight {
+    // SAFETY: a static; volatile so LLVM copies it instead of folding it into a memset.
+    unsafe { core::ptr::read_volatile(&ZERO_INFLIGHT) }
+}
 
 /// Reads a field of [`GDS_DEV_CONFIG`] (volatile, so the verifier sees the `.rodata` load and
 /// takes its value as a constant). Usable inside the `unsafe` blocks of direct loads.
@@ -396,17 +412,18 @@ pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
             field::<u32>(task, dconf!(link.task_flags)),
         )
     };
-    let mut who = Submitter {
-        pid_tgid: ((tgid as u64) << 32) | pid as u64,
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        // SAFETY: two words of `task->comm`, NUL-padded by the kernel (`set_task_comm`).
-        comm: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(comm) },
-        ..Submitter::default()
-    };
+    let mut v = zero_inflight();
+    let who = &mut v.submitter;
+    who.pid_tgid = ((tgid as u64) << 32) | pid as u64;
+    who.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: two words of `task->comm`, NUL-padded by the kernel (`set_task_comm`).
+    who.comm = unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(comm) };
     if dconf!(link.enabled) != 0 {
-        link_bio(s, bio_ptr, task_flags, &mut who);
+        link_bio(s, bio_ptr, task_flags, who);
     }
-    let _ = BIO_SUBMITTER.insert(&bio, &who, BPF_ANY as u64);
+    // A failed insert (never, for an LRU hash with free entries) leaves the request to
+    // `block_issue`, which counts it if the table is full.
+    let _ = BLOCK_INFLIGHT.insert(&bio, &v, BPF_ANY as u64);
     0
 }
 
@@ -522,31 +539,32 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
             field::<u32>(rq_ptr, dconf!(rq_cmd_flags)),
         )
     };
-    let bio = as_scalar(s, Scratch::BlockIssue, bio);
-    let submitter = match BIO_SUBMITTER.get_ptr(&bio) {
-        // SAFETY: map value pointer, copied before the delete.
-        Some(p) => {
-            let who = unsafe { *p };
-            let _ = BIO_SUBMITTER.remove(&bio);
-            who
+    let key = block_key(as_scalar(s, Scratch::BlockIssue, bio), rq);
+    let issue_ns = unsafe { bpf_ktime_get_ns() };
+    let dev = dev_of_request(rq_ptr);
+    let op = cmd_flags as u8;
+    if let Some(e) = BLOCK_INFLIGHT.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; the request is this program's until it completes.
+        unsafe {
+            (*e).issue_ns = issue_ns;
+            (*e).rq = rq;
+            (*e).sector = sector;
+            (*e).bytes = bytes;
+            (*e).dev = dev;
+            (*e).op = op;
+            (*e).memory = memory;
         }
-        None => match BLOCK_INFLIGHT.get_ptr(&rq) {
-            // SAFETY: map value pointer.
-            Some(old) => unsafe { (*old).submitter },
-            None => Submitter::default(),
-        },
-    };
-    let v = BlockInflight {
-        issue_ns: unsafe { bpf_ktime_get_ns() },
-        sector,
-        bytes,
-        dev: dev_of_request(rq_ptr),
-        op: cmd_flags as u8,
-        memory,
-        _pad: [0; 6],
-        submitter,
-    };
-    if BLOCK_INFLIGHT.insert(&rq, &v, BPF_ANY as u64).is_err() {
+        return 0;
+    }
+    let mut v = zero_inflight();
+    v.issue_ns = issue_ns;
+    v.rq = rq;
+    v.sector = sector;
+    v.bytes = bytes;
+    v.dev = dev;
+    v.op = op;
+    v.memory = memory;
+    if BLOCK_INFLIGHT.insert(&key, &v, BPF_NOEXIST as u64).is_err() {
         count_drop(DropReason::BlockInflightFull);
     }
     0
@@ -556,14 +574,24 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, Scratch::BlockComplete, ctx.arg(0));
-    let Some(v) = BLOCK_INFLIGHT.get_ptr(&rq) else {
+    let rq_ptr: u64 = ctx.arg(0);
+    let rq = as_scalar(s, Scratch::BlockComplete, rq_ptr);
+    // The tracepoint runs before the request's bios are ended: `rq->bio` is still the first.
+    // SAFETY: BTF-typed `struct request *`, constant offset.
+    let bio: u64 = unsafe { field(rq_ptr, dconf!(rq_bio)) };
+    let key = block_key(as_scalar(s, Scratch::BlockComplete, bio), rq);
+    let Some(v) = BLOCK_INFLIGHT.get_ptr(&key) else {
         count_drop(DropReason::BlockNoStart);
         return 0;
     };
     // SAFETY: map value pointer, copied before the delete.
     let v = unsafe { *v };
-    let _ = BLOCK_INFLIGHT.remove(&rq);
+    let _ = BLOCK_INFLIGHT.remove(&key);
+    // Created at `block_getrq` but its issue not seen (attached in between).
+    if v.rq != rq {
+        count_drop(DropReason::BlockNoStart);
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     hist_add(
         DevHistKey {

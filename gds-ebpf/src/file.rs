@@ -18,8 +18,8 @@ use core::intrinsics::AtomicOrdering::Relaxed;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_comm,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -122,6 +122,16 @@ pub(crate) fn file_id(file: u64) -> (u32, u64, u64) {
     (dev, ino, inode)
 }
 
+/// All-zero call in read-only data. A new call starts as a word-by-word copy of it: zeroed
+/// fields in a struct literal, and aya's `bpf_get_current_comm` (which zeroes its array
+/// first), make LLVM call a byte-by-byte `memset`, five instructions a byte.
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_CALL: FileCall = unsafe { core::mem::zeroed() };
+
+/// All-zero per-process key (see [`ZERO_CALL`]: its 6-byte pad alone was a `memset` call).
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_PROC_KEY: FileProcKey = unsafe { core::mem::zeroed() };
+
 /// A call of the current thread starting now.
 #[inline(always)]
 pub(crate) fn new_call(
@@ -133,24 +143,24 @@ pub(crate) fn new_call(
     op: u8,
     direct: bool,
 ) -> FileCall {
-    FileCall {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        pid_tgid,
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        ino,
-        pos,
-        bytes,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        dev,
-        op,
-        direct: direct as u8,
-        origin: ORIGIN_SYSCALL,
-        flags: 0,
-        blk_dev: 0,
-        _pad2: 0,
-        first_issue_ns: 0,
-        last_done_ns: 0,
+    // SAFETY: a static; volatile so LLVM copies it instead of folding it into a memset.
+    let mut c = unsafe { core::ptr::read_volatile(&ZERO_CALL) };
+    c.start_ns = unsafe { bpf_ktime_get_ns() };
+    c.pid_tgid = pid_tgid;
+    c.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    c.ino = ino;
+    c.pos = pos;
+    c.bytes = bytes;
+    // SAFETY: the helper writes at most the buffer's 16 bytes (NUL-padded); on failure it
+    // zeroes them.
+    unsafe {
+        bpf_get_current_comm(c.comm.as_mut_ptr().cast(), c.comm.len() as u32);
     }
+    c.dev = dev;
+    c.op = op;
+    c.direct = direct as u8;
+    c.origin = ORIGIN_SYSCALL;
+    c
 }
 
 /// `iomap_dio_rw_begin(struct kiocb *iocb, struct iov_iter *iter, unsigned int dio_flags,
@@ -387,14 +397,13 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
         r.bytes_done += done;
         r.errors += err;
     }
-    let key = FileProcKey {
-        tgid: (c.pid_tgid >> 32) as u32,
-        dev: c.dev,
-        ino: c.ino,
-        op: c.op,
-        direct: c.direct,
-        _pad: [0; 6],
-    };
+    // SAFETY: a static (see [`ZERO_PROC_KEY`]).
+    let mut key = unsafe { core::ptr::read_volatile(&ZERO_PROC_KEY) };
+    key.tgid = (c.pid_tgid >> 32) as u32;
+    key.dev = c.dev;
+    key.ino = c.ino;
+    key.op = c.op;
+    key.direct = c.direct;
     match FILE_PROCS.get_ptr_mut(&key) {
         // SAFETY: map value pointer; threads of one process add to it at once.
         Some(p) => unsafe {
