@@ -72,6 +72,7 @@ struct Offsets {
     kiocb_filp: u32,
     kiocb_flags: u32,
     kiocb_pos: u32,
+    kiocb_complete: u32,
     file_inode: u32,
     inode_sb: u32,
     inode_ino: u32,
@@ -87,6 +88,7 @@ impl Offsets {
             kiocb_filp: fconf!(kiocb_filp),
             kiocb_flags: fconf!(kiocb_flags),
             kiocb_pos: fconf!(kiocb_pos),
+            kiocb_complete: fconf!(kiocb_complete),
             file_inode: fconf!(file_inode),
             inode_sb: fconf!(inode_sb),
             inode_ino: fconf!(inode_ino),
@@ -178,7 +180,7 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     let (kiocb, iter): (u64, u64) = (ctx.arg(0), ctx.arg(1));
     let iocb = as_scalar(s, Scratch::FileBegin, kiocb);
     let off = Offsets::read();
-    let (flags, pos, bytes, source, dev, ino) = unsafe {
+    let (flags, pos, bytes, source, dev, ino, complete) = unsafe {
         let filp: u64 = field(kiocb, off.kiocb_filp);
         let inode: u64 = field(filp, off.file_inode);
         let sb: u64 = field(inode, off.inode_sb);
@@ -189,6 +191,8 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
             field::<u8>(iter, off.iter_source),
             field::<u32>(sb, off.sb_dev),
             field::<u64>(inode, off.inode_ino),
+            // A function pointer: a scalar to the verifier.
+            field::<u64>(kiocb, off.kiocb_complete),
         )
     };
     // A zero-length call returns before iomap allocates its dio: no complete would follow.
@@ -202,8 +206,10 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     };
     let mut call = new_call(pid_tgid, dev, ino, pos, bytes, op, flags & IOCB_DIRECT != 0);
     // io_uring's READ/WRITE kiocb is the first member of its `struct io_kiocb` (inside the
-    // command data at offset 0), so the kiocb is the io_uring request's key.
-    call.origin = if entry_mut(iocb).is_some() {
+    // command data at offset 0), so the kiocb is the io_uring request's key. Only an
+    // asynchronous kiocb (`ki_complete` set) can be one: a synchronous call (pread, read)
+    // costs no lookup.
+    call.origin = if complete != 0 && entry_mut(iocb).is_some() {
         ORIGIN_URING
     } else {
         ORIGIN_SYSCALL
