@@ -43,6 +43,39 @@ macro_rules! stage_kinds {
 }
 with_stages!(stage_kinds);
 
+/// Number of stages ([`with_stages`]): [`StageHists::stages`] is indexed by
+/// `kind - KIND_STAGE_QUEUE`.
+pub const STAGES: usize = 3;
+const _: () = assert!(
+    KIND_STAGE_DEVICE == KIND_STAGE_QUEUE + 1 && KIND_STAGE_COMPLETION == KIND_STAGE_QUEUE + 2
+);
+
+/// Key of the per-CPU stage histograms (`GDS_STAGE_HIST`): the disk and the request's origin
+/// (`gds_common::file::ORIGIN_*`), what [`DevHistKey`] names as `dev` and `code` for the
+/// stage kinds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageHistKey {
+    pub dev: DevId,
+    pub origin: u8,
+    /// Scalars, not an array: a zeroed array in a key makes LLVM call a byte-by-byte
+    /// `memset` in the programs.
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+
+/// The stage histograms of one disk and origin, kept together because a request's stages are
+/// counted together: one map lookup for all of them (three in `GDS_DEV_HIST`, one per kind).
+/// User space reports them as `GDS_DEV_HIST` entries of the stage kinds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StageHists {
+    pub stages: [DevHist; STAGES],
+}
+
+pub const MAP_STAGE_HIST: &str = "GDS_STAGE_HIST";
+pub const STAGE_HIST_MAX: u32 = 1024;
+
 /// Block request operations in [`DevHistKey::code`] for [`KIND_BLOCK`] (`req_op()`).
 pub const BLOCK_OP_READ: u8 = 0;
 pub const BLOCK_OP_WRITE: u8 = 1;
@@ -385,6 +418,8 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for DevHistKey {}
     unsafe impl aya::Pod for DevHist {}
+    unsafe impl aya::Pod for StageHistKey {}
+    unsafe impl aya::Pod for StageHists {}
     unsafe impl aya::Pod for NvmeErrKey {}
     unsafe impl aya::Pod for NvmeInflight {}
     unsafe impl aya::Pod for BlockInflight {}

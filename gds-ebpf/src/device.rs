@@ -41,9 +41,9 @@ use aya_ebpf::{
 use gds_common::{
     BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX, BlockInflight,
     BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA,
-    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION, KIND_STAGE_DEVICE,
-    KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA, NVME_INFLIGHT_MAX,
-    NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter, UringCpuStats,
+    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, LINK_CALL, LINK_PAGE, MEMORY_HOST,
+    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD,
+    STAGE_HIST_MAX, STAGES, Scratch, StageHistKey, StageHists, Submitter, UringCpuStats,
     file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
@@ -59,6 +59,11 @@ static GDS_DEV_CONFIG: DevConfig = DevConfig::DEFAULT;
 
 #[map(name = "GDS_DEV_HIST")]
 static DEV_HIST: PerCpuHashMap<DevHistKey, DevHist> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Queue, device and completion durations per disk and origin (`StageHists`).
+#[map(name = "GDS_STAGE_HIST")]
+static STAGE_HIST: PerCpuHashMap<StageHistKey, StageHists> =
+    PerCpuHashMap::with_max_entries(STAGE_HIST_MAX, 0);
 
 #[map(name = "GDS_NVME_ERRORS")]
 static NVME_ERRORS: PerCpuHashMap<NvmeErrKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
@@ -91,6 +96,10 @@ static BLOCK_PROCS: LruHashMap<BlockProcKey, BlockProcStats> =
 
 /// All-zero histogram in read-only data: inserted from here, so no 300-byte stack copy.
 static ZERO_HIST: DevHist = DevHist::ZERO;
+
+/// All-zero stage histograms (see [`ZERO_HIST`]).
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_STAGES: StageHists = unsafe { core::mem::zeroed() };
 
 /// All-zero in-flight entry in read-only data, copied word by word to start a new one: a
 /// struct literal with zeroed fields makes LLVM call a byte-by-byte `memset` (five
@@ -174,13 +183,48 @@ pub(crate) fn hist_add(key: DevHistKey, ns: u64) {
         }
     };
     // SAFETY: per-CPU map value pointer.
-    let h = unsafe { &mut *p };
+    hist_put(unsafe { &mut *p }, ns);
+}
+
+#[inline(always)]
+fn hist_put(h: &mut DevHist, ns: u64) {
     if let Some(b) = index(log2_bucket(ns) as u64, HIST_BUCKETS).and_then(|i| h.buckets.get_mut(i))
     {
         *b += 1;
     }
     h.count += 1;
     h.sum_ns += ns;
+}
+
+/// Adds a request's stage durations to the histograms of its disk and origin: `ns` in
+/// [`STAGES`] order (queue, device, completion), the first `n` of them (a request whose call
+/// ended first has no completion stage of its own).
+#[inline(always)]
+pub(crate) fn stages_add(dev: u32, origin: u8, ns: [u64; STAGES], n: usize) {
+    let key = StageHistKey {
+        dev,
+        origin,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let p = match STAGE_HIST.get_ptr_mut(&key) {
+        Some(p) => p,
+        None => {
+            let _ = STAGE_HIST.insert(&key, &ZERO_STAGES, BPF_NOEXIST as u64);
+            match STAGE_HIST.get_ptr_mut(&key) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: per-CPU map value pointer.
+    let h = unsafe { &mut *p };
+    let [q, d, c] = &mut h.stages;
+    hist_put(q, ns[0]);
+    hist_put(d, ns[1]);
+    if n > 2 {
+        hist_put(c, ns[2]);
+    }
 }
 
 #[inline(always)]
@@ -197,20 +241,15 @@ pub(crate) fn record_stages(e: &InflightReq, now: u64) {
     if e.nvme_complete_ns == 0 || e.nvme_complete_ns < e.nvme_setup_ns {
         return;
     }
-    let key = |kind| DevHistKey {
-        dev: e.nvme_dev,
-        kind,
-        code: ORIGIN_URING_CMD,
-        flags: 0,
-    };
-    hist_add(
-        key(KIND_STAGE_QUEUE),
-        e.nvme_setup_ns.saturating_sub(e.start_ns),
-    );
-    hist_add(key(KIND_STAGE_DEVICE), e.nvme_complete_ns - e.nvme_setup_ns);
-    hist_add(
-        key(KIND_STAGE_COMPLETION),
-        now.saturating_sub(e.nvme_complete_ns),
+    stages_add(
+        e.nvme_dev,
+        ORIGIN_URING_CMD,
+        [
+            e.nvme_setup_ns.saturating_sub(e.start_ns),
+            e.nvme_complete_ns - e.nvme_setup_ns,
+            now.saturating_sub(e.nvme_complete_ns),
+        ],
+        STAGES,
     );
 }
 
@@ -651,17 +690,16 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
         // The call ended first (an asynchronous one completed by another path): this
         // request's own queue and device, so nothing is lost.
         if !stamped {
-            let key = |kind| DevHistKey {
-                dev: v.dev,
-                kind,
-                code: w.origin,
-                flags: 0,
-            };
-            hist_add(
-                key(KIND_STAGE_QUEUE),
-                v.issue_ns.saturating_sub(w.call_start_ns),
+            stages_add(
+                v.dev,
+                w.origin,
+                [
+                    v.issue_ns.saturating_sub(w.call_start_ns),
+                    now.saturating_sub(v.issue_ns),
+                    0,
+                ],
+                2,
             );
-            hist_add(key(KIND_STAGE_DEVICE), now.saturating_sub(v.issue_ns));
         }
     }
     0

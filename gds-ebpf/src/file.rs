@@ -371,20 +371,11 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
     if c.last_done_ns != 0 && c.first_issue_ns != 0 {
         let first = c.first_issue_ns.max(c.start_ns);
         let last = c.last_done_ns.max(first);
-        let key = |kind| gds_common::device::DevHistKey {
-            dev: c.blk_dev,
-            kind,
-            code: c.origin,
-            flags: 0,
-        };
-        crate::device::hist_add(
-            key(gds_common::device::KIND_STAGE_QUEUE),
-            first - c.start_ns,
-        );
-        crate::device::hist_add(key(gds_common::device::KIND_STAGE_DEVICE), last - first);
-        crate::device::hist_add(
-            key(gds_common::device::KIND_STAGE_COMPLETION),
-            now.saturating_sub(last),
+        crate::device::stages_add(
+            c.blk_dev,
+            c.origin,
+            [first - c.start_ns, last - first, now.saturating_sub(last)],
+            gds_common::device::STAGES,
         );
     }
     let done = if ret > 0 { ret as u64 } else { 0 };
