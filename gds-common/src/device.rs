@@ -43,6 +43,39 @@ macro_rules! stage_kinds {
 }
 with_stages!(stage_kinds);
 
+/// Number of stages ([`with_stages`]): [`StageHists::stages`] is indexed by
+/// `kind - KIND_STAGE_QUEUE`.
+pub const STAGES: usize = 3;
+const _: () = assert!(
+    KIND_STAGE_DEVICE == KIND_STAGE_QUEUE + 1 && KIND_STAGE_COMPLETION == KIND_STAGE_QUEUE + 2
+);
+
+/// Key of the per-CPU stage histograms (`GDS_STAGE_HIST`): the disk and the request's origin
+/// (`gds_common::file::ORIGIN_*`), what [`DevHistKey`] names as `dev` and `code` for the
+/// stage kinds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageHistKey {
+    pub dev: DevId,
+    pub origin: u8,
+    /// Scalars, not an array: a zeroed array in a key makes LLVM call a byte-by-byte
+    /// `memset` in the programs.
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+
+/// The stage histograms of one disk and origin, kept together because a request's stages are
+/// counted together: one map lookup for all of them (three in `GDS_DEV_HIST`, one per kind).
+/// User space reports them as `GDS_DEV_HIST` entries of the stage kinds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StageHists {
+    pub stages: [DevHist; STAGES],
+}
+
+pub const MAP_STAGE_HIST: &str = "GDS_STAGE_HIST";
+pub const STAGE_HIST_MAX: u32 = 1024;
+
 /// Block request operations in [`DevHistKey::code`] for [`KIND_BLOCK`] (`req_op()`).
 pub const BLOCK_OP_READ: u8 = 0;
 pub const BLOCK_OP_WRITE: u8 = 1;
@@ -218,11 +251,19 @@ pub struct BlockProcStats {
 pub const MAP_BLOCK_PROCS: &str = "GDS_BLOCK_PROCS";
 pub const BLOCK_PROCS_MAX: u32 = 4096;
 
-/// A block request between `block_rq_issue` and `block_rq_complete`.
+/// A block request from `block_getrq` (or its first `block_rq_issue`) to `block_rq_complete`,
+/// keyed by its first bio (`request.bio`; the request itself where it has none). One entry per
+/// request, created where its submitter is known and filled in place at issue: the submitter
+/// is never copied from one table to another (a lookup, a delete and an insert per request).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockInflight {
+    /// 0 until the request is issued: such an entry is not in flight at a device yet, and
+    /// readers skip it.
     pub issue_ns: u64,
+    /// The `struct request *` (0 until issued): the key NVMe commands share
+    /// ([`MAP_NVME_INFLIGHT`]).
+    pub rq: u64,
     /// `blk_rq_pos()`: the first 512-byte sector.
     pub sector: u64,
     /// `blk_rq_bytes()` at issue.
@@ -232,8 +273,8 @@ pub struct BlockInflight {
     /// [`MEMORY_HOST`] or [`MEMORY_P2PDMA`] (the first page of the request's data).
     pub memory: u8,
     pub _pad: [u8; 6],
-    /// Who submitted it (see `MAP_BIO_SUBMITTER`); zero when the request's first bio was not
-    /// seen at `block_getrq` (passthrough, or a bio merged in front of it).
+    /// Who submitted it (recorded at `block_getrq`); zero when the request's first bio was not
+    /// seen there (passthrough, or a bio merged in front of it).
     pub submitter: Submitter,
 }
 
@@ -255,9 +296,13 @@ pub struct DevConfig {
     pub rq_bio: u32,
     pub rq_sector: u32,
     pub rq_data_len: u32,
-    pub _pad: u32,
+    /// `task_struct.pid`, `.tgid` and `.comm`: `block_getrq` reads its submitter straight from
+    /// `bpf_get_current_task_btf()` (direct loads), not through three helper calls.
+    pub task_pid: u32,
     /// `sizeof(struct request)`: the NVMe driver's `struct nvme_request` follows it.
     pub rq_size: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
     /// Telling P2PDMA pages from host pages (see [`PeerCheck`]); all zero when the kernel has
     /// no P2PDMA, so the block programs read nothing more.
     pub peer: PeerCheck,
@@ -308,8 +353,10 @@ impl DevConfig {
         rq_bio: 0,
         rq_sector: 0,
         rq_data_len: 0,
-        _pad: 0,
+        task_pid: 0,
         rq_size: 0,
+        task_tgid: 0,
+        task_comm: 0,
         peer: PeerCheck::OFF,
         link: BioLink::OFF,
     };
@@ -351,17 +398,15 @@ pub const MAP_NVME_RUNTIME: &str = "GDS_NVME_RUNTIME";
 pub const MAP_DEV_HIST: &str = "GDS_DEV_HIST";
 pub const MAP_NVME_ERRORS: &str = "GDS_NVME_ERRORS";
 pub const MAP_NVME_INFLIGHT: &str = "GDS_NVME_INFLIGHT";
+/// The block requests between `block_getrq` and `block_rq_complete` ([`BlockInflight`]), an LRU
+/// hash: an entry whose request is never issued (an error after `block_getrq`, a bio merged in
+/// front of it) ages out instead of filling it. A request pushed out before it completes is
+/// counted at its completion (`block_no_start`), as one beyond a full table is at its issue
+/// (`block_inflight_full`).
 pub const MAP_BLOCK_INFLIGHT: &str = "GDS_BLOCK_INFLIGHT";
-/// Entries of the block and NVMe in-flight tables: a request beyond them is counted
-/// (`block_inflight_full`, `nvme_inflight_full`), never tracked.
+/// Entries of the block and NVMe in-flight tables.
 pub const BLOCK_INFLIGHT_MAX: u32 = 16384;
 pub const NVME_INFLIGHT_MAX: u32 = 16384;
-/// The submitter of each new request's first bio, keyed by `struct bio *` (an LRU hash, see
-/// gds-ebpf's `block_getrq`): written where the kernel allocates a request for a bio, read and
-/// deleted when that request is issued. LRU, so a bio whose request is never issued (an error
-/// on the way) ages out instead of filling it.
-pub const MAP_BIO_SUBMITTER: &str = "GDS_BIO_SUBMITTER";
-pub const BIO_SUBMITTER_MAX: u32 = 8192;
 /// Block requests into P2PDMA memory per process (`tgid` → count), an LRU hash: written by the
 /// block program when the issuing task's request is peer memory, read by the cuFile programs
 /// (a read that caused such I/O took the `p2pdma` path) and by user space.
@@ -373,6 +418,8 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for DevHistKey {}
     unsafe impl aya::Pod for DevHist {}
+    unsafe impl aya::Pod for StageHistKey {}
+    unsafe impl aya::Pod for StageHists {}
     unsafe impl aya::Pod for NvmeErrKey {}
     unsafe impl aya::Pod for NvmeInflight {}
     unsafe impl aya::Pod for BlockInflight {}

@@ -6,8 +6,13 @@
 //! sits at the start of the `struct io_kiocb` the io_uring programs key on: so the NVMe
 //! program finds the io_uring entry exactly and stamps setup/complete times into it; the
 //! io_uring completion then splits the latency into queue, device and completion stages.
-//! These programs read with bpf_probe_read_kernel at BTF-resolved offsets: NVMe commands are
-//! microseconds, and the helper keeps the programs valid on every kernel from 6.1 on.
+//! The NVMe programs read with bpf_probe_read_kernel at BTF-resolved offsets: NVMe commands are
+//! microseconds, and the helper keeps the programs valid on every kernel from 6.1 on. The block
+//! programs run for every block request of every disk, so they load directly through their
+//! BTF-typed arguments (`struct request *`, `struct bio *`, the current `task_struct`) at the
+//! same BTF-resolved offsets (constants from `.rodata` to the verifier), as `file_dio_begin`
+//! does: with retpoline/SRSO mitigations every helper call costs tens of ns, and a 4 KiB
+//! O_DIRECT read took ~20 of them across its three block programs.
 //!
 //! The two NVMe programs are raw tracepoints (`BPF_PROG_TYPE_RAW_TRACEPOINT`), not BTF ones:
 //! on distribution kernels the `nvme:*` tracepoints live in the `nvme_core` module, and a
@@ -26,25 +31,25 @@ use core::intrinsics::AtomicOrdering::Relaxed;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BIO_SUBMITTER_MAX, BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX,
-    BlockInflight, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason,
-    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, KIND_STAGE_COMPLETION,
-    KIND_STAGE_DEVICE, KIND_STAGE_QUEUE, LINK_CALL, LINK_PAGE, MEMORY_HOST, MEMORY_P2PDMA,
-    NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD, Scratch, Submitter,
+    BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX, BlockInflight,
+    BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA,
+    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, LINK_CALL, LINK_PAGE, MEMORY_HOST,
+    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD,
+    STAGE_HIST_MAX, STAGES, Scratch, StageHistKey, StageHists, Submitter, UringCpuStats,
     file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
 
 use crate::{
-    file::FILE_INFLIGHT,
+    file::{FILE_INFLIGHT, field},
     file_kiocb::FILE_THREAD,
     maps::{PEER_IO, as_scalar, entry_mut, index, stats},
 };
@@ -54,6 +59,11 @@ static GDS_DEV_CONFIG: DevConfig = DevConfig::DEFAULT;
 
 #[map(name = "GDS_DEV_HIST")]
 static DEV_HIST: PerCpuHashMap<DevHistKey, DevHist> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Queue, device and completion durations per disk and origin (`StageHists`).
+#[map(name = "GDS_STAGE_HIST")]
+static STAGE_HIST: PerCpuHashMap<StageHistKey, StageHists> =
+    PerCpuHashMap::with_max_entries(STAGE_HIST_MAX, 0);
 
 #[map(name = "GDS_NVME_ERRORS")]
 static NVME_ERRORS: PerCpuHashMap<NvmeErrKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
@@ -65,15 +75,19 @@ static NVME_RUNTIME: Array<NvmeRuntime> = Array::with_max_entries(1, 0);
 #[map(name = "GDS_NVME_INFLIGHT")]
 static NVME_INFLIGHT: HashMap<u64, NvmeInflight> = HashMap::with_max_entries(NVME_INFLIGHT_MAX, 0);
 
+/// Block requests by first bio (see `MAP_BLOCK_INFLIGHT`): created at [`block_getrq`] with
+/// the submitter, filled in place at [`block_issue`], deleted at [`block_complete`].
 #[map(name = "GDS_BLOCK_INFLIGHT")]
-static BLOCK_INFLIGHT: HashMap<u64, BlockInflight> =
-    HashMap::with_max_entries(BLOCK_INFLIGHT_MAX, 0);
+static BLOCK_INFLIGHT: LruHashMap<u64, BlockInflight> =
+    LruHashMap::with_max_entries(BLOCK_INFLIGHT_MAX, 0);
 
-/// The submitter of each new request's first bio, `struct bio *` → [`Submitter`] (see
-/// [`block_getrq`]).
-#[map(name = "GDS_BIO_SUBMITTER")]
-static BIO_SUBMITTER: LruHashMap<u64, Submitter> =
-    LruHashMap::with_max_entries(BIO_SUBMITTER_MAX, 0);
+/// A request's key in [`BLOCK_INFLIGHT`]: its first bio, or the request itself when it has no
+/// bio (a flush, a passthrough command without data). Bios and requests are distinct objects,
+/// so the two never collide.
+#[inline(always)]
+fn block_key(bio: u64, rq: u64) -> u64 {
+    if bio != 0 { bio } else { rq }
+}
 
 /// Block requests per submitting process, op, origin and link (`BlockProcKey`).
 #[map(name = "GDS_BLOCK_PROCS")]
@@ -83,13 +97,36 @@ static BLOCK_PROCS: LruHashMap<BlockProcKey, BlockProcStats> =
 /// All-zero histogram in read-only data: inserted from here, so no 300-byte stack copy.
 static ZERO_HIST: DevHist = DevHist::ZERO;
 
+/// All-zero stage histograms (see [`ZERO_HIST`]).
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_STAGES: StageHists = unsafe { core::mem::zeroed() };
+
+/// All-zero in-flight entry in read-only data, copied word by word to start a new one: a
+/// struct literal with zeroed fields makes LLVM call a byte-by-byte `memset` (five
+/// instructions a byte, ~80 bytes for an entry), the copy is 18 loads and stores.
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_INFLIGHT: BlockInflight = unsafe { core::mem::zeroed() };
+
+/// A zeroed [`BlockInflight`] on the stack (see [`ZERO_INFLIGHT`]).
+#[inline(always)]
+fn zero_inflight() -> BlockInflight {
+    // SAFETY: a static; volatile so LLVM copies it instead of folding it into a memset.
+    unsafe { core::ptr::read_volatile(&ZERO_INFLIGHT) }
+}
+
+/// Reads a field of [`GDS_DEV_CONFIG`] (volatile, so the verifier sees the `.rodata` load and
+/// takes its value as a constant). Usable inside the `unsafe` blocks of direct loads.
 macro_rules! dconf {
-    ($field:ident) => {
-        unsafe { core::ptr::read_volatile(&GDS_DEV_CONFIG.$field) }
-    };
-    ($a:ident . $b:ident) => {
-        unsafe { core::ptr::read_volatile(&GDS_DEV_CONFIG.$a.$b) }
-    };
+    ($field:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&GDS_DEV_CONFIG.$field) };
+        v
+    }};
+    ($a:ident . $b:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&GDS_DEV_CONFIG.$a.$b) };
+        v
+    }};
 }
 
 #[inline(always)]
@@ -97,10 +134,25 @@ fn rd<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T).unwrap_or_default() }
 }
 
-/// `MKDEV(disk->major, disk->first_minor)` of the request's queue (0 when it has no disk).
+/// `MKDEV(disk->major, disk->first_minor)` of `rq`'s queue (0 when it has no disk), by direct
+/// loads: `rq` is a BTF tracepoint's `struct request *`.
 #[inline(always)]
-fn dev_of(rq: u64) -> u32 {
-    dev_of_queue(rd(rq + dconf!(rq_q) as u64))
+fn dev_of_request(rq: u64) -> u32 {
+    // SAFETY: BTF-typed pointers and constant offsets: the verifier checks each load against
+    // the member's type and turns a fault (a NULL disk) into a 0.
+    unsafe {
+        let q: u64 = field(rq, dconf!(rq_q));
+        if q == 0 {
+            return 0;
+        }
+        let disk: u64 = field(q, dconf!(q_disk));
+        if disk == 0 {
+            return 0;
+        }
+        let major: i32 = field(disk, dconf!(disk_major));
+        let minor: i32 = field(disk, dconf!(disk_first_minor));
+        ((major as u32) << 20) | (minor as u32 & 0xf_ffff)
+    }
 }
 
 #[inline(always)]
@@ -131,13 +183,48 @@ pub(crate) fn hist_add(key: DevHistKey, ns: u64) {
         }
     };
     // SAFETY: per-CPU map value pointer.
-    let h = unsafe { &mut *p };
+    hist_put(unsafe { &mut *p }, ns);
+}
+
+#[inline(always)]
+fn hist_put(h: &mut DevHist, ns: u64) {
     if let Some(b) = index(log2_bucket(ns) as u64, HIST_BUCKETS).and_then(|i| h.buckets.get_mut(i))
     {
         *b += 1;
     }
     h.count += 1;
     h.sum_ns += ns;
+}
+
+/// Adds a request's stage durations to the histograms of its disk and origin: `ns` in
+/// [`STAGES`] order (queue, device, completion), the first `n` of them (a request whose call
+/// ended first has no completion stage of its own).
+#[inline(always)]
+pub(crate) fn stages_add(dev: u32, origin: u8, ns: [u64; STAGES], n: usize) {
+    let key = StageHistKey {
+        dev,
+        origin,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let p = match STAGE_HIST.get_ptr_mut(&key) {
+        Some(p) => p,
+        None => {
+            let _ = STAGE_HIST.insert(&key, &ZERO_STAGES, BPF_NOEXIST as u64);
+            match STAGE_HIST.get_ptr_mut(&key) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: per-CPU map value pointer.
+    let h = unsafe { &mut *p };
+    let [q, d, c] = &mut h.stages;
+    hist_put(q, ns[0]);
+    hist_put(d, ns[1]);
+    if n > 2 {
+        hist_put(c, ns[2]);
+    }
 }
 
 #[inline(always)]
@@ -154,20 +241,15 @@ pub(crate) fn record_stages(e: &InflightReq, now: u64) {
     if e.nvme_complete_ns == 0 || e.nvme_complete_ns < e.nvme_setup_ns {
         return;
     }
-    let key = |kind| DevHistKey {
-        dev: e.nvme_dev,
-        kind,
-        code: ORIGIN_URING_CMD,
-        flags: 0,
-    };
-    hist_add(
-        key(KIND_STAGE_QUEUE),
-        e.nvme_setup_ns.saturating_sub(e.start_ns),
-    );
-    hist_add(key(KIND_STAGE_DEVICE), e.nvme_complete_ns - e.nvme_setup_ns);
-    hist_add(
-        key(KIND_STAGE_COMPLETION),
-        now.saturating_sub(e.nvme_complete_ns),
+    stages_add(
+        e.nvme_dev,
+        ORIGIN_URING_CMD,
+        [
+            e.nvme_setup_ns.saturating_sub(e.start_ns),
+            e.nvme_complete_ns - e.nvme_setup_ns,
+            now.saturating_sub(e.nvme_complete_ns),
+        ],
+        STAGES,
     );
 }
 
@@ -350,46 +432,71 @@ fn count_peer_io() {
 #[btf_tracepoint(function = "block_getrq")]
 pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let bio = as_scalar(s, Scratch::BlockGetrq, ctx.arg(0));
-    let mut who = Submitter {
-        pid_tgid: bpf_get_current_pid_tgid(),
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        ..Submitter::default()
+    let bio_ptr: u64 = ctx.arg(0);
+    let bio = as_scalar(s, Scratch::BlockGetrq, bio_ptr);
+    // The current task's ids, name and flags by direct loads from its BTF pointer: one helper
+    // call where `bpf_get_current_pid_tgid`, `_comm` and a `bpf_probe_read_kernel` of the flags
+    // were four.
+    let task = unsafe { bpf_get_current_task_btf() } as u64;
+    // SAFETY: trusted BTF pointer to the current task, constant offsets (see `dev_of_request`).
+    let (pid, tgid, comm, task_flags) = unsafe {
+        let comm_off = dconf!(task_comm);
+        (
+            field::<u32>(task, dconf!(task_pid)),
+            field::<u32>(task, dconf!(task_tgid)),
+            [
+                field::<u64>(task, comm_off),
+                field::<u64>(task, comm_off + 8),
+            ],
+            field::<u32>(task, dconf!(link.task_flags)),
+        )
     };
+    let mut v = zero_inflight();
+    let who = &mut v.submitter;
+    who.pid_tgid = ((tgid as u64) << 32) | pid as u64;
+    who.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: two words of `task->comm`, NUL-padded by the kernel (`set_task_comm`).
+    who.comm = unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(comm) };
     if dconf!(link.enabled) != 0 {
-        link_bio(bio, &mut who);
+        link_bio(s, bio_ptr, task_flags, who);
     }
-    let _ = BIO_SUBMITTER.insert(&bio, &who, BPF_ANY as u64);
+    // A failed insert (never, for an LRU hash with free entries) leaves the request to
+    // `block_issue`, which counts it if the table is full.
+    let _ = BLOCK_INFLIGHT.insert(&bio, &v, BPF_ANY as u64);
     0
 }
 
 /// Links `bio` to what caused it (see `BioLink`): the O_DIRECT file call through its kiocb,
 /// else the file whose page cache the first page belongs to; the origin from the call, else
 /// from the submitting task (a kernel thread: `kernel`; a user thread: `syscall`).
+///
+/// `bio` is the tracepoint's `struct bio *`: its fields are direct loads. `bi_private` is a
+/// `void *` to the verifier, so what lies behind it (a split clone's parent, the `iomap_dio`)
+/// is read with `bpf_probe_read_kernel`: one call for an unsplit O_DIRECT bio.
 #[inline(always)]
-fn link_bio(bio: u64, who: &mut Submitter) {
+fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitter) {
+    let (end_io_off, private_off) = (dconf!(link.bio_end_io), dconf!(link.bio_private));
+    // SAFETY: BTF-typed pointer, constant offsets (function pointer and `void *`: scalars).
+    let (mut end_io, mut private): (u64, u64) =
+        unsafe { (field(bio, end_io_off), field(bio, private_off)) };
     // Split clones point at their parent; a 1 MiB bio split in 3 is 2 levels at most.
-    let mut b = bio;
-    let mut end_io: u64 = rd(b + dconf!(link.bio_end_io) as u64);
     let chain = dconf!(link.chain_end_io);
     let mut hops = 0;
     while hops < 4 && chain != 0 && end_io == chain {
-        b = rd(b + dconf!(link.bio_private) as u64);
-        end_io = rd(b + dconf!(link.bio_end_io) as u64);
+        let parent = private;
+        end_io = rd(parent + end_io_off as u64);
+        private = rd(parent + private_off as u64);
         hops += 1;
     }
-    let task = unsafe { bpf_get_current_task() };
-    let flags: u32 = rd(task + dconf!(link.task_flags) as u64);
-    who.origin = if flags & PF_KTHREAD != 0 {
+    who.origin = if task_flags & PF_KTHREAD != 0 {
         ORIGIN_KERNEL
     } else {
         ORIGIN_SYSCALL
     };
     let dio_end_io = dconf!(link.dio_end_io);
     if dio_end_io != 0 && end_io == dio_end_io {
-        let dio: u64 = rd(b + dconf!(link.bio_private) as u64);
-        let kiocb: u64 = rd(dio);
+        // `struct iomap_dio` starts with the caller's `struct kiocb *`.
+        let kiocb: u64 = rd(private);
         if let Some(c) = FILE_INFLIGHT.get_ptr(&kiocb) {
             // SAFETY: map value pointer; fields copied.
             unsafe {
@@ -423,20 +530,29 @@ fn link_bio(bio: u64, who: &mut Submitter) {
         who.link = LINK_CALL;
         return;
     }
-    let vecs: u64 = rd(b + dconf!(link.bio_io_vec) as u64);
-    let page: u64 = rd(vecs);
-    if page == 0 {
-        return;
-    }
-    let mapping: u64 = rd(page + dconf!(link.page_mapping) as u64);
-    // The low bits tag anonymous and movable pages (PAGE_MAPPING_FLAGS): no file behind them.
-    if mapping == 0 || mapping & 3 != 0 {
-        return;
-    }
-    let host: u64 = rd(mapping + dconf!(link.mapping_host) as u64);
-    if host != 0 {
-        who.ino = rd(host + dconf!(link.inode_ino) as u64);
-        who.link = LINK_PAGE;
+    // The first page of the bio's own vector (a split clone shares its parent's), by direct
+    // loads: bio → bio_vec → page → address_space → inode.
+    // SAFETY: BTF-typed pointers, constant offsets; a NULL on the way reads as 0.
+    unsafe {
+        let vecs: u64 = field(bio, dconf!(link.bio_io_vec));
+        if vecs == 0 {
+            return;
+        }
+        let page: u64 = field(vecs, 0);
+        if page == 0 {
+            return;
+        }
+        let mapping: u64 = field(page, dconf!(link.page_mapping));
+        // The low bits tag anonymous and movable pages (PAGE_MAPPING_FLAGS): no file behind
+        // them. Tested on a scalar copy: the verifier refuses arithmetic on a typed pointer.
+        if mapping == 0 || as_scalar(s, Scratch::BlockGetrq, mapping) & 3 != 0 {
+            return;
+        }
+        let host: u64 = field(mapping, dconf!(link.mapping_host));
+        if host != 0 {
+            who.ino = field(host, dconf!(link.inode_ino));
+            who.link = LINK_PAGE;
+        }
     }
 }
 
@@ -444,7 +560,8 @@ fn link_bio(bio: u64, who: &mut Submitter) {
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, Scratch::BlockIssue, ctx.arg(0));
+    let rq_ptr: u64 = ctx.arg(0);
+    let rq = as_scalar(s, Scratch::BlockIssue, rq_ptr);
     let mut memory = MEMORY_HOST;
     if dconf!(peer.enabled) != 0 && is_peer_memory(rq) {
         memory = MEMORY_P2PDMA;
@@ -452,31 +569,41 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
     }
     // The submitter recorded at `block_getrq` for the request's first bio; a requeued
     // request is issued again and keeps what its first issue found.
-    let bio: u64 = rd(rq + dconf!(rq_bio) as u64);
-    let submitter = match BIO_SUBMITTER.get_ptr(&bio) {
-        // SAFETY: map value pointer, copied before the delete.
-        Some(p) => {
-            let who = unsafe { *p };
-            let _ = BIO_SUBMITTER.remove(&bio);
-            who
+    // SAFETY: BTF-typed `struct request *`, constant offsets.
+    let (bio, sector, bytes, cmd_flags) = unsafe {
+        (
+            field::<u64>(rq_ptr, dconf!(rq_bio)),
+            field::<u64>(rq_ptr, dconf!(rq_sector)),
+            field::<u32>(rq_ptr, dconf!(rq_data_len)),
+            field::<u32>(rq_ptr, dconf!(rq_cmd_flags)),
+        )
+    };
+    let key = block_key(as_scalar(s, Scratch::BlockIssue, bio), rq);
+    let issue_ns = unsafe { bpf_ktime_get_ns() };
+    let dev = dev_of_request(rq_ptr);
+    let op = cmd_flags as u8;
+    if let Some(e) = BLOCK_INFLIGHT.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; the request is this program's until it completes.
+        unsafe {
+            (*e).issue_ns = issue_ns;
+            (*e).rq = rq;
+            (*e).sector = sector;
+            (*e).bytes = bytes;
+            (*e).dev = dev;
+            (*e).op = op;
+            (*e).memory = memory;
         }
-        None => match BLOCK_INFLIGHT.get_ptr(&rq) {
-            // SAFETY: map value pointer.
-            Some(old) => unsafe { (*old).submitter },
-            None => Submitter::default(),
-        },
-    };
-    let v = BlockInflight {
-        issue_ns: unsafe { bpf_ktime_get_ns() },
-        sector: rd(rq + dconf!(rq_sector) as u64),
-        bytes: rd(rq + dconf!(rq_data_len) as u64),
-        dev: dev_of(rq),
-        op: rd::<u32>(rq + dconf!(rq_cmd_flags) as u64) as u8,
-        memory,
-        _pad: [0; 6],
-        submitter,
-    };
-    if BLOCK_INFLIGHT.insert(&rq, &v, BPF_ANY as u64).is_err() {
+        return 0;
+    }
+    let mut v = zero_inflight();
+    v.issue_ns = issue_ns;
+    v.rq = rq;
+    v.sector = sector;
+    v.bytes = bytes;
+    v.dev = dev;
+    v.op = op;
+    v.memory = memory;
+    if BLOCK_INFLIGHT.insert(&key, &v, BPF_NOEXIST as u64).is_err() {
         count_drop(DropReason::BlockInflightFull);
     }
     0
@@ -486,14 +613,24 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
-    let rq = as_scalar(s, Scratch::BlockComplete, ctx.arg(0));
-    let Some(v) = BLOCK_INFLIGHT.get_ptr(&rq) else {
+    let rq_ptr: u64 = ctx.arg(0);
+    let rq = as_scalar(s, Scratch::BlockComplete, rq_ptr);
+    // The tracepoint runs before the request's bios are ended: `rq->bio` is still the first.
+    // SAFETY: BTF-typed `struct request *`, constant offset.
+    let bio: u64 = unsafe { field(rq_ptr, dconf!(rq_bio)) };
+    let key = block_key(as_scalar(s, Scratch::BlockComplete, bio), rq);
+    let Some(v) = BLOCK_INFLIGHT.get_ptr(&key) else {
         count_drop(DropReason::BlockNoStart);
         return 0;
     };
     // SAFETY: map value pointer, copied before the delete.
     let v = unsafe { *v };
-    let _ = BLOCK_INFLIGHT.remove(&rq);
+    let _ = BLOCK_INFLIGHT.remove(&key);
+    // Created at `block_getrq` but its issue not seen (attached in between).
+    if v.rq != rq {
+        count_drop(DropReason::BlockNoStart);
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     hist_add(
         DevHistKey {
@@ -553,17 +690,16 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
         // The call ended first (an asynchronous one completed by another path): this
         // request's own queue and device, so nothing is lost.
         if !stamped {
-            let key = |kind| DevHistKey {
-                dev: v.dev,
-                kind,
-                code: w.origin,
-                flags: 0,
-            };
-            hist_add(
-                key(KIND_STAGE_QUEUE),
-                v.issue_ns.saturating_sub(w.call_start_ns),
+            stages_add(
+                v.dev,
+                w.origin,
+                [
+                    v.issue_ns.saturating_sub(w.call_start_ns),
+                    now.saturating_sub(v.issue_ns),
+                    0,
+                ],
+                2,
             );
-            hist_add(key(KIND_STAGE_DEVICE), now.saturating_sub(v.issue_ns));
         }
     }
     0

@@ -18,8 +18,8 @@ use core::intrinsics::AtomicOrdering::Relaxed;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_comm,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -127,6 +127,7 @@ struct Offsets {
     kiocb_filp: u32,
     kiocb_flags: u32,
     kiocb_pos: u32,
+    kiocb_complete: u32,
     file_inode: u32,
     inode_sb: u32,
     inode_ino: u32,
@@ -142,6 +143,7 @@ impl Offsets {
             kiocb_filp: fconf!(kiocb_filp),
             kiocb_flags: fconf!(kiocb_flags),
             kiocb_pos: fconf!(kiocb_pos),
+            kiocb_complete: fconf!(kiocb_complete),
             file_inode: fconf!(file_inode),
             inode_sb: fconf!(inode_sb),
             inode_ino: fconf!(inode_ino),
@@ -155,7 +157,7 @@ impl Offsets {
 /// Direct load of a field of a kernel object reached from a BTF program's argument. `off`
 /// must come from the read-only config so the verifier sees a constant offset.
 #[inline(always)]
-unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
+pub(crate) unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 
@@ -186,6 +188,16 @@ pub(crate) fn beneath_cufile(c: &FileCall) {
     }
 }
 
+/// All-zero call in read-only data. A new call starts as a word-by-word copy of it: zeroed
+/// fields in a struct literal, and aya's `bpf_get_current_comm` (which zeroes its array
+/// first), make LLVM call a byte-by-byte `memset`, five instructions a byte.
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_CALL: FileCall = unsafe { core::mem::zeroed() };
+
+/// All-zero per-process key (see [`ZERO_CALL`]: its 6-byte pad alone was a `memset` call).
+// SAFETY: plain old data; all-zero is a valid value.
+static ZERO_PROC_KEY: FileProcKey = unsafe { core::mem::zeroed() };
+
 /// A call of the current thread starting now.
 #[inline(always)]
 pub(crate) fn new_call(
@@ -197,24 +209,24 @@ pub(crate) fn new_call(
     op: u8,
     direct: bool,
 ) -> FileCall {
-    FileCall {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        pid_tgid,
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        ino,
-        pos,
-        bytes,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        dev,
-        op,
-        direct: direct as u8,
-        origin: ORIGIN_SYSCALL,
-        flags: 0,
-        blk_dev: 0,
-        _pad2: 0,
-        first_issue_ns: 0,
-        last_done_ns: 0,
+    // SAFETY: a static; volatile so LLVM copies it instead of folding it into a memset.
+    let mut c = unsafe { core::ptr::read_volatile(&ZERO_CALL) };
+    c.start_ns = unsafe { bpf_ktime_get_ns() };
+    c.pid_tgid = pid_tgid;
+    c.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    c.ino = ino;
+    c.pos = pos;
+    c.bytes = bytes;
+    // SAFETY: the helper writes at most the buffer's 16 bytes (NUL-padded); on failure it
+    // zeroes them.
+    unsafe {
+        bpf_get_current_comm(c.comm.as_mut_ptr().cast(), c.comm.len() as u32);
     }
+    c.dev = dev;
+    c.op = op;
+    c.direct = direct as u8;
+    c.origin = ORIGIN_SYSCALL;
+    c
 }
 
 /// `iomap_dio_rw_begin(struct kiocb *iocb, struct iov_iter *iter, unsigned int dio_flags,
@@ -232,7 +244,7 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     let (kiocb, iter): (u64, u64) = (ctx.arg(0), ctx.arg(1));
     let iocb = as_scalar(s, Scratch::FileBegin, kiocb);
     let off = Offsets::read();
-    let (flags, pos, bytes, source, dev, ino) = unsafe {
+    let (flags, pos, bytes, source, dev, ino, complete) = unsafe {
         let filp: u64 = field(kiocb, off.kiocb_filp);
         let inode: u64 = field(filp, off.file_inode);
         let sb: u64 = field(inode, off.inode_sb);
@@ -243,6 +255,8 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
             field::<u8>(iter, off.iter_source),
             field::<u32>(sb, off.sb_dev),
             field::<u64>(inode, off.inode_ino),
+            // A function pointer: a scalar to the verifier.
+            field::<u64>(kiocb, off.kiocb_complete),
         )
     };
     // A zero-length call returns before iomap allocates its dio: no complete would follow.
@@ -256,8 +270,10 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     };
     let mut call = new_call(pid_tgid, dev, ino, pos, bytes, op, flags & IOCB_DIRECT != 0);
     // io_uring's READ/WRITE kiocb is the first member of its `struct io_kiocb` (inside the
-    // command data at offset 0), so the kiocb is the io_uring request's key.
-    call.origin = if entry_mut(iocb).is_some() {
+    // command data at offset 0), so the kiocb is the io_uring request's key. Only an
+    // asynchronous kiocb (`ki_complete` set) can be one: a synchronous call (pread, read)
+    // costs no lookup.
+    call.origin = if complete != 0 && entry_mut(iocb).is_some() {
         ORIGIN_URING
     } else {
         ORIGIN_SYSCALL
@@ -411,20 +427,11 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
     if c.last_done_ns != 0 && c.first_issue_ns != 0 {
         let first = c.first_issue_ns.max(c.start_ns);
         let last = c.last_done_ns.max(first);
-        let key = |kind| gds_common::device::DevHistKey {
-            dev: c.blk_dev,
-            kind,
-            code: c.origin,
-            flags: 0,
-        };
-        crate::device::hist_add(
-            key(gds_common::device::KIND_STAGE_QUEUE),
-            first - c.start_ns,
-        );
-        crate::device::hist_add(key(gds_common::device::KIND_STAGE_DEVICE), last - first);
-        crate::device::hist_add(
-            key(gds_common::device::KIND_STAGE_COMPLETION),
-            now.saturating_sub(last),
+        crate::device::stages_add(
+            c.blk_dev,
+            c.origin,
+            [first - c.start_ns, last - first, now.saturating_sub(last)],
+            gds_common::device::STAGES,
         );
     }
     let done = if ret > 0 { ret as u64 } else { 0 };
@@ -443,14 +450,13 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
         r.bytes_done += done;
         r.errors += err;
     }
-    let key = FileProcKey {
-        tgid: (c.pid_tgid >> 32) as u32,
-        dev: c.dev,
-        ino: c.ino,
-        op: c.op,
-        direct: c.direct,
-        _pad: [0; 6],
-    };
+    // SAFETY: a static (see [`ZERO_PROC_KEY`]).
+    let mut key = unsafe { core::ptr::read_volatile(&ZERO_PROC_KEY) };
+    key.tgid = (c.pid_tgid >> 32) as u32;
+    key.dev = c.dev;
+    key.ino = c.ino;
+    key.op = c.op;
+    key.direct = c.direct;
     match FILE_PROCS.get_ptr_mut(&key) {
         // SAFETY: map value pointer; threads of one process add to it at once.
         Some(p) => unsafe {

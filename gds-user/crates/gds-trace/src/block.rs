@@ -112,11 +112,14 @@ impl TracedLayer for BlockLayer {
         }
     }
 
+    /// Issued requests, by their `struct request *` (the table is keyed by first bio, and
+    /// holds requests not yet issued too).
     fn inflight(&self, out: &mut Vec<Inflight>) {
         out.extend(
             in_flight(&self.inflight, |v| v.issue_ns)
                 .into_iter()
-                .map(|(rq, b)| Inflight::Block(rq, b)),
+                .filter(|(_, b)| b.issue_ns != 0 && b.rq != 0)
+                .map(|(_, b)| Inflight::Block(b.rq, b)),
         );
     }
 }

@@ -10,8 +10,9 @@ use aya::{
     programs::BtfTracePoint,
 };
 use gds_common::{
-    BioLink, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, MAP_BLOCK_PROCS,
-    MAP_DEV_HIST, MAP_NVME_ERRORS, NvmeErrKey,
+    BioLink, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, KIND_STAGE_QUEUE,
+    MAP_BLOCK_PROCS, MAP_DEV_HIST, MAP_NVME_ERRORS, MAP_STAGE_HIST, NvmeErrKey, StageHistKey,
+    StageHists,
 };
 
 use super::{TraceError, program, take_map};
@@ -36,6 +37,9 @@ pub fn resolve(btf: &Btf) -> Result<(DevConfig, PeerMemory), gds_host::btf::BtfE
     c.rq_sector = btf.member_offset("request", &["__sector"])?;
     c.rq_data_len = btf.member_offset("request", &["__data_len"])?;
     c.rq_size = btf.struct_size("request")?;
+    c.task_pid = btf.member_offset("task_struct", &["pid"])?;
+    c.task_tgid = btf.member_offset("task_struct", &["tgid"])?;
+    c.task_comm = btf.member_offset("task_struct", &["comm"])?;
     let (peer, memory) = super::peer::resolve(btf);
     c.peer = peer;
     c.link = bio_link(btf, std::path::Path::new("/proc/kallsyms")).unwrap_or(BioLink::OFF);
@@ -128,9 +132,23 @@ pub(crate) fn tracepoint_btf(btf: &Btf, tps: &[&str]) -> Result<aya::Btf, TraceE
 /// read their own in-flight tables (`trace::block`, `trace::nvme`).
 pub struct DeviceMaps {
     hist: PerCpuHashMap<MapData, DevHistKey, DevHist>,
+    stages: PerCpuHashMap<MapData, StageHistKey, StageHists>,
     errors: PerCpuHashMap<MapData, NvmeErrKey, u64>,
     procs: HashMap<MapData, BlockProcKey, BlockProcStats>,
     names: Mutex<StdHashMap<u32, String>>,
+}
+
+/// One histogram summed over CPUs.
+fn sum_cpus<'a>(per_cpu: impl Iterator<Item = &'a DevHist>) -> DevHist {
+    let mut sum = DevHist::ZERO;
+    for h in per_cpu {
+        for (s, b) in sum.buckets.iter_mut().zip(h.buckets.iter()) {
+            *s += b;
+        }
+        sum.count += h.count;
+        sum.sum_ns += h.sum_ns;
+    }
+    sum
 }
 
 /// The entries of a hash map keyed by `struct request *`, each once. Deleting the key the
@@ -151,6 +169,7 @@ impl DeviceMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<DeviceMaps, TraceError> {
         Ok(DeviceMaps {
             hist: take_map(ebpf, MAP_DEV_HIST)?,
+            stages: take_map(ebpf, MAP_STAGE_HIST)?,
             errors: take_map(ebpf, MAP_NVME_ERRORS)?,
             procs: take_map(ebpf, MAP_BLOCK_PROCS)?,
             names: Mutex::new(StdHashMap::new()),
@@ -159,17 +178,24 @@ impl DeviceMaps {
 
     pub fn snapshot(&self) -> DeviceSnapshot {
         let mut snap = DeviceSnapshot::default();
-        for item in self.hist.iter().flatten() {
-            let (key, per_cpu) = item;
-            let mut sum = DevHist::ZERO;
-            for h in per_cpu.iter() {
-                for (s, b) in sum.buckets.iter_mut().zip(h.buckets.iter()) {
-                    *s += b;
+        for (key, per_cpu) in self.hist.iter().flatten() {
+            snap.hists.push((key, sum_cpus(per_cpu.iter())));
+        }
+        // The stage histograms kept together per disk and origin, as the entries of their
+        // kinds (a stage never counted, as a request without a completion stage, has none).
+        for (key, per_cpu) in self.stages.iter().flatten() {
+            for (i, kind) in (KIND_STAGE_QUEUE..).take(gds_common::STAGES).enumerate() {
+                let sum = sum_cpus(per_cpu.iter().filter_map(|s| s.stages.get(i)));
+                if sum.count != 0 {
+                    let key = DevHistKey {
+                        dev: key.dev,
+                        kind,
+                        code: key.origin,
+                        flags: 0,
+                    };
+                    snap.hists.push((key, sum));
                 }
-                sum.count += h.count;
-                sum.sum_ns += h.sum_ns;
             }
-            snap.hists.push((key, sum));
         }
         for (key, per_cpu) in self.errors.iter().flatten() {
             snap.errors.push((key, per_cpu.iter().sum()));
