@@ -147,9 +147,10 @@ pub(crate) fn new_call(
         origin: ORIGIN_SYSCALL,
         flags: 0,
         blk_dev: 0,
-        _pad2: 0,
+        blk_requests: 0,
         first_issue_ns: 0,
         last_done_ns: 0,
+        blk_bytes: 0,
     }
 }
 
@@ -386,6 +387,8 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
         r.bytes_asked += c.bytes;
         r.bytes_done += done;
         r.errors += err;
+        r.device_requests += c.blk_requests as u64;
+        r.device_bytes += c.blk_bytes;
     }
     let key = FileProcKey {
         tgid: (c.pid_tgid >> 32) as u32,

@@ -17,6 +17,7 @@
 
 mod agent;
 mod file_layer;
+mod file_nvme;
 mod modules;
 mod nvme;
 mod p2pdma;
@@ -94,6 +95,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(uring::scenarios());
     all.extend(modules::scenarios());
     all.extend(file_layer::scenarios());
+    all.extend(file_nvme::scenarios());
     all.extend(p2pdma::scenarios());
     all.extend(selftest::scenarios());
     all
