@@ -9,9 +9,11 @@
 //!
 //! How the commands are seen: the agent's stall scan (`--stall-threshold 50ms`, every 10 ms)
 //! records every request in flight past the threshold, NVMe commands with the cause of the
-//! block request they serve (the same `struct request *`), and keeps the ended ones. A burst
-//! of 4 KiB reads first fills QEMU's throttle, so every command of the measured reads waits
-//! at the device for at least ~100 ms behind them: all are seen.
+//! block request they serve (the same `struct request *`), and keeps the ended ones. fio (6
+//! psync jobs of 4 KiB O_DIRECT reads, another process: `--pid` leaves it out) keeps QEMU's
+//! throttle queue full while the measured reads run one after another, so each of their
+//! commands waits behind ~6 others (QEMU's throttle queue is FIFO), ~120 ms at 50 IOPS:
+//! every one is seen.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -30,8 +32,8 @@ use crate::{Ctx, Scenario};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-/// The measured reads: one per thread, all at once, sizes from 64 KiB to 1 MiB (a 1 MiB read
-/// is two commands where the controller's transfer limit is 512 KiB).
+/// The measured reads: one per thread, sizes from 64 KiB to 1 MiB (a 1 MiB read is two
+/// commands where the controller's transfer limit is 512 KiB).
 const SIZES: [u64; 8] = [
     64 * KIB,
     128 * KIB,
@@ -42,10 +44,12 @@ const SIZES: [u64; 8] = [
     768 * KIB,
     MIB,
 ];
-/// 4 KiB reads issued first to use up QEMU's throttle burst (about iops/10 = 5 requests).
-const WARMUP: u64 = 12;
-/// Where the warm-up reads go: past the measured ones, inside the 16 MiB namespace.
-const WARMUP_AT: u64 = 12 * MIB;
+/// fio's jobs keeping the throttle busy (one 4 KiB read in flight each). With the measured
+/// read, 7 threads sleep in `blkdev_read_iter` at once: a kretprobe catches the returns of at
+/// most `max(10, 2 x CPUs)` threads at a time (its default `maxactive`, which the perf kprobe
+/// interface cannot raise), 10 in these 2-vCPU guests; the calls of threads past it never
+/// end (seen: 16 at once left 6 calls in flight for good).
+const BACKGROUND_JOBS: u32 = 6;
 
 pub fn scenarios() -> Vec<Scenario> {
     // Generic kernels only, like the other file-layer scenarios (fentry and kprobes both
@@ -169,28 +173,22 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
     let s0 = snapshot()?;
     let m0 = metrics()?;
 
-    // The burst, then (once its commands are at the device) the measured reads behind it.
+    // The throttle kept busy by another process, then the measured reads behind it.
+    let mut fio = Background::start(&ns.blk, &disk)?;
     let t0 = Instant::now();
-    let warm: Vec<_> = (0..WARMUP)
-        .map(|i| read_in_thread(&ns.blk, WARMUP_AT + i * 4 * KIB, 4 * KIB))
-        .collect();
-    std::thread::sleep(Duration::from_millis(30));
-    let measured: Vec<_> = SIZES
+    // One after another, each from its own thread (its tid names its call): at most
+    // BACKGROUND_JOBS + 1 threads in `blkdev_read_iter` at once, under the kretprobes' limit.
+    let tids = SIZES
         .iter()
         .enumerate()
-        .map(|(i, &len)| read_in_thread(&ns.blk, offset(i), len))
-        .collect();
-    for h in warm {
-        h.join()
-            .map_err(|_| anyhow::anyhow!("a warm-up reader panicked"))??;
-    }
-    let tids = measured
-        .into_iter()
-        .map(|h| {
-            h.join()
+        .map(|(i, &len)| {
+            read_in_thread(&ns.blk, offset(i), len)
+                .join()
                 .map_err(|_| anyhow::anyhow!("a reader panicked"))?
         })
-        .collect::<Result<Vec<u32>>>()?;
+        .collect::<Result<Vec<u32>>>();
+    fio.stop();
+    let tids = tids?;
     let took = t0.elapsed().as_secs_f64();
 
     // Every stall of ours ended (the scan after the last completion), the counters final.
@@ -200,7 +198,27 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
         if r.active.iter().all(|s| s.request.ctx.pid != me) {
             break r;
         }
-        ensure!(Instant::now() < deadline, "stalls of ours never ended");
+        if Instant::now() > deadline {
+            let left: Vec<String> = r
+                .active
+                .iter()
+                .filter(|s| s.request.ctx.pid == me)
+                .map(|s| {
+                    format!(
+                        "{} tid {} age {:.1} s {}",
+                        s.request.layer.label(),
+                        s.request.ctx.tid,
+                        s.request.age_seconds,
+                        s.request.where_text()
+                    )
+                })
+                .collect();
+            bail!(
+                "{} stalls of ours never ended (the reads returned):\n{}",
+                left.len(),
+                left.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -210,8 +228,8 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
     // The file calls, exact.
     let (a, b) = (direct_reads(&s0, me, dev_ino), direct_reads(&s1, me, dev_ino));
     let (calls, bytes, sum_ns) = (b.0 - a.0, b.1 - a.1, b.2 - a.2);
-    let asked: u64 = SIZES.iter().sum::<u64>() + WARMUP * 4 * KIB;
-    let n_calls = SIZES.len() as u64 + WARMUP;
+    let asked: u64 = SIZES.iter().sum::<u64>();
+    let n_calls = SIZES.len() as u64;
     let line = format!(
         "{} O_DIRECT preads of {} (inode {dev_ino}) in {took:.2} s: counted {calls} calls, \
          {bytes} bytes (asked {n_calls}, {asked})",
@@ -259,7 +277,26 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
             seen.join(", ")
         );
         c.detail(&l);
-        ensure!(!mine.is_empty(), "no NVMe command seen: {l}");
+        if mine.is_empty() {
+            let all: Vec<String> = nvme
+                .iter()
+                .map(|s| {
+                    format!(
+                        "pid {} tid {} cause {:?} {}",
+                        s.request.ctx.pid,
+                        s.request.ctx.tid,
+                        s.request.block_cause,
+                        s.request.where_text()
+                    )
+                })
+                .collect();
+            c.detail(format!(
+                "NVMe stalls on {disk} ({}):\n{}",
+                all.len(),
+                all.join("\n")
+            ));
+            bail!("no NVMe command seen: {l}");
+        }
         let mut next = want_lba;
         for s in &mine {
             let r = &s.request;
@@ -305,20 +342,19 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
         SIZES.len()
     );
 
-    // Device requests and bytes per call: the measured commands seen, plus one 4 KiB request
-    // per warm-up read; the bytes moved are the bytes asked.
+    // Device requests and bytes per call: the commands seen; the bytes moved are the bytes
+    // asked.
     let dev_reqs = file_counter(&m1, "gds_file_device_requests_total")
         - file_counter(&m0, "gds_file_device_requests_total");
     let dev_bytes = file_counter(&m1, "gds_file_device_bytes_total")
         - file_counter(&m0, "gds_file_device_bytes_total");
     let line = format!(
         "gds_file_device_requests_total +{dev_reqs} ({:.2} per call; measured reads' commands \
-         seen {commands} + {WARMUP} warm-up), gds_file_device_bytes_total +{dev_bytes} (asked \
-         {asked})",
+         seen {commands}), gds_file_device_bytes_total +{dev_bytes} (asked {asked})",
         dev_reqs / n_calls as f64
     );
     c.detail(&line);
-    ensure!(dev_reqs == (commands + WARMUP) as f64, "{line}");
+    ensure!(dev_reqs == commands as f64, "{line}");
     ensure!(dev_bytes == asked as f64, "{line}");
 
     // Stages: once per call, they add up to the calls' time; the throttled device dominates.
@@ -346,4 +382,70 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
         lines.join(" "),
         100.0 * d / sum
     ))
+}
+
+/// fio reading `blk` (the 4 MiB past the measured reads) with [`BACKGROUND_JOBS`] psync jobs
+/// until stopped; started once the disk has that many reads in flight.
+struct Background(std::process::Child);
+
+impl Background {
+    fn start(blk: &str, disk: &str) -> Result<Background> {
+        let child = std::process::Command::new("/bin/fio")
+            .args([
+                "--name=busy",
+                "--thread",
+                &format!("--filename={blk}"),
+                "--rw=randread",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=psync",
+                &format!("--numjobs={BACKGROUND_JOBS}"),
+                &format!("--offset={}", 12 * MIB),
+                &format!("--size={}", 4 * MIB),
+                "--time_based",
+                "--runtime=120",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("spawn fio")?;
+        let mut bg = Background(child);
+        // The kernel's count of the disk's reads in flight ("reads writes").
+        let path = format!("/sys/block/{disk}/inflight");
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+            let reads: u32 = text
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("{path}: {text:?}"))?;
+            if reads + 1 >= BACKGROUND_JOBS {
+                break;
+            }
+            if let Ok(Some(st)) = bg.0.try_wait() {
+                bail!("fio exited early: {st}");
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bg.stop();
+                bail!("fio never had {BACKGROUND_JOBS} reads in flight on {disk}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Past QEMU's burst: the throttle queue holds fio's reads now.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(bg)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
