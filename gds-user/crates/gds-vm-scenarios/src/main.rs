@@ -18,6 +18,7 @@
 mod agent;
 mod file_layer;
 mod file_nvme;
+mod file_overhead;
 mod modules;
 mod nvme;
 mod p2pdma;
@@ -96,6 +97,7 @@ fn registry() -> Vec<Scenario> {
     all.extend(modules::scenarios());
     all.extend(file_layer::scenarios());
     all.extend(file_nvme::scenarios());
+    all.extend(file_overhead::scenarios());
     all.extend(p2pdma::scenarios());
     all.extend(selftest::scenarios());
     all
