@@ -7,13 +7,13 @@
 //! the calls' stages (`gds_request_stage_duration_seconds{origin="syscall"}`) must add up to
 //! the calls' time, `device` the largest.
 //!
-//! How the commands are seen: the agent's stall scan (`--stall-threshold 50ms`, every 10 ms)
+//! How the commands are seen: the agent's stall scan (`--stall-threshold 30ms`, every 10 ms)
 //! records every request in flight past the threshold, NVMe commands with the cause of the
-//! block request they serve (the same `struct request *`), and keeps the ended ones. fio (6
+//! block request they serve (the same `struct request *`), and keeps the ended ones. fio (8
 //! psync jobs of 4 KiB O_DIRECT reads, another process: `--pid` leaves it out) keeps QEMU's
 //! throttle queue full while the measured reads run one after another, so each of their
-//! commands waits behind ~6 others (QEMU's throttle queue is FIFO), ~120 ms at 50 IOPS:
-//! every one is seen.
+//! commands waits behind ~8 others (QEMU's throttle queue is FIFO), ~160 ms at 50 IOPS,
+//! past the 30 ms threshold: every one is seen.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -45,11 +45,11 @@ const SIZES: [u64; 8] = [
     MIB,
 ];
 /// fio's jobs keeping the throttle busy (one 4 KiB read in flight each). With the measured
-/// read, 7 threads sleep in `blkdev_read_iter` at once: a kretprobe catches the returns of at
+/// read, 9 threads sleep in `blkdev_read_iter` at once: a kretprobe catches the returns of at
 /// most `max(10, 2 x CPUs)` threads at a time (its default `maxactive`, which the perf kprobe
 /// interface cannot raise), 10 in these 2-vCPU guests; the calls of threads past it never
 /// end (seen: 16 at once left 6 calls in flight for good).
-const BACKGROUND_JOBS: u32 = 6;
+const BACKGROUND_JOBS: u32 = 8;
 
 pub fn scenarios() -> Vec<Scenario> {
     // Generic kernels only, like the other file-layer scenarios (fentry and kprobes both
@@ -139,7 +139,7 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
             "--pid",
             &me.to_string(),
             "--stall-threshold",
-            "50ms",
+            "30ms",
             "--stall-interval",
             "10ms",
         ],
@@ -177,7 +177,8 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
     let mut fio = Background::start(&ns.blk, &disk)?;
     let t0 = Instant::now();
     // One after another, each from its own thread (its tid names its call): at most
-    // BACKGROUND_JOBS + 1 threads in `blkdev_read_iter` at once, under the kretprobes' limit.
+    // BACKGROUND_JOBS + 1 threads in `blkdev_read_iter` at once, under the kretprobes' limit
+    // (10 here).
     let tids = SIZES
         .iter()
         .enumerate()
@@ -294,6 +295,23 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
                 "NVMe stalls on {disk} ({}):\n{}",
                 all.len(),
                 all.join("\n")
+            ));
+            let calls: Vec<String> = report
+                .ended
+                .iter()
+                .filter(|s| s.request.layer == Layer::File && s.request.ctx.pid == me)
+                .map(|s| {
+                    format!(
+                        "tid {} {:.0} ms",
+                        s.request.ctx.tid,
+                        s.total_seconds.unwrap_or(0.0) * 1e3
+                    )
+                })
+                .collect();
+            c.detail(format!(
+                "file-call stalls: {}; last scan took {:.1} ms",
+                calls.join(", "),
+                report.scan_seconds * 1e3
             ));
             bail!("no NVMe command seen: {l}");
         }
