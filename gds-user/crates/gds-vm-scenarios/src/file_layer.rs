@@ -26,7 +26,7 @@ const MIB: usize = 1 << 20;
 /// Calls of each kind per thread.
 const N: usize = 8;
 const THREADS: usize = 4;
-pub(crate) const MOUNT: &str = "/mnt/gds-ext4";
+const MOUNT: &str = "/mnt/gds-ext4";
 /// fio's reads per job (4 KiB each).
 const FIO_IOS: u64 = 256;
 /// O_DIRECT reads of the block device, 1 MiB each, past the file system.
@@ -187,7 +187,7 @@ fn block_reads(s: &Snapshot, pid: u32, link: &str) -> (u64, u64) {
 }
 
 /// A fresh ext4 on the first `FS_MIB` MiB of `blk`, mounted at [`MOUNT`].
-pub(crate) fn make_fs(blk: &str) -> Result<()> {
+fn make_fs(blk: &str) -> Result<()> {
     let _ = run("umount", &[MOUNT]);
     std::fs::create_dir_all(MOUNT)?;
     let size = format!("{FS_MIB}M");
@@ -202,7 +202,7 @@ pub(crate) fn make_fs(blk: &str) -> Result<()> {
 }
 
 /// A file of `mib` MiB (written, synced, and its pages dropped).
-pub(crate) fn make_file(path: &str, mib: usize) -> Result<u64> {
+fn make_file(path: &str, mib: usize) -> Result<u64> {
     use std::io::Write as _;
     let mut f = std::fs::File::create(path)?;
     let chunk = vec![0x5au8; MIB];
