@@ -167,9 +167,7 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
             ],
         )
     };
-    let file_counter = |m: &str, name: &str| {
-        counter(m, name, &["op=\"read\"", "direct=\"true\""])
-    };
+    let file_counter = |m: &str, name: &str| counter(m, name, &["op=\"read\"", "direct=\"true\""]);
     let s0 = snapshot()?;
     let m0 = metrics()?;
 
@@ -227,7 +225,10 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
     let m1 = metrics()?;
 
     // The file calls, exact.
-    let (a, b) = (direct_reads(&s0, me, dev_ino), direct_reads(&s1, me, dev_ino));
+    let (a, b) = (
+        direct_reads(&s0, me, dev_ino),
+        direct_reads(&s1, me, dev_ino),
+    );
     let (calls, bytes, sum_ns) = (b.0 - a.0, b.1 - a.1, b.2 - a.2);
     let asked: u64 = SIZES.iter().sum::<u64>();
     let n_calls = SIZES.len() as u64;
@@ -386,7 +387,10 @@ fn linked(c: &Ctx, hooks: &str) -> Result<String> {
     );
     c.detail(&line);
     ensure!((sum - total).abs() <= 0.01 * total, "{line}");
-    ensure!(d > q && d > cpl && d > 0.5 * sum, "device not dominant: {line}");
+    ensure!(
+        d > q && d > cpl && d > 0.5 * sum,
+        "device not dominant: {line}"
+    );
     c.metric("device_share", format!("{:.3}", d / sum));
     c.metric(
         "device_requests_per_call",

@@ -506,12 +506,18 @@ mod tests {
         let mut d = Decoder::new(&OneDisk);
         let r = d.nvme(0xabc, &n, Some(&b), None, 0);
         let cause = r.block_cause.expect("a cause");
-        assert_eq!((cause.origin.as_str(), cause.via.as_str()), ("syscall", "call"));
+        assert_eq!(
+            (cause.origin.as_str(), cause.via.as_str()),
+            ("syscall", "call")
+        );
         assert_eq!((cause.call_pid, cause.call_tid), (Some(7), Some(9)));
         assert_eq!(r.target.inode, Some(42));
         assert_eq!((r.ctx.pid, r.ctx.tid), (7, 9));
         let c = r.nvme.expect("the command");
-        assert_eq!((c.qid, c.cid, c.lba, r.target.lba), (2, 17, 2048, Some(2048)));
+        assert_eq!(
+            (c.qid, c.cid, c.lba, r.target.lba),
+            (2, 17, 2048, Some(2048))
+        );
         let alone = d.nvme(0xabc, &n, None, None, 0);
         assert!(alone.block_cause.is_none() && alone.target.inode.is_none());
     }

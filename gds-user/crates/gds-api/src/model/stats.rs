@@ -618,7 +618,10 @@ mod tests {
             .collect();
         assert_eq!(named, [("read", true, 3), ("fsync", false, 1)]);
         assert_eq!(f.ops[0].bytes, 3 << 20);
-        assert_eq!((f.ops[0].device_requests, f.ops[0].device_bytes), (6, 3 << 20));
+        assert_eq!(
+            (f.ops[0].device_requests, f.ops[0].device_bytes),
+            (6, 3 << 20)
+        );
         assert_eq!(f.ops[0].latency.count, 3);
         let inodes: Vec<u64> = f.processes.iter().map(|p| p.ino).collect();
         assert_eq!(inodes, [1, 2]);
