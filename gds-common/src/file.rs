@@ -69,7 +69,7 @@ pub const fn kiocb_origin(complete: u64, nvfs_complete: u64, uring: bool) -> u8 
 pub const MAP_FILE_NVFS: &str = "GDS_FILE_NVFS";
 
 /// A file call between its start and its end. Keyed by `struct kiocb *` (tracepoint tier)
-/// or by the thread's `pid_tgid` (syscalls tier). 80 bytes.
+/// or by the thread's `pid_tgid` (syscalls tier). 104 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FileCall {
@@ -97,9 +97,13 @@ pub struct FileCall {
     /// stages are queue (start → first issue), device (→ last completion) and completion
     /// (→ return): they add up to the call's duration, however many requests it became.
     pub blk_dev: u32,
-    pub _pad2: u32,
+    /// Block requests linked to it that completed while it was in flight, and the bytes they
+    /// moved (`blk_rq_bytes()` at issue): the device commands per call and the bytes the
+    /// device moved against the bytes asked (splits, merges and a short read show here).
+    pub blk_requests: u32,
     pub first_issue_ns: u64,
     pub last_done_ns: u64,
+    pub blk_bytes: u64,
 }
 
 /// [`FileCall::flags`]: an asynchronous kiocb (io_uring, aio): `read_iter` may return
@@ -118,6 +122,10 @@ pub struct FileRowStats {
     pub bytes_asked: u64,
     pub bytes_done: u64,
     pub errors: u64,
+    /// The calls' linked block requests and the bytes they moved ([`FileCall::blk_requests`],
+    /// [`FileCall::blk_bytes`]).
+    pub device_requests: u64,
+    pub device_bytes: u64,
 }
 
 impl FileRowStats {
@@ -128,6 +136,8 @@ impl FileRowStats {
         bytes_asked: 0,
         bytes_done: 0,
         errors: 0,
+        device_requests: 0,
+        device_bytes: 0,
     };
 }
 

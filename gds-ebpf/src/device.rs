@@ -680,6 +680,15 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
                     if now > (*c).last_done_ns {
                         (*c).last_done_ns = now;
                     }
+                    // Completions of one call's requests may run on several CPUs at once.
+                    core::intrinsics::atomic_xadd::<u32, u32, { Relaxed }>(
+                        &raw mut (*c).blk_requests,
+                        1,
+                    );
+                    core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(
+                        &raw mut (*c).blk_bytes,
+                        v.bytes as u64,
+                    );
                     true
                 } else {
                     false

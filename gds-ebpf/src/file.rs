@@ -449,6 +449,8 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
         r.bytes_asked += c.bytes;
         r.bytes_done += done;
         r.errors += err;
+        r.device_requests += c.blk_requests as u64;
+        r.device_bytes += c.blk_bytes;
     }
     // SAFETY: a static (see [`ZERO_PROC_KEY`]).
     let mut key = unsafe { core::ptr::read_volatile(&ZERO_PROC_KEY) };

@@ -26,7 +26,7 @@ pub struct TraceCollector {
 }
 
 /// The families [`TraceCollector`] exports.
-const TRACE_FAMILIES: [Family; 22] = [
+const TRACE_FAMILIES: [Family; 24] = [
     f::URING_REQUESTS,
     f::URING_DURATION,
     f::URING_ERRORS,
@@ -47,6 +47,8 @@ const TRACE_FAMILIES: [Family; 22] = [
     f::CUFILE_BENEATH,
     f::FILE_REQUESTS,
     f::FILE_BYTES,
+    f::FILE_DEVICE_REQUESTS,
+    f::FILE_DEVICE_BYTES,
     f::FILE_DURATION,
     f::FILE_ERRORS,
 ];
@@ -149,12 +151,15 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         .map(|(link, n)| counter(labels(&[("link", link)]), *n as f64))
         .collect();
     let (mut f_calls, mut f_bytes, mut f_hist) = (vec![], vec![], vec![]);
+    let (mut f_dev_reqs, mut f_dev_bytes) = (vec![], vec![]);
     let mut f_errors: std::collections::BTreeMap<&str, u64> = Default::default();
     for r in &s.file.ops {
         let direct = gds_api::model::labels::file_direct(r.direct);
         let l = || labels(&[("op", &r.op), ("direct", direct)]);
         f_calls.push(counter(l(), r.calls as f64));
         f_bytes.push(counter(l(), r.bytes as f64));
+        f_dev_reqs.push(counter(l(), r.device_requests as f64));
+        f_dev_bytes.push(counter(l(), r.device_bytes as f64));
         f_hist.push(log2_histogram(l(), &r.latency.buckets, r.latency.sum_ns));
         *f_errors.entry(&r.op).or_default() += r.errors;
     }
@@ -183,6 +188,8 @@ pub fn trace_families(s: &Stats) -> Vec<MetricFamily> {
         (f::CUFILE_BENEATH, cf_beneath),
         (f::FILE_REQUESTS, f_calls),
         (f::FILE_BYTES, f_bytes),
+        (f::FILE_DEVICE_REQUESTS, f_dev_reqs),
+        (f::FILE_DEVICE_BYTES, f_dev_bytes),
         (f::FILE_DURATION, f_hist),
         (f::FILE_ERRORS, f_errors),
     ]

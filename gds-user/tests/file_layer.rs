@@ -257,6 +257,10 @@ fn default_hooks_count_every_o_direct_call_of_the_process() {
     assert!(m.value("gds_file_requests_total", &l) >= calls as f64);
     assert!(m.value("gds_file_bytes_total", &l) >= (calls * MIB as u64) as f64);
     assert!(m.value("gds_file_request_duration_seconds_count", &l) >= calls as f64);
+    // The device work of the calls: their linked block requests (at least one each) and the
+    // bytes those moved (at least what was read).
+    assert!(m.value("gds_file_device_requests_total", &l) >= calls as f64);
+    assert!(m.value("gds_file_device_bytes_total", &l) >= (calls * MIB as u64) as f64);
     let log = agent.log();
     assert!(log.contains("file layer: hooks tracepoint"), "{log}");
     // ext4's fsync (the target directory is on ext4 here), one call on one file.

@@ -850,6 +850,43 @@ pub fn render() -> Value {
             )],
         ),
     );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "Device commands per file call",
+            "Block requests (one NVMe command each) per file call, by operation and O_DIRECT: \
+             above 1, the block layer split the calls (transfer limits, fragmented files); \
+             only requests linked to their call count (O_DIRECT).",
+            "none",
+            vec![q(
+                format!(
+                    "sum by (op, direct) (rate(gds_file_device_requests_total{{{I}}}[{RI}])) / \
+                     sum by (op, direct) (rate(gds_file_requests_total{{{I}}}[{RI}]))"
+                ),
+                "{{op}} direct={{direct}}",
+            )],
+        ),
+    );
+    l.add(
+        8,
+        8,
+        timeseries(
+            "Bytes the device moved per byte returned",
+            "Bytes of the file calls' linked block requests over the bytes the calls returned, \
+             by operation and O_DIRECT: 1 when the device moved what was returned; above, \
+             it moved more (a short read). Buffered calls' requests are the page cache's, not \
+             linked to a call: 0.",
+            "none",
+            vec![q(
+                format!(
+                    "sum by (op, direct) (rate(gds_file_device_bytes_total{{{I}}}[{RI}])) / \
+                     sum by (op, direct) (rate(gds_file_bytes_total{{{I}}}[{RI}]))"
+                ),
+                "{{op}} direct={{direct}}",
+            )],
+        ),
+    );
 
     l.row("Data path");
     l.add(

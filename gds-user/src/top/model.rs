@@ -635,6 +635,8 @@ mod tests {
             errors: 0,
             bytes_asked: 0,
             bytes: 0,
+            device_requests: 0,
+            device_bytes: 0,
             latency: Histogram::new(&[0; HIST_BUCKETS], 0),
         };
         a.stats.file.ops = vec![op_row(10)];

@@ -279,6 +279,22 @@ pub const FILE_BYTES: Family = family(
     &["op", "direct"],
     "Bytes file read/write calls returned as done, by operation and O_DIRECT.",
 );
+pub const FILE_DEVICE_REQUESTS: Family = family(
+    "gds_file_device_requests_total",
+    Counter,
+    &["op", "direct"],
+    "Block requests (one NVMe command each) the file calls that ended became, by operation and \
+     O_DIRECT: per call, divided by gds_file_requests_total; only requests linked to their call \
+     count (O_DIRECT; see /debug/layers).",
+);
+pub const FILE_DEVICE_BYTES: Family = family(
+    "gds_file_device_bytes_total",
+    Counter,
+    &["op", "direct"],
+    "Bytes the devices moved for the file calls that ended (their linked block requests), by \
+     operation and O_DIRECT: against gds_file_bytes_total, what the device did for what was \
+     asked.",
+);
 pub const FILE_DURATION: Family = family(
     "gds_file_request_duration_seconds",
     Histogram,
@@ -324,6 +340,8 @@ pub const ALL: &[Family] = &[
     CUFILE_BENEATH,
     FILE_REQUESTS,
     FILE_BYTES,
+    FILE_DEVICE_REQUESTS,
+    FILE_DEVICE_BYTES,
     FILE_DURATION,
     FILE_ERRORS,
     PIPELINE_BYTES,

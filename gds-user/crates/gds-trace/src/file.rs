@@ -310,6 +310,8 @@ impl FileLayer {
                     row.bytes_asked += r.bytes_asked;
                     row.bytes_done += r.bytes_done;
                     row.errors += r.errors;
+                    row.device_requests += r.device_requests;
+                    row.device_bytes += r.device_bytes;
                 }
             }
         }

@@ -18,6 +18,8 @@
 mod agent;
 mod cufile_beneath;
 mod file_layer;
+mod file_nvme;
+mod file_overhead;
 mod modules;
 mod nvme;
 mod p2pdma;
@@ -97,6 +99,8 @@ fn registry() -> Vec<Scenario> {
     all.extend(modules::scenarios());
     all.extend(file_layer::scenarios());
     all.extend(cufile_beneath::scenarios());
+    all.extend(file_nvme::scenarios());
+    all.extend(file_overhead::scenarios());
     all.extend(p2pdma::scenarios());
     all.extend(selftest::scenarios());
     all

@@ -131,13 +131,7 @@ impl<'a> Decoder<'a> {
             ),
             _ => (self.submitter(&b.submitter), None),
         };
-        let w = &b.submitter;
-        let block_cause = (w.pid_tgid != 0 && w.origin != 0).then(|| BlockCause {
-            origin: labels::origin(w.origin).to_owned(),
-            via: labels::block_link(w.link).to_owned(),
-            call_pid: (w.call_pid_tgid != 0).then_some((w.call_pid_tgid >> 32) as u32),
-            call_tid: (w.call_pid_tgid != 0).then_some(w.call_pid_tgid as u32),
-        });
+        let block_cause = block_cause(&b.submitter);
         Request {
             layer: Layer::Block,
             opcode: labels::block_op(b.op).to_owned(),
@@ -187,6 +181,12 @@ impl<'a> Decoder<'a> {
             (None, None) => (self.submitter(&Submitter::default()), None),
         };
         let rw = n.blocks != 0;
+        // The block request it serves says what caused it: the file call (process, thread,
+        // file) an O_DIRECT read's command belongs to.
+        let (block_cause, inode) = block.map_or((None, None), |b| {
+            let w = &b.submitter;
+            (block_cause(w), (w.ino != 0).then_some(w.ino))
+        });
         Request {
             layer: Layer::Nvme,
             opcode: labels::nvme_opcode(n.opcode, n.admin != 0),
@@ -194,13 +194,14 @@ impl<'a> Decoder<'a> {
             target: Target {
                 disk: self.disks.disk_name(n.dev),
                 lba: rw.then_some(n.lba),
+                inode,
                 ..Target::default()
             },
             origin,
             age_seconds: now_ns.saturating_sub(n.setup_ns) as f64 / 1e9,
             stage: Stage::Device,
             poll_armed: false,
-            block_cause: None,
+            block_cause,
             nvme: Some(NvmeCommand {
                 qid: n.qid,
                 cid: n.cid,
@@ -388,6 +389,17 @@ impl<'a> Decoder<'a> {
     }
 }
 
+/// What caused a block request, as its submitter record says (`None` where nothing was
+/// recorded): shown on the block request and on the NVMe command serving it.
+fn block_cause(w: &Submitter) -> Option<BlockCause> {
+    (w.pid_tgid != 0 && w.origin != 0).then(|| BlockCause {
+        origin: labels::origin(w.origin).to_owned(),
+        via: labels::block_link(w.link).to_owned(),
+        call_pid: (w.call_pid_tgid != 0).then_some((w.call_pid_tgid >> 32) as u32),
+        call_tid: (w.call_pid_tgid != 0).then_some(w.call_pid_tgid as u32),
+    })
+}
+
 /// Every request in flight now in every layer (io_uring, block, NVMe, cuFile), decoded,
 /// oldest first, and the time of the scan. The time is taken after the kernel tables were
 /// read: a request submitted during the read would otherwise be younger than the scan and
@@ -457,5 +469,56 @@ mod tests {
         assert_eq!(stage_of(&e), Stage::Device);
         e.nvme_complete_ns = 9;
         assert_eq!(stage_of(&e), Stage::Completion);
+    }
+
+    struct OneDisk;
+    impl DiskNames for OneDisk {
+        fn disk_name(&self, _dev: u32) -> String {
+            "nvme1n1".into()
+        }
+    }
+
+    /// An NVMe command serving an O_DIRECT read's block request (same `struct request *`)
+    /// names the file call behind it: process, thread and inode, with its qid, cid and LBA;
+    /// without the block request it names no cause.
+    #[test]
+    fn nvme_command_names_the_file_call_of_its_block_request() {
+        let call = (7u64 << 32) | 9;
+        let b = BlockInflight {
+            submitter: Submitter {
+                pid_tgid: call,
+                call_pid_tgid: call,
+                ino: 42,
+                origin: gds_common::file::ORIGIN_SYSCALL,
+                link: gds_common::LINK_CALL,
+                ..Submitter::default()
+            },
+            ..BlockInflight::default()
+        };
+        let n = NvmeInflight {
+            qid: 2,
+            cid: 17,
+            lba: 2048,
+            blocks: 1024,
+            opcode: 0x02,
+            ..NvmeInflight::default()
+        };
+        let mut d = Decoder::new(&OneDisk);
+        let r = d.nvme(0xabc, &n, Some(&b), None, 0);
+        let cause = r.block_cause.expect("a cause");
+        assert_eq!(
+            (cause.origin.as_str(), cause.via.as_str()),
+            ("syscall", "call")
+        );
+        assert_eq!((cause.call_pid, cause.call_tid), (Some(7), Some(9)));
+        assert_eq!(r.target.inode, Some(42));
+        assert_eq!((r.ctx.pid, r.ctx.tid), (7, 9));
+        let c = r.nvme.expect("the command");
+        assert_eq!(
+            (c.qid, c.cid, c.lba, r.target.lba),
+            (2, 17, 2048, Some(2048))
+        );
+        let alone = d.nvme(0xabc, &n, None, None, 0);
+        assert!(alone.block_cause.is_none() && alone.target.inode.is_none());
     }
 }

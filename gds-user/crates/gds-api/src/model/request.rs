@@ -198,7 +198,8 @@ pub struct Request {
     /// eventfd) had nothing for it and it waits to be woken, with no thread blocked for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub poll_armed: bool,
-    /// Block: what caused it (the file call, the page cache, the kernel), where linked.
+    /// Block, and the NVMe command of a block request: what caused it (the file call, the
+    /// page cache, the kernel), where linked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_cause: Option<BlockCause>,
     #[serde(skip)]

@@ -246,6 +246,11 @@ pub struct FileOpRow {
     pub bytes_asked: u64,
     /// Bytes the calls returned as done.
     pub bytes: u64,
+    /// Block requests (device commands) linked to these calls, and the bytes they moved.
+    #[serde(default)]
+    pub device_requests: u64,
+    #[serde(default)]
+    pub device_bytes: u64,
     pub latency: Histogram,
 }
 
@@ -289,6 +294,8 @@ impl FileStats {
                 errors: r.errors,
                 bytes_asked: r.bytes_asked,
                 bytes: r.bytes_done,
+                device_requests: r.device_requests,
+                device_bytes: r.device_bytes,
                 latency: Histogram::new(&r.buckets, r.sum_ns),
             });
         }
@@ -583,6 +590,8 @@ mod tests {
         let r = &mut rows[file_row(FILE_OP_READ, true) as usize];
         r.calls = 3;
         r.bytes_done = 3 << 20;
+        r.device_requests = 6;
+        r.device_bytes = 3 << 20;
         r.buckets[20] = 3;
         rows[file_row(FILE_OP_FSYNC, false) as usize].calls = 1;
         let key = |tgid, ino| FileProcKey {
@@ -609,6 +618,10 @@ mod tests {
             .collect();
         assert_eq!(named, [("read", true, 3), ("fsync", false, 1)]);
         assert_eq!(f.ops[0].bytes, 3 << 20);
+        assert_eq!(
+            (f.ops[0].device_requests, f.ops[0].device_bytes),
+            (6, 3 << 20)
+        );
         assert_eq!(f.ops[0].latency.count, 3);
         let inodes: Vec<u64> = f.processes.iter().map(|p| p.ino).collect();
         assert_eq!(inodes, [1, 2]);
