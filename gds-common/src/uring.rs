@@ -42,6 +42,10 @@ counted_enum! {
         FileInflightFull = 8 => "file_inflight_full",
         /// A file call ended whose start was not seen (attached mid-call).
         FileNoStart = 9 => "file_no_start",
+        /// A synchronous file call whose return was never seen (a kretprobe watches at most
+        /// `maxactive` threads in the function at once; a thread killed inside a system call):
+        /// dropped when its thread starts another call or exits, so it is not a stall for good.
+        FileReturnMissed = 10 => "file_return_missed",
     }
 }
 
@@ -65,7 +69,7 @@ pub struct OpcodeCpuStats {
 }
 
 /// Per-CPU statistics not tied to an opcode: the one value of a one-entry `PerCpuArray`
-/// (`GDS_URING_STATS`). 216 bytes.
+/// (`GDS_URING_STATS`). 224 bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UringCpuStats {
@@ -266,5 +270,5 @@ mod pod {
 // Sizes the doc comments state, and no implicit padding in the config (aya::Pod copies every
 // byte of it into the object).
 const _: () = assert!(core::mem::size_of::<OpcodeCpuStats>() == 320);
-const _: () = assert!(core::mem::size_of::<UringCpuStats>() == 216);
+const _: () = assert!(core::mem::size_of::<UringCpuStats>() == 224);
 const _: () = assert!(core::mem::size_of::<UringConfig>() == 24 + 8 * OPCODE_WORDS + 24 + 14 * 4);

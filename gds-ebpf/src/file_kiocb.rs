@@ -83,12 +83,40 @@ fn begin(iocb: u64, iter: u64) {
         // io_uring's kiocb is at the start of its `struct io_kiocb`: the request's key.
         call.origin = kiocb_origin(complete, nvfs_complete(), entry_mut(iocb).is_some());
     } else {
+        // A thread is in one synchronous call at a time (the file systems hooked do not nest):
+        // a kiocb still recorded for it is a call whose return was missed (past a kretprobe's
+        // `maxactive`). The same stack address would be replaced by the insert below anyway.
+        // SAFETY: map value read.
+        if let Some(old) = unsafe { FILE_THREAD.get(&pid_tgid) }.copied()
+            && old != iocb
+            && FILE_INFLIGHT.remove(&old).is_ok()
+        {
+            count_drop(DropReason::FileReturnMissed);
+        }
         let _ = FILE_THREAD.insert(&pid_tgid, &iocb, BPF_ANY as u64);
     }
     beneath_cufile(&call);
     if FILE_INFLIGHT.insert(&iocb, &call, BPF_ANY as u64).is_err() {
         count_drop(DropReason::FileInflightFull);
     }
+}
+
+/// `sched_process_exit`: a thread exits. A synchronous call of its still recorded (the kiocb
+/// tier's through `GDS_FILE_THREAD`, the syscalls tier's and fsync's under the thread itself)
+/// never returned where a program saw it: dropped and counted, not left a stall for good.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn file_thread_exit(_ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: map value read.
+    let key = match unsafe { FILE_THREAD.get(&pid_tgid) } {
+        Some(k) => *k,
+        None => pid_tgid,
+    };
+    if FILE_INFLIGHT.remove(&key).is_ok() {
+        count_drop(DropReason::FileReturnMissed);
+    }
+    let _ = FILE_THREAD.remove(&pid_tgid);
+    0
 }
 
 /// `read_iter`/`write_iter` of `iocb` returned `ret`: a synchronous call ends.

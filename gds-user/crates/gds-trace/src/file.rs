@@ -67,6 +67,8 @@ impl FileHooks {
 }
 
 const DIO_TPS: [&str; 2] = ["iomap_dio_rw_begin", "iomap_dio_complete"];
+/// Where a thread's unfinished call is dropped (every tier).
+const THREAD_EXIT_TP: &str = "sched_process_exit";
 /// ext4's fsync, beside the iomap tracepoints (in vmlinux BTF where ext4 is built in; in the
 /// ext4 module's on generic distribution kernels, not looked at yet).
 const EXT4_FSYNC_TPS: [&str; 2] = ["ext4_sync_file_enter", "ext4_sync_file_exit"];
@@ -500,6 +502,18 @@ impl TracedLayer for FileLayer {
             _ => {}
         }
         debug_assert!(layer.on || layer.used == FileHooks::Off || start.btf.is_none());
+        if layer.on
+            && let Some(btf) = start.btf
+        {
+            // Calls of exiting threads whose return no program saw (see `file_thread_exit`).
+            let r = tracepoint_btf(btf, &[THREAD_EXIT_TP])
+                .and_then(|b| attach_btf(ebpf, &b, "file_thread_exit", THREAD_EXIT_TP));
+            if let Err(e) = r {
+                layer.plan.notes.push(format!(
+                    "calls of threads that exit inside them stay in flight ({e})"
+                ));
+            }
+        }
         let note = layer.publish_sees(ebpf);
         layer.plan.notes.extend(note);
         layer.publish_nvfs(ebpf);

@@ -71,6 +71,12 @@ pub fn scenarios() -> Vec<Scenario> {
             300,
             kprobe,
         ),
+        s(
+            "file.kretprobe-limit",
+            "--file-hooks kprobe, 24 O_DIRECT reads at once (past the kretprobe's maxactive): each counted or dropped as file_return_missed when its thread exits; none left in flight",
+            180,
+            kretprobe_limit,
+        ),
     ]
 }
 
@@ -470,4 +476,63 @@ impl Drop for Background {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Threads in `blkdev_read_iter` at once in [`kretprobe_limit`]: more than a kretprobe's
+/// default `maxactive` (`max(10, 2 × CPUs)`, 10 in these guests).
+const CROWD: usize = 24;
+
+/// `--file-hooks kprobe`: [`CROWD`] threads each do one O_DIRECT read of the throttled
+/// controller at once, more than the kretprobe can watch; then they exit. Every call is either
+/// counted or dropped as `file_return_missed` (at its thread's exit), none stays in flight.
+pub fn kretprobe_limit(c: &Ctx) -> Result<String> {
+    let ns = find_ns(SLOW_SERIAL, 1)?;
+    let me = std::process::id();
+    let dev_ino = std::fs::metadata(&ns.blk)?.ino();
+    let log = "/tmp/agent-kretprobe-limit.log";
+    let _agent = start_agent_logged(
+        c,
+        &["--file-hooks", "kprobe", "--pid", &me.to_string()],
+        log,
+    )?;
+    let missed = |m: &str| {
+        counter(
+            m,
+            "gds_trace_dropped_total",
+            &["reason=\"file_return_missed\""],
+        )
+    };
+    let (s0, m0) = (snapshot()?, metrics()?);
+    let readers: Vec<_> = (0..CROWD)
+        .map(|i| read_in_thread(&ns.blk, offset(i), 4 * KIB))
+        .collect();
+    for r in readers {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("a reader panicked"))??;
+    }
+    // The threads have exited: what the kretprobe missed is dropped at their exit.
+    std::thread::sleep(Duration::from_millis(500));
+    let (s1, m1) = (snapshot()?, metrics()?);
+    let counted = direct_reads(&s1, me, dev_ino).0 - direct_reads(&s0, me, dev_ino).0;
+    let dropped = missed(&m1) - missed(&m0);
+    let left: Vec<String> = s1
+        .inflight
+        .iter()
+        .filter(|r| r.layer == Layer::File && r.ctx.pid == me)
+        .map(|r| format!("tid {} age {:.1} s", r.ctx.tid, r.age_seconds))
+        .collect();
+    c.detail(format!(
+        "{CROWD} concurrent reads: {counted} counted, {dropped} dropped as file_return_missed, \
+         {} file calls of ours still in flight {left:?}",
+        left.len()
+    ));
+    ensure!(
+        counted + dropped as u64 == CROWD as u64,
+        "{counted} counted + {dropped} dropped != {CROWD} calls"
+    );
+    ensure!(left.is_empty(), "calls left in flight: {left:?}");
+    Ok(format!(
+        "{CROWD} reads at once under kretprobes: {counted} counted, {dropped} missed returns \
+         dropped at thread exit, none left in flight"
+    ))
 }
