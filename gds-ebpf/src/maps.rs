@@ -10,7 +10,7 @@
 //! layer is where peer memory is seen, the cuFile return is where it names the path.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_comm,
+    helpers::generated::bpf_get_current_comm,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -81,13 +81,22 @@ pub(crate) fn task_enabled(tgid: u32) -> bool {
         return false;
     }
     if conf!(filter_comm_on) != 0 {
-        let Ok(comm) = bpf_get_current_comm() else {
+        // Two words, not aya's zeroed `[u8; 16]`: LLVM zeroes that with a call to a
+        // byte-by-byte `memset` subprogram, whose frame counts against the 512-byte stack of
+        // every program that inlines this (6.1's verifier refused the kiocb programs for it).
+        let mut buf = core::mem::MaybeUninit::<[u64; COMM_LEN / 8]>::uninit();
+        // SAFETY: the helper writes all 16 bytes (the name, NUL-padded) or fails; its argument
+        // may be uninitialized memory.
+        if unsafe { bpf_get_current_comm(buf.as_mut_ptr().cast(), COMM_LEN as u32) } != 0 {
             return false;
-        };
+        }
+        // SAFETY: written by the helper above.
+        let words = unsafe { buf.assume_init() };
         let mut i = 0;
         while i < COMM_LEN {
             let want = unsafe { core::ptr::read_volatile(&GDS_URING_CONFIG.filter_comm[i]) };
-            if comm[i] != want {
+            let got = (words[i / 8] >> ((i % 8) * 8)) as u8;
+            if got != want {
                 return false;
             }
             if want == 0 {
