@@ -504,7 +504,8 @@ pub fn kretprobe_limit(c: &Ctx) -> Result<String> {
     };
     let (s0, m0) = (snapshot()?, metrics()?);
     let readers: Vec<_> = (0..CROWD)
-        .map(|i| read_in_thread(&ns.blk, offset(i), 4 * KIB))
+        // 64 KiB apart: within the throttled namespace, whatever its size.
+        .map(|i| read_in_thread(&ns.blk, i as u64 * 64 * KIB, 4 * KIB))
         .collect();
     for r in readers {
         r.join()
