@@ -21,7 +21,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
 };
 
 use aya::{Ebpf, programs::KProbe};
@@ -31,6 +31,7 @@ use super::{
     device::{attach_btf, tracepoint_btf},
     layer::Start,
     program,
+    umulti::{ProgLoadAttr, owned, sys_bpf},
 };
 
 /// The functions hooked: (name, the module it is in when not built in, its argument count).
@@ -445,7 +446,6 @@ fn uring_done(ebpf: &mut Ebpf, start: &Start, btf: &Btf, missing: &mut Vec<Strin
     }
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
@@ -453,8 +453,6 @@ const BPF_BTF_GET_NEXT_ID: libc::c_long = 23;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_FENTRY: u32 = 24;
 const BPF_TRACE_FEXIT: u32 = 25;
-/// Verifier log kept when a load fails.
-const LOG_BYTES: usize = 64 << 10;
 
 /// The object's programs with their map references pointing at aya's maps, ready to load.
 struct Relocated {
@@ -491,49 +489,8 @@ impl Relocated {
     }
 }
 
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `attach_btf_obj_fd`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    prog_btf_fd: u32,
-    func_info_rec_size: u32,
-    func_info: u64,
-    func_info_cnt: u32,
-    line_info_rec_size: u32,
-    line_info: u64,
-    line_info_cnt: u32,
-    attach_btf_id: u32,
-    attach_btf_obj_fd: u32,
-    _pad: u32,
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<RawFd> {
-    // SAFETY: a valid attribute struct whose pointers outlive the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as RawFd)
-    }
-}
-
-fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: a new descriptor the kernel just gave us.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
+/// Loads `name` as an fentry/fexit program (`attach_type`) on BTF id `id`, of module BTF
+/// object `obj` where given.
 fn prog_load(
     insns: &[aya_obj::generated::bpf_insn],
     name: &'static str,
@@ -541,40 +498,23 @@ fn prog_load(
     id: u32,
     obj: Option<RawFd>,
 ) -> Result<OwnedFd, HookError> {
-    let license = c"GPL";
-    let mut attr = ProgLoadAttr {
+    let attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_TRACING,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
         expected_attach_type: attach_type,
         attach_btf_id: id,
         attach_btf_obj_fd: obj.unwrap_or(0) as u32,
         ..Default::default()
     };
-    let n = name.len().min(15);
-    attr.prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    match sys_bpf(BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => Ok(owned(fd)),
-        Err(source) => {
-            // Again with the verifier's log, to say why.
-            let mut log = vec![0u8; LOG_BYTES];
-            attr.log_level = 1;
-            attr.log_size = log.len() as u32;
-            attr.log_buf = log.as_mut_ptr() as u64;
-            if let Ok(fd) = sys_bpf(BPF_PROG_LOAD, &mut attr) {
-                return Ok(owned(fd));
-            }
-            let text = String::from_utf8_lossy(&log);
-            let text = text.trim_end_matches('\0').trim();
-            let tail = &text[text.floor_char_boundary(text.len().saturating_sub(400))..];
-            Err(HookError::Program(if tail.is_empty() {
-                format!("load refused: {source}")
-            } else {
-                format!("load of {name} refused: {source} (verifier: …{tail})")
-            }))
-        }
-    }
+    super::umulti::prog_load(insns, name, attr, 400).map_err(|r| {
+        HookError::Program(if r.log.is_empty() {
+            format!("load refused: {}", r.source)
+        } else {
+            format!(
+                "load of {name} refused: {} (verifier: …{})",
+                r.source, r.log
+            )
+        })
+    })
 }
 
 /// `BPF_RAW_TRACEPOINT_OPEN` with no name: attaches a loaded fentry/fexit program.
@@ -690,14 +630,6 @@ pub(crate) fn attach_best(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The attribute layouts the kernel reads (include/uapi/linux/bpf.h).
-    #[test]
-    fn attr_layouts() {
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_obj_fd), 112);
-    }
 
     /// On this kernel the built-in targets resolve from vmlinux's BTF (block devices always;
     /// ext4/xfs where built in), every module one from its module's.

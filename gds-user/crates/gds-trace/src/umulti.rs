@@ -151,7 +151,7 @@ impl MultiPrograms {
     ) -> Result<MultiPrograms, MultiError> {
         let mut progs = BTreeMap::new();
         for (name, insns) in relocated(object, maps, names)? {
-            progs.insert(name, prog_load(&insns, name)?);
+            progs.insert(name, multi_load(&insns, name)?);
         }
         Ok(MultiPrograms { progs })
     }
@@ -175,22 +175,88 @@ impl MultiPrograms {
     }
 }
 
-/// `union bpf_attr` for BPF_PROG_LOAD, as far as used.
+/// `union bpf_attr` for BPF_PROG_LOAD, up to `attach_btf_obj_fd`: the multi-uprobe loader here
+/// and the fentry loader (`trace::file_hooks`) fill it, zeroes beyond what each sets.
 #[repr(C)]
 #[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
+pub(crate) struct ProgLoadAttr {
+    pub prog_type: u32,
+    pub insn_cnt: u32,
+    pub insns: u64,
+    pub license: u64,
+    pub log_level: u32,
+    pub log_size: u32,
+    pub log_buf: u64,
+    pub kern_version: u32,
+    pub prog_flags: u32,
+    pub prog_name: [u8; 16],
+    pub prog_ifindex: u32,
+    pub expected_attach_type: u32,
+    pub prog_btf_fd: u32,
+    pub func_info_rec_size: u32,
+    pub func_info: u64,
+    pub func_info_cnt: u32,
+    pub line_info_rec_size: u32,
+    pub line_info: u64,
+    pub line_info_cnt: u32,
+    pub attach_btf_id: u32,
+    pub attach_btf_obj_fd: u32,
+    pub _pad: u32,
+}
+
+/// The `bpf` system call with attribute struct `attr`: a new descriptor or the error.
+pub(crate) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<RawFd> {
+    // SAFETY: a valid attribute struct whose pointers outlive the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as RawFd)
+    }
+}
+
+/// Owns a descriptor the kernel just returned.
+pub(crate) fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: a new descriptor the kernel just gave us.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A program the kernel refused: its error, and the end of the verifier's log (the last
+/// `tail` characters of a second try with the log on; empty where it said nothing).
+pub(crate) struct Refused {
+    pub source: io::Error,
+    pub log: String,
+}
+
+/// Loads `insns` as program `name` with the type and attach fields of `attr` (the rest is
+/// filled here). Refused, it loads again with the verifier's log, to say why.
+pub(crate) fn prog_load(
+    insns: &[aya_obj::generated::bpf_insn],
+    name: &str,
+    mut attr: ProgLoadAttr,
+    tail: usize,
+) -> Result<OwnedFd, Refused> {
+    let license = c"GPL";
+    attr.insn_cnt = insns.len() as u32;
+    attr.insns = insns.as_ptr() as u64;
+    attr.license = license.as_ptr() as u64;
+    let n = name.len().min(15);
+    attr.prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let source = match sys_bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => return Ok(owned(fd)),
+        Err(e) => e,
+    };
+    let mut log = vec![0u8; LOG_BYTES];
+    attr.log_level = 1;
+    attr.log_size = log.len() as u32;
+    attr.log_buf = log.as_mut_ptr() as u64;
+    if let Ok(fd) = sys_bpf(BPF_PROG_LOAD, &mut attr) {
+        return Ok(owned(fd));
+    }
+    let text = String::from_utf8_lossy(&log);
+    let text = text.trim_end_matches('\0').trim();
+    let log = text[text.floor_char_boundary(text.len().saturating_sub(tail))..].to_owned();
+    Err(Refused { source, log })
 }
 
 /// `union bpf_attr` for BPF_LINK_CREATE with `uprobe_multi`.
@@ -211,59 +277,25 @@ struct LinkCreateAttr {
     _pad: u32,
 }
 
-fn prog_load(
+/// Loads `name` for multi-uprobe links.
+fn multi_load(
     insns: &[aya_obj::generated::bpf_insn],
     name: &'static str,
 ) -> Result<OwnedFd, MultiError> {
-    let license = c"GPL";
-    let mut log = vec![0u8; LOG_BYTES];
-    let mut attr = ProgLoadAttr {
+    let attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_KPROBE,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
         expected_attach_type: BPF_TRACE_UPROBE_MULTI,
         ..Default::default()
     };
-    let n = name.len().min(15);
-    attr.prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    let load = |attr: &ProgLoadAttr| {
-        // SAFETY: a valid attribute struct whose pointers outlive the call.
-        unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                attr as *const ProgLoadAttr,
-                std::mem::size_of::<ProgLoadAttr>(),
-            )
-        }
-    };
-    let mut fd = load(&attr);
-    if fd < 0 {
-        let source = io::Error::last_os_error();
-        // Again with the verifier's log, to say why.
-        attr.log_level = 1;
-        attr.log_size = log.len() as u32;
-        attr.log_buf = log.as_mut_ptr() as u64;
-        fd = load(&attr);
-        if fd < 0 {
-            let text = String::from_utf8_lossy(&log);
-            let text = text.trim_end_matches('\0');
-            let tail = &text[text.len().saturating_sub(600)..];
-            return Err(MultiError::Load {
-                name,
-                source,
-                log: if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (verifier: …{tail})")
-                },
-            });
-        }
-    }
-    // SAFETY: a new descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    prog_load(insns, name, attr, 600).map_err(|r| MultiError::Load {
+        name,
+        source: r.source,
+        log: if r.log.is_empty() {
+            String::new()
+        } else {
+            format!(" (verifier: …{})", r.log)
+        },
+    })
 }
 
 fn link_create(
@@ -303,4 +335,17 @@ fn link_create(
     }
     // SAFETY: a new descriptor the kernel just gave us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attribute layouts the kernel reads (include/uapi/linux/bpf.h).
+    #[test]
+    fn attr_layouts() {
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_obj_fd), 112);
+    }
 }
