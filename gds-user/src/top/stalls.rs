@@ -90,32 +90,12 @@ pub fn table(r: &StallReport, evidence: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gds_api::model::{Cause, CauseKind, Request, Stage, Stall};
 
     #[test]
     fn each_stall_says_its_cause_under_it() {
-        let stall = Stall {
-            request: Request {
-                layer: gds_api::model::Layer::Block,
-                opcode: "read".into(),
-                ctx: Default::default(),
-                target: Default::default(),
-                origin: None,
-                age_seconds: 2.0,
-                stage: Stage::Device,
-                nvme: None,
-                poll_armed: false,
-                block_cause: None,
-                key: Default::default(),
-            },
-            stage_description: "at the device".into(),
-            total_seconds: None,
-            cause: Cause {
-                kind: CauseKind::Throttled,
-                because: "cgroup /g (v1) blkio.throttle.read_iops_device 254:0 riops=1".into(),
-            },
-            evidence: None,
-        };
+        let mut stall = crate::top::evidence::tests::throttled_stall();
+        stall.evidence = None;
+        stall.cause.because = "cgroup /g (v1) blkio.throttle.read_iops_device 254:0 riops=1".into();
         let report = StallReport {
             active: vec![stall],
             ..Default::default()

@@ -143,22 +143,30 @@ fn file_table(rows: &[FileProcRow]) -> Table<'_> {
     )
 }
 
+/// The one-line header of the waiting and evidence screens: the name, then the error in red
+/// where there is one, else `right`.
+fn header_line(error: Option<&str>, right: String) -> Line<'static> {
+    let name = Span::styled(
+        " gds top ",
+        Style::default().fg(Color::Black).bg(Color::Cyan),
+    );
+    Line::from(vec![
+        name,
+        match error {
+            Some(e) => Span::styled(format!(" {e}"), Style::default().fg(Color::Red)),
+            None => Span::raw(right),
+        },
+    ])
+}
+
 /// The screen before the agent's first snapshot: the header, saying what top waits for (or
 /// what failed).
 pub fn draw_waiting(f: &mut Frame, status: &str, error: Option<&str>) {
     let chunks = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).split(f.area());
-    let mut header = vec![Span::styled(
-        " gds top ",
-        Style::default().fg(Color::Black).bg(Color::Cyan),
-    )];
-    match error {
-        Some(e) => header.push(Span::styled(
-            format!(" {e}"),
-            Style::default().fg(Color::Red),
-        )),
-        None => header.push(Span::raw(format!(" waiting for the {status}  q quits"))),
-    }
-    f.render_widget(Line::from(header), chunks[0]);
+    f.render_widget(
+        header_line(error, format!(" waiting for the {status}  q quits")),
+        chunks[0],
+    );
 }
 
 /// Draws the whole screen. `status` is the header's right side (agent address or an error);
@@ -337,18 +345,10 @@ pub fn draw(
 /// on (threads with their kernel stacks, device, cgroups and limits, what was missing).
 pub fn draw_evidence(f: &mut Frame, o: &Opened, status: &str, error: Option<&str>) {
     let chunks = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).split(f.area());
-    let mut header = vec![Span::styled(
-        " gds top ",
-        Style::default().fg(Color::Black).bg(Color::Cyan),
-    )];
-    match error {
-        Some(e) => header.push(Span::styled(
-            format!(" {e}"),
-            Style::default().fg(Color::Red),
-        )),
-        None => header.push(Span::raw(format!(" {status}  ↑↓ scroll  Esc back"))),
-    }
-    f.render_widget(Line::from(header), chunks[0]);
+    f.render_widget(
+        header_line(error, format!(" {status}  ↑↓ scroll  Esc back")),
+        chunks[0],
+    );
 
     let s = &o.stall;
     let q = &s.request;
