@@ -53,9 +53,10 @@ macro_rules! kconf {
 pub(crate) static FILE_THREAD: LruHashMap<u64, u64> =
     LruHashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
 
-/// A `read_iter`/`write_iter` call starts: `iocb` and `iter` are its arguments.
+/// A `read_iter`/`write_iter` call starts: `iocb` and `iter` are its arguments; `kretprobe`
+/// when its return is caught by a kretprobe, which misses returns past its `maxactive`.
 #[inline(always)]
-fn begin(iocb: u64, iter: u64) {
+fn begin(iocb: u64, iter: u64, kretprobe: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !task_enabled((pid_tgid >> 32) as u32) {
         return;
@@ -85,9 +86,11 @@ fn begin(iocb: u64, iter: u64) {
     } else {
         // A thread is in one synchronous call at a time (the file systems hooked do not nest):
         // a kiocb still recorded for it is a call whose return was missed (past a kretprobe's
-        // `maxactive`). The same stack address would be replaced by the insert below anyway.
+        // `maxactive`; fexit misses none). The same stack address would be replaced by the
+        // insert below anyway.
         // SAFETY: map value read.
-        if let Some(old) = unsafe { FILE_THREAD.get(&pid_tgid) }.copied()
+        if kretprobe
+            && let Some(old) = unsafe { FILE_THREAD.get(&pid_tgid) }.copied()
             && old != iocb
             && FILE_INFLIGHT.remove(&old).is_ok()
         {
@@ -158,7 +161,7 @@ pub fn file_kiocb_entry(ctx: FEntryContext) -> i32 {
     let Some(s) = stats() else { return 0 };
     let iter = as_scalar(s, Scratch::FileBegin, ctx.arg(1));
     let iocb = as_scalar(s, Scratch::FileBegin, ctx.arg(0));
-    begin(iocb, iter);
+    begin(iocb, iter, false);
     0
 }
 
@@ -219,7 +222,7 @@ pub fn file_kiocb_kprobe(ctx: ProbeContext) -> u32 {
     let (Some(iocb), Some(iter)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return 0;
     };
-    begin(iocb, iter);
+    begin(iocb, iter, true);
     0
 }
 
