@@ -43,7 +43,8 @@ pub const ORIGIN_KERNEL: u8 = 4;
 /// own completion (`nvfs_io_complete`) in the kiocb.
 pub const ORIGIN_NVFS: u8 = 5;
 
-/// Where a call the kiocb tier sees at `read_iter`/`write_iter` came from, by what its program
+/// Where a call came from, by what the program that sees it start (the kiocb tier at
+/// `read_iter`/`write_iter`, the tracepoint tier at `iomap_dio_rw_begin`)
 /// knows there: the kiocb's completion (`ki_complete`; 0 for a synchronous call), nvidia-fs's
 /// completion function (`nvfs_io_complete` from kallsyms; 0 where nvidia-fs is not loaded) and
 /// whether the kiocb is an io_uring request's.

@@ -31,8 +31,8 @@ use gds_common::{
         FILE_HOOKED_MAX, FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE,
         FILE_PROCS_MAX, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED, FILE_SEES_NONE, FileCall,
         FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
-        ORIGIN_SYSCALL, ORIGIN_URING, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
-        SYSCALL_TABLE, SYSCALL_TRACED, file_row,
+        ORIGIN_SYSCALL, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3, SYSCALL_TABLE,
+        SYSCALL_TRACED, file_row, kiocb_origin,
     },
     log2_bucket,
 };
@@ -273,11 +273,9 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     // command data at offset 0), so the kiocb is the io_uring request's key. Only an
     // asynchronous kiocb (`ki_complete` set) can be one: a synchronous call (pread, read)
     // costs no lookup.
-    call.origin = if complete != 0 && entry_mut(iocb).is_some() {
-        ORIGIN_URING
-    } else {
-        ORIGIN_SYSCALL
-    };
+    // The same rule as the kiocb tier's (nvidia-fs's O_DIRECT reads pass here too).
+    let uring = complete != 0 && entry_mut(iocb).is_some();
+    call.origin = kiocb_origin(complete, nvfs_complete(), uring);
     if FILE_INFLIGHT.insert(&iocb, &call, BPF_ANY as u64).is_err() {
         count_drop(DropReason::FileInflightFull);
     }
