@@ -191,7 +191,7 @@ pub struct Limits {
     pub libraries: u64,
     /// Loaders without the dlopen notification: [`LOADERS_MAX`] had it.
     pub loaders: u64,
-    /// Processes whose I/O beneath cuFile is not classified: [`PROCESSES_MAX`] were probed.
+    /// Processes whose I/O beneath cuFile is not classified: [`PROCESSES_MAX`] were watched (libc probes or the file layer).
     pub processes: u64,
     /// Files not traceable and not listed: [`FAILURES_MAX`] were listed.
     pub failures_unlisted: u64,
@@ -889,7 +889,7 @@ impl CufileTracing {
             if self.procs.len() >= PROCESSES_MAX {
                 if self.limits.processes == 0 {
                     tracing::warn!(
-                        "cuFile: {PROCESSES_MAX} processes have libc probes (the limit): the \
+                        "cuFile: {PROCESSES_MAX} processes are watched beneath cuFile (the limit): the \
                          cuFile calls of pid {pid} and later ones are counted, their path is \
                          not classified"
                     );
