@@ -191,7 +191,8 @@ pub struct Limits {
     pub libraries: u64,
     /// Loaders without the dlopen notification: [`LOADERS_MAX`] had it.
     pub loaders: u64,
-    /// Processes whose I/O beneath cuFile is not classified: [`PROCESSES_MAX`] were watched (libc probes or the file layer).
+    /// Processes whose I/O beneath cuFile is not classified: [`PROCESSES_MAX`] were watched
+    /// (libc probes or the file layer).
     pub processes: u64,
     /// Files not traceable and not listed: [`FAILURES_MAX`] were listed.
     pub failures_unlisted: u64,
