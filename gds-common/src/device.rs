@@ -404,6 +404,13 @@ pub const MAP_NVME_INFLIGHT: &str = "GDS_NVME_INFLIGHT";
 /// counted at its completion (`block_no_start`), as one beyond a full table is at its issue
 /// (`block_inflight_full`).
 pub const MAP_BLOCK_INFLIGHT: &str = "GDS_BLOCK_INFLIGHT";
+/// The direct-mapped slots in front of it (see `slot`): a request whose slot is taken goes to
+/// the LRU hash. A slot whose request is never issued stays taken until its bio's address is
+/// reused (the next request with that first bio takes it over); it is never shown, as
+/// unissued entries of the hash are not.
+pub const MAP_BLOCK_SLOTS: &str = "GDS_BLOCK_SLOTS";
+/// Slots of the direct-mapped block table (a power of two; ~0.6 MiB).
+pub const BLOCK_SLOTS: u32 = 4096;
 /// Entries of the block and NVMe in-flight tables.
 pub const BLOCK_INFLIGHT_MAX: u32 = 16384;
 pub const NVME_INFLIGHT_MAX: u32 = 16384;

@@ -256,6 +256,9 @@ pub const O_DIRECT: u32 = 0o40000;
 #[cfg(target_arch = "aarch64")]
 pub const O_DIRECT: u32 = 0o200000;
 
+/// Calls in flight: the direct-mapped slots (see `slot`), and the hash map of calls whose slot
+/// was taken.
+pub const MAP_FILE_SLOTS: &str = "GDS_FILE_SLOTS";
 pub const MAP_FILE_INFLIGHT: &str = "GDS_FILE_INFLIGHT";
 pub const MAP_FILE_STATS: &str = "GDS_FILE_STATS";
 pub const MAP_FILE_PROCS: &str = "GDS_FILE_PROCS";
@@ -280,6 +283,8 @@ pub const MAP_FILE_HOOKED: &str = "GDS_FILE_HOOKED";
 pub const FILE_HOOKED_MAX: u32 = 16;
 /// Calls tracked at once; a call beyond is counted (`file_inflight_full`), never timed.
 pub const FILE_INFLIGHT_MAX: u32 = 16384;
+/// Slots of the direct-mapped call table (a power of two; ~0.5 MiB).
+pub const FILE_SLOTS: u32 = 4096;
 /// Process × file × (op, direct) rows kept (LRU: processes that stop doing file I/O age out).
 pub const FILE_PROCS_MAX: u32 = 4096;
 

@@ -57,6 +57,10 @@ pub mod uring;
 
 pub use uring::*;
 
+pub mod slot;
+
+pub use slot::*;
+
 /// Length of `task_struct::comm`, as in the kernel (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
 

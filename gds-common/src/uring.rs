@@ -248,14 +248,6 @@ pub const MAP_EVENTS: &str = "GDS_EVENTS";
 pub const DEFAULT_MAX_INFLIGHT: u32 = 65_536;
 pub const DEFAULT_SLOTS: u32 = 65_536;
 
-/// Slot of a request pointer in a table of `mask + 1` slots. Multiplicative (Fibonacci)
-/// hashing: io_kiocb pointers are slab objects a fixed stride apart, so low bits alone would
-/// collide in patterns.
-#[inline(always)]
-pub fn slot_index(req: u64, mask: u64) -> u32 {
-    ((req.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) & mask) as u32
-}
-
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

@@ -39,19 +39,21 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX, BlockInflight,
-    BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason, FLAG_P2PDMA,
-    HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, LINK_CALL, LINK_PAGE, MEMORY_HOST,
-    MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime, PF_KTHREAD,
-    STAGE_HIST_MAX, STAGES, Scratch, StageHistKey, StageHists, Submitter, UringCpuStats,
+    BLOCK_INFLIGHT_MAX, BLOCK_OP_DRV_IN, BLOCK_OP_DRV_OUT, BLOCK_PROCS_MAX, BLOCK_SLOTS,
+    BlockInflight, BlockProcKey, BlockProcStats, DevConfig, DevHist, DevHistKey, DropReason,
+    FLAG_P2PDMA, HIST_BUCKETS, InflightReq, KIND_BLOCK, KIND_NVME_CMD, LINK_CALL, LINK_PAGE,
+    MEMORY_HOST, MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime,
+    PF_KTHREAD, STAGE_HIST_MAX, STAGES, Scratch, Slot, StageHistKey, StageHists, Submitter,
+    UringCpuStats,
     file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
 
 use crate::{
-    file::{FILE_INFLIGHT, field},
+    file::{calls, field},
     file_kiocb::FILE_THREAD,
-    maps::{PEER_IO, as_scalar, entry_mut, index, stats},
+    maps::{BPF_F_MMAPABLE, PEER_IO, as_scalar, entry_mut, index, stats},
+    slots::SlotTable,
 };
 
 #[unsafe(no_mangle)]
@@ -76,10 +78,26 @@ static NVME_RUNTIME: Array<NvmeRuntime> = Array::with_max_entries(1, 0);
 static NVME_INFLIGHT: HashMap<u64, NvmeInflight> = HashMap::with_max_entries(NVME_INFLIGHT_MAX, 0);
 
 /// Block requests by first bio (see `MAP_BLOCK_INFLIGHT`): created at [`block_getrq`] with
-/// the submitter, filled in place at [`block_issue`], deleted at [`block_complete`].
+/// the submitter, filled in place at [`block_issue`], deleted at [`block_complete`]. In
+/// [`requests`]' slots, or this LRU hash where a request's slot is taken.
 #[map(name = "GDS_BLOCK_INFLIGHT")]
 static BLOCK_INFLIGHT: LruHashMap<u64, BlockInflight> =
     LruHashMap::with_max_entries(BLOCK_INFLIGHT_MAX, 0);
+
+/// The direct-mapped slots of [`requests`] (mmapable: user space scans them).
+#[map(name = "GDS_BLOCK_SLOTS")]
+static BLOCK_SLOT_ARRAY: Array<Slot<BlockInflight>> =
+    Array::with_max_entries(BLOCK_SLOTS, BPF_F_MMAPABLE);
+
+/// The block requests in flight (see [`BLOCK_INFLIGHT`]).
+#[inline(always)]
+fn requests() -> SlotTable<BlockInflight, LruHashMap<u64, BlockInflight>> {
+    SlotTable {
+        slots: &BLOCK_SLOT_ARRAY,
+        overflow: &BLOCK_INFLIGHT,
+        mask: BLOCK_SLOTS as u64 - 1,
+    }
+}
 
 /// A request's key in [`BLOCK_INFLIGHT`]: its first bio, or the request itself when it has no
 /// bio (a flush, a passthrough command without data). Bios and requests are distinct objects,
@@ -462,7 +480,7 @@ pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
     }
     // A failed insert (never, for an LRU hash with free entries) leaves the request to
     // `block_issue`, which counts it if the table is full.
-    let _ = BLOCK_INFLIGHT.insert(&bio, &v, BPF_ANY as u64);
+    let _ = requests().insert(bio, &v);
     0
 }
 
@@ -497,7 +515,7 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
     if dio_end_io != 0 && end_io == dio_end_io {
         // `struct iomap_dio` starts with the caller's `struct kiocb *`.
         let kiocb: u64 = rd(private);
-        if let Some(c) = FILE_INFLIGHT.get_ptr(&kiocb) {
+        if let Some(c) = calls().get_mut(kiocb) {
             // SAFETY: map value pointer; fields copied.
             unsafe {
                 who.call_pid_tgid = (*c).pid_tgid;
@@ -518,7 +536,7 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
     let key = unsafe { FILE_THREAD.get(&who.pid_tgid) }
         .copied()
         .unwrap_or(who.pid_tgid);
-    if let Some(c) = FILE_INFLIGHT.get_ptr(&key) {
+    if let Some(c) = calls().get_mut(key) {
         // SAFETY: map value pointer; fields copied.
         unsafe {
             who.call_pid_tgid = (*c).pid_tgid;
@@ -582,7 +600,7 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
     let issue_ns = unsafe { bpf_ktime_get_ns() };
     let dev = dev_of_request(rq_ptr);
     let op = cmd_flags as u8;
-    if let Some(e) = BLOCK_INFLIGHT.get_ptr_mut(&key) {
+    if let Some(e) = requests().get_mut(key) {
         // SAFETY: map value pointer; the request is this program's until it completes.
         unsafe {
             (*e).issue_ns = issue_ns;
@@ -603,7 +621,7 @@ pub fn block_issue(ctx: BtfTracePointContext) -> i32 {
     v.dev = dev;
     v.op = op;
     v.memory = memory;
-    if BLOCK_INFLIGHT.insert(&key, &v, BPF_NOEXIST as u64).is_err() {
+    if !requests().insert(key, &v) {
         count_drop(DropReason::BlockInflightFull);
     }
     0
@@ -619,13 +637,10 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: BTF-typed `struct request *`, constant offset.
     let bio: u64 = unsafe { field(rq_ptr, dconf!(rq_bio)) };
     let key = block_key(as_scalar(s, Scratch::BlockComplete, bio), rq);
-    let Some(v) = BLOCK_INFLIGHT.get_ptr(&key) else {
+    let Some(v) = requests().take(key) else {
         count_drop(DropReason::BlockNoStart);
         return 0;
     };
-    // SAFETY: map value pointer, copied before the delete.
-    let v = unsafe { *v };
-    let _ = BLOCK_INFLIGHT.remove(&key);
     // Created at `block_getrq` but its issue not seen (attached in between).
     if v.rq != rq {
         count_drop(DropReason::BlockNoStart);
@@ -669,7 +684,7 @@ pub fn block_complete(ctx: BtfTracePointContext) -> i32 {
     // its stages when it returns. Concurrent completions of one call's requests may race on
     // the stamps: a stage then moves by the gap between two of its requests, no more.
     if w.link == LINK_CALL && w.call_start_ns != 0 {
-        let stamped = match FILE_INFLIGHT.get_ptr_mut(&w.call_key) {
+        let stamped = match calls().get_mut(w.call_key) {
             // SAFETY: map value pointer.
             Some(c) => unsafe {
                 if (*c).start_ns == w.call_start_ns {

@@ -16,7 +16,7 @@
 use core::intrinsics::AtomicOrdering::Relaxed;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_comm,
@@ -26,18 +26,21 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use gds_common::{
-    DropReason, HIST_BUCKETS, Scratch,
+    DropReason, HIST_BUCKETS, Scratch, Slot,
     file::{
         FILE_HOOKED_MAX, FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE,
-        FILE_PROCS_MAX, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED, FILE_SEES_NONE, FileCall,
-        FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
+        FILE_PROCS_MAX, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED, FILE_SEES_NONE, FILE_SLOTS,
+        FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
         ORIGIN_SYSCALL, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3, SYSCALL_TABLE,
         SYSCALL_TRACED, file_row, kiocb_origin,
     },
     log2_bucket,
 };
 
-use crate::maps::{as_scalar, entry_mut, index, stats, task_enabled};
+use crate::{
+    maps::{BPF_F_MMAPABLE, as_scalar, entry_mut, index, stats, task_enabled},
+    slots::SlotTable,
+};
 
 #[unsafe(no_mangle)]
 pub(crate) static GDS_FILE_CONFIG: FileConfig = FileConfig::DEFAULT;
@@ -49,11 +52,26 @@ macro_rules! fconf {
 }
 
 /// File calls started and not ended: `struct kiocb *` (tracepoint tier) or `pid_tgid`
-/// (syscalls tier) → the call. Kernel addresses and thread ids never collide, and only one
-/// tier is attached at a time anyway.
+/// (syscalls tier) → the call, in [`calls`]' slots or, where a call's slot is taken, this
+/// hash map. Kernel addresses and thread ids never collide, and only one tier is attached at
+/// a time anyway.
 #[map(name = "GDS_FILE_INFLIGHT")]
-pub(crate) static FILE_INFLIGHT: HashMap<u64, FileCall> =
-    HashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
+static FILE_INFLIGHT: HashMap<u64, FileCall> = HashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
+
+/// The direct-mapped slots of [`calls`]. Mmapable so user space scans them without a
+/// syscall per slot.
+#[map(name = "GDS_FILE_SLOTS")]
+static FILE_SLOT_ARRAY: Array<Slot<FileCall>> = Array::with_max_entries(FILE_SLOTS, BPF_F_MMAPABLE);
+
+/// The file calls in flight (see [`FILE_INFLIGHT`]).
+#[inline(always)]
+pub(crate) fn calls() -> SlotTable<FileCall, HashMap<u64, FileCall>> {
+    SlotTable {
+        slots: &FILE_SLOT_ARRAY,
+        overflow: &FILE_INFLIGHT,
+        mask: FILE_SLOTS as u64 - 1,
+    }
+}
 
 #[map(name = "GDS_FILE_STATS")]
 static FILE_STATS: PerCpuArray<FileRowStats> = PerCpuArray::with_max_entries(FILE_ROWS as u32, 0);
@@ -276,7 +294,7 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     // The same rule as the kiocb tier's (nvidia-fs's O_DIRECT reads pass here too).
     let uring = complete != 0 && entry_mut(iocb).is_some();
     call.origin = kiocb_origin(complete, nvfs_complete(), uring);
-    if FILE_INFLIGHT.insert(&iocb, &call, BPF_ANY as u64).is_err() {
+    if !calls().insert(iocb, &call) {
         count_drop(DropReason::FileInflightFull);
     }
     0
@@ -288,13 +306,10 @@ pub fn file_dio_complete(ctx: BtfTracePointContext) -> i32 {
     let Some(s) = stats() else { return 0 };
     let iocb = as_scalar(s, Scratch::FileComplete, ctx.arg(0));
     let ret: i64 = ctx.arg(2);
-    let Some(c) = FILE_INFLIGHT.get_ptr(&iocb) else {
+    let Some(c) = calls().take(iocb) else {
         count_drop(DropReason::FileNoStart);
         return 0;
     };
-    // SAFETY: map value pointer, copied before the delete.
-    let c = unsafe { *c };
-    let _ = FILE_INFLIGHT.remove(&iocb);
     end_call(&c, ret);
     0
 }
@@ -318,10 +333,7 @@ pub fn file_ext4_fsync_enter(ctx: BtfTracePointContext) -> i32 {
         )
     };
     let call = new_call(pid_tgid, dev, ino, 0, 0, FILE_OP_FSYNC, false);
-    if FILE_INFLIGHT
-        .insert(&pid_tgid, &call, BPF_ANY as u64)
-        .is_err()
-    {
+    if !calls().insert(pid_tgid, &call) {
         count_drop(DropReason::FileInflightFull);
     }
     0
@@ -331,12 +343,9 @@ pub fn file_ext4_fsync_enter(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "ext4_sync_file_exit")]
 pub fn file_ext4_fsync_exit(ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(c) = FILE_INFLIGHT.get_ptr(&pid_tgid) else {
+    let Some(c) = calls().take(pid_tgid) else {
         return 0;
     };
-    // SAFETY: map value pointer, copied before the delete.
-    let c = unsafe { *c };
-    let _ = FILE_INFLIGHT.remove(&pid_tgid);
     let ret: i32 = ctx.arg(1);
     end_call(&c, ret as i64);
     0
@@ -392,10 +401,7 @@ pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
         f_flags & O_DIRECT != 0,
     );
     beneath_cufile(&call);
-    if FILE_INFLIGHT
-        .insert(&pid_tgid, &call, BPF_ANY as u64)
-        .is_err()
-    {
+    if !calls().insert(pid_tgid, &call) {
         count_drop(DropReason::FileInflightFull);
     }
     0
@@ -405,12 +411,9 @@ pub fn file_sys_enter(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn file_sys_exit(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(c) = FILE_INFLIGHT.get_ptr(&pid_tgid) else {
+    let Some(c) = calls().take(pid_tgid) else {
         return 0;
     };
-    // SAFETY: map value pointer, copied before the delete.
-    let c = unsafe { *c };
-    let _ = FILE_INFLIGHT.remove(&pid_tgid);
     let ret: i64 = ctx.arg(1);
     end_call(&c, ret);
     0

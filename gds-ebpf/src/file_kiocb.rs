@@ -33,7 +33,7 @@ use gds_common::{
 
 use crate::{
     file::{
-        FILE_INFLIGHT, GDS_FILE_CONFIG, beneath_cufile, count_drop, end_call, file_id, new_call,
+        GDS_FILE_CONFIG, beneath_cufile, calls, count_drop, end_call, file_id, new_call,
         nvfs_complete, rd,
     },
     maps::{as_scalar, entry_mut, stats, task_enabled},
@@ -62,7 +62,7 @@ fn begin(iocb: u64, iter: u64, kretprobe: bool) {
         return;
     }
     let complete: u64 = rd(iocb + kconf!(kiocb_complete) as u64);
-    if complete != 0 && FILE_INFLIGHT.get_ptr(&iocb).is_some() {
+    if complete != 0 && calls().get_mut(iocb).is_some() {
         // The same asynchronous request again (a retry after -EAGAIN or a partial read): its
         // call started at the first try.
         return;
@@ -92,14 +92,14 @@ fn begin(iocb: u64, iter: u64, kretprobe: bool) {
         if kretprobe
             && let Some(old) = unsafe { FILE_THREAD.get(&pid_tgid) }.copied()
             && old != iocb
-            && FILE_INFLIGHT.remove(&old).is_ok()
+            && calls().remove(old)
         {
             count_drop(DropReason::FileReturnMissed);
         }
         let _ = FILE_THREAD.insert(&pid_tgid, &iocb, BPF_ANY as u64);
     }
     beneath_cufile(&call);
-    if FILE_INFLIGHT.insert(&iocb, &call, BPF_ANY as u64).is_err() {
+    if !calls().insert(iocb, &call) {
         count_drop(DropReason::FileInflightFull);
     }
 }
@@ -115,7 +115,7 @@ pub fn file_thread_exit(_ctx: BtfTracePointContext) -> i32 {
         Some(k) => *k,
         None => pid_tgid,
     };
-    if FILE_INFLIGHT.remove(&key).is_ok() {
+    if calls().remove(key) {
         count_drop(DropReason::FileReturnMissed);
     }
     let _ = FILE_THREAD.remove(&pid_tgid);
@@ -127,7 +127,7 @@ pub fn file_thread_exit(_ctx: BtfTracePointContext) -> i32 {
 fn finish(iocb: u64, ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let _ = FILE_THREAD.remove(&pid_tgid);
-    let Some(c) = FILE_INFLIGHT.get_ptr(&iocb) else {
+    let Some(c) = calls().get_mut(iocb) else {
         return;
     };
     // SAFETY: map value pointer, copied before the delete.
@@ -135,14 +135,14 @@ fn finish(iocb: u64, ret: i64) {
     if c.flags & FILE_CALL_ASYNC != 0 {
         return;
     }
-    let _ = FILE_INFLIGHT.remove(&iocb);
+    calls().remove(iocb);
     end_call(&c, ret);
 }
 
 /// An asynchronous request `req` (its kiocb) completed with `res`.
 #[inline(always)]
 fn async_done(req: u64, res: i64) {
-    let Some(c) = FILE_INFLIGHT.get_ptr(&req) else {
+    let Some(c) = calls().get_mut(req) else {
         return;
     };
     // SAFETY: map value pointer, copied before the delete.
@@ -150,7 +150,7 @@ fn async_done(req: u64, res: i64) {
     if c.flags & FILE_CALL_ASYNC == 0 {
         return;
     }
-    let _ = FILE_INFLIGHT.remove(&req);
+    calls().remove(req);
     end_call(&c, res);
 }
 

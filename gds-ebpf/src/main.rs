@@ -14,6 +14,7 @@ mod file;
 mod file_kiocb;
 mod floor;
 mod maps;
+mod slots;
 mod uring;
 
 #[cfg(not(test))]

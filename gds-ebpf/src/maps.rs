@@ -51,7 +51,7 @@ static OPCODES: PerCpuArray<OpcodeCpuStats> =
 pub(crate) static SLOTS: Array<InflightSlot> =
     Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
 
-const BPF_F_MMAPABLE: u32 = 1 << 10;
+pub(crate) const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "GDS_URING_INFLIGHT")]
 pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =

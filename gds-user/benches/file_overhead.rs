@@ -2,7 +2,9 @@
 //! host's disk (under the target directory) and a `getpid` loop, untraced, traced with the
 //! default hooks (`--file-hooks auto`: the iomap tracepoints here; the whole agent's programs,
 //! block layer included) and with `--file-hooks syscalls` (which puts a probe on every system
-//! call), interleaved. One process, one run.
+//! call), interleaved with the floor: empty programs on the five tracepoints such a read
+//! crosses with the tracepoint hooks (what any tracer there costs before doing anything), and
+//! the same reading the clock once each. One process, one run.
 //!
 //! `cargo xtask bench` (root).
 
@@ -14,13 +16,22 @@ use std::{
     time::Duration,
 };
 
-use gds_trace::{FileHooks, TraceOptions, UringTracer};
+use gds_trace::{FileHooks, FloorProbe, TraceOptions, UringTracer};
 
 const ROUNDS: usize = 3;
 const ROUND_TIME: Duration = Duration::from_millis(300);
 /// Untraced / default hooks / syscall hooks, interleaved this many times.
 const CYCLES: usize = 5;
 const FILE_SIZE: usize = 64 << 20;
+/// The tracepoints a 4 KiB O_DIRECT read of an ext4/xfs/btrfs file crosses with the tracepoint
+/// hooks: the call's begin and end, and its block request's allocation, issue and completion.
+const READ_TRACEPOINTS: [&str; 5] = [
+    "iomap_dio_rw_begin",
+    "block_getrq",
+    "block_rq_issue",
+    "block_rq_complete",
+    "iomap_dio_complete",
+];
 
 /// ns per call of `f`, median of [`ROUNDS`] rounds of [`ROUND_TIME`].
 fn per_call(f: &mut dyn FnMut()) -> f64 {
@@ -68,10 +79,23 @@ fn main() {
     // Modes interleaved, CYCLES times, the median of each kept: on a shared machine the load
     // changes over a run, and all modes should see the same.
     let (mut untraced, mut traced, mut syscalls) = (vec![], vec![], vec![]);
+    let (mut floor, mut floor_clock) = (vec![], vec![]);
     let mut hooks = FileHooks::Off;
     let mut counted = 0u64;
+    let attach_floor = |clock| {
+        FloorProbe::attach_to(&READ_TRACEPOINTS, clock).unwrap_or_else(|e| {
+            eprintln!("file_overhead: cannot attach the empty programs: {e}");
+            std::process::exit(1);
+        })
+    };
     for _ in 0..CYCLES {
         untraced.push(measure(&mut pread, &mut getpid));
+        let probe = attach_floor(false);
+        floor.push(measure(&mut pread, &mut getpid));
+        drop(probe);
+        let probe = attach_floor(true);
+        floor_clock.push(measure(&mut pread, &mut getpid));
+        drop(probe);
         let tracer = UringTracer::start(&TraceOptions::default()).expect("attach the tracer");
         hooks = tracer
             .layer::<gds_trace::FileLayer>()
@@ -122,6 +146,20 @@ fn main() {
             a / s
         );
     }
+    let (a, f, fc) = (
+        med(&untraced, first),
+        med(&floor, first),
+        med(&floor_clock, first),
+    );
+    println!(
+        "floor of the 4 KiB O_DIRECT pread (empty programs on {}): {f:.0} ns ({:+.0}, ratio \
+         {:.3}); the same reading the clock once each: {fc:.0} ns ({:+.0}, ratio {:.3})",
+        READ_TRACEPOINTS.join(", "),
+        f - a,
+        a / f,
+        fc - a,
+        a / fc
+    );
     println!(
         "file calls counted while traced with the default hooks: {counted} (ratio = untraced / \
          traced calls per second)"

@@ -7,12 +7,13 @@ use aya::{
     maps::{HashMap, MapData},
 };
 use gds_api::raw::{Inflight, Layer, LayerEntry};
-use gds_common::{BlockInflight, MAP_BLOCK_INFLIGHT};
+use gds_common::{BLOCK_SLOTS, BlockInflight, MAP_BLOCK_INFLIGHT, MAP_BLOCK_SLOTS, Slot};
 use tracing::info;
 
 use super::{
     TraceError,
-    device::{attach_btf, in_flight, tracepoint_btf},
+    device::{attach_btf, tracepoint_btf},
+    inflight::{self, SlotTable},
     layer::{Start, TracedLayer},
     take_map,
 };
@@ -28,6 +29,7 @@ pub struct BlockLayer {
     notes: Vec<String>,
     /// Whether peer memory is told apart, and why.
     peer: String,
+    slots: SlotTable<Slot<BlockInflight>>,
     inflight: HashMap<MapData, u64, BlockInflight>,
 }
 
@@ -39,6 +41,7 @@ impl TracedLayer for BlockLayer {
             on: false,
             notes: Vec::new(),
             peer: start.peer.why().to_owned(),
+            slots: inflight::take_slots(ebpf, MAP_BLOCK_SLOTS, BLOCK_SLOTS)?,
             inflight: take_map(ebpf, MAP_BLOCK_INFLIGHT)?,
         };
         let btf = match (start.devices, start.btf) {
@@ -113,13 +116,13 @@ impl TracedLayer for BlockLayer {
     }
 
     /// Issued requests, by their `struct request *` (the table is keyed by first bio, and
-    /// holds requests not yet issued too).
+    /// holds requests not yet issued too, which `collect` leaves out).
     fn inflight(&self, out: &mut Vec<Inflight>) {
         out.extend(
-            in_flight(&self.inflight, |v| v.issue_ns)
+            inflight::collect(&self.slots, &self.inflight)
                 .into_iter()
-                .filter(|(_, b)| b.issue_ns != 0 && b.rq != 0)
-                .map(|(_, b)| Inflight::Block(b.rq, b)),
+                .filter(|s| s.value.rq != 0)
+                .map(|s| Inflight::Block(s.value.rq, s.value)),
         );
     }
 }

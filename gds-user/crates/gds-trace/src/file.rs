@@ -19,20 +19,22 @@ use aya::{
     programs::RawTracePoint,
 };
 use gds_api::raw::{FileRaw, Inflight, Layer, LayerDetail, LayerEntry};
+use gds_common::Slot;
 use gds_common::file::{
     FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED,
-    FILE_SEES_NONE, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS, FILE_TIER_TRACEPOINT, FileCall,
-    FileConfig, FileProcKey, FileProcStats, FileRowStats, MAP_FILE_HOOKED, MAP_FILE_INFLIGHT,
-    MAP_FILE_NVFS, MAP_FILE_PROCS, MAP_FILE_SEES, MAP_FILE_STATS, SYSCALL_COUNT_ARG2,
-    SYSCALL_POS_ARG3, SYSCALL_TABLE, SYSCALL_TRACED,
+    FILE_SEES_NONE, FILE_SLOTS, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS, FILE_TIER_TRACEPOINT,
+    FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, MAP_FILE_HOOKED,
+    MAP_FILE_INFLIGHT, MAP_FILE_NVFS, MAP_FILE_PROCS, MAP_FILE_SEES, MAP_FILE_SLOTS,
+    MAP_FILE_STATS, SYSCALL_COUNT_ARG2, SYSCALL_POS_ARG3, SYSCALL_TABLE, SYSCALL_TRACED,
 };
 use gds_host::btf::{Btf, BtfError};
 use tracing::{info, warn};
 
 use super::{
     TraceError,
-    device::{attach_btf, in_flight, tracepoint_btf},
+    device::{attach_btf, tracepoint_btf},
     file_hooks::{KIOCB_BLIND, KiocbHooks, KiocbKind, TARGETS},
+    inflight::{self, SlotTable},
     layer::{Start, TracedLayer},
     program, take_map,
 };
@@ -284,6 +286,7 @@ pub struct FileLayer {
     kiocb: std::sync::Mutex<Option<KiocbHooks>>,
     /// nvidia-fs's completion was found and written for the programs (`GDS_FILE_NVFS`).
     nvfs_known: std::sync::atomic::AtomicBool,
+    slots: SlotTable<Slot<FileCall>>,
     inflight: HashMap<MapData, u64, FileCall>,
     stats: PerCpuArray<MapData, FileRowStats>,
     procs: HashMap<MapData, FileProcKey, FileProcStats>,
@@ -427,6 +430,7 @@ impl TracedLayer for FileLayer {
             plan: start.file.clone(),
             on: false,
             ext4_fsync: false,
+            slots: inflight::take_slots(ebpf, MAP_FILE_SLOTS, FILE_SLOTS)?,
             inflight: take_map(ebpf, MAP_FILE_INFLIGHT)?,
             stats: take_map(ebpf, MAP_FILE_STATS)?,
             procs: take_map(ebpf, MAP_FILE_PROCS)?,
@@ -596,9 +600,9 @@ impl TracedLayer for FileLayer {
             return;
         }
         out.extend(
-            in_flight(&self.inflight, |c| c.start_ns)
+            inflight::collect(&self.slots, &self.inflight)
                 .into_iter()
-                .map(|(k, c)| Inflight::File(k, c)),
+                .map(|s| Inflight::File(s.key, s.value)),
         );
     }
 }

@@ -1,18 +1,78 @@
-//! Reading the in-flight requests the kernel tracks: the direct-mapped slot table through a
-//! shared read-only mapping (no syscall per slot), and the hash map of colliding requests.
+//! Reading the in-flight tables the kernel keeps (io_uring requests, file calls, block
+//! requests): the direct-mapped slots through a shared read-only mapping (no syscall per slot),
+//! and the hash map of the entries whose slot was taken (`gds_common::slot`).
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{HashMap, MapData};
-use gds_common::{InflightReq, InflightSlot};
+use gds_common::{BlockInflight, InflightReq, InflightSlot, Slot, file::FileCall};
 
 use super::TraceError;
 
 pub use gds_api::raw::InflightRequest;
 
-/// A read-only shared mapping of the slot table (BPF_F_MMAPABLE array).
-pub struct SlotTable {
-    ptr: *const InflightSlot,
+/// A slot's layout: the owner's key in its first word (0: free), then the value.
+pub trait SlotRecord: Copy {
+    type Value: aya::Pod;
+    fn owner(&self) -> u64;
+    fn value(&self) -> &Self::Value;
+    fn from_parts(key: u64, value: Self::Value) -> Self;
+    /// The value's start stamp, which tells two occupants under one key apart; 0: not to be
+    /// shown (being written, or a block request not issued yet).
+    fn stamp(value: &Self::Value) -> u64;
+}
+
+impl SlotRecord for InflightSlot {
+    type Value = InflightReq;
+    fn owner(&self) -> u64 {
+        self.req
+    }
+    fn value(&self) -> &InflightReq {
+        &self.entry
+    }
+    fn from_parts(req: u64, entry: InflightReq) -> Self {
+        InflightSlot { req, entry }
+    }
+    fn stamp(v: &InflightReq) -> u64 {
+        v.start_ns
+    }
+}
+
+impl SlotRecord for Slot<FileCall> {
+    type Value = FileCall;
+    fn owner(&self) -> u64 {
+        self.key
+    }
+    fn value(&self) -> &FileCall {
+        &self.value
+    }
+    fn from_parts(key: u64, value: FileCall) -> Self {
+        Slot { key, value }
+    }
+    fn stamp(v: &FileCall) -> u64 {
+        v.start_ns
+    }
+}
+
+impl SlotRecord for Slot<BlockInflight> {
+    type Value = BlockInflight;
+    fn owner(&self) -> u64 {
+        self.key
+    }
+    fn value(&self) -> &BlockInflight {
+        &self.value
+    }
+    fn from_parts(key: u64, value: BlockInflight) -> Self {
+        Slot { key, value }
+    }
+    fn stamp(v: &BlockInflight) -> u64 {
+        v.issue_ns
+    }
+}
+
+/// A read-only shared mapping of a slot table (BPF_F_MMAPABLE array).
+pub struct SlotTable<S: SlotRecord> {
+    ptr: *const S,
     slots: usize,
     len: usize,
     // Keeps the map (and so the mapping's object) alive.
@@ -20,13 +80,13 @@ pub struct SlotTable {
 }
 
 // SAFETY: the mapping is read-only from user space and lives as long as the struct.
-unsafe impl Send for SlotTable {}
-unsafe impl Sync for SlotTable {}
+unsafe impl<S: SlotRecord> Send for SlotTable<S> {}
+unsafe impl<S: SlotRecord> Sync for SlotTable<S> {}
 
-impl SlotTable {
-    pub fn map(map: MapData, slots: usize) -> Result<SlotTable, TraceError> {
+impl<S: SlotRecord> SlotTable<S> {
+    pub fn map(map: MapData, slots: usize) -> Result<SlotTable<S>, TraceError> {
         let page = 4096usize;
-        let len = (slots * size_of::<InflightSlot>()).div_ceil(page) * page;
+        let len = (slots * size_of::<S>()).div_ceil(page) * page;
         // SAFETY: mapping a BPF array map fd created with BPF_F_MMAPABLE; checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -52,7 +112,7 @@ impl SlotTable {
     /// Copies out the occupied slots, with their index. Each slot is read with volatile loads
     /// and kept only if its owner is the same before and after (a slot being claimed or
     /// released concurrently is skipped; it is caught by the next scan).
-    pub fn occupied(&self, out: &mut Vec<(usize, InflightRequest)>) {
+    fn occupied(&self, out: &mut Vec<(usize, S)>) {
         for i in 0..self.slots {
             if let Some(r) = self.read(i) {
                 out.push((i, r));
@@ -60,70 +120,87 @@ impl SlotTable {
         }
     }
 
-    fn read(&self, i: usize) -> Option<InflightRequest> {
+    fn read(&self, i: usize) -> Option<S> {
         if i >= self.slots {
             return None;
         }
-        // SAFETY: i < slots, within the mapping.
+        // SAFETY: i < slots, within the mapping; every slot layout starts with its owner's
+        // `u64` key (`SlotRecord`).
         unsafe {
             let slot = self.ptr.add(i);
-            let owner = std::ptr::read_volatile(&raw const (*slot).req);
+            let owner = std::ptr::read_volatile(slot.cast::<u64>());
             if owner == 0 {
                 return None;
             }
-            let entry = std::ptr::read_volatile(&raw const (*slot).entry);
-            (std::ptr::read_volatile(&raw const (*slot).req) == owner && entry.start_ns != 0)
-                .then_some(InflightSlot { req: owner, entry })
+            let copy = std::ptr::read_volatile(slot);
+            (std::ptr::read_volatile(slot.cast::<u64>()) == owner
+                && copy.owner() == owner
+                && S::stamp(copy.value()) != 0)
+                .then_some(copy)
         }
     }
 
-    /// Whether slot `i` still holds the request `r` (same pointer, same submission).
-    fn still_holds(&self, i: usize, r: &InflightRequest) -> bool {
-        self.read(i)
-            .is_some_and(|now| now.req == r.req && now.entry.start_ns == r.entry.start_ns)
+    /// Whether slot `i` still holds `r` (same key, same start).
+    fn still_holds(&self, i: usize, r: &S) -> bool {
+        self.read(i).is_some_and(|now| {
+            now.owner() == r.owner() && S::stamp(now.value()) == S::stamp(r.value())
+        })
     }
 }
 
-impl Drop for SlotTable {
+impl<S: SlotRecord> Drop for SlotTable<S> {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map` mapped.
         unsafe { libc::munmap(self.ptr as *mut _, self.len) };
     }
 }
 
-/// Every tracked request: slot table plus hash map, as a set that was in flight at the end
-/// of the read.
+/// Takes the slot array `name` out of `ebpf` and maps it (`slots` entries).
+pub(crate) fn take_slots<S: SlotRecord>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    slots: u32,
+) -> Result<SlotTable<S>, TraceError> {
+    let Some(aya::maps::Map::Array(map)) = ebpf.take_map(name) else {
+        return Err(TraceError::MissingMap(name));
+    };
+    SlotTable::map(map, slots as usize)
+}
+
+/// Every tracked entry: slot table plus hash map, as a set that was in flight at the end of
+/// the read.
 ///
 /// Reading 65536 slots takes a while, and requests complete and are submitted meanwhile: a
-/// request seen early in the scan may have completed, and its `user_data` been reused by a new
-/// request in a slot read later, so the same application request showed twice (seen with fio
-/// at iodepth 16 in `top`). So every entry read is checked again after the scan and dropped if
+/// request seen early in the scan may have completed, and its key been reused by a new request
+/// in a slot read later, so the same application request showed twice (seen with fio at
+/// iodepth 16 in `top`). So every entry read is checked again after the scan and dropped if
 /// its slot no longer holds it. The hash map's key iteration restarts from the first key when
 /// the key it stands on is deleted, which repeats entries: those are removed by identity.
-pub fn collect(
-    slots: &SlotTable,
-    hash: &HashMap<MapData, u64, InflightReq>,
-) -> Vec<InflightRequest> {
+pub fn collect<S: SlotRecord>(
+    slots: &SlotTable<S>,
+    hash: &HashMap<MapData, u64, S::Value>,
+) -> Vec<S> {
     let mut from_slots = Vec::new();
     slots.occupied(&mut from_slots);
     let mut from_hash = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for item in hash.iter() {
         // Entries deleted between key iteration and lookup are simply gone: skip them.
-        if let Ok((req, entry)) = item
-            && seen.insert((req, entry.start_ns))
+        if let Ok((key, value)) = item
+            && S::stamp(&value) != 0
+            && seen.insert((key, S::stamp(&value)))
         {
-            from_hash.push(InflightSlot { req, entry });
+            from_hash.push(S::from_parts(key, value));
         }
     }
-    let mut out: Vec<InflightRequest> = from_slots
+    let mut out: Vec<S> = from_slots
         .into_iter()
         .filter(|(i, r)| slots.still_holds(*i, r))
         .map(|(_, r)| r)
         .collect();
     out.extend(from_hash.into_iter().filter(|r| {
-        hash.get(&r.req, 0)
-            .is_ok_and(|e| e.start_ns == r.entry.start_ns)
+        hash.get(&r.owner(), 0)
+            .is_ok_and(|v| S::stamp(&v) == S::stamp(r.value()))
     }));
     out
 }

@@ -455,33 +455,51 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-/// The two empty programs of `gds-ebpf/src/floor.rs` on the io_uring submit and complete
-/// tracepoints: the cost of any tracer there, for benchmarks to print beside the real one.
+/// Empty programs of `gds-ebpf/src/floor.rs` on the tracepoints a benchmark's operation
+/// crosses: the cost of any tracer there, for benchmarks to print beside the real one.
 /// Detached on drop.
 pub struct FloorProbe {
     _ebpf: aya::Ebpf,
 }
 
+/// The floor programs, one slot per tracepoint: (empty, reading the clock once).
+const FLOOR_SLOTS: [(&str, &str); 5] = [
+    ("floor_0", "floor_clock_0"),
+    ("floor_1", "floor_clock_1"),
+    ("floor_2", "floor_clock_2"),
+    ("floor_3", "floor_clock_3"),
+    ("floor_4", "floor_clock_4"),
+];
+
 impl FloorProbe {
-    /// `clock`: the programs read `bpf_ktime_get_ns` once each (what timing a request needs at
-    /// the least).
+    /// On the io_uring submit and complete tracepoints. `clock`: the programs read
+    /// `bpf_ktime_get_ns` once each (what timing a request needs at the least).
     pub fn attach(clock: bool) -> Result<FloorProbe, TraceError> {
-        check_tracing_caps()?;
         let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
         let submit_tp = offsets::btf_submit_tp(&btf)?;
+        FloorProbe::load(&btf, &[submit_tp, "io_uring_complete"], clock)
+    }
+
+    /// On BTF tracepoints `tps` (five at most), e.g. the five an O_DIRECT read crosses.
+    pub fn attach_to(tps: &[&str], clock: bool) -> Result<FloorProbe, TraceError> {
+        let btf = Btf::from_sys().map_err(|e| TraceError::BtfRequired(e.to_string()))?;
+        FloorProbe::load(&btf, tps, clock)
+    }
+
+    fn load(btf: &Btf, tps: &[&str], clock: bool) -> Result<FloorProbe, TraceError> {
+        check_tracing_caps()?;
+        if tps.len() > FLOOR_SLOTS.len() {
+            return Err(TraceError::MissingProgram("floor_5 (five floor slots)"));
+        }
         raise_memlock();
         // As in `UringTracer::start`: no CO-RE relocations, so no kernel BTF for the loader.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .load(EBPF_OBJECT)
             .map_err(TraceError::Load)?;
-        let kernel_btf = device::tracepoint_btf(&btf, &[submit_tp, "io_uring_complete"])?;
-        let (submit, complete) = if clock {
-            ("floor_clock_submit", "floor_clock_complete")
-        } else {
-            ("floor_submit", "floor_complete")
-        };
-        for (prog, tp) in [(submit, submit_tp), (complete, "io_uring_complete")] {
+        let kernel_btf = device::tracepoint_btf(btf, tps)?;
+        for (tp, (empty, with_clock)) in tps.iter().zip(FLOOR_SLOTS) {
+            let prog = if clock { with_clock } else { empty };
             device::attach_btf(&mut ebpf, &kernel_btf, prog, tp)?;
         }
         Ok(FloorProbe { _ebpf: ebpf })

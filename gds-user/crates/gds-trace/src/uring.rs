@@ -8,8 +8,8 @@ use aya::{
 };
 use gds_api::raw::{Inflight, Layer, LayerEntry, OpcodeStats, UringSnapshot};
 use gds_common::{
-    HIST_BUCKETS, InflightReq, MAP_URING_INFLIGHT, MAP_URING_OPCODES, MAP_URING_SLOTS,
-    MAP_URING_STATS, OPCODE_WORDS, OpcodeCpuStats, URING_OPCODES, UringCpuStats,
+    HIST_BUCKETS, InflightReq, InflightSlot, MAP_URING_INFLIGHT, MAP_URING_OPCODES,
+    MAP_URING_SLOTS, MAP_URING_STATS, OPCODE_WORDS, OpcodeCpuStats, URING_OPCODES, UringCpuStats,
 };
 
 use super::{
@@ -24,7 +24,7 @@ use super::{
 pub struct UringLayer {
     stats: PerCpuArray<MapData, UringCpuStats>,
     opcodes: PerCpuArray<MapData, OpcodeCpuStats>,
-    slots: SlotTable,
+    slots: SlotTable<InflightSlot>,
     hash: HashMap<MapData, u64, InflightReq>,
     /// How it is attached, and why (the first entry of `/debug/layers`).
     why: String,
@@ -73,13 +73,10 @@ impl TracedLayer for UringLayer {
                 }
             }
         }
-        let Some(aya::maps::Map::Array(slot_map)) = ebpf.take_map(MAP_URING_SLOTS) else {
-            return Err(TraceError::MissingMap(MAP_URING_SLOTS));
-        };
         Ok(UringLayer {
             stats: take_map(ebpf, MAP_URING_STATS)?,
             opcodes: take_map(ebpf, MAP_URING_OPCODES)?,
-            slots: SlotTable::map(slot_map, start.opts.slots() as usize)?,
+            slots: inflight::take_slots(ebpf, MAP_URING_SLOTS, start.opts.slots())?,
             hash: take_map(ebpf, MAP_URING_INFLIGHT)?,
             why: attach.why.clone(),
         })
