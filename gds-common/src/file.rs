@@ -189,6 +189,9 @@ pub struct FileConfig {
     /// `task_struct.files`, `files_struct.fdt`, `fdtable.fd`, `fdtable.max_fds`: a
     /// descriptor's `struct file *` in the syscalls tier.
     pub task_files: u32,
+    /// `task_struct.comm`: a call's thread name, two loads from the current task where
+    /// `bpf_get_current_comm` costs ~35 ns a call (it copies the name with `strscpy`).
+    pub task_comm: u32,
     pub files_fdt: u32,
     pub fdt_fd: u32,
     pub fdt_max_fds: u32,
@@ -234,6 +237,7 @@ impl FileConfig {
         iter_count: 0,
         iter_source: 0,
         task_files: 0,
+        task_comm: 0,
         files_fdt: 0,
         fdt_fd: 0,
         fdt_max_fds: 0,

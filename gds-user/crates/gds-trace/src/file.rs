@@ -207,6 +207,7 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     // A descriptor's file (the syscalls tier's calls; the cuFile layer's registered files,
     // whatever the tier) and which function reads it (what the kiocb tier sees).
     c.task_files = btf.member_offset("task_struct", &["files"])?;
+    c.task_comm = btf.member_offset("task_struct", &["comm"])?;
     c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
     c.fdt_fd = btf.member_offset("fdtable", &["fd"])?;
     c.fdt_max_fds = btf.member_offset("fdtable", &["max_fds"])?;
