@@ -31,8 +31,7 @@ use core::intrinsics::AtomicOrdering::Relaxed;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
@@ -50,7 +49,7 @@ use gds_common::{
 };
 
 use crate::{
-    file::{calls, field},
+    file::{calls, field, task_cgroup},
     file_kiocb::FILE_THREAD,
     maps::{BPF_F_MMAPABLE, PEER_IO, as_scalar, entry_mut, index, stats},
     slots::SlotTable,
@@ -481,7 +480,7 @@ pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
     // bio's submitter is the throttle's worker), any other the submitter's: one helper call
     // less for every O_DIRECT request.
     if who.link != LINK_CALL {
-        who.cgroup = unsafe { bpf_get_current_cgroup_id() };
+        who.cgroup = task_cgroup(task);
     }
     // A failed insert (never, for an LRU hash with free entries) leaves the request to
     // `block_issue`, which counts it if the table is full.

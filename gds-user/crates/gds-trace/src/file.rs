@@ -208,6 +208,20 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     // whatever the tier) and which function reads it (what the kiocb tier sees).
     c.task_files = btf.member_offset("task_struct", &["files"])?;
     c.task_comm = btf.member_offset("task_struct", &["comm"])?;
+    // Without one of them the programs call `bpf_get_current_cgroup_id` instead.
+    if let (Ok(cgroups), Ok(dfl), Ok(kn), Ok(id)) = (
+        btf.member_offset("task_struct", &["cgroups"]),
+        btf.member_offset("css_set", &["dfl_cgrp"]),
+        btf.member_offset("cgroup", &["kn"]),
+        btf.member_offset("kernfs_node", &["id"]),
+    ) {
+        (
+            c.task_cgroups,
+            c.css_set_dfl_cgrp,
+            c.cgroup_kn,
+            c.kernfs_node_id,
+        ) = (cgroups, dfl, kn, id);
+    }
     c.files_fdt = btf.member_offset("files_struct", &["fdt"])?;
     c.fdt_fd = btf.member_offset("fdtable", &["fd"])?;
     c.fdt_max_fds = btf.member_offset("fdtable", &["max_fds"])?;
