@@ -497,7 +497,10 @@ pub(crate) fn end_call(c: &FileCall, ret: i64) {
         Some(p) => unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).calls, 1);
             core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).bytes, done);
-            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).errors, err);
+            // An atomic add costs ~7 ns here: none for the common zero.
+            if err != 0 {
+                core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).errors, 1);
+            }
             core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*p).sum_ns, ns);
         },
         None => {
