@@ -11,17 +11,39 @@ use super::TraceError;
 
 pub use gds_api::raw::InflightRequest;
 
+/// A value of an in-flight table, with its start stamp, which tells two occupants under one
+/// key apart; 0: not to be shown (being written, or a block request not issued yet).
+pub trait Stamped: aya::Pod {
+    fn stamp(&self) -> u64;
+}
+
+impl Stamped for InflightReq {
+    fn stamp(&self) -> u64 {
+        self.start_ns
+    }
+}
+
+impl Stamped for FileCall {
+    fn stamp(&self) -> u64 {
+        self.start_ns
+    }
+}
+
+impl Stamped for BlockInflight {
+    fn stamp(&self) -> u64 {
+        self.issue_ns
+    }
+}
+
 /// A slot's layout: the owner's key in its first word (0: free), then the value.
 pub trait SlotRecord: Copy {
-    type Value: aya::Pod;
+    type Value: Stamped;
     fn owner(&self) -> u64;
     fn value(&self) -> &Self::Value;
     fn from_parts(key: u64, value: Self::Value) -> Self;
-    /// The value's start stamp, which tells two occupants under one key apart; 0: not to be
-    /// shown (being written, or a block request not issued yet).
-    fn stamp(value: &Self::Value) -> u64;
 }
 
+/// io_uring's slot, older than the generic one (its fields are named for requests).
 impl SlotRecord for InflightSlot {
     type Value = InflightReq;
     fn owner(&self) -> u64 {
@@ -33,40 +55,18 @@ impl SlotRecord for InflightSlot {
     fn from_parts(req: u64, entry: InflightReq) -> Self {
         InflightSlot { req, entry }
     }
-    fn stamp(v: &InflightReq) -> u64 {
-        v.start_ns
-    }
 }
 
-impl SlotRecord for Slot<FileCall> {
-    type Value = FileCall;
+impl<V: Stamped> SlotRecord for Slot<V> {
+    type Value = V;
     fn owner(&self) -> u64 {
         self.key
     }
-    fn value(&self) -> &FileCall {
+    fn value(&self) -> &V {
         &self.value
     }
-    fn from_parts(key: u64, value: FileCall) -> Self {
+    fn from_parts(key: u64, value: V) -> Self {
         Slot { key, value }
-    }
-    fn stamp(v: &FileCall) -> u64 {
-        v.start_ns
-    }
-}
-
-impl SlotRecord for Slot<BlockInflight> {
-    type Value = BlockInflight;
-    fn owner(&self) -> u64 {
-        self.key
-    }
-    fn value(&self) -> &BlockInflight {
-        &self.value
-    }
-    fn from_parts(key: u64, value: BlockInflight) -> Self {
-        Slot { key, value }
-    }
-    fn stamp(v: &BlockInflight) -> u64 {
-        v.issue_ns
     }
 }
 
@@ -135,16 +135,15 @@ impl<S: SlotRecord> SlotTable<S> {
             let copy = std::ptr::read_volatile(slot);
             (std::ptr::read_volatile(slot.cast::<u64>()) == owner
                 && copy.owner() == owner
-                && S::stamp(copy.value()) != 0)
+                && copy.value().stamp() != 0)
                 .then_some(copy)
         }
     }
 
     /// Whether slot `i` still holds `r` (same key, same start).
     fn still_holds(&self, i: usize, r: &S) -> bool {
-        self.read(i).is_some_and(|now| {
-            now.owner() == r.owner() && S::stamp(now.value()) == S::stamp(r.value())
-        })
+        self.read(i)
+            .is_some_and(|now| now.owner() == r.owner() && now.value().stamp() == r.value().stamp())
     }
 }
 
@@ -187,8 +186,8 @@ pub fn collect<S: SlotRecord>(
     for item in hash.iter() {
         // Entries deleted between key iteration and lookup are simply gone: skip them.
         if let Ok((key, value)) = item
-            && S::stamp(&value) != 0
-            && seen.insert((key, S::stamp(&value)))
+            && value.stamp() != 0
+            && seen.insert((key, value.stamp()))
         {
             from_hash.push(S::from_parts(key, value));
         }
@@ -200,7 +199,7 @@ pub fn collect<S: SlotRecord>(
         .collect();
     out.extend(from_hash.into_iter().filter(|r| {
         hash.get(&r.owner(), 0)
-            .is_ok_and(|v| S::stamp(&v) == S::stamp(r.value()))
+            .is_ok_and(|v| v.stamp() == r.value().stamp())
     }));
     out
 }
