@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, require_root, serial, wait_ended, wait_stall};
+use common::{Agent, require_root, serial, throttled_pread, wait_ended, wait_stall};
 use gds_api::model::{Layer, Snapshot};
 use gds_api::raw::LayerDetail;
 
@@ -427,39 +427,9 @@ fn held_o_direct_read_is_a_file_stall() {
     let Some(throttle) = Throttle::new(&path, 64 << 10) else {
         return;
     };
-    let agent = Agent::start(&[
-        "--pid",
-        &std::process::id().to_string(),
-        "--stall-threshold",
-        "500ms",
-        "--stall-interval",
-        "100ms",
-    ]);
+    let agent = Agent::stall_watch();
     const LEN: usize = 128 << 10;
-    let tasks = throttle.0.join("tasks");
-    let file = path.clone();
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::Builder::new()
-        .name("gds-file-rd".into())
-        .spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::gettid() };
-            // cgroup v1: this thread alone moves into the throttled group.
-            std::fs::write(&tasks, tid.to_string()).unwrap();
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&file)
-                .unwrap();
-            let buf = Aligned::new();
-            tid_tx.send(tid as u32).unwrap();
-            let t = std::time::Instant::now();
-            // SAFETY: the buffer holds 1 MiB.
-            let n = unsafe { libc::pread(f.as_raw_fd(), buf.0.cast(), LEN, 0) };
-            (n, t.elapsed())
-        })
-        .unwrap();
-    let tid = tid_rx.recv().unwrap();
+    let (tid, reader) = throttled_pread("gds-file-rd", &throttle.0.join("tasks"), &path, 0, LEN);
     let ours = |s: &serde_json::Value| s["layer"] == "file" && s["tid"] == tid;
     let stall = wait_stall(&agent, Duration::from_secs(5), ours);
     assert_eq!(stall["pid"], std::process::id(), "{stall}");

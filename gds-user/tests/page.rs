@@ -268,14 +268,7 @@ fn throttled_reads_page_on_call_with_layer_and_cause_and_resolve() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&[
-        "--pid",
-        &std::process::id().to_string(),
-        "--stall-threshold",
-        "500ms",
-        "--stall-interval",
-        "100ms",
-    ]);
+    let agent = Agent::stall_watch();
     let (hook, notifications) = webhook();
     let (am, am_addr) = alertmanager(dir.path(), hook);
     let (mut prom, prom_addr) = prometheus(dir.path(), agent.addr, am_addr);

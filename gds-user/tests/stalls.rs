@@ -15,14 +15,7 @@ use io_uring::{IoUring, opcode, types};
 #[test]
 fn pipe_read_stalls_once_and_ends_on_write() {
     let _g = serial();
-    let agent = Agent::start(&[
-        "--pid",
-        &std::process::id().to_string(),
-        "--stall-threshold",
-        "500ms",
-        "--stall-interval",
-        "100ms",
-    ]);
+    let agent = Agent::stall_watch();
     let submitted = Instant::now();
     let mut read = PipeRead::submit(0x5a11);
 
@@ -162,14 +155,7 @@ fn pipe_read_stalls_once_and_ends_on_write() {
 #[test]
 fn pipe_read_in_io_wq_is_waiting_for_data_with_the_threads_stacks() {
     let _g = serial();
-    let agent = Agent::start(&[
-        "--pid",
-        &std::process::id().to_string(),
-        "--stall-threshold",
-        "500ms",
-        "--stall-interval",
-        "100ms",
-    ]);
+    let agent = Agent::stall_watch();
     let mut read = PipeRead::submit_async(0x5a12);
     let stall = wait_stall(&agent, Duration::from_secs(3), |s| s["user_data"] == 0x5a12);
     assert_eq!(stall["cause"]["kind"], "waiting_for_data", "{stall}");
@@ -311,14 +297,7 @@ fn reads_throttled_to_one_read_a_second_are_throttled_naming_the_limit() {
     let Some(lo) = ThrottledLoop::new_iops(1) else {
         return;
     };
-    let agent = Agent::start(&[
-        "--pid",
-        &std::process::id().to_string(),
-        "--stall-threshold",
-        "500ms",
-        "--stall-interval",
-        "100ms",
-    ]);
+    let agent = Agent::stall_watch();
     // Three 4 KiB reads at once: the throttle lets one a second through.
     let readers: Vec<_> = (0..3u64).map(|i| lo.read(i << 20, 4096)).collect();
     let name = lo.name().to_owned();
@@ -354,14 +333,7 @@ fn held_block_request_is_a_block_stall_naming_its_reader() {
     let Some(lo) = ThrottledLoop::new(64 << 10) else {
         return;
     };
-    let agent = Agent::start(&[
-        "--pid",
-        &std::process::id().to_string(),
-        "--stall-threshold",
-        "500ms",
-        "--stall-interval",
-        "100ms",
-    ]);
+    let agent = Agent::stall_watch();
     const OFFSET: u64 = 1 << 20;
     const LEN: usize = 128 << 10;
     let (tid, reader) = lo.read(OFFSET, LEN);

@@ -19,7 +19,7 @@ pub use cufile::{
 use gds_api::client;
 pub use gds_testkit::{promtext, service::Service};
 #[allow(unused_imports)]
-pub use throttle::ThrottledLoop;
+pub use throttle::{ThrottledLoop, throttled_pread};
 
 /// Tests filter the tracer on their own pid, so two tests in one process would see each
 /// other's requests. nextest runs one process per test; under plain `cargo test` this lock
@@ -126,6 +126,20 @@ impl Agent {
         let mut agent = Agent::spawn(tempfile::tempdir().unwrap(), &[], bin, args);
         agent.wait_serving();
         agent
+    }
+
+    /// An agent watching this test process only, a request in flight past 500 ms a stall,
+    /// scanned every 100 ms: the stall tests' setting.
+    pub fn stall_watch() -> Agent {
+        let me = std::process::id().to_string();
+        Agent::start(&[
+            "--pid",
+            &me,
+            "--stall-threshold",
+            "500ms",
+            "--stall-interval",
+            "100ms",
+        ])
     }
 
     /// Spawns `<wrapper...> <bin> run --listen <free port> <args>` without waiting. A wrapper

@@ -94,38 +94,55 @@ impl ThrottledLoop {
     }
 
     /// One O_DIRECT `pread` of `len` bytes at `offset` of the loop device, by a thread named
-    /// `gds-stall-rd` that moves itself (alone) into the throttled group: its tid once it is
-    /// about to read, and what the read returned and took.
+    /// `gds-stall-rd` in the throttled group (see [`throttled_pread`]).
     pub fn read(&self, offset: u64, len: usize) -> (u32, JoinHandle<(isize, Duration)>) {
-        let (dev, tasks) = (self.dev.clone(), self.cgroup.join("tasks"));
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::Builder::new()
-            .name("gds-stall-rd".into())
-            .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                let tid = unsafe { libc::gettid() };
-                // cgroup v1: this thread alone moves into the throttled group.
-                std::fs::write(&tasks, tid.to_string()).unwrap();
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&dev)
-                    .unwrap();
-                let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-                // SAFETY: non-zero size; freed below with the same layout.
-                let buf = unsafe { std::alloc::alloc(layout) };
-                tid_tx.send(tid as u32).unwrap();
-                let t = Instant::now();
-                // SAFETY: buf holds len bytes.
-                let n = unsafe { libc::pread(f.as_raw_fd(), buf.cast(), len, offset as i64) };
-                let took = t.elapsed();
-                // SAFETY: allocated above with this layout.
-                unsafe { std::alloc::dealloc(buf, layout) };
-                (n, took)
-            })
-            .unwrap();
-        (tid_rx.recv().unwrap(), reader)
+        throttled_pread(
+            "gds-stall-rd",
+            &self.cgroup.join("tasks"),
+            Path::new(&self.dev),
+            offset,
+            len,
+        )
     }
+}
+
+/// One O_DIRECT `pread` of `len` bytes at `offset` of `path`, by a thread named `name` that
+/// moves itself (alone: cgroup v1) into the group whose `tasks` file is given: its tid once it
+/// is about to read, and what the read returned and took.
+pub fn throttled_pread(
+    name: &str,
+    tasks: &Path,
+    path: &Path,
+    offset: u64,
+    len: usize,
+) -> (u32, JoinHandle<(isize, Duration)>) {
+    let (path, tasks) = (path.to_owned(), tasks.to_owned());
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            std::fs::write(&tasks, tid.to_string()).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap();
+            let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+            // SAFETY: non-zero size; freed below with the same layout.
+            let buf = unsafe { std::alloc::alloc(layout) };
+            tid_tx.send(tid as u32).unwrap();
+            let t = Instant::now();
+            // SAFETY: buf holds len bytes.
+            let n = unsafe { libc::pread(f.as_raw_fd(), buf.cast(), len, offset as i64) };
+            let took = t.elapsed();
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(buf, layout) };
+            (n, took)
+        })
+        .unwrap();
+    (tid_rx.recv().unwrap(), reader)
 }
 
 impl Drop for ThrottledLoop {
