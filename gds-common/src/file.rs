@@ -182,6 +182,9 @@ pub struct FileConfig {
     pub inode_ino: u32,
     pub inode_sb: u32,
     pub inode_mode: u32,
+    /// `inode.i_size`: an O_DIRECT read at or past it returns 0 before iomap's completion,
+    /// whose tracepoint then never fires (`file_dio_begin` ends such a call at once).
+    pub inode_size: u32,
     pub sb_dev: u32,
     /// `iov_iter.count` and `iov_iter.data_source` (true: data flows from the iterator, a write).
     pub iter_count: u32,
@@ -240,6 +243,7 @@ impl FileConfig {
         inode_ino: 0,
         inode_sb: 0,
         inode_mode: 0,
+        inode_size: 0,
         sb_dev: 0,
         iter_count: 0,
         iter_source: 0,

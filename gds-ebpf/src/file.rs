@@ -149,6 +149,7 @@ struct Offsets {
     file_inode: u32,
     inode_sb: u32,
     inode_ino: u32,
+    inode_size: u32,
     sb_dev: u32,
     iter_count: u32,
     iter_source: u32,
@@ -165,6 +166,7 @@ impl Offsets {
             file_inode: fconf!(file_inode),
             inode_sb: fconf!(inode_sb),
             inode_ino: fconf!(inode_ino),
+            inode_size: fconf!(inode_size),
             sb_dev: fconf!(sb_dev),
             iter_count: fconf!(iter_count),
             iter_source: fconf!(iter_source),
@@ -294,7 +296,7 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     let (kiocb, iter): (u64, u64) = (ctx.arg(0), ctx.arg(1));
     let iocb = as_scalar(s, Scratch::FileBegin, kiocb);
     let off = Offsets::read();
-    let (flags, pos, bytes, source, dev, ino, complete) = unsafe {
+    let (flags, pos, bytes, source, dev, ino, complete, size) = unsafe {
         let filp: u64 = field(kiocb, off.kiocb_filp);
         let inode: u64 = field(filp, off.file_inode);
         let sb: u64 = field(inode, off.inode_sb);
@@ -307,6 +309,7 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
             field::<u64>(inode, off.inode_ino),
             // A function pointer: a scalar to the verifier.
             field::<u64>(kiocb, off.kiocb_complete),
+            field::<i64>(inode, off.inode_size),
         )
     };
     // A zero-length call returns before iomap allocates its dio: no complete would follow.
@@ -319,6 +322,13 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
         FILE_OP_READ
     };
     let mut call = new_call(pid_tgid, dev, ino, pos, bytes, op, flags & IOCB_DIRECT != 0);
+    // A read at or past the end of the file returns 0 here, before iomap allocates anything
+    // to complete (`__iomap_dio_rw` compares `ki_pos` with `i_size` the same way): the call
+    // ends now, or it would stay in flight (a stall) for good. Every read-to-EOF loop ends so.
+    if op == FILE_OP_READ && pos as i64 >= size {
+        end_call(&call, 0);
+        return 0;
+    }
     // io_uring's READ/WRITE kiocb is the first member of its `struct io_kiocb` (inside the
     // command data at offset 0), so the kiocb is the io_uring request's key. Only an
     // asynchronous kiocb (`ki_complete` set) can be one: a synchronous call (pread, read)

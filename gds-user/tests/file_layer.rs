@@ -416,6 +416,54 @@ impl Drop for Throttle {
     }
 }
 
+/// An O_DIRECT read at the end of the file returns 0 before iomap's completion, whose
+/// tracepoint ends calls with the default hooks: it is one call of 0 bytes, and nothing stays
+/// in flight (it stayed, a stall for good, until `file_dio_begin` learned the file's size).
+#[test]
+fn o_direct_read_at_end_of_file_is_a_call_that_ends() {
+    require_root();
+    let _g = serial();
+    let path = test_file("eof");
+    let agent = Agent::stall_watch();
+    let meta = std::fs::metadata(&path).unwrap();
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    let before = reads(&snapshot(&agent), ino, true);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    let buf = Aligned::new();
+    // SAFETY: the buffer holds 1 MiB.
+    let n = unsafe { libc::pread(f.as_raw_fd(), buf.0.cast(), 4096, meta.len() as i64) };
+    assert_eq!(n, 0, "a read at the end of the file");
+    let after = reads(&snapshot(&agent), ino, true);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "one call, 0 bytes"
+    );
+    // Past the stall threshold (500 ms) and a scan: nothing of this process in flight.
+    std::thread::sleep(Duration::from_millis(800));
+    let inflight: serde_json::Value = serde_json::from_str(&agent.get("/debug/inflight")).unwrap();
+    let ours: Vec<_> = inflight
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["layer"] == "file" && r["pid"] == std::process::id())
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "still in flight: {ours:?}\n{}",
+        agent.log()
+    );
+    let stalls: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
+    assert!(
+        stalls["active"].as_array().unwrap().is_empty(),
+        "a stall: {stalls}"
+    );
+}
+
 /// An O_DIRECT pread of a file held in a blkio-throttled group past the stall threshold is a
 /// stall of layer `file` naming the process, thread, name, cgroup and the file's path, in
 /// stage `queue`; it is reported ended once the read returns.

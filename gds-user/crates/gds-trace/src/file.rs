@@ -187,6 +187,7 @@ fn resolve(btf: &Btf, tier: u32) -> Result<FileConfig, BtfError> {
     c.inode_ino = btf.member_offset("inode", &["i_ino"])?;
     c.inode_sb = btf.member_offset("inode", &["i_sb"])?;
     c.inode_mode = btf.member_offset("inode", &["i_mode"])?;
+    c.inode_size = btf.member_offset("inode", &["i_size"])?;
     c.sb_dev = btf.member_offset("super_block", &["s_dev"])?;
     if tier == FILE_TIER_TRACEPOINT {
         // `data_source` since 6.0 (the direction was bits of `type` before); the tracepoints
