@@ -43,8 +43,10 @@ counted_enum! {
         /// A file call ended whose start was not seen (attached mid-call).
         FileNoStart = 9 => "file_no_start",
         /// A synchronous file call whose return was never seen (a kretprobe watches at most
-        /// `maxactive` threads in the function at once; a thread killed inside a system call):
-        /// dropped when its thread starts another call or exits, so it is not a stall for good.
+        /// `maxactive` threads in the function at once; with the iomap tracepoints, an error
+        /// iomap returns before its completion tracepoint; a thread killed inside a system
+        /// call): dropped when its thread starts another call or exits, so it is not a stall
+        /// for good.
         FileReturnMissed = 10 => "file_return_missed",
     }
 }

@@ -49,8 +49,7 @@ use gds_common::{
 };
 
 use crate::{
-    file::{calls, field, task_cgroup},
-    file_kiocb::FILE_THREAD,
+    file::{calls, field, task_cgroup, thread_call},
     maps::{BPF_F_MMAPABLE, PEER_IO, as_scalar, entry_mut, index, stats},
     slots::SlotTable,
 };
@@ -538,9 +537,7 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
     }
     // The syscalls tier keys calls by thread, the kiocb tier names the thread's synchronous
     // call: a request submitted during the thread's call (block-device O_DIRECT's on-stack bio).
-    let key = unsafe { FILE_THREAD.get(&who.pid_tgid) }
-        .copied()
-        .unwrap_or(who.pid_tgid);
+    let key = thread_call(who.pid_tgid).unwrap_or(who.pid_tgid);
     if let Some(c) = calls().get_mut(key) {
         // SAFETY: map value pointer; fields copied.
         unsafe {

@@ -28,11 +28,11 @@ use aya_ebpf::{
 use gds_common::{
     DropReason, HIST_BUCKETS, Scratch, Slot,
     file::{
-        FILE_HOOKED_MAX, FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE,
-        FILE_PROCS_MAX, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED, FILE_SEES_NONE, FILE_SLOTS,
-        FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT, O_DIRECT,
-        ORIGIN_SYSCALL, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3, SYSCALL_TABLE,
-        SYSCALL_TRACED, file_row, kiocb_origin,
+        FILE_CALL_ASYNC, FILE_HOOKED_MAX, FILE_INFLIGHT_MAX, FILE_OP_FSYNC, FILE_OP_READ,
+        FILE_OP_WRITE, FILE_PROCS_MAX, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED, FILE_SEES_NONE,
+        FILE_SLOTS, FileCall, FileConfig, FileProcKey, FileProcStats, FileRowStats, IOCB_DIRECT,
+        O_DIRECT, ORIGIN_SYSCALL, SYSCALL_COUNT_ARG2, SYSCALL_OP_MASK, SYSCALL_POS_ARG3,
+        SYSCALL_TABLE, SYSCALL_TRACED, file_row, kiocb_origin,
     },
     log2_bucket,
 };
@@ -79,6 +79,71 @@ static FILE_STATS: PerCpuArray<FileRowStats> = PerCpuArray::with_max_entries(FIL
 #[map(name = "GDS_FILE_PROCS")]
 static FILE_PROCS: LruHashMap<FileProcKey, FileProcStats> =
     LruHashMap::with_max_entries(FILE_PROCS_MAX, 0);
+
+/// Thread → the kiocb of its synchronous call (0: none): what the kretprobe ends (it has no
+/// arguments), what a block request the thread submits links to when the bio does not name
+/// the call (block-device O_DIRECT: an on-stack bio with `submit_bio_wait`), and how a call
+/// whose end no program saw is found (see [`thread_call_begins`]). In [`threads`]' slots, or
+/// this LRU hash where a thread's slot is taken.
+#[map(name = "GDS_FILE_THREAD")]
+static FILE_THREAD: LruHashMap<u64, u64> = LruHashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
+
+#[map(name = "GDS_FILE_THREAD_SLOTS")]
+static FILE_THREAD_SLOTS: Array<Slot<u64>> = Array::with_max_entries(FILE_SLOTS, 0);
+
+/// The threads in a synchronous call (see [`FILE_THREAD`]).
+#[inline(always)]
+pub(crate) fn threads() -> SlotTable<u64, LruHashMap<u64, u64>> {
+    SlotTable {
+        slots: &FILE_THREAD_SLOTS,
+        overflow: &FILE_THREAD,
+        mask: FILE_SLOTS as u64 - 1,
+    }
+}
+
+/// The kiocb of the current thread's synchronous call, if one is in flight.
+#[inline(always)]
+pub(crate) fn thread_call(pid_tgid: u64) -> Option<u64> {
+    // SAFETY: map value pointer.
+    threads()
+        .get_mut(pid_tgid)
+        .map(|p| unsafe { *p })
+        .filter(|k| *k != 0)
+}
+
+/// A synchronous call of thread `pid_tgid` starts under `key`. A thread is in one synchronous
+/// call at a time (the file systems hooked do not nest), so a call still recorded for it ended
+/// where no program saw it: past a kretprobe's `maxactive`, or, with the iomap tracepoints, an
+/// error iomap returned before its completion tracepoint (a `RWF_NOWAIT` read finding dirty
+/// pages, a write whose cached pages would not go and that falls back to buffered I/O). It is
+/// dropped and counted, not left a stall for good. (The kernel stack's offset is randomized
+/// per system call, so a new call's on-stack kiocb seldom reuses the old one's key.)
+#[inline(always)]
+pub(crate) fn thread_call_begins(pid_tgid: u64, key: u64) {
+    let t = threads();
+    match t.get_mut(pid_tgid) {
+        // SAFETY: map value pointer; only this thread writes its entry.
+        Some(p) => unsafe {
+            let old = *p;
+            if old != 0 && old != key && calls().remove(old) {
+                count_drop(DropReason::FileReturnMissed);
+            }
+            *p = key;
+        },
+        None => {
+            let _ = t.insert(pid_tgid, &key);
+        }
+    }
+}
+
+/// The current thread's synchronous call ended (its entry stays, emptied, until it exits).
+#[inline(always)]
+pub(crate) fn thread_call_ends(pid_tgid: u64) {
+    if let Some(p) = threads().get_mut(pid_tgid) {
+        // SAFETY: map value pointer; only this thread writes its entry.
+        unsafe { *p = 0 };
+    }
+}
 
 /// What the hooks attached see (`FILE_SEES_*`, written by user space after attaching).
 #[map(name = "GDS_FILE_SEES")]
@@ -336,6 +401,11 @@ pub fn file_dio_begin(ctx: BtfTracePointContext) -> i32 {
     // The same rule as the kiocb tier's (nvidia-fs's O_DIRECT reads pass here too).
     let uring = complete != 0 && entry_mut(iocb).is_some();
     call.origin = kiocb_origin(complete, nvfs_complete(), uring);
+    if complete != 0 {
+        call.flags = FILE_CALL_ASYNC;
+    } else {
+        thread_call_begins(pid_tgid, iocb);
+    }
     if !calls().insert(iocb, &call) {
         count_drop(DropReason::FileInflightFull);
     }
@@ -352,6 +422,9 @@ pub fn file_dio_complete(ctx: BtfTracePointContext) -> i32 {
         count_drop(DropReason::FileNoStart);
         return 0;
     };
+    if c.flags & FILE_CALL_ASYNC == 0 {
+        thread_call_ends(c.pid_tgid);
+    }
     end_call(&c, ret);
     0
 }

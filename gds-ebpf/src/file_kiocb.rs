@@ -18,23 +18,19 @@
 //! programs name their target at load, and aya 0.14 cannot load against a module's BTF).
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
     helpers::bpf_get_current_pid_tgid,
-    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map},
-    maps::LruHashMap,
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe},
     programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use gds_common::{
     DropReason, Scratch,
-    file::{
-        FILE_CALL_ASYNC, FILE_INFLIGHT_MAX, FILE_OP_READ, FILE_OP_WRITE, IOCB_DIRECT, kiocb_origin,
-    },
+    file::{FILE_CALL_ASYNC, FILE_OP_READ, FILE_OP_WRITE, IOCB_DIRECT, kiocb_origin},
 };
 
 use crate::{
     file::{
         GDS_FILE_CONFIG, beneath_cufile, calls, count_drop, end_call, file_id, new_call,
-        nvfs_complete, rd,
+        nvfs_complete, rd, thread_call, thread_call_begins, thread_call_ends, threads,
     },
     maps::{as_scalar, entry_mut, stats, task_enabled},
 };
@@ -45,18 +41,9 @@ macro_rules! kconf {
     };
 }
 
-/// Thread → the kiocb of its synchronous call: what the kretprobe ends (it has no arguments),
-/// and what a block request the thread submits links to when the bio does not name the call
-/// (block-device O_DIRECT: an on-stack bio with `submit_bio_wait`). LRU: a return the
-/// kretprobe missed (its `maxactive` instances all busy) leaves an entry no exit removes.
-#[map(name = "GDS_FILE_THREAD")]
-pub(crate) static FILE_THREAD: LruHashMap<u64, u64> =
-    LruHashMap::with_max_entries(FILE_INFLIGHT_MAX, 0);
-
-/// A `read_iter`/`write_iter` call starts: `iocb` and `iter` are its arguments; `kretprobe`
-/// when its return is caught by a kretprobe, which misses returns past its `maxactive`.
+/// A `read_iter`/`write_iter` call starts: `iocb` and `iter` are its arguments.
 #[inline(always)]
-fn begin(iocb: u64, iter: u64, kretprobe: bool) {
+fn begin(iocb: u64, iter: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !task_enabled((pid_tgid >> 32) as u32) {
         return;
@@ -84,19 +71,9 @@ fn begin(iocb: u64, iter: u64, kretprobe: bool) {
         // io_uring's kiocb is at the start of its `struct io_kiocb`: the request's key.
         call.origin = kiocb_origin(complete, nvfs_complete(), entry_mut(iocb).is_some());
     } else {
-        // A thread is in one synchronous call at a time (the file systems hooked do not nest):
-        // a kiocb still recorded for it is a call whose return was missed (past a kretprobe's
-        // `maxactive`; fexit misses none). The same stack address would be replaced by the
-        // insert below anyway.
-        // SAFETY: map value read.
-        if kretprobe
-            && let Some(old) = unsafe { FILE_THREAD.get(&pid_tgid) }.copied()
-            && old != iocb
-            && calls().remove(old)
-        {
-            count_drop(DropReason::FileReturnMissed);
-        }
-        let _ = FILE_THREAD.insert(&pid_tgid, &iocb, BPF_ANY as u64);
+        // A call still recorded for the thread is one whose return a kretprobe missed (past
+        // its `maxactive`; fexit misses none).
+        thread_call_begins(pid_tgid, iocb);
     }
     beneath_cufile(&call);
     if !calls().insert(iocb, &call) {
@@ -105,20 +82,17 @@ fn begin(iocb: u64, iter: u64, kretprobe: bool) {
 }
 
 /// `sched_process_exit`: a thread exits. A synchronous call of its still recorded (the kiocb
-/// tier's through `GDS_FILE_THREAD`, the syscalls tier's and fsync's under the thread itself)
+/// and tracepoint tiers' through `GDS_FILE_THREAD`, the syscalls tier's and fsync's under the
+/// thread itself)
 /// never returned where a program saw it: dropped and counted, not left a stall for good.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn file_thread_exit(_ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: map value read.
-    let key = match unsafe { FILE_THREAD.get(&pid_tgid) } {
-        Some(k) => *k,
-        None => pid_tgid,
-    };
+    let key = thread_call(pid_tgid).unwrap_or(pid_tgid);
     if calls().remove(key) {
         count_drop(DropReason::FileReturnMissed);
     }
-    let _ = FILE_THREAD.remove(&pid_tgid);
+    threads().remove(pid_tgid);
     0
 }
 
@@ -126,7 +100,7 @@ pub fn file_thread_exit(_ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn finish(iocb: u64, ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let _ = FILE_THREAD.remove(&pid_tgid);
+    thread_call_ends(pid_tgid);
     let Some(c) = calls().get_mut(iocb) else {
         return;
     };
@@ -161,7 +135,7 @@ pub fn file_kiocb_entry(ctx: FEntryContext) -> i32 {
     let Some(s) = stats() else { return 0 };
     let iter = as_scalar(s, Scratch::FileBegin, ctx.arg(1));
     let iocb = as_scalar(s, Scratch::FileBegin, ctx.arg(0));
-    begin(iocb, iter, false);
+    begin(iocb, iter);
     0
 }
 
@@ -222,7 +196,7 @@ pub fn file_kiocb_kprobe(ctx: ProbeContext) -> u32 {
     let (Some(iocb), Some(iter)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return 0;
     };
-    begin(iocb, iter, true);
+    begin(iocb, iter);
     0
 }
 
@@ -231,7 +205,7 @@ pub fn file_kiocb_kprobe(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn file_kiocb_kretprobe(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(iocb) = (unsafe { FILE_THREAD.get(&pid_tgid) }).copied() else {
+    let Some(iocb) = thread_call(pid_tgid) else {
         return 0;
     };
     let ret: i64 = ctx.ret();

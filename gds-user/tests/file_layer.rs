@@ -6,8 +6,11 @@
 mod common;
 
 use std::{
-    io::Write as _,
-    os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
+    io::{Read as _, Write as _},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt as _, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -461,6 +464,71 @@ fn o_direct_read_at_end_of_file_is_a_call_that_ends() {
     assert!(
         stalls["active"].as_array().unwrap().is_empty(),
         "a stall: {stalls}"
+    );
+}
+
+/// This process's drops of `reason` so far.
+fn drops(s: &Snapshot, reason: &str) -> u64 {
+    s.stats
+        .drops
+        .iter()
+        .filter(|d| d.reason == reason)
+        .map(|d| d.count)
+        .sum()
+}
+
+/// A read iomap gives up on before its completion tracepoint (`RWF_NOWAIT` with the range in
+/// the page cache, dirty: -EAGAIN) leaves its call in flight; the thread's next call finds it
+/// (the thread's call in `GDS_FILE_THREAD`), drops it and counts it (`file_return_missed`),
+/// and once a call completes nothing of the thread stays in flight. (The kiocb is on the
+/// kernel stack, whose offset is randomized per system call: the next call's key differs.)
+#[test]
+fn o_direct_read_iomap_gives_up_on_is_dropped_at_the_next_call() {
+    require_root();
+    let _g = serial();
+    let path = test_file("nowait");
+    let agent = Agent::stall_watch();
+    // The first page dirty in the page cache (rewritten with what it holds): a NOWAIT O_DIRECT
+    // read of it would have to wait for its writeback.
+    let mut page = [0u8; 4096];
+    let mut cached = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    cached.read_exact(&mut page).unwrap();
+    cached.write_all_at(&page, 0).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    let buf = Aligned::new();
+    let iov = libc::iovec {
+        iov_base: buf.0.cast(),
+        iov_len: 4096,
+    };
+    let before = drops(&snapshot(&agent), "file_return_missed");
+    let preadv2 = |flags| {
+        // SAFETY: one iovec of 4096 bytes of the aligned buffer.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, 0, flags) };
+        (n, std::io::Error::last_os_error().raw_os_error())
+    };
+    for _ in 0..2 {
+        assert_eq!(preadv2(libc::RWF_NOWAIT), (-1, Some(libc::EAGAIN)));
+    }
+    assert_eq!(preadv2(0).0, 4096);
+    let missed = drops(&snapshot(&agent), "file_return_missed") - before;
+    assert_eq!(missed, 2, "the two calls iomap gave up on");
+    std::thread::sleep(Duration::from_millis(800));
+    let inflight: serde_json::Value = serde_json::from_str(&agent.get("/debug/inflight")).unwrap();
+    assert!(
+        !inflight
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["layer"] == "file" && r["pid"] == std::process::id()),
+        "still in flight: {inflight}"
     );
 }
 
