@@ -44,12 +44,12 @@ use gds_common::{
     MEMORY_HOST, MEMORY_P2PDMA, NVME_INFLIGHT_MAX, NvmeErrKey, NvmeInflight, NvmeRuntime,
     PF_KTHREAD, STAGE_HIST_MAX, STAGES, Scratch, Slot, StageHistKey, StageHists, Submitter,
     UringCpuStats,
-    file::{ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
+    file::{FileCall, ORIGIN_KERNEL, ORIGIN_SYSCALL, ORIGIN_URING, ORIGIN_URING_CMD},
     log2_bucket,
 };
 
 use crate::{
-    file::{calls, field, task_cgroup, thread_call},
+    file::{calls, field, task_cgroup, task_comm, thread_call},
     maps::{BPF_F_MMAPABLE, PEER_IO, as_scalar, entry_mut, index, stats},
     slots::SlotTable,
 };
@@ -456,22 +456,17 @@ pub fn block_getrq(ctx: BtfTracePointContext) -> i32 {
     let task = unsafe { bpf_get_current_task_btf() } as u64;
     // SAFETY: trusted BTF pointer to the current task, constant offsets (see `dev_of_request`).
     let (pid, tgid, comm, task_flags) = unsafe {
-        let comm_off = dconf!(task_comm);
         (
             field::<u32>(task, dconf!(task_pid)),
             field::<u32>(task, dconf!(task_tgid)),
-            [
-                field::<u64>(task, comm_off),
-                field::<u64>(task, comm_off + 8),
-            ],
+            task_comm(task, dconf!(task_comm)),
             field::<u32>(task, dconf!(link.task_flags)),
         )
     };
     let mut v = zero_inflight();
     let who = &mut v.submitter;
     who.pid_tgid = ((tgid as u64) << 32) | pid as u64;
-    // SAFETY: two words of `task->comm`, NUL-padded by the kernel (`set_task_comm`).
-    who.comm = unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(comm) };
+    who.comm = comm;
     if dconf!(link.enabled) != 0 {
         link_bio(s, bio_ptr, task_flags, who);
     }
@@ -519,16 +514,7 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
         // `struct iomap_dio` starts with the caller's `struct kiocb *`.
         let kiocb: u64 = rd(private);
         if let Some(c) = calls().get_mut(kiocb) {
-            // SAFETY: map value pointer; fields copied.
-            unsafe {
-                who.call_pid_tgid = (*c).pid_tgid;
-                who.call_start_ns = (*c).start_ns;
-                who.ino = (*c).ino;
-                who.origin = (*c).origin;
-                who.cgroup = (*c).cgroup;
-            }
-            who.call_key = kiocb;
-            who.link = LINK_CALL;
+            link_call(who, c, kiocb);
             return;
         } else if entry_mut(kiocb).is_some() {
             who.origin = ORIGIN_URING;
@@ -539,16 +525,7 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
     // call: a request submitted during the thread's call (block-device O_DIRECT's on-stack bio).
     let key = thread_call(who.pid_tgid).unwrap_or(who.pid_tgid);
     if let Some(c) = calls().get_mut(key) {
-        // SAFETY: map value pointer; fields copied.
-        unsafe {
-            who.call_pid_tgid = (*c).pid_tgid;
-            who.call_start_ns = (*c).start_ns;
-            who.ino = (*c).ino;
-            who.origin = (*c).origin;
-            who.cgroup = (*c).cgroup;
-        }
-        who.call_key = key;
-        who.link = LINK_CALL;
+        link_call(who, c, key);
         return;
     }
     // The first page of the bio's own vector (a split clone shares its parent's), by direct
@@ -575,6 +552,22 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
             who.link = LINK_PAGE;
         }
     }
+}
+
+/// Links the request to file call `c` (in flight under `key`): its process, start, file,
+/// origin and cgroup (a throttled bio's submitter is the throttle's worker).
+#[inline(always)]
+fn link_call(who: &mut Submitter, c: *mut FileCall, key: u64) {
+    // SAFETY: map value pointer; fields copied.
+    unsafe {
+        who.call_pid_tgid = (*c).pid_tgid;
+        who.call_start_ns = (*c).start_ns;
+        who.ino = (*c).ino;
+        who.origin = (*c).origin;
+        who.cgroup = (*c).cgroup;
+    }
+    who.call_key = key;
+    who.link = LINK_CALL;
 }
 
 /// `block_rq_issue(struct request *rq)` (5.11+).

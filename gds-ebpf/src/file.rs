@@ -246,6 +246,18 @@ pub(crate) unsafe fn field<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 
+/// `task->comm` by two loads from `task`, a BTF pointer, at `off` (a constant from `.rodata`):
+/// the name the kernel keeps NUL-padded (`set_task_comm`), where `bpf_get_current_comm` copies
+/// it with `strscpy` (~35 ns a call here).
+///
+/// # Safety
+/// `task` is a trusted BTF pointer to a task and `off` the offset of its `comm`.
+#[inline(always)]
+pub(crate) unsafe fn task_comm(task: u64, off: u32) -> [u8; 16] {
+    // SAFETY: as the caller promises.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([field(task, off), field(task, off + 8)]) }
+}
+
 #[inline(always)]
 pub(crate) fn count_drop(reason: DropReason) {
     if let Some(s) = stats() {
@@ -326,19 +338,11 @@ pub(crate) fn new_call(
     c.ino = ino;
     c.pos = pos;
     c.bytes = bytes;
-    // The name by two loads from the current task's BTF pointer (the offset a constant from
-    // `.rodata`), where `bpf_get_current_comm` copies it with `strscpy` (~35 ns here).
     let task = unsafe { bpf_get_current_task_btf() } as u64;
     c.cgroup = task_cgroup(task);
     let comm_off = fconf!(task_comm);
-    // SAFETY: trusted BTF pointer to the current task; two words of `task->comm`, NUL-padded
-    // by the kernel (`set_task_comm`).
-    c.comm = unsafe {
-        core::mem::transmute::<[u64; 2], [u8; 16]>([
-            field::<u64>(task, comm_off),
-            field::<u64>(task, comm_off + 8),
-        ])
-    };
+    // SAFETY: trusted BTF pointer to the current task; the offset of its `comm`.
+    c.comm = unsafe { task_comm(task, comm_off) };
     c.dev = dev;
     c.op = op;
     c.direct = direct as u8;
