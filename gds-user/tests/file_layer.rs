@@ -136,11 +136,7 @@ fn read_pool(path: &Path) {
     std::thread::scope(|s| {
         for t in 0..THREADS {
             s.spawn(move || {
-                let direct = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(path)
-                    .unwrap();
+                let direct = open_direct(path);
                 let buffered = std::fs::File::open(path).unwrap();
                 let buf = Aligned::new();
                 for i in 0..N {
@@ -419,35 +415,17 @@ impl Drop for Throttle {
     }
 }
 
-/// An O_DIRECT read at the end of the file returns 0 before iomap's completion, whose
-/// tracepoint ends calls with the default hooks: it is one call of 0 bytes, and nothing stays
-/// in flight (it stayed, a stall for good, until `file_dio_begin` learned the file's size).
-#[test]
-fn o_direct_read_at_end_of_file_is_a_call_that_ends() {
-    require_root();
-    let _g = serial();
-    let path = test_file("eof");
-    let agent = Agent::stall_watch();
-    let meta = std::fs::metadata(&path).unwrap();
-    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-    let before = reads(&snapshot(&agent), ino, true);
-    let f = std::fs::OpenOptions::new()
+/// `path` opened for O_DIRECT reads.
+fn open_direct(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .unwrap();
-    let buf = Aligned::new();
-    // SAFETY: the buffer holds 1 MiB.
-    let n = unsafe { libc::pread(f.as_raw_fd(), buf.0.cast(), 4096, meta.len() as i64) };
-    assert_eq!(n, 0, "a read at the end of the file");
-    let after = reads(&snapshot(&agent), ino, true);
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (1, 0),
-        "one call, 0 bytes"
-    );
-    // Past the stall threshold (500 ms) and a scan: nothing of this process in flight.
-    std::thread::sleep(Duration::from_millis(800));
+        .open(path)
+        .unwrap()
+}
+
+/// No file call of this process is in flight on `/debug/inflight`.
+fn assert_no_call_in_flight(agent: &Agent) {
     let inflight: serde_json::Value = serde_json::from_str(&agent.get("/debug/inflight")).unwrap();
     let ours: Vec<_> = inflight
         .as_array()
@@ -460,6 +438,34 @@ fn o_direct_read_at_end_of_file_is_a_call_that_ends() {
         "still in flight: {ours:?}\n{}",
         agent.log()
     );
+}
+
+/// An O_DIRECT read at the end of the file returns 0 before iomap's completion, whose
+/// tracepoint ends calls with the default hooks: it is one call of 0 bytes, and nothing stays
+/// in flight (it stayed, a stall for good, until `file_dio_begin` learned the file's size).
+#[test]
+fn o_direct_read_at_end_of_file_is_a_call_that_ends() {
+    require_root();
+    let _g = serial();
+    let path = test_file("eof");
+    let agent = Agent::stall_watch();
+    let meta = std::fs::metadata(&path).unwrap();
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    let before = reads(&snapshot(&agent), ino, true);
+    let f = open_direct(&path);
+    let buf = Aligned::new();
+    // SAFETY: the buffer holds 1 MiB.
+    let n = unsafe { libc::pread(f.as_raw_fd(), buf.0.cast(), 4096, meta.len() as i64) };
+    assert_eq!(n, 0, "a read at the end of the file");
+    let after = reads(&snapshot(&agent), ino, true);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "one call, 0 bytes"
+    );
+    // Past the stall threshold (500 ms) and a scan: nothing of this process in flight.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_no_call_in_flight(&agent);
     let stalls: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
     assert!(
         stalls["active"].as_array().unwrap().is_empty(),
@@ -498,11 +504,7 @@ fn o_direct_read_iomap_gives_up_on_is_dropped_at_the_next_call() {
         .unwrap();
     cached.read_exact(&mut page).unwrap();
     cached.write_all_at(&page, 0).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .unwrap();
+    let f = open_direct(&path);
     let buf = Aligned::new();
     let iov = libc::iovec {
         iov_base: buf.0.cast(),
@@ -521,15 +523,7 @@ fn o_direct_read_iomap_gives_up_on_is_dropped_at_the_next_call() {
     let missed = drops(&snapshot(&agent), "file_return_missed") - before;
     assert_eq!(missed, 2, "the two calls iomap gave up on");
     std::thread::sleep(Duration::from_millis(800));
-    let inflight: serde_json::Value = serde_json::from_str(&agent.get("/debug/inflight")).unwrap();
-    assert!(
-        !inflight
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["layer"] == "file" && r["pid"] == std::process::id()),
-        "still in flight: {inflight}"
-    );
+    assert_no_call_in_flight(&agent);
 }
 
 /// An O_DIRECT pread of a file held in a blkio-throttled group past the stall threshold is a
