@@ -26,6 +26,8 @@ fn hostile_server(answer: fn(TcpStream)) -> SocketAddr {
 }
 
 /// Exit status, output and peak RSS (KiB, from wait4) of `cmd`, killed after `limit`.
+// The child is reaped by `wait4` (for its rusage), not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run_measured(mut cmd: Command, limit: Duration) -> (Option<i32>, String, i64, Duration) {
     let start = Instant::now();
     let child = cmd

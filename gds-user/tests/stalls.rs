@@ -111,10 +111,10 @@ fn pipe_read_stalls_once_and_ends_on_write() {
     let deadline = Instant::now() + Duration::from_secs(3);
     let ended = loop {
         let report: serde_json::Value = serde_json::from_str(&agent.get("/debug/stalls")).unwrap();
-        if report["active"].as_array().unwrap().is_empty() {
-            if let Some(e) = report["ended"].as_array().unwrap().last() {
-                break e.clone();
-            }
+        if report["active"].as_array().unwrap().is_empty()
+            && let Some(e) = report["ended"].as_array().unwrap().last()
+        {
+            break e.clone();
         }
         assert!(
             Instant::now() < deadline,

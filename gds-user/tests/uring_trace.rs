@@ -292,7 +292,7 @@ fn tiny_inflight_capacity_accounts_for_every_request() {
     const K: usize = 10;
     let mut ring = IoUring::new(32).unwrap();
     let mut pipes = Vec::new();
-    let mut bufs = vec![[0u8; 8]; K];
+    let mut bufs = [[0u8; 8]; K];
     for (i, buf) in bufs.iter_mut().enumerate() {
         let mut fds = [0i32; 2];
         // SAFETY: valid array for pipe(2).

@@ -384,10 +384,11 @@ fn with_deadline<T: Send + 'static>(
         .unwrap_or(Err(GpuError::Timeout { what, secs }))
 }
 
+/// Each GPU's PCI address and NVML's view of it.
+type NvmlDevices = Vec<(String, Result<NvmlDevice, GpuError>)>;
+
 /// NVML's driver version and its view of each GPU (by PCI address).
-fn nvml_probe(
-    bdfs: Vec<String>,
-) -> Result<(String, Vec<(String, Result<NvmlDevice, GpuError>)>), GpuError> {
+fn nvml_probe(bdfs: Vec<String>) -> Result<(String, NvmlDevices), GpuError> {
     let nvml = Nvml::open()?;
     let devices = bdfs
         .into_iter()
