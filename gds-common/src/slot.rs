@@ -13,7 +13,7 @@ pub fn slot_index(req: u64, mask: u64) -> u32 {
     ((req.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) & mask) as u32
 }
 
-/// One slot of a file or block table: `key` owns it (0: free), `value` is what the layer
+/// One slot of an io_uring, file or block table: `key` owns it (0: free), `value` is what the layer
 /// tracks. Written by the programs, read by user space through a read-only mapping: a slot is
 /// kept only if its key is the same before and after its value is copied.
 #[repr(C)]
@@ -26,6 +26,7 @@ pub struct Slot<V> {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    unsafe impl aya::Pod for Slot<crate::InflightReq> {}
     unsafe impl aya::Pod for Slot<crate::file::FileCall> {}
     unsafe impl aya::Pod for Slot<crate::device::BlockInflight> {}
 }

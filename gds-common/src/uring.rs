@@ -141,14 +141,9 @@ pub struct InflightReq {
     pub poll_armed_ns: u64,
 }
 
-/// One slot of the direct-mapped in-flight table (`GDS_URING_SLOTS`): `req` is the owning
+/// One slot of the direct-mapped in-flight table (`GDS_URING_SLOTS`): its key is the owning
 /// `struct io_kiocb *` (0: free). Requests whose slot is taken go to the hash map instead.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InflightSlot {
-    pub req: u64,
-    pub entry: InflightReq,
-}
+pub type InflightSlot = crate::Slot<InflightReq>;
 
 /// Ring buffer record kinds.
 pub const EVENT_URING_SLOW: u32 = 1;
@@ -256,7 +251,6 @@ mod pod {
     unsafe impl aya::Pod for UringCpuStats {}
     unsafe impl aya::Pod for OpcodeCpuStats {}
     unsafe impl aya::Pod for InflightReq {}
-    unsafe impl aya::Pod for InflightSlot {}
     unsafe impl aya::Pod for SlowUringEvent {}
     unsafe impl aya::Pod for UringConfig {}
 }

@@ -16,8 +16,10 @@ use aya_ebpf::{
 };
 use gds_common::{
     COMM_LEN, DEFAULT_MAX_INFLIGHT, DEFAULT_SLOTS, InflightReq, InflightSlot, OPCODE_WORDS,
-    OpcodeCpuStats, PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats, slot_index,
+    OpcodeCpuStats, PEER_IO_MAX, Scratch, URING_OPCODES, UringConfig, UringCpuStats,
 };
+
+use crate::slots::SlotTable;
 
 #[unsafe(no_mangle)]
 pub(crate) static GDS_URING_CONFIG: UringConfig = UringConfig::DEFAULT;
@@ -48,14 +50,23 @@ static OPCODES: PerCpuArray<OpcodeCpuStats> =
 /// costs ~150 ns per request. Requests whose slot is taken fall back to `INFLIGHT`.
 /// Mmapable so user space can scan in-flight requests without a syscall per slot.
 #[map(name = "GDS_URING_SLOTS")]
-pub(crate) static SLOTS: Array<InflightSlot> =
-    Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
+static SLOTS: Array<InflightSlot> = Array::with_max_entries(DEFAULT_SLOTS, BPF_F_MMAPABLE);
 
 pub(crate) const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "GDS_URING_INFLIGHT")]
-pub(crate) static INFLIGHT: HashMap<u64, InflightReq> =
-    HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+static INFLIGHT: HashMap<u64, InflightReq> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+
+/// The io_uring requests in flight: [`SLOTS`] (`slot_mask` + 1 of them, set at load) in front
+/// of [`INFLIGHT`].
+#[inline(always)]
+pub(crate) fn requests() -> SlotTable<InflightReq, HashMap<u64, InflightReq>> {
+    SlotTable {
+        slots: &SLOTS,
+        overflow: &INFLIGHT,
+        mask: conf!(slot_mask),
+    }
+}
 
 /// Block requests into P2PDMA memory per process (`tgid` → count). LRU: a process that stops
 /// doing such I/O ages out; only P2PDMA requests write here, so host I/O never costs a lookup.
@@ -159,11 +170,5 @@ pub(crate) fn as_scalar(stats: &mut UringCpuStats, word: Scratch, req: u64) -> u
 /// The in-flight entry of io_uring request `req` (slot table or hash map), if tracked.
 #[inline(always)]
 pub(crate) fn entry_mut(req: u64) -> Option<*mut InflightReq> {
-    if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
-        // SAFETY: map value pointer.
-        if unsafe { core::ptr::read_volatile(&raw const (*slot).req) } == req {
-            return Some(unsafe { &raw mut (*slot).entry });
-        }
-    }
-    INFLIGHT.get_ptr_mut(&req)
+    requests().get_mut(req)
 }

@@ -15,13 +15,14 @@ use aya_ebpf::{
 };
 use gds_common::{
     COMM_LEN, DropReason, EVENT_URING_SLOW, HIST_BUCKETS, InflightReq, InflightSlot, OPCODE_WORDS,
-    Scratch, SlowUringEvent, UringCpuStats, log2_bucket, slot_index,
+    Scratch, SlowUringEvent, UringCpuStats, log2_bucket,
 };
 
 use crate::maps::{
-    GDS_URING_CONFIG, INFLIGHT, SLOTS, as_scalar, conf, entry_mut, index, mark_seen, opcode_stats,
-    stats, task_enabled,
+    GDS_URING_CONFIG, as_scalar, conf, entry_mut, index, mark_seen, opcode_stats, requests, stats,
+    task_enabled,
 };
+use crate::slots::Claim;
 
 /// Slow events (and, later, stall and NVMe events). 1 MiB: ~10k events of backlog.
 #[map(name = "GDS_EVENTS")]
@@ -69,7 +70,7 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
     }
     let Some(stats) = stats() else { return };
     let req = as_scalar(stats, word, req);
-    if failed_init && is_tracked(req) {
+    if failed_init && requests().contains(req) {
         // A failed request the submit tracepoint already saw keeps its original entry.
         return;
     }
@@ -95,36 +96,33 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         pid_tgid = bpf_get_current_pid_tgid();
     }
     let start_ns = unsafe { bpf_ktime_get_ns() };
-    if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
-        // SAFETY: map value pointer from an inlined array lookup; `req` is claimed atomically,
-        // and the entry is written in place (no stack copy) once the slot is ours.
-        unsafe {
-            let claimed = match cas(&raw mut (*slot).req, 0, req) {
-                Ok(()) => {
-                    stats.inserted += 1;
-                    true
-                }
-                Err(cur) if cur == req => {
-                    // The previous request under this pointer never completed visibly.
-                    stats.drops[DropReason::Replaced as usize] += 1;
-                    true
-                }
-                Err(_) => false,
-            };
-            if claimed {
-                let e = &raw mut (*slot).entry;
-                (*e).nvme_setup_ns = 0;
-                (*e).nvme_complete_ns = 0;
-                (*e).poll_armed_ns = 0;
-                (*e).start_ns = start_ns;
-                (*e).user_data = user_data;
-                (*e).ring = ring;
-                (*e).tgid = (pid_tgid >> 32) as u32;
-                (*e).pid = pid_tgid as u32;
-                (*e).opcode = opcode;
-                return;
-            }
+    let table = requests();
+    let entry = match table.claim(req) {
+        Claim::Free(e) => {
+            stats.inserted += 1;
+            Some(e)
         }
+        Claim::Held(e) => {
+            // The previous request under this pointer never completed visibly.
+            stats.drops[DropReason::Replaced as usize] += 1;
+            Some(e)
+        }
+        Claim::Taken => None,
+    };
+    if let Some(e) = entry {
+        // SAFETY: the slot is `req`'s; the entry is written in place (no stack copy).
+        unsafe {
+            (*e).nvme_setup_ns = 0;
+            (*e).nvme_complete_ns = 0;
+            (*e).poll_armed_ns = 0;
+            (*e).start_ns = start_ns;
+            (*e).user_data = user_data;
+            (*e).ring = ring;
+            (*e).tgid = (pid_tgid >> 32) as u32;
+            (*e).pid = pid_tgid as u32;
+            (*e).opcode = opcode;
+        }
+        return;
     }
     if every > 1 {
         // Sampled mode skips colliding requests rather than paying for the hash map at
@@ -149,12 +147,12 @@ fn on_submit(req: u64, ring: u64, user_data: u64, opcode: u8, failed_init: bool)
         nvme_dev: 0,
         poll_armed_ns: 0,
     };
-    match INFLIGHT.insert(&req, &entry, BPF_NOEXIST as u64) {
+    match table.overflow.insert(&req, &entry, BPF_NOEXIST as u64) {
         Ok(()) => stats.inserted += 1,
         Err(e) if e as i64 == -EEXIST => {
             // The previous request under this pointer never completed visibly.
             stats.drops[DropReason::Replaced as usize] += 1;
-            if INFLIGHT.insert(&req, &entry, BPF_ANY as u64).is_err() {
+            if table.overflow.insert(&req, &entry, BPF_ANY as u64).is_err() {
                 stats.drops[DropReason::InflightFull as usize] += 1;
                 stats.removed += 1;
             }
@@ -184,29 +182,14 @@ fn on_complete(req: u64, res: i32, opcode_of: impl Fn() -> u8) {
 /// Removes `req`'s entry (slot table first, then the hash map) and returns a copy.
 #[inline(always)]
 fn take_entry(stats: &mut UringCpuStats, req: u64) -> Option<InflightReq> {
-    if let Some(slot) = SLOTS.get_ptr_mut(slot_index(req, conf!(slot_mask))) {
-        // SAFETY: map value pointer; only the completion of `req` releases a slot `req` owns.
-        unsafe {
-            // Plain loads/stores: the BPF ISA's acquire/release forms need v4; on x86 (TSO)
-            // the JIT's plain moves already keep the entry reads before the release store.
-            let owner = &raw mut (*slot).req;
-            if core::ptr::read_volatile(owner) == req {
-                let entry = (*slot).entry;
-                core::ptr::write_volatile(owner, 0);
-                stats.removed += 1;
-                return Some(entry);
-            }
-        }
-    }
-    if conf!(sample_every) > 1 {
+    let table = requests();
+    let entry = match table.take_slot(req) {
+        Some(entry) => entry,
         // Sampled mode never puts requests in the hash map.
-        return None;
-    }
-    // SAFETY: map value pointer, copied before the delete.
-    let entry = unsafe { *INFLIGHT.get_ptr(&req)? };
-    if INFLIGHT.remove(&req).is_ok() {
-        stats.removed += 1;
-    }
+        None if conf!(sample_every) > 1 => return None,
+        None => table.take_overflow(req)?,
+    };
+    stats.removed += 1;
     Some(entry)
 }
 
@@ -239,28 +222,6 @@ fn unmatched(stats: &mut UringCpuStats, res: i32, opcode_of: impl Fn() -> u8) {
     if every <= 1 {
         stats.drops[DropReason::NoStart as usize] += 1;
     }
-}
-
-/// Compare-and-swap (BPF_CMPXCHG; the bpfel target spec advertises no CAS, so core's atomics
-/// do not offer it, but the ISA has it since v3 / Linux 5.12).
-#[inline(always)]
-fn cas(dst: *mut u64, old: u64, new: u64) -> Result<(), u64> {
-    use core::intrinsics::AtomicOrdering::{Acquire, SeqCst};
-    // SAFETY: `dst` points into a map value.
-    let (prev, ok) =
-        unsafe { core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { Acquire }>(dst, old, new) };
-    if ok { Ok(()) } else { Err(prev) }
-}
-
-/// Whether `req` is in the slot table or the hash map.
-#[inline(always)]
-fn is_tracked(req: u64) -> bool {
-    if let Some(slot) = SLOTS.get_ptr(slot_index(req, conf!(slot_mask))) {
-        if unsafe { core::ptr::read_volatile(&raw const (*slot).req) } == req {
-            return true;
-        }
-    }
-    INFLIGHT.get_ptr(&req).is_some()
 }
 
 /// Adds a completed request to the histograms, and emits it when slow.
@@ -311,7 +272,10 @@ fn emit_slow(stats: &mut UringCpuStats, req: u64, res: i32, latency: u64, entry:
         comm_valid,
         _pad: [0; 7],
         comm,
-        slot: InflightSlot { req, entry: *entry },
+        slot: InflightSlot {
+            key: req,
+            value: *entry,
+        },
     });
     slot.submit(0);
 }

@@ -7,7 +7,7 @@ use aya::{
     maps::{HashMap, MapData},
 };
 use gds_api::raw::{Inflight, Layer, LayerEntry};
-use gds_common::{BLOCK_SLOTS, BlockInflight, MAP_BLOCK_INFLIGHT, MAP_BLOCK_SLOTS, Slot};
+use gds_common::{BLOCK_SLOTS, BlockInflight, MAP_BLOCK_INFLIGHT, MAP_BLOCK_SLOTS};
 use tracing::info;
 
 use super::{
@@ -29,7 +29,7 @@ pub struct BlockLayer {
     notes: Vec<String>,
     /// Whether peer memory is told apart, and why.
     peer: String,
-    slots: SlotTable<Slot<BlockInflight>>,
+    slots: SlotTable<BlockInflight>,
     inflight: HashMap<MapData, u64, BlockInflight>,
 }
 

@@ -19,7 +19,6 @@ use aya::{
     programs::RawTracePoint,
 };
 use gds_api::raw::{FileRaw, Inflight, Layer, LayerDetail, LayerEntry};
-use gds_common::Slot;
 use gds_common::file::{
     FILE_OP_FSYNC, FILE_OP_READ, FILE_OP_WRITE, FILE_ROWS, FILE_SEES_ALL, FILE_SEES_HOOKED,
     FILE_SEES_NONE, FILE_SLOTS, FILE_TIER_KIOCB, FILE_TIER_SYSCALLS, FILE_TIER_TRACEPOINT,
@@ -302,7 +301,7 @@ pub struct FileLayer {
     kiocb: std::sync::Mutex<Option<KiocbHooks>>,
     /// nvidia-fs's completion was found and written for the programs (`GDS_FILE_NVFS`).
     nvfs_known: std::sync::atomic::AtomicBool,
-    slots: SlotTable<Slot<FileCall>>,
+    slots: SlotTable<FileCall>,
     inflight: HashMap<MapData, u64, FileCall>,
     stats: PerCpuArray<MapData, FileRowStats>,
     procs: HashMap<MapData, FileProcKey, FileProcStats>,

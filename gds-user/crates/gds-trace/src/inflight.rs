@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{HashMap, MapData};
-use gds_common::{BlockInflight, InflightReq, InflightSlot, Slot, file::FileCall};
+use gds_common::{BlockInflight, InflightReq, Slot, file::FileCall};
 
 use super::TraceError;
 
@@ -35,44 +35,9 @@ impl Stamped for BlockInflight {
     }
 }
 
-/// A slot's layout: the owner's key in its first word (0: free), then the value.
-pub trait SlotRecord: Copy {
-    type Value: Stamped;
-    fn owner(&self) -> u64;
-    fn value(&self) -> &Self::Value;
-    fn from_parts(key: u64, value: Self::Value) -> Self;
-}
-
-/// io_uring's slot, older than the generic one (its fields are named for requests).
-impl SlotRecord for InflightSlot {
-    type Value = InflightReq;
-    fn owner(&self) -> u64 {
-        self.req
-    }
-    fn value(&self) -> &InflightReq {
-        &self.entry
-    }
-    fn from_parts(req: u64, entry: InflightReq) -> Self {
-        InflightSlot { req, entry }
-    }
-}
-
-impl<V: Stamped> SlotRecord for Slot<V> {
-    type Value = V;
-    fn owner(&self) -> u64 {
-        self.key
-    }
-    fn value(&self) -> &V {
-        &self.value
-    }
-    fn from_parts(key: u64, value: V) -> Self {
-        Slot { key, value }
-    }
-}
-
 /// A read-only shared mapping of a slot table (BPF_F_MMAPABLE array).
-pub struct SlotTable<S: SlotRecord> {
-    ptr: *const S,
+pub struct SlotTable<V: Stamped> {
+    ptr: *const Slot<V>,
     slots: usize,
     len: usize,
     // Keeps the map (and so the mapping's object) alive.
@@ -80,13 +45,13 @@ pub struct SlotTable<S: SlotRecord> {
 }
 
 // SAFETY: the mapping is read-only from user space and lives as long as the struct.
-unsafe impl<S: SlotRecord> Send for SlotTable<S> {}
-unsafe impl<S: SlotRecord> Sync for SlotTable<S> {}
+unsafe impl<V: Stamped> Send for SlotTable<V> {}
+unsafe impl<V: Stamped> Sync for SlotTable<V> {}
 
-impl<S: SlotRecord> SlotTable<S> {
-    pub fn map(map: MapData, slots: usize) -> Result<SlotTable<S>, TraceError> {
+impl<V: Stamped> SlotTable<V> {
+    pub fn map(map: MapData, slots: usize) -> Result<SlotTable<V>, TraceError> {
         let page = 4096usize;
-        let len = (slots * size_of::<S>()).div_ceil(page) * page;
+        let len = (slots * size_of::<Slot<V>>()).div_ceil(page) * page;
         // SAFETY: mapping a BPF array map fd created with BPF_F_MMAPABLE; checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -112,7 +77,7 @@ impl<S: SlotRecord> SlotTable<S> {
     /// Copies out the occupied slots, with their index. Each slot is read with volatile loads
     /// and kept only if its owner is the same before and after (a slot being claimed or
     /// released concurrently is skipped; it is caught by the next scan).
-    fn occupied(&self, out: &mut Vec<(usize, S)>) {
+    fn occupied(&self, out: &mut Vec<(usize, Slot<V>)>) {
         for i in 0..self.slots {
             if let Some(r) = self.read(i) {
                 out.push((i, r));
@@ -120,12 +85,12 @@ impl<S: SlotRecord> SlotTable<S> {
         }
     }
 
-    fn read(&self, i: usize) -> Option<S> {
+    fn read(&self, i: usize) -> Option<Slot<V>> {
         if i >= self.slots {
             return None;
         }
-        // SAFETY: i < slots, within the mapping; every slot layout starts with its owner's
-        // `u64` key (`SlotRecord`).
+        // SAFETY: i < slots, within the mapping; a slot starts with its owner's `u64` key
+        // (`#[repr(C)]`).
         unsafe {
             let slot = self.ptr.add(i);
             let owner = std::ptr::read_volatile(slot.cast::<u64>());
@@ -134,20 +99,20 @@ impl<S: SlotRecord> SlotTable<S> {
             }
             let copy = std::ptr::read_volatile(slot);
             (std::ptr::read_volatile(slot.cast::<u64>()) == owner
-                && copy.owner() == owner
-                && copy.value().stamp() != 0)
+                && copy.key == owner
+                && copy.value.stamp() != 0)
                 .then_some(copy)
         }
     }
 
     /// Whether slot `i` still holds `r` (same key, same start).
-    fn still_holds(&self, i: usize, r: &S) -> bool {
+    fn still_holds(&self, i: usize, r: &Slot<V>) -> bool {
         self.read(i)
-            .is_some_and(|now| now.owner() == r.owner() && now.value().stamp() == r.value().stamp())
+            .is_some_and(|now| now.key == r.key && now.value.stamp() == r.value.stamp())
     }
 }
 
-impl<S: SlotRecord> Drop for SlotTable<S> {
+impl<V: Stamped> Drop for SlotTable<V> {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map` mapped.
         unsafe { libc::munmap(self.ptr as *mut _, self.len) };
@@ -155,11 +120,11 @@ impl<S: SlotRecord> Drop for SlotTable<S> {
 }
 
 /// Takes the slot array `name` out of `ebpf` and maps it (`slots` entries).
-pub(crate) fn take_slots<S: SlotRecord>(
+pub(crate) fn take_slots<V: Stamped>(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
     slots: u32,
-) -> Result<SlotTable<S>, TraceError> {
+) -> Result<SlotTable<V>, TraceError> {
     let Some(aya::maps::Map::Array(map)) = ebpf.take_map(name) else {
         return Err(TraceError::MissingMap(name));
     };
@@ -175,10 +140,7 @@ pub(crate) fn take_slots<S: SlotRecord>(
 /// iodepth 16 in `top`). So every entry read is checked again after the scan and dropped if
 /// its slot no longer holds it. The hash map's key iteration restarts from the first key when
 /// the key it stands on is deleted, which repeats entries: those are removed by identity.
-pub fn collect<S: SlotRecord>(
-    slots: &SlotTable<S>,
-    hash: &HashMap<MapData, u64, S::Value>,
-) -> Vec<S> {
+pub fn collect<V: Stamped>(slots: &SlotTable<V>, hash: &HashMap<MapData, u64, V>) -> Vec<Slot<V>> {
     let mut from_slots = Vec::new();
     slots.occupied(&mut from_slots);
     let mut from_hash = Vec::new();
@@ -189,17 +151,17 @@ pub fn collect<S: SlotRecord>(
             && value.stamp() != 0
             && seen.insert((key, value.stamp()))
         {
-            from_hash.push(S::from_parts(key, value));
+            from_hash.push(Slot { key, value });
         }
     }
-    let mut out: Vec<S> = from_slots
+    let mut out: Vec<Slot<V>> = from_slots
         .into_iter()
         .filter(|(i, r)| slots.still_holds(*i, r))
         .map(|(_, r)| r)
         .collect();
     out.extend(from_hash.into_iter().filter(|r| {
-        hash.get(&r.owner(), 0)
-            .is_ok_and(|v| v.stamp() == r.value().stamp())
+        hash.get(&r.key, 0)
+            .is_ok_and(|v| v.stamp() == r.value.stamp())
     }));
     out
 }

@@ -8,8 +8,8 @@ use aya::{
 };
 use gds_api::raw::{Inflight, Layer, LayerEntry, OpcodeStats, UringSnapshot};
 use gds_common::{
-    HIST_BUCKETS, InflightReq, InflightSlot, MAP_URING_INFLIGHT, MAP_URING_OPCODES,
-    MAP_URING_SLOTS, MAP_URING_STATS, OPCODE_WORDS, OpcodeCpuStats, URING_OPCODES, UringCpuStats,
+    HIST_BUCKETS, InflightReq, MAP_URING_INFLIGHT, MAP_URING_OPCODES, MAP_URING_SLOTS,
+    MAP_URING_STATS, OPCODE_WORDS, OpcodeCpuStats, URING_OPCODES, UringCpuStats,
 };
 
 use super::{
@@ -24,7 +24,7 @@ use super::{
 pub struct UringLayer {
     stats: PerCpuArray<MapData, UringCpuStats>,
     opcodes: PerCpuArray<MapData, OpcodeCpuStats>,
-    slots: SlotTable<InflightSlot>,
+    slots: SlotTable<InflightReq>,
     hash: HashMap<MapData, u64, InflightReq>,
     /// How it is attached, and why (the first entry of `/debug/layers`).
     why: String,

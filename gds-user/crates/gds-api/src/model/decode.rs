@@ -122,11 +122,11 @@ impl<'a> Decoder<'a> {
             b.op == gds_common::BLOCK_OP_DRV_IN || b.op == gds_common::BLOCK_OP_DRV_OUT;
         let (ctx, origin) = match uring {
             Some(u) if b.submitter.pid_tgid == 0 => (
-                self.context(u.entry.tgid, u.entry.pid),
+                self.context(u.value.tgid, u.value.pid),
                 Some(UringOrigin {
-                    user_data: u.entry.user_data,
-                    ring: format!("{:#x}", u.entry.ring),
-                    req: format!("{:#x}", u.req),
+                    user_data: u.value.user_data,
+                    ring: format!("{:#x}", u.value.ring),
+                    req: format!("{:#x}", u.key),
                 }),
             ),
             _ => (self.submitter(&b.submitter), None),
@@ -170,11 +170,11 @@ impl<'a> Decoder<'a> {
     ) -> Request {
         let (ctx, origin) = match (uring, block) {
             (Some(u), _) => (
-                self.context(u.entry.tgid, u.entry.pid),
+                self.context(u.value.tgid, u.value.pid),
                 Some(UringOrigin {
-                    user_data: u.entry.user_data,
-                    ring: format!("{:#x}", u.entry.ring),
-                    req: format!("{:#x}", u.req),
+                    user_data: u.value.user_data,
+                    ring: format!("{:#x}", u.value.ring),
+                    req: format!("{:#x}", u.key),
                 }),
             ),
             (None, Some(b)) => (self.submitter(&b.submitter), None),
@@ -302,7 +302,7 @@ impl<'a> Decoder<'a> {
     /// One in-flight entry, `now_ns` being the scan's time (taken after the kernel tables
     /// were read, so no age is negative).
     pub fn request(&mut self, slot: &InflightSlot, now_ns: u64) -> Request {
-        let e = &slot.entry;
+        let e = &slot.value;
         let nvme = (e.nvme_setup_ns != 0).then_some(NvmeCommand {
             qid: e.nvme_qid,
             cid: e.nvme_cid,
@@ -325,7 +325,7 @@ impl<'a> Decoder<'a> {
             origin: Some(UringOrigin {
                 user_data: e.user_data,
                 ring: format!("{:#x}", e.ring),
-                req: format!("{:#x}", slot.req),
+                req: format!("{:#x}", slot.key),
             }),
             age_seconds: now_ns.saturating_sub(e.start_ns) as f64 / 1e9,
             stage: stage_of(e),
@@ -334,7 +334,7 @@ impl<'a> Decoder<'a> {
             block_cause: None,
             key: RequestKey {
                 layer: Layer::Uring,
-                req: slot.req,
+                req: slot.key,
                 start_ns: e.start_ns,
             },
         }
@@ -342,7 +342,7 @@ impl<'a> Decoder<'a> {
 
     /// One slow-event record from the ring buffer.
     pub fn slow(&mut self, ev: &SlowUringEvent) -> SlowEvent {
-        let (req, e) = (ev.slot.req, &ev.slot.entry);
+        let (req, e) = (ev.slot.key, &ev.slot.value);
         let comm = if ev.comm_valid != 0 {
             comm_text(&ev.comm)
         } else {
@@ -425,7 +425,7 @@ pub fn inflight<S: Source + ?Sized>(tracer: &S) -> (Vec<Request>, u64) {
     let mut d = Decoder::new(tracer.disks());
     let mut out: Vec<Request> = raw.iter().map(|r| d.request(r, now)).collect();
     let blocks: HashMap<u64, &BlockInflight> = block.iter().map(|(rq, b)| (*rq, b)).collect();
-    let urings: HashMap<u64, &InflightSlot> = raw.iter().map(|r| (r.req, r)).collect();
+    let urings: HashMap<u64, &InflightSlot> = raw.iter().map(|r| (r.key, r)).collect();
     let filter = tracer.task_filter();
     let filtered = filter.pid.is_some() || filter.comm.is_some();
     let keep = |r: &Request| !filtered || filter.accepts_task(r.ctx.pid, &r.ctx.comm);
