@@ -192,7 +192,10 @@ pub const LINK_PAGE: u8 = 2;
 /// An iomap O_DIRECT bio has `bi_end_io == iomap_dio_bio_end_io` and `bi_private` = the
 /// `struct iomap_dio *`, whose first member is the caller's `struct kiocb *`; a split clone has
 /// `bi_end_io == bio_chain_endio` and `bi_private` = its parent bio. A page-cache bio's first
-/// page has `mapping` → `host` (the inode). See docs/notes-issue-23.md.
+/// page has `mapping` → `host` (the inode); where that page is a tail page of a large folio (a
+/// bio that starts inside one: a file with holes, or extents that break inside a folio), only
+/// the head page's `mapping` is the file's, and `compound_head` (bit 0 set) names the head.
+/// See docs/notes-issue-23.md.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BioLink {
@@ -201,10 +204,13 @@ pub struct BioLink {
     pub bio_private: u32,
     pub bio_io_vec: u32,
     pub page_mapping: u32,
+    /// `page.compound_head`: the head page + 1 in a tail page.
+    pub page_compound_head: u32,
     pub mapping_host: u32,
     pub inode_ino: u32,
     /// `task_struct.flags` (`PF_KTHREAD`: the kernel's own work).
     pub task_flags: u32,
+    pub _pad: u32,
     /// Addresses of `iomap_dio_bio_end_io` and `bio_chain_endio` (0: unknown).
     pub dio_end_io: u64,
     pub chain_end_io: u64,
@@ -217,9 +223,11 @@ impl BioLink {
         bio_private: 0,
         bio_io_vec: 0,
         page_mapping: 0,
+        page_compound_head: 0,
         mapping_host: 0,
         inode_ino: 0,
         task_flags: 0,
+        _pad: 0,
         dio_end_io: 0,
         chain_end_io: 0,
     };

@@ -540,6 +540,27 @@ fn link_bio(s: &mut UringCpuStats, bio: u64, task_flags: u32, who: &mut Submitte
         if page == 0 {
             return;
         }
+        // A bio that starts inside a large folio (a file with holes, extents that break inside
+        // a folio: `block_read_full_folio`'s per-block bios) names a tail page, whose `mapping`
+        // is not the file's: 88 % of a sparse file's read bytes went unattributed so. The head
+        // is `compound_head - 1`; read by helper (a computed address is no BTF pointer).
+        let head = as_scalar(
+            s,
+            Scratch::BlockGetrq,
+            field(page, dconf!(link.page_compound_head)),
+        );
+        if head & 1 != 0 {
+            let mapping: u64 = rd(head - 1 + dconf!(link.page_mapping) as u64);
+            if mapping == 0 || mapping & 3 != 0 {
+                return;
+            }
+            let host: u64 = rd(mapping + dconf!(link.mapping_host) as u64);
+            if host != 0 {
+                who.ino = rd(host + dconf!(link.inode_ino) as u64);
+                who.link = LINK_PAGE;
+            }
+            return;
+        }
         let mapping: u64 = field(page, dconf!(link.page_mapping));
         // The low bits tag anonymous and movable pages (PAGE_MAPPING_FLAGS): no file behind
         // them. Tested on a scalar copy: the verifier refuses arithmetic on a typed pointer.

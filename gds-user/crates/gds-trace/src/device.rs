@@ -60,9 +60,11 @@ fn bio_link(btf: &Btf, kallsyms: &std::path::Path) -> Option<BioLink> {
         bio_private: off("bio", &["bi_private"])?,
         bio_io_vec: off("bio", &["bi_io_vec"])?,
         page_mapping: off("page", &["mapping"])?,
+        page_compound_head: off("page", &["compound_head"])?,
         mapping_host: off("address_space", &["host"])?,
         inode_ino: off("inode", &["i_ino"])?,
         task_flags: off("task_struct", &["flags"])?,
+        _pad: 0,
         dio_end_io: dio,
         chain_end_io: chain,
     })
