@@ -56,9 +56,7 @@ fn block_read_bytes(s: &Snapshot, link: &str) -> u64 {
 /// One file per test (`name`): nextest runs the tests at once, in separate processes, and
 /// one's reads would fill the page cache another's buffered reads must miss.
 fn test_file(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("file-layer");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    let path = test_path(name);
     let want = (THREADS * N * 3 * MIB) as u64;
     if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(want) {
         let mut f = std::fs::File::create(&path).unwrap();
@@ -68,6 +66,13 @@ fn test_file(name: &str) -> PathBuf {
         }
         f.sync_all().unwrap();
     }
+    path
+}
+
+/// Where the test named `name` keeps its file ([`path_of`]), its directory made.
+fn test_path(name: &str) -> PathBuf {
+    let path = path_of(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     path
 }
 
@@ -213,9 +218,7 @@ fn run_pool(name: &str, args: &[&str]) -> Pool {
 fn buffered_reads_of_a_file_with_holes_are_linked_to_its_page_cache() {
     require_root();
     let _g = serial();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("file-layer");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("holes");
+    let path = test_path("holes");
     // 16 MiB: every 64 KiB, a 4 KiB hole, then 60 KiB of data.
     const STRIDE: usize = 64 << 10;
     const HOLE: usize = 4 << 10;
